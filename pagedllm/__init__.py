@@ -1,0 +1,20 @@
+"""pagedllm: an LLM inference and serving engine with a paged KV cache."""
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # LLM and EngineArgs import torch and transformers: load them on first use only.
+    if name == "LLM":
+        from pagedllm.entrypoints.llm import LLM
+        return LLM
+    if name == "EngineArgs":
+        from pagedllm.arg_utils import EngineArgs
+        return EngineArgs
+    raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")
+
+
+__all__ = ["LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "Logprob", "RequestOutputKind"]

@@ -1,0 +1,69 @@
+"""Attention metadata built once per step by the model runner and read by every layer.
+
+Batch order contract (set by the runner): the first ``num_decodes`` requests each contribute
+exactly one query token and come first in the flattened token dimension; the remaining
+requests (prefills, chunked or not, possibly with a prefix-cached context) follow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillSeq:
+    token_start: int  # first row of this request in the flattened query tokens
+    num_query_tokens: int
+    seq_len: int  # context + new tokens
+    key_slots: torch.Tensor  # [seq_len] flat KV-cache slot of every key position
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
+    num_decodes: int
+    decode_seq_lens: torch.Tensor | None  # [num_decodes]
+    decode_key_slots: torch.Tensor | None  # [num_decodes, max_decode_seq_len]
+    prefills: list[PrefillSeq]
+    _bias_cache: dict = field(default_factory=dict, repr=False)
+
+    def decode_bias(self, sliding_window: int | None) -> torch.Tensor:
+        """Additive mask [num_decodes, 1, 1, max_len]: 0 for visible keys, -inf otherwise."""
+        key = ("decode", sliding_window)
+        if key not in self._bias_cache:
+            max_len = self.decode_key_slots.shape[1]
+            key_pos = torch.arange(max_len, device=self.decode_seq_lens.device)
+            seq_lens = self.decode_seq_lens.unsqueeze(1)
+            visible = key_pos < seq_lens
+            if sliding_window is not None:
+                visible &= key_pos >= seq_lens - sliding_window
+            self._bias_cache[key] = _to_bias(visible)[:, None, None, :]
+        return self._bias_cache[key]
+
+    def prefill_bias(self, idx: int, sliding_window: int | None) -> torch.Tensor:
+        """Additive causal mask [num_query_tokens, seq_len] of prefill ``idx``."""
+        key = (idx, sliding_window)
+        if key not in self._bias_cache:
+            seq = self.prefills[idx]
+            device = seq.key_slots.device
+            q_pos = torch.arange(seq.seq_len - seq.num_query_tokens, seq.seq_len, device=device)
+            k_pos = torch.arange(seq.seq_len, device=device)
+            visible = k_pos[None, :] <= q_pos[:, None]
+            if sliding_window is not None:
+                visible &= k_pos[None, :] > q_pos[:, None] - sliding_window
+            self._bias_cache[key] = _to_bias(visible)
+        return self._bias_cache[key]
+
+
+def _to_bias(visible: torch.Tensor) -> torch.Tensor:
+    bias = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+    return bias.masked_fill_(~visible, float("-inf"))
+
+
+@dataclass
+class ForwardContext:
+    """What a forward pass needs besides token ids and positions; passed down explicitly."""
+
+    attn_metadata: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # per layer [2, num_blocks * block_size, num_kv_heads, head_dim]

@@ -1,0 +1,33 @@
+"""The attention layer models use: writes K/V to the paged cache, then attends through it."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import ForwardContext
+from pagedllm.attention.torch_ref import paged_attention, write_kv_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float, sliding_window: int | None = None,
+                 soft_cap: float | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.soft_cap = soft_cap
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        # q [num_tokens, num_heads * head_dim]; k, v [num_tokens, num_kv_heads * head_dim]
+        num_tokens = q.shape[0]
+        kv_cache = ctx.kv_caches[self.layer_idx]
+        meta = ctx.attn_metadata
+        write_kv_cache(kv_cache, k.view(num_tokens, self.num_kv_heads, self.head_dim),
+                       v.view(num_tokens, self.num_kv_heads, self.head_dim), meta.slot_mapping)
+        out = paged_attention(q.view(num_tokens, self.num_heads, self.head_dim), kv_cache, meta,
+                              scale=self.scale, sliding_window=self.sliding_window,
+                              soft_cap=self.soft_cap)
+        return out.view(num_tokens, self.num_heads * self.head_dim)

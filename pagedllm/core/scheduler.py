@@ -1,0 +1,242 @@
+"""The token-budget scheduler: which requests compute how many tokens in the next step.
+
+There is no prefill or decode phase. Each request carries ``num_computed_tokens`` and
+``num_tokens``; a step hands out tokens under two budgets (``max_num_batched_tokens`` tokens,
+``max_num_seqs`` running requests) until every request's computed count catches up.
+
+One ``schedule()`` call, in order:
+1. Running requests, oldest first, each get what they still need (one token when decoding,
+   a chunk of the prompt with chunked prefill). When blocks run out, the lowest-priority
+   running request not yet scheduled this step is preempted (recompute or swap) until the
+   current one fits, or the current one is itself preempted.
+2. If nothing was preempted, swapped requests come back (swap-in) while they fit.
+3. If nothing was preempted, waiting requests are admitted in policy order (arrival, or
+   ``priority`` then arrival), each with its prefix-cache hit counted as already computed.
+   Without chunked prefill a prompt is admitted only whole; the queue head blocks the rest.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
+from pagedllm.core.scheduler_output import (CachedRequestData, ModelRunnerOutput,
+                                            NewRequestData, SchedulerOutput)
+from pagedllm.engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, *, max_num_batched_tokens: int, max_num_seqs: int,
+                 enable_chunked_prefill: bool, preemption_mode: str, policy: str,
+                 delay_factor: float, max_model_len: int,
+                 kv_cache_manager: KVCacheManager) -> None:
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.preemption_mode = preemption_mode
+        self.policy = policy
+        self.delay_factor = delay_factor
+        self.max_model_len = max_model_len
+        self.kv = kv_cache_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.swapped: list[Request] = []
+        self._finished_req_ids: set[str] = set()  # runner must drop these at the next step
+        self.num_preemptions_total = 0
+        self._prev_step_time = 0.0
+        self._prev_step_had_prompt = False
+        self._last_prompt_latency = 0.0
+
+    # ---- queue management ----------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        num_blocks = cdiv(request.num_tokens, self.kv.block_size)
+        if num_blocks > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"prompt of {request.num_tokens} tokens needs {num_blocks} KV-cache blocks but "
+                f"the cache has only {self.kv.pool.num_blocks}; shorten the prompt or give the "
+                "cache more memory (--gpu-memory-utilization / --num-gpu-blocks-override)")
+        self.requests[request.req_id] = request
+        self._enqueue_waiting(request)
+
+    def _enqueue_waiting(self, request: Request, front: bool = False) -> None:
+        if self.policy == "priority":
+            key = (request.priority, request.arrival_time)
+            idx = next((i for i, r in enumerate(self.waiting)
+                        if (r.priority, r.arrival_time) > key), len(self.waiting))
+            self.waiting.insert(idx, request)
+        elif front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
+
+    def finish_requests(self, req_ids, status: RequestStatus) -> None:
+        """End requests from outside the step (abort, stop string) and free their blocks."""
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished():
+                continue
+            for queue in (self.waiting, self.running, self.swapped):
+                if request in queue:
+                    queue.remove(request)
+            request.status = status
+            self._free(request)
+
+    def _free(self, request: Request) -> None:
+        self.kv.free(request)
+        self._finished_req_ids.add(request.req_id)
+        del self.requests[request.req_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.swapped)
+
+    # ---- the step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput([], [], {}, 0, finished_req_ids=self._finished_req_ids)
+        self._finished_req_ids = set()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted_req_ids:
+            budget = self._schedule_swapped(out, budget)
+            if self._passed_delay(time.monotonic()):
+                budget = self._schedule_waiting(out, budget)
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        out.finished_req_ids |= out.preempted_req_ids
+        now = time.time()
+        for req_id in out.num_scheduled_tokens:
+            request = self.requests[req_id]
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+        return out
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        """Tokens the request would compute now; 0 if it must wait for a bigger budget."""
+        num_new = request.num_tokens - request.num_computed_tokens
+        if num_new > budget:
+            return budget if self.enable_chunked_prefill else 0
+        return num_new
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
+                victim = self._pick_victim(i)
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            if new_blocks is None:
+                continue  # ``request`` itself was preempted; running[i] is the next one
+            out.scheduled_cached_reqs.append(CachedRequestData(
+                request.req_id, [b.block_id for b in new_blocks], request.num_computed_tokens))
+            out.num_scheduled_tokens[request.req_id] = num_new
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _pick_victim(self, first_unscheduled: int) -> Request:
+        """Lowest-priority running request not yet scheduled this step (the newest, in fcfs)."""
+        candidates = self.running[first_unscheduled:]
+        if self.policy == "priority":
+            return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+        return candidates[-1]
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.running.remove(request)
+        self.num_preemptions_total += 1
+        request.num_preemptions += 1
+        out.preempted_req_ids.add(request.req_id)
+        if self.preemption_mode == "swap":
+            mapping = self.kv.swap_out(request)
+            if mapping is not None:
+                out.blocks_to_swap_out.extend(mapping)
+                request.status = RequestStatus.SWAPPED
+                self.swapped.append(request)
+                return
+        self.kv.free(request)  # recompute (also the fallback when swap space is full)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        self._enqueue_waiting(request, front=True)
+
+    def _schedule_swapped(self, out: SchedulerOutput, budget: int) -> int:
+        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.swapped[0]
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0:
+                break
+            mapping = self.kv.swap_in(request, num_new)
+            if mapping is None:
+                break
+            self.swapped.pop(0)
+            out.blocks_to_swap_in.extend(mapping)
+            self._start_running(request, num_new, out)
+            budget -= num_new
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            request.num_computed_tokens = num_hit_tokens
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0 or self.kv.allocate_slots(request, num_new, hits) is None:
+                request.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_hit_tokens
+            self._start_running(request, num_new, out)
+            self._prev_step_had_prompt = True
+            budget -= num_new
+        return budget
+
+    def _start_running(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        out.scheduled_new_reqs.append(NewRequestData(
+            request.req_id, list(request.all_token_ids), request.num_prompt_tokens,
+            request.sampling_params, self.kv.get_block_ids(request.req_id),
+            request.num_computed_tokens, request.num_output_tokens))
+        out.num_scheduled_tokens[request.req_id] = num_new
+
+    def _passed_delay(self, now: float) -> bool:
+        """--scheduler-delay-factor: hold new prompts back for a share of the last prompt step."""
+        if self._prev_step_had_prompt:
+            self._last_prompt_latency = now - self._prev_step_time
+        self._prev_step_time, self._prev_step_had_prompt = now, False
+        if self.delay_factor <= 0 or not self.waiting or not self.running:
+            return True
+        earliest = min(r.arrival_time for r in self.waiting)
+        return time.time() - earliest > self.delay_factor * self._last_prompt_latency
+
+    # ---- results -------------------------------------------------------------------------
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish stopped requests.
+
+        Returns the requests that received a token this step (finished ones included).
+        """
+        updated = []
+        now = time.time()
+        num_scheduled = scheduler_output.num_scheduled_tokens
+        for req_id, token_id in zip(runner_output.req_ids, runner_output.sampled_token_ids):
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            request.num_computed_tokens += num_scheduled[req_id]
+            if token_id is None:
+                continue
+            request.append_output_token(token_id)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if request.check_stop():
+                self.running.remove(request)
+                self._free(request)
+            updated.append(request)
+        return updated

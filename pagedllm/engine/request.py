@@ -1,0 +1,95 @@
+"""A request as the control plane sees it: token counts, status and its sampling parameters.
+
+Owned by the scheduler; the engine front end reads it to build outputs. The scheduler's whole
+view of progress is ``num_computed_tokens`` against ``num_tokens``: prefill, chunked prefill,
+prefix-cache hits, decode and recompute after preemption are all just those two counts.
+"""
+from __future__ import annotations
+
+import enum
+import time
+
+from pagedllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # gave its blocks back; waits to be recomputed
+    SWAPPED = 3  # its blocks live in CPU swap space
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    def __init__(self, req_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                 *, prompt: str | None = None, arrival_time: float | None = None,
+                 priority: int = 0, max_model_len: int | None = None) -> None:
+        self.req_id = req_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.priority = priority
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.num_preemptions = 0
+        self.max_tokens = sampling_params.max_tokens
+        if max_model_len is not None:
+            room = max(1, max_model_len - len(prompt_token_ids))
+            self.max_tokens = room if self.max_tokens is None else min(self.max_tokens, room)
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def check_stop(self) -> bool:
+        """Set a finished status if the last token ends the request; return whether it did."""
+        params = self.sampling_params
+        last = self.output_token_ids[-1]
+        if self.num_output_tokens >= params.min_tokens and last in params.all_stop_token_ids:
+            self.status = RequestStatus.FINISHED_STOPPED
+            # vLLM reports the id only for user stop_token_ids; EOS gives stop_reason None.
+            self.stop_reason = last if last in params.stop_token_ids else None
+            return True
+        if self.num_output_tokens >= self.max_tokens:
+            self.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False

@@ -1,0 +1,110 @@
+"""``LLM``: offline batch generation, a thin loop over the engine (vLLM's offline API)."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from pagedllm.engine.engine import LLMEngine
+from pagedllm.engine.inputs import PromptInputs
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a model once, then ``generate`` / ``chat`` over batches of prompts.
+
+    ``LLM(model="path/or/repo", **engine_args)`` takes every engine argument by its
+    vLLM name (``block_size=8``, ``enable_prefix_caching=True``, ...).
+    """
+
+    def __init__(self, model: str, **kwargs) -> None:
+        from pagedllm.arg_utils import EngineArgs
+        kwargs.setdefault("disable_log_stats", True)
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        self._counter = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, engine_args) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine_args = engine_args
+        llm.llm_engine = LLMEngine.from_engine_args(engine_args)
+        llm._counter = itertools.count()
+        return llm
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptInputs | Sequence[PromptInputs] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 prompt_token_ids: list[list[int]] | None = None, use_tqdm: bool = True,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order."""
+        if prompts is None:
+            if prompt_token_ids is None:
+                raise ValueError("either prompts or prompt_token_ids must be given")
+            prompts = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._per_prompt(sampling_params or SamplingParams(), len(prompts))
+        priorities = priority if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
+        req_ids = []
+        try:
+            for prompt, p, prio in zip(prompts, params, priorities):
+                req_id = str(next(self._counter))
+                self.llm_engine.add_request(req_id, prompt, p, priority=prio)
+                req_ids.append(req_id)
+        except Exception:
+            self.llm_engine.abort_request(req_ids)
+            raise
+        return self._run_engine(req_ids, use_tqdm)
+
+    @staticmethod
+    def _per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        sampling_params = list(sampling_params)
+        if len(sampling_params) != num_prompts:
+            raise ValueError(f"got {len(sampling_params)} sampling_params for {num_prompts} "
+                             "prompts; pass one, or one per prompt")
+        return sampling_params
+
+    def _run_engine(self, req_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(req_ids) > 1:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(req_ids), desc="Processed prompts", dynamic_ncols=True)
+        while self.llm_engine.has_unfinished_requests():
+            for output in self.llm_engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [finished[r] for r in req_ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to each conversation, then generate."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer (do not pass --skip-tokenizer-init)")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            token_ids = tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template, tokenize=True,
+                add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
+            if isinstance(token_ids, dict) or hasattr(token_ids, "input_ids"):
+                token_ids = token_ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(token_ids)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -1,0 +1,110 @@
+"""Flags of the OpenAI-compatible server (`pagedllm serve`), declared once in `ServerConfig`.
+
+Engine flags (including --served-model-name and --disable-log-requests) come from
+`pagedllm.config`; this module adds only what the HTTP front end reads. The same generic
+machinery builds the argparse group and applies each field's status, so a server flag also
+works or fails at start-up with a message naming it.
+"""
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pagedllm.arg_utils import EngineArgs, add_config_args
+from pagedllm.config import DEFAULT_ONLY, check_option, field_default, option, option_fields
+
+
+def parse_name_path(text: str) -> tuple[str, str]:
+    """Parse ``name=path`` (a LoRA module or prompt adapter) into ``(name, path)``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _all() -> list[str]:
+    return ["*"]
+
+
+def _parse_json_list(text: str) -> list:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {exc}") from exc
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f'expected a JSON list such as ["*"], got {text!r}')
+    return value
+
+
+_TOOLS = "tool calling in the OpenAI server"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """OpenAI-compatible HTTP server."""
+    host: Optional[str] = option(None, "Host name or address to bind (default: all "
+                                 "interfaces).")
+    port: int = option(8000, "Port to listen on.", valid=(lambda p: 0 < p < 65536, "1..65535"))
+    uvicorn_log_level: str = option("info", "Log level of uvicorn.",
+                                    choices=("debug", "info", "warning", "error", "critical",
+                                             "trace"))
+    allow_credentials: bool = option(False, "Allow credentials in CORS requests.")
+    allowed_origins: list = option(help="CORS allowed origins as a JSON list.", factory=_all,
+                                   cli_type=_parse_json_list, metavar="JSON")
+    allowed_methods: list = option(help="CORS allowed methods as a JSON list.", factory=_all,
+                                   cli_type=_parse_json_list, metavar="JSON")
+    allowed_headers: list = option(help="CORS allowed headers as a JSON list.", factory=_all,
+                                   cli_type=_parse_json_list, metavar="JSON")
+    api_key: Optional[str] = option(None, "Require this key in the Authorization: Bearer "
+                                    "header.")
+    lora_modules: Optional[list] = option(
+        None, "LoRA adapters to serve, as NAME=PATH (one or more).", nargs="+",
+        cli_type=parse_name_path, metavar="NAME=PATH", supported=DEFAULT_ONLY,
+        planned="LoRA adapters")
+    prompt_adapters: Optional[list] = option(
+        None, "Prompt adapters to serve, as NAME=PATH (one or more).", nargs="+",
+        cli_type=parse_name_path, metavar="NAME=PATH", supported=DEFAULT_ONLY,
+        planned="prompt adapters")
+    chat_template: Optional[str] = option(None, "Chat template (a file path or the template "
+                                          "itself); default: the tokenizer's.")
+    response_role: str = option("assistant", "Role of generated messages when the request's "
+                                "add_generation_prompt is true.")
+    ssl_keyfile: Optional[str] = option(None, "TLS private key file.")
+    ssl_certfile: Optional[str] = option(None, "TLS certificate file.")
+    ssl_ca_certs: Optional[str] = option(None, "CA certificates file.")
+    ssl_cert_reqs: int = option(0, "Whether client certificates are required (see Python's "
+                                "ssl module).")
+    root_path: Optional[str] = option(None, "FastAPI root_path when behind a path-based "
+                                      "proxy.")
+    max_log_len: Optional[int] = option(None, "Most prompt characters/ids printed in request "
+                                        "logs (default: all).")
+    return_tokens_as_token_ids: bool = option(
+        False, 'Represent tokens in logprobs as "token_id:{id}" strings.')
+    disable_frontend_multiprocessing: bool = option(
+        False, "Run the HTTP front end and the engine in one process.")
+    enable_auto_tool_choice: bool = option(
+        False, "Let the model pick tools (tool_choice auto); needs --tool-call-parser.",
+        supported=DEFAULT_ONLY, planned=_TOOLS)
+    tool_call_parser: Optional[str] = option(
+        None, "Parser that turns model output into tool calls (e.g. hermes, mistral).",
+        supported=DEFAULT_ONLY, planned=_TOOLS)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return add_config_args(parser, ServerConfig, title="server")
+
+
+def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """All flags of `pagedllm serve`: engine flags, then server flags."""
+    EngineArgs.add_cli_args(parser)
+    return add_server_args(parser)
+
+
+def server_config_from_args(args: Any) -> ServerConfig:
+    """Check the server flags of an argparse namespace and build the frozen `ServerConfig`."""
+    values = {}
+    for f in option_fields(ServerConfig):
+        values[f.name] = getattr(args, f.name, field_default(f))
+        check_option(f, values[f.name])
+    return ServerConfig(**values)

@@ -1,0 +1,16 @@
+"""The LM head applied only to the rows that need logits, with optional final soft-capping."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_logits(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor,
+                   soft_cap: float | None = None, scale: float = 1.0) -> torch.Tensor:
+    # hidden_states [num_rows, hidden] -> [num_rows, vocab] in fp32
+    logits = F.linear(hidden_states, lm_head_weight).float()
+    if scale != 1.0:
+        logits = logits * scale
+    if soft_cap:
+        logits = torch.tanh(logits / soft_cap) * soft_cap
+    return logits

@@ -1,0 +1,27 @@
+"""Normalisation layers with Hugging Face parameter names (``weight``, ``bias``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32. ``offset=1`` gives Gemma's ``x * (1 + weight)`` variant."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if offset else torch.ones(hidden_size))
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Normalise ``x`` (after adding ``residual`` if given; then also return the sum)."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        weight = self.weight.float() + self.offset if self.offset else self.weight.float()
+        out = (h * weight).to(dtype)
+        return out if residual is None else (out, residual)

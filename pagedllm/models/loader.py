@@ -1,0 +1,91 @@
+"""Builds a native model and fills it from a local Hugging Face directory.
+
+Formats: ``safetensors`` (single file or sharded with an index), ``pt`` (``*.bin``), ``auto``
+(safetensors if present, else .bin) and ``dummy`` (seeded random weights of the right shapes,
+for profiling). Every parameter must be loaded: a missing tensor is an error naming it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from pagedllm.models.registry import resolve_model_class
+
+
+def _matches(path: str, root: str, patterns: list[str]) -> bool:
+    rel = os.path.relpath(path, root)
+    return any(fnmatch.fnmatch(rel, p) for p in patterns)
+
+
+def find_weight_files(model_path: str, load_format: str,
+                      ignore_patterns: list[str] | None = None) -> tuple[list[str], str]:
+    """The weight files to read and their format ("safetensors" or "pt")."""
+    ignore = ignore_patterns or []
+    formats = {"auto": ["safetensors", "pt"], "safetensors": ["safetensors"], "pt": ["pt"]}
+    for fmt in formats[load_format]:
+        index = os.path.join(model_path, "model.safetensors.index.json" if fmt == "safetensors"
+                             else "pytorch_model.bin.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+            files = [os.path.join(model_path, n) for n in names]
+        else:
+            pattern = "*.safetensors" if fmt == "safetensors" else "*.bin"
+            files = sorted(glob.glob(os.path.join(model_path, pattern)))
+            files = [f for f in files if not f.endswith("training_args.bin")]
+        files = [f for f in files if not _matches(f, model_path, ignore)]
+        if files:
+            return files, fmt
+    raise ValueError(f"no weights for --load-format {load_format} found in {model_path} "
+                     "(expected *.safetensors or *.bin files)")
+
+
+def iterate_weights(files: list[str], fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        if fmt == "safetensors":
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            yield from state.items()
+            del state
+
+
+def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3,
+                       high: float = 1e-3) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        values = torch.empty(param.shape, dtype=torch.float32).uniform_(low, high,
+                                                                       generator=generator)
+        param.data.copy_(values)
+
+
+def load_model(model_config, load_config, device: torch.device) -> nn.Module:
+    hf_config = model_config.hf_config
+    model_class = resolve_model_class(getattr(hf_config, "architectures", None))
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(model_config.torch_dtype)
+    try:
+        with torch.device(device):
+            model = model_class(hf_config, model_config.max_model_len)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if load_config.load_format == "dummy":
+        init_dummy_weights(model, model_config.seed)
+    else:
+        files, fmt = find_weight_files(model_config.model_path, load_config.load_format,
+                                       load_config.ignore_patterns)
+        loaded = model.load_weights(iterate_weights(files, fmt))
+        missing = sorted(set(dict(model.named_parameters())) - loaded)
+        if missing:
+            raise ValueError(f"weights missing from the checkpoint in {model_config.model_path}: "
+                             f"{', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+    return model.eval()

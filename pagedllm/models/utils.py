@@ -1,0 +1,54 @@
+"""Weight-loading helpers shared by the model files."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from pagedllm.layers.linear import default_weight_loader
+
+# (fused parameter name part, checkpoint name part, shard id)
+StackedMapping = list[tuple[str, str, str]]
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                 stacked: StackedMapping = (), skip: tuple[str, ...] = (),
+                 rename=None) -> set[str]:
+    """Copy checkpoint tensors into ``model``'s parameters; return the parameter names set.
+
+    ``stacked`` maps separate checkpoint projections (``q_proj``) onto fused parameters
+    (``qkv_proj``, shard ``"q"``); ``skip`` lists name fragments to ignore (rotary buffers,
+    tied heads); ``rename`` maps a checkpoint name to the model's name first.
+    """
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if rename is not None:
+            name = rename(name)
+        if name is None or any(part in name for part in skip):
+            continue
+        for fused, part, shard_id in stacked:
+            if f".{part}." in name:
+                target = name.replace(f".{part}.", f".{fused}.")
+                if target in params:
+                    params[target].weight_loader(params[target], tensor, name, shard_id)
+                    loaded.add(target)
+                    break
+        else:
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in "
+                                 f"{type(model).__name__}")
+            param = params[name]
+            loader = getattr(param, "weight_loader", None)
+            if loader is not None:
+                loader(param, tensor, name)
+            else:
+                default_weight_loader(param, tensor, name)
+            loaded.add(name)
+    return loaded
+
+
+def tie_or_skip(tie: bool) -> tuple[str, ...]:
+    """Checkpoint names to skip: the LM head duplicates the embedding when tied."""
+    return ("rotary_emb.inv_freq", "lm_head.weight") if tie else ("rotary_emb.inv_freq",)

@@ -1,0 +1,59 @@
+"""The KV-cache tensors: the device cache the model reads and the CPU swap space.
+
+Layout per layer: ``[2, num_blocks * block_size, num_kv_heads, head_dim]`` (K then V); a
+token's slot is ``block_id * block_size + offset``. The device cache starts zeroed (masked
+positions of a gather must not hold NaNs); the swap space is allocated on first use, so the
+default ``--swap-space`` costs nothing unless swap preemption really happens.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype) -> int:
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+
+
+class CacheEngine:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 num_gpu_blocks: int, num_cpu_blocks: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.block_size = block_size
+        self.num_cpu_blocks = num_cpu_blocks
+        self._shape = (num_kv_heads, head_dim)
+        self._num_layers = num_layers
+        self._dtype = dtype
+        self.gpu_cache = [torch.zeros(2, num_gpu_blocks * block_size, num_kv_heads, head_dim,
+                                      dtype=dtype, device=device) for _ in range(num_layers)]
+        self._cpu_cache: list[torch.Tensor] | None = None
+
+    @property
+    def cpu_cache(self) -> list[torch.Tensor]:
+        if self._cpu_cache is None:
+            pin = self.gpu_cache[0].is_cuda
+            self._cpu_cache = [torch.empty(2, self.num_cpu_blocks * self.block_size, *self._shape,
+                                           dtype=self._dtype, pin_memory=pin)
+                               for _ in range(self._num_layers)]
+        return self._cpu_cache
+
+    def _slot_index(self, block_ids: list[int], device: torch.device) -> torch.Tensor:
+        blocks = torch.tensor(block_ids, dtype=torch.long, device=device)
+        offsets = torch.arange(self.block_size, device=device)
+        return (blocks[:, None] * self.block_size + offsets[None, :]).flatten()
+
+    def _copy(self, src: list[torch.Tensor], dst: list[torch.Tensor],
+              pairs: list[tuple[int, int]]) -> None:
+        src_idx = self._slot_index([s for s, _ in pairs], src[0].device)
+        dst_idx = self._slot_index([d for _, d in pairs], dst[0].device)
+        for s, d in zip(src, dst):
+            d.index_copy_(1, dst_idx, s.index_select(1, src_idx).to(d.device))
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (device block, CPU block) pairs to swap space."""
+        self._copy(self.gpu_cache, self.cpu_cache, pairs)
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (CPU block, device block) pairs back to the device cache."""
+        self._copy(self.cpu_cache, self.gpu_cache, pairs)

@@ -1,0 +1,84 @@
+"""Tiny seeded models of every supported architecture, built locally (no network).
+
+A byte-level BPE tokenizer is trained with ``tokenizers`` on text from Python's own docs; the
+weights are random from transformers configs with a large init scale so that logits have
+clear gaps and greedy choices do not flip on float rounding.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+VOCAB_SIZE = 512
+CACHE_DIR = Path(os.environ.get("PAGEDLLM_TEST_MODELS", "/tmp/pagedllm-test-models"))
+
+_COMMON = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=512, bos_token_id=1,
+               eos_token_id=2, pad_token_id=0)
+
+
+def _training_text() -> list[str]:
+    from pydoc_data.topics import topics
+    return [t for _, t in sorted(topics.items())][:120]
+
+
+def build_tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_training_text(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                          "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    fast.save_pretrained(path)
+    return fast
+
+
+def _configs():
+    from transformers import (Gemma2Config, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig,
+                              OPTConfig, Phi3Config, Qwen2Config, Qwen3Config)
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, **_COMMON)
+    return {
+        "llama": LlamaConfig(**llama_like, tie_word_embeddings=False),
+        "mistral": MistralConfig(**llama_like, sliding_window=None),
+        "qwen2": Qwen2Config(**llama_like, tie_word_embeddings=True),
+        "qwen3": Qwen3Config(**llama_like, head_dim=32, tie_word_embeddings=True),
+        "gemma": GemmaConfig(**llama_like, head_dim=32),
+        "gemma2": Gemma2Config(**llama_like, head_dim=32, sliding_window=8,
+                               query_pre_attn_scalar=32),
+        "phi3": Phi3Config(**llama_like),
+        "opt": OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=64, **_COMMON),
+        "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB_SIZE, n_positions=512,
+                           bos_token_id=1, eos_token_id=2),
+    }
+
+
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "gpt2"]
+
+
+def build_tiny_model(name: str, root: Path = CACHE_DIR, init_std: float = 0.15) -> Path:
+    """Save (once) a tiny random model of architecture ``name``; return its directory."""
+    from transformers import AutoModelForCausalLM
+    path = root / name
+    if (path / "config.json").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    config = _configs()[name]
+    config.initializer_range = init_std
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, init_std)
+    model.save_pretrained(path)
+    build_tokenizer(path)
+    return path
