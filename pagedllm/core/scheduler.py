@@ -111,9 +111,12 @@ class Scheduler:
                 request.first_scheduled_time = now
         return out
 
-    def _num_new_tokens(self, request: Request, budget: int) -> int:
+    def _num_new_tokens(self, request: Request, budget: int,
+                        num_computed: int | None = None) -> int:
         """Tokens the request would compute now; 0 if it must wait for a bigger budget."""
-        num_new = request.num_tokens - request.num_computed_tokens
+        if num_computed is None:
+            num_computed = request.num_computed_tokens
+        num_new = request.num_tokens - num_computed
         if num_new > budget:
             return budget if self.enable_chunked_prefill else 0
         return num_new
@@ -183,12 +186,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
-            request.num_computed_tokens = num_hit_tokens
-            num_new = self._num_new_tokens(request, budget)
+            num_new = self._num_new_tokens(request, budget, num_hit_tokens)
             if num_new == 0 or self.kv.allocate_slots(request, num_new, hits) is None:
-                request.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            request.num_computed_tokens = num_hit_tokens
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_hit_tokens
             self._start_running(request, num_new, out)

@@ -1,0 +1,118 @@
+"""Offline throughput: pagedllm ``LLM.generate`` vs Hugging Face ``generate`` on one model.
+
+A fixed synthetic workload (seeded random token-id prompts, fixed output length, EOS ignored)
+runs through both engines on the same model shape, with dummy weights, in the same process.
+Prints output tokens/s of each, their ratio, and for batch 1 the share of the memory
+roofline (weight bytes read per decode step / copy bandwidth measured here).
+
+    python benchmarks/throughput.py --model benchmarks/configs/tiny-llama --batch-sizes 1 32
+    python benchmarks/throughput.py --model benchmarks/configs/qwen2-0.5b --batch-sizes 1 8 \
+        --input-len 32 --output-len 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def copy_bandwidth_gbs(num_bytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Best-of-N bandwidth of copying a large fp32 buffer (read + write bytes per second)."""
+    src = torch.ones(num_bytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * num_bytes / best / 1e9
+
+
+def make_prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (batch, input_len), generator=gen).tolist()
+
+
+def bench_pagedllm(llm, prompts, output_len: int) -> float:
+    from pagedllm import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:1]], params, use_tqdm=False)  # warm
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+    return len(prompts) * output_len / elapsed
+
+
+def bench_hf(model, prompts, output_len: int) -> float:
+    ids = torch.tensor(prompts)
+    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                  pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids[:1], **kwargs)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + output_len
+    return len(prompts) * output_len / elapsed
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of parameters read per decode step (the embedding table is only gathered)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight.data_ptr() == embed.data_ptr()
+    return total if tied else total - embed.numel() * embed.element_size()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="benchmarks/configs/tiny-llama")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-hf", action="store_true", help="measure pagedllm only")
+    args = parser.parse_args()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pagedllm import LLM
+    hf_config = AutoConfig.from_pretrained(args.model)
+    bandwidth = copy_bandwidth_gbs()
+    llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True, dtype="float32",
+              max_model_len=args.input_len + args.output_len + 8)
+    hf_model = None if args.skip_hf else AutoModelForCausalLM.from_config(
+        hf_config, dtype=torch.float32).eval()
+    step_bytes = weight_bytes_per_step(llm.llm_engine.worker.model_hf_view()) \
+        if hasattr(llm.llm_engine.worker, "model_hf_view") else None
+    if step_bytes is None:
+        probe = hf_model or AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        step_bytes = weight_bytes_per_step(probe)
+    roofline = bandwidth * 1e9 / step_bytes
+    print(f"model {args.model}: {step_bytes / 1e6:.1f} MB of weights per decode step; copy "
+          f"bandwidth {bandwidth:.1f} GB/s -> roofline {roofline:.1f} tokens/s at batch 1; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = []
+    for batch in args.batch_sizes:
+        prompts = make_prompts(batch, args.input_len, hf_config.vocab_size, args.seed)
+        ours = bench_pagedllm(llm, prompts, args.output_len)
+        row = {"batch": batch, "pagedllm_tok_s": round(ours, 1),
+               "roofline_share": round(ours / (roofline * batch), 3) if batch == 1 else None}
+        if hf_model is not None:
+            theirs = bench_hf(hf_model, prompts, args.output_len)
+            row.update(hf_tok_s=round(theirs, 1), ratio=round(ours / theirs, 2))
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if len(results) > 1:
+        print(f"batch {results[-1]['batch']} / batch {results[0]['batch']} throughput: "
+              f"{results[-1]['pagedllm_tok_s'] / results[0]['pagedllm_tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

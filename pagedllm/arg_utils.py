@@ -1,0 +1,562 @@
+"""`EngineArgs`, its argparse parser and the README flag table, generated from `pagedllm.config`.
+
+Nothing here declares an option: `EngineArgs` is made with `dataclasses.make_dataclass` from the
+option fields of every config class, `add_config_args` turns field metadata into argparse
+arguments, and `flags_markdown_table` renders the same metadata for the README.
+
+`EngineArgs.create_engine_config()` is the one place where values are checked and derived:
+
+1. generic checks of every option (choices, ranges, "not supported yet" statuses);
+2. deprecated aliases warn once and map to their replacement;
+3. the device is resolved (auto -> cuda if usable, else cpu);
+4. model and tokenizer are resolved to local directories (`resolve_repo`), the HF
+   config is loaded, RoPE overrides applied, dtype and context length derived;
+5. the scheduler budget is derived; then the frozen configs are built.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import inspect
+import json
+import logging
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from pagedllm.config import (ENGINE_CONFIG_CLASSES, EngineConfig, ModelConfig,
+                             cuda_backend_available, check_options, engine_option_fields,
+                             field_default, flag_name, is_default, option_fields, status_text)
+
+logger = logging.getLogger(__name__)
+
+_GIVEN_KEY = "_pagedllm_deprecated_given"  # namespace attribute: deprecated flags seen on the CLI
+
+
+# ---- CLI value parsers -------------------------------------------------------------------------
+
+def parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_json(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def parse_kv_int(text: str) -> Optional[dict]:
+    """Parse ``image=16,video=2`` into ``{"image": 16, "video": 2}``."""
+    if not text:
+        return None
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected KEY=INT items, got {item!r} in {text!r}")
+        out[key.strip().lower()] = int(value)
+    return out
+
+
+def parse_nullable(text: str) -> Optional[str]:
+    return None if text in ("", "None") else text
+
+
+_CLI_TYPES = {"json": parse_json, "kv_int": parse_kv_int, "nullable": parse_nullable}
+
+
+class _DeprecatedFlag(argparse.Action):
+    """A store-true flag that also records that it was given, so one warning is printed later."""
+
+    def __init__(self, option_strings, dest, default=None, help=None, **_unused):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        given = set(getattr(namespace, _GIVEN_KEY, ())) | {self.dest}
+        setattr(namespace, _GIVEN_KEY, given)
+
+
+# ---- argparse generation -----------------------------------------------------------------------
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    default = field_default(f)
+    if f.name == "ignore_patterns":
+        return "None (= original/**/*)"
+    return "None" if default is None else repr(default) if isinstance(default, str) else str(default)
+
+
+def _help_text(f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    if "default" not in text.lower():
+        text += f" Default: {_default_text(f)}."
+    status = status_text(f)
+    if status != "works":
+        text += f" [{status}]"
+    return text.replace("%", "%%")
+
+
+def _argparse_kwargs(f: dataclasses.Field, tp: Any) -> dict:
+    md, default = f.metadata, field_default(f)
+    kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": _help_text(f)}
+    base = _unwrap_optional(tp)
+    if base is bool:
+        if md.get("deprecated"):
+            kwargs["action"] = _DeprecatedFlag
+        elif default is False:
+            kwargs["action"] = "store_true"
+        else:  # default True or None: `--flag`, `--flag true`, `--flag false`
+            kwargs.update(nargs="?", const=True, type=parse_bool, metavar="{true,false}")
+        return kwargs
+    cli_type = md.get("cli_type", base)
+    kwargs["type"] = _CLI_TYPES.get(cli_type, cli_type) if isinstance(cli_type, str) else cli_type
+    for key in ("nargs", "action", "metavar"):
+        if key in md:
+            kwargs[key] = md[key]
+    if md.get("choices"):
+        choices = tuple(md["choices"])
+        kwargs["choices"] = choices + (None,) if md.get("cli_type") == "nullable" else choices
+    return kwargs
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type,
+                    title: Optional[str] = None) -> argparse.ArgumentParser:
+    """Add one argparse group with a flag per option field of `config_cls`."""
+    doc = (config_cls.__doc__ or "").strip().splitlines()
+    group = parser.add_argument_group(title or config_cls.__name__, doc[0] if doc else None)
+    hints = typing.get_type_hints(config_cls)
+    for f in option_fields(config_cls):
+        names = [flag_name(f.name), *f.metadata.get("aliases", ())]
+        group.add_argument(*names, **_argparse_kwargs(f, hints[f.name]))
+    return parser
+
+
+# ---- EngineArgs --------------------------------------------------------------------------------
+
+class UnknownArgumentError(TypeError, ValueError):
+    """An EngineArgs keyword that is no engine option (a TypeError and a ValueError)."""
+
+
+class _EngineArgsMethods:
+    """Methods of the generated `EngineArgs` dataclass."""
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        for name, config_cls in ENGINE_CONFIG_CLASSES.items():
+            add_config_args(parser, config_cls, title=f"engine: {name}")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        engine_args = cls(**{n: getattr(args, n) for n in _FIELD_NAMES if hasattr(args, n)})
+        engine_args._deprecated_given = frozenset(getattr(args, _GIVEN_KEY, ()))
+        return engine_args
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
+
+    def check_flags(self) -> None:
+        """Validate every option without touching the model (cheap; run before slow work)."""
+        check_options(self.to_dict())
+
+    def create_engine_config(self) -> EngineConfig:
+        values = self.to_dict()
+        check_options(values)
+        _apply_deprecations(values, getattr(self, "_deprecated_given", frozenset()))
+        values["device"] = _resolve_device(values["device"])
+        values["ignore_patterns"] = _resolve_ignore_patterns(values["ignore_patterns"])
+        derived = _resolve_model(values)
+        values["max_model_len"] = derived.pop("max_model_len")
+        values["max_seq_len_to_capture"] = min(values["max_seq_len_to_capture"],
+                                               values["max_model_len"])
+        values.update(_resolve_scheduler(values))
+        configs = {}
+        for name, config_cls in ENGINE_CONFIG_CLASSES.items():
+            kwargs = {f.name: values[f.name] for f in option_fields(config_cls)}
+            if config_cls is ModelConfig:
+                kwargs.update(derived)
+            configs[name] = config_cls(**kwargs)
+        return EngineConfig(**configs)
+
+
+def _engine_args_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    out = []
+    for config_cls in ENGINE_CONFIG_CLASSES.values():
+        hints = typing.get_type_hints(config_cls)
+        for f in option_fields(config_cls):
+            if f.default_factory is not dataclasses.MISSING:
+                spec = dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+            else:
+                spec = dataclasses.field(default=f.default, metadata=f.metadata)
+            out.append((f.name, hints[f.name], spec))
+    return out
+
+
+EngineArgs = dataclasses.make_dataclass("EngineArgs", _engine_args_fields(),
+                                        bases=(_EngineArgsMethods,))
+EngineArgs.__module__ = __name__
+EngineArgs.__doc__ = ("Every engine option as a keyword argument (generated from the fields of "
+                      "pagedllm.config); `create_engine_config()` validates and resolves them.")
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(EngineArgs))
+_generated_init = EngineArgs.__init__
+
+
+def _engine_args_init(self, *args: Any, **kwargs: Any) -> None:
+    unknown = [k for k in kwargs if k not in _FIELD_NAMES]
+    if unknown:
+        hints = [f"{k!r}" + "".join(f" (did you mean {m!r}?)" for m in
+                                    difflib.get_close_matches(k, _FIELD_NAMES, n=1))
+                 for k in unknown]
+        raise UnknownArgumentError(f"EngineArgs got unknown argument(s): {', '.join(hints)}")
+    _generated_init(self, *args, **kwargs)
+
+
+_engine_args_init.__signature__ = inspect.signature(_generated_init)
+EngineArgs.__init__ = _engine_args_init
+
+
+# ---- derived values ----------------------------------------------------------------------------
+
+def _apply_deprecations(values: dict[str, Any], given: frozenset) -> None:
+    """Warn once per deprecated option in use; map aliases onto their replacement."""
+    for f in engine_option_fields():
+        note = f.metadata.get("deprecated")
+        in_use = f.name in given or not is_default(values[f.name], field_default(f))
+        if not note or not in_use:
+            continue
+        logger.warning("%s is deprecated: %s", flag_name(f.name), note)
+        target = f.metadata.get("alias_of")
+        if target:
+            values[target] = values[f.name]
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if cuda_backend_available() else "cpu"
+    return device
+
+
+def _resolve_ignore_patterns(patterns: Any) -> list[str]:
+    if isinstance(patterns, str):
+        return [patterns]
+    return list(patterns) if patterns else ["original/**/*"]
+
+
+def _resolve_model(v: dict[str, Any]) -> dict[str, Any]:
+    """Local paths, HF config (with RoPE overrides), dtype and context length of the model."""
+    model_path = resolve_model_dir(v)
+    tokenizer_path = None if v["skip_tokenizer_init"] else resolve_tokenizer_dir(
+        v, model_path)
+    hf_config = load_hf_config(model_path, v)
+    _reject_quantized_checkpoint(hf_config, v["model"])
+    apply_rope_overrides(hf_config, v["rope_scaling"], v["rope_theta"])
+    return {
+        "model_path": model_path,
+        "tokenizer_path": tokenizer_path,
+        "hf_config": hf_config,
+        "torch_dtype": resolve_torch_dtype(v["dtype"], hf_config, v["device"]),
+        "max_model_len": derive_max_model_len(hf_config, v["max_model_len"],
+                                                         v["disable_sliding_window"]),
+    }
+
+
+def _resolve_scheduler(v: dict[str, Any]) -> dict[str, Any]:
+    """Token budget and defaults of the scheduler (needs the resolved max_model_len, device).
+
+    Chunked prefill defaults to on only on CUDA with contexts over 32K (as vLLM). The default
+    budget is 512 with chunked prefill, else max(max_model_len, 2048); it is raised to
+    max_num_seqs if that is larger, so an unset budget never fails the check below.
+    """
+    max_model_len, max_num_seqs = v["max_model_len"], v["max_num_seqs"]
+    chunked = v["enable_chunked_prefill"]
+    if chunked is None:
+        chunked = v["device"] == "cuda" and max_model_len > 32768
+    budget = v["max_num_batched_tokens"]
+    if budget is None:
+        budget = max(512 if chunked else max(max_model_len, 2048), max_num_seqs)
+    elif not chunked and budget < max_model_len:
+        raise ValueError(
+            f"--max-num-batched-tokens {budget} is smaller than --max-model-len {max_model_len}: "
+            "a full-length prompt could never be scheduled without chunked prefill; raise "
+            "--max-num-batched-tokens, lower --max-model-len, or pass --enable-chunked-prefill")
+    if budget < max_num_seqs:
+        raise ValueError(f"--max-num-batched-tokens {budget} must be >= --max-num-seqs "
+                         f"{max_num_seqs}; raise the first or lower the second")
+    return {"enable_chunked_prefill": bool(chunked), "max_num_batched_tokens": budget,
+            "preemption_mode": v["preemption_mode"] or "recompute"}
+
+
+# ---- model resolution (Hugging Face) -----------------------------------------------------------
+
+_CONFIG_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+_WEIGHT_PATTERNS = {"safetensors": ["*.safetensors"], "pt": ["*.bin", "*.pt"]}
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _has_files(path: str, patterns: list[str]) -> bool:
+    return any(next(Path(path).rglob(p), None) is not None for p in patterns)
+
+
+def _weight_alternatives(load_format: str) -> list[list[str]]:
+    """Weight file patterns to try in order; [] when no weights are needed."""
+    if load_format == "dummy":
+        return []
+    if load_format in _WEIGHT_PATTERNS:
+        return [_WEIGHT_PATTERNS[load_format]]
+    return [_WEIGHT_PATTERNS["safetensors"], _WEIGHT_PATTERNS["pt"]]  # auto
+
+
+def _snapshot_dir(name: str, flag: str, *, revision: Optional[str], cache_dir: Optional[str],
+                  ignore: list[str], extra: list[str], weights: list[list[str]]) -> str:
+    """A local directory for `name`: the directory itself, else the HF cache, else a download.
+
+    Each alternative of `weights` (e.g. safetensors, then .bin) is tried against the cache
+    first, then online, so a cached checkpoint never touches the network.
+    """
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local.resolve())
+    if _looks_like_path(name):
+        raise ValueError(f"{flag} {name!r}: no such directory; pass an existing model directory "
+                         "or a Hugging Face repo id")
+    from huggingface_hub import constants, snapshot_download
+    attempts = [_CONFIG_PATTERNS + extra + w for w in weights] or [_CONFIG_PATTERNS + extra]
+    needed = weights or [["*.json"]]
+    reason = "no usable files"
+    for local_only in (True, False):
+        if not local_only and constants.HF_HUB_OFFLINE:
+            reason = "HF_HUB_OFFLINE is set"
+            break
+        for allow, need in zip(attempts, needed):
+            try:
+                path = snapshot_download(name, revision=revision, cache_dir=cache_dir,
+                                         allow_patterns=allow, ignore_patterns=ignore,
+                                         local_files_only=local_only)
+            except Exception as exc:  # hub errors vary (offline, HTTP, validation): report them
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                continue
+            if _has_files(path, need):
+                return path
+    raise ValueError(
+        f"{flag} {name!r} was not found locally (not a directory, not in the Hugging Face cache"
+        f"{' at ' + cache_dir if cache_dir else ''}) and could not be downloaded: the network is "
+        f"unavailable or the repo has no matching files ({reason}). Pass a local model directory "
+        f"instead, e.g. {flag} /path/to/model")
+
+
+def resolve_model_dir(v: dict[str, Any]) -> str:
+    extra = ["*.py"] if v["trust_remote_code"] else []
+    return _snapshot_dir(v["model"], "--model", revision=v["revision"], cache_dir=v["download_dir"],
+                         ignore=v["ignore_patterns"], extra=extra,
+                         weights=_weight_alternatives(v["load_format"]))
+
+
+def resolve_tokenizer_dir(v: dict[str, Any], model_path: str) -> str:
+    """The model directory, unless another tokenizer repo or revision is asked for."""
+    revision = v["tokenizer_revision"]
+    if v["tokenizer"] is None and revision in (None, v["revision"]):
+        return model_path
+    name = v["tokenizer"] or v["model"]
+    flag = "--tokenizer" if v["tokenizer"] else "--tokenizer-revision"
+    return _snapshot_dir(name, flag, revision=revision, cache_dir=v["download_dir"],
+                         ignore=v["ignore_patterns"], extra=[], weights=[])
+
+
+def load_hf_config(model_path: str, v: dict[str, Any]) -> Any:
+    """The transformers config of the model; remote code only with --trust-remote-code."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    config_file, model = Path(model_path) / "config.json", v["model"]
+    if not config_file.is_file():
+        if (Path(model_path) / "params.json").is_file():
+            raise ValueError(f"--model {model}: only a Mistral params.json was found; "
+                             "--config-format mistral is not supported yet; supported: hf "
+                             "(config.json)")
+        raise ValueError(f"--model {model}: no config.json in {model_path}; point --model at a "
+                         "Hugging Face model directory")
+    raw = json.loads(config_file.read_text())
+    trust = v["trust_remote_code"]
+    if raw.get("auto_map") and not trust:
+        raise ValueError(f"--model {model} ships its own model code (auto_map in config.json); "
+                         "pass --trust-remote-code if you trust that code")
+    kwargs = {"code_revision": v["code_revision"]} if v["code_revision"] else {}
+    try:
+        return transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust,
+                                                       revision=v["revision"], **kwargs)
+    except (ValueError, KeyError, OSError) as exc:
+        model_type = raw.get("model_type")
+        if model_type not in CONFIG_MAPPING and not trust:
+            raise ValueError(
+                f"--model {model}: model_type {model_type!r} is unknown to transformers "
+                f"{transformers.__version__}; if the repo ships its own code, pass "
+                "--trust-remote-code") from exc
+        raise ValueError(f"--model {model}: could not load its config ({exc})") from exc
+
+
+def _reject_quantized_checkpoint(hf_config: Any, model: str) -> None:
+    """A checkpoint's quantization_config selects --quantization by default: not built yet."""
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else type(quant).__name__
+        raise ValueError(f"--model {model} is a quantized checkpoint (quantization_config: "
+                         f"{method}); --quantization {method} is not supported yet (quantized "
+                         "weights, quantization issue); supported: unquantized checkpoints")
+
+
+def _normalize_rope(scaling: Optional[dict]) -> Optional[dict]:
+    if scaling is None:
+        return None
+    scaling = dict(scaling)
+    if "type" in scaling:
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    return scaling
+
+
+def _override_rope_parameters(params: dict, scaling: Optional[dict],
+                              theta: Optional[float]) -> dict:
+    if params and all(isinstance(sub, dict) for sub in params.values()):  # per layer type
+        return {k: _override_rope_parameters(sub, scaling, theta) for k, sub in params.items()}
+    new = dict(params)
+    if scaling is not None:
+        new = {k: params[k] for k in ("rope_theta", "partial_rotary_factor") if k in params}
+        new.update(scaling)
+    if theta is not None:
+        new["rope_theta"] = theta
+    new.setdefault("rope_type", "default")
+    return new
+
+
+def apply_rope_overrides(hf_config: Any, rope_scaling: Optional[dict],
+                         rope_theta: Optional[float]) -> None:
+    """Apply --rope-scaling / --rope-theta to the HF config.
+
+    transformers 5 keeps RoPE settings in ``rope_parameters`` (rope_type, rope_theta, factor,
+    ...) and converts old ``rope_theta``/``rope_scaling`` keys into it on load; configs without
+    that attribute get the old-style attributes.
+    """
+    scaling = _normalize_rope(rope_scaling)
+    if scaling is None and rope_theta is None:
+        return
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict):
+        hf_config.rope_parameters = _override_rope_parameters(params, scaling, rope_theta)
+        return
+    if not any(hasattr(hf_config, key) for key in ("rope_theta", "rope_scaling")):
+        flag = "--rope-scaling" if scaling is not None else "--rope-theta"
+        raise ValueError(f"{flag}: model type {getattr(hf_config, 'model_type', '?')!r} has no "
+                         "rotary position embedding to override; drop the flag")
+    if scaling is not None:
+        hf_config.rope_scaling = scaling
+    if rope_theta is not None:
+        hf_config.rope_theta = rope_theta
+
+
+_DTYPES = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float": torch.float32, "float32": torch.float32}
+
+
+def resolve_torch_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:
+    """Explicit dtypes map directly. auto: float32 on CPU (bf16 matmuls are ~300x slower than
+    fp32 on AVX2 CPUs, fp16 slower still); elsewhere the checkpoint dtype, fp32 -> fp16 (vLLM)."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device == "cpu":
+        return torch.float32
+    checkpoint = getattr(hf_config, "dtype", None)  # transformers 5 name of torch_dtype
+    if isinstance(checkpoint, str):
+        checkpoint = getattr(torch, checkpoint, None)
+    if not isinstance(checkpoint, torch.dtype) or checkpoint == torch.float32:
+        return torch.float16
+    return checkpoint
+
+
+_MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                 "model_max_length", "max_sequence_length", "max_seq_length", "seq_len")
+_NON_EXTENDING_ROPE = ("default", "su", "longrope", "llama3", "mrope")
+
+
+def _rope_scaling_of(hf_config: Any) -> Optional[dict]:
+    params = getattr(hf_config, "rope_parameters", None)
+    if not isinstance(params, dict):
+        params = getattr(hf_config, "rope_scaling", None)
+    if not isinstance(params, dict) or not params:
+        return None
+    if all(isinstance(sub, dict) for sub in params.values()):
+        params = params.get("full_attention") or next(iter(params.values()))
+    return _normalize_rope(params)
+
+
+def derive_max_model_len(hf_config: Any, user_value: Optional[int],
+                         disable_sliding_window: bool) -> int:
+    """Context length: the smallest length key of the config, times the RoPE factor where the
+    rope type extends the context, capped by the sliding window if that is disabled."""
+    found = {k: getattr(hf_config, k, None) for k in _MAX_LEN_KEYS}
+    found = {k: val for k, val in found.items() if isinstance(val, int) and val > 0}
+    source = min(found, key=found.get) if found else None
+    derived = found[source] if source else None
+    if derived is None:
+        derived = user_value or 2048
+        logger.warning("the model config gives no context length; using %d", derived)
+    scaling = _rope_scaling_of(hf_config)
+    if scaling and scaling.get("rope_type", "default") not in _NON_EXTENDING_ROPE:
+        if scaling["rope_type"] == "yarn":
+            derived = scaling.get("original_max_position_embeddings", derived)
+        derived = int(derived * scaling.get("factor", 1.0))
+    window = getattr(hf_config, "sliding_window", None)
+    if disable_sliding_window and isinstance(window, int) and window > 0:
+        derived = min(derived, window)
+    if user_value is None:
+        return derived
+    if user_value > derived:
+        notes = [f"{source} in config.json" if source else "no length key in config.json"]
+        notes += ["RoPE scaling applied"] if scaling else []
+        notes += ["capped by the sliding window"] if disable_sliding_window and window else []
+        raise ValueError(
+            f"--max-model-len {user_value} is larger than the model supports ({derived}: "
+            f"{', '.join(notes)}); use --max-model-len <= {derived}, or extend the context with "
+            "--rope-scaling")
+    return user_value
+
+
+# ---- README table ------------------------------------------------------------------------------
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def flags_markdown_table() -> str:
+    """Markdown table of every engine flag: flag, default, status, one-line description."""
+    rows = ["| flag | default | status | description |", "|---|---|---|---|"]
+    for f in engine_option_fields():
+        names = ", ".join(f"`{n}`" for n in (flag_name(f.name), *f.metadata.get("aliases", ())))
+        choices = f.metadata.get("choices")
+        if choices:
+            names += " `{" + ",".join(map(str, choices)) + "}`"
+        help_text = f.metadata.get("help", "")
+        first = re.split(r"(?<=\.)\s+(?=[A-Z])", help_text)[0]
+        rows.append(f"| {_cell(names)} | `{_cell(_default_text(f))}` | {_cell(status_text(f))} "
+                    f"| {_cell(first)} |")
+    return "\n".join(rows) + "\n"

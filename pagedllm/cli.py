@@ -1,0 +1,159 @@
+"""The `pagedllm` command: ``serve`` (OpenAI-compatible server), ``generate`` and ``chat``.
+
+Every subcommand takes an optional positional MODEL_TAG (it overrides --model, as in
+``vllm serve``) and all engine flags, generated from `pagedllm.config`. Without MODEL_TAG and
+--model the bundled demo model (``pagedllm/demo_model``) is used, because the engine default
+``facebook/opt-125m`` needs the network. Heavy modules are imported inside the subcommands so
+``--help`` stays fast.
+"""
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pagedllm.arg_utils import EngineArgs
+from pagedllm.entrypoints.openai.cli_args import make_arg_parser, server_config_from_args
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+DEFAULT_PROMPT = "Hello, my name is"
+SERVER_MODULE = "pagedllm.entrypoints.openai.api_server"
+
+# CLI-only sampling options of `generate` / `chat`; unset ones keep SamplingParams' defaults.
+_SAMPLING_FLAGS = {
+    "max_tokens": (int, "Most tokens to generate per prompt (SamplingParams default: 16)."),
+    "temperature": (float, "Sampling temperature; 0 is greedy (default: 1.0)."),
+    "top_p": (float, "Nucleus sampling probability mass (default: 1.0)."),
+    "top_k": (int, "Sample from the k most likely tokens; -1 disables (default: -1)."),
+}
+
+
+def _add_model_tag(parser: argparse.ArgumentParser) -> None:
+    """Positional MODEL_TAG; call after the engine flags so the --model default is replaced."""
+    parser.add_argument(
+        "model_tag", nargs="?", default=None, metavar="MODEL_TAG",
+        help="Model directory or Hugging Face repo id; overrides --model. Default when neither "
+        f"is given: the bundled demo model ({DEMO_MODEL_DIR}), since --model's own default "
+        "(facebook/opt-125m) needs the network.")
+    parser.set_defaults(model=None)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    for name, (type_, help_text) in _SAMPLING_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=type_, default=None,
+                           help=help_text)
+
+
+def _add_generate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                        help=f"Prompt to complete; repeatable (default: {DEFAULT_PROMPT!r}).")
+    _add_sampling_args(parser)
+    EngineArgs.add_cli_args(parser)
+
+
+def _add_chat_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system-prompt", default=None, metavar="TEXT",
+                        help="System message at the start of the conversation.")
+    _add_sampling_args(parser)
+    EngineArgs.add_cli_args(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: an LLM inference "
+                                     "engine with a paged KV cache and vLLM-compatible flags.")
+    sub = parser.add_subparsers(dest="subcommand", metavar="{serve,generate,chat}")
+    commands = [
+        ("serve", "Run the OpenAI-compatible HTTP server.", make_arg_parser, _serve),
+        ("generate", "Generate completions for prompts offline.", _add_generate_args, _generate),
+        ("chat", "Chat with the model in the terminal (/quit or Ctrl-D ends).", _add_chat_args,
+         _chat),
+    ]
+    for name, help_text, add_args, func in commands:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(command)
+        _add_model_tag(command)
+        command.set_defaults(func=func)
+    return parser
+
+
+def _engine_args(args: argparse.Namespace) -> EngineArgs:
+    """EngineArgs of a parsed subcommand, with MODEL_TAG / --model / the demo model applied."""
+    args.model = args.model_tag or args.model or str(DEMO_MODEL_DIR)
+    engine_args = EngineArgs.from_cli_args(args)
+    engine_args.check_flags()
+    return engine_args
+
+
+def _sampling_params(args: argparse.Namespace) -> Any:
+    from pagedllm.sampling_params import SamplingParams
+    given = {name: getattr(args, name) for name in _SAMPLING_FLAGS}
+    return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+
+def _make_llm(engine_args: EngineArgs) -> Any:
+    from pagedllm.entrypoints.llm import LLM
+    return LLM.from_engine_args(engine_args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _engine_args(args)
+    server_config_from_args(args)
+    try:
+        api_server = importlib.import_module(SERVER_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not SERVER_MODULE.startswith(exc.name):
+            raise
+        print("pagedllm serve: the OpenAI server is not built yet (issue #4); use "
+              "`pagedllm generate`", file=sys.stderr)
+        return 1
+    result = api_server.run_server(args)
+    if inspect.iscoroutine(result):
+        asyncio.run(result)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    llm = _make_llm(_engine_args(args))
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    outputs = llm.generate(prompts, _sampling_params(args))
+    for prompt, output in zip(prompts, outputs):
+        print(f"Prompt: {prompt!r}\nCompletion: {output.outputs[0].text!r}\n")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    llm = _make_llm(_engine_args(args))
+    params = _sampling_params(args)
+    messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    print("Chatting with the model; /quit or Ctrl-D ends.")
+    while True:
+        try:
+            line = input("user> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        text = llm.chat(messages, params)[0].outputs[0].text
+        print(f"assistant> {text}")
+        messages.append({"role": "assistant", "content": text})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ValueError as exc:  # start-up validation: flags, model resolution, config checks
+        print(f"pagedllm {args.subcommand}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create ./.venv (if missing) and install pagedllm with its test dependencies into it.
+# torch: an already importable torch is kept; otherwise torch 2.13.0 is installed first
+# (on CPU-only machines pip may take a CPU build that lies on disk), then the package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q "torch>=2.4,<2.15"
+fi
+.venv/bin/pip install -q -e ".[test]"

@@ -1,0 +1,152 @@
+"""Scheduler: token budgets, chunked prefill, preemption and policies, with exact block ids."""
+import pytest
+
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.scheduler_output import ModelRunnerOutput
+from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.sampling_params import SamplingParams
+
+
+def make_scheduler(num_blocks=16, block_size=4, budget=64, max_seqs=8, chunked=False,
+                   mode="recompute", policy="fcfs", cpu_blocks=0, caching=False):
+    kv = KVCacheManager(num_blocks, cpu_blocks, block_size, caching)
+    return Scheduler(max_num_batched_tokens=budget, max_num_seqs=max_seqs,
+                     enable_chunked_prefill=chunked, preemption_mode=mode, policy=policy,
+                     delay_factor=0.0, max_model_len=256, kv_cache_manager=kv)
+
+
+def add(sched, req_id, num_prompt, max_tokens=4, priority=0, arrival=None):
+    req = Request(req_id, list(range(1, num_prompt + 1)), SamplingParams(max_tokens=max_tokens),
+                  priority=priority, arrival_time=arrival)
+    sched.add_request(req)
+    return req
+
+
+def run_step(sched, token=7):
+    """Schedule, then answer like a runner: a token for each request that reached its end."""
+    out = sched.schedule()
+    ids, sampled = [], []
+    for req_id, n in out.num_scheduled_tokens.items():
+        req = sched.requests[req_id]
+        ids.append(req_id)
+        sampled.append(token if req.num_computed_tokens + n >= req.num_tokens else None)
+    sched.update_from_output(out, ModelRunnerOutput(ids, sampled))
+    return out
+
+
+def test_prefill_then_decode_blocks():
+    sched = make_scheduler()
+    add(sched, "a", 6)
+    add(sched, "b", 3)
+    out = run_step(sched)
+    assert out.num_scheduled_tokens == {"a": 6, "b": 3}
+    assert [(r.req_id, r.block_ids) for r in out.scheduled_new_reqs] == [("a", [0, 1]),
+                                                                         ("b", [2])]
+    out = run_step(sched)  # decode: a at 7 tokens (block 1 has room), b at 4 (block 2 full)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1}
+    assert [(c.req_id, c.new_block_ids) for c in out.scheduled_cached_reqs] == [("a", []),
+                                                                               ("b", [])]
+    out = run_step(sched)  # a: 8 tokens fit in 2 blocks, b: 5 tokens need block 3
+    assert [(c.req_id, c.new_block_ids) for c in out.scheduled_cached_reqs] == [("a", []),
+                                                                               ("b", [3])]
+
+
+def test_budget_blocks_whole_prompt_without_chunking():
+    sched = make_scheduler(budget=8)
+    add(sched, "a", 6)
+    add(sched, "b", 6)
+    out = run_step(sched)
+    assert out.num_scheduled_tokens == {"a": 6}
+    out = run_step(sched)  # a decodes (1), b's 6 tokens fit in the 7 left
+    assert out.num_scheduled_tokens == {"a": 1, "b": 6}
+
+
+def test_chunked_prefill_splits_prompt_and_mixes_decodes():
+    sched = make_scheduler(budget=5, chunked=True)
+    add(sched, "a", 3)
+    add(sched, "b", 9)
+    assert run_step(sched).num_scheduled_tokens == {"a": 3, "b": 2}
+    assert sched.requests["b"].num_computed_tokens == 2 and not sched.requests["b"].output_token_ids
+    assert run_step(sched).num_scheduled_tokens == {"a": 1, "b": 4}
+    assert run_step(sched).num_scheduled_tokens == {"a": 1, "b": 3}
+    assert sched.requests["b"].output_token_ids == [7]
+
+
+def test_max_num_seqs_caps_admission():
+    sched = make_scheduler(max_seqs=2)
+    for r in "abc":
+        add(sched, r, 2)
+    assert set(run_step(sched).num_scheduled_tokens) == {"a", "b"}
+    assert [r.req_id for r in sched.waiting] == ["c"]
+
+
+def test_recompute_preemption_evicts_newest_and_requeues_it_first():
+    sched = make_scheduler(num_blocks=3, block_size=2)
+    add(sched, "a", 2, max_tokens=8)
+    add(sched, "b", 2, max_tokens=8)
+    run_step(sched)  # a: block 0, b: block 1 -> each has 3 tokens now
+    out = run_step(sched)  # a needs block 2; b needs another block -> b preempted
+    assert out.preempted_req_ids == {"b"} and "b" in out.finished_req_ids
+    assert out.num_scheduled_tokens == {"a": 1}
+    assert [c.new_block_ids for c in out.scheduled_cached_reqs] == [[2]]
+    b = sched.requests["b"]
+    assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert list(sched.waiting) == [b] and sched.num_preemptions_total == 1
+    assert sched.kv.pool.free_block_ids() == [1]
+
+
+def test_swap_preemption_moves_blocks_to_cpu_and_back():
+    sched = make_scheduler(num_blocks=3, block_size=2, mode="swap", cpu_blocks=4)
+    add(sched, "a", 2, max_tokens=3)
+    add(sched, "b", 2, max_tokens=8)
+    run_step(sched)
+    out = run_step(sched)
+    assert out.blocks_to_swap_out == [(1, 0)]
+    assert sched.requests["b"].status == RequestStatus.SWAPPED
+    run_step(sched)  # a finishes (3 tokens) and frees blocks 2, 0
+    assert "a" not in sched.requests
+    out = run_step(sched)
+    # a freed [2, 0] after the queue's [1]: b's CPU block 0 lands in block 1, then its
+    # next token (position 2) needs a second block, 2.
+    assert out.blocks_to_swap_in == [(0, 1)]
+    assert [(r.req_id, r.block_ids) for r in out.scheduled_new_reqs] == [("b", [1, 2])]
+    assert sched.requests["b"].num_computed_tokens == 3
+
+
+def test_priority_policy_orders_waiting_and_picks_victim():
+    sched = make_scheduler(num_blocks=3, block_size=2, policy="priority")
+    add(sched, "low", 2, max_tokens=8, priority=5, arrival=1.0)
+    add(sched, "high", 2, max_tokens=8, priority=0, arrival=2.0)
+    assert [r.req_id for r in sched.waiting] == ["high", "low"]
+    out = run_step(sched)
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["high", "low"]
+    out = run_step(sched)
+    assert out.preempted_req_ids == {"low"}
+
+
+def test_prompt_larger_than_cache_is_rejected():
+    sched = make_scheduler(num_blocks=2, block_size=4)
+    with pytest.raises(ValueError, match="KV-cache blocks"):
+        add(sched, "a", 9)
+
+
+def test_abort_frees_blocks_and_tells_runner():
+    sched = make_scheduler()
+    add(sched, "a", 6)
+    run_step(sched)
+    sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    assert sched.kv.num_free_blocks == 16 and not sched.has_unfinished_requests()
+    assert sched.schedule().finished_req_ids == {"a"}
+
+
+def test_prefix_cache_hit_counts_as_computed():
+    sched = make_scheduler(caching=True)
+    add(sched, "a", 9)
+    run_step(sched)
+    add(sched, "b", 9)
+    out = run_step(sched)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1}  # b: 8 of 9 prompt tokens cached
+    new_b = [r for r in out.scheduled_new_reqs if r.req_id == "b"][0]
+    assert new_b.block_ids == [0, 1, 3] and new_b.num_computed_tokens == 8
+    assert sched.requests["b"].num_cached_tokens == 8
