@@ -1,0 +1,135 @@
+"""Gemma and Gemma 2: Llama-shaped decoders (the attention and MLP are llama.py's).
+
+What Gemma changes from Llama:
+- token embeddings are multiplied by ``sqrt(hidden_size)``, rounded to the model dtype first
+  (as HF does, so bf16 uses 55.5 rather than 55.4256 for hidden 3072);
+- RMSNorm scales by ``1 + weight`` (``offset=1``);
+- the MLP activation is tanh-approximated GELU (``hidden_activation``; Gemma's legacy
+  ``"gelu"`` means the tanh form too); ``head_dim`` comes from the config;
+- the LM head is tied to the embedding.
+Gemma 2 further adds:
+- attention scale ``query_pre_attn_scalar ** -0.5`` and attention logit soft-capping;
+- final logit soft-capping (``final_logit_softcapping``);
+- a sandwich block: post-attention, pre-feedforward and post-feedforward RMSNorms;
+- a sliding window on alternate layers (``layer_types``, or even layers when absent).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import ForwardContext
+from pagedllm.layers.linear import Linear, VocabEmbedding
+from pagedllm.layers.logits import compute_logits
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.models.llama import STACKED, LlamaAttention, LlamaMLP, layer_sliding_window
+from pagedllm.models.utils import load_weights, tie_or_skip
+
+
+def _activation(config) -> str:
+    act = getattr(config, "hidden_activation", None) or config.hidden_act
+    return "gelu_pytorch_tanh" if act == "gelu" else act
+
+
+def _norm(config) -> RMSNorm:
+    return RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0)
+
+
+def _gemma2_window(config, layer_idx: int) -> int | None:
+    """Per ``layer_types`` when present; older configs make even layers sliding."""
+    if getattr(config, "layer_types", None) is not None:
+        return layer_sliding_window(config, layer_idx)
+    return config.sliding_window if layer_idx % 2 == 0 else None
+
+
+class GemmaAttention(LlamaAttention):
+    """Llama's attention with Gemma 2's scale, logit soft-cap and per-layer window."""
+
+    def __init__(self, config, layer_idx: int, max_position: int, is_gemma2: bool) -> None:
+        super().__init__(config, layer_idx, max_position, qkv_bias=False, qk_norm=False)
+        if getattr(config, "attention_bias", False):
+            raise ValueError("Gemma with attention_bias=True is not supported")
+        if is_gemma2:
+            self.attn.scale = config.query_pre_attn_scalar ** -0.5
+            self.attn.soft_cap = getattr(config, "attn_logit_softcapping", None)
+            self.attn.sliding_window = _gemma2_window(config, layer_idx)
+        else:
+            self.attn.sliding_window = None
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, max_position: int, is_gemma2: bool) -> None:
+        super().__init__()
+        self.self_attn = GemmaAttention(config, layer_idx, max_position, is_gemma2)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, _activation(config))
+        self.input_layernorm = _norm(config)
+        self.post_attention_layernorm = _norm(config)
+        self.is_gemma2 = is_gemma2
+        if is_gemma2:
+            self.pre_feedforward_layernorm = _norm(config)
+            self.post_feedforward_layernorm = _norm(config)
+
+    def forward(self, positions, hidden, residual, ctx: ForwardContext):
+        """Returns (block output, residual stream); the caller's next norm adds them."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, ctx)
+        if not self.is_gemma2:
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+            return self.mlp(hidden), residual
+        hidden = self.post_attention_layernorm(hidden)
+        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, config, max_position: int, is_gemma2: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_scale = config.hidden_size ** 0.5
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i, max_position, is_gemma2)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = _norm(config)
+
+    def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        # the scale is rounded to the model dtype before multiplying, as in HF
+        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, ctx)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class GemmaForCausalLM(nn.Module):
+    is_gemma2 = False
+
+    def __init__(self, config, max_position: int) -> None:
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config, max_position, self.is_gemma2)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        if not self.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.final_soft_cap = (getattr(config, "final_logit_softcapping", None)
+                               if self.is_gemma2 else None)
+
+    def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
+        return compute_logits(hidden, head.weight, soft_cap=self.final_soft_cap)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_weights(self, weights, STACKED, tie_or_skip(self.tie_word_embeddings))
+
+
+class Gemma2ForCausalLM(GemmaForCausalLM):
+    is_gemma2 = True

@@ -1,0 +1,129 @@
+"""GPT-2 (openai-community/gpt2 and fine-tunes).
+
+What differs from Llama:
+- learned absolute position embeddings ``wpe`` added to ``wte``; no rotary embedding;
+- LayerNorm (with bias, ``layer_norm_epsilon``) pre-LN blocks ``ln_1``/``ln_2`` and ``ln_f``;
+- one fused ``c_attn`` (q|k|v, with bias) and ``c_proj``; every head is a KV head;
+- attention scale ``head_dim ** -0.5`` if ``scale_attn_weights``, further divided by
+  ``layer_idx + 1`` if ``scale_attn_by_inverse_layer_idx``;
+- a plain MLP ``c_fc`` -> ``gelu_new`` -> ``c_proj`` (width ``n_inner`` or 4 x hidden);
+- checkpoint weights are HF ``Conv1D`` ``[in, out]``: the loader attached to each such
+  parameter transposes them into ``Linear``'s ``[out, in]``;
+- the LM head is tied to ``wte``; keys come with or without the ``transformer.`` prefix and
+  the causal-mask buffers ``attn.bias`` / ``attn.masked_bias`` are skipped.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import ForwardContext
+from pagedllm.attention.layer import Attention
+from pagedllm.layers.activation import get_act_fn
+from pagedllm.layers.linear import Linear, QKVLinear, VocabEmbedding, default_weight_loader
+from pagedllm.layers.logits import compute_logits
+from pagedllm.models.utils import load_weights
+
+
+def _conv1d_weight_loader(param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
+    """HF Conv1D stores ``[in, out]``; Linear keeps ``[out, in]``."""
+    default_weight_loader(param, loaded.t() if loaded.dim() == 2 else loaded, name)
+
+
+def _conv1d(layer: Linear) -> Linear:
+    """Mark ``layer``'s weight as stored transposed in checkpoints."""
+    layer.weight.weight_loader = _conv1d_weight_loader
+    return layer
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        scale = self.head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            scale /= float(layer_idx + 1)
+        self.c_attn = _conv1d(QKVLinear(hidden, self.head_dim, self.num_heads, self.num_heads,
+                                        bias=True))
+        self.c_proj = _conv1d(Linear(hidden, hidden, bias=True))
+        self.attn = Attention(layer_idx, self.num_heads, self.num_heads, self.head_dim, scale)
+
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.c_attn.split(self.c_attn(hidden))
+        return self.c_proj(self.attn(q, k, v, ctx))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
+        self.c_fc = _conv1d(Linear(config.hidden_size, inner, bias=True))
+        self.c_proj = _conv1d(Linear(inner, config.hidden_size, bias=True))
+        self.act = get_act_fn(config.activation_function)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        # hidden [num_tokens, hidden_size]
+        hidden = hidden + self.attn(self.ln_1(hidden), ctx)
+        return hidden + self.mlp(self.ln_2(hidden))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config, max_position: int) -> None:
+        super().__init__()
+        self.wte = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.wpe = VocabEmbedding(config.max_position_embeddings, config.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
+        hidden = self.wte(input_ids) + self.wpe(positions)
+        for block in self.h:
+            hidden = block(hidden, ctx)
+        return self.ln_f(hidden)
+
+
+def _rename(name: str) -> str | None:
+    """Add the ``transformer.`` prefix bare GPT-2 checkpoints lack; drop mask buffers."""
+    if name.endswith((".attn.bias", ".attn.masked_bias")):
+        return None
+    if name.startswith(("transformer.", "lm_head.")):
+        return name
+    return "transformer." + name
+
+
+class GPT2LMHeadModel(nn.Module):
+    def __init__(self, config, max_position: int) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config, max_position)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        if not self.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
+        return self.transformer(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.transformer.wte if self.tie_word_embeddings else self.lm_head
+        return compute_logits(hidden, head.weight)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        skip = ("lm_head.weight",) if self.tie_word_embeddings else ()
+        return load_weights(self, weights, skip=skip, rename=_rename)
