@@ -6,12 +6,16 @@ clear gaps and greedy choices do not flip on float rounding.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 VOCAB_SIZE = 512
+_TOKENIZER_VERSION = 1  # bump when build_tokenizer changes
 CACHE_DIR = Path(os.environ.get("PAGEDLLM_TEST_MODELS", "/tmp/pagedllm-test-models"))
 
 _COMMON = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=512, bos_token_id=1,
@@ -67,18 +71,26 @@ ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"
 def build_tiny_model(name: str, root: Path = CACHE_DIR, init_std: float = 0.15) -> Path:
     """Save (once) a tiny random model of architecture ``name``; return its directory."""
     from transformers import AutoModelForCausalLM
-    path = root / name
-    if (path / "config.json").exists():
-        return path
-    path.mkdir(parents=True, exist_ok=True)
     config = _configs()[name]
     config.initializer_range = init_std
+    # The directory name carries a digest of everything that defines the model, so a changed
+    # config never reuses a stale cached checkpoint.
+    recipe = f"{config.to_json_string()}|{init_std}|{VOCAB_SIZE}|{_TOKENIZER_VERSION}"
+    path = root / f"{name}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
+    if (path / "tokenizer.json").exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, init_std)
-    model.save_pretrained(path)
-    build_tokenizer(path)
+    model.save_pretrained(staging)
+    build_tokenizer(staging)
+    try:
+        os.rename(staging, path)  # atomic: concurrent builders never see half a model
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process won the race
     return path
