@@ -19,11 +19,20 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, name: str =
     param.data.copy_(loaded)
 
 
+def new_weight(output_size: int, input_size: int) -> nn.Parameter:
+    """An [out, in] weight (Hugging Face's shape). On CPU its memory is laid out [in, out]
+    (a transposed view): PyTorch's CPU matmuls with few rows (decode batches) run up to 3x
+    faster on that layout, and a rare shape stalls in the [out, in] one."""
+    if torch.empty(0).device.type == "cpu":
+        return nn.Parameter(torch.empty(input_size, output_size).t())
+    return nn.Parameter(torch.empty(output_size, input_size))
+
+
 class Linear(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
-        self.weight = nn.Parameter(torch.empty(output_size, input_size))  # [out, in]
+        self.weight = new_weight(output_size, input_size)  # [out, in]
         self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
