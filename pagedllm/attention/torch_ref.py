@@ -10,6 +10,7 @@ block tables, never from a contiguous per-request cache. Steps of one layer call
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pagedllm.attention.backend import AttentionMetadata
 
@@ -23,10 +24,16 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
             scale: float, soft_cap: float | None) -> torch.Tensor:
-    """q [..., kv_heads, group, q_len, d]; k/v [..., kv_heads, 1, k_len, d] -> like q."""
+    """q [batch, num_heads, q_len, d]; k, v [batch, num_kv_heads, k_len, d]; bias broadcastable
+    to [batch, 1, q_len, k_len] -> [batch, num_heads, q_len, d]."""
+    if not soft_cap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale,
+                                              enable_gqa=True)
+    # Soft-capping (Gemma 2) needs the raw scores: the explicit path.
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    if soft_cap:
-        scores = torch.tanh(scores / soft_cap) * soft_cap
+    scores = torch.tanh(scores / soft_cap) * soft_cap
     probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
 
@@ -36,24 +43,19 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
                     soft_cap: float | None = None) -> torch.Tensor:
     """q [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]."""
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[2]
-    group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
         slots = meta.decode_key_slots  # [nd, max_len]
-        k = kv_cache[0][slots].to(q.dtype)  # [nd, max_len, kv_heads, d]
-        v = kv_cache[1][slots].to(q.dtype)
-        qd = q[:nd].view(nd, num_kv_heads, group, 1, head_dim)
-        o = _attend(qd, k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2),
-                    meta.decode_bias(sliding_window).unsqueeze(1), scale, soft_cap)
-        out[:nd] = o.view(nd, num_heads, head_dim)
+        k = kv_cache[0][slots].to(q.dtype).transpose(1, 2)  # [nd, kv_heads, max_len, d]
+        v = kv_cache[1][slots].to(q.dtype).transpose(1, 2)
+        o = _attend(q[:nd].unsqueeze(2), k, v, meta.decode_bias(sliding_window), scale, soft_cap)
+        out[:nd] = o.squeeze(2)  # [nd, num_heads, d]
     for idx, seq in enumerate(meta.prefills):
         rows = slice(seq.token_start, seq.token_start + seq.num_query_tokens)
-        k = kv_cache[0][seq.key_slots].to(q.dtype)  # [seq_len, kv_heads, d]
-        v = kv_cache[1][seq.key_slots].to(q.dtype)
-        qp = q[rows].view(seq.num_query_tokens, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        o = _attend(qp, k.permute(1, 0, 2).unsqueeze(1), v.permute(1, 0, 2).unsqueeze(1),
+        k = kv_cache[0][seq.key_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+        v = kv_cache[1][seq.key_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+        o = _attend(q[rows].transpose(0, 1).unsqueeze(0), k, v,
                     meta.prefill_bias(idx, sliding_window), scale, soft_cap)
-        out[rows] = o.permute(2, 0, 1, 3).reshape(seq.num_query_tokens, num_heads, head_dim)
+        out[rows] = o.squeeze(0).transpose(0, 1)
     return out

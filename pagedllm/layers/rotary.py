@@ -110,28 +110,34 @@ class RotaryEmbedding(nn.Module):
         inv_freq, scale = compute_inv_freq(rotary_dim, params, max_position,
                                            original_max_position or max_position)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        # [max_position, rotary_dim // 2] each
+        if is_neox_style:  # full-width tables: x * cos + rotate_half(x) * sin
+            freqs = torch.cat((freqs, freqs), dim=-1)
+        else:
+            freqs = freqs.repeat_interleave(2, dim=-1)
+        # [max_position, rotary_dim] each
         self.register_buffer("cos", freqs.cos() * scale, persistent=False)
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions [num_tokens]; q [num_tokens, num_heads, head_dim]; k [.., num_kv_heads, ..]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, rotary_dim // 2]
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, rotary_dim]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
+        if self.rotary_dim < self.head_dim:
+            rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
+            return torch.cat((self._rotate_full(rot, cos, sin), rest), dim=-1)
+        return self._rotate_full(x, cos, sin)
+
+    def _rotate_full(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.is_neox_style:
-            x1, x2 = rot.chunk(2, dim=-1)
-            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            x1, x2 = x.chunk(2, dim=-1)
+            rotated = torch.cat((-x2, x1), dim=-1)
         else:
-            x1, x2 = rot[..., ::2], rot[..., 1::2]
-            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        if rest.shape[-1] == 0:
-            return rotated
-        return torch.cat((rotated, rest), dim=-1)
+            rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        return x * cos + rotated * sin
 
 
 def get_rope(hf_config, head_dim: int, max_position: int) -> RotaryEmbedding:
