@@ -155,12 +155,28 @@ class SamplingParams:
         return f"SamplingParams({', '.join(shown)})"
 
 
-# Fields validated above whose feature lands with the sampling issue (#3) / structured output (#6).
-_NOT_BUILT = ("n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty",
-              "min_p", "min_tokens", "logprobs", "prompt_logprobs", "logits_processors",
-              "truncate_prompt_tokens", "logit_bias", "allowed_token_ids", "guided_decoding")
+# Fields validated above whose feature lands with structured output (#6).
+_NOT_BUILT = ("guided_decoding",)
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:
     if not ok:
         raise ValueError(f"SamplingParams.{name} {rule}, got {value!r}.")
+
+
+@dataclass
+class BeamSearchParams:
+    """Parameters of ``LLM.beam_search`` (vLLM 0.6.3's offline beam search)."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, ok in (("beam_width", self.beam_width >= 1), ("max_tokens", self.max_tokens >= 1),
+                         ("temperature", self.temperature >= 0.0)):
+            if not ok:
+                raise ValueError(f"BeamSearchParams.{name} must be positive (temperature: "
+                                 f"non-negative), got {getattr(self, name)!r}.")

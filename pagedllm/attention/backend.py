@@ -16,15 +16,16 @@ class PrefillSeq:
     token_start: int  # first row of this request in the flattened query tokens
     num_query_tokens: int
     seq_len: int  # context + new tokens
-    key_slots: torch.Tensor  # [seq_len] flat KV-cache slot of every key position
+    block_ids: torch.Tensor  # [cdiv(seq_len, block_size)] blocks holding its keys, in order
 
 
 @dataclass
 class AttentionMetadata:
+    block_size: int
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     num_decodes: int
     decode_seq_lens: torch.Tensor | None  # [num_decodes]
-    decode_key_slots: torch.Tensor | None  # [num_decodes, max_decode_seq_len]
+    decode_block_table: torch.Tensor | None  # [num_decodes, cdiv(max_decode_seq_len, block_size)]
     prefills: list[PrefillSeq]
     _bias_cache: dict = field(default_factory=dict, repr=False)
 
@@ -32,7 +33,7 @@ class AttentionMetadata:
         """Additive mask [num_decodes, 1, 1, max_len]: 0 for visible keys, -inf otherwise."""
         key = ("decode", sliding_window)
         if key not in self._bias_cache:
-            max_len = self.decode_key_slots.shape[1]
+            max_len = self.decode_block_table.shape[1] * self.block_size
             key_pos = torch.arange(max_len, device=self.decode_seq_lens.device)
             seq_lens = self.decode_seq_lens.unsqueeze(1)
             visible = key_pos < seq_lens
@@ -46,7 +47,7 @@ class AttentionMetadata:
         key = (idx, sliding_window)
         if key not in self._bias_cache:
             seq = self.prefills[idx]
-            device = seq.key_slots.device
+            device = seq.block_ids.device
             q_pos = torch.arange(seq.seq_len - seq.num_query_tokens, seq.seq_len, device=device)
             k_pos = torch.arange(seq.seq_len, device=device)
             visible = k_pos[None, :] <= q_pos[:, None]

@@ -1,11 +1,12 @@
 """Paged attention in plain PyTorch: the CPU backend and the oracle for GPU kernels.
 
-Keys and values are read from the paged cache through per-request slot lists derived from
-block tables, never from a contiguous per-request cache. Steps of one layer call:
+Keys and values are read from the paged cache through block tables, never from a contiguous
+per-request cache. Steps of one layer call:
 1. write this step's K/V into the cache at ``slot_mapping``;
-2. decodes: gather every decode request's keys at once ([num_decodes, max_len]) and attend
-   with a length/window mask;
-3. prefills: per request, gather its context+new keys and attend with a causal mask.
+2. decodes: gather every decode request's blocks at once ([num_decodes, max_blocks]) and
+   attend with a length/window mask (whole blocks are gathered: index_select of blocks is
+   about 2x faster on CPU than gathering single slots);
+3. prefills: per request, gather its context+new key blocks and attend with a causal mask.
 """
 from __future__ import annotations
 
@@ -42,20 +43,28 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
                     scale: float, sliding_window: int | None = None,
                     soft_cap: float | None = None) -> torch.Tensor:
     """q [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]."""
-    num_tokens, num_heads, head_dim = q.shape
     out = torch.empty_like(q)
     nd = meta.num_decodes
+    blocks = kv_cache.view(2, -1, meta.block_size, *kv_cache.shape[2:])  # [2, blocks, bs, h, d]
     if nd:
-        slots = meta.decode_key_slots  # [nd, max_len]
-        k = kv_cache[0][slots].to(q.dtype).transpose(1, 2)  # [nd, kv_heads, max_len, d]
-        v = kv_cache[1][slots].to(q.dtype).transpose(1, 2)
-        o = _attend(q[:nd].unsqueeze(2), k, v, meta.decode_bias(sliding_window), scale, soft_cap)
+        table = meta.decode_block_table  # [nd, max_blocks]
+        k = _gather(blocks[0], table.flatten()).view(nd, -1, *kv_cache.shape[2:])
+        v = _gather(blocks[1], table.flatten()).view(nd, -1, *kv_cache.shape[2:])
+        o = _attend(q[:nd].unsqueeze(2), k.to(q.dtype).transpose(1, 2),
+                    v.to(q.dtype).transpose(1, 2), meta.decode_bias(sliding_window), scale,
+                    soft_cap)
         out[:nd] = o.squeeze(2)  # [nd, num_heads, d]
     for idx, seq in enumerate(meta.prefills):
         rows = slice(seq.token_start, seq.token_start + seq.num_query_tokens)
-        k = kv_cache[0][seq.key_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
-        v = kv_cache[1][seq.key_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
-        o = _attend(q[rows].transpose(0, 1).unsqueeze(0), k, v,
-                    meta.prefill_bias(idx, sliding_window), scale, soft_cap)
+        k = _gather(blocks[0], seq.block_ids)[:seq.seq_len].to(q.dtype)  # [seq_len, h, d]
+        v = _gather(blocks[1], seq.block_ids)[:seq.seq_len].to(q.dtype)
+        o = _attend(q[rows].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                    v.transpose(0, 1).unsqueeze(0), meta.prefill_bias(idx, sliding_window),
+                    scale, soft_cap)
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _gather(blocks: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """blocks [num_blocks, bs, h, d], block_ids [n] -> keys [n * bs, h, d] in table order."""
+    return blocks.index_select(0, block_ids).flatten(0, 1)

@@ -61,9 +61,10 @@ class KVCacheManager:
         """Longest run of cached full blocks at the start of the request's tokens.
 
         The last token is always recomputed (its logits are needed), so a hit covers at most
-        ``num_tokens - 1`` tokens.
+        ``num_tokens - 1`` tokens. Requests asking for ``prompt_logprobs`` get no hit: they
+        need logits at every prompt position, so their prompt is recomputed.
         """
-        if not self.enable_caching:
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVCacheBlock] = []
@@ -119,6 +120,22 @@ class KVCacheManager:
         self._cpu_free.extend(self.req_to_cpu_blocks.pop(request.req_id, []))
         if request.is_finished():
             self._req_to_hashes.pop(request.req_id, None)
+
+    def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
+        """Give ``child`` the parent's prompt KV, copy-on-write: every block before the one
+        holding the last prompt token is shared (ref count + 1); that block is copied into a
+        new block of the child's. Returns the (src, dst) copy, or None with no free block."""
+        if self.pool.num_free_blocks < 1:
+            return None
+        num_shared = (parent.num_prompt_tokens - 1) // self.block_size
+        parent_blocks = self.req_to_blocks[parent.req_id]
+        shared = parent_blocks[:num_shared]
+        self.pool.touch(shared)
+        new_block = self.pool.get_new_blocks(1)[0]
+        self.req_to_blocks[child.req_id] = shared + [new_block]
+        if self.enable_caching:
+            self._num_cached_blocks[child.req_id] = num_shared
+        return parent_blocks[num_shared].block_id, new_block.block_id
 
     # ---- swap ----------------------------------------------------------------------------
     def swap_out(self, request: Request) -> list[tuple[int, int]] | None:

@@ -13,6 +13,13 @@ One ``schedule()`` call, in order:
 3. If nothing was preempted, waiting requests are admitted in policy order (arrival, or
    ``priority`` then arrival), each with its prefix-cache hit counted as already computed.
    Without chunked prefill a prompt is admitted only whole; the queue head blocks the rest.
+
+``n`` / ``best_of``: only the first sequence of a request is queued. When it gets its first
+token, ``update_from_output`` forks the others: each shares the prompt's full KV blocks (one
+more reference each) and gets a copy of the block holding the last prompt token
+(``blocks_to_copy`` in the next ``SchedulerOutput``), then recomputes just that last prompt
+token to sample its own first token. Without a free block for the copy, a child is queued
+as a normal request instead (it recomputes the prompt; prefix caching may still share it).
 """
 from __future__ import annotations
 
@@ -43,13 +50,18 @@ class Scheduler:
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self._finished_req_ids: set[str] = set()  # runner must drop these at the next step
+        self._fork_children: dict[str, list[Request]] = {}  # parent req_id -> unforked children
+        self._pending_copies: list[tuple[int, int]] = []  # block copies of this step's forks
+        self._unknown_to_runner: set[str] = set()  # forked children not yet sent to the runner
         self.num_preemptions_total = 0
         self._prev_step_time = 0.0
         self._prev_step_had_prompt = False
         self._last_prompt_latency = 0.0
 
     # ---- queue management ----------------------------------------------------------------
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, fork_children: list[Request] = ()) -> None:
+        """Queue ``request``; ``fork_children`` (best_of > 1) are forked from it after its
+        prefill, see the module docstring."""
         num_blocks = cdiv(request.num_tokens, self.kv.block_size)
         if num_blocks > self.kv.pool.num_blocks:
             raise ValueError(
@@ -57,6 +69,8 @@ class Scheduler:
                 f"the cache has only {self.kv.pool.num_blocks}; shorten the prompt or give the "
                 "cache more memory (--gpu-memory-utilization / --num-gpu-blocks-override)")
         self.requests[request.req_id] = request
+        if fork_children:
+            self._fork_children[request.req_id] = list(fork_children)
         self._enqueue_waiting(request)
 
     def _enqueue_waiting(self, request: Request, front: bool = False) -> None:
@@ -73,6 +87,7 @@ class Scheduler:
     def finish_requests(self, req_ids, status: RequestStatus) -> None:
         """End requests from outside the step (abort, stop string) and free their blocks."""
         for req_id in req_ids:
+            self._fork_children.pop(req_id, None)
             request = self.requests.get(req_id)
             if request is None or request.is_finished():
                 continue
@@ -95,8 +110,9 @@ class Scheduler:
 
     # ---- the step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput([], [], {}, 0, finished_req_ids=self._finished_req_ids)
-        self._finished_req_ids = set()
+        out = SchedulerOutput([], [], {}, 0, finished_req_ids=self._finished_req_ids,
+                              blocks_to_copy=self._pending_copies)
+        self._finished_req_ids, self._pending_copies = set(), []
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted_req_ids:
             budget = self._schedule_swapped(out, budget)
@@ -136,8 +152,13 @@ class Scheduler:
                     break
             if new_blocks is None:
                 continue  # ``request`` itself was preempted; running[i] is the next one
-            out.scheduled_cached_reqs.append(CachedRequestData(
-                request.req_id, [b.block_id for b in new_blocks], request.num_computed_tokens))
+            if request.req_id in self._unknown_to_runner:
+                self._unknown_to_runner.discard(request.req_id)
+                out.scheduled_new_reqs.append(self._new_request_data(request))
+            else:
+                out.scheduled_cached_reqs.append(CachedRequestData(
+                    request.req_id, [b.block_id for b in new_blocks],
+                    request.num_computed_tokens))
             out.num_scheduled_tokens[request.req_id] = num_new
             budget -= num_new
             i += 1
@@ -201,11 +222,30 @@ class Scheduler:
     def _start_running(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
         request.status = RequestStatus.RUNNING
         self.running.append(request)
-        out.scheduled_new_reqs.append(NewRequestData(
+        self._unknown_to_runner.discard(request.req_id)
+        out.scheduled_new_reqs.append(self._new_request_data(request))
+        out.num_scheduled_tokens[request.req_id] = num_new
+
+    def _new_request_data(self, request: Request) -> NewRequestData:
+        return NewRequestData(
             request.req_id, list(request.all_token_ids), request.num_prompt_tokens,
             request.sampling_params, self.kv.get_block_ids(request.req_id),
-            request.num_computed_tokens, request.num_output_tokens))
-        out.num_scheduled_tokens[request.req_id] = num_new
+            request.num_computed_tokens, request.num_output_tokens)
+
+    def _fork(self, parent: Request) -> None:
+        """Start the parent's best_of children now that its prompt KV is computed."""
+        for child in self._fork_children.pop(parent.req_id, []):
+            self.requests[child.req_id] = child
+            copy = self.kv.fork(parent, child)
+            if copy is None:
+                self._enqueue_waiting(child)
+                continue
+            self._pending_copies.append(copy)
+            child.num_computed_tokens = child.num_prompt_tokens - 1
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.status = RequestStatus.RUNNING
+            self.running.append(child)
+            self._unknown_to_runner.add(child.req_id)
 
     def _passed_delay(self, now: float) -> bool:
         """--scheduler-delay-factor: hold new prompts back for a share of the last prompt step."""
@@ -237,6 +277,8 @@ class Scheduler:
             request.append_output_token(token_id)
             if request.first_token_time is None:
                 request.first_token_time = now
+            if request.req_id in self._fork_children:
+                self._fork(request)
             if request.check_stop():
                 self.running.remove(request)
                 self._free(request)

@@ -38,6 +38,9 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)  # finished or preempted: drop state
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu)
+    # (src, dst) device blocks to copy before anything else this step: the partial last
+    # prompt block of an n / best_of child (copy-on-write fork)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted_req_ids: set[str] = field(default_factory=set)
 
     @property
@@ -46,6 +49,20 @@ class SchedulerOutput:
 
 
 @dataclass
+class TokenLogprobs:
+    """Logprobs at one position: the sampled (or prompt) token and the top alternatives."""
+    token_id: int
+    logprob: float
+    rank: int  # 1 = most likely
+    topk_ids: list[int]
+    topk_logprobs: list[float]
+
+
+@dataclass
 class ModelRunnerOutput:
     req_ids: list[str]
     sampled_token_ids: list[int | None]  # None: the request was mid-prompt (chunked prefill)
+    # req_id -> logprobs of the token sampled this step (requests that need them only)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # req_id -> (prompt position of the first entry, one entry per scored prompt token)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)

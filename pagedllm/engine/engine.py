@@ -3,26 +3,36 @@ schedule (control plane) -> execute (compute plane) -> update -> detokenize -> o
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
-from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.engine.inputs import PromptInputs, PromptProcessor
 from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.engine.sequence_group import Sequence, SequenceGroup, TokenDecoder
 from pagedllm.engine.stats import StatLogger
-from pagedllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.worker import Worker
 
 
-@dataclass
-class _RequestState:
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    num_sent_chars: int = 0
-    num_sent_tokens: int = 0
+def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: int) -> None:
+    """Checks that need the model: logprob caps and token ids in the vocabulary."""
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and value > max_logprobs:
+            raise ValueError(f"SamplingParams.{name}={value} is greater than the maximum "
+                             f"allowed {max_logprobs}; raise --max-logprobs or ask for fewer")
+    if params.logit_bias:
+        params.logit_bias = {int(k): float(v) for k, v in params.logit_bias.items()}
+        bad = [t for t in params.logit_bias if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.logit_bias has out-of-vocabulary token id(s) "
+                             f"{bad[:5]}; ids must be in [0, {vocab_size})")
+    if params.allowed_token_ids is not None:
+        bad = [t for t in params.allowed_token_ids if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.allowed_token_ids has out-of-vocabulary token "
+                             f"id(s) {bad[:5]}; ids must be in [0, {vocab_size})")
+        params.allowed_token_ids = [int(t) for t in params.allowed_token_ids]
 
 
 class LLMEngine:
@@ -44,7 +54,9 @@ class LLMEngine:
         if log_stats is None:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None
-        self._states: dict[str, _RequestState] = {}
+        self._states: dict[str, SequenceGroup] = {}  # user request id -> its sequences
+        self._seqs: dict[str, tuple[SequenceGroup, Sequence]] = {}  # scheduler req_id -> seq
+        self._decoder = TokenDecoder(self.tokenizer)
 
     @classmethod
     def from_engine_args(cls, engine_args, **kwargs) -> "LLMEngine":
@@ -61,25 +73,37 @@ class LLMEngine:
         unsupported = params.unsupported_fields()
         if unsupported:
             raise ValueError(f"SamplingParams field(s) {', '.join(unsupported)} are not supported "
-                             "yet (sampling issue #3)")
+                             "yet (structured output, issue #6)")
         if priority != 0 and self.config.scheduler.scheduling_policy != "priority":
             raise ValueError(f"priority={priority} needs --scheduling-policy priority")
         text, token_ids = self.inputs.process(prompt)
         params = params.clone()
+        check_request_params(params, self.config.model.vocab_size,
+                             self.config.model.max_logprobs)
+        if params.truncate_prompt_tokens is not None:
+            token_ids = token_ids[-params.truncate_prompt_tokens:]
         params.update_from_generation_config(self.inputs.eos_token_ids)
+        max_model_len = self.config.model.max_model_len
         request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival_time,
-                          priority=priority, max_model_len=self.config.model.max_model_len)
-        self.scheduler.add_request(request)
-        self._states[request_id] = _RequestState(
-            request, IncrementalDetokenizer(self.tokenizer, token_ids, params))
+                          priority=priority, max_model_len=max_model_len)
+        group = SequenceGroup(request_id, params, request, self.tokenizer)
+        children = group.make_children(max_model_len) if params.best_of > 1 else []
+        self.scheduler.add_request(request, children)
+        self._states[request_id] = group
+        for seq in group.seqs:
+            self._seqs[seq.request.req_id] = (group, seq)
         return request
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
-        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
         for req_id in request_ids:
-            self._states.pop(req_id, None)
+            group = self._states.pop(req_id, None)
+            if group is None:
+                continue
+            self.scheduler.finish_requests(group.req_ids, RequestStatus.FINISHED_ABORTED)
+            for seq_id in group.req_ids:
+                self._seqs.pop(seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -91,23 +115,32 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
         runner_output = self.worker.execute_model(scheduler_output)
+        for req_id, (first_pos, entries) in runner_output.prompt_logprobs.items():
+            if req_id in self._seqs:
+                self._seqs[req_id][0].add_prompt_logprobs(first_pos, entries, self._decoder)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
-        outputs = []
+        groups: dict[str, SequenceGroup] = {}
         for request in updated:
-            state = self._states[request.req_id]
-            self._detokenize(state)
-            output = self._make_output(state)
+            group, seq = self._seqs[request.req_id]
+            group.add_logprobs(seq, runner_output.logprobs.get(request.req_id), self._decoder)
+            self._detokenize(seq)
+            groups[group.request_id] = group
+        outputs = []
+        for group in groups.values():
+            output = group.make_output()
             if output is not None:
                 outputs.append(output)
-            if request.is_finished():
-                del self._states[request.req_id]
+            if group.is_finished():
+                del self._states[group.request_id]
+                for seq_id in group.req_ids:
+                    del self._seqs[seq_id]
         if self.stat_logger is not None:
             self.stat_logger.record(scheduler_output, updated)
         return outputs
 
-    def _detokenize(self, state: _RequestState) -> None:
+    def _detokenize(self, seq: Sequence) -> None:
         """New text of the last token, then the stop rules that work on text (vLLM order)."""
-        request, detok = state.request, state.detokenizer
+        request, detok = seq.request, seq.detokenizer
         num_chars = detok.update(request.output_token_ids[-1])
         params = request.sampling_params
         if request.status == RequestStatus.FINISHED_STOPPED:
@@ -123,31 +156,3 @@ class LLMEngine:
             request.status = RequestStatus.FINISHED_STOPPED
         else:
             self.scheduler.finish_requests([request.req_id], RequestStatus.FINISHED_STOPPED)
-
-    def _make_output(self, state: _RequestState) -> RequestOutput | None:
-        request = state.request
-        finished = request.is_finished()
-        kind = request.sampling_params.output_kind
-        if kind == RequestOutputKind.FINAL_ONLY and not finished:
-            return None
-        text, token_ids = state.detokenizer.output_text, request.output_token_ids
-        if kind == RequestOutputKind.DELTA:
-            text, token_ids = text[state.num_sent_chars:], token_ids[state.num_sent_tokens:]
-            state.num_sent_chars = len(state.detokenizer.output_text)
-            state.num_sent_tokens = request.num_output_tokens
-        completion = CompletionOutput(
-            index=0, text=text, token_ids=list(token_ids), cumulative_logprob=None,
-            logprobs=None, finish_reason=request.status.finish_reason if finished else None,
-            stop_reason=request.stop_reason if finished else None)
-        now = time.time()
-        metrics = RequestMetrics(
-            arrival_time=request.arrival_time, last_token_time=now,
-            first_scheduled_time=request.first_scheduled_time,
-            first_token_time=request.first_token_time,
-            time_in_queue=(request.first_scheduled_time or now) - request.arrival_time,
-            finished_time=now if finished else None)
-        return RequestOutput(
-            request_id=request.req_id, prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids, prompt_logprobs=None,
-            outputs=[completion], finished=finished, metrics=metrics,
-            num_cached_tokens=request.num_cached_tokens)

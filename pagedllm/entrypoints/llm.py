@@ -89,6 +89,12 @@ class LLM:
             bar.close()
         return [finished[r] for r in req_ids]
 
+    def beam_search(self, prompts, params):
+        """Beam search per prompt (strings or token-id lists) with ``BeamSearchParams``;
+        returns ``BeamSearchOutput`` objects, best sequence first (see pagedllm/beam_search)."""
+        from pagedllm.beam_search import beam_search
+        return beam_search(self, list(prompts), params)
+
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,

@@ -77,9 +77,11 @@ class QKVLinear(MergedLinear):
 
 
 class VocabEmbedding(nn.Module):
+    """Token embedding; same storage rule as ``Linear`` since a tied LM head multiplies by it."""
+
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))  # [vocab, hidden]
+        self.weight = new_weight(num_embeddings, embedding_dim)  # [vocab, hidden]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)

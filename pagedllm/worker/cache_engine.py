@@ -50,6 +50,10 @@ class CacheEngine:
         for s, d in zip(src, dst):
             d.index_copy_(1, dst_idx, s.index_select(1, src_idx).to(d.device))
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (src, dst) device blocks, all layers (copy-on-write forks)."""
+        self._copy(self.gpu_cache, self.gpu_cache, pairs)
+
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (device block, CPU block) pairs to swap space."""
         self._copy(self.gpu_cache, self.cpu_cache, pairs)

@@ -101,10 +101,10 @@ def _prefill_context(model_config, prompts: list[list[int]], block_size: int = 8
         blocks = [free_blocks.pop(0) for _ in range(-(-len(ids) // block_size))]
         slots = torch.tensor([blocks[i // block_size] * block_size + i % block_size
                               for i in range(len(ids))])
-        prefills.append(PrefillSeq(start, len(ids), len(ids), slots))
+        prefills.append(PrefillSeq(start, len(ids), len(ids), torch.tensor(blocks)))
         slot_mapping.append(slots)
         start += len(ids)
-    meta = AttentionMetadata(torch.cat(slot_mapping), 0, None, None, prefills)
+    meta = AttentionMetadata(block_size, torch.cat(slot_mapping), 0, None, None, prefills)
     kv_caches = [torch.zeros(2, num_blocks * block_size, model_config.num_kv_heads,
                              model_config.head_dim) for _ in range(model_config.num_hidden_layers)]
     return ForwardContext(meta, kv_caches)

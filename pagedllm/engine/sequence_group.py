@@ -1,0 +1,161 @@
+"""The engine's view of one user request: ``best_of`` sequences and their outputs.
+
+A request with ``best_of == 1`` is one sequence whose scheduler ``Request`` carries the user's
+request id. With ``best_of > 1`` the first sequence (index 0, the parent) prefills the prompt;
+on its first token the scheduler forks the others (ids ``"{request_id}#{i}"``), which share
+the prompt's KV blocks. Outputs: with ``n == best_of`` every sequence, in index order; with
+``best_of > n`` only once all are finished, the ``n`` with the highest cumulative logprob
+(the "processed" logprobs the sampler returns), re-indexed 0..n-1.
+Owned by ``LLMEngine``; the scheduler only sees the ``Request`` objects.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pagedllm.core.scheduler_output import TokenLogprobs
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.engine.request import Request
+from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+
+class TokenDecoder:
+    """``decoded_token`` of logprobs: the text of a single token id (cached per id)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[tuple[int, bool], str] = {}
+
+    def __call__(self, token_id: int, params: SamplingParams) -> str | None:
+        if self.tokenizer is None or not params.detokenize:
+            return None
+        key = (token_id, params.skip_special_tokens)
+        text = self._cache.get(key)
+        if text is None:
+            text = self.tokenizer.decode([token_id],
+                                         skip_special_tokens=params.skip_special_tokens)
+            self._cache[key] = text
+        return text
+
+    def to_dict(self, entry: TokenLogprobs, params: SamplingParams) -> dict[int, Logprob]:
+        """vLLM's shape: the sampled / prompt token first, then the top alternatives."""
+        out = {entry.token_id: Logprob(entry.logprob, entry.rank,
+                                       self(entry.token_id, params))}
+        for rank, (tid, lp) in enumerate(zip(entry.topk_ids, entry.topk_logprobs), start=1):
+            if tid not in out:
+                out[tid] = Logprob(lp, rank, self(tid, params))
+        return out
+
+
+@dataclass
+class Sequence:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    num_sent_chars: int = 0
+    num_sent_tokens: int = 0
+
+
+def child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sequence ``index`` of a best_of group: same parameters, its own seed stream."""
+    if index == 0 or params.seed is None:
+        return params
+    child = params.clone()
+    child.seed = hash((params.seed, index)) & 0x7FFF_FFFF
+    return child
+
+
+class SequenceGroup:
+    def __init__(self, request_id: str, params: SamplingParams, parent: Request,
+                 tokenizer) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.parent = parent
+        self.tokenizer = tokenizer
+        self.seqs: list[Sequence] = [self._sequence(parent)]
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * parent.num_prompt_tokens
+
+    def _sequence(self, request: Request) -> Sequence:
+        return Sequence(request, IncrementalDetokenizer(self.tokenizer,
+                                                        request.prompt_token_ids,
+                                                        request.sampling_params))
+
+    def make_children(self, max_model_len: int) -> list[Request]:
+        """Requests for sequences 1..best_of-1 (forked by the scheduler later)."""
+        p = self.parent
+        children = [Request(f"{self.request_id}#{i}", p.prompt_token_ids,
+                            child_params(self.params, i), prompt=p.prompt,
+                            arrival_time=p.arrival_time, priority=p.priority,
+                            max_model_len=max_model_len)
+                    for i in range(1, self.params.best_of)]
+        self.seqs += [self._sequence(c) for c in children]
+        return children
+
+    @property
+    def req_ids(self) -> list[str]:
+        return [s.request.req_id for s in self.seqs]
+
+    def is_finished(self) -> bool:
+        return all(s.request.is_finished() for s in self.seqs)
+
+    def add_prompt_logprobs(self, first_pos: int, entries: list[TokenLogprobs],
+                            decoder: TokenDecoder) -> None:
+        if self.prompt_logprobs is None:
+            return
+        for pos, entry in enumerate(entries, start=first_pos):
+            if self.prompt_logprobs[pos] is None:  # a recompute after preemption repeats them
+                self.prompt_logprobs[pos] = decoder.to_dict(entry, self.params)
+
+    def add_logprobs(self, seq: Sequence, entry: TokenLogprobs | None,
+                     decoder: TokenDecoder) -> None:
+        if entry is None:
+            return
+        seq.cumulative_logprob += entry.logprob
+        if self.params.logprobs is not None:
+            seq.logprobs.append(decoder.to_dict(entry, self.params))
+
+    # ---- outputs -------------------------------------------------------------------------
+    def make_output(self) -> RequestOutput | None:
+        finished = self.is_finished()
+        kind = self.params.output_kind
+        ranked = self.params.best_of > self.params.n
+        if (kind == RequestOutputKind.FINAL_ONLY or ranked) and not finished:
+            return None
+        seqs = self.seqs
+        if ranked:
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:self.params.n]
+        outputs = [self._completion(i, s, kind) for i, s in enumerate(seqs)]
+        parent, now = self.parent, time.time()
+        metrics = RequestMetrics(
+            arrival_time=parent.arrival_time, last_token_time=now,
+            first_scheduled_time=parent.first_scheduled_time,
+            first_token_time=parent.first_token_time,
+            time_in_queue=(parent.first_scheduled_time or now) - parent.arrival_time,
+            finished_time=now if finished else None)
+        return RequestOutput(
+            request_id=self.request_id, prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=self.prompt_logprobs,
+            outputs=outputs, finished=finished, metrics=metrics,
+            num_cached_tokens=parent.num_cached_tokens)
+
+    def _completion(self, index: int, seq: Sequence, kind: RequestOutputKind) -> CompletionOutput:
+        request = seq.request
+        text, token_ids = seq.detokenizer.output_text, request.output_token_ids
+        logprobs = seq.logprobs
+        if kind == RequestOutputKind.DELTA:
+            text, token_ids = text[seq.num_sent_chars:], token_ids[seq.num_sent_tokens:]
+            logprobs = logprobs[seq.num_sent_tokens:]
+            seq.num_sent_chars = len(seq.detokenizer.output_text)
+            seq.num_sent_tokens = request.num_output_tokens
+        has_logprobs = self.params.logprobs is not None
+        done = request.is_finished()
+        return CompletionOutput(
+            index=index, text=text, token_ids=list(token_ids),
+            cumulative_logprob=seq.cumulative_logprob if has_logprobs else None,
+            logprobs=list(logprobs) if has_logprobs else None,
+            finish_reason=request.status.finish_reason if done else None,
+            stop_reason=request.stop_reason if done else None)

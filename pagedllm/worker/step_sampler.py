@@ -1,0 +1,145 @@
+"""Sampling for one step of the model runner: logits -> sampled ids and logprobs on the host.
+
+Owned by ``ModelRunner``. For the rows that sample (last scheduled token of a request that
+has caught up with its known tokens) it builds ``SamplingMetadata`` once and runs the
+``Sampler``. For requests asking for ``prompt_logprobs`` it also computes logits at the
+prompt positions scheduled this step (any chunk of a chunked prefill): the row at position
+``j`` scores prompt token ``j + 1``, with temperature and top-k/top-p/min-p applied as vLLM
+0.6.3 does for prompt rows. Everything the host needs travels in ONE device-to-host copy
+(packed as float64; token ids are exact below 2**53).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagedllm.core.scheduler_output import TokenLogprobs
+from pagedllm.sample.metadata import build_filter_metadata, build_sampling_metadata
+from pagedllm.sample.ops.logprobs import LogprobsTensors, gather_logprobs
+from pagedllm.sample.sampler import Sampler, apply_filters
+
+
+@dataclass
+class StepSamples:
+    token_ids: list[int]  # one per sampling request, in order
+    logprobs: dict[str, TokenLogprobs]  # req_id -> the sampled token's logprobs
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]]  # req_id -> (first pos, rows)
+
+
+@dataclass
+class _PromptRows:
+    req_ids: list[str]  # one per row
+    positions: list[int]  # prompt position scored by the row (1 .. num_prompt_tokens - 1)
+    rows: list[int]  # row in the flat batch
+    params: list  # SamplingParams per row
+    targets: list[int]  # the prompt token at ``positions``
+
+
+def prompt_logprob_rows(req_ids: list[str], num_scheduled: dict[str, int],
+                        requests: dict) -> _PromptRows | None:
+    """Rows of the flat batch whose logits score a prompt token for prompt_logprobs.
+
+    ``req_ids`` is the batch order; each request's scheduled tokens are contiguous rows.
+    """
+    out = _PromptRows([], [], [], [], [])
+    offset = 0
+    for req_id in req_ids:
+        state, n = requests[req_id], num_scheduled[req_id]
+        params = state.sampling_params
+        start = state.num_computed_tokens
+        if params.prompt_logprobs is not None and start + 1 < state.num_prompt_tokens:
+            for pos in range(start, min(start + n, state.num_prompt_tokens - 1)):
+                out.req_ids.append(req_id)
+                out.positions.append(pos + 1)
+                out.rows.append(offset + pos - start)
+                out.params.append(params)
+                out.targets.append(state.token_ids[pos + 1])
+        offset += n
+    return out if out.rows else None
+
+
+def _flat(t: LogprobsTensors, with_ids: bool) -> list[torch.Tensor]:
+    pieces = [t.token_ids] if with_ids else []
+    pieces += [t.logprobs, t.ranks, t.topk_ids.flatten(), t.topk_logprobs.flatten()]
+    return [p.to(torch.float64) for p in pieces]
+
+
+def _unpack(host: np.ndarray, offset: int, num_rows: int, k: int, token_ids: list[int],
+            keep: list[int]) -> tuple[list[TokenLogprobs], int]:
+    """Rebuild per-row TokenLogprobs from the packed host array (keep[i] top-k per row)."""
+    lps = host[offset:offset + num_rows]
+    ranks = host[offset + num_rows:offset + 2 * num_rows]
+    offset += 2 * num_rows
+    topk_ids = host[offset:offset + num_rows * k].reshape(num_rows, k)
+    topk_lps = host[offset + num_rows * k:offset + 2 * num_rows * k].reshape(num_rows, k)
+    rows = [TokenLogprobs(token_ids[i], float(lps[i]), int(ranks[i]),
+                          topk_ids[i, :keep[i]].astype(np.int64).tolist(),
+                          topk_lps[i, :keep[i]].tolist()) for i in range(num_rows)]
+    return rows, offset + 2 * num_rows * k
+
+
+class StepSampler:
+    def __init__(self, model: torch.nn.Module, vocab_size: int, generator: torch.Generator,
+                 device: torch.device) -> None:
+        self.model = model
+        self.vocab_size = vocab_size
+        self.generator = generator
+        self.device = device
+        self.sampler = Sampler()
+
+    def __call__(self, hidden: torch.Tensor, logits_indices: torch.Tensor, states: list,
+                 prompt_rows: _PromptRows | None) -> StepSamples:
+        sampled, sample_lp = None, None
+        pieces: list[torch.Tensor] = []
+        if states:
+            logits = self.model.compute_logits(hidden[logits_indices])
+            meta = build_sampling_metadata(states, self.vocab_size, self.generator, self.device)
+            out = self.sampler(logits, meta)
+            sampled, sample_lp = out.sampled_ids, out.logprobs
+        prompt_lp, num_prompt_k = None, 0
+        if prompt_rows is not None:
+            prompt_lp, num_prompt_k = self._prompt_logprobs(hidden, prompt_rows, states)
+        if sample_lp is None and prompt_lp is None:
+            return StepSamples(sampled.tolist() if sampled is not None else [], {}, {})
+        if sampled is not None:
+            pieces.append(sampled.to(torch.float64))
+            if sample_lp is not None:
+                pieces += _flat(sample_lp, with_ids=False)
+        if prompt_lp is not None:
+            pieces += _flat(prompt_lp, with_ids=False)
+        host = torch.cat(pieces).cpu().numpy()  # the one device-to-host copy
+        return self._unpack(host, states, sample_lp, prompt_rows, prompt_lp, num_prompt_k)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows: _PromptRows,
+                         states: list) -> tuple[LogprobsTensors, int]:
+        logits = self.model.compute_logits(
+            hidden[torch.tensor(rows.rows, dtype=torch.long, device=self.device)])
+        logits = apply_filters(logits, build_filter_metadata(rows.params, self.vocab_size,
+                                                             self.device))
+        k = max(p.prompt_logprobs for p in rows.params)
+        target_t = torch.tensor(rows.targets, dtype=torch.long, device=self.device)
+        return gather_logprobs(logits.log_softmax(dim=-1), target_t, k), k
+
+    def _unpack(self, host, states, sample_lp, prompt_rows, prompt_lp, num_prompt_k):
+        n = len(states)
+        token_ids = host[:n].astype(np.int64).tolist()
+        offset = n
+        logprobs: dict[str, TokenLogprobs] = {}
+        if sample_lp is not None:
+            k = sample_lp.topk_ids.shape[1]
+            keep = [max(s.sampling_params.logprobs or 0, 0) for s in states]
+            rows, offset = _unpack(host, offset, n, k, token_ids, keep)
+            for s, row in zip(states, rows):
+                if s.sampling_params.logprobs is not None or \
+                        s.sampling_params.best_of > s.sampling_params.n:
+                    logprobs[s.req_id] = row
+        prompt: dict[str, tuple[int, list[TokenLogprobs]]] = {}
+        if prompt_lp is not None:
+            keep = [p.prompt_logprobs for p in prompt_rows.params]
+            rows, offset = _unpack(host, offset, len(prompt_rows.rows), num_prompt_k,
+                                   prompt_rows.targets, keep)
+            for req_id, pos, row in zip(prompt_rows.req_ids, prompt_rows.positions, rows):
+                prompt.setdefault(req_id, (pos, []))[1].append(row)
+        return StepSamples(token_ids, logprobs, prompt)
