@@ -21,6 +21,7 @@ from pagedllm.entrypoints.openai.cli_args import make_arg_parser, server_config_
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 DEFAULT_PROMPT = "Hello, my name is"
 SERVER_MODULE = "pagedllm.entrypoints.openai.api_server"
+_SERVE_DEPS = ("fastapi", "uvicorn", "starlette", "pydantic", "prometheus_client")
 
 # CLI-only sampling options of `generate` / `chat`; unset ones keep SamplingParams' defaults.
 _SAMPLING_FLAGS = {
@@ -105,6 +106,11 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         api_server = importlib.import_module(SERVER_MODULE)
     except ModuleNotFoundError as exc:
+        if exc.name in _SERVE_DEPS:
+            print(f"pagedllm serve: the server needs {exc.name}; install the serve extra: "
+                  "pip install 'pagedllm[serve]' (or -e '.[serve]' in a checkout)",
+                  file=sys.stderr)
+            return 1
         if exc.name is None or not SERVER_MODULE.startswith(exc.name):
             raise
         print("pagedllm serve: the OpenAI server is not built yet (issue #4); use "

@@ -1,0 +1,366 @@
+"""``AsyncLLMEngine``: the engine loop in a background thread, requests from an asyncio loop.
+
+Who owns what:
+
+* The **engine thread** owns the ``LLMEngine`` (scheduler, KV-cache manager, worker). Only it
+  calls ``add_request``, ``abort_request`` and ``step``; the asyncio side never touches engine
+  state except to read queue lengths and KV usage for metrics (plain ``len``/counters).
+* The **asyncio loop** owns one ``RequestStream`` (an ``asyncio.Queue`` of ``RequestOutput``)
+  per request and the per-request statistics handed to stat listeners (Prometheus metrics).
+
+Data flow, one direction each way::
+
+    asyncio: add_request/abort --(thread-safe command queue)--> engine thread
+    engine thread: step() outputs --(loop.call_soon_threadsafe, once per step)--> streams
+
+The engine thread loop is: drain commands (adds raise ValueError back to the awaiting caller
+without stopping the loop) -> if no unfinished requests, block on the command queue -> step()
+-> hand the step's outputs to the loop. An exception inside ``step()`` fails every in-flight
+request with ``EngineStepError`` and aborts them in the engine, so no client hangs; the loop
+keeps serving new requests. A thread (not a process) is enough because the forward pass runs
+in PyTorch kernels that release the GIL; ``benchmarks/serving.py`` measures the overhead.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import torch
+
+from pagedllm.engine.engine import LLMEngine
+from pagedllm.engine.inputs import PromptInputs
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("pagedllm.engine.async")
+
+_IDLE_WAIT_S = 1.0  # idle engine thread re-checks its stop flag this often
+
+
+class EngineStepError(RuntimeError):
+    """The engine failed while running a step that this request was part of."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is not running (stopped, or never started)."""
+
+
+_ABORTED = object()  # stream sentinel: the request was aborted, end iteration quietly
+
+
+@dataclass
+class RequestStats:
+    """What the asyncio side knows of one request, for metrics listeners."""
+    request_id: str
+    arrival_time: float
+    params: SamplingParams
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    _seen: dict[int, int] = field(default_factory=dict)  # completion index -> tokens counted
+
+    @property
+    def longest_completion(self) -> int:
+        """Tokens of the longest completion (choice) so far."""
+        return max(self._seen.values(), default=0)
+
+    def count_new_tokens(self, output: RequestOutput) -> int:
+        """Tokens generated since the last output, for DELTA and cumulative outputs alike."""
+        delta = self.params.output_kind == RequestOutputKind.DELTA
+        num_new = 0
+        for completion in output.outputs:
+            seen = self._seen.get(completion.index, 0)
+            total = seen + len(completion.token_ids) if delta else len(completion.token_ids)
+            num_new += total - seen
+            self._seen[completion.index] = total
+        self.num_generation_tokens += num_new
+        return num_new
+
+
+# listener(stats, output or None when aborted, number of new generated tokens)
+StatListener = Callable[[RequestStats, "RequestOutput | None", int], None]
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; ends after the finished output."""
+
+    def __init__(self, request_id: str, stats: RequestStats) -> None:
+        self.request_id = request_id
+        self.stats = stats
+        self.finished = False
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _ABORTED:
+            self.finished = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+
+class AsyncLLMEngine:
+    """Thread-backed async front of ``LLMEngine`` (see the module docstring)."""
+
+    def __init__(self, engine: LLMEngine, log_requests: bool = True,
+                 max_log_len: int | None = None) -> None:
+        self.engine = engine
+        self.log_requests = log_requests
+        self.max_log_len = max_log_len
+        self.stat_listeners: list[StatListener] = []
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        # OpenMP's thread count is per OS thread: a new thread would run torch single-threaded.
+        self._num_torch_threads = torch.get_num_threads()
+        self.num_step_errors = 0
+        self.last_step_error: str | None = None
+        self.num_steps = 0
+        self.step_time_s = 0.0  # wall time inside step(): the rest of the loop is overhead
+
+    @classmethod
+    def from_engine_args(cls, engine_args, log_requests: bool | None = None,
+                         max_log_len: int | None = None) -> "AsyncLLMEngine":
+        engine = LLMEngine.from_engine_args(engine_args)
+        if log_requests is None:
+            log_requests = not engine.config.observability.disable_log_requests
+        return cls(engine, log_requests=log_requests, max_log_len=max_log_len)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread, bound to the running asyncio loop (idempotent)."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._commands.put(("stop",))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    # ---- asyncio side --------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
+                          arrival_time: float | None = None,
+                          priority: int = 0) -> RequestStream:
+        """Queue a request and return its output stream; ValueError if the engine rejects it."""
+        self.start()
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running")
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        stream = RequestStream(request_id, RequestStats(request_id, arrival_time, params))
+        self._streams[request_id] = stream
+        done = self._loop.create_future()
+        self._commands.put(("add", request_id, prompt, params, arrival_time, priority, done,
+                            stream.stats))
+        try:
+            await done
+        except BaseException:
+            self._streams.pop(request_id, None)
+            if done.cancelled():  # the caller went away while the engine thread was adding it
+                self._commands.put(("abort", request_id))
+            raise
+        if self.log_requests:
+            self._log_received(request_id, prompt, params)
+        return stream
+
+    async def generate(self, prompt: PromptInputs, params: SamplingParams, request_id: str,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs; leaving early (or a disconnect) aborts the request."""
+        stream = await self.add_request(request_id, prompt, params, priority=priority)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (e.g. the client went away): the engine frees its KV blocks.
+
+        Synchronous and safe to call from ``finally`` blocks during cancellation.
+        """
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        if not stream.finished:
+            stream.put(_ABORTED)
+            self._notify(stream.stats, None, 0)
+        self._commands.put(("abort", request_id))
+        if self.log_requests:
+            logger.info("Aborted request %s.", request_id)
+
+    def _log_received(self, request_id: str, prompt: PromptInputs, params: SamplingParams):
+        text, ids = prompt, None
+        if isinstance(prompt, dict):
+            text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+        elif isinstance(prompt, list):
+            text, ids = None, prompt
+        if self.max_log_len is not None:
+            text = text[:self.max_log_len] if isinstance(text, str) else text
+            ids = ids[:self.max_log_len] if ids is not None else None
+        logger.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s.",
+                    request_id, text, params, ids)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Runs on the loop: route one step's outputs to their streams."""
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            stream.put(output)
+            self._notify(stream.stats, output, stream.stats.count_new_tokens(output))
+            if output.finished:
+                del self._streams[output.request_id]
+                if self.log_requests:
+                    logger.info("Finished request %s.", output.request_id)
+
+    def _notify(self, stats: RequestStats, output: RequestOutput | None, num_new: int) -> None:
+        now = time.time()
+        if num_new:
+            stats.first_token_time = stats.first_token_time or now
+            stats.last_token_time = now
+        if output is not None and output.finished:
+            stats.finish_reasons = [c.finish_reason or "abort" for c in output.outputs]
+        for listener in self.stat_listeners:
+            try:
+                listener(stats, output, num_new)
+            except Exception:  # noqa: BLE001 - a metrics bug must not break serving
+                logger.exception("stat listener failed")
+
+    def _fail(self, request_ids: list[str], exc: BaseException) -> None:
+        """Runs on the loop: end these requests' streams with ``exc``."""
+        for req_id in request_ids:
+            stream = self._streams.pop(req_id, None)
+            if stream is not None:
+                stream.put(exc)
+                self._notify(stream.stats, None, 0)
+
+    # ---- engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_num_threads(self._num_torch_threads)
+        while not self._stop:
+            busy = self.engine.has_unfinished_requests()
+            if not self._drain_commands(block=not busy):
+                break
+            if self.engine.has_unfinished_requests():
+                self._step()
+        logger.info("engine loop stopped after %d steps, %.2f s inside step()", self.num_steps,
+                    self.step_time_s)
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued adds/aborts; wait for one first if ``block``. False on stop."""
+        try:
+            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else \
+                self._commands.get_nowait()
+        except queue.Empty:
+            return not self._stop
+        while True:
+            if command[0] == "stop":
+                return False
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "abort":
+            self.engine.abort_request(command[1])
+            return
+        _, req_id, prompt, params, arrival_time, priority, done, stats = command
+        if done.cancelled():
+            return
+        try:
+            request = self.engine.add_request(req_id, prompt, params, arrival_time, priority)
+        except Exception as exc:  # noqa: BLE001 - every rejection goes back to the caller
+            if not isinstance(exc, ValueError):
+                exc = ValueError(str(exc))
+            self._call_soon(_settle, done, exc)
+            return
+        # set here, before any output of this request can be dispatched to the loop
+        stats.num_prompt_tokens = request.num_prompt_tokens
+        self._call_soon(_settle, done, None)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - fail the in-flight requests, keep serving
+            logger.exception("engine step failed; failing the in-flight requests")
+            self.num_step_errors += 1
+            self.last_step_error = repr(exc)
+            req_ids = list(self.engine._states)
+            try:
+                self.engine.abort_request(req_ids)
+            except Exception:  # noqa: BLE001
+                logger.exception("aborting after a failed step also failed")
+            self._call_soon(self._fail, req_ids, EngineStepError(f"engine step failed: {exc!r}"))
+            return
+        finally:
+            self.num_steps += 1
+            self.step_time_s += time.perf_counter() - start
+        if outputs:
+            self._call_soon(self._dispatch, outputs)
+
+    def _call_soon(self, fn: Callable, *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            self._stop = True
+
+    # ---- stats for metrics ---------------------------------------------------------------
+    def get_stats(self) -> dict[str, float]:
+        """Scheduler queues and KV usage, read without stopping the engine thread."""
+        sched, kv = self.engine.scheduler, self.engine.kv_cache_manager
+        return {
+            "num_requests_running": len(sched.running),
+            "num_requests_waiting": len(sched.waiting),
+            "num_requests_swapped": len(sched.swapped),
+            "gpu_cache_usage_perc": kv.usage(),
+            "cpu_cache_usage_perc": kv.cpu_usage(),
+            "gpu_prefix_cache_hit_rate": kv.prefix_cache_hit_rate(),
+            "num_preemptions_total": sched.num_preemptions_total,
+            "num_streams": len(self._streams),
+            "num_step_errors": self.num_step_errors,
+            "num_steps": self.num_steps,
+            "step_time_s": self.step_time_s,
+        }
+
+
+def _settle(future: asyncio.Future, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(None)

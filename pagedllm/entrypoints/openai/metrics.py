@@ -1,0 +1,142 @@
+"""Prometheus metrics of the server, with vLLM 0.6.3's names and a ``model_name`` label.
+
+Two sources, one registry per app (no global state):
+
+* engine state (queues, KV usage, preemptions, cache config) is read at scrape time by
+  ``_EngineCollector`` from ``AsyncLLMEngine.get_stats()``;
+* request-level counters and histograms are fed by ``MetricsListener``, registered as a stat
+  listener of the async engine (it sees every output and every finished/aborted request).
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from pagedllm.engine.async_engine import AsyncLLMEngine, RequestStats
+from pagedllm.outputs import RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 7.5, 10.0]
+_TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
+_E2E_BUCKETS = [1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+
+
+def build_1_2_5_buckets(max_value: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to ``max_value``."""
+    buckets, exponent = [], 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10 ** exponent
+            if value > max_value:
+                return buckets
+            buckets.append(value)
+        exponent += 1
+
+
+class _EngineCollector:
+    """Gauges and the preemption counter, read from the engine when Prometheus scrapes."""
+
+    _GAUGES = {
+        "num_requests_running": "Number of requests currently running.",
+        "num_requests_waiting": "Number of requests waiting to be processed.",
+        "num_requests_swapped": "Number of requests swapped to CPU.",
+        "gpu_cache_usage_perc": "KV-cache usage (device blocks); 1 means 100 percent.",
+        "cpu_cache_usage_perc": "KV-cache usage (CPU swap blocks); 1 means 100 percent.",
+        "gpu_prefix_cache_hit_rate": "Prefix-cache block hit rate.",
+    }
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):
+        stats = self.engine.get_stats()
+        for name, doc in self._GAUGES.items():
+            family = GaugeMetricFamily(f"vllm:{name}", doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(stats[name]))
+            yield family
+        family = CounterMetricFamily("vllm:num_preemptions", "Cumulative preemptions.",
+                                     labels=["model_name"])
+        family.add_metric([self.model_name], float(stats["num_preemptions_total"]))
+        yield family
+        yield self._cache_config_info()
+
+    def _cache_config_info(self) -> GaugeMetricFamily:
+        config = self.engine.engine.config.cache
+        kv = self.engine.engine.kv_cache_manager
+        labels = {"block_size": config.block_size, "cache_dtype": config.kv_cache_dtype,
+                  "enable_prefix_caching": config.enable_prefix_caching,
+                  "gpu_memory_utilization": config.gpu_memory_utilization,
+                  "num_gpu_blocks": kv.pool.num_blocks, "num_cpu_blocks": kv.num_cpu_blocks,
+                  "swap_space": config.swap_space}
+        family = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache "
+                                   "config.", labels=list(labels))
+        family.add_metric([str(v) for v in labels.values()], 1.0)
+        return family
+
+
+class ServerMetrics:
+    """The app's registry and the request-level metrics; ``render()`` is the /metrics body."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, max_model_len: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        self.registry.register(_EngineCollector(engine, model_name))
+        label, reg = ["model_name"], self.registry
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", label,
+                                     registry=reg)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens "
+                                         "processed.", label, registry=reg)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token in "
+                              "seconds.", label, buckets=_TTFT_BUCKETS, registry=reg)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token in "
+                              "seconds.", label, buckets=_TPOT_BUCKETS, registry=reg)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency "
+                             "in seconds.", label, buckets=_E2E_BUCKETS, registry=reg)
+        len_buckets = build_1_2_5_buckets(max_model_len)
+        self.request_prompt_tokens = Histogram(
+            "vllm:request_prompt_tokens", "Prompt tokens per finished request.", label,
+            buckets=len_buckets, registry=reg)
+        self.request_generation_tokens = Histogram(
+            "vllm:request_generation_tokens", "Generation tokens per finished request.", label,
+            buckets=len_buckets, registry=reg)
+        self.request_params_n = Histogram("vllm:request_params_n", "The n parameter of "
+                                          "finished requests.", label,
+                                          buckets=[1, 2, 5, 10, 20], registry=reg)
+        self.request_success = Counter("vllm:request_success", "Successfully finished "
+                                       "requests.", ["model_name", "finished_reason"],
+                                       registry=reg)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot,
+                       self.e2e, self.request_prompt_tokens, self.request_generation_tokens,
+                       self.request_params_n):
+            metric.labels(model_name)  # export zero-valued samples from the start
+        for reason in ("stop", "length"):
+            self.request_success.labels(model_name, reason)
+        engine.stat_listeners.append(self.on_output)
+
+    def on_output(self, stats: RequestStats, output: RequestOutput | None, num_new: int):
+        name = self.model_name
+        if num_new and stats.num_generation_tokens == num_new:  # the prompt has been processed
+            self.prompt_tokens.labels(name).inc(stats.num_prompt_tokens)
+        if num_new:
+            self.generation_tokens.labels(name).inc(num_new)
+        if output is None or not output.finished:
+            return
+        metrics = output.metrics
+        if metrics is not None and metrics.first_token_time is not None:
+            self.ttft.labels(name).observe(metrics.first_token_time - metrics.arrival_time)
+            end = metrics.finished_time or metrics.last_token_time
+            self.e2e.labels(name).observe(end - metrics.arrival_time)
+            num_gen = stats.longest_completion
+            if num_gen > 1:
+                self.tpot.labels(name).observe(
+                    (end - metrics.first_token_time) / (num_gen - 1))
+        self.request_prompt_tokens.labels(name).observe(stats.num_prompt_tokens)
+        self.request_generation_tokens.labels(name).observe(stats.num_generation_tokens)
+        self.request_params_n.labels(name).observe(stats.params.n)
+        for reason in stats.finish_reasons:
+            self.request_success.labels(name, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,199 @@
+"""POST /v1/chat/completions: apply the chat template, generate, answer as OpenAI's chat API.
+
+Streaming sends, per choice, a first chunk with the role (and empty content), then content
+deltas; the finishing delta carries ``finish_reason``; with ``stream_options.include_usage`` a
+last chunk with no choices carries the usage; then ``data: [DONE]``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator, Optional
+
+from pagedllm.engine.async_engine import RequestStream
+from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest,
+                                                  ChatCompletionResponse,
+                                                  ChatCompletionResponseChoice,
+                                                  ChatCompletionResponseStreamChoice,
+                                                  ChatCompletionStreamResponse, ChatMessage,
+                                                  DeltaMessage, UsageInfo, random_uuid)
+from pagedllm.entrypoints.openai.serving_engine import (OpenAIError, OpenAIServing,
+                                                        abort_unfinished, build_params, sse,
+                                                        sse_error, tail_logprobs,
+                                                        until_disconnected)
+from pagedllm.outputs import CompletionOutput, RequestOutput
+
+
+def parse_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with list-of-parts content flattened to text (only text parts are supported)."""
+    parsed = []
+    for i, message in enumerate(messages):
+        if not isinstance(message.get("role"), str):
+            raise OpenAIError(f"messages[{i}].role is required and must be a string")
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise OpenAIError(f"messages[{i}].content: part type {kind!r} is not "
+                                      "supported (only 'text'; multimodal models are not "
+                                      "built yet)")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif content is not None and not isinstance(content, str):
+            raise OpenAIError(f"messages[{i}].content must be a string or a list of parts")
+        parsed.append({**message, "content": content})
+    return parsed
+
+
+class OpenAIServingChat(OpenAIServing):
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool,
+                            continue_final_message: bool = False,
+                            chat_template: Optional[str] = None,
+                            chat_template_kwargs: Optional[dict] = None,
+                            documents: Optional[list] = None) -> str:
+        tokenizer = self.require_tokenizer()
+        kwargs = dict(chat_template_kwargs or {})
+        if documents is not None:
+            kwargs["documents"] = documents
+        if continue_final_message:
+            kwargs["continue_final_message"] = True
+        try:
+            return tokenizer.apply_chat_template(
+                parse_messages(messages), chat_template=chat_template or self.ctx.chat_template,
+                tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+        except OpenAIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - jinja / missing template: the caller's input
+            raise OpenAIError(f"could not apply the chat template: {exc}") from exc
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request):
+        """A ``ChatCompletionResponse``, or an async iterator of SSE strings when streaming."""
+        self.check_model(request.model)
+        self.check_logprobs("top_logprobs", request.num_logprobs)
+        self.check_logprobs("prompt_logprobs", request.prompt_logprobs)
+        prompt = self.apply_chat_template(
+            request.messages, add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            chat_template=request.chat_template,
+            chat_template_kwargs=request.chat_template_kwargs, documents=request.documents)
+        ids = self.tokenize(prompt, request.add_special_tokens, request.truncate_prompt_tokens)
+        self.check_length(len(ids), request.requested_max_tokens)
+        params = build_params(request, self.ctx.max_model_len - len(ids))
+        request_id, created = f"chat-{random_uuid()}", int(time.time())
+        stream = await self.add(request_id, {"prompt": prompt, "prompt_token_ids": ids},
+                                params, request.priority)
+        if request.stream:
+            return self._stream(request, request_id, created, stream)
+        return await until_disconnected(raw_request,
+                                        self._collect(request, request_id, created, stream))
+
+    def _role(self, request: ChatCompletionRequest) -> str:
+        if request.add_generation_prompt:
+            return self.ctx.response_role
+        return request.messages[-1].get("role", self.ctx.response_role)
+
+    def _echo_text(self, request: ChatCompletionRequest, role: str) -> str:
+        last = request.messages[-1]
+        if request.echo and last.get("role") == role and last.get("content"):
+            return parse_messages([last])[0]["content"] or ""
+        return ""
+
+    def _logprobs(self, request: ChatCompletionRequest, completion: CompletionOutput,
+                  token_ids: list[int]):
+        logprobs = tail_logprobs(completion.logprobs, len(token_ids))
+        if not request.logprobs or logprobs is None:
+            return None
+        return self.chat_logprobs(token_ids, logprobs, request.top_logprobs or 0)
+
+    # ---- full response -------------------------------------------------------------------
+    async def _collect(self, request: ChatCompletionRequest, request_id: str, created: int,
+                       stream: RequestStream) -> dict:
+        final: Optional[RequestOutput] = None
+        try:
+            async for output in stream:
+                final = output
+        finally:
+            abort_unfinished(self.engine, [stream])
+        role = self._role(request)
+        echo = self._echo_text(request, role)
+        choices = []
+        for completion in final.outputs:
+            choices.append(ChatCompletionResponseChoice(
+                index=completion.index,
+                message=ChatMessage(role=role, content=echo + completion.text),
+                logprobs=self._logprobs(request, completion, list(completion.token_ids)),
+                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+        choices.sort(key=lambda c: c.index)
+        num_prompt = len(final.prompt_token_ids)
+        num_gen = sum(len(c.token_ids) for c in final.outputs)
+        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_gen,
+                          total_tokens=num_prompt + num_gen)
+        return ChatCompletionResponse(id=request_id, created=created, model=request.model,
+                                      choices=choices, usage=usage).model_dump()
+
+    # ---- streaming -----------------------------------------------------------------------
+    def _chunk(self, request_id: str, created: int, model: str,
+               choices: list[ChatCompletionResponseStreamChoice],
+               usage: Optional[UsageInfo] = None) -> str:
+        chunk = ChatCompletionStreamResponse(id=request_id, object="chat.completion.chunk",
+                                             created=created, model=model, choices=choices)
+        if usage is not None:
+            chunk.usage = usage
+        return sse(chunk.model_dump_json(exclude_unset=True))
+
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, created: int,
+                      stream: RequestStream) -> AsyncIterator[str]:
+        opts = request.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = include_usage and bool(opts.continuous_usage_stats)
+        role = self._role(request)
+        echo = self._echo_text(request, role)
+        num_prompt, num_gen = stream.stats.num_prompt_tokens, [0] * request.n
+
+        def usage() -> UsageInfo:
+            return UsageInfo(prompt_tokens=num_prompt, completion_tokens=sum(num_gen),
+                             total_tokens=num_prompt + sum(num_gen))
+
+        try:
+            for i in range(request.n):
+                first = [ChatCompletionResponseStreamChoice(
+                    index=i, delta=DeltaMessage(role=role, content=""), logprobs=None,
+                    finish_reason=None)]
+                yield self._chunk(request_id, created, request.model, first,
+                                  usage() if continuous else None)
+                if echo:
+                    yield self._chunk(request_id, created, request.model, [
+                        ChatCompletionResponseStreamChoice(
+                            index=i, delta=DeltaMessage(content=echo), logprobs=None,
+                            finish_reason=None)], usage() if continuous else None)
+            finished: set[int] = set()
+            async for output in stream:
+                for completion in output.outputs:
+                    if completion.index in finished:
+                        continue  # with n > 1 a finished choice may be repeated later
+                    token_ids = list(completion.token_ids)
+                    num_gen[completion.index] += len(token_ids)
+                    if not completion.text and completion.finish_reason is None:
+                        continue
+                    choice = ChatCompletionResponseStreamChoice(
+                        index=completion.index, delta=DeltaMessage(content=completion.text))
+                    logprobs = self._logprobs(request, completion, token_ids)
+                    if logprobs is not None:
+                        choice.logprobs = logprobs
+                    if completion.finish_reason is not None:
+                        finished.add(completion.index)
+                        choice.finish_reason = completion.finish_reason
+                        choice.stop_reason = completion.stop_reason
+                    yield self._chunk(request_id, created, request.model, [choice],
+                                      usage() if continuous else None)
+            if include_usage:
+                yield self._chunk(request_id, created, request.model, [], usage())
+        except OpenAIError as exc:
+            yield sse_error(exc.message, exc.err_type, exc.status)
+        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+            yield sse_error(str(exc))
+        finally:
+            abort_unfinished(self.engine, [stream])
+        yield "data: [DONE]\n\n"
+

@@ -1,0 +1,263 @@
+"""What completions, chat and tokenize share: model-name check, prompt tokenization and length
+checks, OpenAI error bodies, SSE framing, logprob formatting and client-disconnect handling.
+
+The front end keeps its own tokenizer (a second instance of the engine's): Hugging Face fast
+tokenizers are not safe to use from two threads at once, and the engine thread detokenizes.
+Prompts reach the engine as ``{"prompt": text, "prompt_token_ids": ids}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, AsyncIterator, Awaitable, Optional
+
+from pagedllm.engine.async_engine import AsyncLLMEngine, RequestStream
+from pagedllm.entrypoints.openai.protocol import (ChatCompletionLogProb,
+                                                  ChatCompletionLogProbs,
+                                                  ChatCompletionLogProbsContent,
+                                                  CompletionLogProbs, ErrorResponse)
+from pagedllm.outputs import Logprob, RequestOutput
+
+_MIN_LOGPROB = -9999.0
+
+
+class OpenAIError(Exception):
+    """An error with its OpenAI type and HTTP status; the app turns it into an ErrorResponse."""
+
+    def __init__(self, message: str, err_type: str = "BadRequestError",
+                 status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.message, self.err_type, self.status = message, err_type, status
+
+    def to_response(self) -> ErrorResponse:
+        return ErrorResponse(message=self.message, type=self.err_type, code=self.status.value)
+
+
+def build_params(request, default_max_tokens: int):
+    """``request.to_sampling_params`` with SamplingParams' ValueError turned into a 400."""
+    try:
+        return request.to_sampling_params(default_max_tokens)
+    except ValueError as exc:
+        raise OpenAIError(str(exc)) from exc
+
+
+def error_body(message: str, err_type: str = "BadRequestError",
+               status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> dict:
+    return ErrorResponse(message=message, type=err_type, code=status.value).model_dump()
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def sse_error(message: str, err_type: str = "InternalServerError",
+              status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR) -> str:
+    return sse(json.dumps({"error": error_body(message, err_type, status)}))
+
+
+@dataclass
+class ServingContext:
+    """Everything a serving class reads: the engine, names, limits and server options."""
+    engine: AsyncLLMEngine
+    tokenizer: Any  # the front end's own tokenizer, or None with --skip-tokenizer-init
+    served_model_names: list[str]
+    max_model_len: int
+    max_logprobs: int
+    response_role: str = "assistant"
+    chat_template: Optional[str] = None
+    return_tokens_as_token_ids: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+
+class OpenAIServing:
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+        self.engine = ctx.engine
+        self.tokenizer = ctx.tokenizer
+
+    # ---- checks --------------------------------------------------------------------------
+    def check_model(self, model: Optional[str]) -> None:
+        if model is None or model in self.ctx.served_model_names:
+            return
+        raise OpenAIError(f"The model `{model}` does not exist.", "NotFoundError",
+                          HTTPStatus.NOT_FOUND)
+
+    def check_logprobs(self, field: str, value: Optional[int]) -> None:
+        if value is not None and value > self.ctx.max_logprobs:
+            raise OpenAIError(f"{field}={value} is more than the server allows "
+                              f"(--max-logprobs {self.ctx.max_logprobs}).")
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: Optional[int]) -> None:
+        """vLLM's context check: the prompt plus the requested completion must fit."""
+        limit = self.ctx.max_model_len
+        if max_tokens is None:
+            if num_prompt_tokens >= limit:
+                raise OpenAIError(
+                    f"This model's maximum context length is {limit} tokens. However, you "
+                    f"requested {num_prompt_tokens} tokens in the messages, Please reduce the "
+                    "length of the messages.")
+        elif num_prompt_tokens + max_tokens > limit:
+            raise OpenAIError(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+                f"messages, {max_tokens} in the completion). Please reduce the length of the "
+                "messages or completion.")
+
+    def require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise OpenAIError("this endpoint needs a tokenizer; the server runs with "
+                              "--skip-tokenizer-init, so pass token ids")
+        return self.tokenizer
+
+    # ---- prompts -------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool,
+                 truncate: Optional[int] = None) -> list[int]:
+        ids = list(self.require_tokenizer()(text, add_special_tokens=add_special_tokens)
+                   ["input_ids"])
+        return ids[-truncate:] if truncate else ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids)
+
+    def token_text(self, token_id: int, logprob: Optional[Logprob] = None) -> str:
+        if self.ctx.return_tokens_as_token_ids:
+            return f"token_id:{token_id}"
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.decode([token_id])
+
+    # ---- engine calls --------------------------------------------------------------------
+    async def add(self, request_id: str, prompt: dict, params, priority: int) -> RequestStream:
+        try:
+            return await self.engine.add_request(request_id, prompt, params, priority=priority)
+        except ValueError as exc:
+            raise OpenAIError(str(exc)) from exc
+
+    # ---- logprobs ------------------------------------------------------------------------
+    def _top(self, step: dict[int, Logprob], num: int) -> list[tuple[int, Logprob]]:
+        ranked = sorted(step.items(), key=lambda kv: (kv[1].rank is None, kv[1].rank or 0))
+        return ranked[:num]
+
+    def completion_logprobs(self, token_ids: list[int], logprobs: list, num_top: int,
+                            text_offset: int) -> CompletionLogProbs:
+        """OpenAI completions shape; ``logprobs[i]`` may be None (the first prompt token)."""
+        out = CompletionLogProbs()
+        for token_id, step in zip(token_ids, logprobs):
+            token = self.token_text(token_id, step.get(token_id) if step else None)
+            out.tokens.append(token)
+            out.text_offset.append(text_offset)
+            text_offset += len(token)
+            if step is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            sampled = step.get(token_id)
+            out.token_logprobs.append(_clamp(sampled.logprob) if sampled else None)
+            top = {self.token_text(tid, lp): _clamp(lp.logprob)
+                   for tid, lp in self._top(step, num_top)}
+            if sampled is not None:
+                top.setdefault(token, _clamp(sampled.logprob))
+            out.top_logprobs.append(top)
+        return out
+
+    def chat_logprobs(self, token_ids: list[int], logprobs: list,
+                      num_top: int) -> ChatCompletionLogProbs:
+        content = []
+        for token_id, step in zip(token_ids, logprobs):
+            sampled = step.get(token_id) if step else None
+            token = self.token_text(token_id, sampled)
+            top = [ChatCompletionLogProb(token=(t := self.token_text(tid, lp)),
+                                         logprob=_clamp(lp.logprob),
+                                         bytes=list(t.encode("utf-8", "replace")))
+                   for tid, lp in self._top(step or {}, num_top)]
+            content.append(ChatCompletionLogProbsContent(
+                token=token, logprob=_clamp(sampled.logprob) if sampled else _MIN_LOGPROB,
+                bytes=list(token.encode("utf-8", "replace")), top_logprobs=top))
+        return ChatCompletionLogProbs(content=content)
+
+
+def _clamp(logprob: float) -> float:
+    return _MIN_LOGPROB if math.isinf(logprob) or math.isnan(logprob) else \
+        max(logprob, _MIN_LOGPROB)
+
+
+def tail_logprobs(logprobs: Optional[list], num_tokens: int) -> Optional[list]:
+    """The logprobs of the last ``num_tokens`` tokens (DELTA outputs may carry more)."""
+    if logprobs is None:
+        return None
+    return list(logprobs[-num_tokens:]) if num_tokens else []
+
+
+async def merge_streams(streams: list[RequestStream]
+                        ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as ``(prompt_index, output)`` in arrival order."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    merged: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(idx: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                merged.put_nowait((idx, output))
+        except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
+            merged.put_nowait((idx, exc))
+        merged.put_nowait((idx, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            idx, item = await merged.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield idx, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def abort_unfinished(engine: AsyncLLMEngine, streams: list[RequestStream]) -> None:
+    for stream in streams:
+        if not stream.finished:
+            engine.abort(stream.request_id)
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its (non-streaming) response was ready."""
+
+
+async def until_disconnected(raw_request, work: Awaitable) -> Any:
+    """Await ``work``; if the HTTP client disconnects first, cancel it (its ``finally`` aborts
+    the engine requests) and raise ``ClientDisconnected``."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await raw_request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # disconnected, or this handler itself was cancelled
+            task.cancel()
+    if task in done:
+        return task.result()
+    raise ClientDisconnected()
