@@ -81,9 +81,9 @@ def test_greedy_rows_take_argmax():
     assert Sampler()(logits, meta).sampled_ids[0].item() == expected
 
 
-def test_candidate_filtering_equals_full_sort():
-    """The topk-candidate fast path and its full-sort fallback give the definition's mask
-    on a vocabulary larger than the candidate count (peaked and flat rows)."""
+def test_threshold_filtering_equals_full_sort():
+    """The per-row threshold form gives the sort-and-mask definition's mask on peaked and
+    flat rows, with and without top-k."""
     from pagedllm.sample.ops.top_k_top_p import _filter_sorted, apply_top_k_top_p
     torch.manual_seed(0)
     vocab = 3000
