@@ -26,14 +26,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def copy_bandwidth_gbs(num_bytes: int = 1 << 28, repeats: int = 5) -> float:
-    """Best-of-N bandwidth of copying a large fp32 buffer (read + write bytes per second)."""
-    src = torch.ones(num_bytes // 4)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth_gbs(device: torch.device, num_bytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Best-of-N bandwidth of copying a large buffer (read + write bytes per second)."""
+    src = torch.ones(num_bytes // 4, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * num_bytes / best / 1e9
 
@@ -70,13 +77,14 @@ def bench_pagedllm(llm, prompts, output_len: int, params=None) -> float:
 
 
 def bench_hf(model, prompts, output_len: int) -> float:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                   pad_token_id=0)
     with torch.inference_mode():
         model.generate(ids[:1], **kwargs)  # warm-up
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        _sync(model.device)
         elapsed = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + output_len
     return len(prompts) * output_len / elapsed
@@ -100,25 +108,31 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="measure pagedllm only")
     parser.add_argument("--mixed-sampling", action="store_true",
                         help="also run the mixed-sampling workload; print its overhead")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                        help="pagedllm's share of GPU memory (HF's model shares the card)")
     args = parser.parse_args()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pagedllm import LLM
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
     hf_config = AutoConfig.from_pretrained(args.model)
-    bandwidth = copy_bandwidth_gbs()
-    llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True, dtype="float32",
-              max_model_len=args.input_len + args.output_len + 8)
+    bandwidth = copy_bandwidth_gbs(device)
     hf_model = None if args.skip_hf else AutoModelForCausalLM.from_config(
-        hf_config, dtype=torch.float32).eval()
-    step_bytes = weight_bytes_per_step(llm.llm_engine.worker.model_hf_view()) \
-        if hasattr(llm.llm_engine.worker, "model_hf_view") else None
-    if step_bytes is None:
-        probe = hf_model or AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-        step_bytes = weight_bytes_per_step(probe)
+        hf_config, dtype=dtype).to(device).eval()
+    llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True, dtype=args.dtype,
+              max_model_len=args.input_len + args.output_len + 8,
+              gpu_memory_utilization=args.gpu_memory_utilization)
+    with torch.device("meta"):
+        step_bytes = weight_bytes_per_step(AutoModelForCausalLM.from_config(hf_config,
+                                                                            dtype=dtype))
     roofline = bandwidth * 1e9 / step_bytes
-    print(f"model {args.model}: {step_bytes / 1e6:.1f} MB of weights per decode step; copy "
-          f"bandwidth {bandwidth:.1f} GB/s -> roofline {roofline:.1f} tokens/s at batch 1; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"model {args.model} ({args.dtype}) on {name}: {step_bytes / 1e6:.1f} MB of weights "
+          f"per decode step; copy bandwidth {bandwidth:.1f} GB/s -> roofline {roofline:.1f} "
+          f"tokens/s at batch 1; torch {torch.__version__}")
     results = []
     for batch in args.batch_sizes:
         prompts = make_prompts(batch, args.input_len, hf_config.vocab_size, args.seed)
