@@ -49,14 +49,19 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def parse_json(text: str) -> dict:
+def parse_json_of(text: str, kind: type, example: str) -> Any:
+    """Parse a CLI value as JSON of type ``kind`` (dict or list) or raise a usage error."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    if not isinstance(value, kind):
+        raise argparse.ArgumentTypeError(f"expected a JSON {example}, got {text!r}")
     return value
+
+
+def parse_json(text: str) -> dict:
+    return parse_json_of(text, dict, "object")
 
 
 def parse_kv_int(text: str) -> Optional[dict]:

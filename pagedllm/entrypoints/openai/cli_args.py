@@ -7,11 +7,10 @@ works or fails at start-up with a message naming it.
 """
 
 import argparse
-import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from pagedllm.arg_utils import EngineArgs, add_config_args
+from pagedllm.arg_utils import EngineArgs, add_config_args, parse_json_of
 from pagedllm.config import DEFAULT_ONLY, check_option, field_default, option, option_fields
 
 
@@ -28,13 +27,7 @@ def _all() -> list[str]:
 
 
 def _parse_json_list(text: str) -> list:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {exc}") from exc
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f'expected a JSON list such as ["*"], got {text!r}')
-    return value
+    return parse_json_of(text, list, 'list such as ["*"]')
 
 
 _TOOLS = "tool calling in the OpenAI server"
