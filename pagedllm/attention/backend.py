@@ -27,6 +27,11 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None  # [num_decodes]
     decode_block_table: torch.Tensor | None  # [num_decodes, cdiv(max_decode_seq_len, block_size)]
     prefills: list[PrefillSeq]
+    # Packed prefill tensors, built only for backends that want them (``needs_packed_prefill``)
+    prefill_block_table: torch.Tensor | None = None  # [num_prefills, max_blocks] int32
+    prefill_seq_lens: torch.Tensor | None = None  # [num_prefills] int32
+    prefill_query_start_loc: torch.Tensor | None = None  # [num_prefills + 1] int32, from 0
+    max_prefill_query_len: int = 0
     _bias_cache: dict = field(default_factory=dict, repr=False)
 
     def decode_bias(self, sliding_window: int | None) -> torch.Tensor:
@@ -62,9 +67,38 @@ def _to_bias(visible: torch.Tensor) -> torch.Tensor:
     return bias.masked_fill_(~visible, float("-inf"))
 
 
+class AttentionBackend:
+    """How a layer writes K/V and attends. ``TorchRefBackend`` (CPU, and the oracle) and
+    ``TritonBackend`` (CUDA) implement it; ``get_attn_backend`` picks one per device."""
+
+    name = "abstract"
+    needs_packed_prefill = False  # runner must fill AttentionMetadata.prefill_* tensors
+
+    def write_kv_cache(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, *,
+               scale: float, sliding_window: int | None, soft_cap: float | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def get_attn_backend(device: torch.device) -> AttentionBackend:
+    """Triton kernels on CUDA when Triton imports, else the plain PyTorch reference."""
+    if device.type == "cuda":
+        try:
+            from pagedllm.attention.triton_backend import TritonBackend
+            return TritonBackend()
+        except ImportError:
+            pass
+    from pagedllm.attention.torch_ref import TorchRefBackend
+    return TorchRefBackend()
+
+
 @dataclass
 class ForwardContext:
     """What a forward pass needs besides token ids and positions; passed down explicitly."""
 
     attn_metadata: AttentionMetadata
     kv_caches: list[torch.Tensor]  # per layer [2, num_blocks * block_size, num_kv_heads, head_dim]
+    backend: AttentionBackend | None = None  # None: the PyTorch reference

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pagedllm.attention.backend import ForwardContext
-from pagedllm.attention.torch_ref import paged_attention, write_kv_cache
+from pagedllm.attention.torch_ref import DEFAULT_BACKEND
 
 
 class Attention(nn.Module):
@@ -25,9 +25,11 @@ class Attention(nn.Module):
         num_tokens = q.shape[0]
         kv_cache = ctx.kv_caches[self.layer_idx]
         meta = ctx.attn_metadata
-        write_kv_cache(kv_cache, k.view(num_tokens, self.num_kv_heads, self.head_dim),
-                       v.view(num_tokens, self.num_kv_heads, self.head_dim), meta.slot_mapping)
-        out = paged_attention(q.view(num_tokens, self.num_heads, self.head_dim), kv_cache, meta,
-                              scale=self.scale, sliding_window=self.sliding_window,
-                              soft_cap=self.soft_cap)
+        backend = ctx.backend or DEFAULT_BACKEND
+        backend.write_kv_cache(kv_cache, k.view(num_tokens, self.num_kv_heads, self.head_dim),
+                               v.view(num_tokens, self.num_kv_heads, self.head_dim),
+                               meta.slot_mapping)
+        out = backend.attend(q.view(num_tokens, self.num_heads, self.head_dim), kv_cache, meta,
+                             scale=self.scale, sliding_window=self.sliding_window,
+                             soft_cap=self.soft_cap)
         return out.view(num_tokens, self.num_heads * self.head_dim)

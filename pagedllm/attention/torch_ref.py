@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedllm.attention.backend import AttentionMetadata
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 
 
 def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -68,3 +68,17 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
 def _gather(blocks: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """blocks [num_blocks, bs, h, d], block_ids [n] -> keys [n * bs, h, d] in table order."""
     return blocks.index_select(0, block_ids).flatten(0, 1)
+
+
+class TorchRefBackend(AttentionBackend):
+    name = "torch"
+
+    def write_kv_cache(self, kv_cache, k, v, slot_mapping) -> None:
+        write_kv_cache(kv_cache, k, v, slot_mapping)
+
+    def attend(self, q, kv_cache, meta, *, scale, sliding_window, soft_cap) -> torch.Tensor:
+        return paged_attention(q, kv_cache, meta, scale=scale, sliding_window=sliding_window,
+                               soft_cap=soft_cap)
+
+
+DEFAULT_BACKEND = TorchRefBackend()

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagedllm.attention.backend import AttentionMetadata, ForwardContext, PrefillSeq
+from pagedllm.attention.backend import (AttentionMetadata, ForwardContext, PrefillSeq,
+                                        get_attn_backend)
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.worker.step_sampler import StepSampler, prompt_logprob_rows
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cache_engine import CacheEngine
+from pagedllm.worker.cuda_graph import CUDAGraphRunner
 
 
 @dataclass
@@ -56,6 +58,8 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.step_sampler = StepSampler(model, vocab_size, self.generator, device)
         self.requests: dict[str, CachedRequestState] = {}
+        self.backend = get_attn_backend(device)
+        self.graphs: CUDAGraphRunner | None = None  # set by the worker when graphs are on
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
@@ -105,6 +109,8 @@ class ModelRunner:
                 sampling_req_ids.append(req_id)
         meta = AttentionMetadata(bs, self._tensor(slots), len(decodes), *decode_meta,
                                  prefill_seqs)
+        if prefill_seqs and self.backend.needs_packed_prefill:
+            self._pack_prefills(meta, [self.requests[r].block_ids for r in prefills])
         return _Batch(decodes + prefills, self._tensor(input_ids), self._tensor(positions), meta,
                       self._tensor(logits_rows), sampling_req_ids)
 
@@ -125,10 +131,25 @@ class ModelRunner:
             input_ids.append(s.token_ids[pos])
             positions.append(pos)
             slots.append(s.block_ids[pos // bs] * bs + pos % bs)
-        return self._tensor(seq_lens), torch.from_numpy(table).to(self.device)
+        return (self._tensor(seq_lens, torch.int32),
+                torch.from_numpy(table.astype(np.int32)).to(self.device))
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _pack_prefills(self, meta: AttentionMetadata, block_ids: list[list[int]]) -> None:
+        """Block table, lengths and query offsets of the prefills as tensors (Triton path)."""
+        seqs = meta.prefills
+        num_blocks = max(-(-s.seq_len // self.block_size) for s in seqs)
+        table = np.zeros((len(seqs), num_blocks), dtype=np.int32)
+        for i, (seq, ids) in enumerate(zip(seqs, block_ids)):
+            used = ids[:-(-seq.seq_len // self.block_size)]
+            table[i, :len(used)] = used
+        meta.prefill_block_table = torch.from_numpy(table).to(self.device)
+        meta.prefill_seq_lens = self._tensor([s.seq_len for s in seqs], torch.int32)
+        starts = np.cumsum([0] + [s.num_query_tokens for s in seqs])
+        meta.prefill_query_start_loc = self._tensor(starts.tolist(), torch.int32)
+        meta.max_prefill_query_len = max(s.num_query_tokens for s in seqs)
+
+    def _tensor(self, values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -136,8 +157,12 @@ class ModelRunner:
         if so.is_empty:
             return ModelRunnerOutput([], [])
         batch = self._build_batch(so)
-        ctx = ForwardContext(batch.attn_metadata, self.cache.gpu_cache)
-        hidden = self.model(batch.input_ids, batch.positions, ctx)
+        meta = batch.attn_metadata
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(batch.input_ids, batch.positions, meta)
+        else:
+            ctx = ForwardContext(meta, self.cache.gpu_cache, self.backend)
+            hidden = self.model(batch.input_ids, batch.positions, ctx)
         states = [self.requests[r] for r in batch.sampling_req_ids]
         prompt_rows = prompt_logprob_rows(batch.req_ids, so.num_scheduled_tokens, self.requests)
         samples = self.step_sampler(hidden, batch.logits_indices, states, prompt_rows)

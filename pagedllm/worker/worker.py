@@ -18,6 +18,7 @@ import torch
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.models.loader import load_model
 from pagedllm.worker.cache_engine import CacheEngine, kv_bytes_per_block
+from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,13 @@ class Worker:
         cache = CacheEngine(mc.num_hidden_layers, mc.num_kv_heads, mc.head_dim, cc.block_size,
                             self.num_gpu_blocks, self.num_cpu_blocks, mc.torch_dtype, self.device)
         self.runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed)
+        if self.device.type == "cuda" and not mc.enforce_eager and \
+                self.runner.backend.name == "triton":
+            graphs = CUDAGraphRunner(self.model, cache.gpu_cache, self.runner.backend,
+                                     cc.block_size, config.scheduler.max_num_seqs,
+                                     mc.max_seq_len_to_capture, self.device)
+            graphs.capture()
+            self.runner.graphs = graphs
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); swap space %d blocks; "
                     "maximum concurrency at %d tokens per request: %.1fx",
                     self.num_gpu_blocks, cc.block_size,

@@ -1,0 +1,38 @@
+"""The CUDA attention backend: Triton kernels of ``triton_attention.py``.
+
+Decode rows (the first ``num_decodes`` tokens, one per request) go through the paged decode
+kernel with the decode block table; prefill rows go through the varlen prefill kernel with the
+packed prefill tensors the runner builds (``needs_packed_prefill``).
+"""
+from __future__ import annotations
+
+import torch
+
+from pagedllm.attention import triton_attention as kernels
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+    needs_packed_prefill = True
+
+    def write_kv_cache(self, kv_cache, k, v, slot_mapping) -> None:
+        kernels.write_kv_cache(kv_cache, k, v, slot_mapping)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, *,
+               scale: float, sliding_window: int | None,
+               soft_cap: float | None) -> torch.Tensor:
+        out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
+        nd = meta.num_decodes
+        if nd:
+            kernels.paged_attention_decode(
+                q[:nd], kv_cache, meta.decode_block_table, meta.decode_seq_lens, scale=scale,
+                block_size=meta.block_size, sliding_window=sliding_window, soft_cap=soft_cap,
+                out=out[:nd])
+        if meta.prefills:
+            kernels.paged_attention_prefill(
+                q[nd:], kv_cache, meta.prefill_block_table, meta.prefill_seq_lens,
+                meta.prefill_query_start_loc, scale=scale, block_size=meta.block_size,
+                max_query_len=meta.max_prefill_query_len, sliding_window=sliding_window,
+                soft_cap=soft_cap, out=out[nd:])
+        return out

@@ -1,0 +1,96 @@
+"""CUDA graphs for decode steps (``--enforce-eager`` turns them off).
+
+One graph per padded batch size (1, 2, 4, then multiples of 8 up to ``--max-num-seqs``, like
+vLLM), all sharing one memory pool and one set of static input buffers:
+1. at start-up, for each size from the largest down, run the model once (warm-up) and capture
+   it with every padding row inert (slot -1: nothing written; sequence length 0: nothing
+   read), so the graphs only ever read/write what replay-time inputs say;
+2. a decode-only step whose longest sequence fits ``--max-seq-len-to-capture`` copies its
+   inputs into the buffers of the smallest size that holds it, pads the rest, replays, and
+   returns the first rows of that graph's output.
+Only decode batches are captured; prefills and mixed steps run eagerly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, ForwardContext
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4) if s <= max_num_seqs]
+    sizes += list(range(8, max_num_seqs + 1, 8))
+    if sizes[-1] < max_num_seqs:
+        sizes.append(-(-max_num_seqs // 8) * 8)
+    return sizes
+
+
+class CUDAGraphRunner:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor],
+                 backend: AttentionBackend, block_size: int, max_num_seqs: int,
+                 max_seq_len_to_capture: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.block_size = block_size
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_seq_len = max_seq_len_to_capture
+        max_bs = self.sizes[-1]
+        self.max_blocks = -(-max_seq_len_to_capture // block_size)
+        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)  # [max_bs]
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)  # [max_bs]
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)  # [max_bs]
+        # [max_bs, max_blocks]
+        self.block_table = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # size -> [size, hidden] static output
+
+    def _forward(self, size: int) -> torch.Tensor:
+        meta = AttentionMetadata(self.block_size, self.slot_mapping[:size], size,
+                                 self.seq_lens[:size], self.block_table[:size], [])
+        ctx = ForwardContext(meta, self.kv_caches, self.backend)
+        return self.model(self.input_ids[:size], self.positions[:size], ctx)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info()[0]
+        pool = None
+        for size in reversed(self.sizes):
+            self._forward(size)  # warm-up: Triton compiles, allocator settles
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self._forward(size)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        used = (free_before - torch.cuda.mem_get_info()[0]) / (1 << 30)
+        logger.info("captured %d CUDA graphs (batch sizes %s) in %.1f s, %.2f GiB",
+                    len(self.graphs), self.sizes, time.perf_counter() - start, used)
+
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        """Decode-only, fits the largest graph, and no sequence longer than captured."""
+        return (not meta.prefills and meta.num_decodes <= self.sizes[-1]
+                and meta.decode_block_table.shape[1] <= self.max_blocks)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            meta: AttentionMetadata) -> torch.Tensor:
+        n = meta.num_decodes
+        size = next(s for s in self.sizes if s >= n)
+        width = meta.decode_block_table.shape[1]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:size].fill_(-1)
+        self.seq_lens[:n].copy_(meta.decode_seq_lens)
+        self.seq_lens[n:size].fill_(0)
+        self.block_table[:n, :width].copy_(meta.decode_block_table)
+        self.graphs[size].replay()
+        return self.outputs[size][:n]
