@@ -2,12 +2,14 @@
 
 One graph per padded batch size (1, 2, 4, then multiples of 8 up to ``--max-num-seqs``, like
 vLLM), all sharing one memory pool and one set of static input buffers:
-1. at start-up, for each size from the largest down, run the model once (warm-up) and capture
-   it with every padding row inert (slot -1: nothing written; sequence length 0: nothing
-   read), so the graphs only ever read/write what replay-time inputs say;
+1. the first time a size is needed (or for all sizes in ``capture()``), run the model once
+   (warm-up) and capture it with every row inert (slot -1: nothing written; sequence length
+   0: nothing read), so capturing never touches live KV data and the graph only ever
+   reads/writes what replay-time inputs say;
 2. a decode-only step whose longest sequence fits ``--max-seq-len-to-capture`` copies its
    inputs into the buffers of the smallest size that holds it, pads the rest, replays, and
    returns the first rows of that graph's output.
+Capturing lazily keeps start-up short and only spends graph memory on sizes really used.
 Only decode batches are captured; prefills and mixed steps run eagerly.
 """
 from __future__ import annotations
@@ -48,6 +50,7 @@ class CUDAGraphRunner:
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)  # [max_bs]
         # [max_bs, max_blocks]
         self.block_table = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=device)
+        self.pool = None  # one memory pool shared by every graph
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # size -> [size, hidden] static output
 
@@ -58,22 +61,26 @@ class CUDAGraphRunner:
         return self.model(self.input_ids[:size], self.positions[:size], ctx)
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, sizes: list[int] | None = None) -> None:
+        """Capture the given sizes (default: all), largest first so the pool fits them all."""
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info()[0]
-        pool = None
-        for size in reversed(self.sizes):
+        for size in sorted(sizes or self.sizes, reverse=True):
+            if size in self.graphs:
+                continue
+            self.slot_mapping[:size].fill_(-1)
+            self.seq_lens[:size].fill_(0)
             self._forward(size)  # warm-up: Triton compiles, allocator settles
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=self.pool):
                 self.outputs[size] = self._forward(size)
-            pool = graph.pool()
+            self.pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize()
         used = (free_before - torch.cuda.mem_get_info()[0]) / (1 << 30)
-        logger.info("captured %d CUDA graphs (batch sizes %s) in %.1f s, %.2f GiB",
-                    len(self.graphs), self.sizes, time.perf_counter() - start, used)
+        logger.info("captured CUDA graphs for batch sizes %s in %.2f s, %.3f GiB",
+                    sizes or self.sizes, time.perf_counter() - start, used)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         """Decode-only, fits the largest graph, and no sequence longer than captured."""
@@ -84,6 +91,8 @@ class CUDAGraphRunner:
             meta: AttentionMetadata) -> torch.Tensor:
         n = meta.num_decodes
         size = next(s for s in self.sizes if s >= n)
+        if size not in self.graphs:
+            self.capture([size])
         width = meta.decode_block_table.shape[1]
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)

@@ -55,8 +55,7 @@ class Worker:
             graphs = CUDAGraphRunner(self.model, cache.gpu_cache, self.runner.backend,
                                      cc.block_size, config.scheduler.max_num_seqs,
                                      mc.max_seq_len_to_capture, self.device)
-            graphs.capture()
-            self.runner.graphs = graphs
+            self.runner.graphs = graphs  # graphs are captured on first use of each size
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); swap space %d blocks; "
                     "maximum concurrency at %d tokens per request: %.1fx",
                     self.num_gpu_blocks, cc.block_size,
