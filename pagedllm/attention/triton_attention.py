@@ -1,0 +1,551 @@
+"""Paged attention on NVIDIA GPUs in Triton: KV-cache write, decode (split-KV) and varlen prefill.
+
+Layout shared with ``torch_ref`` (the oracle): per layer ``kv_cache`` is
+[2, num_blocks * block_size, num_kv_heads, head_dim] (K then V, last dim contiguous); the slot of
+a token is ``block_id * block_size + offset``. Query head ``h`` reads KV head ``h // group``
+(``group = num_heads // num_kv_heads``), as ``repeat_interleave`` does in the reference.
+
+GQA packing: an attention program owns one KV head and the ``group`` query heads that share it,
+so every K/V tile loaded from the cache feeds all of them. Its query tile has ``BLOCK_M`` rows;
+row ``r`` is query token ``r // group`` and head ``kv_head * group + r % group`` (decode: one
+token, rows = heads, padded to 16 for ``tl.dot``).
+
+Scores are kept in log2 units (scaled by log2(e)) so the online softmax uses ``exp2``; the
+running max, sum and accumulator are fp32 whatever the cache dtype.
+
+Everything here is CUDA-graph safe: no host syncs, grids depend only on shapes and Python ints,
+loop bounds come from ``seq_lens`` / ``query_start_loc`` read inside the kernels.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedllm.attention.backend import AttentionMetadata, PrefillSeq
+from pagedllm.attention.torch_ref import paged_attention as _paged_attention_ref
+
+_LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cache write
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _write_kv_cache_kernel(
+    kv_ptr,  # [2, num_slots, num_kv_heads, head_dim]
+    k_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    v_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    slot_mapping_ptr,  # [num_tokens] int64 (or int32); < 0 = skip
+    num_kv_heads,
+    stride_kt, stride_kh,  # k strides (token, head); head_dim stride is 1
+    stride_vt, stride_vh,
+    stride_kv, stride_slot, stride_kvh,  # kv_cache strides (K/V, slot, head)
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    mask = (heads < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :] & (slot >= 0)
+    k = tl.load(k_ptr + tok * stride_kt + heads[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(v_ptr + tok * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    dst = kv_ptr + slot * stride_slot + heads[:, None] * stride_kvh + offs_d[None, :]
+    tl.store(dst, k.to(kv_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_kv, v.to(kv_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's K/V into the paged cache; tokens whose slot is < 0 are skipped.
+
+    kv_cache [2, num_slots, num_kv_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim];
+    slot_mapping [num_tokens] int64.
+
+    1. one program per (token, tile of BLOCK_H heads) loads the token's slot;
+    2. loads that K and V tile (masked off when the slot is negative: CUDA-graph padding);
+    3. casts to the cache dtype and stores both at ``slot``.
+    """
+    _check_cache(kv_cache)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if v.shape != k.shape or kv_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} and kv_cache "
+                         f"{tuple(kv_cache.shape)} disagree on [num_kv_heads, head_dim]")
+    if slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} must be [{num_tokens}]")
+    if num_tokens == 0:
+        return
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 2048 // block_d))
+    grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
+    _write_kv_cache_kernel[grid](
+        kv_cache, k, v, slot_mapping, num_kv_heads,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
+
+
+def write_kv_cache_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """Reference: ``torch_ref.write_kv_cache`` on the tokens whose slot is >= 0 (syncs)."""
+    keep = slot_mapping >= 0
+    kv_cache[0].index_copy_(0, slot_mapping[keep], k[keep].to(kv_cache.dtype))
+    kv_cache[1].index_copy_(0, slot_mapping[keep], v[keep].to(kv_cache.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces of the attention kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _scores(q, k, qk_scale, cap_scale,
+            USE_SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """q [M, D] x k^T [D, N] -> fp32 scores [M, N] in log2 units, soft-capped when asked."""
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if USE_SOFT_CAP:
+        # s = scale * qk / cap here; cap * tanh(s) * log2(e), tanh written with exp so the
+        # interpreter and every backend have it: sign(s) (1 - e) / (1 + e), e = exp(-2|s|) <= 1.
+        e = tl.exp(-2.0 * tl.abs(s))
+        t = (1.0 - e) / (1.0 + e)
+        s = cap_scale * tl.where(s < 0.0, -t, t)
+    return s
+
+
+@triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One online-softmax update with scores s [M, N] (-inf = masked) and values v [N, D].
+
+    A row whose keys so far are all masked keeps m = -inf, l = 0, acc = 0 (no NaN).
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # [M]
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])  # [M, N]
+    alpha = tl.math.exp2(m_i - m_use)  # [M]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _load_kv_tile(kv_ptr, block_table_row_ptr, k_pos, k_valid, kv_head, offs_d, d_mask,
+                  stride_kv, stride_slot, stride_kvh, BLOCK_SIZE: tl.constexpr):
+    """Gather K and V rows [N, D] of key positions k_pos [N] through the block table."""
+    block_ids = tl.load(block_table_row_ptr + k_pos // BLOCK_SIZE, mask=k_valid, other=0)
+    slots = block_ids.to(tl.int64) * BLOCK_SIZE + k_pos % BLOCK_SIZE  # [N]
+    ptrs = kv_ptr + kv_head * stride_kvh + slots[:, None] * stride_slot + offs_d[None, :]
+    mask = k_valid[:, None] & d_mask[None, :]  # [N, D]
+    k = tl.load(ptrs, mask=mask, other=0.0)
+    v = tl.load(ptrs + stride_kv, mask=mask, other=0.0)
+    return k, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: one query token per sequence, split-KV
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _paged_decode_kernel(
+    out_ptr,  # [num_seqs, num_heads, head_dim] (NUM_SPLITS == 1)
+    part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] fp32 (NUM_SPLITS > 1)
+    part_ml_ptr,  # [2, num_seqs, num_heads, NUM_SPLITS] fp32: running max (log2), sum
+    q_ptr,  # [num_seqs, num_heads, head_dim]
+    kv_ptr,  # [2, num_slots, num_kv_heads, head_dim]
+    block_table_ptr,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    stride_qs, stride_qh, stride_os, stride_oh,
+    stride_kv, stride_slot, stride_kvh, stride_bt,
+    num_seqs, num_heads,
+    qk_scale, cap_scale, sliding_window,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+
+    rows = tl.arange(0, BLOCK_H)  # [BLOCK_H] query heads of this group
+    heads = kv_head * GROUP + rows
+    row_valid = rows < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+
+    # Visible keys: [lo, seq_len); this split takes an equal share of the tiles covering them.
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(seq_len - sliding_window, 0)
+    tile_lo = lo // BLOCK_N
+    num_tiles = tl.cdiv(seq_len, BLOCK_N) - tile_lo
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    t_start = tile_lo + split * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, tile_lo + num_tiles)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    for t in range(t_start, t_end):
+        k_pos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        k_valid = (k_pos < seq_len) & (k_pos >= lo)
+        k, v = _load_kv_tile(kv_ptr, bt_row, k_pos, k_valid, kv_head, offs_d, d_mask,
+                              stride_kv, stride_slot, stride_kvh, BLOCK_SIZE)
+        s = _scores(q, tl.trans(k.to(q.dtype)), qk_scale, cap_scale, USE_SOFT_CAP,
+                    DOT_PRECISION)
+        s = tl.where(k_valid[None, :], s, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v.to(q.dtype), m_i, l_i, acc, DOT_PRECISION)
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # seq_len 0 -> zeros
+        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+    else:
+        part = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=row_valid[:, None] & d_mask[None, :])
+        tl.store(part_ml_ptr + part, m_i, mask=row_valid)
+        tl.store(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + part, l_i, mask=row_valid)
+
+
+@triton.jit
+def _paged_decode_reduce_kernel(
+    out_ptr,  # [num_seqs, num_heads, head_dim]
+    part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] fp32
+    part_ml_ptr,  # [2, num_seqs, num_heads, NUM_SPLITS] fp32
+    stride_os, stride_oh, num_seqs, num_heads,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_P2)
+    s_mask = splits < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    part = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + splits  # [SPLITS_P2]
+    m = tl.load(part_ml_ptr + part, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + part, mask=s_mask, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [SPLITS_P2, BLOCK_D]
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max)  # [SPLITS_P2]; empty splits weigh 0
+    l_sum = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum == 0.0, 1.0, l_sum)  # [BLOCK_D]
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, *, scale: float, block_size: int,
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           out: torch.Tensor | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """Attention of one new query token per sequence over its paged keys.
+
+    q [num_seqs, num_heads, head_dim]; kv_cache [2, num_slots, num_kv_heads, head_dim];
+    block_table [num_seqs, max_blocks_per_seq] int32; seq_lens [num_seqs] int32 (0 = padding
+    row: its output is zeros) -> out [num_seqs, num_heads, head_dim] (q's dtype).
+
+    1. grid (num_seqs, num_kv_heads, num_splits): a program takes one sequence, one KV head
+       and all ``group`` query heads on it (rows of a [16+, head_dim] query tile);
+    2. the visible keys [max(0, seq_len - window), seq_len) are cut into BLOCK_N-key tiles, and
+       split ``s`` takes the s-th equal share of those tiles (no work past seq_len);
+    3. per tile: gather K/V rows through the block table (slot = block_id * block_size + off),
+       scores = tl.dot(q, K^T) * scale (soft-capped), masked, online softmax in fp32 (exp2),
+       acc += tl.dot(p, V);
+    4. one split: write acc / l. Several: write (m, l, acc) partials, and a second kernel per
+       (sequence, head) rescales them by exp2(m_s - max m) and writes sum(acc) / sum(l).
+
+    ``num_splits`` None picks a count from the grid size, SM count and the longest context the
+    block table can hold (shapes only, so it is fixed under a CUDA graph).
+    """
+    _check_cache(kv_cache)
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[2]
+    _check_heads(num_heads, num_kv_heads, head_dim, kv_cache)
+    if block_table.dim() != 2 or block_table.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
+        raise ValueError(f"block_table {tuple(block_table.shape)} / seq_lens "
+                         f"{tuple(seq_lens.shape)} must be [{num_seqs}, max_blocks] / [{num_seqs}]")
+    out = _out_like(q, out)
+    if num_seqs == 0:
+        return out
+    q = _last_dim_contiguous(q)
+    group = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    block_n = _decode_block_n(head_dim, block_size)
+    block_h = max(16, triton.next_power_of_2(group))
+    if num_splits is None:
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, block_table.shape[1], block_size,
+                                       head_dim, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    qk_scale, cap_scale = _score_scales(scale, soft_cap)
+    part_acc = part_ml = out  # unused placeholders when there is one split
+    if num_splits > 1:
+        part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim,
+                               dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(2, num_seqs, num_heads, num_splits,
+                              dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        out, part_acc, part_ml, q, kv_cache, block_table, seq_lens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
+        num_seqs, num_heads, qk_scale, cap_scale, sliding_window or 0,
+        GROUP=group, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+        USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=bool(soft_cap),
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=3)
+    if num_splits > 1:
+        _paged_decode_reduce_kernel[(num_seqs, num_heads)](
+            out, part_acc, part_ml, out.stride(0), out.stride(1), num_seqs, num_heads,
+            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks_per_seq: int,
+                      block_size: int, head_dim: int, device: torch.device) -> int:
+    """The split count ``paged_attention_decode`` picks when given none (shapes only).
+
+    Split the keys only when the (sequence, KV head) programs alone leave SMs idle: aim for
+    about two programs per SM, each split keeping at least two key tiles, at most 64 splits.
+    """
+    num_programs = num_seqs * num_kv_heads
+    max_tiles = triton.cdiv(max_blocks_per_seq * block_size, _decode_block_n(head_dim, block_size))
+    num_sms = _num_sms(device)
+    if num_programs >= num_sms or max_tiles < 4:
+        return 1
+    return max(1, min(triton.cdiv(2 * num_sms, num_programs), max_tiles // 2, 64))
+
+
+def _decode_block_n(head_dim: int, block_size: int) -> int:
+    """Keys per decode tile: 64 (32 for head_dim > 128), never under 16 (tl.dot) or a block."""
+    return max(16, block_size, 64 if head_dim <= 128 else 32)
+
+
+def paged_attention_decode_ref(q: torch.Tensor, kv_cache: torch.Tensor,
+                               block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                               scale: float, block_size: int, sliding_window: int | None = None,
+                               soft_cap: float | None = None) -> torch.Tensor:
+    """Reference: ``torch_ref.paged_attention`` with every row a decode; rows with
+    seq_len 0 give zeros. Same shapes as ``paged_attention_decode``."""
+    meta = AttentionMetadata(
+        block_size=block_size, slot_mapping=seq_lens.new_empty(0, dtype=torch.long),
+        num_decodes=q.shape[0], decode_seq_lens=seq_lens.long(),
+        decode_block_table=block_table.long(), prefills=[])
+    out = _paged_attention_ref(q, kv_cache, meta, scale=scale, sliding_window=sliding_window,
+                               soft_cap=soft_cap)
+    return torch.where((seq_lens > 0)[:, None, None], out, torch.zeros_like(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill: varlen causal queries over context + new keys
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _paged_prefill_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    kv_ptr,  # [2, num_slots, num_kv_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens_ptr,  # [num_seqs] int32: context + new tokens
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kv, stride_slot, stride_kvh, stride_bt,
+    qk_scale, cap_scale, sliding_window,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_tile = tl.num_programs(1) - 1 - tl.program_id(1)  # longest (last) tiles start first
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)  # [BLOCK_M] row r = (token r // GROUP, head r % GROUP)
+    tok = q_tile * BLOCK_Q + rows // GROUP  # index within this sequence's queries
+    heads = kv_head * GROUP + rows % GROUP
+    row_valid = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+    q_pos = ctx_len + tok  # absolute position of each row's query
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_off = (q_start + tok).to(tl.int64) * stride_qt + heads * stride_qh  # [BLOCK_M]
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :],
+                mask=row_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    # Keys any row of the tile sees: [first query's window start, last query's position].
+    last_pos = ctx_len + tl.minimum((q_tile + 1) * BLOCK_Q, q_len) - 1
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx_len + q_tile * BLOCK_Q - sliding_window + 1, 0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start in range((lo // BLOCK_N) * BLOCK_N, last_pos + 1, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        k_valid = (k_pos <= last_pos) & (k_pos >= lo)
+        k, v = _load_kv_tile(kv_ptr, bt_row, k_pos, k_valid, kv_head, offs_d, d_mask,
+                              stride_kv, stride_slot, stride_kvh, BLOCK_SIZE)
+        s = _scores(q, tl.trans(k.to(q.dtype)), qk_scale, cap_scale, USE_SOFT_CAP,
+                    DOT_PRECISION)
+        visible = k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(visible, s, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v.to(q.dtype), m_i, l_i, acc, DOT_PRECISION)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_off = (q_start + tok).to(tl.int64) * stride_ot + heads * stride_oh
+    tl.store(out_ptr + o_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & d_mask[None, :])
+
+
+def paged_attention_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, *,
+                            scale: float, block_size: int, max_query_len: int,
+                            sliding_window: int | None = None, soft_cap: float | None = None,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of varlen query chunks over their cached context and themselves.
+
+    q [num_tokens, num_heads, head_dim]; kv_cache [2, num_slots, num_kv_heads, head_dim] (the
+    new tokens' K/V already written); block_tables [num_seqs, max_blocks_per_seq] int32;
+    seq_lens [num_seqs] int32 (context + new); query_start_loc [num_seqs + 1] int32;
+    max_query_len >= every q_len -> out [num_tokens, num_heads, head_dim] (q's dtype).
+    Query i of a sequence sits at position seq_len - q_len + i and sees keys at positions
+    <= its own (and > position - sliding_window when set).
+
+    1. grid (num_seqs, cdiv(max_query_len, BLOCK_Q), num_kv_heads): a program takes BLOCK_Q
+       consecutive queries of one sequence times the ``group`` query heads of one KV head,
+       BLOCK_M = BLOCK_Q * group rows (padded); tiles past the sequence's q_len exit at once;
+    2. keys from the first row's window start to the last row's position, BLOCK_N at a time,
+       gathered through the block table;
+    3. per key tile: scores = tl.dot(Q, K^T) * scale (soft-capped), causal/window mask per
+       row, online softmax in fp32 (exp2), acc += tl.dot(P, V);
+    4. write acc / l (rows that saw no key: zeros).
+    """
+    _check_cache(kv_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[2]
+    _check_heads(num_heads, num_kv_heads, head_dim, kv_cache)
+    num_seqs = query_start_loc.shape[0] - 1
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or \
+            seq_lens.shape != (num_seqs,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} / seq_lens "
+                         f"{tuple(seq_lens.shape)} must be [{num_seqs}, max_blocks] / [{num_seqs}]")
+    out = _out_like(q, out)
+    if num_tokens == 0 or num_seqs <= 0 or max_query_len <= 0:
+        return out
+    q = _last_dim_contiguous(q)
+    group = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    block_m = max(128 if head_dim <= 128 else 64, triton.next_power_of_2(group))
+    block_q = block_m // group
+    block_n = max(16, block_size, 64 if head_dim <= 128 else 32)
+    qk_scale, cap_scale = _score_scales(scale, soft_cap)
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _paged_prefill_kernel[grid](
+        out, q, kv_cache, block_tables, seq_lens, query_start_loc,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_tables.stride(0),
+        qk_scale, cap_scale, sliding_window or 0,
+        GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, USE_WINDOW=sliding_window is not None,
+        USE_SOFT_CAP=bool(soft_cap), DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=8 if block_m >= 128 else 4, num_stages=2)
+    return out
+
+
+def paged_attention_prefill_ref(q: torch.Tensor, kv_cache: torch.Tensor,
+                                block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                                query_start_loc: torch.Tensor, *, scale: float, block_size: int,
+                                sliding_window: int | None = None,
+                                soft_cap: float | None = None) -> torch.Tensor:
+    """Reference: ``torch_ref.paged_attention`` with every sequence a prefill (syncs).
+    Same shapes as ``paged_attention_prefill``."""
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    prefills = []
+    for i, seq_len in enumerate(lens):
+        num_q = starts[i + 1] - starts[i]
+        if num_q > 0:
+            blocks = block_tables[i, :triton.cdiv(seq_len, block_size)].long()
+            prefills.append(PrefillSeq(starts[i], num_q, seq_len, blocks))
+    meta = AttentionMetadata(block_size=block_size,
+                             slot_mapping=seq_lens.new_empty(0, dtype=torch.long),
+                             num_decodes=0, decode_seq_lens=None, decode_block_table=None,
+                             prefills=prefills)
+    out = _paged_attention_ref(q, kv_cache, meta, scale=scale, sliding_window=sliding_window,
+                               soft_cap=soft_cap)
+    covered = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+    for seq in prefills:
+        covered[seq.token_start:seq.token_start + seq.num_query_tokens] = True
+    return torch.where(covered[:, None, None], out, torch.zeros_like(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def _check_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 4 or kv_cache.shape[0] != 2 or kv_cache.stride(-1) != 1:
+        raise ValueError(f"kv_cache must be [2, num_slots, num_kv_heads, head_dim] with a "
+                         f"contiguous last dim, got shape {tuple(kv_cache.shape)} "
+                         f"strides {kv_cache.stride()}")
+
+
+def _check_heads(num_heads: int, num_kv_heads: int, head_dim: int,
+                 kv_cache: torch.Tensor) -> None:
+    if num_heads % num_kv_heads or kv_cache.shape[3] != head_dim:
+        raise ValueError(f"q has {num_heads} heads of dim {head_dim}; kv_cache has "
+                         f"{num_kv_heads} heads of dim {kv_cache.shape[3]} (num_heads must be a "
+                         "multiple of num_kv_heads and head dims must match)")
+
+
+def _out_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} must match q {tuple(q.shape)} with a "
+                         "contiguous last dim")
+    return out
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _score_scales(scale: float, soft_cap: float | None) -> tuple[float, float]:
+    """(qk_scale, cap_scale) so scores in log2 units are qk * qk_scale, or with a soft cap
+    cap_scale * tanh(qk * qk_scale)."""
+    if soft_cap:
+        return scale / soft_cap, soft_cap * _LOG2E
+    return scale * _LOG2E, 1.0
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 models must match the fp32 CPU path: no tf32 in the matrix units for them.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 16  # the interpreter on CPU: any count exercises the same code
+
+
+__all__ = ["write_kv_cache", "write_kv_cache_ref", "paged_attention_decode", "decode_num_splits",
+           "paged_attention_decode_ref", "paged_attention_prefill", "paged_attention_prefill_ref"]

@@ -1,0 +1,212 @@
+"""Triton paged-attention kernels vs their PyTorch references (``triton_attention.*_ref``).
+
+Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, read when a
+``@triton.jit`` decorator runs, triton.language's own helpers included, so it is set before
+triton is first imported); with a GPU they run compiled on it. Inputs are
+random (never zeros), outputs are poisoned with NaN first, references run in float64 on
+upcast inputs; tolerances are ||out - ref|| / ||ref||: 1e-5 for fp32, 1e-2 for bf16.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:  # CI installs no triton: GPU-only kernels.
+    pytest.skip("triton is not installed: GPU attention kernels are not tested here",
+                allow_module_level=True)
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU:
+    # Read when each @triton.jit decorator runs, triton.language's own helpers included.
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before the interpreter could be enabled; run "
+                    "tests/kernels in its own pytest process (or set TRITON_INTERPRET=1)",
+                    allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _patch_interpreter() -> None:
+    """Two gaps of Triton 3.6's interpreter, filled here so the kernels stay GPU-first:
+    1. a loaded scalar is a size-1 numpy array, and ``range(scalar)`` calls ``int(array)``,
+       which numpy >= 2.3 refuses: index its single element instead;
+    2. ``tl.dot`` on bf16 multiplies the raw uint16 bit patterns: widen bf16 to fp32 first.
+    (Its fp32 -> bf16 casts truncate where the GPU rounds to nearest even: within tolerance.)
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+    if getattr(interpreter, "pagedllm_patched", False):
+        return
+    original_patch = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32),
+                                        tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    interpreter.pagedllm_patched = True
+
+
+if not ON_GPU:
+    _patch_interpreter()
+_MODULE = "pagedllm.attention.triton_attention"
+ta = importlib.import_module(_MODULE)
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "output has NaN/inf (unwritten or bad masking)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _paged_setup(seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, gen: torch.Generator):
+    """A random cache with spare blocks and per-sequence shuffled, non-contiguous block ids.
+    Returns kv_cache [2, slots, h, d], block_table [num_seqs, max_blocks] int32."""
+    need = [-(-n // block_size) for n in seq_lens]
+    max_blocks = max(max(need), 1) + 1  # one spare column: never read
+    num_blocks = 2 * sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(need):
+        table[i, :n] = perm[used:used + n]
+        table[i, n:] = perm[-1]  # junk ids past the sequence's end
+        used += n
+    kv = torch.randn(2, num_blocks * block_size, num_kv_heads, head_dim, generator=gen)
+    return kv.to(dtype).to(DEVICE), table.to(DEVICE)
+
+
+# (block_size, head_dim, num_kv_heads, group, sliding_window, soft_cap, dtype, num_splits)
+DECODE_CASES = [
+    (16, 32, 2, 1, None, None, torch.float32, 1),
+    (8, 64, 1, 4, None, None, torch.bfloat16, 3),
+    (32, 32, 1, 7, 24, None, torch.float32, 2),
+    (16, 128, 1, 4, None, 30.0, torch.bfloat16, 1),
+    (8, 32, 2, 7, 10, 50.0, torch.float32, None),
+    (32, 64, 2, 1, 40, None, torch.bfloat16, 4),
+    (8, 128, 1, 1, None, None, torch.float32, 2),
+    (32, 128, 2, 7, None, None, torch.float16, 1),
+    (16, 256, 1, 1, None, 20.0, torch.bfloat16, 2),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_paged_attention_decode(case):
+    block_size, head_dim, num_kv_heads, group, window, soft_cap, dtype, num_splits = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    seq_lens = [1, 0, 7 * block_size + 3, 37]  # padding row, many blocks, partial blocks
+    kv, table = _paged_setup(seq_lens, block_size, num_kv_heads, head_dim, dtype, gen)
+    q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen)
+    q = q.to(dtype).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    kw = dict(scale=head_dim ** -0.5, block_size=block_size, sliding_window=window,
+              soft_cap=soft_cap)
+    res = ta.paged_attention_decode(q, kv, table, lens, out=out, num_splits=num_splits, **kw)
+    assert res is out
+    ref = ta.paged_attention_decode_ref(q.double(), kv.double(), table, lens, **kw)
+    err = _rel_err(out, ref)
+    print(f"rel err {err:.2e}")
+    assert err < TOL[dtype]
+    assert (out[1] == 0).all()  # seq_len 0: zeros
+
+
+def test_decode_split_kv_matches_single_pass():
+    gen = torch.Generator().manual_seed(1)
+    seq_lens = [300, 5, 0, 129]
+    kv, table = _paged_setup(seq_lens, 16, 2, 32, torch.float32, gen)
+    q = torch.randn(4, 8, 32, generator=gen).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    one = ta.paged_attention_decode(q, kv, table, lens, scale=0.2, block_size=16, num_splits=1)
+    many = ta.paged_attention_decode(q, kv, table, lens, scale=0.2, block_size=16, num_splits=7)
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+
+
+# (block_size, head_dim, num_kv_heads, group, sliding_window, soft_cap, dtype)
+PREFILL_CASES = [
+    (16, 32, 2, 1, None, None, torch.float32),
+    (8, 64, 1, 4, None, None, torch.bfloat16),
+    (32, 32, 1, 7, 9, None, torch.float32),
+    (16, 128, 1, 4, None, 30.0, torch.bfloat16),
+    (8, 32, 2, 7, 5, 50.0, torch.float32),
+    (32, 64, 2, 1, 40, None, torch.bfloat16),
+    (8, 128, 1, 1, None, None, torch.float32),
+    (16, 64, 1, 4, 17, None, torch.float16),
+    (16, 256, 1, 1, 50, None, torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_paged_attention_prefill(case):
+    block_size, head_dim, num_kv_heads, group, window, soft_cap, dtype = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    # (context already cached, new query tokens): plain prefill, prefix hit spanning several
+    # blocks, a padding sequence, a decode-like single token, a chunk past one query tile.
+    shapes = [(0, 13), (3 * block_size + 5, 9), (0, 0), (20, 1), (7, 70)]
+    seq_lens = [c + n for c, n in shapes]
+    kv, table = _paged_setup(seq_lens, block_size, num_kv_heads, head_dim, dtype, gen)
+    starts = torch.tensor([0] + [n for _, n in shapes]).cumsum(0).to(torch.int32)
+    num_tokens = int(starts[-1])
+    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen)
+    q = q.to(dtype).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    starts = starts.to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    kw = dict(scale=head_dim ** -0.5, block_size=block_size, sliding_window=window,
+              soft_cap=soft_cap)
+    res = ta.paged_attention_prefill(q, kv, table, lens, starts, out=out,
+                                     max_query_len=max(n for _, n in shapes), **kw)
+    assert res is out
+    ref = ta.paged_attention_prefill_ref(q.double(), kv.double(), table, lens, starts, **kw)
+    err = _rel_err(out, ref)
+    print(f"rel err {err:.2e}")
+    assert err < TOL[dtype]
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache(cache_dtype):
+    gen = torch.Generator().manual_seed(2)
+    num_kv_heads, head_dim, num_slots = 3, 32, 64
+    kv = torch.randn(2, num_slots, num_kv_heads, head_dim, generator=gen).to(cache_dtype)
+    kv = kv.to(DEVICE)
+    # k and v as strided views of one fused projection, as the attention layer gets them.
+    kv_proj = torch.randn(10, 2, num_kv_heads, head_dim, generator=gen).to(cache_dtype)
+    kv_proj = kv_proj.to(DEVICE)
+    k, v = kv_proj[:, 0], kv_proj[:, 1]
+    slots = torch.randperm(num_slots, generator=gen)[:10]
+    slots[[2, 7]] = -1  # CUDA-graph padding: skipped
+    slots = slots.to(DEVICE)
+    ref = kv.clone()
+    ta.write_kv_cache_ref(ref, k, v, slots)
+    ta.write_kv_cache(kv, k, v, slots)
+    assert torch.equal(kv, ref)
+
+
+def test_wrappers_reject_bad_shapes():
+    kv = torch.randn(2, 32, 3, 32, device=DEVICE)
+    q = torch.randn(2, 4, 32, device=DEVICE)  # 4 heads over 3 kv heads
+    table = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    lens = torch.ones(2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        ta.paged_attention_decode(q, kv, table, lens, scale=1.0, block_size=16)
