@@ -231,7 +231,9 @@ class CacheConfig:
     block_size: int = option(16, "Tokens per KV-cache block.", choices=(8, 16, 32))
     gpu_memory_utilization: float = option(
         0.9, "Fraction of device memory for weights, activations and KV cache; the KV cache "
-        "gets what profiling leaves.", valid=(lambda v: 0 < v <= 1, "in (0, 1]"))
+        "gets this share minus what is in use after loading (on CPU: of the RAM available "
+        "after loading, capped at what max-num-seqs full sequences use).",
+        valid=(lambda v: 0 < v <= 1, "in (0, 1]"))
     swap_space: float = option(4, "CPU memory (GiB) per device for swapped-out KV blocks.",
                                valid=NON_NEGATIVE)
     kv_cache_dtype: str = option(
@@ -308,14 +310,18 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     """How the model is spread over devices (single device today)."""
-    tensor_parallel_size: int = option(1, "Tensor-parallel ranks.", aliases=("-tp",),
-                                       valid=POSITIVE, supported=(1,), planned=DIST_ISSUE)
-    pipeline_parallel_size: int = option(1, "Pipeline stages.", aliases=("-pp",), valid=POSITIVE,
-                                         supported=(1,), planned=DIST_ISSUE)
+    tensor_parallel_size: int = option(
+        1, "Tensor-parallel ranks (local processes, mp backend). Models: Llama, Mistral, Qwen2, "
+        "Qwen3, Phi-3, OPT, GPT-2; heads must divide by it.", aliases=("-tp",), valid=POSITIVE)
+    pipeline_parallel_size: int = option(
+        1, "Pipeline stages (local processes, mp backend; contiguous layer ranges). Models: "
+        "Llama, Mistral, Qwen2, Qwen3, Phi-3; not with -tp > 1 yet.", aliases=("-pp",),
+        valid=POSITIVE)
     distributed_executor_backend: Optional[str] = option(
         None, "Executor for several devices: ray (multi-node) or mp (local processes).",
-        choices=("ray", "mp"), supported=(None,), supported_desc="None (one device)",
-        planned=DIST_ISSUE)
+        choices=("ray", "mp"), supported=(None, "mp"),
+        supported_desc="None (one device, or mp for several ranks), mp",
+        planned="ray: " + DIST_ISSUE)
     worker_use_ray: bool = option(
         False, "Deprecated: use --distributed-executor-backend ray.", supported=DEFAULT_ONLY,
         planned="deprecated alias of --distributed-executor-backend ray; " + DIST_ISSUE)
@@ -334,8 +340,9 @@ class DeviceConfig:
     """Execution device."""
     device: str = option(
         "auto", "auto: CUDA when available, else CPU.", choices=DEVICE_CHOICES,
-        supported=_device_supported, supported_desc="auto, cpu",
-        planned="GPU backend not built yet, issue #5; neuron/openvino/tpu/xpu are not planned")
+        supported=_device_supported,
+        supported_desc="auto, cpu, cuda (when a CUDA device is present)",
+        planned="no CUDA device here; neuron/openvino/tpu/xpu backends do not exist")
 
 
 _LORA = "LoRA adapters"
@@ -422,8 +429,9 @@ class DecodingConfig:
     """Structured (guided) decoding."""
     guided_decoding_backend: str = option(
         "outlines", "Default engine for JSON-schema/regex/choice/grammar constraints; a request "
-        "may override it (request-level guided decoding: issue #6).",
-        choices=("outlines", "lm-format-enforcer"))
+        "may override it (guided_decoding_backend). Built: outlines (outlines_core; no "
+        "guided_grammar) and xgrammar; lm-format-enforcer requests fail naming this flag.",
+        choices=("outlines", "lm-format-enforcer", "xgrammar"))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Any, Callable
 
+from pagedllm.guided.params import GuidedDecodingParams
+
 _SAMPLING_EPS = 1e-5
 
 
@@ -56,9 +58,11 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
-    guided_decoding: Any = None
+    guided_decoding: GuidedDecodingParams | dict | None = None
     # Filled in by the engine: eos of the tokenizer / generation config.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    # Filled in by the engine: guided_decoding compiled for the model's tokenizer.
+    compiled_guide: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.best_of is None:
@@ -70,6 +74,7 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.guided_decoding = GuidedDecodingParams.from_value(self.guided_decoding)
         self.all_stop_token_ids = set(self.stop_token_ids)
         if self.seed == -1:
             self.seed = None
@@ -155,8 +160,8 @@ class SamplingParams:
         return f"SamplingParams({', '.join(shown)})"
 
 
-# Fields validated above whose feature lands with structured output (#6).
-_NOT_BUILT = ("guided_decoding",)
+# Fields validated above whose feature is not built yet (none at the moment).
+_NOT_BUILT: tuple[str, ...] = ()
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:

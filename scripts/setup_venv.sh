@@ -10,3 +10,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q "torch>=2.4,<2.15"
 fi
 .venv/bin/pip install -q -e ".[test]"
+# Structured output backends (the `guided` extra): xgrammar runs on CPU without triton, which
+# its metadata would pull, so it comes without deps plus its one real dependency.
+if ! .venv/bin/python -c "import xgrammar" 2>/dev/null; then
+  .venv/bin/pip install -q --no-deps "xgrammar==0.2.8"
+  .venv/bin/pip install -q "apache-tvm-ffi>=0.1.11"
+fi
+.venv/bin/python -c "import outlines_core" 2>/dev/null || \
+  .venv/bin/pip install -q "outlines_core>=0.2.14,<0.3"

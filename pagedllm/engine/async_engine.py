@@ -164,7 +164,8 @@ class AsyncLLMEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stop
+        return (self._thread is not None and self._thread.is_alive() and not self._stop
+                and getattr(getattr(self.engine, "executor", None), "healthy", True))
 
     # ---- asyncio side --------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,

@@ -9,9 +9,10 @@ from pagedllm.engine.inputs import PromptInputs, PromptProcessor
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.sequence_group import Sequence, SequenceGroup, TokenDecoder
 from pagedllm.engine.stats import StatLogger
+from pagedllm.guided.compiler import GuidedCompiler
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.worker.worker import Worker
+from pagedllm.executor import make_executor
 
 
 def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: int) -> None:
@@ -41,9 +42,10 @@ class LLMEngine:
         mc, cc, sc = config.model, config.cache, config.scheduler
         self.inputs = PromptProcessor(mc)
         self.tokenizer = self.inputs.tokenizer
-        self.worker = Worker(config)
+        self.executor = make_executor(config)  # one Worker, or tensor-parallel ranks
+        self.worker = self.executor.driver_worker
         self.kv_cache_manager = KVCacheManager(
-            self.worker.num_gpu_blocks, self.worker.num_cpu_blocks, cc.block_size,
+            self.executor.num_gpu_blocks, self.executor.num_cpu_blocks, cc.block_size,
             cc.enable_prefix_caching, sc.num_lookahead_slots)
         self.scheduler = Scheduler(
             max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
@@ -57,6 +59,9 @@ class LLMEngine:
         self._states: dict[str, SequenceGroup] = {}  # user request id -> its sequences
         self._seqs: dict[str, tuple[SequenceGroup, Sequence]] = {}  # scheduler req_id -> seq
         self._decoder = TokenDecoder(self.tokenizer)
+        self.guided_compiler = GuidedCompiler(self.tokenizer, mc.vocab_size,
+                                              self.inputs.eos_token_ids,
+                                              config.decoding.guided_decoding_backend)
 
     @classmethod
     def from_engine_args(cls, engine_args, **kwargs) -> "LLMEngine":
@@ -73,13 +78,15 @@ class LLMEngine:
         unsupported = params.unsupported_fields()
         if unsupported:
             raise ValueError(f"SamplingParams field(s) {', '.join(unsupported)} are not supported "
-                             "yet (structured output, issue #6)")
+                             "yet")
         if priority != 0 and self.config.scheduler.scheduling_policy != "priority":
             raise ValueError(f"priority={priority} needs --scheduling-policy priority")
         text, token_ids = self.inputs.process(prompt)
         params = params.clone()
         check_request_params(params, self.config.model.vocab_size,
                              self.config.model.max_logprobs)
+        if params.guided_decoding is not None:  # compiled once per constraint (cached)
+            params.compiled_guide = self.guided_compiler.compile(params.guided_decoding)
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
         params.update_from_generation_config(self.inputs.eos_token_ids)
@@ -114,7 +121,7 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.worker.execute_model(scheduler_output)
+        runner_output = self.executor.execute_model(scheduler_output)
         for req_id, (first_pos, entries) in runner_output.prompt_logprobs.items():
             if req_id in self._seqs:
                 self._seqs[req_id][0].add_prompt_logprobs(first_pos, entries, self._decoder)

@@ -22,19 +22,22 @@ from torch import nn
 from pagedllm.attention.backend import ForwardContext
 from pagedllm.attention.layer import Attention
 from pagedllm.layers.activation import get_act_fn
-from pagedllm.layers.linear import Linear, QKVLinear, VocabEmbedding, default_weight_loader
+from pagedllm.layers.linear import Linear, VocabEmbedding, default_weight_loader
+from pagedllm.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
+                                      RowParallelLinear, VocabParallelEmbedding)
 from pagedllm.layers.logits import compute_logits
 from pagedllm.models.utils import load_weights
 
 
-def _conv1d_weight_loader(param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
-    """HF Conv1D stores ``[in, out]``; Linear keeps ``[out, in]``."""
-    default_weight_loader(param, loaded.t() if loaded.dim() == 2 else loaded, name)
-
-
 def _conv1d(layer: Linear) -> Linear:
-    """Mark ``layer``'s weight as stored transposed in checkpoints."""
-    layer.weight.weight_loader = _conv1d_weight_loader
+    """Mark ``layer``'s weight as stored transposed in checkpoints: HF Conv1D stores
+    ``[in, out]``, Linear keeps ``[out, in]``; the layer's own (sharding) loader follows."""
+    inner = getattr(layer.weight, "weight_loader", default_weight_loader)
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
+        inner(param, loaded.t() if loaded.dim() == 2 else loaded, name)
+
+    layer.weight.weight_loader = load
     return layer
 
 
@@ -47,9 +50,10 @@ class GPT2Attention(nn.Module):
         scale = self.head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             scale /= float(layer_idx + 1)
-        self.c_attn = _conv1d(QKVLinear(hidden, self.head_dim, self.num_heads, self.num_heads,
-                                        bias=True))
-        self.c_proj = _conv1d(Linear(hidden, hidden, bias=True))
+        self.c_attn = _conv1d(QKVParallelLinear(hidden, self.head_dim, self.num_heads,
+                                                self.num_heads, bias=True))
+        self.c_proj = _conv1d(RowParallelLinear(hidden, hidden, bias=True))
+        self.num_heads = self.c_attn.num_heads  # this rank's heads
         self.attn = Attention(layer_idx, self.num_heads, self.num_heads, self.head_dim, scale)
 
     def forward(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -61,8 +65,8 @@ class GPT2MLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
-        self.c_fc = _conv1d(Linear(config.hidden_size, inner, bias=True))
-        self.c_proj = _conv1d(Linear(inner, config.hidden_size, bias=True))
+        self.c_fc = _conv1d(ColumnParallelLinear(config.hidden_size, inner, bias=True))
+        self.c_proj = _conv1d(RowParallelLinear(inner, config.hidden_size, bias=True))
         self.act = get_act_fn(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +91,7 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
-        self.wte = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = VocabEmbedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -109,13 +113,15 @@ def _rename(name: str) -> str | None:
 
 
 class GPT2LMHeadModel(nn.Module):
+    supports_tensor_parallel = True
+
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config, max_position)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         if not self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         return self.transformer(input_ids, positions, ctx)

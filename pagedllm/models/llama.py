@@ -13,7 +13,11 @@ from torch import nn
 from pagedllm.attention.backend import ForwardContext
 from pagedllm.attention.layer import Attention
 from pagedllm.layers.activation import ActAndMul
-from pagedllm.layers.linear import Linear, MergedLinear, QKVLinear, VocabEmbedding
+from pagedllm.distributed import (broadcast_from_last_stage, is_first_stage, is_last_stage,
+                                  recv_from_prev_stage, send_to_next_stage, stage_layers)
+from pagedllm.layers.parallel import (MergedColumnParallelLinear, ParallelLMHead,
+                                      PPMissingLayer, QKVParallelLinear, RowParallelLinear,
+                                      VocabParallelEmbedding, skip_other_stages)
 from pagedllm.layers.logits import compute_logits
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import get_rope
@@ -42,10 +46,12 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads,
-                                  self.num_kv_heads, bias=qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size,
-                             bias=bool(getattr(config, "attention_bias", False)))
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
+                                          self.num_kv_heads, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size,
+                                        bias=bool(getattr(config, "attention_bias", False)))
+        # this rank's heads (all of them at tensor-parallel size 1)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = get_rope(config, self.head_dim, max_position)
@@ -68,9 +74,10 @@ class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str,
                  bias: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size,
-                                                       "up": intermediate_size}, bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, {"gate": intermediate_size,
+                                                                     "up": intermediate_size},
+                                                       bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
         self.act_fn = ActAndMul(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,21 +107,38 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, max_position: int, **attn_kwargs) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        # pipeline stages: the first embeds (the last too when the LM head is tied), each
+        # runs its contiguous layers, the last applies the final norm
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.hidden_size, self.dtype = config.hidden_size, torch.get_default_dtype()
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+                             if is_first_stage() or (tied and is_last_stage()) else None)
+        self.stage_layers = stage_layers(config.num_hidden_layers)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, max_position, **attn_kwargs)
+            if i in self.stage_layers else PPMissingLayer()
             for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last_stage() else None
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, ctx)
+        if is_first_stage():
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:  # hidden states and residual of the previous stage, side by side
+            hidden, residual = recv_from_prev_stage(
+                (input_ids.shape[0], 2 * self.hidden_size), self.dtype,
+                input_ids.device).chunk(2, dim=-1)
+        for i in self.stage_layers:
+            hidden, residual = self.layers[i](positions, hidden, residual, ctx)
+        if not is_last_stage():
+            send_to_next_stage(torch.cat([hidden, residual], dim=-1))
+            return hidden
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
 
 class LlamaForCausalLM(nn.Module):
+    supports_tensor_parallel = True
+    supports_pipeline_parallel = True
     qkv_bias = False
     qk_norm = False
 
@@ -124,8 +148,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, max_position, qkv_bias=self._qkv_bias(config),
                                 qk_norm=self.qk_norm)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if not self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if not self.tie_word_embeddings and is_last_stage():
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
 
     def _qkv_bias(self, config) -> bool:
         return self.qkv_bias or bool(getattr(config, "attention_bias", False))
@@ -134,11 +158,16 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
-        return compute_logits(hidden, head.weight)
+        logits = None
+        if is_last_stage():  # other pipeline stages receive the last stage's logits
+            head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
+            logits = compute_logits(hidden, head.weight)
+        return broadcast_from_last_stage(logits, (hidden.shape[0], self.config.vocab_size),
+                                         torch.float32, hidden.device)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_weights(self, weights, STACKED, tie_or_skip(self.tie_word_embeddings))
+        return load_weights(self, skip_other_stages(self, weights), STACKED,
+                            tie_or_skip(self.tie_word_embeddings))
 
 
 class MistralForCausalLM(LlamaForCausalLM):

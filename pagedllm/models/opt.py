@@ -23,7 +23,9 @@ from torch import nn
 from pagedllm.attention.backend import ForwardContext
 from pagedllm.attention.layer import Attention
 from pagedllm.layers.activation import get_act_fn
-from pagedllm.layers.linear import Linear, QKVLinear, VocabEmbedding
+from pagedllm.layers.linear import Linear, VocabEmbedding
+from pagedllm.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
+                                      RowParallelLinear, VocabParallelEmbedding)
 from pagedllm.layers.logits import compute_logits
 from pagedllm.models.utils import load_weights
 
@@ -46,8 +48,10 @@ class OPTAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = hidden // self.num_heads
         self.scaling = self.head_dim ** -0.5
-        self.qkv_proj = QKVLinear(hidden, self.head_dim, self.num_heads, self.num_heads, bias)
-        self.out_proj = Linear(hidden, hidden, bias)
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, self.num_heads, self.num_heads,
+                                          bias)
+        self.out_proj = RowParallelLinear(hidden, hidden, bias)
+        self.num_heads = self.qkv_proj.num_heads  # this rank's heads
         # q is pre-scaled (HF's order of operations), so the kernel scale is 1
         self.attn = Attention(layer_idx, self.num_heads, self.num_heads, self.head_dim, 1.0)
 
@@ -63,8 +67,8 @@ class OPTDecoderLayer(nn.Module):
         self.do_layer_norm_before = config.do_layer_norm_before
         self.self_attn = OPTAttention(config, layer_idx)
         self.self_attn_layer_norm = _layer_norm(config)
-        self.fc1 = Linear(config.hidden_size, config.ffn_dim, bias)
-        self.fc2 = Linear(config.ffn_dim, config.hidden_size, bias)
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim, bias)
+        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias)
         self.activation_fn = get_act_fn(config.activation_function)
         self.final_layer_norm = _layer_norm(config)
 
@@ -89,7 +93,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
         proj_dim, hidden = config.word_embed_proj_dim, config.hidden_size
-        self.embed_tokens = VocabEmbedding(config.vocab_size, proj_dim)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, proj_dim)
         self.embed_positions = VocabEmbedding(config.max_position_embeddings + POSITION_OFFSET,
                                               hidden)
         self.project_in = Linear(proj_dim, hidden) if proj_dim != hidden else None
@@ -129,13 +133,15 @@ def _rename(name: str) -> str:
 
 
 class OPTForCausalLM(nn.Module):
+    supports_tensor_parallel = True
+
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
         self.config = config
         self.model = OPTModel(config, max_position)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         if not self.tie_word_embeddings:
-            self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)

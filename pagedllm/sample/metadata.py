@@ -56,6 +56,8 @@ class SamplingMetadata:
     # (row, processors, prompt ids, output ids) for rows with logits processors
     processor_rows: list[tuple[int, list[Callable], list[int], list[int]]] = field(
         default_factory=list)
+    guided_rows: torch.Tensor | None = None  # [num_guided] rows constrained by a grammar
+    guided_mask: torch.Tensor | None = None  # [num_guided, vocab] fp32: 0 allowed, -inf not
     num_logprobs: list[int] = field(default_factory=list)  # per row; -1: not requested
     max_num_logprobs: int = -1  # -1: no row needs logprobs (not even the sampled token's)
 

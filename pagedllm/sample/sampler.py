@@ -6,6 +6,8 @@ use it; see ``metadata.py``):
 2. logit_bias and allowed_token_ids (one additive tensor);
 3. min_tokens: stop ids (EOS unless ignore_eos, stop_token_ids) get -inf until reached;
 4. logits processors: per-request Python callables, looping only over rows that have them;
+   then guided decoding: the token masks of all constrained rows, in one op (a row keeps
+   only the tokens its grammar allows next, so even greedy rows obey it);
 5. greedy rows take the argmax here (their temperature counts as 1.0);
 6. temperature: divide each random row by its temperature;
 7. top-k then top-p (one sort), then min-p;
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.sample.metadata import SamplingMetadata
+from pagedllm.sample.ops.guided import apply_guided_mask
 from pagedllm.sample.ops.logit_bias import apply_logit_bias
 from pagedllm.sample.ops.logits_processors import apply_logits_processors
 from pagedllm.sample.ops.logprobs import LogprobsTensors, gather_logprobs
@@ -55,7 +58,7 @@ def apply_filters(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
 
 
 def apply_logits_ops(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Steps 1-4: penalties, bias / allowed ids, min_tokens, logits processors."""
+    """Steps 1-4: penalties, bias / allowed ids, min_tokens, logits processors, guided."""
     if meta.penalties is not None:
         p = meta.penalties
         logits = apply_penalties(logits, p.rows, p.prompt_ids, p.output_ids, p.presence,
@@ -66,6 +69,8 @@ def apply_logits_ops(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tens
         logits = apply_min_tokens(logits, meta.min_tokens_rows, meta.min_tokens_ids)
     if meta.processor_rows:
         logits = apply_logits_processors(logits, meta.processor_rows)
+    if meta.guided_rows is not None:
+        logits = apply_guided_mask(logits, meta.guided_rows, meta.guided_mask)
     return logits
 
 

@@ -20,6 +20,7 @@ import torch
 from pagedllm.attention.backend import (AttentionMetadata, ForwardContext, PrefillSeq,
                                         get_attn_backend)
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.guided.matchers import GuidedMatchers
 from pagedllm.worker.step_sampler import StepSampler, prompt_logprob_rows
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cache_engine import CacheEngine
@@ -58,12 +59,14 @@ class ModelRunner:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.step_sampler = StepSampler(model, vocab_size, self.generator, device)
         self.requests: dict[str, CachedRequestState] = {}
+        self.guided = GuidedMatchers(vocab_size, device)  # grammar matchers of guided requests
         self.backend = get_attn_backend(device)
         self.graphs: CUDAGraphRunner | None = None  # set by the worker when graphs are on
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
+            self.guided.remove(req_id)
         if so.blocks_to_copy:  # first: the source must not yet be overwritten by a swap-in
             self.cache.copy_blocks(so.blocks_to_copy)
         if so.blocks_to_swap_out:
@@ -74,6 +77,9 @@ class ModelRunner:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids),
                 new.num_computed_tokens, new.num_output_tokens, new.num_prompt_tokens)
+            guide = new.sampling_params.compiled_guide
+            if guide is not None:  # after a recompute preemption: replay the outputs so far
+                self.guided.add(new.req_id, guide, new.token_ids[new.num_prompt_tokens:])
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
@@ -158,6 +164,7 @@ class ModelRunner:
             return ModelRunnerOutput([], [])
         batch = self._build_batch(so)
         meta = batch.attn_metadata
+        pending_masks = self.guided.fill_async(batch.sampling_req_ids)  # overlaps the forward
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(batch.input_ids, batch.positions, meta)
         else:
@@ -165,7 +172,10 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, ctx)
         states = [self.requests[r] for r in batch.sampling_req_ids]
         prompt_rows = prompt_logprob_rows(batch.req_ids, so.num_scheduled_tokens, self.requests)
-        samples = self.step_sampler(hidden, batch.logits_indices, states, prompt_rows)
+        guided = pending_masks.result() if pending_masks is not None else None
+        samples = self.step_sampler(hidden, batch.logits_indices, states, prompt_rows, guided)
+        if guided is not None:
+            self.guided.accept(batch.sampling_req_ids, samples.token_ids)
         sampled: dict[str, int] = {}
         for state, token_id in zip(states, samples.token_ids):
             state.token_ids.append(token_id)

@@ -90,12 +90,15 @@ class StepSampler:
         self.sampler = Sampler()
 
     def __call__(self, hidden: torch.Tensor, logits_indices: torch.Tensor, states: list,
-                 prompt_rows: _PromptRows | None) -> StepSamples:
+                 prompt_rows: _PromptRows | None, guided=None) -> StepSamples:
+        """guided: ``GuidedInputs`` (logits masks of the grammar-constrained states) or None."""
         sampled, sample_lp = None, None
         pieces: list[torch.Tensor] = []
         if states:
             logits = self.model.compute_logits(hidden[logits_indices])
             meta = build_sampling_metadata(states, self.vocab_size, self.generator, self.device)
+            if guided is not None:
+                meta.guided_rows, meta.guided_mask = guided.rows, guided.mask
             out = self.sampler(logits, meta)
             sampled, sample_lp = out.sampled_ids, out.logprobs
         prompt_lp, num_prompt_k = None, 0

@@ -16,6 +16,7 @@ import logging
 import torch
 
 from pagedllm.core.kv_cache_manager import cdiv
+from pagedllm.distributed import get_pp_size, get_tp_size, world_min
 from pagedllm.models.loader import load_model
 from pagedllm.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
@@ -43,11 +44,14 @@ class Worker:
         self.device = torch.device(config.device.device)
         torch.manual_seed(mc.seed)
         self.model = load_model(mc, config.load, self.device)
+        tp = get_tp_size()  # each rank caches its KV heads only (one when tp exceeds them)
+        num_kv_heads = mc.num_kv_heads // tp if mc.num_kv_heads >= tp else 1
         self.block_bytes = kv_bytes_per_block(mc.num_hidden_layers, cc.block_size,
-                                              mc.num_kv_heads, mc.head_dim, mc.torch_dtype)
-        self.num_gpu_blocks = self._num_gpu_blocks()
+                                              num_kv_heads, mc.head_dim, mc.torch_dtype)
+        # every rank must agree on the block count: take the smallest
+        self.num_gpu_blocks = world_min(self._num_gpu_blocks())
         self.num_cpu_blocks = int(cc.swap_space * _GiB) // self.block_bytes
-        cache = CacheEngine(mc.num_hidden_layers, mc.num_kv_heads, mc.head_dim, cc.block_size,
+        cache = CacheEngine(mc.num_hidden_layers, num_kv_heads, mc.head_dim, cc.block_size,
                             self.num_gpu_blocks, self.num_cpu_blocks, mc.torch_dtype, self.device)
         self.runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed)
         if self.device.type == "cuda" and not mc.enforce_eager and \
@@ -71,7 +75,9 @@ class Worker:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = cc.gpu_memory_utilization * total - (total - free)
         else:
-            budget = cc.gpu_memory_utilization * _available_ram_bytes()
+            # the ranks of a CPU host share its RAM
+            budget = (cc.gpu_memory_utilization * _available_ram_bytes()
+                      / (get_tp_size() * get_pp_size()))
         cap = sc.max_num_seqs * cdiv(mc.max_model_len, cc.block_size)
         num_blocks = min(int(budget) // self.block_bytes, cap)
         if num_blocks <= 0:

@@ -147,7 +147,8 @@ class _SamplingRequest(OpenAIBaseModel):
                         "whitespace_pattern": self.guided_whitespace_pattern}
         if self.response_format is not None and self.response_format.type != "text":
             schema = (self.response_format.json_schema or {}).get("schema")
-            return {"json": schema} if schema is not None else {"json_object": True}
+            kind = {"json": schema} if schema is not None else {"json_object": True}
+            return {**kind, "backend": self.guided_decoding_backend}
         return None
 
     def _sampling_kwargs(self, max_tokens: Optional[int], temperature: Optional[float],

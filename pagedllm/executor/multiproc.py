@@ -1,0 +1,285 @@
+"""Tensor parallelism over local processes (``--distributed-executor-backend mp``).
+
+Rank 0 lives in the engine process; ranks 1..tp-1 are processes started with
+``torch.multiprocessing``'s spawn context, each with a ``Worker`` holding its shard and its
+KV heads. Each step rank 0 pickles the ``SchedulerOutput`` once and writes the bytes to
+every worker's pipe (measured in ``broadcast_stats``: 0.4-1.4 KB and 0.1-0.4 ms a step on
+the tiny models), then runs its own worker; all ranks run the model (collectives over gloo
+on CPU, NCCL on CUDA; on CPU small all-reduces and all-gathers go through shared memory,
+``pagedllm.distributed.ShmComm``, unless ``--disable-custom-all-reduce``). Every rank gets
+the same all-gathered logits and seeded generators, so each samples the same tokens and
+keeps its per-request state in step without a token broadcast; only rank 0's output goes
+back to the engine.
+
+Failures: a worker that raises sends its traceback up its pipe and exits; a worker that
+dies (killed) closes its sockets (gloo fails at once) and its pid turns zombie (the
+shared-memory wait checks it every 0.1 s). Either way the step raises ``RuntimeError``
+naming the rank and exit code, and every later step raises too. A worker that dies during
+start-up is seen through its process sentinel, so start-up never waits on it.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import time
+import traceback
+import weakref
+from multiprocessing import connection as mp_connection
+
+import torch
+import torch.multiprocessing as mp
+
+from pagedllm.distributed import (STATE, ShmComm, destroy_distributed, free_port,
+                                  init_distributed)
+
+_STARTUP_TIMEOUT_S = 300.0
+
+
+def _backend(config) -> str:
+    return "nccl" if torch.device(config.device.device).type == "cuda" else "gloo"
+
+
+def _threads_per_rank(tp: int) -> int:
+    return max(1, (os.cpu_count() or 1) // tp)
+
+
+def _worker_main(config, rank: int, world: int, init_method: str, shm_path, conn) -> None:
+    from pagedllm.worker.worker import Worker
+    try:
+        conn.send(("hello", None))  # started: rank 0 may now join the group
+        torch.set_num_threads(_threads_per_rank(world))
+        init_distributed(world, rank, init_method, _backend(config), timeout_s=_STARTUP_TIMEOUT_S,
+                         shm_path=shm_path, pp_size=config.parallel.pipeline_parallel_size)
+        worker = Worker(config)
+        conn.send(("ready", None))
+        while True:
+            try:
+                kind, payload = pickle.loads(conn.recv_bytes())
+            except EOFError:  # the engine process is gone
+                return
+            if kind == "step":
+                worker.execute_model(payload)
+            elif kind == "call":
+                conn.send(("result", payload(worker)))
+            else:  # "stop"
+                return
+    except BaseException:  # noqa: BLE001 - report anything to the engine, then exit
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        raise SystemExit(1)
+    finally:
+        destroy_distributed()
+
+
+def check_pipeline_parallel(hf_config, pp: int) -> None:
+    if pp == 1:
+        return
+    from pagedllm.models.registry import resolve_model_class
+    model_class = resolve_model_class(getattr(hf_config, "architectures", None))
+    if not getattr(model_class, "supports_pipeline_parallel", False):
+        raise ValueError(f"{model_class.__name__} does not support --pipeline-parallel-size > 1 "
+                         "yet (issue #7); supported: Llama, Mistral, Qwen2, Qwen3, Phi-3")
+    if hf_config.num_hidden_layers < pp:
+        raise ValueError(f"--pipeline-parallel-size {pp} exceeds the model's "
+                         f"{hf_config.num_hidden_layers} layers")
+
+
+def check_tensor_parallel(hf_config, tp: int) -> None:
+    """Errors the ranks would hit while building the model, raised up front."""
+    if tp == 1:
+        return
+    from pagedllm.models.registry import resolve_model_class
+    model_class = resolve_model_class(getattr(hf_config, "architectures", None))
+    if not getattr(model_class, "supports_tensor_parallel", False):
+        raise ValueError(f"{model_class.__name__} does not support --tensor-parallel-size > 1 "
+                         "yet (issue #7); supported: Llama, Mistral, Qwen2, Qwen3, Phi-3, OPT, "
+                         "GPT-2")
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp or (kv_heads % tp and tp % kv_heads):
+        raise ValueError(f"--tensor-parallel-size {tp} must divide the model's "
+                         f"{heads} attention heads, and divide or be a multiple of its "
+                         f"{kv_heads} KV heads")
+
+
+def param_numel(worker) -> int:
+    """Number of parameter elements this rank holds (for the shard tests)."""
+    return sum(p.numel() for p in worker.model.parameters())
+
+
+def _shutdown(procs, conns, threads: int, shm_path) -> None:
+    stop = pickle.dumps(("stop", None))
+    for conn in conns:
+        try:
+            conn.send_bytes(stop)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1)
+    for conn in conns:
+        conn.close()
+    destroy_distributed()
+    torch.set_num_threads(threads)
+    if shm_path is not None and os.path.exists(shm_path):
+        os.unlink(shm_path)
+
+
+class MultiprocExecutor:
+    def __init__(self, config) -> None:
+        from pagedllm.worker.worker import Worker
+        if STATE.group is not None:
+            gc.collect()  # an unreferenced earlier engine shuts its executor down when collected
+        if STATE.group is not None:
+            raise RuntimeError("a tensor-parallel engine is already running in this process; "
+                               "call its executor's shutdown() first")
+        tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+        self.world = world = tp * pp
+        check_tensor_parallel(config.model.hf_config, tp)  # fail before starting processes
+        check_pipeline_parallel(config.model.hf_config, pp)
+        self.broadcast_stats = {"steps": 0, "bytes": 0, "seconds": 0.0}
+        self._error: str | None = None
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        # shared-memory collectives on CPU unless --disable-custom-all-reduce
+        shm_path = (ShmComm.create_file(tp) if _backend(config) == "gloo" and tp > 1
+                    and not config.parallel.disable_custom_all_reduce else None)
+        ctx = mp.get_context("spawn")
+        self.procs, self.conns = [], []
+        old_threads = torch.get_num_threads()
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, old_threads,
+                                           shm_path)
+        for rank in range(1, world):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main,
+                               args=(config, rank, world, init_method, shm_path, child),
+                               name=f"pagedllm-tp-rank{rank}", daemon=True)
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+        try:
+            self._expect("hello")  # a worker that dies before joining must not hang rank 0
+            torch.set_num_threads(_threads_per_rank(world))
+            init_distributed(world, 0, init_method, _backend(config),
+                             timeout_s=_STARTUP_TIMEOUT_S, shm_path=shm_path, pp_size=pp)
+            self.driver_worker = Worker(config)
+            self._expect("ready")
+        except BaseException as e:
+            err = self._worker_errors()
+            self.shutdown()
+            if err and isinstance(e, RuntimeError) and "worker rank" not in str(e):
+                raise RuntimeError(err) from e  # a collective failed because a worker did
+            raise
+        self.num_gpu_blocks = self.driver_worker.num_gpu_blocks
+        self.num_cpu_blocks = self.driver_worker.num_cpu_blocks
+
+    def _expect(self, expected: str) -> None:
+        """Wait for ``expected`` from every worker; raise if one reports an error or dies."""
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
+            ready = mp_connection.wait([conn, proc.sentinel], timeout=_STARTUP_TIMEOUT_S)
+            if conn in ready:
+                try:
+                    kind, payload = conn.recv()
+                except EOFError:
+                    kind, payload = "error", "(no traceback: the process exited)"
+                if kind == expected:
+                    continue
+                proc.join(1)
+                raise RuntimeError(f"parallel worker rank {rank} failed to start "
+                                   f"(exit code {proc.exitcode}):\n{payload}")
+            proc.join(1)
+            raise RuntimeError(f"parallel worker rank {rank} (pid {proc.pid}) "
+                               + (f"died during start-up (exit code {proc.exitcode})"
+                                  if not proc.is_alive() else
+                                  f"did not start within {_STARTUP_TIMEOUT_S:.0f} s"))
+
+    # ---- health ----------------------------------------------------------------------------
+    def _worker_errors(self) -> str | None:
+        """A message naming the workers that died or raised, or None if all are running."""
+        lines = []
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
+            tb = None
+            try:
+                while conn.poll():
+                    kind, payload = conn.recv()
+                    if kind == "error":
+                        tb = payload
+            except (EOFError, OSError):
+                pass
+            if tb is not None:
+                lines.append(f"parallel worker rank {rank} raised:\n{tb}")
+            elif not proc.is_alive():
+                proc.join(0.1)
+                lines.append(f"parallel worker rank {rank} (pid {proc.pid}) died "
+                             f"(exit code {proc.exitcode})")
+        return "\n".join(lines) or None
+
+    @property
+    def healthy(self) -> bool:
+        """False once a worker died or raised (the server's /health reports it)."""
+        return self._error is None and all(proc.is_alive() for proc in self.procs)
+
+    def _fail(self, message: str, cause: BaseException | None = None):
+        message += "; the engine cannot continue (restart it)"
+        self._error = message
+        self.shutdown()
+        raise RuntimeError(message) from cause
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the engine's parallel workers failed earlier: "
+                               f"{self._error}")
+        err = self._worker_errors()
+        if err:
+            self._fail(err)
+
+    # ---- steps -----------------------------------------------------------------------------
+    def _send(self, message) -> None:
+        t0 = time.perf_counter()
+        try:
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            self._fail(f"the step could not be sent to the parallel workers ({e}); with "
+                       "several ranks requests must be picklable (e.g. "
+                       "logits_processors defined at module level, not lambdas)", e)
+        for conn in self.conns:
+            conn.send_bytes(data)
+        self.broadcast_stats["steps"] += 1
+        self.broadcast_stats["bytes"] += len(data)
+        self.broadcast_stats["seconds"] += time.perf_counter() - t0
+
+    def execute_model(self, scheduler_output):
+        self._check()
+        try:
+            self._send(("step", scheduler_output))
+            return self.driver_worker.execute_model(scheduler_output)
+        except (RuntimeError, OSError) as e:
+            if self._error is not None:  # already diagnosed (e.g. by _send)
+                raise
+            time.sleep(0.2)  # let a dying worker's exit code / traceback arrive
+            err = self._worker_errors()
+            if err is None:
+                raise
+            self._fail(err, e)
+
+    def collective_rpc(self, fn) -> list:
+        """Run ``fn(worker)`` on every rank (``fn`` must be picklable, i.e. module-level);
+        returns the results in rank order. ``fn`` must not run collectives."""
+        self._check()
+        self._send(("call", fn))
+        results = [fn(self.driver_worker)]
+        for rank, conn in enumerate(self.conns, start=1):
+            kind, payload = conn.recv()
+            if kind == "error":
+                self._fail(f"parallel worker rank {rank} raised:\n{payload}")
+            results.append(payload)
+        return results
+
+    def shutdown(self) -> None:
+        self._finalizer()

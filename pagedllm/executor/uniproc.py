@@ -1,0 +1,22 @@
+"""One device: the ``Worker`` runs in the engine process."""
+from __future__ import annotations
+
+from pagedllm.worker.worker import Worker
+
+
+class UniProcExecutor:
+    def __init__(self, config) -> None:
+        self.driver_worker = Worker(config)
+        self.num_gpu_blocks = self.driver_worker.num_gpu_blocks
+        self.num_cpu_blocks = self.driver_worker.num_cpu_blocks
+
+    healthy = True
+
+    def execute_model(self, scheduler_output):
+        return self.driver_worker.execute_model(scheduler_output)
+
+    def collective_rpc(self, fn) -> list:
+        return [fn(self.driver_worker)]
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,189 @@
+"""Tensor-parallel variants of the layers in ``linear.py``.
+
+Each rank holds only its slice: the ``weight_loader``s receive the full checkpoint tensor and
+copy just this rank's rows (column-parallel, output dim) or columns (row-parallel, input dim),
+so no rank keeps the full weight. At tensor-parallel size 1 every class is shape- and
+result-identical to its ``linear.py`` parent.
+
+- ``ColumnParallelLinear``: output dim split; no communication (the next row-parallel layer
+  consumes the split activations).
+- ``MergedColumnParallelLinear``: gate/up (or any fused projections): each part split.
+- ``QKVParallelLinear``: q heads split; KV heads split too, or replicated (each rank holds
+  one KV head) when the tensor-parallel size exceeds them.
+- ``RowParallelLinear``: input dim split; partial outputs summed with an all-reduce, the bias
+  added once after it.
+- ``VocabParallelEmbedding`` / ``ParallelLMHead``: vocabulary rows split (padded to a
+  multiple of the size); the embedding zeroes rows outside the rank's range and all-reduces;
+  ``compute_logits`` all-gathers the logits and trims the padding (``org_vocab_size``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.distributed import all_reduce, get_tp_rank, get_tp_size, shard_range
+from pagedllm.layers.linear import (Linear, MergedLinear, VocabEmbedding,
+                                    default_weight_loader)
+
+
+def _divide(size: int, tp: int, what: str) -> int:
+    if size % tp:
+        raise ValueError(f"{what} ({size}) does not divide by --tensor-parallel-size {tp}")
+    return size // tp
+
+
+class ColumnParallelLinear(Linear):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(input_size, _divide(output_size, get_tp_size(), "output size"), bias)
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
+        start, end = shard_range(loaded.shape[0])
+        default_weight_loader(param, loaded.narrow(0, start, end - start), name)
+
+
+class RowParallelLinear(Linear):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(_divide(input_size, get_tp_size(), "input size"), output_size, bias)
+        self.weight.weight_loader = self._load  # the bias is replicated, added once
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
+        start, end = shard_range(loaded.shape[-1])
+        default_weight_loader(param, loaded.narrow(-1, start, end - start), name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if get_tp_size() == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = all_reduce(F.linear(x, self.weight))
+        return out + self.bias if self.bias is not None else out
+
+
+class MergedColumnParallelLinear(MergedLinear):
+    """``MergedLinear`` whose every part (gate, up, ...) is split along the output dim."""
+
+    def __init__(self, input_size: int, output_sizes: dict[str, int], bias: bool = False) -> None:
+        tp = get_tp_size()
+        self.full_sizes = dict(output_sizes)
+        super().__init__(input_size, {k: _divide(v, tp, f"{k} size")
+                                      for k, v in output_sizes.items()}, bias)
+
+    def _rank_rows(self, shard_id: str, loaded: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the full checkpoint tensor of part ``shard_id``."""
+        start, end = shard_range(loaded.shape[0])
+        return loaded.narrow(0, start, end - start)
+
+    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "",
+                    shard_id: str | None = None) -> None:
+        if shard_id is None:  # a fused checkpoint tensor (Phi-3): split it into its parts
+            sizes = list(self.full_sizes.values())
+            if loaded.shape[0] != sum(sizes):
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(loaded.shape)}, "
+                                 f"the model expects {sum(sizes)} rows")
+            parts = [self._rank_rows(k, p) for k, p in
+                     zip(self.full_sizes, loaded.split(sizes, dim=0))]
+            return default_weight_loader(param, torch.cat(parts, dim=0), name)
+        full = self.full_sizes[shard_id]
+        if loaded.shape[0] != full:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(loaded.shape)}, the "
+                             f"model expects {full} rows for shard {shard_id!r}")
+        MergedLinear._load_shard(self, param, self._rank_rows(shard_id, loaded), name, shard_id)
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """q heads split over the ranks; KV heads split, or replicated when tp exceeds them.
+
+    ``num_heads`` / ``num_kv_heads`` are this rank's head counts."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False) -> None:
+        tp, rank = get_tp_size(), get_tp_rank()
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp, "number of attention heads")
+        if num_kv_heads >= tp:
+            self.num_kv_heads = _divide(num_kv_heads, tp, "number of KV heads")
+            self.kv_start = rank * self.num_kv_heads
+        else:  # replicate: ranks r*k .. r*k+k-1 share KV head r (k = tp / num_kv_heads)
+            _divide(tp, num_kv_heads, "--tensor-parallel-size over the KV heads")
+            self.num_kv_heads = 1
+            self.kv_start = rank // (tp // num_kv_heads)
+        self.q_start = rank * self.num_heads
+        self.full_sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim,
+                           "v": num_kv_heads * head_dim}
+        MergedLinear.__init__(self, hidden_size, {"q": self.num_heads * head_dim,
+                                                  "k": self.num_kv_heads * head_dim,
+                                                  "v": self.num_kv_heads * head_dim}, bias)
+
+    def _rank_rows(self, shard_id: str, loaded: torch.Tensor) -> torch.Tensor:
+        heads, start = ((self.num_heads, self.q_start) if shard_id == "q"
+                        else (self.num_kv_heads, self.kv_start))
+        return loaded.narrow(0, start * self.head_dim, heads * self.head_dim)
+
+
+class VocabParallelEmbedding(VocabEmbedding):
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        tp = get_tp_size()
+        self.org_vocab_size = num_embeddings
+        self.per_rank = -(-num_embeddings // tp)
+        self.vocab_start = get_tp_rank() * self.per_rank
+        super().__init__(self.per_rank, embedding_dim)
+        self.weight.weight_loader = self._load
+        self.weight.org_vocab_size = num_embeddings  # read by compute_logits
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
+        if loaded.shape[0] != self.org_vocab_size:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(loaded.shape)}, the "
+                             f"model expects {self.org_vocab_size} rows")
+        end = min(self.vocab_start + self.per_rank, self.org_vocab_size)
+        rows = max(end - self.vocab_start, 0)
+        param.data.zero_()
+        if rows:
+            default_weight_loader(param.data.narrow(0, 0, rows),
+                                  loaded.narrow(0, self.vocab_start, rows), name)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if get_tp_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The (untied) LM head: vocabulary rows split like ``VocabParallelEmbedding``."""
+
+
+class PPMissingLayer(nn.Module):
+    """Stands in (no parameters) for a layer that another pipeline stage holds, so module
+    names and layer indices stay those of the checkpoint."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this layer lives on another pipeline stage")
+
+
+def skip_other_stages(model: nn.Module, weights):
+    """Drop the checkpoint tensors of modules this pipeline stage does not hold (other
+    stages' layers, the embedding off the first stage, the final norm / LM head off the
+    last). At one stage nothing is dropped, so unknown names still raise."""
+    import re
+    from pagedllm.distributed import get_pp_size
+    if get_pp_size() == 1:
+        yield from weights
+        return
+    for name, tensor in weights:
+        match = re.match(r"(.*\.layers)\.(\d+)\.", name)
+        if match:
+            if isinstance(model.get_submodule(match.group(1))[int(match.group(2))],
+                          PPMissingLayer):
+                continue
+        else:
+            try:
+                module = model.get_submodule(name.rsplit(".", 1)[0])
+            except AttributeError:
+                continue
+            if module is None:
+                continue
+        yield name, tensor

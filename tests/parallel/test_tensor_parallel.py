@@ -1,0 +1,140 @@
+"""Tensor parallelism with the mp executor on CPU (gloo): same greedy tokens as one rank,
+shards only, and a dead worker ends the engine quickly with a clear error."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.executor.multiproc import param_numel
+from tests.utils.tiny_models import build_tiny_model
+
+PROMPTS = ["The for statement", "A class is", "def f(x):", "import os"]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+ENGINE = dict(num_gpu_blocks_override=64, max_model_len=256)
+
+
+def _run(path, tp: int, prompts=PROMPTS, params=GREEDY, **flags):
+    llm = LLM(model=str(path), tensor_parallel_size=tp, **ENGINE, **flags)
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        numels = llm.llm_engine.executor.collective_rpc(param_numel)
+        kv = llm.llm_engine.executor.collective_rpc(kv_cache_shape)
+    finally:
+        llm.llm_engine.executor.shutdown()
+    return [o.outputs[0].token_ids for o in outs], numels, kv
+
+
+def kv_cache_shape(worker):
+    return tuple(worker.runner.cache.gpu_cache[0].shape)
+
+
+def _replicated_numel(path) -> int:
+    """Elements every rank keeps whole: norms, position embeddings, row-parallel biases."""
+    import torch
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(path, "model.safetensors"))
+    keep = ("norm", "ln_", "layer_norm", "wpe", "embed_positions", "o_proj.bias",
+            "out_proj.bias", "fc2.bias", "down_proj.bias", "c_proj.bias")
+    return sum(t.numel() for n, t in state.items()
+               if any(k in n for k in keep) and not n.endswith((".attn.bias", "masked_bias"))
+               and isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2", "phi3"])
+def test_tp2_greedy_tokens_equal_tp1_and_ranks_hold_shards(arch):
+    path = build_tiny_model(arch)
+    ref, (full,), (kv1,) = _run(path, 1)
+    tokens, numels, kvs = _run(path, 2)
+    assert tokens == ref
+    # each rank holds half of every sharded tensor and all of the replicated ones
+    replicated = _replicated_numel(path)
+    assert numels == [(full - replicated) // 2 + replicated] * 2
+    # each rank caches only its KV heads
+    assert kvs == [kv1[:2] + (kv1[2] // 2,) + kv1[3:]] * 2
+
+
+def test_tp2_library_all_reduce():
+    """--disable-custom-all-reduce: every collective through gloo, same tokens."""
+    path = build_tiny_model("llama")
+    ref, _, _ = _run(path, 1, PROMPTS[:2])
+    tokens, _, _ = _run(path, 2, PROMPTS[:2], disable_custom_all_reduce=True)
+    assert tokens == ref
+
+
+def test_tp4_replicates_kv_heads():
+    """llama has 2 KV heads: at tp=4 each rank holds one (shared by two ranks)."""
+    path = build_tiny_model("llama")
+    ref, _, _ = _run(path, 1, PROMPTS[:2])
+    tokens, numels, kvs = _run(path, 4, PROMPTS[:2])
+    assert tokens == ref
+    assert len(set(numels)) == 1 and all(shape[2] == 1 for shape in kvs)
+
+
+def test_killed_worker_ends_engine_with_clear_error():
+    path = build_tiny_model("llama")
+    llm = LLM(model=str(path), tensor_parallel_size=2, **ENGINE)
+    executor = llm.llm_engine.executor
+    try:
+        llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)
+        pid = executor.procs[0].pid
+        threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+        long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"rank 1 .*died"):
+            for _ in range(100):  # ends long before: the worker dies 0.5 s in
+                llm.generate(PROMPTS * 4, long, use_tqdm=False)
+        assert time.monotonic() - start < 15
+        assert not executor.healthy  # the server's /health turns 500
+        with pytest.raises(RuntimeError, match="failed earlier"):
+            llm.llm_engine.step()
+    finally:
+        executor.shutdown()
+
+
+def test_unsupported_tp_fails_at_start_up():
+    with pytest.raises(ValueError, match="does not support --tensor-parallel-size"):
+        LLM(model=str(build_tiny_model("gemma")), tensor_parallel_size=2, **ENGINE)
+    with pytest.raises(ValueError, match="must divide"):
+        LLM(model=str(build_tiny_model("llama")), tensor_parallel_size=3, **ENGINE)
+    for flags, name in [(dict(pipeline_parallel_size=2, tensor_parallel_size=2),
+                         "--pipeline-parallel-size"),
+                        (dict(tensor_parallel_size=2, max_parallel_loading_workers=1),
+                         "--max-parallel-loading-workers"),
+                        (dict(distributed_executor_backend="ray"),
+                         "--distributed-executor-backend")]:
+        with pytest.raises(ValueError, match=name):
+            LLM(model=str(build_tiny_model("llama")), **flags, **ENGINE)
+
+
+def test_tp2_features_same_outputs():
+    """Chunked prefill, prefix caching, preemption (few blocks), seeded sampling and logprobs
+    at tp=2 give tp=1's outputs: every rank samples the same tokens from the same logits."""
+    path = build_tiny_model("qwen2")
+    shared = "The for statement is used to iterate over the elements of a sequence " * 2
+    prompts = [shared + "and", shared + "or", "def f(x):", "import os"]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.8, seed=7, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                             prompt_logprobs=1),
+              SamplingParams(temperature=1.0, top_k=20, seed=3, max_tokens=24, n=2,
+                             ignore_eos=True)]
+    flags = dict(enable_prefix_caching=True, enable_chunked_prefill=True,
+                 max_num_batched_tokens=16, max_num_seqs=4, num_gpu_blocks_override=12,
+                 max_model_len=256)
+
+    def run(tp):
+        llm = LLM(model=str(path), tensor_parallel_size=tp, **flags)
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llm.llm_engine.executor.shutdown()
+        return ([[c.token_ids for c in o.outputs] for o in outs],
+                [sorted(lp) for lp in outs[0].outputs[0].logprobs],
+                [sorted(lp) if lp else None for lp in outs[2].prompt_logprobs])
+
+    assert run(2) == run(1)
