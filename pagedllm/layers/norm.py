@@ -29,3 +29,9 @@ class RMSNorm(nn.Module):
         weight = self.weight.float() + self.offset if self.offset else self.weight.float()
         out = (h * weight).to(dtype)
         return out if residual is None else (out, residual)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """(norm(x + residual), x + residual); the first layer has no residual yet."""
+        if residual is None:
+            return self(x), x
+        return self(x, residual)

@@ -73,11 +73,7 @@ class GemmaDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, ctx: ForwardContext):
         """Returns (block output, residual stream); the caller's next norm adds them."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
         hidden = self.self_attn(positions, hidden, ctx)
         if not self.is_gemma2:
             hidden, residual = self.post_attention_layernorm(hidden, residual)
