@@ -5,8 +5,9 @@ KV-cache sizing rule (documented in the README):
 - on CPU: ``gpu_memory_utilization`` x the RAM available after loading the weights, capped at
   what ``max_num_seqs`` full-length sequences could ever use (a zeroed cache larger than
   that could never be filled);
-- on CUDA: ``gpu_memory_utilization`` x device memory, minus weights and the activation peak
-  of a profiling forward of ``max_num_batched_tokens`` (same cap).
+- on CUDA: ``gpu_memory_utilization`` x device memory, minus what is in use after loading
+  the weights (same cap). No profiling forward yet: activations and CUDA graphs live in the
+  share left over (issue #5).
 Swap space: ``--swap-space`` GiB of CPU memory, in blocks of the same size.
 """
 from __future__ import annotations
