@@ -297,8 +297,10 @@ class SchedulerConfig:
     scheduler_delay_factor: float = option(
         0.0, "Wait delay_factor x last prompt latency before scheduling new prompts.",
         valid=NON_NEGATIVE)
-    num_scheduler_steps: int = option(1, "Decode steps per scheduling decision.", valid=POSITIVE,
-                                      supported=(1,), planned="multi-step, " + GPU_ISSUE)
+    num_scheduler_steps: int = option(
+        1, "Decode steps run back to back on the device per scheduling decision (multi-step); "
+        "batches with prefills, penalties, guided decoding or logits processors run one step.",
+        valid=POSITIVE)
     multi_step_stream_outputs: bool = option(
         True, "With multi-step scheduling, stream after each step (True) or at the end.")
     num_lookahead_slots: int = option(0, "Extra KV slots reserved per sequence for "

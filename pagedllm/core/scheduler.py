@@ -14,6 +14,14 @@ One ``schedule()`` call, in order:
    ``priority`` then arrival), each with its prefix-cache hit counted as already computed.
    Without chunked prefill a prompt is admitted only whole; the queue head blocks the rest.
 
+Multi-step (``--num-scheduler-steps N``): when a step holds only decodes of requests the
+runner already knows, and none needs per-token host work in its sampler (penalties, logits
+processors, guided decoding, min_tokens not yet reached), each request gets blocks for
+``S = min(N, ...)`` tokens and the runner decodes ``S`` steps back to back on the device,
+feeding each sampled token into the next step. ``S`` stops at the longest remaining
+``max_tokens`` and at ``max_model_len``; tokens after a request's stop are discarded.
+Steps with prefills (or after a failed block allocation) run one step.
+
 ``n`` / ``best_of``: only the first sequence of a request is queued. When it gets its first
 token, ``update_from_output`` forks the others: each shares the prompt's full KV blocks (one
 more reference each) and gets a copy of the block holding the last prompt token
@@ -36,7 +44,7 @@ class Scheduler:
     def __init__(self, *, max_num_batched_tokens: int, max_num_seqs: int,
                  enable_chunked_prefill: bool, preemption_mode: str, policy: str,
                  delay_factor: float, max_model_len: int,
-                 kv_cache_manager: KVCacheManager) -> None:
+                 kv_cache_manager: KVCacheManager, num_scheduler_steps: int = 1) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -45,6 +53,7 @@ class Scheduler:
         self.delay_factor = delay_factor
         self.max_model_len = max_model_len
         self.kv = kv_cache_manager
+        self.num_scheduler_steps = num_scheduler_steps
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -119,6 +128,8 @@ class Scheduler:
             if self._passed_delay(time.monotonic()):
                 budget = self._schedule_waiting(out, budget)
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        if self.num_scheduler_steps > 1:
+            out.num_steps = self._plan_multi_step(out)
         out.finished_req_ids |= out.preempted_req_ids
         now = time.time()
         for req_id in out.num_scheduled_tokens:
@@ -163,6 +174,27 @@ class Scheduler:
             budget -= num_new
             i += 1
         return budget
+
+    def _plan_multi_step(self, out: SchedulerOutput) -> int:
+        """How many decode steps this batch runs (see the module docstring); extends the
+        requests' blocks to cover them."""
+        if out.scheduled_new_reqs or not out.scheduled_cached_reqs:
+            return 1
+        requests = [self.requests[c.req_id] for c in out.scheduled_cached_reqs]
+        if not all(r.num_computed_tokens == r.num_tokens - 1 and _can_multi_step(r)
+                   for r in requests):
+            return 1
+        steps = min(self.num_scheduler_steps,
+                    max(r.max_tokens - r.num_output_tokens for r in requests),
+                    min(self.max_model_len - r.num_tokens + 1 for r in requests))
+        if steps <= 1:
+            return 1
+        for cached, request in zip(out.scheduled_cached_reqs, requests):
+            new_blocks = self.kv.allocate_slots(request, steps)
+            if new_blocks is None:  # blocks already added stay: later steps use them
+                return 1
+            cached.new_block_ids.extend(b.block_id for b in new_blocks)
+        return steps
 
     def _pick_victim(self, first_unscheduled: int) -> Request:
         """Lowest-priority running request not yet scheduled this step (the newest, in fcfs)."""
@@ -259,28 +291,44 @@ class Scheduler:
 
     # ---- results -------------------------------------------------------------------------
     def update_from_output(self, scheduler_output: SchedulerOutput,
-                           runner_output: ModelRunnerOutput) -> list[Request]:
+                           runner_output: ModelRunnerOutput) -> list[tuple[Request, int]]:
         """Advance computed counts, append sampled tokens, finish stopped requests.
 
-        Returns the requests that received a token this step (finished ones included).
+        Returns (request, number of tokens appended) for the requests that received tokens
+        this step (finished ones included); tokens sampled after a stop are dropped.
         """
         updated = []
         now = time.time()
         num_scheduled = scheduler_output.num_scheduled_tokens
-        for req_id, token_id in zip(runner_output.req_ids, runner_output.sampled_token_ids):
+        for req_id, token_ids in zip(runner_output.req_ids, runner_output.sampled_token_ids):
             request = self.requests.get(req_id)
             if request is None:
                 continue
-            request.num_computed_tokens += num_scheduled[req_id]
-            if token_id is None:
+            # a decode step computes the KV of its input token; step k > 0 of a multi-step
+            # batch computes the token sampled by step k - 1
+            request.num_computed_tokens += num_scheduled[req_id] + max(len(token_ids) - 1, 0)
+            if not token_ids:
                 continue
-            request.append_output_token(token_id)
             if request.first_token_time is None:
                 request.first_token_time = now
+            num_appended = 0
+            for token_id in token_ids:
+                request.append_output_token(token_id)
+                num_appended += 1
+                if request.check_stop():
+                    break
             if request.req_id in self._fork_children:
                 self._fork(request)
-            if request.check_stop():
+            if request.is_finished():
                 self.running.remove(request)
                 self._free(request)
-            updated.append(request)
+            updated.append((request, num_appended))
         return updated
+
+
+def _can_multi_step(request: Request) -> bool:
+    """False when sampling a token needs host work that depends on the previous token."""
+    p = request.sampling_params
+    return (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            and p.repetition_penalty == 1.0 and not p.logits_processors
+            and p.guided_decoding is None and request.num_output_tokens >= p.min_tokens)

@@ -42,6 +42,9 @@ class SchedulerOutput:
     # prompt block of an n / best_of child (copy-on-write fork)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # --num-scheduler-steps: decode steps the runner runs back to back on this batch (every
+    # request decodes one token per step; its blocks already cover all of them)
+    num_steps: int = 1
 
     @property
     def is_empty(self) -> bool:
@@ -61,8 +64,10 @@ class TokenLogprobs:
 @dataclass
 class ModelRunnerOutput:
     req_ids: list[str]
-    sampled_token_ids: list[int | None]  # None: the request was mid-prompt (chunked prefill)
-    # req_id -> logprobs of the token sampled this step (requests that need them only)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # per request, the tokens sampled this step in order: none when it was mid-prompt
+    # (chunked prefill), one per decode step (``SchedulerOutput.num_steps``) otherwise
+    sampled_token_ids: list[list[int]]
+    # req_id -> logprobs of each token sampled this step (requests that need them only)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # req_id -> (prompt position of the first entry, one entry per scored prompt token)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)

@@ -1,5 +1,7 @@
 """The engine: requests in, ``RequestOutput`` out. One ``step()`` is
 schedule (control plane) -> execute (compute plane) -> update -> detokenize -> outputs.
+A multi-step batch (``--num-scheduler-steps``) returns several tokens per request from one
+execute; they are detokenized and stop-checked one by one.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ class LLMEngine:
             enable_chunked_prefill=sc.enable_chunked_prefill,
             preemption_mode=sc.preemption_mode or "recompute", policy=sc.scheduling_policy,
             delay_factor=sc.scheduler_delay_factor, max_model_len=mc.max_model_len,
-            kv_cache_manager=self.kv_cache_manager)
+            kv_cache_manager=self.kv_cache_manager, num_scheduler_steps=sc.num_scheduler_steps)
         if log_stats is None:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None
@@ -126,13 +128,25 @@ class LLMEngine:
             if req_id in self._seqs:
                 self._seqs[req_id][0].add_prompt_logprobs(first_pos, entries, self._decoder)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+        # --multi-step-stream-outputs: one output per decoded token, else one per step
+        per_token = scheduler_output.num_steps > 1 and \
+            self.config.scheduler.multi_step_stream_outputs
+        outputs: list[RequestOutput] = []
         groups: dict[str, SequenceGroup] = {}
-        for request in updated:
+        for request, num_new in updated:
             group, seq = self._seqs[request.req_id]
-            group.add_logprobs(seq, runner_output.logprobs.get(request.req_id), self._decoder)
-            self._detokenize(seq)
+            logprobs = runner_output.logprobs.get(request.req_id)
+            first = request.num_output_tokens - num_new
+            for i in range(num_new):
+                if logprobs is not None:
+                    group.add_logprobs(seq, logprobs[i], self._decoder)
+                if self._detokenize(seq, first + i):
+                    break
+                if per_token and i < num_new - 1:
+                    output = group.make_output()
+                    if output is not None:
+                        outputs.append(output)
             groups[group.request_id] = group
-        outputs = []
         for group in groups.values():
             output = group.make_output()
             if output is not None:
@@ -145,21 +159,26 @@ class LLMEngine:
             self.stat_logger.record(scheduler_output, updated)
         return outputs
 
-    def _detokenize(self, seq: Sequence) -> None:
-        """New text of the last token, then the stop rules that work on text (vLLM order)."""
+    def _detokenize(self, seq: Sequence, index: int) -> bool:
+        """New text of output token ``index``, then the stop rules that work on text (vLLM
+        order). Returns True when the request ended at this token (later tokens of a
+        multi-step batch are dropped)."""
         request, detok = seq.request, seq.detokenizer
-        num_chars = detok.update(request.output_token_ids[-1])
+        num_chars = detok.update(request.output_token_ids[index])
         params = request.sampling_params
-        if request.status == RequestStatus.FINISHED_STOPPED:
+        is_last = index == request.num_output_tokens - 1
+        if is_last and request.status == RequestStatus.FINISHED_STOPPED:
             detok.drop_last(num_chars)  # ended by EOS or a stop token id
-            return
-        if request.num_output_tokens < params.min_tokens:
-            return
+            return True
+        if index + 1 < params.min_tokens:
+            return False
         stop = detok.find_stop_string(num_chars)
         if stop is None:
-            return
+            return False
         request.stop_reason = stop
+        request.truncate_output(index + 1)
         if request.is_finished():
             request.status = RequestStatus.FINISHED_STOPPED
         else:
             self.scheduler.finish_requests([request.req_id], RequestStatus.FINISHED_STOPPED)
+        return True

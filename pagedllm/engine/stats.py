@@ -16,7 +16,7 @@ class StatLogger:
         self._generation_tokens = 0
 
     def record(self, scheduler_output, updated_requests) -> None:
-        self._generation_tokens += len(updated_requests)
+        self._generation_tokens += sum(n for _, n in updated_requests)
         self._prompt_tokens += scheduler_output.total_num_scheduled_tokens - \
             sum(1 for n in scheduler_output.num_scheduled_tokens.values() if n == 1)
         now = time.monotonic()

@@ -9,6 +9,9 @@ computed counts. Each step:
 4. run the model, compute logits only for requests whose scheduled tokens reach the end of
    their known tokens (mid-prompt chunks of chunked prefill do not sample);
 5. sample and copy the sampled ids to the host once.
+A multi-step batch (``SchedulerOutput.num_steps > 1``, decodes only) repeats 4-5 on the
+device: each step's sampled ids, positions + 1, sequence lengths + 1 and the slots read from
+the block table become the next step's inputs, and the host sees all steps' ids at the end.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from pagedllm.attention.backend import (AttentionMetadata, ForwardContext, Prefi
                                         get_attn_backend)
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.guided.matchers import GuidedMatchers
-from pagedllm.worker.step_sampler import StepSampler, prompt_logprob_rows
+from pagedllm.worker.step_sampler import MultiStepSampling, StepSampler, prompt_logprob_rows
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cache_engine import CacheEngine
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
@@ -86,6 +89,7 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
 
     def _build_batch(self, so: SchedulerOutput) -> _Batch:
+        """The step's flat inputs; a multi-step batch's block table covers all its steps."""
         num_sched = so.num_scheduled_tokens
         decodes = [r for r, n in num_sched.items() if n == 1]
         prefills = [r for r, n in num_sched.items() if n > 1]
@@ -94,7 +98,8 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         sampling_req_ids: list[str] = []
-        decode_meta = self._decode_inputs(decodes, input_ids, positions, slots)
+        decode_meta = self._decode_inputs(decodes, input_ids, positions, slots,
+                                          so.num_steps - 1)
         prefill_seqs = []
         bs = self.block_size
         for req_id in prefills:
@@ -121,14 +126,15 @@ class ModelRunner:
                       self._tensor(logits_rows), sampling_req_ids)
 
     def _decode_inputs(self, decodes: list[str], input_ids: list[int], positions: list[int],
-                       slots: list[int]):
-        """Token, position and slot of each decode, plus the block table covering them."""
+                       slots: list[int], lookahead: int = 0):
+        """Token, position and slot of each decode, plus the block table covering them and
+        ``lookahead`` more tokens."""
         if not decodes:
             return None, None
         bs = self.block_size
         states = [self.requests[r] for r in decodes]
         seq_lens = [s.num_computed_tokens + 1 for s in states]
-        num_blocks = -(-max(seq_lens) // bs)
+        num_blocks = -(-(max(seq_lens) + lookahead) // bs)
         table = np.zeros((len(states), num_blocks), dtype=np.int64)  # [num_decodes, num_blocks]
         for i, s in enumerate(states):
             pos = s.num_computed_tokens
@@ -157,31 +163,64 @@ class ModelRunner:
     def _tensor(self, values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run(input_ids, positions, meta)
+        return self.model(input_ids, positions, ForwardContext(meta, self.cache.gpu_cache,
+                                                               self.backend))
+
+    def _next_decode_meta(self, meta: AttentionMetadata,
+                          positions: torch.Tensor) -> AttentionMetadata:
+        """Metadata of the next step of a multi-step batch: one more token per sequence,
+        written to the slot its block table gives for ``positions``."""
+        table = meta.decode_block_table
+        block = table.gather(1, (positions // self.block_size).unsqueeze(1)).squeeze(1)
+        slots = block.long() * self.block_size + positions % self.block_size
+        return AttentionMetadata(self.block_size, slots, meta.num_decodes,
+                                 meta.decode_seq_lens + 1, table, [])
+
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(so)
         if so.is_empty:
             return ModelRunnerOutput([], [])
         batch = self._build_batch(so)
+        if so.num_steps > 1:
+            return self._execute_steps(batch, so.num_steps)
         meta = batch.attn_metadata
         pending_masks = self.guided.fill_async(batch.sampling_req_ids)  # overlaps the forward
-        if self.graphs is not None and self.graphs.can_run(meta):
-            hidden = self.graphs.run(batch.input_ids, batch.positions, meta)
-        else:
-            ctx = ForwardContext(meta, self.cache.gpu_cache, self.backend)
-            hidden = self.model(batch.input_ids, batch.positions, ctx)
+        hidden = self._forward(batch.input_ids, batch.positions, meta)
         states = [self.requests[r] for r in batch.sampling_req_ids]
         prompt_rows = prompt_logprob_rows(batch.req_ids, so.num_scheduled_tokens, self.requests)
         guided = pending_masks.result() if pending_masks is not None else None
         samples = self.step_sampler(hidden, batch.logits_indices, states, prompt_rows, guided)
         if guided is not None:
             self.guided.accept(batch.sampling_req_ids, samples.token_ids)
-        sampled: dict[str, int] = {}
+        sampled: dict[str, list[int]] = {}
         for state, token_id in zip(states, samples.token_ids):
             state.token_ids.append(token_id)
             state.num_output_tokens += 1
-            sampled[state.req_id] = token_id
+            sampled[state.req_id] = [token_id]
         for req_id in batch.req_ids:
             self.requests[req_id].num_computed_tokens += so.num_scheduled_tokens[req_id]
-        return ModelRunnerOutput(batch.req_ids, [sampled.get(r) for r in batch.req_ids],
-                                 samples.logprobs, samples.prompt_logprobs)
+        logprobs = {r: [lp] for r, lp in samples.logprobs.items()}
+        return ModelRunnerOutput(batch.req_ids, [sampled.get(r, []) for r in batch.req_ids],
+                                 logprobs, samples.prompt_logprobs)
+
+    def _execute_steps(self, batch: _Batch, num_steps: int) -> ModelRunnerOutput:
+        """``num_steps`` decode steps back to back on the device (see the module docstring)."""
+        states = [self.requests[r] for r in batch.req_ids]
+        sampling = MultiStepSampling(self.step_sampler, states)
+        input_ids, positions, meta = batch.input_ids, batch.positions, batch.attn_metadata
+        for step in range(num_steps):
+            if step:
+                positions = positions + 1
+                meta = self._next_decode_meta(meta, positions)
+            input_ids = sampling.sample(self._forward(input_ids, positions, meta))
+        token_ids, logprobs = sampling.results()
+        for state, ids in zip(states, token_ids):
+            state.token_ids.extend(ids)
+            state.num_output_tokens += num_steps
+            state.num_computed_tokens += num_steps
+        return ModelRunnerOutput(batch.req_ids, token_ids, logprobs)

@@ -7,6 +7,10 @@ prompt positions scheduled this step (any chunk of a chunked prefill): the row a
 ``j`` scores prompt token ``j + 1``, with temperature and top-k/top-p/min-p applied as vLLM
 0.6.3 does for prompt rows. Everything the host needs travels in ONE device-to-host copy
 (packed as float64; token ids are exact below 2**53).
+
+Multi-step batches (decodes only) use ``MultiStepSampling``: the metadata is built once,
+each step samples on the device (the ids feed the next step's forward), and all steps'
+ids and logprobs come back in one copy at the end.
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ import numpy as np
 import torch
 
 from pagedllm.core.scheduler_output import TokenLogprobs
-from pagedllm.sample.metadata import build_filter_metadata, build_sampling_metadata
+from pagedllm.sample.metadata import (SamplingMetadata, build_filter_metadata,
+                                      build_sampling_metadata)
 from pagedllm.sample.ops.logprobs import LogprobsTensors, gather_logprobs
-from pagedllm.sample.sampler import Sampler, apply_filters
+from pagedllm.sample.sampler import Sampler, SamplerOutput, apply_filters
 
 
 @dataclass
@@ -146,3 +151,49 @@ class StepSampler:
             for req_id, pos, row in zip(prompt_rows.req_ids, prompt_rows.positions, rows):
                 prompt.setdefault(req_id, (pos, []))[1].append(row)
         return StepSamples(token_ids, logprobs, prompt)
+
+
+class MultiStepSampling:
+    """Sampling for ``num_steps`` decode steps of one batch (every state samples each step)."""
+
+    def __init__(self, sampler: StepSampler, states: list) -> None:
+        self.model = sampler.model
+        self.sampler = sampler.sampler
+        self.states = states
+        self.meta: SamplingMetadata = build_sampling_metadata(
+            states, sampler.vocab_size, sampler.generator, sampler.device)
+        self._seeded = list(self.meta.seeded_rows)
+        self._outputs: list[SamplerOutput] = []
+
+    def sample(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [num_states, hidden] of the next step -> sampled ids [num_states] on device."""
+        step = len(self._outputs)
+        # a seeded row draws from (seed, index of the token): the index moves on each step
+        self.meta.seeded_rows = [(row, seed, index + step) for row, seed, index in self._seeded]
+        out = self.sampler(self.model.compute_logits(hidden), self.meta)
+        self._outputs.append(out)
+        return out.sampled_ids
+
+    def results(self) -> tuple[list[list[int]], dict[str, list[TokenLogprobs]]]:
+        """Per state, the ids of every step; per state asking for them, their logprobs."""
+        outs, n = self._outputs, len(self.states)
+        with_lp = outs[0].logprobs is not None
+        pieces = [torch.stack([o.sampled_ids for o in outs], dim=1).flatten().to(torch.float64)]
+        if with_lp:
+            pieces += [p for o in outs for p in _flat(o.logprobs, with_ids=False)]
+        host = torch.cat(pieces).cpu().numpy()  # the one device-to-host copy
+        ids = host[:n * len(outs)].astype(np.int64).reshape(n, len(outs))
+        token_ids = ids.tolist()
+        logprobs: dict[str, list[TokenLogprobs]] = {}
+        if with_lp:
+            offset = n * len(outs)
+            k = outs[0].logprobs.topk_ids.shape[1]
+            keep = [max(s.sampling_params.logprobs or 0, 0) for s in self.states]
+            wanted = [s.sampling_params.logprobs is not None or
+                      s.sampling_params.best_of > s.sampling_params.n for s in self.states]
+            for step in range(len(outs)):
+                rows, offset = _unpack(host, offset, n, k, ids[:, step].tolist(), keep)
+                for s, row, want in zip(self.states, rows, wanted):
+                    if want:
+                        logprobs.setdefault(s.req_id, []).append(row)
+        return token_ids, logprobs

@@ -9,11 +9,12 @@ from pagedllm.sampling_params import SamplingParams
 
 
 def make_scheduler(num_blocks=16, block_size=4, budget=64, max_seqs=8, chunked=False,
-                   mode="recompute", policy="fcfs", cpu_blocks=0, caching=False):
+                   mode="recompute", policy="fcfs", cpu_blocks=0, caching=False, steps=1):
     kv = KVCacheManager(num_blocks, cpu_blocks, block_size, caching)
     return Scheduler(max_num_batched_tokens=budget, max_num_seqs=max_seqs,
                      enable_chunked_prefill=chunked, preemption_mode=mode, policy=policy,
-                     delay_factor=0.0, max_model_len=256, kv_cache_manager=kv)
+                     delay_factor=0.0, max_model_len=256, kv_cache_manager=kv,
+                     num_scheduler_steps=steps)
 
 
 def add(sched, req_id, num_prompt, max_tokens=4, priority=0, arrival=None):
@@ -30,7 +31,8 @@ def run_step(sched, token=7):
     for req_id, n in out.num_scheduled_tokens.items():
         req = sched.requests[req_id]
         ids.append(req_id)
-        sampled.append(token if req.num_computed_tokens + n >= req.num_tokens else None)
+        sampled.append([token] * out.num_steps if req.num_computed_tokens + n >= req.num_tokens
+                       else [])
     sched.update_from_output(out, ModelRunnerOutput(ids, sampled))
     return out
 
@@ -150,3 +152,39 @@ def test_prefix_cache_hit_counts_as_computed():
     new_b = [r for r in out.scheduled_new_reqs if r.req_id == "b"][0]
     assert new_b.block_ids == [0, 1, 3] and new_b.num_computed_tokens == 8
     assert sched.requests["b"].num_cached_tokens == 8
+
+
+def test_multi_step_allocates_blocks_for_every_step():
+    sched = make_scheduler(steps=4)
+    add(sched, "a", 6, max_tokens=10)
+    add(sched, "b", 3, max_tokens=10)
+    out = run_step(sched)  # prefill: one step
+    assert out.num_steps == 1
+    out = run_step(sched)  # a: tokens 7..10 need 3 blocks (one more), b: 4..7 need block 3
+    assert out.num_steps == 4
+    assert [(c.req_id, c.new_block_ids) for c in out.scheduled_cached_reqs] == [("a", [3]),
+                                                                               ("b", [4])]
+    a, b = sched.requests["a"], sched.requests["b"]
+    assert (a.num_computed_tokens, a.num_tokens, b.num_computed_tokens) == (10, 11, 7)
+    out = run_step(sched)  # 5 tokens left each: 4 steps, then 1
+    assert out.num_steps == 4
+    assert [(c.req_id, c.new_block_ids) for c in out.scheduled_cached_reqs] == [("a", [5]),
+                                                                               ("b", [6])]
+    out = run_step(sched)
+    assert out.num_steps == 1 and not sched.running
+    assert sched.kv.num_free_blocks == 16
+
+
+def test_multi_step_falls_back_with_prefills_and_when_blocks_run_out():
+    sched = make_scheduler(num_blocks=4, steps=4)
+    add(sched, "a", 4, max_tokens=20)
+    assert run_step(sched).num_steps == 1
+    add(sched, "b", 3, max_tokens=20)
+    out = run_step(sched)  # a decodes while b prefills: one step
+    assert out.num_steps == 1 and out.num_scheduled_tokens == {"a": 1, "b": 3}
+    # 4 steps: a (positions 5..8) needs block 3, the last free one; b (3..6) then finds no
+    # block -> a single step; the block a did get is reported and kept
+    out = run_step(sched)
+    assert out.num_steps == 1
+    assert [(c.req_id, c.new_block_ids) for c in out.scheduled_cached_reqs] == [("a", [3]),
+                                                                               ("b", [])]

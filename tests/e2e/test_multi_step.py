@@ -1,0 +1,113 @@
+"""Multi-step decode (--num-scheduler-steps): same tokens, text, logprobs and stops as one
+step at a time; blocks cover every step; per-token streaming of outputs."""
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.sampling_params import RequestOutputKind
+from tests.utils.tiny_models import build_tiny_model
+
+PROMPTS = ["The for statement is used to iterate over", "Hello", "def f(x):\n    return x",
+           "A list is a sequence of", "import os"]
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    return str(build_tiny_model("llama"))
+
+
+@pytest.fixture(scope="module")
+def single(model_path):
+    return LLM(model=model_path, block_size=8)
+
+
+@pytest.fixture(scope="module")
+def multi(model_path):
+    return LLM(model=model_path, block_size=8, num_scheduler_steps=8)
+
+
+def _run(llm, params, prompts=PROMPTS):
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def _same(a, b):
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert x.outputs[0].text == y.outputs[0].text
+        assert x.outputs[0].finish_reason == y.outputs[0].finish_reason
+        assert x.outputs[0].stop_reason == y.outputs[0].stop_reason
+
+
+def test_multi_step_runs_several_steps_per_schedule(multi):
+    sched = multi.llm_engine.scheduler
+    seen = []
+    original = sched.schedule
+
+    def spy():
+        out = original()
+        seen.append(out.num_steps)
+        return out
+    sched.schedule = spy
+    try:
+        _run(multi, SamplingParams(temperature=0, max_tokens=21, ignore_eos=True))
+    finally:
+        sched.schedule = original
+    # one prefill step, then decode steps of 8, 8 and the last 4 tokens (capped by max_tokens)
+    assert seen == [1, 8, 8, 4]
+    assert multi.llm_engine.kv_cache_manager.num_free_blocks == \
+        multi.llm_engine.kv_cache_manager.pool.num_blocks
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=3),
+    SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=7, max_tokens=25, ignore_eos=True),
+    SamplingParams(temperature=0, max_tokens=40),  # EOS may end requests mid-batch
+])
+def test_same_outputs_as_single_step(single, multi, params):
+    a, b = _run(single, params), _run(multi, params)
+    _same(a, b)
+    if params.logprobs:
+        for x, y in zip(a, b):
+            for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+                assert lx.keys() == ly.keys()
+                for k in lx:
+                    assert abs(lx[k].logprob - ly[k].logprob) < 1e-5
+            assert abs(x.outputs[0].cumulative_logprob - y.outputs[0].cumulative_logprob) < 1e-4
+
+
+def test_stop_strings_and_stop_ids_inside_a_batch(single, multi):
+    base = _run(single, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    # stop on text that appears in the middle of each greedy output, and on a token id
+    stops = [o.outputs[0].text[5:8] for o in base if len(o.outputs[0].text) > 8]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=stops)
+    _same(_run(single, params), _run(multi, params))
+    stop_id = base[0].outputs[0].token_ids[11]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                            stop_token_ids=[stop_id])
+    a, b = _run(single, params), _run(multi, params)
+    _same(a, b)
+    assert b[0].outputs[0].token_ids[-1] == stop_id and b[0].outputs[0].stop_reason == stop_id
+
+
+def test_host_side_sampling_falls_back_to_single_steps(single, multi):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                            repetition_penalty=1.3, min_tokens=4)
+    _same(_run(single, params), _run(multi, params))
+
+
+def test_stream_outputs_per_token_or_per_batch(model_path):
+    params = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+    counts = {}
+    for stream in (True, False):
+        llm = LLM(model=model_path, block_size=8, num_scheduler_steps=8,
+                  multi_step_stream_outputs=stream)
+        engine = llm.llm_engine
+        engine.add_request("r", "Hello", params)
+        outputs, tokens = [], []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outputs.append(out)
+                tokens += out.outputs[0].token_ids
+        counts[stream] = len(outputs)
+        assert len(tokens) == 17
+    assert counts == {True: 17, False: 3}  # steps of 1 (prefill), 8 and 8 tokens
