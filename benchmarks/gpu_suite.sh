@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
-# One device call for the GPU backend: kernel tests (compiled, vs the torch reference), the
-# engine tests on CUDA (Triton backend, CUDA graphs; HF references on CPU), the kernel
-# benchmark, then offline throughput on the Llama-3-8B shape in bf16. Prints a short summary.
+# Device calls for the GPU backend (issue #5). `bash benchmarks/gpu_suite.sh tests` runs the
+# kernel tests (compiled, vs the torch references) and the engine tests on CUDA (Triton
+# backend, CUDA graphs, multi-step, fp8 KV cache, memory profiling; HF references on CPU);
+# `... bench1` the start-up, batch-1 decode and TTFT workloads; `... bench2` offline
+# throughput (1000 x 256/256) and the nano-vllm workload; no argument: all three.
 set -uo pipefail
 export PYTHONPATH="$PWD" PAGEDLLM_TEST_MODELS=/tmp/pagedllm-test-models
 OUT_DIR=${OUT:-/tmp}
+parts=${1:-"tests bench1 bench2"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-echo "== kernel tests"; python -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -4
-echo "== engine tests on CUDA"
-python -m pytest -q -p no:cacheprovider tests/models tests/e2e/test_engine_features.py \
-  tests/unit/test_loader.py 2>&1 | tail -8
-echo "== kernel benchmark"; python benchmarks/gpu_kernels.py > "$OUT_DIR/gpu_kernels.txt" 2>&1
-tail -25 "$OUT_DIR/gpu_kernels.txt"
-echo "== throughput"
-python benchmarks/throughput.py --model benchmarks/configs/llama-3-8b --dtype bfloat16 \
-  --batch-sizes 1 64 --input-len 128 --output-len 128 --gpu-memory-utilization 0.55 2>&1 \
-  | grep -v Warning | tail -4
+for part in $parts; do
+  case $part in
+    tests)
+      echo "== kernel tests"; python -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -4
+      echo "== engine tests on CUDA"
+      python -m pytest -q -p no:cacheprovider tests/models tests/e2e/test_engine_features.py \
+        tests/e2e/test_multi_step.py tests/e2e/test_fp8_kv_cache.py tests/e2e/test_gpu_memory.py \
+        tests/unit/test_loader.py 2>&1 | tail -8 ;;
+    bench1)
+      python benchmarks/gpu_workloads.py --only startup decode ttft 2>&1 | grep -v Warning \
+        | tee -a "$OUT_DIR/gpu_workloads.txt" ;;
+    bench2)
+      python benchmarks/gpu_workloads.py --only throughput nano 2>&1 | grep -v Warning \
+        | tee -a "$OUT_DIR/gpu_workloads.txt" ;;
+  esac
+done

@@ -9,6 +9,7 @@ weights keep the JSON open and the batch stays full. Runs are interleaved, best 
 
     python benchmarks/guided.py --model benchmarks/configs/tiny-llama --batch 32
     python benchmarks/guided.py --backend outlines --batch 32
+    python benchmarks/guided.py --backend lm-format-enforcer --batch 32
     python benchmarks/guided.py --model benchmarks/configs/qwen2-0.5b --batch 32 --output-len 32
 """
 from __future__ import annotations
@@ -72,7 +73,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--tokenizer-vocab", type=int, default=16000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backend", default="xgrammar", choices=["xgrammar", "outlines"])
+    parser.add_argument("--backend", default="xgrammar",
+                        choices=["xgrammar", "outlines", "lm-format-enforcer"])
     args = parser.parse_args()
     from pagedllm import LLM, SamplingParams
     tokenizer = build_tokenizer(args.tokenizer_vocab)

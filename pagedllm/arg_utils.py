@@ -195,6 +195,9 @@ class _EngineArgsMethods:
         values["max_seq_len_to_capture"] = min(values["max_seq_len_to_capture"],
                                                values["max_model_len"])
         values.update(_resolve_scheduler(values))
+        if values["quantization_param_path"] and values["kv_cache_dtype"] == "auto":
+            raise ValueError("--quantization-param-path holds fp8 KV-cache scales; it needs "
+                             "--kv-cache-dtype fp8, fp8_e4m3 or fp8_e5m2")
         configs = {}
         for name, config_cls in ENGINE_CONFIG_CLASSES.items():
             kwargs = {f.name: values[f.name] for f in option_fields(config_cls)}

@@ -238,10 +238,10 @@ class CacheConfig:
                                valid=NON_NEGATIVE)
     kv_cache_dtype: str = option(
         "auto", "KV-cache storage dtype; auto = model dtype; fp8 = fp8_e4m3.",
-        choices=("auto", "fp8", "fp8_e5m2", "fp8_e4m3"), supported=("auto",), planned=GPU_ISSUE)
+        choices=("auto", "fp8", "fp8_e5m2", "fp8_e4m3"))
     quantization_param_path: Optional[str] = option(
-        None, "JSON file of KV-cache scaling factors for fp8 KV caches (default scale 1.0).",
-        supported=DEFAULT_ONLY, planned=GPU_ISSUE)
+        None, "JSON file of per-layer KV-cache scaling factors for an fp8 KV cache (default "
+        "scale 1.0); layout in pagedllm/attention/kv_quant.py.")
     enable_prefix_caching: bool = option(False, "Reuse full KV blocks across requests that share "
                                          "a prefix (LRU eviction).")
     num_gpu_blocks_override: Optional[int] = option(
@@ -274,8 +274,8 @@ class LoadConfig:
         None, "File pattern skipped when loading; repeatable. Default: original/**/*.",
         action="append", cli_type=str)
     max_parallel_loading_workers: Optional[int] = option(
-        None, "Load in sequential batches of this many workers to bound host RAM (one worker "
-        "today).", valid=POSITIVE)
+        None, "Ranks that load weights at once (the others wait their turn), to bound host "
+        "RAM; default: all.", valid=POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -311,26 +311,27 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the model is spread over devices (single device today)."""
+    """How the model is spread over devices: tp x pp ranks (layout in pagedllm.distributed)."""
     tensor_parallel_size: int = option(
-        1, "Tensor-parallel ranks (local processes, mp backend). Models: Llama, Mistral, Qwen2, "
-        "Qwen3, Phi-3, OPT, GPT-2; heads must divide by it.", aliases=("-tp",), valid=POSITIVE)
+        1, "Tensor-parallel ranks per pipeline stage. Models: Llama, Mistral, Qwen2, Qwen3, "
+        "Phi-3, OPT, GPT-2; heads must divide by it.", aliases=("-tp",), valid=POSITIVE)
     pipeline_parallel_size: int = option(
-        1, "Pipeline stages (local processes, mp backend; contiguous layer ranges). Models: "
-        "Llama, Mistral, Qwen2, Qwen3, Phi-3; not with -tp > 1 yet.", aliases=("-pp",),
-        valid=POSITIVE)
+        1, "Pipeline stages (contiguous layer ranges; combines with -tp). Models: Llama, "
+        "Mistral, Qwen2, Qwen3, Phi-3.", aliases=("-pp",), valid=POSITIVE)
     distributed_executor_backend: Optional[str] = option(
-        None, "Executor for several devices: ray (multi-node) or mp (local processes).",
-        choices=("ray", "mp"), supported=(None, "mp"),
-        supported_desc="None (one device, or mp for several ranks), mp",
-        planned="ray: " + DIST_ISSUE)
+        None, "Executor for several ranks: mp (local processes, the default) or ray (Ray "
+        "actors in a placement group; joins a running cluster or RAY_ADDRESS, else starts a "
+        "local one; needs pip install 'pagedllm[ray]'; CPU only so far).",
+        choices=("ray", "mp"))
     worker_use_ray: bool = option(
-        False, "Deprecated: use --distributed-executor-backend ray.", supported=DEFAULT_ONLY,
-        planned="deprecated alias of --distributed-executor-backend ray; " + DIST_ISSUE)
+        False, "Deprecated: use --distributed-executor-backend ray.",
+        deprecated="use --distributed-executor-backend ray")
     disable_custom_all_reduce: bool = option(False, "Use the library all-reduce only (no "
                                              "all-reduce runs at one device).")
-    ray_workers_use_nsight: bool = option(False, "Profile Ray workers with nsight.",
-                                          supported=DEFAULT_ONLY, planned=DIST_ISSUE)
+    ray_workers_use_nsight: bool = option(
+        False, "Profile Ray workers with nsight.", supported=DEFAULT_ONLY,
+        planned="needs CUDA and nsys (Ray runtime_env nsight); the Ray backend runs on CPU "
+        "only, " + DIST_ISSUE)
 
     @property
     def world_size(self) -> int:
@@ -432,7 +433,7 @@ class DecodingConfig:
     guided_decoding_backend: str = option(
         "outlines", "Default engine for JSON-schema/regex/choice/grammar constraints; a request "
         "may override it (guided_decoding_backend). Built: outlines (outlines_core; no "
-        "guided_grammar) and xgrammar; lm-format-enforcer requests fail naming this flag.",
+        "guided_grammar), xgrammar (everything) and lm-format-enforcer (no guided_grammar).",
         choices=("outlines", "lm-format-enforcer", "xgrammar"))
 
 
@@ -449,19 +450,18 @@ class ObservabilityConfig:
         "--otlp-traces-endpoint.", supported=DEFAULT_ONLY, planned="OpenTelemetry tracing")
 
 
-_POOL = "tokenizer pool; tokenization runs inline"
-
-
 @dataclass(frozen=True)
 class TokenizerPoolConfig:
-    """Asynchronous tokenizer pool (not built: tokenization runs inline)."""
-    tokenizer_pool_size: int = option(0, "Tokenizer pool size; 0 tokenizes inline.",
-                                      valid=NON_NEGATIVE, supported=(0,), planned=_POOL)
-    tokenizer_pool_type: str = option("ray", "Tokenizer pool type.", supported=DEFAULT_ONLY,
-                                      planned=_POOL)
+    """Prompt tokenization in a pool of Ray actors (pagedllm/engine/tokenizer_pool.py)."""
+    tokenizer_pool_size: int = option(
+        0, "Ray actors that tokenize prompts (asynchronously for the server); 0 tokenizes "
+        "in the engine process.", valid=NON_NEGATIVE)
+    tokenizer_pool_type: str = option(
+        "ray", "Tokenizer pool type (used when --tokenizer-pool-size > 0).", supported=("ray",),
+        planned="custom tokenizer group classes")
     tokenizer_pool_extra_config: Optional[dict] = option(
-        None, "JSON options of the tokenizer pool.", cli_type="json", metavar="JSON",
-        supported=DEFAULT_ONLY, planned=_POOL)
+        None, 'Ray actor options of the pool\'s actors as JSON (default {"num_cpus": 0}); '
+        "needs --tokenizer-pool-size > 0.", cli_type="json", metavar="JSON")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,19 @@
-"""Process groups and collectives for tensor parallelism (gloo on CPU, NCCL on CUDA).
+"""Process groups and collectives for tensor and pipeline parallelism (gloo on CPU, NCCL on
+CUDA).
 
 The only mutable module state is ``STATE``, one ``ParallelState`` describing this process:
-its tensor-parallel rank and size, the ``torch.distributed`` group and, on CPU, the
-shared-memory communicator. Every collective is a no-op at tensor-parallel size 1, so
+its tensor-parallel rank and size, its pipeline stage, the ``torch.distributed`` groups and,
+on CPU, the shared-memory communicator. Every collective is a no-op at size 1, so
 single-device code paths never touch ``torch.distributed``.
+
+Layout of ``tp x pp`` ranks: global rank = ``pp_rank * tp + tp_rank``. Each stage's ``tp``
+consecutive ranks form a tensor-parallel group (all-reduce / all-gather); the ranks with the
+same ``tp_rank`` form a pipeline group. Stage ``s`` tensor rank ``t`` sends its hidden
+states (replicated within the stage after the row-parallel all-reduce) to stage ``s+1``
+tensor rank ``t``; the last stage broadcasts the logits over each pipeline group::
+
+    tp=2, pp=2:   stage 0: [rank 0, rank 1]  --send-->  stage 1: [rank 2, rank 3]
+                  pipeline groups: {0, 2}, {1, 3}     tensor groups: {0, 1}, {2, 3}
 
 On CPU, ``all_reduce`` and ``all_gather`` of tensors up to ``ShmComm.SLOT_BYTES`` go through
 ``ShmComm`` (a file in /dev/shm mapped by every rank; ~10x faster than gloo's TCP loopback
@@ -33,9 +43,10 @@ class ParallelState:
     shm: "ShmComm | None" = None  # the shared-memory fast path (CPU only)
     pp_size: int = 1
     pp_rank: int = 0  # this process's pipeline stage
+    pp_group: Any = None  # the ranks of every stage with this tp_rank (None at size 1)
 
 
-STATE = ParallelState()  # this process's place in the tensor-parallel group
+STATE = ParallelState()  # this process's place in the tensor / pipeline groups
 
 
 def get_tp_size() -> int:
@@ -69,14 +80,19 @@ def stage_layers(num_layers: int) -> range:
     return range(start, start + per + (STATE.pp_rank < extra))
 
 
+def _global_rank(pp_rank: int) -> int:
+    """The global rank of stage ``pp_rank``'s counterpart of this tensor-parallel rank."""
+    return pp_rank * STATE.tp_size + STATE.tp_rank
+
+
 def send_to_next_stage(x: torch.Tensor) -> None:
-    dist.send(x.contiguous(), dst=STATE.pp_rank + 1)
+    dist.send(x.contiguous(), dst=_global_rank(STATE.pp_rank + 1))
 
 
 def recv_from_prev_stage(shape: tuple[int, ...], dtype: torch.dtype,
                          device: torch.device | None = None) -> torch.Tensor:
     x = torch.empty(shape, dtype=dtype, device=device)
-    dist.recv(x, src=STATE.pp_rank - 1)
+    dist.recv(x, src=_global_rank(STATE.pp_rank - 1))
     return x
 
 
@@ -88,7 +104,8 @@ def broadcast_from_last_stage(x: torch.Tensor | None, shape: tuple[int, ...],
         return x
     if x is None:
         x = torch.empty(shape, dtype=dtype, device=device)
-    dist.broadcast(x.contiguous(), src=STATE.pp_size - 1)
+    x = x.contiguous()
+    dist.broadcast(x, src=_global_rank(STATE.pp_size - 1), group=STATE.pp_group)
     return x
 
 
@@ -99,6 +116,24 @@ def world_min(value: int) -> int:
     t = torch.tensor([value])
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t)
+
+
+def in_turns(fn, max_concurrent: int | None):
+    """Run ``fn`` on at most ``max_concurrent`` ranks at a time, in global rank order (all
+    ranks call this; e.g. --max-parallel-loading-workers bounds the host RAM that loading
+    takes). Returns ``fn``'s result and the wall-clock ``(start, end)`` of this rank's run."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    batch = max_concurrent or world
+    result, window = None, (0.0, 0.0)
+    for turn in range(-(-world // batch)):
+        if rank // batch == turn:
+            start = time.time()
+            result = fn()
+            window = (start, time.time())
+        if batch < world:
+            dist.barrier()
+    return result, window
 
 
 def free_port() -> int:
@@ -173,7 +208,7 @@ class ShmComm:
 
     def _check_peers(self, seq: int) -> None:
         for r in range(self.world):
-            if int(self._flags[r]) < seq and not _alive(int(self._pids[r])):
+            if int(self._flags[r]) < seq and not pid_alive(int(self._pids[r])):
                 raise RuntimeError(f"tensor-parallel rank {r} (pid {int(self._pids[r])}) died "
                                    "during a collective")
 
@@ -198,7 +233,7 @@ class ShmComm:
             pass
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return True  # not attached yet
     try:
@@ -209,26 +244,38 @@ def _alive(pid: int) -> bool:
 
 
 def init_distributed(world_size: int, rank: int, init_method: str, backend: str = "gloo",
-                     timeout_s: float = 60.0, shm_path: str | None = None,
+                     timeout_s: float = 60.0, shm_paths: list[str] | None = None,
                      pp_size: int = 1) -> None:
-    """Join the group of ``world_size`` ranks (one per process): tensor-parallel ranks, or
-    (``pp_size`` = ``world_size``) pipeline stages; ``shm_path`` (a
-    ``ShmComm.create_file``) enables the shared-memory tensor-parallel collectives."""
+    """Join the group of ``world_size`` = ``tp * pp_size`` ranks (one per process) laid out
+    as in the module docstring; ``shm_paths`` (one ``ShmComm.create_file`` per stage)
+    enables the shared-memory tensor-parallel collectives."""
     if world_size == 1:
-        STATE.tp_size, STATE.tp_rank, STATE.group, STATE.shm = 1, 0, None, None
-        STATE.pp_size, STATE.pp_rank = 1, 0
+        _reset_state()
         return
-    if pp_size not in (1, world_size):
-        raise ValueError("tensor and pipeline parallelism together are not supported yet")
+    if world_size % pp_size:
+        raise ValueError(f"world size {world_size} does not divide by the {pp_size} stages")
+    tp = world_size // pp_size
     dist.init_process_group(backend, init_method=init_method, world_size=world_size,
                             rank=rank, timeout=datetime.timedelta(seconds=timeout_s))
+    STATE.pp_size, STATE.pp_rank = pp_size, rank // tp
+    STATE.tp_size, STATE.tp_rank = tp, rank % tp
+    # every rank creates every group, in the same order (torch.distributed requires it)
+    tp_groups = ([dist.group.WORLD] if pp_size == 1 else
+                 [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp_size)])
+    pp_groups = ([dist.group.WORLD] if tp == 1 else
+                 [dist.new_group(list(range(t, world_size, tp))) for t in range(tp)])
+    if tp > 1:
+        STATE.group = tp_groups[STATE.pp_rank]
+        STATE.shm = (ShmComm(shm_paths[STATE.pp_rank], STATE.tp_rank, tp) if shm_paths
+                     else None)
     if pp_size > 1:
-        STATE.pp_size, STATE.pp_rank = pp_size, rank
-        dist.barrier()
-        return
-    STATE.tp_size, STATE.tp_rank, STATE.group = world_size, rank, dist.group.WORLD
-    STATE.shm = ShmComm(shm_path, rank, world_size) if shm_path else None
-    dist.barrier(group=STATE.group)  # every rank has mapped the file and written its pid
+        STATE.pp_group = pp_groups[STATE.tp_rank]
+    dist.barrier()  # every rank has mapped its stage's file and written its pid
+
+
+def _reset_state() -> None:
+    STATE.tp_size, STATE.tp_rank, STATE.group, STATE.shm = 1, 0, None, None
+    STATE.pp_size, STATE.pp_rank, STATE.pp_group = 1, 0, None
 
 
 def destroy_distributed() -> None:
@@ -236,8 +283,7 @@ def destroy_distributed() -> None:
         STATE.shm.close()
     if dist.is_initialized():
         dist.destroy_process_group()
-    STATE.tp_size, STATE.tp_rank, STATE.group, STATE.shm = 1, 0, None, None
-    STATE.pp_size, STATE.pp_rank = 1, 0
+    _reset_state()
 
 
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -264,9 +310,10 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Tensor rank ``src``'s ``x`` on every rank of this stage's tensor-parallel group."""
     if STATE.tp_size == 1:
         return x
-    dist.broadcast(x, src=src, group=STATE.group)
+    dist.broadcast(x, src=STATE.pp_rank * STATE.tp_size + src, group=STATE.group)
     return x
 
 
@@ -274,7 +321,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if STATE.tp_size == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=STATE.group)
+    dist.broadcast_object_list(box, src=STATE.pp_rank * STATE.tp_size + src, group=STATE.group)
     return box[0]
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv (if missing) and install pagedllm with its test dependencies into it.
+# Create ./.venv (if missing) and install pagedllm with its test dependencies (and ray) into it.
 # torch: an already importable torch is kept; otherwise torch 2.13.0 is installed first
 # (on CPU-only machines pip may take a CPU build that lies on disk), then the package.
 set -euo pipefail
@@ -9,7 +9,8 @@ PYTHON=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q "torch>=2.4,<2.15"
 fi
-.venv/bin/pip install -q -e ".[test]"
+# test + ray (the Ray executor's tests; ray without extras, ~80 MB)
+.venv/bin/pip install -q -e ".[test,ray]"
 # Structured output backends (the `guided` extra): xgrammar runs on CPU without triton, which
 # its metadata would pull, so it comes without deps plus its one real dependency.
 if ! .venv/bin/python -c "import xgrammar" 2>/dev/null; then
@@ -18,3 +19,6 @@ if ! .venv/bin/python -c "import xgrammar" 2>/dev/null; then
 fi
 .venv/bin/python -c "import outlines_core" 2>/dev/null || \
   .venv/bin/pip install -q "outlines_core>=0.2.14,<0.3"
+# lm-format-enforcer pulls only interegular (pydantic, pyyaml, packaging are already here).
+.venv/bin/python -c "import lmformatenforcer" 2>/dev/null || \
+  .venv/bin/pip install -q "lm-format-enforcer>=0.11,<0.12"

@@ -75,11 +75,14 @@ class AttentionBackend:
     needs_packed_prefill = False  # runner must fill AttentionMetadata.prefill_* tensors
 
     def write_kv_cache(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
+                       slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                       v_scale: float = 1.0) -> None:
+        """Store K/V at ``slot_mapping`` (an fp8 cache stores k / k_scale, v / v_scale)."""
         raise NotImplementedError
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, *,
-               scale: float, sliding_window: int | None, soft_cap: float | None) -> torch.Tensor:
+               scale: float, sliding_window: int | None, soft_cap: float | None,
+               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -102,3 +105,4 @@ class ForwardContext:
     attn_metadata: AttentionMetadata
     kv_caches: list[torch.Tensor]  # per layer [2, num_blocks * block_size, num_kv_heads, head_dim]
     backend: AttentionBackend | None = None  # None: the PyTorch reference
+    kv_scales: list[tuple[float, float]] | None = None  # per layer (k, v) of an fp8 cache

@@ -26,10 +26,11 @@ class Attention(nn.Module):
         kv_cache = ctx.kv_caches[self.layer_idx]
         meta = ctx.attn_metadata
         backend = ctx.backend or DEFAULT_BACKEND
+        k_scale, v_scale = ctx.kv_scales[self.layer_idx] if ctx.kv_scales else (1.0, 1.0)
         backend.write_kv_cache(kv_cache, k.view(num_tokens, self.num_kv_heads, self.head_dim),
                                v.view(num_tokens, self.num_kv_heads, self.head_dim),
-                               meta.slot_mapping)
+                               meta.slot_mapping, k_scale, v_scale)
         out = backend.attend(q.view(num_tokens, self.num_heads, self.head_dim), kv_cache, meta,
                              scale=self.scale, sliding_window=self.sliding_window,
-                             soft_cap=self.soft_cap)
+                             soft_cap=self.soft_cap, k_scale=k_scale, v_scale=v_scale)
         return out.view(num_tokens, self.num_heads * self.head_dim)

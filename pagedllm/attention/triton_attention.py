@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention.backend import AttentionMetadata, PrefillSeq
+from pagedllm.attention.kv_quant import is_fp8
 from pagedllm.attention.torch_ref import paged_attention as _paged_attention_ref
+from pagedllm.attention.torch_ref import write_kv_cache as _write_kv_cache_ref
 
 _LOG2E = 1.4426950408889634
 
@@ -44,7 +46,9 @@ def _write_kv_cache_kernel(
     stride_kt, stride_kh,  # k strides (token, head); head_dim stride is 1
     stride_vt, stride_vh,
     stride_kv, stride_slot, stride_kvh,  # kv_cache strides (K/V, slot, head)
+    inv_k_scale, inv_v_scale,  # fp8 cache: stored values are k / k_scale, v / v_scale
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP8_MAX: tl.constexpr,  # 0: not an fp8 cache; else the format's largest finite value
 ):
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
@@ -54,13 +58,18 @@ def _write_kv_cache_kernel(
     k = tl.load(k_ptr + tok * stride_kt + heads[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + tok * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask)
     dst = kv_ptr + slot * stride_slot + heads[:, None] * stride_kvh + offs_d[None, :]
+    if FP8_MAX > 0:
+        k = tl.clamp(k.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX)
     tl.store(dst, k.to(kv_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_kv, v.to(kv_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                   v_scale: float = 1.0) -> None:
     """Scatter this step's K/V into the paged cache; tokens whose slot is < 0 are skipped.
+    An fp8 cache stores k / k_scale and v / v_scale, saturated to the format's range.
 
     kv_cache [2, num_slots, num_kv_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim];
     slot_mapping [num_tokens] int64.
@@ -85,16 +94,21 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _write_kv_cache_kernel[grid](
         kv_cache, k, v, slot_mapping, num_kv_heads,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 1.0 / k_scale, 1.0 / v_scale,
+        HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, FP8_MAX=_fp8_max(kv_cache.dtype),
+        num_warps=4)
 
 
 def write_kv_cache_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
+                       slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                       v_scale: float = 1.0) -> None:
     """Reference: ``torch_ref.write_kv_cache`` on the tokens whose slot is >= 0 (syncs)."""
     keep = slot_mapping >= 0
-    kv_cache[0].index_copy_(0, slot_mapping[keep], k[keep].to(kv_cache.dtype))
-    kv_cache[1].index_copy_(0, slot_mapping[keep], v[keep].to(kv_cache.dtype))
+    _write_kv_cache_ref(kv_cache, k[keep], v[keep], slot_mapping[keep], k_scale, v_scale)
+
+
+def _fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max) if is_fp8(dtype) else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +173,7 @@ def _paged_decode_kernel(
     stride_qs, stride_qh, stride_os, stride_oh,
     stride_kv, stride_slot, stride_kvh, stride_bt,
     num_seqs, num_heads,
-    qk_scale, cap_scale, sliding_window,
+    qk_scale, cap_scale, sliding_window, v_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
@@ -203,7 +217,7 @@ def _paged_decode_kernel(
         m_i, l_i, acc = _softmax_step(s, v.to(q.dtype), m_i, l_i, acc, DOT_PRECISION)
 
     if NUM_SPLITS == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # seq_len 0 -> zeros
+        out = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]  # seq_len 0 -> 0
         tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
     else:
@@ -219,7 +233,7 @@ def _paged_decode_reduce_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]
     part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] fp32
     part_ml_ptr,  # [2, num_seqs, num_heads, NUM_SPLITS] fp32
-    stride_os, stride_oh, num_seqs, num_heads,
+    stride_os, stride_oh, num_seqs, num_heads, v_scale,
     NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -238,7 +252,7 @@ def _paged_decode_reduce_kernel(
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.math.exp2(m - m_max)  # [SPLITS_P2]; empty splits weigh 0
     l_sum = tl.sum(l * w, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum == 0.0, 1.0, l_sum)  # [BLOCK_D]
+    out = tl.sum(acc * w[:, None], 0) * (v_scale / tl.where(l_sum == 0.0, 1.0, l_sum))
     tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
@@ -246,8 +260,8 @@ def _paged_decode_reduce_kernel(
 def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, *, scale: float, block_size: int,
                            sliding_window: int | None = None, soft_cap: float | None = None,
-                           out: torch.Tensor | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, num_splits: int | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Attention of one new query token per sequence over its paged keys.
 
     q [num_seqs, num_heads, head_dim]; kv_cache [2, num_slots, num_kv_heads, head_dim];
@@ -298,14 +312,14 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
         out, part_acc, part_ml, q, kv_cache, block_table, seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
-        num_seqs, num_heads, qk_scale, cap_scale, sliding_window or 0,
+        num_seqs, num_heads, qk_scale * k_scale, cap_scale, sliding_window or 0, v_scale,
         GROUP=group, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=bool(soft_cap),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=3)
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_seqs, num_heads)](
-            out, part_acc, part_ml, out.stride(0), out.stride(1), num_seqs, num_heads,
+            out, part_acc, part_ml, out.stride(0), out.stride(1), num_seqs, num_heads, v_scale,
             NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4)
     return out
@@ -334,7 +348,8 @@ def _decode_block_n(head_dim: int, block_size: int) -> int:
 def paged_attention_decode_ref(q: torch.Tensor, kv_cache: torch.Tensor,
                                block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                                scale: float, block_size: int, sliding_window: int | None = None,
-                               soft_cap: float | None = None) -> torch.Tensor:
+                               soft_cap: float | None = None, k_scale: float = 1.0,
+                               v_scale: float = 1.0) -> torch.Tensor:
     """Reference: ``torch_ref.paged_attention`` with every row a decode; rows with
     seq_len 0 give zeros. Same shapes as ``paged_attention_decode``."""
     meta = AttentionMetadata(
@@ -342,7 +357,7 @@ def paged_attention_decode_ref(q: torch.Tensor, kv_cache: torch.Tensor,
         num_decodes=q.shape[0], decode_seq_lens=seq_lens.long(),
         decode_block_table=block_table.long(), prefills=[])
     out = _paged_attention_ref(q, kv_cache, meta, scale=scale, sliding_window=sliding_window,
-                               soft_cap=soft_cap)
+                               soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
     return torch.where((seq_lens > 0)[:, None, None], out, torch.zeros_like(out))
 
 
@@ -360,7 +375,7 @@ def _paged_prefill_kernel(
     query_start_loc_ptr,  # [num_seqs + 1] int32
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv, stride_slot, stride_kvh, stride_bt,
-    qk_scale, cap_scale, sliding_window,
+    qk_scale, cap_scale, sliding_window, v_scale,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -408,7 +423,7 @@ def _paged_prefill_kernel(
         s = tl.where(visible, s, float("-inf"))
         m_i, l_i, acc = _softmax_step(s, v.to(q.dtype), m_i, l_i, acc, DOT_PRECISION)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + heads * stride_oh
     tl.store(out_ptr + o_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_valid[:, None] & d_mask[None, :])
@@ -418,7 +433,8 @@ def paged_attention_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_table
                             seq_lens: torch.Tensor, query_start_loc: torch.Tensor, *,
                             scale: float, block_size: int, max_query_len: int,
                             sliding_window: int | None = None, soft_cap: float | None = None,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of varlen query chunks over their cached context and themselves.
 
     q [num_tokens, num_heads, head_dim]; kv_cache [2, num_slots, num_kv_heads, head_dim] (the
@@ -461,7 +477,7 @@ def paged_attention_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         out, q, kv_cache, block_tables, seq_lens, query_start_loc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_tables.stride(0),
-        qk_scale, cap_scale, sliding_window or 0,
+        qk_scale * k_scale, cap_scale, sliding_window or 0, v_scale,
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, USE_WINDOW=sliding_window is not None,
         USE_SOFT_CAP=bool(soft_cap), DOT_PRECISION=_dot_precision(q.dtype),
@@ -473,7 +489,8 @@ def paged_attention_prefill_ref(q: torch.Tensor, kv_cache: torch.Tensor,
                                 block_tables: torch.Tensor, seq_lens: torch.Tensor,
                                 query_start_loc: torch.Tensor, *, scale: float, block_size: int,
                                 sliding_window: int | None = None,
-                                soft_cap: float | None = None) -> torch.Tensor:
+                                soft_cap: float | None = None, k_scale: float = 1.0,
+                                v_scale: float = 1.0) -> torch.Tensor:
     """Reference: ``torch_ref.paged_attention`` with every sequence a prefill (syncs).
     Same shapes as ``paged_attention_prefill``."""
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
@@ -488,7 +505,7 @@ def paged_attention_prefill_ref(q: torch.Tensor, kv_cache: torch.Tensor,
                              num_decodes=0, decode_seq_lens=None, decode_block_table=None,
                              prefills=prefills)
     out = _paged_attention_ref(q, kv_cache, meta, scale=scale, sliding_window=sliding_window,
-                               soft_cap=soft_cap)
+                               soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
     covered = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
     for seq in prefills:
         covered[seq.token_start:seq.token_start + seq.num_query_tokens] = True

@@ -16,23 +16,23 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     needs_packed_prefill = True
 
-    def write_kv_cache(self, kv_cache, k, v, slot_mapping) -> None:
-        kernels.write_kv_cache(kv_cache, k, v, slot_mapping)
+    def write_kv_cache(self, kv_cache, k, v, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
+        kernels.write_kv_cache(kv_cache, k, v, slot_mapping, k_scale, v_scale)
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, *,
-               scale: float, sliding_window: int | None,
-               soft_cap: float | None) -> torch.Tensor:
+               scale: float, sliding_window: int | None, soft_cap: float | None,
+               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
         nd = meta.num_decodes
         if nd:
             kernels.paged_attention_decode(
                 q[:nd], kv_cache, meta.decode_block_table, meta.decode_seq_lens, scale=scale,
                 block_size=meta.block_size, sliding_window=sliding_window, soft_cap=soft_cap,
-                out=out[:nd])
+                out=out[:nd], k_scale=k_scale, v_scale=v_scale)
         if meta.prefills:
             kernels.paged_attention_prefill(
                 q[nd:], kv_cache, meta.prefill_block_table, meta.prefill_seq_lens,
                 meta.prefill_query_start_loc, scale=scale, block_size=meta.block_size,
                 max_query_len=meta.max_prefill_query_len, sliding_window=sliding_window,
-                soft_cap=soft_cap, out=out[nd:])
+                soft_cap=soft_cap, out=out[nd:], k_scale=k_scale, v_scale=v_scale)
         return out

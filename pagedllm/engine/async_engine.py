@@ -34,6 +34,7 @@ import torch
 
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.inputs import PromptInputs
+from pagedllm.engine.tokenizer_pool import pretokenize
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -124,6 +125,7 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, log_requests: bool = True,
                  max_log_len: int | None = None) -> None:
         self.engine = engine
+        self._tokenizer_pool = getattr(getattr(engine, "inputs", None), "pool", None)
         self.log_requests = log_requests
         self.max_log_len = max_log_len
         self.stat_listeners: list[StatListener] = []
@@ -178,6 +180,8 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         arrival_time = time.time() if arrival_time is None else arrival_time
+        # with --tokenizer-pool-size, text is tokenized here by the pool, not by the engine
+        prompt = await pretokenize(self._tokenizer_pool, prompt)
         stream = RequestStream(request_id, RequestStats(request_id, arrival_time, params))
         self._streams[request_id] = stream
         done = self._loop.create_future()

@@ -42,7 +42,7 @@ class LLMEngine:
     def __init__(self, config, log_stats: bool | None = None) -> None:
         self.config = config
         mc, cc, sc = config.model, config.cache, config.scheduler
-        self.inputs = PromptProcessor(mc)
+        self.inputs = PromptProcessor(mc, config.tokenizer_pool)
         self.tokenizer = self.inputs.tokenizer
         self.executor = make_executor(config)  # one Worker, or tensor-parallel ranks
         self.worker = self.executor.driver_worker

@@ -36,11 +36,15 @@ def _generation_eos_ids(model_path: str) -> set[int]:
 
 
 class PromptProcessor:
-    def __init__(self, model_config) -> None:
+    def __init__(self, model_config, pool_config=None) -> None:
+        from pagedllm.engine.tokenizer_pool import make_tokenizer_pool
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.vocab_size
         self.tokenizer = None if model_config.skip_tokenizer_init else \
             load_tokenizer(model_config)
+        # --tokenizer-pool-size > 0: text prompts are encoded by Ray actors
+        self.pool = (make_tokenizer_pool(model_config, pool_config)
+                     if pool_config is not None else None)
         eos = _generation_eos_ids(model_config.model_path)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -56,7 +60,7 @@ class PromptProcessor:
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; with --skip-tokenizer-init pass "
                                  "prompt_token_ids")
-            token_ids = self.tokenizer.encode(text)
+            token_ids = (self.pool or self.tokenizer).encode(text)
         self._validate(token_ids)
         return text, list(token_ids)
 

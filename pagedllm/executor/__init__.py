@@ -1,30 +1,49 @@
 """Executors: what the engine calls to run a step on one or several devices.
 
-- ``UniProcExecutor``: today's single ``Worker`` in the engine process.
-- ``MultiprocExecutor`` (``--distributed-executor-backend mp``): rank 0 (tensor-parallel
-  rank 0, or the first pipeline stage) in the engine process, ranks 1.. in spawned worker
-  processes.
+- ``UniProcExecutor``: a single ``Worker`` in the engine process (one device, default).
+- ``MultiprocExecutor`` (``--distributed-executor-backend mp``, the default for several
+  ranks): rank 0 in the engine process, ranks 1.. in spawned local processes.
+- ``RayExecutor`` (``--distributed-executor-backend ray``, or the deprecated
+  ``--worker-use-ray``): rank 0 in the engine process, ranks 1.. in Ray actors.
 
-Both offer ``driver_worker``, ``num_gpu_blocks``, ``num_cpu_blocks``,
-``execute_model(scheduler_output)``, ``collective_rpc(fn)`` and ``shutdown()``.
+Ranks are ``tensor_parallel_size x pipeline_parallel_size``, laid out as documented in
+``pagedllm.distributed``. All offer ``driver_worker``, ``num_gpu_blocks``, ``num_cpu_blocks``,
+``healthy``, ``execute_model(scheduler_output)``, ``collective_rpc(fn)`` and ``shutdown()``.
 """
 from __future__ import annotations
+
+import importlib.util
+
+
+def resolve_backend(pc) -> str:
+    """``uni``, ``mp`` or ``ray`` from --distributed-executor-backend and --worker-use-ray."""
+    backend = pc.distributed_executor_backend
+    if pc.worker_use_ray:
+        if backend not in (None, "ray"):
+            raise ValueError(f"--worker-use-ray cannot be combined with "
+                             f"--distributed-executor-backend {backend}; use "
+                             "--distributed-executor-backend ray alone")
+        backend = "ray"
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError("--distributed-executor-backend ray needs the ray package: "
+                         "pip install 'pagedllm[ray]'")
+    if backend is None:
+        return "mp" if pc.world_size > 1 else "uni"
+    if backend == "mp" and pc.world_size == 1:
+        return "uni"  # one rank needs no process of its own
+    return backend
 
 
 def make_executor(config):
     pc = config.parallel
-    if pc.pipeline_parallel_size > 1 and pc.tensor_parallel_size > 1:
-        raise ValueError("--pipeline-parallel-size > 1 together with --tensor-parallel-size "
-                         "> 1 is not supported yet (issue #7); use one of them")
-    if pc.distributed_executor_backend == "ray" or pc.worker_use_ray:
-        raise ValueError("--distributed-executor-backend ray is not supported yet (issue #7); "
-                         "supported: mp")
-    loading = config.load.max_parallel_loading_workers if hasattr(config, "load") else None
-    if loading is not None and loading < pc.world_size:
-        raise ValueError(f"--max-parallel-loading-workers {loading} below the "
-                         f"{pc.world_size} ranks is not supported yet (issue #7): every rank "
-                         "loads its shard at once")
-    if pc.world_size == 1:
+    backend = resolve_backend(pc)
+    if backend == "ray":
+        if config.device.device != "cpu":
+            raise ValueError("--distributed-executor-backend ray runs on CPU only so far "
+                             "(GPU placement: issues #5, #7); use mp on CUDA")
+        from pagedllm.executor.ray_executor import RayExecutor
+        return RayExecutor(config)
+    if backend == "uni":
         from pagedllm.executor.uniproc import UniProcExecutor
         return UniProcExecutor(config)
     from pagedllm.executor.multiproc import MultiprocExecutor

@@ -1,8 +1,8 @@
-"""Tensor parallelism over local processes (``--distributed-executor-backend mp``).
+"""Tensor and pipeline parallelism over local processes (``--distributed-executor-backend mp``).
 
-Rank 0 lives in the engine process; ranks 1..tp-1 are processes started with
-``torch.multiprocessing``'s spawn context, each with a ``Worker`` holding its shard and its
-KV heads. Each step rank 0 pickles the ``SchedulerOutput`` once and writes the bytes to
+Rank 0 lives in the engine process; ranks 1..tp*pp-1 are processes started with
+``torch.multiprocessing``'s spawn context, each with a ``Worker`` holding its shard of its
+stage's layers and its KV heads (rank layout: ``pagedllm.distributed``). Each step rank 0 pickles the ``SchedulerOutput`` once and writes the bytes to
 every worker's pipe (measured in ``broadcast_stats``: 0.4-1.4 KB and 0.1-0.4 ms a step on
 the tiny models), then runs its own worker; all ranks run the model (collectives over gloo
 on CPU, NCCL on CUDA; on CPU small all-reduces and all-gathers go through shared memory,
@@ -28,10 +28,10 @@ import weakref
 from multiprocessing import connection as mp_connection
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pagedllm.distributed import (STATE, ShmComm, destroy_distributed, free_port,
-                                  init_distributed)
+from pagedllm.distributed import ShmComm, destroy_distributed, free_port, init_distributed
 
 _STARTUP_TIMEOUT_S = 300.0
 
@@ -44,13 +44,13 @@ def _threads_per_rank(tp: int) -> int:
     return max(1, (os.cpu_count() or 1) // tp)
 
 
-def _worker_main(config, rank: int, world: int, init_method: str, shm_path, conn) -> None:
+def _worker_main(config, rank: int, world: int, init_method: str, shm_paths, conn) -> None:
     from pagedllm.worker.worker import Worker
     try:
         conn.send(("hello", None))  # started: rank 0 may now join the group
         torch.set_num_threads(_threads_per_rank(world))
         init_distributed(world, rank, init_method, _backend(config), timeout_s=_STARTUP_TIMEOUT_S,
-                         shm_path=shm_path, pp_size=config.parallel.pipeline_parallel_size)
+                         shm_paths=shm_paths, pp_size=config.parallel.pipeline_parallel_size)
         worker = Worker(config)
         conn.send(("ready", None))
         while True:
@@ -107,12 +107,32 @@ def check_tensor_parallel(hf_config, tp: int) -> None:
                          f"{kv_heads} KV heads")
 
 
+def check_no_running_group() -> None:
+    """One parallel engine per process: ``torch.distributed`` holds one default group."""
+    if dist.is_initialized():
+        gc.collect()  # an unreferenced earlier engine shuts its executor down when collected
+    if dist.is_initialized():
+        raise RuntimeError("a parallel engine is already running in this process; call its "
+                           "executor's shutdown() first")
+
+
+def shm_files(config) -> list[str] | None:
+    """One shared-memory file per pipeline stage for the CPU tensor-parallel collectives
+    (None on CUDA, at tp=1 or with --disable-custom-all-reduce); the caller unlinks them."""
+    pc = config.parallel
+    if (_backend(config) != "gloo" or pc.tensor_parallel_size == 1
+            or pc.disable_custom_all_reduce):
+        return None
+    return [ShmComm.create_file(pc.tensor_parallel_size)
+            for _ in range(pc.pipeline_parallel_size)]
+
+
 def param_numel(worker) -> int:
     """Number of parameter elements this rank holds (for the shard tests)."""
     return sum(p.numel() for p in worker.model.parameters())
 
 
-def _shutdown(procs, conns, threads: int, shm_path) -> None:
+def _shutdown(procs, conns, threads: int, shm_paths) -> None:
     stop = pickle.dumps(("stop", None))
     for conn in conns:
         try:
@@ -129,18 +149,15 @@ def _shutdown(procs, conns, threads: int, shm_path) -> None:
         conn.close()
     destroy_distributed()
     torch.set_num_threads(threads)
-    if shm_path is not None and os.path.exists(shm_path):
-        os.unlink(shm_path)
+    for path in shm_paths or ():
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 class MultiprocExecutor:
     def __init__(self, config) -> None:
         from pagedllm.worker.worker import Worker
-        if STATE.group is not None:
-            gc.collect()  # an unreferenced earlier engine shuts its executor down when collected
-        if STATE.group is not None:
-            raise RuntimeError("a tensor-parallel engine is already running in this process; "
-                               "call its executor's shutdown() first")
+        check_no_running_group()
         tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
         self.world = world = tp * pp
         check_tensor_parallel(config.model.hf_config, tp)  # fail before starting processes
@@ -148,18 +165,16 @@ class MultiprocExecutor:
         self.broadcast_stats = {"steps": 0, "bytes": 0, "seconds": 0.0}
         self._error: str | None = None
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        # shared-memory collectives on CPU unless --disable-custom-all-reduce
-        shm_path = (ShmComm.create_file(tp) if _backend(config) == "gloo" and tp > 1
-                    and not config.parallel.disable_custom_all_reduce else None)
+        shm_paths = shm_files(config)
         ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
         old_threads = torch.get_num_threads()
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, old_threads,
-                                           shm_path)
+                                           shm_paths)
         for rank in range(1, world):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker_main,
-                               args=(config, rank, world, init_method, shm_path, child),
+                               args=(config, rank, world, init_method, shm_paths, child),
                                name=f"pagedllm-tp-rank{rank}", daemon=True)
             proc.start()
             child.close()
@@ -169,7 +184,7 @@ class MultiprocExecutor:
             self._expect("hello")  # a worker that dies before joining must not hang rank 0
             torch.set_num_threads(_threads_per_rank(world))
             init_distributed(world, 0, init_method, _backend(config),
-                             timeout_s=_STARTUP_TIMEOUT_S, shm_path=shm_path, pp_size=pp)
+                             timeout_s=_STARTUP_TIMEOUT_S, shm_paths=shm_paths, pp_size=pp)
             self.driver_worker = Worker(config)
             self._expect("ready")
         except BaseException as e:

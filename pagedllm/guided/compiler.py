@@ -26,7 +26,8 @@ class CompiledGuide:
 
     def __init__(self, backend: str, grammar: Any, stop_token_ids: tuple[int, ...]) -> None:
         self.backend = backend
-        self.grammar = grammar  # xgrammar.CompiledGrammar or outlines_core.Index
+        # xgrammar.CompiledGrammar, outlines_core.Index or lmfe_backend.LMFEGrammar
+        self.grammar = grammar
         self.stop_token_ids = stop_token_ids  # the only tokens allowed once terminated
 
     def __deepcopy__(self, memo: dict) -> "CompiledGuide":
@@ -34,8 +35,10 @@ class CompiledGuide:
 
     def __reduce__(self):
         """Pickling (the multiprocess executor sends new requests to every rank): xgrammar's
-        own JSON form of the grammar and of its tokenizer info; outlines' index pickles."""
-        if self.backend == "outlines":
+        own JSON form of the grammar and of its tokenizer info; outlines' index pickles;
+        lm-format-enforcer's guide pickles as its constraint and token table (rebuilt once per
+        process)."""
+        if self.backend in ("outlines", "lm-format-enforcer"):
             return (CompiledGuide, (self.backend, self.grammar, self.stop_token_ids))
         return (_load_guide, (self.backend, self.grammar.serialize_json(),
                               self.grammar.tokenizer_info.serialize_json(), self.stop_token_ids))
@@ -44,6 +47,9 @@ class CompiledGuide:
         if self.backend == "outlines":
             from pagedllm.guided.outlines_backend import OutlinesMatcher
             return OutlinesMatcher(self.grammar, self.stop_token_ids)
+        if self.backend == "lm-format-enforcer":
+            from pagedllm.guided.lmfe_backend import LMFEMatcher
+            return LMFEMatcher(self.grammar, self.stop_token_ids)
         import xgrammar as xgr
         return xgr.GrammarMatcher(self.grammar)
 
@@ -70,6 +76,7 @@ class GuidedCompiler:
         self.default_backend = default_backend
         self._xgr_compiler = None
         self._outlines_compiler = None
+        self._lmfe_compiler = None
         self._cache: OrderedDict[tuple[str, str], CompiledGuide] = OrderedDict()
 
     def resolve_backend(self, params: GuidedDecodingParams) -> str:
@@ -94,8 +101,12 @@ class GuidedCompiler:
         if guide is not None:
             self._cache.move_to_end(key)
             return guide
-        compiled = self._compile_outlines(params) if backend == "outlines" else \
-            self._compile_xgrammar(params)
+        if backend == "outlines":
+            compiled = self._compile_outlines(params)
+        elif backend == "lm-format-enforcer":
+            compiled = self._compile_lmfe(params)
+        else:
+            compiled = self._compile_xgrammar(params)
         guide = CompiledGuide(backend, compiled, self.stop_token_ids)
         self._cache[key] = guide
         if len(self._cache) > _MAX_CACHED:
@@ -134,6 +145,27 @@ class GuidedCompiler:
             if str(exc).startswith("guided_grammar"):
                 raise
             raise ValueError(f"invalid guided_{params.kind}: {exc}") from exc
+
+    def _compile_lmfe(self, params: GuidedDecodingParams):
+        from pagedllm.guided.lmfe_backend import LMFECompiler, check_supported
+        check_supported(params)
+        if self._lmfe_compiler is None:
+            try:
+                self._lmfe_compiler = LMFECompiler(self.tokenizer, self.vocab_size,
+                                                   self.stop_token_ids)
+            except ImportError as exc:
+                raise ValueError("the lm-format-enforcer guided decoding backend needs the "
+                                 "'lm-format-enforcer' package: pip install 'pagedllm[guided]' "
+                                 "(or scripts/setup_venv.sh)") from exc
+        try:
+            return self._lmfe_compiler.compile(params)
+        except ValueError as exc:
+            if str(exc).startswith("guided_"):  # not supported by this backend
+                raise
+            raise ValueError(f"invalid guided_{params.kind}: {exc}") from exc
+        except Exception as exc:  # lmformatenforcer's schema errors (plain Exception)
+            name = "" if type(exc) is Exception else f"{type(exc).__name__}: "
+            raise ValueError(f"invalid guided_{params.kind}: {name}{exc}") from exc
 
     def _compile_xgrammar(self, params: GuidedDecodingParams):
         compiler = self._xgrammar()

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 BACKENDS = ("outlines", "lm-format-enforcer", "xgrammar")
-IMPLEMENTED_BACKENDS = ("xgrammar", "outlines")
+IMPLEMENTED_BACKENDS = ("xgrammar", "outlines", "lm-format-enforcer")
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 

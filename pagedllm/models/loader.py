@@ -62,11 +62,19 @@ def iterate_weights(files: list[str], fmt: str) -> Iterator[tuple[str, torch.Ten
 
 def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3,
                        high: float = 1e-3) -> None:
-    generator = torch.Generator().manual_seed(seed)
+    """Seeded uniform weights. On CPU they are drawn in fp32 and cast; on an accelerator they
+    are drawn in place on the device (an 8B model drawn on the host took over a minute)."""
+    generators: dict[torch.device, torch.Generator] = {}
     for param in model.parameters():
-        values = torch.empty(param.shape, dtype=torch.float32).uniform_(low, high,
-                                                                       generator=generator)
-        param.data.copy_(values)
+        device = param.device
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed)
+        if device.type == "cpu":
+            values = torch.empty(param.shape, dtype=torch.float32).uniform_(
+                low, high, generator=generators[device])
+            param.data.copy_(values)
+        else:
+            param.data.uniform_(low, high, generator=generators[device])
 
 
 def load_model(model_config, load_config, device: torch.device) -> nn.Module:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from pagedllm.attention.kv_quant import is_fp8
+
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                        dtype: torch.dtype) -> int:
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = dtype.itemsize
     return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
 
 
@@ -48,6 +50,8 @@ class CacheEngine:
         src_idx = self._slot_index([s for s, _ in pairs], src[0].device)
         dst_idx = self._slot_index([d for _, d in pairs], dst[0].device)
         for s, d in zip(src, dst):
+            if is_fp8(s.dtype):  # CPU index ops lack fp8: copy the bytes
+                s, d = s.view(torch.uint8), d.view(torch.uint8)
             d.index_copy_(1, dst_idx, s.index_select(1, src_idx).to(d.device))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

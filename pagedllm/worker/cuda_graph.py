@@ -35,8 +35,10 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class CUDAGraphRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor],
                  backend: AttentionBackend, block_size: int, max_num_seqs: int,
-                 max_seq_len_to_capture: int, device: torch.device) -> None:
+                 max_seq_len_to_capture: int, device: torch.device,
+                 kv_scales: list[tuple[float, float]] | None = None) -> None:
         self.model = model
+        self.kv_scales = kv_scales
         self.kv_caches = kv_caches
         self.backend = backend
         self.block_size = block_size
@@ -57,7 +59,7 @@ class CUDAGraphRunner:
     def _forward(self, size: int) -> torch.Tensor:
         meta = AttentionMetadata(self.block_size, self.slot_mapping[:size], size,
                                  self.seq_lens[:size], self.block_table[:size], [])
-        ctx = ForwardContext(meta, self.kv_caches, self.backend)
+        ctx = ForwardContext(meta, self.kv_caches, self.backend, self.kv_scales)
         return self.model(self.input_ids[:size], self.positions[:size], ctx)
 
     @torch.inference_mode()

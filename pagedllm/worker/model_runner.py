@@ -53,8 +53,10 @@ class _Batch:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: CacheEngine, device: torch.device,
-                 vocab_size: int, seed: int) -> None:
+                 vocab_size: int, seed: int,
+                 kv_scales: list[tuple[float, float]] | None = None) -> None:
         self.model = model
+        self.kv_scales = kv_scales  # per layer (k, v) scales of an fp8 cache
         self.cache = cache
         self.device = device
         self.block_size = cache.block_size
@@ -168,7 +170,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(meta):
             return self.graphs.run(input_ids, positions, meta)
         return self.model(input_ids, positions, ForwardContext(meta, self.cache.gpu_cache,
-                                                               self.backend))
+                                                               self.backend, self.kv_scales))
 
     def _next_decode_meta(self, meta: AttentionMetadata,
                           positions: torch.Tensor) -> AttentionMetadata:

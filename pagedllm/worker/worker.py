@@ -6,8 +6,11 @@ KV-cache sizing rule (documented in the README):
   what ``max_num_seqs`` full-length sequences could ever use (a zeroed cache larger than
   that could never be filled);
 - on CUDA: ``gpu_memory_utilization`` x device memory, minus what is in use after loading
-  the weights (same cap). No profiling forward yet: activations and CUDA graphs live in the
-  share left over (issue #5).
+  the weights (weights, CUDA context, other processes), minus the activation peak of a
+  profiling step: ``max_num_batched_tokens`` prompt tokens split over up to
+  ``max_num_seqs`` sequences, run through the real runner (forward, logits, top-k/top-p
+  sampling) on a throw-away cache; same cap. CUDA graphs are captured lazily later and
+  live in the share left over (``1 - gpu_memory_utilization``).
 Swap space: ``--swap-space`` GiB of CPU memory, in blocks of the same size.
 """
 from __future__ import annotations
@@ -17,10 +20,13 @@ import logging
 import torch
 
 from pagedllm.core.kv_cache_manager import cdiv
-from pagedllm.distributed import get_pp_size, get_tp_size, world_min
+from pagedllm.core.scheduler_output import NewRequestData, SchedulerOutput
+from pagedllm.attention.kv_quant import is_fp8, kv_cache_torch_dtype, load_kv_scales
+from pagedllm.distributed import get_pp_size, get_tp_rank, get_tp_size, in_turns, world_min
 from pagedllm.models.loader import load_model
 from pagedllm.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
+from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -44,26 +50,37 @@ class Worker:
         mc, cc = config.model, config.cache
         self.device = torch.device(config.device.device)
         torch.manual_seed(mc.seed)
-        self.model = load_model(mc, config.load, self.device)
+        # --max-parallel-loading-workers: ranks load in turns of that many
+        self.model, self.load_window = in_turns(lambda: load_model(mc, config.load, self.device),
+                                                config.load.max_parallel_loading_workers)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.activation_bytes = 0
         tp = get_tp_size()  # each rank caches its KV heads only (one when tp exceeds them)
-        num_kv_heads = mc.num_kv_heads // tp if mc.num_kv_heads >= tp else 1
+        self.num_kv_heads = num_kv_heads = mc.num_kv_heads // tp if mc.num_kv_heads >= tp else 1
+        self.cache_dtype = kv_cache_torch_dtype(cc.kv_cache_dtype, mc.torch_dtype)
+        scales = load_kv_scales(cc.quantization_param_path, mc.num_hidden_layers,
+                                get_tp_rank(), self.cache_dtype)
+        self.kv_scales = scales if is_fp8(self.cache_dtype) else None
         self.block_bytes = kv_bytes_per_block(mc.num_hidden_layers, cc.block_size,
-                                              num_kv_heads, mc.head_dim, mc.torch_dtype)
+                                              num_kv_heads, mc.head_dim, self.cache_dtype)
         # every rank must agree on the block count: take the smallest
         self.num_gpu_blocks = world_min(self._num_gpu_blocks())
         self.num_cpu_blocks = int(cc.swap_space * _GiB) // self.block_bytes
         cache = CacheEngine(mc.num_hidden_layers, num_kv_heads, mc.head_dim, cc.block_size,
-                            self.num_gpu_blocks, self.num_cpu_blocks, mc.torch_dtype, self.device)
-        self.runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed)
+                            self.num_gpu_blocks, self.num_cpu_blocks, self.cache_dtype, self.device)
+        self.runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
+                                  self.kv_scales)
         if self.device.type == "cuda" and not mc.enforce_eager and \
                 self.runner.backend.name == "triton":
             graphs = CUDAGraphRunner(self.model, cache.gpu_cache, self.runner.backend,
                                      cc.block_size, config.scheduler.max_num_seqs,
-                                     mc.max_seq_len_to_capture, self.device)
+                                     mc.max_seq_len_to_capture, self.device,
+                                     self.runner.kv_scales)
             self.runner.graphs = graphs  # graphs are captured on first use of each size
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); swap space %d blocks; "
-                    "maximum concurrency at %d tokens per request: %.1fx",
-                    self.num_gpu_blocks, cc.block_size,
+        logger.info("weights %.2f GiB, activation peak %.2f GiB; KV cache: %d blocks of %d "
+                    "tokens (%.2f GiB); swap space %d blocks; maximum concurrency at %d tokens "
+                    "per request: %.1fx", self.weight_bytes / _GiB,
+                    self.activation_bytes / _GiB, self.num_gpu_blocks, cc.block_size,
                     self.num_gpu_blocks * self.block_bytes / _GiB, self.num_cpu_blocks,
                     mc.max_model_len,
                     self.num_gpu_blocks * cc.block_size / mc.max_model_len)
@@ -73,8 +90,10 @@ class Worker:
         if cc.num_gpu_blocks_override is not None:
             return cc.num_gpu_blocks_override
         if self.device.type == "cuda":
+            self.activation_bytes = self.profile_activation_bytes()
+            # in use now: weights, CUDA context, library workspaces, other processes
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = cc.gpu_memory_utilization * total - (total - free)
+            budget = cc.gpu_memory_utilization * total - (total - free) - self.activation_bytes
         else:
             # the ranks of a CPU host share its RAM
             budget = (cc.gpu_memory_utilization * _available_ram_bytes()
@@ -85,6 +104,43 @@ class Worker:
             raise ValueError("no memory is left for the KV cache after loading the model; raise "
                              "--gpu-memory-utilization or lower --max-model-len")
         return num_blocks
+
+    @torch.inference_mode()
+    def profile_activation_bytes(self) -> int:
+        """Peak memory one full step allocates beyond the weights (see the module docstring)."""
+        mc, cc, sc = self.config.model, self.config.cache, self.config.scheduler
+        bs = cc.block_size
+        num_tokens = sc.max_num_batched_tokens
+        num_seqs = max(min(sc.max_num_seqs, num_tokens), cdiv(num_tokens, mc.max_model_len))
+        lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        lens = [n for n in lens if n > 0]
+        num_blocks = sum(cdiv(n, bs) for n in lens)
+        cache = CacheEngine(mc.num_hidden_layers, self.num_kv_heads, mc.head_dim, bs,
+                            num_blocks, 0, self.cache_dtype, self.device)
+        runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
+                             self.kv_scales)
+        gen = torch.Generator().manual_seed(0)
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
+        params.update_from_generation_config([])
+        reqs, first_block = [], 0
+        for i, n in enumerate(lens):
+            ids = torch.randint(0, mc.vocab_size, (n,), generator=gen).tolist()
+            blocks = list(range(first_block, first_block + cdiv(n, bs)))
+            first_block += len(blocks)
+            reqs.append(NewRequestData(f"profile-{i}", ids, n, params, blocks, 0, 0))
+        so = SchedulerOutput(reqs, [], {r.req_id: len(r.token_ids) for r in reqs}, num_tokens)
+        runner.execute_model(so)  # warm-up: kernels compile, library workspaces are created
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        # the same step again: finished ids are dropped before new requests are added
+        runner.execute_model(SchedulerOutput(reqs, [], so.num_scheduled_tokens, num_tokens,
+                                             finished_req_ids=set(so.num_scheduled_tokens)))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del runner, cache
+        torch.cuda.empty_cache()
+        return peak
 
     def execute_model(self, scheduler_output):
         return self.runner.execute_model(scheduler_output)

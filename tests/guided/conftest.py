@@ -20,3 +20,11 @@ def outlines_llm(model_path):
     pytest.importorskip("outlines_core")
     from pagedllm import LLM
     return LLM(model=model_path, block_size=8, seed=0)  # default --guided-decoding-backend
+
+
+@pytest.fixture(scope="session")
+def lmfe_llm(model_path):
+    pytest.importorskip("lmformatenforcer")
+    from pagedllm import LLM
+    return LLM(model=model_path, block_size=8, guided_decoding_backend="lm-format-enforcer",
+               seed=0)

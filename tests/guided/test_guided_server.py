@@ -92,8 +92,8 @@ def test_chat_json_object_and_guided_choice(client):
     ({"guided_regex": "(unclosed"}, "parenthesis"),
     ({"guided_grammar": "root ::= missing_rule"}, "missing_rule"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "one kind of guided decoding"),
-    ({"guided_regex": "a", "guided_decoding_backend": "lm-format-enforcer"},
-     "lm-format-enforcer"),
+    ({"guided_grammar": ARITH_EBNF, "guided_decoding_backend": "lm-format-enforcer"},
+     "not supported by the lm-format-enforcer backend.*xgrammar"),
 ])
 def test_invalid_constraint_is_400(client, extra, message):
     with pytest.raises(openai.BadRequestError, match=message):
@@ -106,3 +106,12 @@ def test_outlines_backend_per_request(client, stream):
     extra = {"guided_regex": r"[0-9]{3}-[a-z]{2}", "guided_decoding_backend": "outlines"}
     for text in _complete(client, extra, stream=stream):
         assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_lmfe_backend_per_request(client, stream):
+    pytest.importorskip("lmformatenforcer")
+    schema = SCHEMAS["array_enum"]
+    extra = {"guided_json": schema, "guided_decoding_backend": "lm-format-enforcer"}
+    for text in _complete(client, extra, stream=stream):
+        jsonschema.validate(json.loads(text), schema)

@@ -101,12 +101,9 @@ def test_unsupported_tp_fails_at_start_up():
         LLM(model=str(build_tiny_model("gemma")), tensor_parallel_size=2, **ENGINE)
     with pytest.raises(ValueError, match="must divide"):
         LLM(model=str(build_tiny_model("llama")), tensor_parallel_size=3, **ENGINE)
-    for flags, name in [(dict(pipeline_parallel_size=2, tensor_parallel_size=2),
-                         "--pipeline-parallel-size"),
-                        (dict(tensor_parallel_size=2, max_parallel_loading_workers=1),
-                         "--max-parallel-loading-workers"),
-                        (dict(distributed_executor_backend="ray"),
-                         "--distributed-executor-backend")]:
+    for flags, name in [(dict(tensor_parallel_size=2, worker_use_ray=True,
+                              distributed_executor_backend="mp"), "--worker-use-ray"),
+                        (dict(ray_workers_use_nsight=True), "--ray-workers-use-nsight")]:
         with pytest.raises(ValueError, match=name):
             LLM(model=str(build_tiny_model("llama")), **flags, **ENGINE)
 

@@ -1,0 +1,175 @@
+"""Issue #5's GPU workloads in one process: start-up, batch-1 decode vs the roofline, time to
+first token, offline throughput (1000 x 256/256) and the nano-vllm workload, each next to
+Hugging Face ``generate`` (eager, bf16) on the same shape measured in the same run.
+
+    python benchmarks/gpu_workloads.py                 # everything (one H100: ~6 minutes)
+    python benchmarks/gpu_workloads.py --only ttft decode
+
+Models are the config-only directories under benchmarks/configs with dummy weights and no
+tokenizer; prompts are seeded random token ids; EOS is ignored. HF runs on a subset where its
+batch would not fit (the subset is printed). Prints one JSON line per result.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.throughput import bench_hf, copy_bandwidth_gbs, make_prompts, weight_bytes_per_step  # noqa: E402
+
+LLAMA = "benchmarks/configs/llama-3-8b"
+QWEN3 = "benchmarks/configs/qwen3-0.6b"
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def make_llm(model: str, max_model_len: int, **kw):
+    from pagedllm import LLM
+    return LLM(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+               max_model_len=max_model_len, **kw)
+
+
+def free(*objs) -> None:
+    del objs
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def generate(llm, prompts: list[list[int]], output_lens: list[int]) -> tuple[float, int]:
+    from pagedllm import SamplingParams
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert tokens == sum(output_lens)
+    return elapsed, tokens
+
+
+def hf_model(model: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(model)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+
+
+def bench_startup(args) -> None:
+    """Seconds from LLM() to ready, dummy weights, with every CUDA graph size captured."""
+    start = time.perf_counter()
+    llm = make_llm(LLAMA, 2048)
+    ready = time.perf_counter() - start
+    graphs = llm.llm_engine.worker.runner.graphs
+    if graphs is not None:
+        graphs.capture()
+    emit(workload="startup", model=LLAMA, seconds_to_ready=round(ready, 2),
+         seconds_with_all_graphs=round(time.perf_counter() - start, 2),
+         graph_sizes=len(graphs.sizes) if graphs else 0)
+    free(llm)
+
+
+def bench_decode(args) -> None:
+    """Batch 1, 128 in / 512 out, against weight bytes / copy bandwidth."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(LLAMA)
+    with torch.device("meta"):
+        step_bytes = weight_bytes_per_step(AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16))
+    bandwidth = copy_bandwidth_gbs(torch.device("cuda"), 1 << 30)
+    roofline = bandwidth * 1e9 / step_bytes
+    prompt = make_prompts(1, 128, cfg.vocab_size, 0)
+    for steps in args.decode_steps:
+        llm = make_llm(LLAMA, 1024, num_scheduler_steps=steps, max_num_seqs=8)
+        generate(llm, prompt, [16])  # warm-up: graphs for batch 1
+        best = min(generate(llm, prompt, [512])[0] for _ in range(2))
+        emit(workload="decode b=1 128/512", num_scheduler_steps=steps,
+             tok_s=round(512 / best, 1), roofline_tok_s=round(roofline, 1),
+             roofline_share=round(512 / best / roofline, 3), copy_gbs=round(bandwidth, 1))
+        free(llm)
+    if not args.skip_hf:
+        model = hf_model(LLAMA)
+        emit(workload="decode b=1 128/512", engine="hf",
+             tok_s=round(bench_hf(model, prompt, 512), 1))
+        free(model)
+
+
+def bench_ttft(args) -> None:
+    """One 1024-token prompt on an idle engine, max_tokens=1: best of 5 after a warm-up."""
+    prompt = make_prompts(1, 1024, 128256, 1)
+    llm = make_llm(LLAMA, 2048)
+    generate(llm, prompt, [1])
+    best = min(generate(llm, prompt, [1])[0] for _ in range(5))
+    emit(workload="ttft 1024", ms=round(best * 1e3, 2))
+    free(llm)
+
+
+def bench_throughput(args) -> None:
+    """1000 prompts of 256 tokens, 256 out each."""
+    prompts = make_prompts(args.num_prompts, 256, 128256, 0)
+    for steps in args.throughput_steps:
+        llm = make_llm(LLAMA, 512 + 16, num_scheduler_steps=steps,
+                       gpu_memory_utilization=0.9, max_num_seqs=args.max_num_seqs)
+        generate(llm, prompts[:8], [8] * 8)
+        elapsed, tokens = generate(llm, prompts, [256] * len(prompts))
+        emit(workload=f"throughput {len(prompts)} x 256/256", num_scheduler_steps=steps,
+             max_num_seqs=args.max_num_seqs, output_tok_s=round(tokens / elapsed, 1),
+             total_tok_s=round(2 * tokens / elapsed, 1), seconds=round(elapsed, 2))
+        free(llm)
+    if not args.skip_hf:
+        model = hf_model(LLAMA)
+        sub = prompts[:args.hf_batch]
+        emit(workload="throughput 256/256", engine="hf", batch=len(sub),
+             output_tok_s=round(bench_hf(model, sub, 256), 1))
+        free(model)
+
+
+def bench_nano(args) -> None:
+    """nano-vllm's benchmark: Qwen3-0.6B, 256 sequences, lengths uniform in [100, 1024]."""
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))]
+               for _ in range(256)]
+    out_lens = [rng.randint(100, 1024) for _ in range(256)]
+    for steps in args.throughput_steps:
+        llm = make_llm(QWEN3, 4096, num_scheduler_steps=steps, gpu_memory_utilization=0.9)
+        generate(llm, prompts[:4], [8] * 4)
+        elapsed, tokens = generate(llm, prompts, out_lens)
+        emit(workload="nano-vllm qwen3-0.6b 256 seqs", num_scheduler_steps=steps,
+             output_tok_s=round(tokens / elapsed, 1), seconds=round(elapsed, 2))
+        free(llm)
+    if not args.skip_hf:
+        model = hf_model(QWEN3)
+        sub = make_prompts(args.hf_batch, 562, 10000, 0)  # mean lengths of the workload
+        emit(workload="nano-vllm shape 562/562", engine="hf", batch=len(sub),
+             output_tok_s=round(bench_hf(model, sub, 562), 1))
+        free(model)
+
+
+WORKLOADS = {"startup": bench_startup, "decode": bench_decode, "ttft": bench_ttft,
+             "throughput": bench_throughput, "nano": bench_nano}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--decode-steps", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--throughput-steps", type=int, nargs="+", default=[8])
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--hf-batch", type=int, default=64)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+    emit(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    for name in args.only:
+        WORKLOADS[name](args)
+
+
+if __name__ == "__main__":
+    main()
