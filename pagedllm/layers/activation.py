@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.layers import fused
+
 _ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -28,7 +30,10 @@ class ActAndMul(nn.Module):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.act = get_act_fn(name)
+        self.is_silu = self.act is F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_silu and fused.use(x) and x.dim() == 2 and x.stride(-1) == 1:
+            return fused.ops().silu_and_mul(x)  # one Triton kernel on CUDA
         d = x.shape[-1] // 2
         return self.act(x[..., :d]) * x[..., d:]

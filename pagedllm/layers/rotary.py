@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from pagedllm.layers import fused
+
 
 def rope_parameters(hf_config) -> dict:
     params = getattr(hf_config, "rope_parameters", None)
@@ -121,6 +123,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions [num_tokens]; q [num_tokens, num_heads, head_dim]; k [.., num_kv_heads, ..]
+        if self.is_neox_style and fused.use(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+            fused.ops().rotary_neox(positions, q, k, self.cos, self.sin, self.rotary_dim)
+            return q, k  # rotated in place by one Triton kernel per tensor
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, rotary_dim]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -151,8 +151,8 @@ def test_serve_calls_run_server_with_model_tag(monkeypatch):
 
 
 def test_serve_rejects_not_built_flags(capsys):
-    assert cli.main(["serve", "--kv-cache-dtype", "fp8"]) == 2
-    assert "--kv-cache-dtype fp8 is not supported yet" in capsys.readouterr().err
+    assert cli.main(["serve", "--cpu-offload-gb", "2"]) == 2
+    assert "--cpu-offload-gb 2 is not supported yet" in capsys.readouterr().err
     assert cli.main(["serve", "--lora-modules", "a=/b"]) == 2
     assert "--lora-modules" in capsys.readouterr().err
 

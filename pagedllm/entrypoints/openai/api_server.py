@@ -87,7 +87,8 @@ def _serving_context(engine: AsyncLLMEngine, server: ServerConfig) -> ServingCon
         max_model_len=config.max_model_len, max_logprobs=config.max_logprobs,
         response_role=server.response_role,
         chat_template=_load_chat_template(server.chat_template),
-        return_tokens_as_token_ids=server.return_tokens_as_token_ids)
+        return_tokens_as_token_ids=server.return_tokens_as_token_ids,
+        enable_auto_tools=server.enable_auto_tool_choice, tool_parser=server.tool_call_parser)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

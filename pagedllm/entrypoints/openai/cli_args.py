@@ -30,7 +30,9 @@ def _parse_json_list(text: str) -> list:
     return parse_json_of(text, list, 'list such as ["*"]')
 
 
-_TOOLS = "tool calling in the OpenAI server"
+# The keys of tool_parsers.TOOL_PARSERS (kept here so that the CLI does not import pydantic
+# models; a test checks that both agree).
+TOOL_PARSER_NAMES = ("hermes", "internlm", "llama3_json", "mistral")
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,12 @@ class ServerConfig:
     disable_frontend_multiprocessing: bool = option(
         False, "Run the HTTP front end and the engine in one process.")
     enable_auto_tool_choice: bool = option(
-        False, "Let the model pick tools (tool_choice auto); needs --tool-call-parser.",
-        supported=DEFAULT_ONLY, planned=_TOOLS)
+        False, 'Let the model decide whether to call tools (tool_choice "auto", the default '
+        "when a request has tools); needs --tool-call-parser.")
     tool_call_parser: Optional[str] = option(
-        None, "Parser that turns model output into tool calls (e.g. hermes, mistral).",
-        supported=DEFAULT_ONLY, planned=_TOOLS)
+        None, "Format of the model's tool calls, parsed into OpenAI tool_calls for "
+        '--enable-auto-tool-choice: hermes (<tool_call>), llama3_json, mistral ([TOOL_CALLS]) '
+        "or internlm.", choices=TOOL_PARSER_NAMES)
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -100,4 +103,7 @@ def server_config_from_args(args: Any) -> ServerConfig:
     for f in option_fields(ServerConfig):
         values[f.name] = getattr(args, f.name, field_default(f))
         check_option(f, values[f.name])
+    if values["enable_auto_tool_choice"] and values["tool_call_parser"] is None:
+        raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (one of: "
+                         f"{', '.join(TOOL_PARSER_NAMES)})")
     return ServerConfig(**values)

@@ -251,6 +251,33 @@ class CompletionStreamResponse(OpenAIBaseModel):
 
 
 # ---- chat ------------------------------------------------------------------------------------
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
+class ChatCompletionToolsParam(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ChatCompletionNamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class ChatCompletionNamedToolChoiceParam(OpenAIBaseModel):
+    function: ChatCompletionNamedFunction
+    type: Literal["function"] = "function"
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], ChatCompletionNamedToolChoiceParam]
+_NAMED_TOOL_HINT = ('Should be like `{"type": "function", "function": {"name": '
+                    '"my_function"}}`')
+# Arguments of a function declared without `parameters`: the empty object (OpenAI's meaning).
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[dict[str, Any]]
     logprobs: Optional[bool] = False
@@ -258,9 +285,11 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
     temperature: Optional[float] = 0.7
-    tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[Union[str, dict[str, Any]]] = "none"
-    parallel_tool_calls: Optional[bool] = False
+    tools: Optional[list[ChatCompletionToolsParam]] = None
+    # "none" when no tools are given, "auto" when tools are given without a tool_choice.
+    tool_choice: Optional[ToolChoice] = "none"
+    # None/True: as many calls as the model makes; False: at most one.
+    parallel_tool_calls: Optional[bool] = None
     # vLLM extras
     echo: bool = False
     add_generation_prompt: bool = True
@@ -281,10 +310,85 @@ class ChatCompletionRequest(_SamplingRequest):
                              "`add_generation_prompt` to True.")
         if not self.messages:
             raise ValueError("messages must contain at least one message.")
-        if self.tools and self.tool_choice not in (None, "none"):
-            raise ValueError(f"tool_choice {self.tool_choice!r}: tool calling is not supported "
-                             "yet (--enable-auto-tool-choice / --tool-call-parser)")
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        """vLLM's tool checks: tool_choice needs tools, a named tool must be one of them, and a
+        forced tool call (named or "required") owns the output constraint."""
+        if "tool_choice" not in self.model_fields_set and self.tools is not None:
+            self.tool_choice = "auto"
+        if "tool_choice" in self.model_fields_set and self.tool_choice is not None \
+                and self.tools is None:
+            raise ValueError("When using `tool_choice`, `tools` must be set.")
+        if self.tools is not None and not self.tools:
+            raise ValueError("`tools` must contain at least one tool (got an empty list).")
+        if self.named_tool is not None:
+            if not self.named_tool.function.name:
+                raise ValueError(f"Incorrectly formatted `tool_choice`. {_NAMED_TOOL_HINT}")
+            if self.named_tool.function.name not in self.tool_names:
+                raise ValueError(f"The tool {self.named_tool.function.name!r} specified in "
+                                 "`tool_choice` does not match any of the specified `tools` "
+                                 f"({', '.join(self.tool_names)})")
+        if self.forces_tool_call:
+            given = [k for k in ("guided_json", "guided_regex", "guided_choice",
+                                 "guided_grammar") if getattr(self, k) is not None]
+            if self.response_format is not None and self.response_format.type != "text":
+                given.append("response_format")
+            if given:
+                raise ValueError(f"tool_choice {self.tool_choice_name!r} constrains the output "
+                                 f"to tool calls; it cannot be combined with {', '.join(given)}")
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [tool.function.name for tool in self.tools or ()]
+
+    @property
+    def named_tool(self) -> Optional[ChatCompletionNamedToolChoiceParam]:
+        if isinstance(self.tool_choice, ChatCompletionNamedToolChoiceParam):
+            return self.tool_choice
+        return None
+
+    @property
+    def tool_choice_name(self) -> str:
+        """The tool choice as a word for messages: none, auto, required or the function name."""
+        named = self.named_tool
+        return named.function.name if named is not None else str(self.tool_choice or "none")
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return bool(self.tools) and (self.named_tool is not None
+                                     or self.tool_choice == "required")
+
+    def tool_call_schema(self) -> Optional[dict]:
+        """The JSON schema a forced tool call is generated under, None when not forced.
+
+        Named tool: the function's parameters. "required": an array of
+        ``{"name": <tool>, "parameters": <its schema>}`` objects, one ``anyOf`` branch per tool,
+        at least one item (at most one with ``parallel_tool_calls=false``).
+        """
+        if not self.forces_tool_call:
+            return None
+        functions = {tool.function.name: tool.function for tool in self.tools}
+        if self.named_tool is not None:
+            return functions[self.named_tool.function.name].parameters or _NO_PARAMETERS
+        branches = [{"type": "object",
+                     "properties": {"name": {"type": "string", "enum": [name]},
+                                    "parameters": fn.parameters or _NO_PARAMETERS},
+                     "required": ["name", "parameters"], "additionalProperties": False}
+                    for name, fn in functions.items()]
+        schema = {"type": "array", "minItems": 1,
+                  "items": branches[0] if len(branches) == 1 else {"anyOf": branches}}
+        if self.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+        return schema
+
+    def _guided_decoding(self) -> Optional[dict]:
+        schema = self.tool_call_schema()
+        if schema is None:
+            return super()._guided_decoding()
+        return {"json": schema, "backend": self.guided_decoding_backend,
+                "whitespace_pattern": self.guided_whitespace_pattern}
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
@@ -302,10 +406,35 @@ class ChatCompletionRequest(_SamplingRequest):
             max_tokens, self.temperature, self.num_logprobs, self.prompt_logprobs))
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-tool-{random_uuid()}")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """One streamed piece of a tool call: the first carries id, type and name, later ones
+    argument fragments; ``index`` says which call of the message it belongs to."""
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class ChatMessage(OpenAIBaseModel):
     role: str
     content: Optional[str] = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionLogProb(OpenAIBaseModel):
@@ -343,7 +472,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[DeltaToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):

@@ -3,9 +3,16 @@
 Streaming sends, per choice, a first chunk with the role (and empty content), then content
 deltas; the finishing delta carries ``finish_reason``; with ``stream_options.include_usage`` a
 last chunk with no choices carries the usage; then ``data: [DONE]``.
+
+Tools: ``tools`` reach the chat template. A named ``tool_choice`` or "required" generates under
+a JSON schema (``ChatCompletionRequest.tool_call_schema``, the guided-decoding path) and the
+text becomes ``tool_calls``; "auto" (needs --enable-auto-tool-choice and --tool-call-parser)
+generates freely and the configured parser finds the calls, finish_reason "tool_calls". One
+``ToolParser`` per choice turns text into message fields, whole or as stream deltas.
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, AsyncIterator, Optional
 
@@ -20,6 +27,8 @@ from pagedllm.entrypoints.openai.serving_engine import (OpenAIError, OpenAIServi
                                                         abort_unfinished, build_params, sse,
                                                         sse_error, tail_logprobs,
                                                         until_disconnected)
+from pagedllm.entrypoints.openai.tool_parsers import (TOOL_PARSERS, NamedToolParser,
+                                                      RequiredToolParser, ToolParser)
 from pagedllm.outputs import CompletionOutput, RequestOutput
 
 
@@ -43,6 +52,27 @@ def parse_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif content is not None and not isinstance(content, str):
             raise OpenAIError(f"messages[{i}].content must be a string or a list of parts")
         parsed.append({**message, "content": content})
+        if message["role"] == "assistant" and isinstance(message.get("tool_calls"), list):
+            parsed[-1]["tool_calls"] = _parse_tool_calls(message["tool_calls"], i)
+    return parsed
+
+
+def _parse_tool_calls(tool_calls: list, i: int) -> list[dict]:
+    """An assistant message's tool calls with ``arguments`` decoded: chat templates expect a
+    dict there, while OpenAI clients send JSON text."""
+    parsed = []
+    for j, call in enumerate(tool_calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise OpenAIError(f"messages[{i}].tool_calls[{j}].function is required")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError as exc:
+                raise OpenAIError(f"messages[{i}].tool_calls[{j}].function.arguments must be "
+                                  f"JSON text: {exc}") from exc
+        parsed.append({**call, "function": {**function, "arguments": arguments}})
     return parsed
 
 
@@ -51,11 +81,14 @@ class OpenAIServingChat(OpenAIServing):
                             continue_final_message: bool = False,
                             chat_template: Optional[str] = None,
                             chat_template_kwargs: Optional[dict] = None,
-                            documents: Optional[list] = None) -> str:
+                            documents: Optional[list] = None,
+                            tools: Optional[list[dict]] = None) -> str:
         tokenizer = self.require_tokenizer()
         kwargs = dict(chat_template_kwargs or {})
         if documents is not None:
             kwargs["documents"] = documents
+        if tools is not None:
+            kwargs["tools"] = tools
         if continue_final_message:
             kwargs["continue_final_message"] = True
         try:
@@ -72,11 +105,13 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(request.model)
         self.check_logprobs("top_logprobs", request.num_logprobs)
         self.check_logprobs("prompt_logprobs", request.prompt_logprobs)
+        request = self._check_tool_choice(request)
         prompt = self.apply_chat_template(
             request.messages, add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
             chat_template=request.chat_template,
-            chat_template_kwargs=request.chat_template_kwargs, documents=request.documents)
+            chat_template_kwargs=request.chat_template_kwargs, documents=request.documents,
+            tools=None if request.tools is None else [t.model_dump() for t in request.tools])
         ids = self.tokenize(prompt, request.add_special_tokens, request.truncate_prompt_tokens)
         self.check_length(len(ids), request.requested_max_tokens)
         params = build_params(request, self.ctx.max_model_len - len(ids))
@@ -87,6 +122,29 @@ class OpenAIServingChat(OpenAIServing):
             return self._stream(request, request_id, created, stream)
         return await until_disconnected(raw_request,
                                         self._collect(request, request_id, created, stream))
+
+    def _check_tool_choice(self, request: ChatCompletionRequest) -> ChatCompletionRequest:
+        """400 for "auto" without a configured parser; a parser whose markers are special
+        tokens gets them kept in the output text."""
+        if not request.tools or request.tool_choice != "auto":
+            return request
+        if not (self.ctx.enable_auto_tools and self.ctx.tool_parser):
+            raise OpenAIError('"auto" tool choice requires --enable-auto-tool-choice and '
+                              "--tool-call-parser to be set")
+        if TOOL_PARSERS[self.ctx.tool_parser].needs_special_tokens:
+            return request.model_copy(update={"skip_special_tokens": False})
+        return request
+
+    def _tool_parser(self, request: ChatCompletionRequest) -> Optional[ToolParser]:
+        """A fresh parser for one choice, None when the output is plain content."""
+        if not request.tools or request.tool_choice in (None, "none"):
+            return None
+        max_calls = 1 if request.parallel_tool_calls is False else None
+        if request.named_tool is not None:
+            return NamedToolParser(request.named_tool.function.name, max_calls)
+        if request.tool_choice == "required":
+            return RequiredToolParser(max_calls)
+        return TOOL_PARSERS[self.ctx.tool_parser](max_calls)
 
     def _role(self, request: ChatCompletionRequest) -> str:
         if request.add_generation_prompt:
@@ -119,11 +177,11 @@ class OpenAIServingChat(OpenAIServing):
         echo = self._echo_text(request, role)
         choices = []
         for completion in final.outputs:
+            message, finish_reason = self._message(request, role, echo, completion)
             choices.append(ChatCompletionResponseChoice(
-                index=completion.index,
-                message=ChatMessage(role=role, content=echo + completion.text),
+                index=completion.index, message=message,
                 logprobs=self._logprobs(request, completion, list(completion.token_ids)),
-                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+                finish_reason=finish_reason, stop_reason=completion.stop_reason))
         choices.sort(key=lambda c: c.index)
         num_prompt = len(final.prompt_token_ids)
         num_gen = sum(len(c.token_ids) for c in final.outputs)
@@ -131,6 +189,17 @@ class OpenAIServingChat(OpenAIServing):
                           total_tokens=num_prompt + num_gen)
         return ChatCompletionResponse(id=request_id, created=created, model=request.model,
                                       choices=choices, usage=usage).model_dump()
+
+    def _message(self, request: ChatCompletionRequest, role: str, echo: str,
+                 completion: CompletionOutput) -> tuple[ChatMessage, Optional[str]]:
+        parser = self._tool_parser(request)
+        info = parser.extract_tool_calls(completion.text) if parser else None
+        if info is None or not info.tools_called:
+            return ChatMessage(role=role, content=echo + completion.text), \
+                completion.finish_reason
+        content = echo + info.content if info.content else (echo or None)
+        return (ChatMessage(role=role, content=content, tool_calls=info.tool_calls),
+                _finish_reason(parser, True, completion.finish_reason))
 
     # ---- streaming -----------------------------------------------------------------------
     def _chunk(self, request_id: str, created: int, model: str,
@@ -168,22 +237,28 @@ class OpenAIServingChat(OpenAIServing):
                             index=i, delta=DeltaMessage(content=echo), logprobs=None,
                             finish_reason=None)], usage() if continuous else None)
             finished: set[int] = set()
+            parsers = [self._tool_parser(request) for _ in range(request.n)]
+            texts = [""] * request.n
             async for output in stream:
                 for completion in output.outputs:
                     if completion.index in finished:
                         continue  # with n > 1 a finished choice may be repeated later
                     token_ids = list(completion.token_ids)
                     num_gen[completion.index] += len(token_ids)
-                    if not completion.text and completion.finish_reason is None:
+                    parser, previous = parsers[completion.index], texts[completion.index]
+                    texts[completion.index] = previous + completion.text
+                    delta = _delta(parser, previous, texts[completion.index], completion)
+                    if delta is None:
                         continue
-                    choice = ChatCompletionResponseStreamChoice(
-                        index=completion.index, delta=DeltaMessage(content=completion.text))
+                    choice = ChatCompletionResponseStreamChoice(index=completion.index,
+                                                                delta=delta)
                     logprobs = self._logprobs(request, completion, token_ids)
                     if logprobs is not None:
                         choice.logprobs = logprobs
                     if completion.finish_reason is not None:
                         finished.add(completion.index)
-                        choice.finish_reason = completion.finish_reason
+                        choice.finish_reason = _finish_reason(
+                            parser, bool(parser and parser.tools_called), completion.finish_reason)
                         choice.stop_reason = completion.stop_reason
                     yield self._chunk(request_id, created, request.model, [choice],
                                       usage() if continuous else None)
@@ -197,3 +272,28 @@ class OpenAIServingChat(OpenAIServing):
             abort_unfinished(self.engine, [stream])
         yield "data: [DONE]\n\n"
 
+
+
+def _delta(parser: Optional[ToolParser], previous: str, text: str,
+           completion: CompletionOutput) -> Optional[DeltaMessage]:
+    """The delta of one streamed output (None: no chunk unless the choice finished)."""
+    is_finished = completion.finish_reason is not None
+    if parser is None:
+        if not completion.text and not is_finished:
+            return None
+        return DeltaMessage(content=completion.text)
+    if is_finished:
+        return parser.finish_streaming(text) or DeltaMessage()
+    if not completion.text:
+        return None
+    return parser.extract_tool_calls_streaming(previous, text, completion.text)
+
+
+def _finish_reason(parser: Optional[ToolParser], tools_called: bool,
+                   finish_reason: Optional[str]) -> Optional[str]:
+    """The engine's reason, or "tool_calls" where the model chose to call (auto) and stopped
+    by itself; a forced call or a cut-off output keeps the engine's reason."""
+    if parser is not None and parser.reports_tool_calls_finish and tools_called \
+            and finish_reason == "stop":
+        return "tool_calls"
+    return finish_reason

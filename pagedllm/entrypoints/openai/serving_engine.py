@@ -69,6 +69,8 @@ class ServingContext:
     response_role: str = "assistant"
     chat_template: Optional[str] = None
     return_tokens_as_token_ids: bool = False
+    enable_auto_tools: bool = False     # --enable-auto-tool-choice
+    tool_parser: Optional[str] = None   # --tool-call-parser
 
     @property
     def model_name(self) -> str:

@@ -1,0 +1,56 @@
+"""Fused Triton ops (``pagedllm.layers.triton_ops``) vs their torch references; interpreter
+on CPU, compiled on a GPU (the environment set-up is the attention kernel tests')."""
+import pytest
+import torch
+
+from tests.kernels.test_triton_attention import DEVICE, TOL, _rel_err
+
+ops = pytest.importorskip("pagedllm.layers.triton_ops")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,offset,with_res", [(256, 0.0, False), (96, 1.0, True),
+                                                    (4096, 0.0, True)])
+def test_rms_norm(dtype, hidden, offset, with_res):
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(5, hidden, generator=gen).to(dtype).to(DEVICE)
+    w = (torch.rand(hidden, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    res = torch.randn(5, hidden, generator=gen).to(dtype).to(DEVICE) if with_res else None
+    res_ref = res.clone() if with_res else None
+    out = ops.rms_norm(x, w, 1e-6, offset, res)
+    ref = ops.rms_norm_ref(x, w, 1e-6, offset, res_ref)
+    assert _rel_err(out, ref) < TOL[dtype]
+    if with_res:  # (the interpreter truncates fp32 -> bf16 where GPUs round: not bit-equal)
+        assert _rel_err(res, res_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_dim", [(8, 2, 64, 64), (4, 4, 32, 16),
+                                                                 (32, 8, 128, 128)])
+def test_rotary_neox(dtype, heads, kv_heads, head_dim, rotary_dim):
+    gen = torch.Generator().manual_seed(heads * head_dim)
+    num_tokens = 7
+    # q and k as views of one fused qkv projection, as the attention layers get them
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    qkv = qkv.to(dtype).to(DEVICE)
+    q = qkv[:, :heads * head_dim].view(num_tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(num_tokens, kv_heads,
+                                                                    head_dim)
+    freqs = torch.randn(100, rotary_dim // 2, generator=gen)
+    freqs = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = freqs.cos().to(DEVICE), freqs.sin().to(DEVICE)
+    positions = torch.tensor([0, 5, 99, 3, 3, 50, 1], device=DEVICE)
+    q_ref, k_ref = q.clone(), k.clone()
+    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
+    ops.rotary_neox(positions, q, k, cos, sin, rotary_dim)
+    ops.rotary_neox_ref(positions, q_ref, k_ref, cos, sin, rotary_dim)
+    assert _rel_err(q, q_ref) < TOL[dtype] and _rel_err(k, k_ref) < TOL[dtype]
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 1500])
+def test_silu_and_mul(dtype, d):
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(4, 2 * d, generator=gen).to(dtype).to(DEVICE)
+    assert _rel_err(ops.silu_and_mul(x), ops.silu_and_mul_ref(x)) < TOL[dtype]
