@@ -85,14 +85,6 @@ class Request:
             del self.output_token_ids[num_output_tokens:]
             del self.all_token_ids[-extra:]
 
-    def truncate_output(self, num_output_tokens: int) -> None:
-        """Drop output tokens after the first ``num_output_tokens`` (a stop string ended the
-        request before the end of a multi-step batch)."""
-        extra = self.num_output_tokens - num_output_tokens
-        if extra > 0:
-            del self.output_token_ids[num_output_tokens:]
-            del self.all_token_ids[-extra:]
-
     def is_finished(self) -> bool:
         return self.status.is_finished
 

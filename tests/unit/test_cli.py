@@ -152,7 +152,7 @@ def test_serve_calls_run_server_with_model_tag(monkeypatch):
 
 def test_serve_rejects_not_built_flags(capsys):
     assert cli.main(["serve", "--cpu-offload-gb", "2"]) == 2
-    assert "--cpu-offload-gb 2 is not supported yet" in capsys.readouterr().err
+    assert "--cpu-offload-gb 2.0 is not supported yet" in capsys.readouterr().err
     assert cli.main(["serve", "--lora-modules", "a=/b"]) == 2
     assert "--lora-modules" in capsys.readouterr().err
 
