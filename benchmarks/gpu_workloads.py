@@ -38,8 +38,8 @@ def make_llm(model: str, max_model_len: int, **kw):
                max_model_len=max_model_len, **kw)
 
 
-def free(*objs) -> None:
-    del objs
+def release_memory() -> None:
+    """After the caller dropped its last reference (``del llm``): give the memory back."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -73,7 +73,8 @@ def bench_startup(args) -> None:
     emit(workload="startup", model=LLAMA, seconds_to_ready=round(ready, 2),
          seconds_with_all_graphs=round(time.perf_counter() - start, 2),
          graph_sizes=len(graphs.sizes) if graphs else 0)
-    free(llm)
+    del llm, graphs  # the graph runner holds the model and KV cache too
+    release_memory()
 
 
 def bench_decode(args) -> None:
@@ -93,12 +94,14 @@ def bench_decode(args) -> None:
         emit(workload="decode b=1 128/512", num_scheduler_steps=steps,
              tok_s=round(512 / best, 1), roofline_tok_s=round(roofline, 1),
              roofline_share=round(512 / best / roofline, 3), copy_gbs=round(bandwidth, 1))
-        free(llm)
+        del llm
+        release_memory()
     if not args.skip_hf:
         model = hf_model(LLAMA)
         emit(workload="decode b=1 128/512", engine="hf",
              tok_s=round(bench_hf(model, prompt, 512), 1))
-        free(model)
+        del model
+        release_memory()
 
 
 def bench_ttft(args) -> None:
@@ -108,7 +111,8 @@ def bench_ttft(args) -> None:
     generate(llm, prompt, [1])
     best = min(generate(llm, prompt, [1])[0] for _ in range(5))
     emit(workload="ttft 1024", ms=round(best * 1e3, 2))
-    free(llm)
+    del llm
+    release_memory()
 
 
 def bench_throughput(args) -> None:
@@ -122,13 +126,15 @@ def bench_throughput(args) -> None:
         emit(workload=f"throughput {len(prompts)} x 256/256", num_scheduler_steps=steps,
              max_num_seqs=args.max_num_seqs, output_tok_s=round(tokens / elapsed, 1),
              total_tok_s=round(2 * tokens / elapsed, 1), seconds=round(elapsed, 2))
-        free(llm)
+        del llm
+        release_memory()
     if not args.skip_hf:
         model = hf_model(LLAMA)
         sub = prompts[:args.hf_batch]
         emit(workload="throughput 256/256", engine="hf", batch=len(sub),
              output_tok_s=round(bench_hf(model, sub, 256), 1))
-        free(model)
+        del model
+        release_memory()
 
 
 def bench_nano(args) -> None:
@@ -143,13 +149,15 @@ def bench_nano(args) -> None:
         elapsed, tokens = generate(llm, prompts, out_lens)
         emit(workload="nano-vllm qwen3-0.6b 256 seqs", num_scheduler_steps=steps,
              output_tok_s=round(tokens / elapsed, 1), seconds=round(elapsed, 2))
-        free(llm)
+        del llm
+        release_memory()
     if not args.skip_hf:
         model = hf_model(QWEN3)
         sub = make_prompts(args.hf_batch, 562, 10000, 0)  # mean lengths of the workload
         emit(workload="nano-vllm shape 562/562", engine="hf", batch=len(sub),
              output_tok_s=round(bench_hf(model, sub, 562), 1))
-        free(model)
+        del model
+        release_memory()
 
 
 WORKLOADS = {"startup": bench_startup, "decode": bench_decode, "ttft": bench_ttft,

@@ -311,10 +311,8 @@ class Scheduler:
                 continue
             if request.first_token_time is None:
                 request.first_token_time = now
-            num_appended = 0
-            for token_id in token_ids:
+            for num_appended, token_id in enumerate(token_ids, start=1):
                 request.append_output_token(token_id)
-                num_appended += 1
                 if request.check_stop():
                     break
             if request.req_id in self._fork_children:

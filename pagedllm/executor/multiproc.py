@@ -147,6 +147,12 @@ def _shutdown(procs, conns, threads: int, shm_paths) -> None:
             proc.join(1)
     for conn in conns:
         conn.close()
+    release_rank0(threads, shm_paths)
+
+
+def release_rank0(threads: int, shm_paths) -> None:
+    """What rank 0 undoes at shutdown whatever the executor: the process group, its torch
+    thread count, the shared-memory files."""
     destroy_distributed()
     torch.set_num_threads(threads)
     for path in shm_paths or ():
@@ -154,16 +160,55 @@ def _shutdown(procs, conns, threads: int, shm_paths) -> None:
             os.unlink(path)
 
 
-class MultiprocExecutor:
-    def __init__(self, config) -> None:
-        from pagedllm.worker.worker import Worker
+class ParallelExecutor:
+    """What the mp and Ray executors share: the start-up checks, the pickled step and
+    failing for good once a worker died or raised. ``workers`` names them in messages."""
+
+    workers = "parallel workers"
+
+    def _start(self, config) -> int:
+        """Checks run before any worker starts; returns the world size (tp x pp)."""
         check_no_running_group()
         tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
-        self.world = world = tp * pp
-        check_tensor_parallel(config.model.hf_config, tp)  # fail before starting processes
+        check_tensor_parallel(config.model.hf_config, tp)
         check_pipeline_parallel(config.model.hf_config, pp)
+        self.world = tp * pp
         self.broadcast_stats = {"steps": 0, "bytes": 0, "seconds": 0.0}
         self._error: str | None = None
+        return self.world
+
+    def _pickle(self, message) -> bytes:
+        try:
+            return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            self._fail(f"the step could not be sent to the {self.workers} ({e}); with "
+                       "several ranks requests must be picklable (e.g. "
+                       "logits_processors defined at module level, not lambdas)", e)
+
+    def _count_broadcast(self, num_bytes: int, t0: float) -> None:
+        self.broadcast_stats["steps"] += 1
+        self.broadcast_stats["bytes"] += num_bytes
+        self.broadcast_stats["seconds"] += time.perf_counter() - t0
+
+    def _fail(self, message: str, cause: BaseException | None = None):
+        message += "; the engine cannot continue (restart it)"
+        self._error = message
+        self.shutdown()
+        raise RuntimeError(message) from cause
+
+    def _check_failed_earlier(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the engine's {self.workers} failed earlier: {self._error}")
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+
+class MultiprocExecutor(ParallelExecutor):
+    def __init__(self, config) -> None:
+        from pagedllm.worker.worker import Worker
+        world = self._start(config)  # fail before starting processes
+        pp = config.parallel.pipeline_parallel_size
         init_method = f"tcp://127.0.0.1:{free_port()}"
         shm_paths = shm_files(config)
         ctx = mp.get_context("spawn")
@@ -242,16 +287,8 @@ class MultiprocExecutor:
         """False once a worker died or raised (the server's /health reports it)."""
         return self._error is None and all(proc.is_alive() for proc in self.procs)
 
-    def _fail(self, message: str, cause: BaseException | None = None):
-        message += "; the engine cannot continue (restart it)"
-        self._error = message
-        self.shutdown()
-        raise RuntimeError(message) from cause
-
     def _check(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"the engine's parallel workers failed earlier: "
-                               f"{self._error}")
+        self._check_failed_earlier()
         err = self._worker_errors()
         if err:
             self._fail(err)
@@ -259,17 +296,10 @@ class MultiprocExecutor:
     # ---- steps -----------------------------------------------------------------------------
     def _send(self, message) -> None:
         t0 = time.perf_counter()
-        try:
-            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            self._fail(f"the step could not be sent to the parallel workers ({e}); with "
-                       "several ranks requests must be picklable (e.g. "
-                       "logits_processors defined at module level, not lambdas)", e)
+        data = self._pickle(message)
         for conn in self.conns:
             conn.send_bytes(data)
-        self.broadcast_stats["steps"] += 1
-        self.broadcast_stats["bytes"] += len(data)
-        self.broadcast_stats["seconds"] += time.perf_counter() - t0
+        self._count_broadcast(len(data), t0)
 
     def execute_model(self, scheduler_output):
         self._check()
@@ -297,6 +327,3 @@ class MultiprocExecutor:
                 self._fail(f"parallel worker rank {rank} raised:\n{payload}")
             results.append(payload)
         return results
-
-    def shutdown(self) -> None:
-        self._finalizer()

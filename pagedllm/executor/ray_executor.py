@@ -39,10 +39,9 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pagedllm.distributed import destroy_distributed, free_port, init_distributed, pid_alive
-from pagedllm.executor.multiproc import (_backend, _threads_per_rank, check_no_running_group,
-                                         check_pipeline_parallel, check_tensor_parallel,
-                                         shm_files)
+from pagedllm.distributed import free_port, init_distributed, pid_alive
+from pagedllm.executor.multiproc import (ParallelExecutor, _backend, _threads_per_rank,
+                                         release_rank0, shm_files)
 from pagedllm.ray_utils import connect_ray
 
 _STARTUP_TIMEOUT_S = 300.0
@@ -118,24 +117,15 @@ def _shutdown(actors, pg, threads: int, shm_paths) -> None:
             ray.util.remove_placement_group(pg)
         except Exception:  # noqa: BLE001 - the cluster is gone (process exit)
             pass
-    destroy_distributed()
-    torch.set_num_threads(threads)
-    for path in shm_paths or ():
-        if os.path.exists(path):
-            os.unlink(path)
+    release_rank0(threads, shm_paths)
 
 
-class RayExecutor:
+class RayExecutor(ParallelExecutor):
+    workers = "Ray workers"
+
     def __init__(self, config) -> None:
         from pagedllm.worker.worker import Worker
-        check_no_running_group()
-        pc = config.parallel
-        tp, pp = pc.tensor_parallel_size, pc.pipeline_parallel_size
-        self.world = world = tp * pp
-        check_tensor_parallel(config.model.hf_config, tp)  # fail before starting actors
-        check_pipeline_parallel(config.model.hf_config, pp)
-        self.broadcast_stats = {"steps": 0, "bytes": 0, "seconds": 0.0}
-        self._error: str | None = None
+        world = self._start(config)  # fail before starting actors
         self._pending: list = []  # [(rank, ObjectRef)] step replies not yet checked
         connect_ray(world)
         self.actors: list = []
@@ -232,15 +222,8 @@ class RayExecutor:
         """False once an actor died or raised (the server's /health reports it)."""
         return self._error is None and not self._dead_local_ranks()
 
-    def _fail(self, message: str, cause: BaseException | None = None):
-        message += "; the engine cannot continue (restart it)"
-        self._error = message
-        self.shutdown()
-        raise RuntimeError(message) from cause
-
     def _check(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"the engine's Ray workers failed earlier: {self._error}")
+        self._check_failed_earlier()
         err = self._actor_errors()
         if err:
             self._fail(err)
@@ -249,17 +232,10 @@ class RayExecutor:
     def execute_model(self, scheduler_output):
         self._check()
         t0 = time.perf_counter()
-        try:
-            data = pickle.dumps(scheduler_output, protocol=pickle.HIGHEST_PROTOCOL)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            self._fail(f"the step could not be sent to the Ray workers ({e}); with several "
-                       "ranks requests must be picklable (e.g. logits_processors defined at "
-                       "module level, not lambdas)", e)
+        data = self._pickle(scheduler_output)
         for rank, actor in enumerate(self.actors, start=1):
             self._pending.append((rank, actor.execute_model.remote(data)))
-        self.broadcast_stats["steps"] += 1
-        self.broadcast_stats["bytes"] += len(data)
-        self.broadcast_stats["seconds"] += time.perf_counter() - t0
+        self._count_broadcast(len(data), t0)
         try:
             return self.driver_worker.execute_model(scheduler_output)
         except (RuntimeError, OSError) as e:
@@ -282,7 +258,4 @@ class RayExecutor:
                 self._fail(f"Ray worker rank {rank} (pid {self.places[rank - 1][1]}) {how}: "
                            f"{e}", e)
         return results
-
-    def shutdown(self) -> None:
-        self._finalizer()
 

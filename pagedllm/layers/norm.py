@@ -20,11 +20,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalise ``x`` (after adding ``residual`` if given; then also return the sum)."""
         if fused.use(x) and x.dim() == 2 and x.stride(-1) == 1:  # one Triton kernel on CUDA
-            if residual is None:
-                return fused.ops().rms_norm(x, self.weight, self.eps, self.offset)
-            residual = residual.clone()  # becomes x + residual
-            return fused.ops().rms_norm(x, self.weight, self.eps, self.offset, residual), \
-                residual
+            return fused.ops().rms_norm(x, self.weight, self.eps, self.offset, residual)
         if residual is not None:
             x = x + residual
             residual = x

@@ -3,12 +3,13 @@
 A batch-1 decode step of the Llama-3-8B shape spent ~2.4 ms of its ~8.5 ms in ~25 small
 elementwise kernels per layer (dtype casts, pow/mean/rsqrt, rotate-half cat/neg, silu, mul;
 ``benchmarks/profile_decode.py``). These kernels do each op in one pass:
-- ``rms_norm``: optional residual add (the sum is written back as the new residual), then
+- ``rms_norm``: optional residual add (the sum is returned as the new residual), then
   x * rsqrt(mean(x^2) + eps) * (weight + offset), in fp32, one program per row;
 - ``rotary_neox``: neox-style rotation of the first ``rotary_dim`` dims of every q and k head,
   in place, cos/sin read from the layer's tables at each token's position;
 - ``silu_and_mul``: silu(x[:, :d]) * x[:, d:].
-The layers call them only for CUDA tensors (``available(x)``); CPU keeps the torch code.
+The layers call them only for CUDA tensors (``pagedllm.layers.fused``); CPU keeps the torch
+code.
 """
 from __future__ import annotations
 
@@ -17,13 +18,10 @@ import triton
 import triton.language as tl
 
 
-def available(x: torch.Tensor) -> bool:
-    return x.is_cuda
-
-
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, w_ptr, n_cols, stride_x, stride_r, stride_o,
-                     eps, offset, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, out_ptr, w_ptr, n_cols, stride_x, stride_r,
+                     stride_s, stride_o, eps, offset, HAS_RESIDUAL: tl.constexpr,
+                     BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -31,7 +29,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, w_ptr, n_cols, stride_x, stride_r,
     if HAS_RESIDUAL:
         x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + cols, mask=mask,
                                         other=0.0).to(tl.float32)).to(x.dtype)
-        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)  # the new residual
+        tl.store(sum_ptr + row * stride_s + cols, x, mask=mask)  # the new residual
     h = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(h * h, 0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) + offset
@@ -40,30 +38,31 @@ def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, w_ptr, n_cols, stride_x, stride_r,
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, hidden] -> normalised [rows, hidden]; with ``residual`` (updated in place to
-    x + residual) the sum is normalised. Matches ``RMSNorm``'s torch path."""
+             residual: torch.Tensor | None = None):
+    """x [rows, hidden] -> normalised [rows, hidden]. With ``residual``, the sum x + residual
+    is normalised and returned too: (normalised, sum), neither input is written. Matches
+    ``RMSNorm``'s torch path."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [rows, hidden] with a contiguous last dim, got "
                          f"{tuple(x.shape)} strides {x.stride()}")
     out = torch.empty_like(x)
-    if x.shape[0] == 0:
-        return out
-    res = residual if residual is not None else x
-    _rms_norm_kernel[(x.shape[0],)](
-        x, res, out, weight, x.shape[1], x.stride(0), res.stride(0), out.stride(0), eps,
-        offset, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]),
-        num_warps=8 if x.shape[1] >= 4096 else 4)
-    return out
+    total = torch.empty_like(x) if residual is not None else x
+    if x.shape[0]:
+        res = residual if residual is not None else x
+        _rms_norm_kernel[(x.shape[0],)](
+            x, res, total, out, weight, x.shape[1], x.stride(0), res.stride(0),
+            total.stride(0), out.stride(0), eps, offset, HAS_RESIDUAL=residual is not None,
+            BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8 if x.shape[1] >= 4096 else 4)
+    return out if residual is None else (out, total)
 
 
 def rms_norm_ref(x, weight, eps, offset=0.0, residual=None):
     if residual is not None:
         x = x + residual
-        residual.copy_(x)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (h * (weight.float() + offset)).to(x.dtype)
+    out = (h * (weight.float() + offset)).to(x.dtype)
+    return out if residual is None else (out, x)
 
 
 @triton.jit

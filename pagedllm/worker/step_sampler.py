@@ -85,6 +85,15 @@ def _unpack(host: np.ndarray, offset: int, num_rows: int, k: int, token_ids: lis
     return rows, offset + 2 * num_rows * k
 
 
+def _sampled_logprobs(host: np.ndarray, offset: int, states: list, num_logprobs: list[int],
+                      k: int, token_ids: list[int]) -> tuple[list[tuple[str, TokenLogprobs]], int]:
+    """One step's sampled-token logprobs from the packed host array: (req_id, entry) for the
+    states that need them (``SamplingMetadata.num_logprobs`` >= 0), and the next offset."""
+    rows, offset = _unpack(host, offset, len(states), k, token_ids,
+                           [max(n, 0) for n in num_logprobs])
+    return [(s.req_id, row) for s, row, n in zip(states, rows, num_logprobs) if n >= 0], offset
+
+
 class StepSampler:
     def __init__(self, model: torch.nn.Module, vocab_size: int, generator: torch.Generator,
                  device: torch.device) -> None:
@@ -97,7 +106,7 @@ class StepSampler:
     def __call__(self, hidden: torch.Tensor, logits_indices: torch.Tensor, states: list,
                  prompt_rows: _PromptRows | None, guided=None) -> StepSamples:
         """guided: ``GuidedInputs`` (logits masks of the grammar-constrained states) or None."""
-        sampled, sample_lp = None, None
+        sampled, sample_lp, num_logprobs = None, None, []
         pieces: list[torch.Tensor] = []
         if states:
             logits = self.model.compute_logits(hidden[logits_indices])
@@ -105,7 +114,7 @@ class StepSampler:
             if guided is not None:
                 meta.guided_rows, meta.guided_mask = guided.rows, guided.mask
             out = self.sampler(logits, meta)
-            sampled, sample_lp = out.sampled_ids, out.logprobs
+            sampled, sample_lp, num_logprobs = out.sampled_ids, out.logprobs, meta.num_logprobs
         prompt_lp, num_prompt_k = None, 0
         if prompt_rows is not None:
             prompt_lp, num_prompt_k = self._prompt_logprobs(hidden, prompt_rows, states)
@@ -118,7 +127,8 @@ class StepSampler:
         if prompt_lp is not None:
             pieces += _flat(prompt_lp, with_ids=False)
         host = torch.cat(pieces).cpu().numpy()  # the one device-to-host copy
-        return self._unpack(host, states, sample_lp, prompt_rows, prompt_lp, num_prompt_k)
+        return self._unpack(host, states, sample_lp, num_logprobs, prompt_rows, prompt_lp,
+                            num_prompt_k)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows: _PromptRows,
                          states: list) -> tuple[LogprobsTensors, int]:
@@ -130,19 +140,16 @@ class StepSampler:
         target_t = torch.tensor(rows.targets, dtype=torch.long, device=self.device)
         return gather_logprobs(logits.log_softmax(dim=-1), target_t, k), k
 
-    def _unpack(self, host, states, sample_lp, prompt_rows, prompt_lp, num_prompt_k):
+    def _unpack(self, host, states, sample_lp, num_logprobs, prompt_rows, prompt_lp,
+                num_prompt_k):
         n = len(states)
         token_ids = host[:n].astype(np.int64).tolist()
         offset = n
         logprobs: dict[str, TokenLogprobs] = {}
         if sample_lp is not None:
-            k = sample_lp.topk_ids.shape[1]
-            keep = [max(s.sampling_params.logprobs or 0, 0) for s in states]
-            rows, offset = _unpack(host, offset, n, k, token_ids, keep)
-            for s, row in zip(states, rows):
-                if s.sampling_params.logprobs is not None or \
-                        s.sampling_params.best_of > s.sampling_params.n:
-                    logprobs[s.req_id] = row
+            rows, offset = _sampled_logprobs(host, offset, states, num_logprobs,
+                                             sample_lp.topk_ids.shape[1], token_ids)
+            logprobs = dict(rows)
         prompt: dict[str, tuple[int, list[TokenLogprobs]]] = {}
         if prompt_lp is not None:
             keep = [p.prompt_logprobs for p in prompt_rows.params]
@@ -188,12 +195,10 @@ class MultiStepSampling:
         if with_lp:
             offset = n * len(outs)
             k = outs[0].logprobs.topk_ids.shape[1]
-            keep = [max(s.sampling_params.logprobs or 0, 0) for s in self.states]
-            wanted = [s.sampling_params.logprobs is not None or
-                      s.sampling_params.best_of > s.sampling_params.n for s in self.states]
             for step in range(len(outs)):
-                rows, offset = _unpack(host, offset, n, k, ids[:, step].tolist(), keep)
-                for s, row, want in zip(self.states, rows, wanted):
-                    if want:
-                        logprobs.setdefault(s.req_id, []).append(row)
+                rows, offset = _sampled_logprobs(host, offset, self.states,
+                                                 self.meta.num_logprobs, k,
+                                                 ids[:, step].tolist())
+                for req_id, row in rows:
+                    logprobs.setdefault(req_id, []).append(row)
         return token_ids, logprobs

@@ -58,9 +58,9 @@ class Worker:
         tp = get_tp_size()  # each rank caches its KV heads only (one when tp exceeds them)
         self.num_kv_heads = num_kv_heads = mc.num_kv_heads // tp if mc.num_kv_heads >= tp else 1
         self.cache_dtype = kv_cache_torch_dtype(cc.kv_cache_dtype, mc.torch_dtype)
-        scales = load_kv_scales(cc.quantization_param_path, mc.num_hidden_layers,
-                                get_tp_rank(), self.cache_dtype)
-        self.kv_scales = scales if is_fp8(self.cache_dtype) else None
+        self.kv_scales = load_kv_scales(cc.quantization_param_path, mc.num_hidden_layers,
+                                        get_tp_rank(), self.cache_dtype) \
+            if is_fp8(self.cache_dtype) else None  # per layer (k, v) of an fp8 cache
         self.block_bytes = kv_bytes_per_block(mc.num_hidden_layers, cc.block_size,
                                               num_kv_heads, mc.head_dim, self.cache_dtype)
         # every rank must agree on the block count: take the smallest

@@ -79,7 +79,7 @@ def test_fp8_cache_logprobs_close_to_full_precision(model_path, kv_dtype):
     assert sum(bad) / len(bad) > 2 * mean_tol
 
 
-def test_fp8_cache_halves_block_bytes(model_path):
+def test_fp8_cache_block_bytes_and_default_scales(model_path):
     full = LLM(model=model_path, num_gpu_blocks_override=8).llm_engine.worker
     fp8 = LLM(model=model_path, num_gpu_blocks_override=8, kv_cache_dtype="fp8")
     itemsize = fp8.llm_engine.config.model.torch_dtype.itemsize  # fp32 on CPU, bf16 on CUDA
