@@ -305,8 +305,9 @@ class SchedulerConfig:
         True, "With multi-step scheduling, stream after each step (True) or at the end.")
     num_lookahead_slots: int = option(0, "Extra KV slots reserved per sequence for "
                                       "speculative tokens.", valid=NON_NEGATIVE)
-    disable_async_output_proc: bool = option(False, "Do not overlap output processing with the "
-                                             "next forward.")
+    disable_async_output_proc: bool = option(
+        False, "Do not overlap output processing with the next forward (pagedllm does not "
+        "overlap it yet, issue #5: both values run the same way).")
 
 
 @dataclass(frozen=True)
