@@ -81,7 +81,7 @@ def bench_hf(model, prompts, output_len: int) -> float:
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                   pad_token_id=0)
     with torch.inference_mode():
-        model.generate(ids[:1], **kwargs)  # warm-up
+        model.generate(ids[:1], **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         _sync(model.device)

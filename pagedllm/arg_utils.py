@@ -189,6 +189,10 @@ class _EngineArgsMethods:
         check_options(values)
         _apply_deprecations(values, getattr(self, "_deprecated_given", frozenset()))
         values["device"] = _resolve_device(values["device"])
+        if values["cpu_offload_gb"] and values["device"] != "cuda":
+            raise ValueError(f"--cpu-offload-gb {values['cpu_offload_gb']} streams weights from "
+                             "CPU memory to a CUDA device; with --device cpu every weight is "
+                             "in CPU memory already: drop the flag")
         values["ignore_patterns"] = _resolve_ignore_patterns(values["ignore_patterns"])
         derived = _resolve_model(values)
         values["max_model_len"] = derived.pop("max_model_len")

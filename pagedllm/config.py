@@ -33,8 +33,6 @@ QUANTIZATION_METHODS = (
     "qqq", "experts_int8", "neuron_quant",
 )
 DEVICE_CHOICES = ("auto", "cuda", "neuron", "cpu", "openvino", "tpu", "xpu")
-GPU_ISSUE = "GPU backend, issue #5"
-DIST_ISSUE = "multi-device execution, issue #7"
 
 
 def cuda_backend_available() -> bool:
@@ -248,8 +246,8 @@ class CacheConfig:
         None, "Use exactly this many KV blocks instead of profiling (e.g. to test preemption).",
         valid=POSITIVE)
     cpu_offload_gb: float = option(
-        0, "GiB of weights kept in CPU memory and streamed in each forward.", valid=NON_NEGATIVE,
-        supported=(0,), planned=GPU_ISSUE)
+        0, "GiB of weights (per rank) kept in pinned CPU memory and streamed to the GPU in each "
+        "forward, whole linear layers in model order; CUDA only.", valid=NON_NEGATIVE)
     use_v2_block_manager: bool = option(
         True, "Deprecated, no effect: the one block manager is always used.",
         deprecated="the one block manager is always used; drop this flag")
@@ -306,19 +304,20 @@ class SchedulerConfig:
     num_lookahead_slots: int = option(0, "Extra KV slots reserved per sequence for "
                                       "speculative tokens.", valid=NON_NEGATIVE)
     disable_async_output_proc: bool = option(
-        False, "Do not overlap output processing with the next forward (pagedllm does not "
-        "overlap it yet, issue #5: both values run the same way).")
+        False, "Do not overlap output processing (detokenization, stop strings, outputs) of "
+        "one step with the next forward. The overlap is on by default on CUDA, off on CPU.")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     """How the model is spread over devices: tp x pp ranks (layout in pagedllm.distributed)."""
     tensor_parallel_size: int = option(
-        1, "Tensor-parallel ranks per pipeline stage. Models: Llama, Mistral, Qwen2, Qwen3, "
-        "Phi-3, OPT, GPT-2; heads must divide by it.", aliases=("-tp",), valid=POSITIVE)
+        1, "Tensor-parallel ranks per pipeline stage. Every supported architecture; heads "
+        "must divide by it.", aliases=("-tp",), valid=POSITIVE)
     pipeline_parallel_size: int = option(
-        1, "Pipeline stages (contiguous layer ranges; combines with -tp). Models: Llama, "
-        "Mistral, Qwen2, Qwen3, Phi-3.", aliases=("-pp",), valid=POSITIVE)
+        1, "Pipeline stages (contiguous layer ranges, each with the KV cache of its layers "
+        "only; combines with -tp). Every supported architecture; at most the number of "
+        "layers.", aliases=("-pp",), valid=POSITIVE)
     distributed_executor_backend: Optional[str] = option(
         None, "Executor for several ranks: mp (local processes, the default) or ray (Ray "
         "actors in a placement group; joins a running cluster or RAY_ADDRESS, else starts a "
@@ -330,9 +329,11 @@ class ParallelConfig:
     disable_custom_all_reduce: bool = option(False, "Use the library all-reduce only (no "
                                              "all-reduce runs at one device).")
     ray_workers_use_nsight: bool = option(
-        False, "Profile Ray workers with nsight.", supported=DEFAULT_ONLY,
-        planned="needs CUDA and nsys (Ray runtime_env nsight); the Ray backend runs on CPU "
-        "only, " + DIST_ISSUE)
+        False, "Run each Ray worker (ranks 1..) under Nsight Systems (nsys profile, through "
+        "Ray's runtime_env); needs --distributed-executor-backend ray and nsys on PATH. "
+        "Options: -t cuda,cudnn,cublas --cuda-graph-trace=node, one worker_process_<pid> "
+        "report per worker in the Ray session's logs/nsight folder; rank 0 runs in the "
+        "engine process (run the engine under nsys to profile it).")
 
     @property
     def world_size(self) -> int:

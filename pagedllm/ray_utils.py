@@ -1,8 +1,11 @@
-"""Connecting to Ray, shared by the Ray executor and the Ray tokenizer pool."""
+"""Connecting to Ray (shared by the Ray executor and the Ray tokenizer pool) and the Ray
+workers' actor options, Nsight Systems profiling included (``--ray-workers-use-nsight``)."""
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -23,3 +26,39 @@ def connect_ray(min_cpus: int = 1) -> None:
         return
     ray.init(num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False,
              object_store_memory=OBJECT_STORE_BYTES)
+
+
+# `nsys profile` options of each Ray worker under --ray-workers-use-nsight (Ray's runtime_env
+# "nsight" turns {"t": v} into "-t v" and {"cuda-graph-trace": v} into "--cuda-graph-trace=v"):
+# trace CUDA, cuDNN and cuBLAS calls, one report per worker process (%p: its pid; the quotes
+# survive the shell command Ray builds), CUDA graphs traced node by node.
+NSIGHT_OPTIONS = {"t": "cuda,cudnn,cublas", "o": "'worker_process_%p'",
+                  "cuda-graph-trace": "node"}
+
+
+def check_nsight(backend: str) -> None:
+    """--ray-workers-use-nsight needs the Ray executor and ``nsys`` on PATH (start-up check;
+    ``backend`` is the resolved executor: uni, mp or ray)."""
+    if backend != "ray":
+        what = "one process" if backend == "uni" else f"the {backend} executor"
+        raise ValueError("--ray-workers-use-nsight profiles the Ray workers, so it needs "
+                         f"--distributed-executor-backend ray (this engine would run {what}); "
+                         "pass --distributed-executor-backend ray or remove the flag")
+    if shutil.which("nsys") is None:
+        raise ValueError("--ray-workers-use-nsight runs each Ray worker under NVIDIA Nsight "
+                         "Systems, but nsys is not on PATH; install Nsight Systems (or add "
+                         "its bin folder to PATH) or remove the flag")
+
+
+def ray_worker_options(use_nsight: bool) -> dict:
+    """``ray.remote`` options of the worker actors: one CPU each and, with nsight, a
+    runtime_env that starts each actor's process under ``nsys profile`` (reports land in
+    the Ray session's ``logs/nsight`` folder). Ray launches that process as ``nsys ...
+    python``, so PATH puts this interpreter's folder first: ``python`` is then the one
+    running the engine, with pagedllm installed."""
+    options: dict = {"num_cpus": 1}
+    if use_nsight:
+        bin_dir = os.path.dirname(sys.executable)
+        options["runtime_env"] = {"nsight": dict(NSIGHT_OPTIONS),
+                                  "env_vars": {"PATH": f"{bin_dir}{os.pathsep}${{PATH}}"}}
+    return options

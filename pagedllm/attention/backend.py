@@ -103,6 +103,8 @@ class ForwardContext:
     """What a forward pass needs besides token ids and positions; passed down explicitly."""
 
     attn_metadata: AttentionMetadata
-    kv_caches: list[torch.Tensor]  # per layer [2, num_blocks * block_size, num_kv_heads, head_dim]
+    # layer index -> [2, num_blocks * block_size, num_kv_heads, head_dim]: this pipeline
+    # stage's layers (a dict), or a list of every layer
+    kv_caches: dict[int, torch.Tensor] | list[torch.Tensor]
     backend: AttentionBackend | None = None  # None: the PyTorch reference
     kv_scales: list[tuple[float, float]] | None = None  # per layer (k, v) of an fp8 cache

@@ -2,8 +2,25 @@
 schedule (control plane) -> execute (compute plane) -> update -> detokenize -> outputs.
 A multi-step batch (``--num-scheduler-steps``) returns several tokens per request from one
 execute; they are detokenized and stop-checked one by one.
+
+Async output processing (on CUDA unless ``--disable-async-output-proc``): the executor runs
+step t+1 on a helper thread; once that thread has queued the forward on the device (the
+runner's ``on_launch``; waiting for it keeps this thread from holding the GIL while the
+batch is built), this thread detokenizes step t, applies its stop strings and builds its
+``RequestOutput``s; ``step()`` then returns step t's outputs. Tokens, stop ids
+and max_tokens are still applied (``update_from_output``) before the next schedule, so only
+a stop *string* is seen one step late: that request ran one step too many, and its extra
+token is dropped (the scheduler no longer knows it when the output arrives). While the
+forward runs the scheduler is idle, so blocks freed by a stop string cannot be handed to
+another request before the in-flight step that still writes them is over.
 """
 from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
 
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
@@ -38,6 +55,16 @@ def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: 
         params.allowed_token_ids = [int(t) for t in params.allowed_token_ids]
 
 
+def use_async_output_proc(config) -> bool:
+    """On by default on CUDA (where the forward runs on the device while the host is free);
+    off on CPU, where the forward's OpenMP threads would compete with the output work for
+    the same cores. ``PAGEDLLM_ASYNC_OUTPUT_PROC=1`` turns it on anywhere (tests, CPU runs)."""
+    if config.scheduler.disable_async_output_proc:
+        return False
+    return os.environ.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1" or \
+        torch.device(config.device.device).type == "cuda"
+
+
 class LLMEngine:
     def __init__(self, config, log_stats: bool | None = None) -> None:
         self.config = config
@@ -64,6 +91,15 @@ class LLMEngine:
         self.guided_compiler = GuidedCompiler(self.tokenizer, mc.vocab_size,
                                               self.inputs.eos_token_ids,
                                               config.decoding.guided_decoding_backend)
+        # async output processing: a step whose outputs are not made yet, and the thread
+        # that runs the executor meanwhile
+        self._pending: tuple | None = None
+        self._exec_thread: ThreadPoolExecutor | None = None
+        self._runner = self.worker.runner
+        if use_async_output_proc(config):
+            threads = torch.get_num_threads()
+            self._exec_thread = ThreadPoolExecutor(
+                1, "pagedllm-execute", initializer=torch.set_num_threads, initargs=(threads,))
 
     @classmethod
     def from_engine_args(cls, engine_args, **kwargs) -> "LLMEngine":
@@ -115,25 +151,52 @@ class LLMEngine:
                 self._seqs.pop(seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._pending is not None
 
     def get_num_unfinished_requests(self) -> int:
         return self.scheduler.get_num_unfinished_requests()
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
+        if self._exec_thread is None:
+            scheduler_output = self.scheduler.schedule()
+            runner_output = self.executor.execute_model(scheduler_output)
+            updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+            return self._make_outputs(scheduler_output, runner_output, updated)
+        # async output processing: launch step t+1, then finish step t while it runs
+        future: Future | None = None
+        if self.scheduler.has_unfinished_requests():
+            scheduler_output = self.scheduler.schedule()
+            launched = threading.Event()
+            self._runner.on_launch = launched.set
+            future = self._exec_thread.submit(self.executor.execute_model, scheduler_output)
+            future.add_done_callback(lambda _: launched.set())
+            # let the executor thread build the batch and queue the forward before this
+            # thread takes the GIL for output work (else the launch waits on it)
+            launched.wait()
+        previous, self._pending = self._pending, None
+        try:
+            outputs = self._make_outputs(*previous) if previous is not None else []
+        finally:
+            if future is not None:  # even on error: no step may still run when we return
+                runner_output = future.result()
+                updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+                self._pending = (scheduler_output, runner_output, updated)
+        return outputs
+
+    def _make_outputs(self, scheduler_output, runner_output, updated) -> list[RequestOutput]:
+        """Detokenize a step's new tokens, apply stop strings, build its outputs."""
         for req_id, (first_pos, entries) in runner_output.prompt_logprobs.items():
             if req_id in self._seqs:
                 self._seqs[req_id][0].add_prompt_logprobs(first_pos, entries, self._decoder)
-        updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         # --multi-step-stream-outputs: one output per decoded token, else one per step
         per_token = scheduler_output.num_steps > 1 and \
             self.config.scheduler.multi_step_stream_outputs
         outputs: list[RequestOutput] = []
         groups: dict[str, SequenceGroup] = {}
         for request, num_new in updated:
+            if request.req_id not in self._seqs:  # aborted before its outputs were made
+                continue
             group, seq = self._seqs[request.req_id]
             logprobs = runner_output.logprobs.get(request.req_id)
             first = request.num_output_tokens - num_new

@@ -7,7 +7,7 @@ from typing import Sequence
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.inputs import PromptInputs
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -48,7 +48,7 @@ class LLM:
                                                  and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        params = self._per_prompt(sampling_params or SamplingParams(), len(prompts))
+        params = _final_only(self._per_prompt(sampling_params or SamplingParams(), len(prompts)))
         priorities = priority if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
@@ -114,3 +114,17 @@ class LLM:
                 token_ids = token_ids["input_ids"]
             prompts.append({"prompt_token_ids": list(token_ids)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
+    """generate() returns finished outputs only, so (like vLLM) ask the engine for nothing
+    else: no per-step RequestOutput is built. The caller's objects are not modified."""
+    copies: dict[int, SamplingParams] = {}
+    out = []
+    for p in params:
+        if p.output_kind != RequestOutputKind.FINAL_ONLY and id(p) not in copies:
+            copies[id(p)] = p.clone()
+            copies[id(p)].output_kind = RequestOutputKind.FINAL_ONLY
+        out.append(copies.get(id(p), p))
+    return out
+

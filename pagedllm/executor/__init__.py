@@ -14,9 +14,19 @@ from __future__ import annotations
 
 import importlib.util
 
+from pagedllm.ray_utils import check_nsight
+
 
 def resolve_backend(pc) -> str:
-    """``uni``, ``mp`` or ``ray`` from --distributed-executor-backend and --worker-use-ray."""
+    """``uni``, ``mp`` or ``ray`` from --distributed-executor-backend and --worker-use-ray;
+    --ray-workers-use-nsight must come with ray (and nsys)."""
+    backend = _backend_name(pc)
+    if pc.ray_workers_use_nsight:
+        check_nsight(backend)
+    return backend
+
+
+def _backend_name(pc) -> str:
     backend = pc.distributed_executor_backend
     if pc.worker_use_ray:
         if backend not in (None, "ray"):

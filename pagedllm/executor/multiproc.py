@@ -74,20 +74,19 @@ def _worker_main(config, rank: int, world: int, init_method: str, shm_paths, con
         destroy_distributed()
 
 
-def _require_model_support(hf_config, capability: str, flag: str, supported: str) -> None:
+def _require_model_support(hf_config, capability: str, flag: str) -> None:
     """The model class must declare ``supports_<capability>`` for ``flag`` > 1."""
-    from pagedllm.models.registry import resolve_model_class
+    from pagedllm.models.registry import architectures_supporting, resolve_model_class
     model_class = resolve_model_class(getattr(hf_config, "architectures", None))
     if not getattr(model_class, f"supports_{capability}", False):
         raise ValueError(f"{model_class.__name__} does not support {flag} > 1 yet (issue #7); "
-                         f"supported: {supported}")
+                         f"supported: {', '.join(architectures_supporting(capability))}")
 
 
 def check_pipeline_parallel(hf_config, pp: int) -> None:
     if pp == 1:
         return
-    _require_model_support(hf_config, "pipeline_parallel", "--pipeline-parallel-size",
-                           "Llama, Mistral, Qwen2, Qwen3, Phi-3")
+    _require_model_support(hf_config, "pipeline_parallel", "--pipeline-parallel-size")
     if hf_config.num_hidden_layers < pp:
         raise ValueError(f"--pipeline-parallel-size {pp} exceeds the model's "
                          f"{hf_config.num_hidden_layers} layers")
@@ -97,8 +96,7 @@ def check_tensor_parallel(hf_config, tp: int) -> None:
     """Errors the ranks would hit while building the model, raised up front."""
     if tp == 1:
         return
-    _require_model_support(hf_config, "tensor_parallel", "--tensor-parallel-size",
-                           "Llama, Mistral, Qwen2, Qwen3, Phi-3, OPT, GPT-2")
+    _require_model_support(hf_config, "tensor_parallel", "--tensor-parallel-size")
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     if heads % tp or (kv_heads % tp and tp % kv_heads):

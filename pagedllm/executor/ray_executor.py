@@ -15,6 +15,10 @@ Start-up, in order:
    (127.0.0.1 when all ranks share the node, which also enables the shared memory);
 4. actors and rank 0 build their ``Worker`` together (they meet in collectives).
 
+``--ray-workers-use-nsight`` starts every actor's process under ``nsys profile``
+(``pagedllm.ray_utils.ray_worker_options``); rank 0 runs in the engine process, which Ray
+does not start: profile it by running the engine itself under ``nsys profile``.
+
 Each step the ``SchedulerOutput`` is pickled once and the same bytes go to every actor's
 ``execute_model`` (small: inlined in the task, no object-store round trip). Rank 0 does not
 wait for the actors' replies (only its own output is needed; one caller's actor tasks run in
@@ -42,7 +46,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pagedllm.distributed import free_port, init_distributed, pid_alive
 from pagedllm.executor.multiproc import (ParallelExecutor, _backend, _threads_per_rank,
                                          release_rank0, shm_files)
-from pagedllm.ray_utils import connect_ray
+from pagedllm.ray_utils import connect_ray, ray_worker_options
 
 _STARTUP_TIMEOUT_S = 300.0
 _PLACEMENT_TIMEOUT_S = 60.0
@@ -136,7 +140,8 @@ class RayExecutor(ParallelExecutor):
         self._pg = _placement_group(world)
         self._finalizer = weakref.finalize(self, _shutdown, self.actors, self._pg, old_threads,
                                            self._shm_paths)
-        actor_class = ray.remote(num_cpus=1)(RayWorker)
+        options = ray_worker_options(config.parallel.ray_workers_use_nsight)
+        actor_class = ray.remote(**options)(RayWorker)
         try:
             for rank in range(1, world):
                 strategy = PlacementGroupSchedulingStrategy(self._pg, rank)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedllm.distributed import all_gather, get_tp_size
+from pagedllm.distributed import (all_gather, broadcast_from_last_stage, get_tp_size,
+                                  is_last_stage)
 
 
 def compute_logits(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor,
@@ -18,3 +19,12 @@ def compute_logits(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor,
     if soft_cap:
         logits = torch.tanh(logits / soft_cap) * soft_cap
     return logits
+
+
+def pipeline_logits(hidden_states: torch.Tensor, head: torch.nn.Module | None, vocab_size: int,
+                    soft_cap: float | None = None) -> torch.Tensor:
+    """Logits on every pipeline stage: the last computes them with ``head`` (its LM head or
+    tied embedding; None on other stages) and broadcasts them to the others."""
+    logits = compute_logits(hidden_states, head.weight, soft_cap) if is_last_stage() else None
+    return broadcast_from_last_stage(logits, (hidden_states.shape[0], vocab_size),
+                                     torch.float32, hidden_states.device)

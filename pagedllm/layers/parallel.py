@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.distributed import all_reduce, get_tp_rank, get_tp_size, shard_range
+from pagedllm.distributed import (all_reduce, get_tp_rank, get_tp_size, shard_range,
+                                  stage_layers)
 from pagedllm.layers.linear import (Linear, MergedLinear, VocabEmbedding,
                                     default_weight_loader)
 
@@ -164,26 +165,27 @@ class PPMissingLayer(nn.Module):
         raise RuntimeError("this layer lives on another pipeline stage")
 
 
-def skip_other_stages(model: nn.Module, weights):
-    """Drop the checkpoint tensors of modules this pipeline stage does not hold (other
-    stages' layers, the embedding off the first stage, the final norm / LM head off the
-    last). At one stage nothing is dropped, so unknown names still raise."""
-    import re
-    from pagedllm.distributed import get_pp_size
-    if get_pp_size() == 1:
-        yield from weights
-        return
-    for name, tensor in weights:
-        match = re.match(r"(.*\.layers)\.(\d+)\.", name)
-        if match:
-            if isinstance(model.get_submodule(match.group(1))[int(match.group(2))],
-                          PPMissingLayer):
-                continue
+def stage_layer_list(num_layers: int, build) -> tuple[range, nn.ModuleList]:
+    """This pipeline stage's layer indices and a list of every layer: ``build(i)`` for the
+    stage's own, ``PPMissingLayer`` for the others (all of them built at one stage)."""
+    own = stage_layers(num_layers)
+    return own, nn.ModuleList(build(i) if i in own else PPMissingLayer()
+                              for i in range(num_layers))
+
+
+def held_by_other_stage(model: nn.Module, name: str) -> bool:
+    """Whether checkpoint tensor ``name`` (the model's name for it) belongs to a module that
+    another pipeline stage holds: one of its parent modules is a ``PPMissingLayer`` or set to
+    ``None`` (the embedding off the first stage, the final norm / LM head off the last). A
+    name with no such parent is this stage's, so an unknown name still raises."""
+    module = model
+    for part in name.split(".")[:-1]:
+        if isinstance(module, nn.ModuleList) and part.isdigit() and int(part) < len(module):
+            module = module[int(part)]
+        elif hasattr(module, part):
+            module = getattr(module, part)
         else:
-            try:
-                module = model.get_submodule(name.rsplit(".", 1)[0])
-            except AttributeError:
-                continue
-            if module is None:
-                continue
-        yield name, tensor
+            return False
+        if module is None or isinstance(module, PPMissingLayer):
+            return True
+    return False

@@ -6,7 +6,8 @@ What Gemma changes from Llama:
 - RMSNorm scales by ``1 + weight`` (``offset=1``);
 - the MLP activation is tanh-approximated GELU (``hidden_activation``; Gemma's legacy
   ``"gelu"`` means the tanh form too); ``head_dim`` comes from the config;
-- the LM head is tied to the embedding.
+- the LM head is tied to the embedding (by default).
+Tensor and pipeline parallelism come from the Llama classes this file extends.
 Gemma 2 further adds:
 - attention scale ``query_pre_attn_scalar ** -0.5`` and attention logit soft-capping;
 - final logit soft-capping (``final_logit_softcapping``);
@@ -15,17 +16,13 @@ Gemma 2 further adds:
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 
 from pagedllm.attention.backend import ForwardContext
-from pagedllm.layers.linear import Linear, VocabEmbedding
-from pagedllm.layers.logits import compute_logits
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.models.llama import STACKED, LlamaAttention, LlamaMLP, layer_sliding_window
-from pagedllm.models.utils import load_weights, tie_or_skip
+from pagedllm.models.llama import (LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel,
+                                   layer_sliding_window)
 
 
 def _activation(config) -> str:
@@ -83,48 +80,39 @@ class GemmaDecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 
-class GemmaModel(nn.Module):
-    def __init__(self, config, max_position: int, is_gemma2: bool) -> None:
-        super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.embed_scale = config.hidden_size ** 0.5
-        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i, max_position, is_gemma2)
-                                    for i in range(config.num_hidden_layers))
-        self.norm = _norm(config)
+class GemmaModel(LlamaModel):
+    """Llama's pipeline-staged stack with Gemma's layers, ``1 + weight`` final norm and
+    scaled embedding."""
 
-    def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
+    def __init__(self, config, max_position: int, tied: bool, is_gemma2: bool) -> None:
+        super().__init__(config, max_position, tied, is_gemma2=is_gemma2)
+        self.embed_scale = config.hidden_size ** 0.5
+
+    def make_layer(self, config, layer_idx: int, max_position: int, **kwargs) -> nn.Module:
+        return GemmaDecoderLayer(config, layer_idx, max_position, kwargs["is_gemma2"])
+
+    def make_norm(self, config) -> nn.Module:
+        return _norm(config)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         # the scale is rounded to the model dtype before multiplying, as in HF
-        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, ctx)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
 
 
-class GemmaForCausalLM(nn.Module):
+class GemmaForCausalLM(LlamaForCausalLM):
+    """Llama's causal LM (tensor and pipeline parallel) with Gemma's model; Gemma 2 adds the
+    final logit soft-cap."""
     is_gemma2 = False
+    tied_by_default = True
 
     def __init__(self, config, max_position: int) -> None:
-        super().__init__()
-        self.config = config
-        self.model = GemmaModel(config, max_position, self.is_gemma2)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        if not self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self.final_soft_cap = (getattr(config, "final_logit_softcapping", None)
-                               if self.is_gemma2 else None)
+        super().__init__(config, max_position)
+        if self.is_gemma2:
+            self.final_soft_cap = getattr(config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
-        return compute_logits(hidden, head.weight, soft_cap=self.final_soft_cap)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_weights(self, weights, STACKED, tie_or_skip(self.tie_word_embeddings))
+    def make_model(self, config, max_position: int) -> nn.Module:
+        return GemmaModel(config, max_position, self.tie_word_embeddings, self.is_gemma2)
 
 
 class Gemma2ForCausalLM(GemmaForCausalLM):

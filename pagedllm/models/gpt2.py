@@ -23,9 +23,12 @@ from pagedllm.attention.backend import ForwardContext
 from pagedllm.attention.layer import Attention
 from pagedllm.layers.activation import get_act_fn
 from pagedllm.layers.linear import Linear, VocabEmbedding, default_weight_loader
+from pagedllm.distributed import (is_first_stage, is_last_stage, recv_from_prev_stage,
+                                  send_to_next_stage)
 from pagedllm.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                      RowParallelLinear, VocabParallelEmbedding)
-from pagedllm.layers.logits import compute_logits
+                                      RowParallelLinear, VocabParallelEmbedding,
+                                      stage_layer_list)
+from pagedllm.layers.logits import pipeline_logits
 from pagedllm.models.utils import load_weights
 
 
@@ -89,17 +92,34 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
-    def __init__(self, config, max_position: int) -> None:
+    """Pipeline stages: the first adds token and position embeddings, each runs its
+    contiguous blocks and sends the hidden states on, the last applies ``ln_f``; the tied LM
+    head keeps ``wte`` on the last stage too."""
+
+    def __init__(self, config, max_position: int, tied: bool) -> None:
         super().__init__()
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.wpe = VocabEmbedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        first, last = is_first_stage(), is_last_stage()
+        self.hidden_size, self.dtype = config.hidden_size, torch.get_default_dtype()
+        self.wte = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+                    if first or (tied and last) else None)
+        self.wpe = (VocabEmbedding(config.max_position_embeddings, config.hidden_size)
+                    if first else None)
+        self.stage_layers, self.h = stage_layer_list(config.num_hidden_layers,
+                                                     lambda i: GPT2Block(config, i))
+        self.ln_f = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+                     if last else None)
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
-        hidden = self.wte(input_ids) + self.wpe(positions)
-        for block in self.h:
-            hidden = block(hidden, ctx)
+        if is_first_stage():
+            hidden = self.wte(input_ids) + self.wpe(positions)
+        else:
+            hidden = recv_from_prev_stage((input_ids.shape[0], self.hidden_size), self.dtype,
+                                          input_ids.device)
+        for i in self.stage_layers:
+            hidden = self.h[i](hidden, ctx)
+        if not is_last_stage():
+            send_to_next_stage(hidden)
+            return hidden
         return self.ln_f(hidden)
 
 
@@ -114,21 +134,22 @@ def _rename(name: str) -> str | None:
 
 class GPT2LMHeadModel(nn.Module):
     supports_tensor_parallel = True
+    supports_pipeline_parallel = True
 
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
         self.config = config
-        self.transformer = GPT2Model(config, max_position)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        if not self.tie_word_embeddings:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.transformer = GPT2Model(config, max_position, self.tie_word_embeddings)
+        self.lm_head = (ParallelLMHead(config.vocab_size, config.hidden_size)
+                        if not self.tie_word_embeddings and is_last_stage() else None)
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         return self.transformer(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.transformer.wte if self.tie_word_embeddings else self.lm_head
-        return compute_logits(hidden, head.weight)
+        return pipeline_logits(hidden, head, self.config.vocab_size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         skip = ("lm_head.weight",) if self.tie_word_embeddings else ()

@@ -13,12 +13,12 @@ from torch import nn
 from pagedllm.attention.backend import ForwardContext
 from pagedllm.attention.layer import Attention
 from pagedllm.layers.activation import ActAndMul
-from pagedllm.distributed import (broadcast_from_last_stage, is_first_stage, is_last_stage,
-                                  recv_from_prev_stage, send_to_next_stage, stage_layers)
+from pagedllm.distributed import (is_first_stage, is_last_stage, recv_from_prev_stage,
+                                  send_to_next_stage)
 from pagedllm.layers.parallel import (MergedColumnParallelLinear, ParallelLMHead,
-                                      PPMissingLayer, QKVParallelLinear, RowParallelLinear,
-                                      VocabParallelEmbedding, skip_other_stages)
-from pagedllm.layers.logits import compute_logits
+                                      QKVParallelLinear, RowParallelLinear,
+                                      VocabParallelEmbedding, stage_layer_list)
+from pagedllm.layers.logits import pipeline_logits
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import get_rope
 from pagedllm.models.utils import load_weights, tie_or_skip
@@ -101,24 +101,34 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, max_position: int, **attn_kwargs) -> None:
+    """The decoder stack, split into pipeline stages: the first embeds (the last holds the
+    embedding too when the LM head is tied to it), each runs its contiguous layers and sends
+    the hidden states and residual on, the last applies the final norm. Subclasses (Gemma)
+    change the layer, the norm or the embedding through ``make_layer``, ``make_norm`` and
+    ``embed``."""
+
+    def __init__(self, config, max_position: int, tied: bool, **layer_kwargs) -> None:
         super().__init__()
-        # pipeline stages: the first embeds (the last too when the LM head is tied), each
-        # runs its contiguous layers, the last applies the final norm
-        tied = bool(getattr(config, "tie_word_embeddings", False))
         self.hidden_size, self.dtype = config.hidden_size, torch.get_default_dtype()
         self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
                              if is_first_stage() or (tied and is_last_stage()) else None)
-        self.stage_layers = stage_layers(config.num_hidden_layers)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, max_position, **attn_kwargs)
-            if i in self.stage_layers else PPMissingLayer()
-            for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last_stage() else None
+        self.stage_layers, self.layers = stage_layer_list(
+            config.num_hidden_layers,
+            lambda i: self.make_layer(config, i, max_position, **layer_kwargs))
+        self.norm = self.make_norm(config) if is_last_stage() else None
+
+    def make_layer(self, config, layer_idx: int, max_position: int, **kwargs) -> nn.Module:
+        return LlamaDecoderLayer(config, layer_idx, max_position, **kwargs)
+
+    def make_norm(self, config) -> nn.Module:
+        return RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         if is_first_stage():
-            hidden, residual = self.embed_tokens(input_ids), None
+            hidden, residual = self.embed(input_ids), None
         else:  # hidden states and residual of the previous stage, side by side
             hidden, residual = recv_from_prev_stage(
                 (input_ids.shape[0], 2 * self.hidden_size), self.dtype,
@@ -137,15 +147,22 @@ class LlamaForCausalLM(nn.Module):
     supports_pipeline_parallel = True
     qkv_bias = False
     qk_norm = False
+    tied_by_default = False  # tie_word_embeddings when the config lacks it
 
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_position, qkv_bias=self._qkv_bias(config),
-                                qk_norm=self.qk_norm)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if not self.tie_word_embeddings and is_last_stage():
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings",
+                                                self.tied_by_default))
+        self.model = self.make_model(config, max_position)
+        # untied: the last stage's own head; tied: the embedding (None off the last stage)
+        self.lm_head = (ParallelLMHead(config.vocab_size, config.hidden_size)
+                        if not self.tie_word_embeddings and is_last_stage() else None)
+        self.final_soft_cap: float | None = None
+
+    def make_model(self, config, max_position: int) -> nn.Module:
+        return LlamaModel(config, max_position, self.tie_word_embeddings,
+                          qkv_bias=self._qkv_bias(config), qk_norm=self.qk_norm)
 
     def _qkv_bias(self, config) -> bool:
         return self.qkv_bias or bool(getattr(config, "attention_bias", False))
@@ -154,16 +171,11 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = None
-        if is_last_stage():  # other pipeline stages receive the last stage's logits
-            head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
-            logits = compute_logits(hidden, head.weight)
-        return broadcast_from_last_stage(logits, (hidden.shape[0], self.config.vocab_size),
-                                         torch.float32, hidden.device)
+        head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
+        return pipeline_logits(hidden, head, self.config.vocab_size, self.final_soft_cap)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_weights(self, skip_other_stages(self, weights), STACKED,
-                            tie_or_skip(self.tie_word_embeddings))
+        return load_weights(self, weights, STACKED, tie_or_skip(self.tie_word_embeddings))
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pagedllm.distributed import get_tp_size
-from pagedllm.models.registry import resolve_model_class
+from pagedllm.models.registry import architectures_supporting, resolve_model_class
 
 
 def _matches(path: str, root: str, patterns: list[str]) -> bool:
@@ -82,8 +82,8 @@ def load_model(model_config, load_config, device: torch.device) -> nn.Module:
     model_class = resolve_model_class(getattr(hf_config, "architectures", None))
     if get_tp_size() > 1 and not getattr(model_class, "supports_tensor_parallel", False):
         raise ValueError(f"{model_class.__name__} does not support --tensor-parallel-size > 1 "
-                         "yet (issue #7); supported: Llama, Mistral, Qwen2, Qwen3, Phi-3, OPT, "
-                         "GPT-2")
+                         "yet (issue #7); supported: "
+                         + ", ".join(architectures_supporting("tensor_parallel")))
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(model_config.torch_dtype)
     try:

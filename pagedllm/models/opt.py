@@ -10,6 +10,7 @@ What differs from Llama:
 - a plain ReLU MLP ``fc1`` -> act -> ``fc2``, not gated;
 - ``project_in`` / ``project_out`` when ``word_embed_proj_dim != hidden_size``;
 - the LM head is tied to ``embed_tokens`` (of width ``word_embed_proj_dim``).
+Pipeline stages pass only the hidden states (the residual is added inside each layer).
 Checkpoint keys come with the ``model.`` prefix (HF saves) or without (``decoder.*``,
 e.g. facebook/opt-125m); both load.
 """
@@ -24,9 +25,12 @@ from pagedllm.attention.backend import ForwardContext
 from pagedllm.attention.layer import Attention
 from pagedllm.layers.activation import get_act_fn
 from pagedllm.layers.linear import Linear, VocabEmbedding
+from pagedllm.distributed import (is_first_stage, is_last_stage, recv_from_prev_stage,
+                                  send_to_next_stage)
 from pagedllm.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                      RowParallelLinear, VocabParallelEmbedding)
-from pagedllm.layers.logits import compute_logits
+                                      RowParallelLinear, VocabParallelEmbedding,
+                                      stage_layer_list)
+from pagedllm.layers.logits import pipeline_logits
 from pagedllm.models.utils import load_weights
 
 STACKED = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"),
@@ -90,27 +94,41 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, config, max_position: int) -> None:
+    """Pipeline stages: the first embeds tokens and positions (and projects in), each runs
+    its contiguous layers and sends the hidden states on, the last applies the final norm
+    and projects out; the tied LM head keeps the embedding on the last stage too."""
+
+    def __init__(self, config, max_position: int, tied: bool) -> None:
         super().__init__()
         proj_dim, hidden = config.word_embed_proj_dim, config.hidden_size
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, proj_dim)
-        self.embed_positions = VocabEmbedding(config.max_position_embeddings + POSITION_OFFSET,
-                                              hidden)
-        self.project_in = Linear(proj_dim, hidden) if proj_dim != hidden else None
-        self.project_out = Linear(hidden, proj_dim) if proj_dim != hidden else None
+        first, last = is_first_stage(), is_last_stage()
+        self.hidden_size, self.dtype = hidden, torch.get_default_dtype()
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, proj_dim)
+                             if first or (tied and last) else None)
+        self.embed_positions = (VocabEmbedding(config.max_position_embeddings
+                                               + POSITION_OFFSET, hidden) if first else None)
+        self.project_in = Linear(proj_dim, hidden) if proj_dim != hidden and first else None
+        self.project_out = Linear(hidden, proj_dim) if proj_dim != hidden and last else None
         has_final_norm = (config.do_layer_norm_before
                           and not getattr(config, "_remove_final_layer_norm", False))
-        self.final_layer_norm = _layer_norm(config) if has_final_norm else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(config, i)
-                                    for i in range(config.num_hidden_layers))
+        self.final_layer_norm = _layer_norm(config) if has_final_norm and last else None
+        self.stage_layers, self.layers = stage_layer_list(
+            config.num_hidden_layers, lambda i: OPTDecoderLayer(config, i))
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        if self.project_in is not None:
-            hidden = self.project_in(hidden)
-        hidden = hidden + self.embed_positions(positions + POSITION_OFFSET)
-        for layer in self.layers:
-            hidden = layer(hidden, ctx)
+        if is_first_stage():
+            hidden = self.embed_tokens(input_ids)
+            if self.project_in is not None:
+                hidden = self.project_in(hidden)
+            hidden = hidden + self.embed_positions(positions + POSITION_OFFSET)
+        else:
+            hidden = recv_from_prev_stage((input_ids.shape[0], self.hidden_size), self.dtype,
+                                          input_ids.device)
+        for i in self.stage_layers:
+            hidden = self.layers[i](hidden, ctx)
+        if not is_last_stage():
+            send_to_next_stage(hidden)
+            return hidden
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
         if self.project_out is not None:
@@ -119,9 +137,9 @@ class OPTDecoder(nn.Module):
 
 
 class OPTModel(nn.Module):
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, tied: bool) -> None:
         super().__init__()
-        self.decoder = OPTDecoder(config, max_position)
+        self.decoder = OPTDecoder(config, max_position, tied)
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         return self.decoder(input_ids, positions, ctx)
@@ -134,21 +152,22 @@ def _rename(name: str) -> str:
 
 class OPTForCausalLM(nn.Module):
     supports_tensor_parallel = True
+    supports_pipeline_parallel = True
 
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
         self.config = config
-        self.model = OPTModel(config, max_position)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        if not self.tie_word_embeddings:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
+        self.model = OPTModel(config, max_position, self.tie_word_embeddings)
+        self.lm_head = (ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
+                        if not self.tie_word_embeddings and is_last_stage() else None)
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.decoder.embed_tokens if self.tie_word_embeddings else self.lm_head
-        return compute_logits(hidden, head.weight)
+        return pipeline_logits(hidden, head, self.config.vocab_size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         skip = ("lm_head.weight",) if self.tie_word_embeddings else ()

@@ -24,10 +24,21 @@ def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
+def _model_class(architecture: str):
+    module, class_name = _MODELS[architecture]
+    return getattr(importlib.import_module(f"pagedllm.models.{module}"), class_name)
+
+
+def architectures_supporting(capability: str) -> list[str]:
+    """The registered architectures whose class sets ``supports_<capability>`` (e.g.
+    ``tensor_parallel``, ``pipeline_parallel``)."""
+    return [arch for arch in supported_architectures()
+            if getattr(_model_class(arch), f"supports_{capability}", False)]
+
+
 def resolve_model_class(architectures: list[str] | None):
     for arch in architectures or []:
         if arch in _MODELS:
-            module, class_name = _MODELS[arch]
-            return getattr(importlib.import_module(f"pagedllm.models.{module}"), class_name)
+            return _model_class(arch)
     raise ValueError(f"model architecture(s) {architectures} not supported; supported: "
                      f"{', '.join(supported_architectures())}")

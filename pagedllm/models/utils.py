@@ -6,7 +6,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from pagedllm.distributed import get_pp_size
 from pagedllm.layers.linear import default_weight_loader
+from pagedllm.layers.parallel import held_by_other_stage
 
 # (fused parameter name part, checkpoint name part, shard id)
 StackedMapping = list[tuple[str, str, str]]
@@ -19,14 +21,18 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
 
     ``stacked`` maps separate checkpoint projections (``q_proj``) onto fused parameters
     (``qkv_proj``, shard ``"q"``); ``skip`` lists name fragments to ignore (rotary buffers,
-    tied heads); ``rename`` maps a checkpoint name to the model's name first.
+    tied heads); ``rename`` maps a checkpoint name to the model's name first. With several
+    pipeline stages, tensors of modules another stage holds are dropped (after renaming).
     """
+    other_stages = get_pp_size() > 1
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for name, tensor in weights:
         if rename is not None:
             name = rename(name)
         if name is None or any(part in name for part in skip):
+            continue
+        if other_stages and held_by_other_stage(model, name):
             continue
         for fused, part, shard_id in stacked:
             if f".{part}." in name:

@@ -1,11 +1,16 @@
 """The KV-cache tensors: the device cache the model reads and the CPU swap space.
 
 Layout per layer: ``[2, num_blocks * block_size, num_kv_heads, head_dim]`` (K then V); a
-token's slot is ``block_id * block_size + offset``. The device cache starts zeroed (masked
+token's slot is ``block_id * block_size + offset``. A rank caches only its pipeline stage's
+layers: ``gpu_cache`` maps each of them (by its index in the model) to its tensor, so the
+attention layers look their cache up by their own layer index and a stage's blocks cost
+only its share of the layers. The device cache starts zeroed (masked
 positions of a gather must not hold NaNs); the swap space is allocated on first use, so the
 default ``--swap-space`` costs nothing unless swap preemption really happens.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -19,25 +24,27 @@ def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head
 
 
 class CacheEngine:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 num_gpu_blocks: int, num_cpu_blocks: int, dtype: torch.dtype,
+    def __init__(self, layer_ids: Sequence[int], num_kv_heads: int, head_dim: int,
+                 block_size: int, num_gpu_blocks: int, num_cpu_blocks: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.block_size = block_size
         self.num_cpu_blocks = num_cpu_blocks
+        self.layer_ids = list(layer_ids)  # the layers this rank caches (its pipeline stage's)
         self._shape = (num_kv_heads, head_dim)
-        self._num_layers = num_layers
         self._dtype = dtype
-        self.gpu_cache = [torch.zeros(2, num_gpu_blocks * block_size, num_kv_heads, head_dim,
-                                      dtype=dtype, device=device) for _ in range(num_layers)]
-        self._cpu_cache: list[torch.Tensor] | None = None
+        self._pin = torch.device(device).type == "cuda"
+        # layer index -> [2, num_gpu_blocks * block_size, num_kv_heads, head_dim]
+        self.gpu_cache: dict[int, torch.Tensor] = {
+            i: torch.zeros(2, num_gpu_blocks * block_size, num_kv_heads, head_dim, dtype=dtype,
+                           device=device) for i in self.layer_ids}
+        self._cpu_cache: dict[int, torch.Tensor] | None = None
 
     @property
-    def cpu_cache(self) -> list[torch.Tensor]:
+    def cpu_cache(self) -> dict[int, torch.Tensor]:
         if self._cpu_cache is None:
-            pin = self.gpu_cache[0].is_cuda
-            self._cpu_cache = [torch.empty(2, self.num_cpu_blocks * self.block_size, *self._shape,
-                                           dtype=self._dtype, pin_memory=pin)
-                               for _ in range(self._num_layers)]
+            self._cpu_cache = {i: torch.empty(2, self.num_cpu_blocks * self.block_size,
+                                              *self._shape, dtype=self._dtype,
+                                              pin_memory=self._pin) for i in self.layer_ids}
         return self._cpu_cache
 
     def _slot_index(self, block_ids: list[int], device: torch.device) -> torch.Tensor:
@@ -45,17 +52,21 @@ class CacheEngine:
         offsets = torch.arange(self.block_size, device=device)
         return (blocks[:, None] * self.block_size + offsets[None, :]).flatten()
 
-    def _copy(self, src: list[torch.Tensor], dst: list[torch.Tensor],
+    def _copy(self, src: dict[int, torch.Tensor], dst: dict[int, torch.Tensor],
               pairs: list[tuple[int, int]]) -> None:
-        src_idx = self._slot_index([s for s, _ in pairs], src[0].device)
-        dst_idx = self._slot_index([d for _, d in pairs], dst[0].device)
-        for s, d in zip(src, dst):
+        if not self.layer_ids:
+            return
+        first = self.layer_ids[0]
+        src_idx = self._slot_index([s for s, _ in pairs], src[first].device)
+        dst_idx = self._slot_index([d for _, d in pairs], dst[first].device)
+        for i in self.layer_ids:
+            s, d = src[i], dst[i]
             if is_fp8(s.dtype):  # CPU index ops lack fp8: copy the bytes
                 s, d = s.view(torch.uint8), d.view(torch.uint8)
             d.index_copy_(1, dst_idx, s.index_select(1, src_idx).to(d.device))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy (src, dst) device blocks, all layers (copy-on-write forks)."""
+        """Copy (src, dst) device blocks, every cached layer (copy-on-write forks)."""
         self._copy(self.gpu_cache, self.gpu_cache, pairs)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:

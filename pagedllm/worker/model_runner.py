@@ -67,6 +67,7 @@ class ModelRunner:
         self.guided = GuidedMatchers(vocab_size, device)  # grammar matchers of guided requests
         self.backend = get_attn_backend(device)
         self.graphs: CUDAGraphRunner | None = None  # set by the worker when graphs are on
+        self.on_launch = None  # called once a step's forward is queued (async output proc)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
@@ -182,6 +183,12 @@ class ModelRunner:
         return AttentionMetadata(self.block_size, slots, meta.num_decodes,
                                  meta.decode_seq_lens + 1, table, [])
 
+    def _launched(self) -> None:
+        """The forward is queued on the device (async output processing waits for this
+        before it takes the host; see pagedllm/engine/engine.py)."""
+        if self.on_launch is not None:
+            self.on_launch()
+
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(so)
@@ -193,6 +200,7 @@ class ModelRunner:
         meta = batch.attn_metadata
         pending_masks = self.guided.fill_async(batch.sampling_req_ids)  # overlaps the forward
         hidden = self._forward(batch.input_ids, batch.positions, meta)
+        self._launched()
         states = [self.requests[r] for r in batch.sampling_req_ids]
         prompt_rows = prompt_logprob_rows(batch.req_ids, so.num_scheduled_tokens, self.requests)
         guided = pending_masks.result() if pending_masks is not None else None
@@ -220,6 +228,7 @@ class ModelRunner:
                 positions = positions + 1
                 meta = self._next_decode_meta(meta, positions)
             input_ids = sampling.sample(self._forward(input_ids, positions, meta))
+        self._launched()
         token_ids, logprobs = sampling.results()
         for state, ids in zip(states, token_ids):
             state.token_ids.extend(ids)

@@ -9,8 +9,14 @@ KV-cache sizing rule (documented in the README):
   the weights (weights, CUDA context, other processes), minus the activation peak of a
   profiling step: ``max_num_batched_tokens`` prompt tokens split over up to
   ``max_num_seqs`` sequences, run through the real runner (forward, logits, top-k/top-p
-  sampling) on a throw-away cache; same cap. CUDA graphs are captured lazily later and
-  live in the share left over (``1 - gpu_memory_utilization``).
+  sampling) on a throw-away cache; same cap. CUDA graphs are captured after the KV cache
+  is allocated and live in the share left over (``1 - gpu_memory_utilization``).
+  ``--cpu-offload-gb`` moves linear layers to host memory before any of this, so the
+  weights it takes off the device go to the KV cache.
+A block's bytes count this rank's KV heads and its pipeline stage's layers only (each
+stage caches just its layers), so a stage holds more blocks than a whole-model rank would;
+every rank then takes the smallest count over all ranks (``world_min``), which the stage
+with the most layers usually sets.
 Swap space: ``--swap-space`` GiB of CPU memory, in blocks of the same size.
 """
 from __future__ import annotations
@@ -22,7 +28,9 @@ import torch
 from pagedllm.core.kv_cache_manager import cdiv
 from pagedllm.core.scheduler_output import NewRequestData, SchedulerOutput
 from pagedllm.attention.kv_quant import is_fp8, kv_cache_torch_dtype, load_kv_scales
-from pagedllm.distributed import get_pp_size, get_tp_rank, get_tp_size, in_turns, world_min
+from pagedllm.models.cpu_offload import offload_linear_weights
+from pagedllm.distributed import (get_pp_size, get_tp_rank, get_tp_size, in_turns, stage_layers,
+                                  world_min)
 from pagedllm.models.loader import load_model
 from pagedllm.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
@@ -53,7 +61,10 @@ class Worker:
         # --max-parallel-loading-workers: ranks load in turns of that many
         self.model, self.load_window = in_turns(lambda: load_model(mc, config.load, self.device),
                                                 config.load.max_parallel_loading_workers)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if cc.cpu_offload_gb:
+            offload_linear_weights(self.model, int(cc.cpu_offload_gb * _GiB), self.device)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()
+                                if p.device.type == self.device.type)  # on the device
         self.activation_bytes = 0
         tp = get_tp_size()  # each rank caches its KV heads only (one when tp exceeds them)
         self.num_kv_heads = num_kv_heads = mc.num_kv_heads // tp if mc.num_kv_heads >= tp else 1
@@ -61,12 +72,15 @@ class Worker:
         self.kv_scales = load_kv_scales(cc.quantization_param_path, mc.num_hidden_layers,
                                         get_tp_rank(), self.cache_dtype) \
             if is_fp8(self.cache_dtype) else None  # per layer (k, v) of an fp8 cache
-        self.block_bytes = kv_bytes_per_block(mc.num_hidden_layers, cc.block_size,
+        # a pipeline stage caches only its own layers, so its blocks cost that share
+        self.layer_ids = stage_layers(mc.num_hidden_layers)
+        self.block_bytes = kv_bytes_per_block(len(self.layer_ids), cc.block_size,
                                               num_kv_heads, mc.head_dim, self.cache_dtype)
         # every rank must agree on the block count: take the smallest
         self.num_gpu_blocks = world_min(self._num_gpu_blocks())
-        self.num_cpu_blocks = int(cc.swap_space * _GiB) // self.block_bytes
-        cache = CacheEngine(mc.num_hidden_layers, num_kv_heads, mc.head_dim, cc.block_size,
+        # stages of unequal layer counts fit different swap block counts: take the smallest
+        self.num_cpu_blocks = world_min(int(cc.swap_space * _GiB) // self.block_bytes)
+        cache = CacheEngine(self.layer_ids, num_kv_heads, mc.head_dim, cc.block_size,
                             self.num_gpu_blocks, self.num_cpu_blocks, self.cache_dtype, self.device)
         self.runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
                                   self.kv_scales)
@@ -76,7 +90,8 @@ class Worker:
                                      cc.block_size, config.scheduler.max_num_seqs,
                                      mc.max_seq_len_to_capture, self.device,
                                      self.runner.kv_scales)
-            self.runner.graphs = graphs  # graphs are captured on first use of each size
+            graphs.capture()  # every size now: capturing mid-run stalls the batch
+            self.runner.graphs = graphs
         logger.info("weights %.2f GiB, activation peak %.2f GiB; KV cache: %d blocks of %d "
                     "tokens (%.2f GiB); swap space %d blocks; maximum concurrency at %d tokens "
                     "per request: %.1fx", self.weight_bytes / _GiB,
@@ -115,7 +130,7 @@ class Worker:
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         lens = [n for n in lens if n > 0]
         num_blocks = sum(cdiv(n, bs) for n in lens)
-        cache = CacheEngine(mc.num_hidden_layers, self.num_kv_heads, mc.head_dim, bs,
+        cache = CacheEngine(self.layer_ids, self.num_kv_heads, mc.head_dim, bs,
                             num_blocks, 0, self.cache_dtype, self.device)
         runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
                              self.kv_scales)

@@ -1,11 +1,13 @@
 """Pipeline parallelism (pp=2, mp executor, gloo on CPU): contiguous layer ranges per stage,
-hidden states sent between stages; greedy tokens equal one stage's."""
+hidden states sent between stages; greedy tokens equal one stage's, each stage holds only
+its layers' weights and only its layers' KV cache."""
 from __future__ import annotations
 
 import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.executor.multiproc import param_numel
+from tests.parallel.shards import expected_numels, kv_cache_layout
 from tests.utils.tiny_models import build_tiny_model
 
 PROMPTS = ["The for statement", "A class is", "def f(x):", "import os"]
@@ -19,24 +21,64 @@ def _run(path, pp: int):
     try:
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         numels = llm.llm_engine.executor.collective_rpc(param_numel)
+        kv = llm.llm_engine.executor.collective_rpc(kv_cache_layout)
     finally:
         llm.llm_engine.executor.shutdown()
-    return [o.outputs[0].token_ids for o in outs], numels
+    return [o.outputs[0].token_ids for o in outs], numels, kv
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied LM head
+# llama, opt-untied: untied LM head; the others tie it (the last stage keeps its own
+# embedding copy); opt-untied projects in on the first stage and out on the last; opt and
+# gpt2 pass only hidden states between stages, the rest hidden states and residual
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "opt-untied", "gpt2", "gemma",
+                                  "gemma2"])
 def test_pp2_greedy_tokens_equal_pp1_and_stages_hold_their_layers(arch):
     path = build_tiny_model(arch)
-    ref, (full,) = _run(path, 1)
-    tokens, numels = _run(path, 2)
+    ref, numels1, ((layers1, bytes1, block1, shape1),) = _run(path, 1)
+    assert numels1 == expected_numels(path, 1, 1)  # the oracle counts what one rank holds
+    tokens, numels, kvs = _run(path, 2)
     assert tokens == ref
-    vocab_rows = 512 * 64  # the tied last stage keeps its own copy of the embedding
-    assert sum(numels) == full + (vocab_rows if arch == "qwen2" else 0)
-    assert max(numels) < full * 0.75
+    assert numels == expected_numels(path, 1, 2)
+    # each stage caches its own layer only: half the bytes per block and in all
+    assert layers1 == [0, 1]
+    assert [kv[0] for kv in kvs] == [[0], [1]]
+    assert [kv[1:] for kv in kvs] == [(bytes1 // 2, block1 // 2, shape1)] * 2
 
 
-def test_pp_unsupported_fails_at_start_up():
-    with pytest.raises(ValueError, match="does not support --pipeline-parallel-size"):
+def test_pp_unsupported_fails_at_start_up(monkeypatch):
+    from pagedllm.models.opt import OPTForCausalLM
+    monkeypatch.setattr(OPTForCausalLM, "supports_pipeline_parallel", False)
+    with pytest.raises(ValueError, match=r"OPTForCausalLM does not support "
+                                         r"--pipeline-parallel-size > 1 .*supported: .*Gemma"):
         LLM(model=str(build_tiny_model("opt")), pipeline_parallel_size=2, **ENGINE)
     with pytest.raises(ValueError, match="exceeds the model's 2 layers"):
         LLM(model=str(build_tiny_model("llama")), pipeline_parallel_size=3, **ENGINE)
+
+
+def test_uneven_stages_and_a_stage_cache(monkeypatch):
+    """8 layers over 3 stages: 3, 3, 2 (earlier stages take the remainder); a stage's
+    CacheEngine holds, copies and swaps only its layers, found by their model index."""
+    import torch
+    from pagedllm import distributed
+    from pagedllm.worker.cache_engine import CacheEngine, kv_bytes_per_block
+    monkeypatch.setattr(distributed.STATE, "pp_size", 3)
+    ranges = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed.STATE, "pp_rank", rank)
+        ranges.append(distributed.stage_layers(8))
+    assert ranges == [range(0, 3), range(3, 6), range(6, 8)]
+    block_size, num_kv_heads, head_dim = 4, 2, 8
+    cache = CacheEngine(ranges[1], num_kv_heads, head_dim, block_size, num_gpu_blocks=4,
+                        num_cpu_blocks=2, dtype=torch.float32, device=torch.device("cpu"))
+    assert sorted(cache.gpu_cache) == [3, 4, 5]
+    assert sum(t.numel() * 4 for t in cache.gpu_cache.values()) == \
+        4 * kv_bytes_per_block(3, block_size, num_kv_heads, head_dim, torch.float32)
+    for i, t in cache.gpu_cache.items():
+        t[:, :block_size] = i  # block 0 of layer i holds i
+    cache.swap_out([(0, 1)])
+    cache.swap_in([(1, 2)])
+    cache.copy_blocks([(2, 3)])
+    assert sorted(cache.cpu_cache) == [3, 4, 5]
+    for i, t in cache.gpu_cache.items():
+        blocks = t.view(2, 4, block_size, num_kv_heads, head_dim)
+        assert (blocks[:, [0, 2, 3]] == i).all() and (blocks[:, 1] == 0).all()

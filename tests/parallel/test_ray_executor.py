@@ -4,6 +4,7 @@ module (``ray.init`` costs seconds); the executor joins it."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pytest
@@ -13,7 +14,7 @@ ray = pytest.importorskip("ray")
 from pagedllm import LLM, SamplingParams  # noqa: E402
 from pagedllm.executor.multiproc import param_numel  # noqa: E402
 from pagedllm.executor.ray_executor import RayExecutor  # noqa: E402
-from tests.parallel.test_tp_pp import expected_numels  # noqa: E402
+from tests.parallel.shards import expected_numels  # noqa: E402
 from tests.utils.tiny_models import build_tiny_model  # noqa: E402
 
 PROMPTS = ["The for statement", "A class is", "def f(x):", "import os"]
@@ -21,11 +22,36 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 ENGINE = dict(num_gpu_blocks_override=64, max_model_len=256)
 
 
+# a stand-in for nsys: logs its arguments, skips "profile" and its options, runs the command
+FAKE_NSYS = """#!/bin/sh
+echo "$@" >> "$(dirname "$0")/calls.log"
+shift
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -t|-o) shift 2 ;;
+    -*) shift ;;
+    *) break ;;
+  esac
+done
+exec "$@"
+"""
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 << 20,
-             log_to_driver=False)
-    yield
+def ray_cluster(tmp_path_factory):
+    """The module's cluster; its processes see the stand-in nsys (yielded: its folder) on
+    PATH, as a node with Nsight Systems installed would."""
+    bin_dir = tmp_path_factory.mktemp("nsys-bin")
+    (bin_dir / "nsys").write_text(FAKE_NSYS)
+    (bin_dir / "nsys").chmod(0o755)
+    path = os.environ["PATH"]
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{path}"
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=100 << 20,
+                 log_to_driver=False)
+    finally:
+        os.environ["PATH"] = path
+    yield bin_dir
     ray.shutdown()
 
 
@@ -58,6 +84,31 @@ def test_ray_tp_and_pp_greedy_tokens_equal_one_rank(ray_cluster, caplog):
         assert llm.llm_engine.executor.collective_rpc(param_numel) == expected_numels(path, 2, 2)
     finally:
         llm.llm_engine.executor.shutdown()
+
+
+def test_ray_workers_use_nsight(ray_cluster, monkeypatch):
+    """--ray-workers-use-nsight: the actor's process starts under `nsys profile` with the
+    runtime_env's options (and still computes the same tokens)."""
+    monkeypatch.setenv("PATH", f"{ray_cluster}{os.pathsep}{os.environ['PATH']}")
+    path = build_tiny_model("llama")
+    llm = LLM(model=str(path), **ENGINE)
+    ref = _generate(llm, PROMPTS[:2])
+    del llm
+    llm = LLM(model=str(path), tensor_parallel_size=2, distributed_executor_backend="ray",
+              ray_workers_use_nsight=True, **ENGINE)
+    try:
+        assert _generate(llm, PROMPTS[:2]) == ref
+    finally:
+        llm.llm_engine.executor.shutdown()
+    calls = (ray_cluster / "calls.log").read_text().splitlines()
+    launches = [c for c in calls if "default_worker.py" in c]
+    assert launches, calls
+    for call in launches:  # profile, the options in some order, then python default_worker.py
+        args = call.split()
+        assert args[0] == "profile" and "--cuda-graph-trace=node" in args[1:6], call
+        assert args[args.index("-t") + 1] == "cuda,cudnn,cublas", call
+        assert args[args.index("-o") + 1].endswith("/logs/nsight/worker_process_%p"), call
+        assert args[6] == "python" and args[7].endswith("default_worker.py"), call
 
 
 def test_ray_killed_actor_ends_engine_with_clear_error(ray_cluster):

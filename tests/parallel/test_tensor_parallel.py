@@ -11,6 +11,7 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.executor.multiproc import param_numel
+from tests.parallel.shards import expected_numels
 from tests.utils.tiny_models import build_tiny_model
 
 PROMPTS = ["The for statement", "A class is", "def f(x):", "import os"]
@@ -33,27 +34,15 @@ def kv_cache_shape(worker):
     return tuple(worker.runner.cache.gpu_cache[0].shape)
 
 
-def _replicated_numel(path) -> int:
-    """Elements every rank keeps whole: norms, position embeddings, row-parallel biases."""
-    import torch
-    from safetensors.torch import load_file
-    state = load_file(os.path.join(path, "model.safetensors"))
-    keep = ("norm", "ln_", "layer_norm", "wpe", "embed_positions", "o_proj.bias",
-            "out_proj.bias", "fc2.bias", "down_proj.bias", "c_proj.bias")
-    return sum(t.numel() for n, t in state.items()
-               if any(k in n for k in keep) and not n.endswith((".attn.bias", "masked_bias"))
-               and isinstance(t, torch.Tensor))
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2", "phi3", "gemma", "gemma2"])
 def test_tp2_greedy_tokens_equal_tp1_and_ranks_hold_shards(arch):
     path = build_tiny_model(arch)
-    ref, (full,), (kv1,) = _run(path, 1)
+    ref, numels1, (kv1,) = _run(path, 1)
+    assert numels1 == expected_numels(path, 1, 1)
     tokens, numels, kvs = _run(path, 2)
     assert tokens == ref
     # each rank holds half of every sharded tensor and all of the replicated ones
-    replicated = _replicated_numel(path)
-    assert numels == [(full - replicated) // 2 + replicated] * 2
+    assert numels == expected_numels(path, 2, 1)
     # each rank caches only its KV heads
     assert kvs == [kv1[:2] + (kv1[2] // 2,) + kv1[3:]] * 2
 
@@ -96,8 +85,11 @@ def test_killed_worker_ends_engine_with_clear_error():
         executor.shutdown()
 
 
-def test_unsupported_tp_fails_at_start_up():
-    with pytest.raises(ValueError, match="does not support --tensor-parallel-size"):
+def test_unsupported_tp_fails_at_start_up(monkeypatch):
+    from pagedllm.models.gemma import GemmaForCausalLM
+    monkeypatch.setattr(GemmaForCausalLM, "supports_tensor_parallel", False)
+    with pytest.raises(ValueError, match=r"GemmaForCausalLM does not support "
+                                         r"--tensor-parallel-size > 1 .*supported: .*GPT2"):
         LLM(model=str(build_tiny_model("gemma")), tensor_parallel_size=2, **ENGINE)
     with pytest.raises(ValueError, match="must divide"):
         LLM(model=str(build_tiny_model("llama")), tensor_parallel_size=3, **ENGINE)

@@ -139,8 +139,8 @@ def test_partial_statuses(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"--device cuda .*no CUDA device.*supported: auto"):
             _engine(model, device="cuda")
-    with pytest.raises(ValueError, match="--cpu-offload-gb 2 is not supported yet .*issue #5"):
-        _engine(model, cpu_offload_gb=2)
+    with pytest.raises(ValueError, match="--cpu-offload-gb 2 streams weights .*--device cpu"):
+        _engine(model, cpu_offload_gb=2, device="cpu")
 
 
 @pytest.mark.parametrize("kwargs, flag", [

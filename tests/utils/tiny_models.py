@@ -60,6 +60,10 @@ def _configs():
         "phi3": Phi3Config(**llama_like),
         "opt": OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                          word_embed_proj_dim=64, **_COMMON),
+        # untied LM head and project_in / project_out (the pipeline-parallel tests)
+        "opt-untied": OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                num_attention_heads=4, word_embed_proj_dim=32,
+                                tie_word_embeddings=False, **_COMMON),
         "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB_SIZE, n_positions=512,
                            bos_token_id=1, eos_token_id=2),
     }
