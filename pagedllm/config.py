@@ -305,7 +305,8 @@ class SchedulerConfig:
                                       "speculative tokens.", valid=NON_NEGATIVE)
     disable_async_output_proc: bool = option(
         False, "Do not overlap output processing (detokenization, stop strings, outputs) of "
-        "one step with the next forward. The overlap is on by default on CUDA, off on CPU.")
+        "one step with the next forward. The overlap is on by default on CUDA, off on CPU and "
+        "with pipeline parallelism (whose micro-batches overlap instead).")
 
 
 @dataclass(frozen=True)

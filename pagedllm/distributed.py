@@ -10,7 +10,8 @@ Layout of ``tp x pp`` ranks: global rank = ``pp_rank * tp + tp_rank``. Each stag
 consecutive ranks form a tensor-parallel group (all-reduce / all-gather); the ranks with the
 same ``tp_rank`` form a pipeline group. Stage ``s`` tensor rank ``t`` sends its hidden
 states (replicated within the stage after the row-parallel all-reduce) to stage ``s+1``
-tensor rank ``t``; the last stage broadcasts the logits over each pipeline group::
+tensor rank ``t`` (``isend``: see ``send_to_next_stage``); the last stage broadcasts the
+logits over each pipeline group::
 
     tp=2, pp=2:   stage 0: [rank 0, rank 1]  --send-->  stage 1: [rank 2, rank 3]
                   pipeline groups: {0, 2}, {1, 3}     tensor groups: {0, 1}, {2, 3}
@@ -85,8 +86,28 @@ def _global_rank(pp_rank: int) -> int:
     return pp_rank * STATE.tp_size + STATE.tp_rank
 
 
+_pending_sends: list = []  # (work, tensor) of sends not yet waited for
+
+
 def send_to_next_stage(x: torch.Tensor) -> None:
-    dist.send(x.contiguous(), dst=_global_rank(STATE.pp_rank + 1))
+    """Start sending ``x`` to the next stage and return at once: with micro-batches in
+    flight this stage may run the next batch before the next stage has received this one
+    (a blocking send could then wait on a stage that waits on us). The tensor is kept
+    until ``wait_sends`` of the step that sent it."""
+    x = x.contiguous()
+    _pending_sends.append((dist.isend(x, dst=_global_rank(STATE.pp_rank + 1)), x))
+
+
+def take_pending_sends() -> list:
+    """The sends started since the last call (the runner keeps them with their step)."""
+    sends = _pending_sends[:]
+    _pending_sends.clear()
+    return sends
+
+
+def wait_sends(sends: list) -> None:
+    for work, _ in sends:
+        work.wait()
 
 
 def recv_from_prev_stage(shape: tuple[int, ...], dtype: torch.dtype,
@@ -274,6 +295,7 @@ def init_distributed(world_size: int, rank: int, init_method: str, backend: str 
 
 
 def _reset_state() -> None:
+    _pending_sends.clear()
     STATE.tp_size, STATE.tp_rank, STATE.group, STATE.shm = 1, 0, None, None
     STATE.pp_size, STATE.pp_rank, STATE.pp_group = 1, 0, None
 

@@ -22,6 +22,13 @@ feeding each sampled token into the next step. ``S`` stops at the longest remain
 ``max_tokens`` and at ``max_model_len``; tokens after a request's stop are discarded.
 Steps with prefills (or after a failed block allocation) run one step.
 
+Pipeline micro-batches (``pipeline_depth`` > 1, i.e. ``-pp``): the engine schedules a new
+batch while earlier ones are still in flight. A request stays "in flight" from the
+``schedule()`` that includes it to the ``update_from_output`` of that batch: it is not
+scheduled again, never chosen as a preemption victim, and if it ends meanwhile (abort,
+stop string) its blocks are freed only when its batch is over. Each batch takes at most
+``ceil(unfinished requests / depth)`` sequences, so the batches in flight stay balanced.
+
 ``n`` / ``best_of``: only the first sequence of a request is queued. When it gets its first
 token, ``update_from_output`` forks the others: each shares the prompt's full KV blocks (one
 more reference each) and gets a copy of the block holding the last prompt token
@@ -44,7 +51,8 @@ class Scheduler:
     def __init__(self, *, max_num_batched_tokens: int, max_num_seqs: int,
                  enable_chunked_prefill: bool, preemption_mode: str, policy: str,
                  delay_factor: float, max_model_len: int,
-                 kv_cache_manager: KVCacheManager, num_scheduler_steps: int = 1) -> None:
+                 kv_cache_manager: KVCacheManager, num_scheduler_steps: int = 1,
+                 pipeline_depth: int = 1) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -54,6 +62,10 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.kv = kv_cache_manager
         self.num_scheduler_steps = num_scheduler_steps
+        self.pipeline_depth = pipeline_depth
+        self.in_flight: set[str] = set()  # scheduled in a batch whose output is not applied
+        self._free_after_step: dict[str, Request] = {}  # ended while in flight
+        self._batch_seq_cap = max_num_seqs  # most sequences in this schedule()'s batch
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -94,7 +106,8 @@ class Scheduler:
             self.waiting.append(request)
 
     def finish_requests(self, req_ids, status: RequestStatus) -> None:
-        """End requests from outside the step (abort, stop string) and free their blocks."""
+        """End requests from outside the step (abort, stop string) and free their blocks
+        (once their batch is over, for a request in flight)."""
         for req_id in req_ids:
             self._fork_children.pop(req_id, None)
             request = self.requests.get(req_id)
@@ -104,7 +117,11 @@ class Scheduler:
                 if request in queue:
                     queue.remove(request)
             request.status = status
-            self._free(request)
+            if req_id in self.in_flight:
+                del self.requests[req_id]  # its late tokens are dropped
+                self._free_after_step[req_id] = request
+            else:
+                self._free(request)
 
     def _free(self, request: Request) -> None:
         self.kv.free(request)
@@ -114,6 +131,10 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
+    def has_schedulable_requests(self) -> bool:
+        """Anything a new batch could take now (requests not already in flight)."""
+        return bool(self.waiting or self.swapped or len(self.running) > len(self.in_flight))
+
     def get_num_unfinished_requests(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.swapped)
 
@@ -122,6 +143,8 @@ class Scheduler:
         out = SchedulerOutput([], [], {}, 0, finished_req_ids=self._finished_req_ids,
                               blocks_to_copy=self._pending_copies)
         self._finished_req_ids, self._pending_copies = set(), []
+        self._batch_seq_cap = self.max_num_seqs if self.pipeline_depth == 1 else max(1, cdiv(
+            len(self.waiting) + len(self.running) + len(self.swapped), self.pipeline_depth))
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted_req_ids:
             budget = self._schedule_swapped(out, budget)
@@ -131,6 +154,7 @@ class Scheduler:
         if self.num_scheduler_steps > 1:
             out.num_steps = self._plan_multi_step(out)
         out.finished_req_ids |= out.preempted_req_ids
+        self.in_flight.update(out.num_scheduled_tokens)
         now = time.time()
         for req_id in out.num_scheduled_tokens:
             request = self.requests[req_id]
@@ -150,9 +174,11 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and \
+                len(out.num_scheduled_tokens) < self._batch_seq_cap:
             request = self.running[i]
-            num_new = self._num_new_tokens(request, budget)
+            num_new = 0 if request.req_id in self.in_flight else \
+                self._num_new_tokens(request, budget)
             if num_new == 0:
                 i += 1
                 continue
@@ -197,8 +223,10 @@ class Scheduler:
         return steps
 
     def _pick_victim(self, first_unscheduled: int) -> Request:
-        """Lowest-priority running request not yet scheduled this step (the newest, in fcfs)."""
-        candidates = self.running[first_unscheduled:]
+        """Lowest-priority running request not yet scheduled this step (the newest, in fcfs)
+        and not in flight (``running[first_unscheduled]`` itself never is)."""
+        candidates = [r for r in self.running[first_unscheduled:]
+                      if r.req_id not in self.in_flight]
         if self.policy == "priority":
             return max(candidates, key=lambda r: (r.priority, r.arrival_time))
         return candidates[-1]
@@ -221,7 +249,8 @@ class Scheduler:
         self._enqueue_waiting(request, front=True)
 
     def _schedule_swapped(self, out: SchedulerOutput, budget: int) -> int:
-        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs \
+                and len(out.num_scheduled_tokens) < self._batch_seq_cap:
             request = self.swapped[0]
             num_new = self._num_new_tokens(request, budget)
             if num_new == 0:
@@ -236,7 +265,8 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
+                and len(out.num_scheduled_tokens) < self._batch_seq_cap:
             request = self.waiting[0]
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, budget, num_hit_tokens)
@@ -300,6 +330,12 @@ class Scheduler:
         updated = []
         now = time.time()
         num_scheduled = scheduler_output.num_scheduled_tokens
+        self.in_flight.difference_update(num_scheduled)
+        for req_id in num_scheduled:
+            ended = self._free_after_step.pop(req_id, None)
+            if ended is not None:  # ended while this batch ran: its blocks are free now
+                self.kv.free(ended)
+                self._finished_req_ids.add(req_id)
         for req_id, token_ids in zip(runner_output.req_ids, runner_output.sampled_token_ids):
             request = self.requests.get(req_id)
             if request is None:

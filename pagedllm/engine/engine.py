@@ -10,20 +10,26 @@ batch is built), this thread detokenizes step t, applies its stop strings and bu
 ``RequestOutput``s; ``step()`` then returns step t's outputs. Tokens, stop ids
 and max_tokens are still applied (``update_from_output``) before the next schedule, so only
 a stop *string* is seen one step late: that request ran one step too many, and its extra
-token is dropped (the scheduler no longer knows it when the output arrives). While the
-forward runs the scheduler is idle, so blocks freed by a stop string cannot be handed to
-another request before the in-flight step that still writes them is over.
+token is dropped (the scheduler no longer knows it when the output arrives); its blocks are
+freed when that step is over (the scheduler defers frees of requests in flight).
+
+Pipeline parallelism (``-pp N``): up to N micro-batches of disjoint requests are in flight,
+each launched on every rank (``executor.launch``) and finished in order
+(``executor.finish``), so stage 0 runs batch k+1 while stage 1 runs batch k; see
+``_step_micro_batches`` and the scheduler's docstring.
 """
 from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.engine.inputs import PromptInputs, PromptProcessor
 from pagedllm.engine.request import Request, RequestStatus
 from pagedllm.engine.sequence_group import Sequence, SequenceGroup, TokenDecoder
@@ -58,8 +64,10 @@ def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: 
 def use_async_output_proc(config) -> bool:
     """On by default on CUDA (where the forward runs on the device while the host is free);
     off on CPU, where the forward's OpenMP threads would compete with the output work for
-    the same cores. ``PAGEDLLM_ASYNC_OUTPUT_PROC=1`` turns it on anywhere (tests, CPU runs)."""
-    if config.scheduler.disable_async_output_proc:
+    the same cores. ``PAGEDLLM_ASYNC_OUTPUT_PROC=1`` turns it on anywhere (tests, CPU runs).
+    With pipeline parallelism the micro-batches in flight take its place."""
+    if config.scheduler.disable_async_output_proc or \
+            config.parallel.pipeline_parallel_size > 1:  # micro-batches overlap instead
         return False
     return os.environ.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1" or \
         torch.device(config.device.device).type == "cuda"
@@ -73,6 +81,9 @@ class LLMEngine:
         self.tokenizer = self.inputs.tokenizer
         self.executor = make_executor(config)  # one Worker, or tensor-parallel ranks
         self.worker = self.executor.driver_worker
+        # -pp N: up to N micro-batches in flight, so that every stage has work
+        self.pipeline_depth = config.parallel.pipeline_parallel_size
+        self._in_flight: deque[SchedulerOutput] = deque()  # launched, oldest first
         self.kv_cache_manager = KVCacheManager(
             self.executor.num_gpu_blocks, self.executor.num_cpu_blocks, cc.block_size,
             cc.enable_prefix_caching, sc.num_lookahead_slots)
@@ -81,7 +92,8 @@ class LLMEngine:
             enable_chunked_prefill=sc.enable_chunked_prefill,
             preemption_mode=sc.preemption_mode or "recompute", policy=sc.scheduling_policy,
             delay_factor=sc.scheduler_delay_factor, max_model_len=mc.max_model_len,
-            kv_cache_manager=self.kv_cache_manager, num_scheduler_steps=sc.num_scheduler_steps)
+            kv_cache_manager=self.kv_cache_manager, num_scheduler_steps=sc.num_scheduler_steps,
+            pipeline_depth=self.pipeline_depth)
         if log_stats is None:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None
@@ -151,13 +163,16 @@ class LLMEngine:
                 self._seqs.pop(seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._pending is not None
+        return self.scheduler.has_unfinished_requests() or self._pending is not None or \
+            bool(self._in_flight)
 
     def get_num_unfinished_requests(self) -> int:
         return self.scheduler.get_num_unfinished_requests()
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.pipeline_depth > 1:
+            return self._step_micro_batches()
         if self._exec_thread is None:
             scheduler_output = self.scheduler.schedule()
             runner_output = self.executor.execute_model(scheduler_output)
@@ -183,6 +198,36 @@ class LLMEngine:
                 updated = self.scheduler.update_from_output(scheduler_output, runner_output)
                 self._pending = (scheduler_output, runner_output, updated)
         return outputs
+
+    def _step_micro_batches(self) -> list[RequestOutput]:
+        """Pipeline parallelism: launch batches of requests not in flight until
+        ``pipeline_depth`` are in flight (stage 0 starts the next while later stages still
+        work on earlier ones), then finish the oldest and return its outputs. A multi-step
+        batch runs alone: the batches ahead of it finish first."""
+        outputs: list[RequestOutput] = []
+        try:
+            while len(self._in_flight) < self.pipeline_depth and \
+                    self.scheduler.has_schedulable_requests():
+                scheduler_output = self.scheduler.schedule()
+                if scheduler_output.num_steps > 1:
+                    while self._in_flight:
+                        outputs += self._finish_oldest()
+                self.executor.launch(scheduler_output)
+                self._in_flight.append(scheduler_output)
+                if scheduler_output.is_empty or scheduler_output.num_steps > 1:
+                    break
+            if self._in_flight:
+                outputs += self._finish_oldest()
+        except BaseException:
+            self._in_flight.clear()  # the executor has failed for good
+            raise
+        return outputs
+
+    def _finish_oldest(self) -> list[RequestOutput]:
+        scheduler_output = self._in_flight.popleft()
+        runner_output = self.executor.finish()
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+        return self._make_outputs(scheduler_output, runner_output, updated)
 
     def _make_outputs(self, scheduler_output, runner_output, updated) -> list[RequestOutput]:
         """Detokenize a step's new tokens, apply stop strings, build its outputs."""

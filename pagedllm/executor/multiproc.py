@@ -60,6 +60,10 @@ def _worker_main(config, rank: int, world: int, init_method: str, shm_paths, con
                 return
             if kind == "step":
                 worker.execute_model(payload)
+            elif kind == "launch":
+                worker.launch(payload)
+            elif kind == "finish":
+                worker.finish()
             elif kind == "call":
                 conn.send(("result", payload(worker)))
             else:  # "stop"
@@ -198,6 +202,24 @@ class ParallelExecutor:
         if self._error is not None:
             raise RuntimeError(f"the engine's {self.workers} failed earlier: {self._error}")
 
+    # a step goes to every rank as one message: ("step", so) runs it whole; ("launch", so)
+    # and ("finish", None) run its halves (pipeline micro-batches, see ModelRunner)
+    def execute_model(self, scheduler_output):
+        return self._run(("step", scheduler_output),
+                         lambda: self.driver_worker.execute_model(scheduler_output))
+
+    def launch(self, scheduler_output) -> None:
+        """First half of a step on every rank (pipeline micro-batches, see ModelRunner)."""
+        self._run(("launch", scheduler_output),
+                  lambda: self.driver_worker.launch(scheduler_output))
+
+    def finish(self):
+        """Second half of the oldest launched step on every rank; rank 0's output."""
+        return self._run(("finish", None), self.driver_worker.finish)
+
+    def _run(self, message, on_driver):
+        raise NotImplementedError
+
     def shutdown(self) -> None:
         self._finalizer()
 
@@ -299,11 +321,13 @@ class MultiprocExecutor(ParallelExecutor):
             conn.send_bytes(data)
         self._count_broadcast(len(data), t0)
 
-    def execute_model(self, scheduler_output):
+    def _run(self, message, on_driver):
+        """Send ``message`` to the workers, run ``on_driver()`` on rank 0; a failure that a
+        worker caused fails the engine for good, naming the worker."""
         self._check()
         try:
-            self._send(("step", scheduler_output))
-            return self.driver_worker.execute_model(scheduler_output)
+            self._send(message)
+            return on_driver()
         except (RuntimeError, OSError) as e:
             if self._error is not None:  # already diagnosed (e.g. by _send)
                 raise

@@ -76,8 +76,15 @@ class RayWorker:
             raise
 
     def execute_model(self, data: bytes) -> None:
+        """One step message: ("step" | "launch", SchedulerOutput) or ("finish", None)."""
         try:
-            self.worker.execute_model(pickle.loads(data))
+            kind, payload = pickle.loads(data)
+            if kind == "step":
+                self.worker.execute_model(payload)
+            elif kind == "launch":
+                self.worker.launch(payload)
+            else:
+                self.worker.finish()
         except BaseException:
             self._exit_soon()
             raise
@@ -234,15 +241,17 @@ class RayExecutor(ParallelExecutor):
             self._fail(err)
 
     # ---- steps -----------------------------------------------------------------------------
-    def execute_model(self, scheduler_output):
+    def _run(self, message, on_driver):
+        """Queue ``message`` on every actor (each runs its messages in order), run
+        ``on_driver()`` on rank 0; a failure that an actor caused fails the engine."""
         self._check()
         t0 = time.perf_counter()
-        data = self._pickle(scheduler_output)
+        data = self._pickle(message)
         for rank, actor in enumerate(self.actors, start=1):
             self._pending.append((rank, actor.execute_model.remote(data)))
         self._count_broadcast(len(data), t0)
         try:
-            return self.driver_worker.execute_model(scheduler_output)
+            return on_driver()
         except (RuntimeError, OSError) as e:
             err = self._actor_errors(wait_s=5.0)
             if err is None:

@@ -15,6 +15,12 @@ class UniProcExecutor:
     def execute_model(self, scheduler_output):
         return self.driver_worker.execute_model(scheduler_output)
 
+    def launch(self, scheduler_output) -> None:
+        self.driver_worker.launch(scheduler_output)
+
+    def finish(self):
+        return self.driver_worker.finish()
+
     def collective_rpc(self, fn) -> list:
         return [fn(self.driver_worker)]
 

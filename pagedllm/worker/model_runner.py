@@ -12,9 +12,18 @@ computed counts. Each step:
 A multi-step batch (``SchedulerOutput.num_steps > 1``, decodes only) repeats 4-5 on the
 device: each step's sampled ids, positions + 1, sequence lengths + 1 and the slots read from
 the block table become the next step's inputs, and the host sees all steps' ids at the end.
+
+A step runs in two halves, ``launch`` (1-3 and the forward) and ``finish`` (logits,
+sampling, state updates), so that with pipeline parallelism this stage can run the forward
+of the next micro-batch before the last stage has sent back this one's logits. The last
+stage samples at once in ``launch`` (its broadcast of the logits then waits for the other
+stages' ``finish``), so it never holds a batch's logits back behind its next forward.
+Launched steps finish in order; ``execute_model`` is both halves at once. A multi-step
+batch does all its work in ``finish`` (the engine never launches another one around it).
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +32,7 @@ import torch
 from pagedllm.attention.backend import (AttentionMetadata, ForwardContext, PrefillSeq,
                                         get_attn_backend)
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.distributed import get_pp_size, is_last_stage, take_pending_sends, wait_sends
 from pagedllm.guided.matchers import GuidedMatchers
 from pagedllm.worker.step_sampler import MultiStepSampling, StepSampler, prompt_logprob_rows
 from pagedllm.sampling_params import SamplingParams
@@ -51,6 +61,17 @@ class _Batch:
     sampling_req_ids: list[str]
 
 
+@dataclass
+class _Launched:
+    """A step whose forward is queued: what ``finish`` needs to sample it."""
+    so: SchedulerOutput
+    batch: _Batch | None = None  # None: nothing scheduled
+    hidden: torch.Tensor | None = None  # None for a multi-step batch (runs in finish)
+    pending_masks: object = None  # guided decoding masks being filled
+    sends: list | None = None  # hidden-state sends to the next stage, awaited in finish
+    output: ModelRunnerOutput | None = None  # set at launch on the last pipeline stage
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: CacheEngine, device: torch.device,
                  vocab_size: int, seed: int,
@@ -68,6 +89,7 @@ class ModelRunner:
         self.backend = get_attn_backend(device)
         self.graphs: CUDAGraphRunner | None = None  # set by the worker when graphs are on
         self.on_launch = None  # called once a step's forward is queued (async output proc)
+        self._launched_steps: deque[_Launched] = deque()  # launched, not finished, in order
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
@@ -189,22 +211,51 @@ class ModelRunner:
         if self.on_launch is not None:
             self.on_launch()
 
-    @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self.launch(so)
+        return self.finish()
+
+    @torch.inference_mode()
+    def launch(self, so: SchedulerOutput) -> None:
+        """Apply the step's diffs, build the batch and queue its forward."""
         self._update_states(so)
+        step = _Launched(so)
+        self._launched_steps.append(step)
         if so.is_empty:
-            return ModelRunnerOutput([], [])
-        batch = self._build_batch(so)
+            return
+        step.batch = batch = self._build_batch(so)
         if so.num_steps > 1:
-            return self._execute_steps(batch, so.num_steps)
-        meta = batch.attn_metadata
-        pending_masks = self.guided.fill_async(batch.sampling_req_ids)  # overlaps the forward
-        hidden = self._forward(batch.input_ids, batch.positions, meta)
+            return
+        step.pending_masks = self.guided.fill_async(batch.sampling_req_ids)  # overlaps
+        step.hidden = self._forward(batch.input_ids, batch.positions, batch.attn_metadata)
+        step.sends = take_pending_sends()
         self._launched()
+        if get_pp_size() > 1 and is_last_stage():
+            # the last stage has everything now: it computes the logits and sends them to
+            # the other stages (their ``finish``) without waiting for its next forward
+            step.output = self._sample(step)
+
+    @torch.inference_mode()
+    def finish(self) -> ModelRunnerOutput:
+        """Sample the oldest launched step and advance its requests' states."""
+        step = self._launched_steps.popleft()
+        return step.output if step.output is not None else self._sample(step)
+
+    def _sample(self, step: _Launched) -> ModelRunnerOutput:
+        so, batch = step.so, step.batch
+        if batch is None:
+            return ModelRunnerOutput([], [])
+        if so.num_steps > 1:
+            output = self._execute_steps(batch, so.num_steps)
+            wait_sends(take_pending_sends())
+            return output
         states = [self.requests[r] for r in batch.sampling_req_ids]
         prompt_rows = prompt_logprob_rows(batch.req_ids, so.num_scheduled_tokens, self.requests)
-        guided = pending_masks.result() if pending_masks is not None else None
-        samples = self.step_sampler(hidden, batch.logits_indices, states, prompt_rows, guided)
+        pending = step.pending_masks
+        guided = pending.result() if pending is not None else None
+        samples = self.step_sampler(step.hidden, batch.logits_indices, states, prompt_rows,
+                                    guided)
+        wait_sends(step.sends)
         if guided is not None:
             self.guided.accept(batch.sampling_req_ids, samples.token_ids)
         sampled: dict[str, list[int]] = {}

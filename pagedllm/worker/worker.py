@@ -84,7 +84,10 @@ class Worker:
                             self.num_gpu_blocks, self.num_cpu_blocks, self.cache_dtype, self.device)
         self.runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
                                   self.kv_scales)
-        if self.device.type == "cuda" and not mc.enforce_eager and \
+        if self.device.type == "cuda" and get_pp_size() > 1 and not mc.enforce_eager:
+            logger.info("CUDA graphs are off with pipeline parallelism (the sends between "
+                        "stages are not captured); steps run eagerly")
+        elif self.device.type == "cuda" and not mc.enforce_eager and \
                 self.runner.backend.name == "triton":
             graphs = CUDAGraphRunner(self.model, cache.gpu_cache, self.runner.backend,
                                      cc.block_size, config.scheduler.max_num_seqs,
@@ -159,3 +162,11 @@ class Worker:
 
     def execute_model(self, scheduler_output):
         return self.runner.execute_model(scheduler_output)
+
+    def launch(self, scheduler_output) -> None:
+        """First half of a step (pipeline micro-batches; see ModelRunner)."""
+        self.runner.launch(scheduler_output)
+
+    def finish(self):
+        """Second half of the oldest launched step: its ModelRunnerOutput."""
+        return self.runner.finish()

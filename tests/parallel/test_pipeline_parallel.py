@@ -82,3 +82,48 @@ def test_uneven_stages_and_a_stage_cache(monkeypatch):
     for i, t in cache.gpu_cache.items():
         blocks = t.view(2, 4, block_size, num_kv_heads, head_dim)
         assert (blocks[:, [0, 2, 3]] == i).all() and (blocks[:, 1] == 0).all()
+
+
+def test_micro_batches_in_flight_give_the_same_outputs():
+    """pp=2 keeps two micro-batches of disjoint requests in flight (stage 0 runs the next
+    while stage 1 runs this one); greedy and seeded tokens, stop strings and aborts behave
+    as with one stage, and no block is left behind."""
+    path = str(build_tiny_model("llama"))
+    prompts = PROMPTS + ["while True:", "print(", "return x"]
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=11, max_tokens=10, ignore_eos=True)]
+    engine = dict(ENGINE, max_num_seqs=8)
+
+    def run(pp):
+        llm = LLM(model=path, pipeline_parallel_size=pp, **engine)
+        eng = llm.llm_engine
+        depths, launch = [], eng.executor.launch
+
+        def spy(so):
+            launch(so)
+            depths.append(sum(not s.is_empty for s in eng._in_flight) + (not so.is_empty))
+        eng.executor.launch = spy
+        try:
+            outs = [[o.outputs[0] for o in llm.generate(prompts, p, use_tqdm=False)]
+                    for p in params]
+            stop = [o.text[3:6] for o in outs[0] if len(o.text) > 6]
+            stopped = llm.generate(prompts, SamplingParams(
+                temperature=0, max_tokens=10, ignore_eos=True, stop=stop), use_tqdm=False)
+            outs.append([o.outputs[0] for o in stopped])
+            eng.add_request("gone", prompts[0], params[0])  # aborted after two steps
+            eng.add_request("kept", prompts[1], params[0])
+            eng.step(), eng.step()
+            eng.abort_request("gone")
+            while eng.has_unfinished_requests():
+                eng.step()
+            kv = eng.kv_cache_manager
+            assert kv.num_free_blocks == kv.pool.num_blocks and not eng.scheduler.in_flight
+        finally:
+            eng.executor.shutdown()
+        return [[(c.token_ids, c.text, c.finish_reason) for c in o] for o in outs], depths
+
+    want, _ = run(1)
+    got, depths = run(2)
+    assert got == want
+    assert any(c[2] == "stop" for c in got[2])
+    assert max(depths) == 2  # two non-empty batches were in flight at once

@@ -9,12 +9,13 @@ from pagedllm.sampling_params import SamplingParams
 
 
 def make_scheduler(num_blocks=16, block_size=4, budget=64, max_seqs=8, chunked=False,
-                   mode="recompute", policy="fcfs", cpu_blocks=0, caching=False, steps=1):
+                   mode="recompute", policy="fcfs", cpu_blocks=0, caching=False, steps=1,
+                   depth=1):
     kv = KVCacheManager(num_blocks, cpu_blocks, block_size, caching)
     return Scheduler(max_num_batched_tokens=budget, max_num_seqs=max_seqs,
                      enable_chunked_prefill=chunked, preemption_mode=mode, policy=policy,
                      delay_factor=0.0, max_model_len=256, kv_cache_manager=kv,
-                     num_scheduler_steps=steps)
+                     num_scheduler_steps=steps, pipeline_depth=depth)
 
 
 def add(sched, req_id, num_prompt, max_tokens=4, priority=0, arrival=None):
@@ -27,14 +28,20 @@ def add(sched, req_id, num_prompt, max_tokens=4, priority=0, arrival=None):
 def run_step(sched, token=7):
     """Schedule, then answer like a runner: a token for each request that reached its end."""
     out = sched.schedule()
+    answer(sched, out, token)
+    return out
+
+
+def answer(sched, out, token=7):
     ids, sampled = [], []
     for req_id, n in out.num_scheduled_tokens.items():
-        req = sched.requests[req_id]
+        req = sched.requests.get(req_id)
+        if req is None:  # ended while in flight: the runner still returns a token
+            req = sched._free_after_step[req_id]
         ids.append(req_id)
         sampled.append([token] * out.num_steps if req.num_computed_tokens + n >= req.num_tokens
                        else [])
     sched.update_from_output(out, ModelRunnerOutput(ids, sampled))
-    return out
 
 
 def test_prefill_then_decode_blocks():
@@ -188,3 +195,60 @@ def test_multi_step_falls_back_with_prefills_and_when_blocks_run_out():
     assert out.num_steps == 1
     assert [(c.req_id, c.new_block_ids) for c in out.scheduled_cached_reqs] == [("a", [3]),
                                                                                ("b", [])]
+
+
+def test_micro_batches_take_disjoint_balanced_requests():
+    """pipeline depth 2: a second batch is scheduled while the first is in flight; it takes
+    only requests not in flight, each batch at most ceil(unfinished / 2) sequences."""
+    sched = make_scheduler(depth=2)
+    for name in "abcde":
+        add(sched, name, 3)
+    first = sched.schedule()
+    assert list(first.num_scheduled_tokens) == ["a", "b", "c"]  # ceil(5 / 2)
+    assert [r.block_ids for r in first.scheduled_new_reqs] == [[0], [1], [2]]
+    second = sched.schedule()
+    assert list(second.num_scheduled_tokens) == ["d", "e"]
+    assert [r.block_ids for r in second.scheduled_new_reqs] == [[3], [4]]
+    assert not sched.has_schedulable_requests() and sched.schedule().is_empty
+    answer(sched, first)  # a, b, c come back: they may run again, d and e may not
+    third = sched.schedule()
+    assert third.num_scheduled_tokens == {"a": 1, "b": 1, "c": 1}
+    assert [c.new_block_ids for c in third.scheduled_cached_reqs] == [[], [], []]  # 4 fit
+    answer(sched, second)
+    assert sched.schedule().num_scheduled_tokens == {"d": 1, "e": 1}
+
+
+def test_in_flight_requests_are_never_preempted():
+    sched = make_scheduler(num_blocks=2, block_size=2, depth=2)
+    add(sched, "a", 2, max_tokens=8)
+    add(sched, "b", 1, max_tokens=8)
+    first, second = sched.schedule(), sched.schedule()  # one request each: ceil(2 / 2)
+    assert (first.num_scheduled_tokens, second.num_scheduled_tokens) == ({"a": 2}, {"b": 1})
+    answer(sched, first)
+    answer(sched, second)
+    assert [sched.kv.get_block_ids(r) for r in "ab"] == [[0], [1]]
+    # a's third token needs a block and none is free; fcfs would preempt b, the newest,
+    # but b's next batch is in flight (as if launched just now), so a gives way instead
+    sched.in_flight.add("b")
+    out = sched.schedule()
+    assert out.preempted_req_ids == {"a"} and out.is_empty
+    assert sched.kv.get_block_ids("b") == [1] and sched.kv.pool.free_block_ids() == [0]
+    assert list(sched.waiting) == [sched.requests["a"]]
+
+
+def test_request_ended_in_flight_frees_its_blocks_after_its_batch():
+    sched = make_scheduler(depth=2)
+    add(sched, "a", 6)
+    add(sched, "b", 3)
+    first = sched.schedule()
+    assert first.num_scheduled_tokens == {"a": 6}
+    sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)  # while its batch runs
+    assert sched.kv.get_block_ids("a") == [0, 1]  # still written by the batch in flight
+    second = sched.schedule()
+    assert second.num_scheduled_tokens == {"b": 3}
+    assert [r.block_ids for r in second.scheduled_new_reqs] == [[2]]  # not a's blocks
+    assert "a" not in second.finished_req_ids
+    answer(sched, first)  # a's late token is dropped, its blocks free now
+    assert sorted(sched.kv.pool.free_block_ids())[:2] == [0, 1]
+    answer(sched, second)
+    assert sched.schedule().finished_req_ids == {"a"}
