@@ -322,7 +322,7 @@ class ParallelConfig:
     distributed_executor_backend: Optional[str] = option(
         None, "Executor for several ranks: mp (local processes, the default) or ray (Ray "
         "actors in a placement group; joins a running cluster or RAY_ADDRESS, else starts a "
-        "local one; needs pip install 'pagedllm[ray]'; CPU only so far).",
+        "local one; needs pip install 'pagedllm[ray]'; on CUDA each rank's bundle holds a GPU).",
         choices=("ray", "mp"))
     worker_use_ray: bool = option(
         False, "Deprecated: use --distributed-executor-backend ray.",

@@ -266,15 +266,20 @@ def pid_alive(pid: int) -> bool:
 
 def init_distributed(world_size: int, rank: int, init_method: str, backend: str = "gloo",
                      timeout_s: float = 60.0, shm_paths: list[str] | None = None,
-                     pp_size: int = 1) -> None:
+                     pp_size: int = 1, device_index: int | None = None) -> None:
     """Join the group of ``world_size`` = ``tp * pp_size`` ranks (one per process) laid out
     as in the module docstring; ``shm_paths`` (one ``ShmComm.create_file`` per stage)
-    enables the shared-memory tensor-parallel collectives."""
+    enables the shared-memory tensor-parallel collectives. With NCCL each rank first binds
+    its GPU: ``device_index``, else ``rank`` modulo the GPUs this process sees (one host;
+    a Ray actor sees only its own GPU)."""
     if world_size == 1:
         _reset_state()
         return
     if world_size % pp_size:
         raise ValueError(f"world size {world_size} does not divide by the {pp_size} stages")
+    if backend == "nccl":
+        torch.cuda.set_device(device_index if device_index is not None
+                              else rank % torch.cuda.device_count())
     tp = world_size // pp_size
     dist.init_process_group(backend, init_method=init_method, world_size=world_size,
                             rank=rank, timeout=datetime.timedelta(seconds=timeout_s))

@@ -50,15 +50,38 @@ def check_nsight(backend: str) -> None:
                          "its bin folder to PATH) or remove the flag")
 
 
-def ray_worker_options(use_nsight: bool) -> dict:
-    """``ray.remote`` options of the worker actors: one CPU each and, with nsight, a
-    runtime_env that starts each actor's process under ``nsys profile`` (reports land in
-    the Ray session's ``logs/nsight`` folder). Ray launches that process as ``nsys ...
-    python``, so PATH puts this interpreter's folder first: ``python`` is then the one
-    running the engine, with pagedllm installed."""
+def ray_worker_options(use_nsight: bool, use_gpu: bool = False) -> dict:
+    """``ray.remote`` options of the worker actors: one CPU each (and one GPU on CUDA: Ray
+    then sets the actor's CUDA_VISIBLE_DEVICES to it) and, with nsight, a runtime_env that
+    starts each actor's process under ``nsys profile`` (reports land in the Ray session's
+    ``logs/nsight`` folder). Ray launches that process as ``nsys ... python``, so PATH puts
+    this interpreter's folder first: ``python`` is then the one running the engine, with
+    pagedllm installed."""
     options: dict = {"num_cpus": 1}
+    if use_gpu:
+        options["num_gpus"] = 1
     if use_nsight:
         bin_dir = os.path.dirname(sys.executable)
         options["runtime_env"] = {"nsight": dict(NSIGHT_OPTIONS),
                                   "env_vars": {"PATH": f"{bin_dir}{os.pathsep}${{PATH}}"}}
     return options
+
+
+def rank_bundle(use_gpu: bool) -> dict:
+    """The placement-group bundle of one rank."""
+    return {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
+
+
+def driver_device_index(ray_gpu_ids: list, visible: str | None) -> int:
+    """Rank 0 runs in the engine process, outside Ray's GPU assignment: the index, among
+    the GPUs this process sees (``CUDA_VISIBLE_DEVICES``: ``visible``, None = all), of the
+    GPU that Ray reserved for bundle 0 (``ray_gpu_ids``, Ray's ids of that bundle)."""
+    gpu = str(ray_gpu_ids[0])
+    if not visible:
+        return int(gpu)
+    ids = [v.strip() for v in visible.split(",")]
+    if gpu not in ids:
+        raise ValueError(f"Ray reserved GPU {gpu} for rank 0, but this process only sees "
+                         f"CUDA_VISIBLE_DEVICES={visible}")
+    return ids.index(gpu)
+

@@ -48,9 +48,6 @@ def make_executor(config):
     pc = config.parallel
     backend = resolve_backend(pc)
     if backend == "ray":
-        if config.device.device != "cpu":
-            raise ValueError("--distributed-executor-backend ray runs on CPU only so far "
-                             "(GPU placement: issues #5, #7); use mp on CUDA")
         from pagedllm.executor.ray_executor import RayExecutor
         return RayExecutor(config)
     if backend == "uni":

@@ -46,7 +46,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pagedllm.distributed import free_port, init_distributed, pid_alive
 from pagedllm.executor.multiproc import (ParallelExecutor, _backend, _threads_per_rank,
                                          release_rank0, shm_files)
-from pagedllm.ray_utils import connect_ray, ray_worker_options
+from pagedllm.ray_utils import (connect_ray, driver_device_index, rank_bundle,
+                                 ray_worker_options)
 
 _STARTUP_TIMEOUT_S = 300.0
 _PLACEMENT_TIMEOUT_S = 60.0
@@ -98,13 +99,14 @@ class RayWorker:
         threading.Timer(_EXIT_DELAY_S, os._exit, (1,)).start()
 
 
-def _placement_group(world: int):
-    bundle = {"CPU": 1.0}
-    total = ray.cluster_resources().get("CPU", 0)
-    if total < world:
-        raise ValueError(f"the Ray cluster has {total:g} CPUs, fewer than the {world} ranks "
-                         "of --tensor-parallel-size x --pipeline-parallel-size (one bundle "
-                         f"{bundle} per rank)")
+def _placement_group(world: int, use_gpu: bool):
+    bundle = rank_bundle(use_gpu)
+    for resource in bundle:
+        total = ray.cluster_resources().get(resource, 0)
+        if total < world:
+            raise ValueError(f"the Ray cluster has {total:g} {resource}s, fewer than the "
+                             f"{world} ranks of --tensor-parallel-size x "
+                             f"--pipeline-parallel-size (one bundle {bundle} per rank)")
     pg = placement_group([bundle] * world, strategy="PACK")
     ready, _ = ray.wait([pg.ready()], timeout=_PLACEMENT_TIMEOUT_S)
     if not ready:
@@ -144,10 +146,11 @@ class RayExecutor(ParallelExecutor):
         self._node_id = ray.get_runtime_context().get_node_id()  # the engine's node
         self._shm_paths: list[str] = []
         old_threads = torch.get_num_threads()
-        self._pg = _placement_group(world)
+        self._use_gpu = config.device.device == "cuda"
+        self._pg = _placement_group(world, self._use_gpu)
         self._finalizer = weakref.finalize(self, _shutdown, self.actors, self._pg, old_threads,
                                            self._shm_paths)
-        options = ray_worker_options(config.parallel.ray_workers_use_nsight)
+        options = ray_worker_options(config.parallel.ray_workers_use_nsight, self._use_gpu)
         actor_class = ray.remote(**options)(RayWorker)
         try:
             for rank in range(1, world):
@@ -178,10 +181,18 @@ class RayExecutor(ParallelExecutor):
         torch.set_num_threads(_threads_per_rank(self.world))
         init_distributed(self.world, 0, init_method, _backend(config),
                          timeout_s=_STARTUP_TIMEOUT_S, shm_paths=shm_paths,
-                         pp_size=config.parallel.pipeline_parallel_size)
+                         pp_size=config.parallel.pipeline_parallel_size,
+                         device_index=self._bundle0_gpu() if self._use_gpu else None)
         self.driver_worker = worker_class(config)
         ray.get([ref for _, ref in self._pending], timeout=_STARTUP_TIMEOUT_S)
         self._pending = []
+
+    def _bundle0_gpu(self) -> int:
+        """This process's index of the GPU Ray reserved for rank 0's bundle."""
+        probe = ray.remote(num_cpus=0, num_gpus=1)(ray.get_gpu_ids).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, 0))
+        gpu_ids = ray.get(probe.remote(), timeout=_STARTUP_TIMEOUT_S)
+        return driver_device_index(gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     # ---- health ----------------------------------------------------------------------------
     def _actor_errors(self, wait_s: float = 0.0) -> str | None:

@@ -49,3 +49,16 @@ def test_nsight_runtime_env_of_the_ray_workers():
     ray = pytest.importorskip("ray")
     parsed = ray.runtime_env.RuntimeEnv(**runtime_env)  # what Ray does with the options
     assert parsed.nsight() == NSIGHT_OPTIONS and parsed.env_vars()["PATH"] == path
+
+
+def test_gpu_bundles_and_rank0_device():
+    """On CUDA every rank's bundle and actor hold one GPU; rank 0 (outside Ray) binds the
+    GPU Ray reserved for bundle 0, as indexed among the GPUs its process sees."""
+    from pagedllm.ray_utils import driver_device_index, rank_bundle
+    assert rank_bundle(False) == {"CPU": 1.0}
+    assert rank_bundle(True) == {"CPU": 1.0, "GPU": 1.0}
+    assert ray_worker_options(False, use_gpu=True) == {"num_cpus": 1, "num_gpus": 1}
+    assert driver_device_index([3], None) == 3
+    assert driver_device_index(["5"], "4,5,6") == 1
+    with pytest.raises(ValueError, match="Ray reserved GPU 2 for rank 0.*=0,1"):
+        driver_device_index([2], "0,1")
