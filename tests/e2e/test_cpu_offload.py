@@ -7,10 +7,9 @@ import torch
 from pagedllm import LLM, SamplingParams
 from pagedllm.layers.linear import Linear
 from pagedllm.models.cpu_offload import offload_linear_weights
-from tests.utils.tiny_models import build_tiny_model
+from tests.utils.tiny_models import E2E_PROMPTS, build_tiny_model
 
-PROMPTS = ["The for statement is used to iterate over", "Hello", "def f(x):\n    return x",
-           "A list is a sequence of"]
+PROMPTS = E2E_PROMPTS[:4]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -4,10 +4,9 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.sampling_params import RequestOutputKind
-from tests.utils.tiny_models import build_tiny_model
+from tests.utils.tiny_models import E2E_PROMPTS, build_tiny_model
 
-PROMPTS = ["The for statement is used to iterate over", "Hello", "def f(x):\n    return x",
-           "A list is a sequence of", "import os"]
+PROMPTS = E2E_PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,11 @@ _COMMON = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=512, bos_token_id=
                eos_token_id=2, pad_token_id=0)
 
 
+# short prompts of different lengths in the tiny tokenizer's domain (Python docs)
+E2E_PROMPTS = ["The for statement is used to iterate over", "Hello", "def f(x):\n    return x",
+               "A list is a sequence of", "import os"]
+
+
 def _training_text() -> list[str]:
     from pydoc_data.topics import topics
     return [t for _, t in sorted(topics.items())][:120]
