@@ -133,7 +133,8 @@ class Scheduler:
 
     def has_schedulable_requests(self) -> bool:
         """Anything a new batch could take now (requests not already in flight)."""
-        return bool(self.waiting or self.swapped or len(self.running) > len(self.in_flight))
+        return bool(self.waiting or self.swapped or
+                    any(r.req_id not in self.in_flight for r in self.running))
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.swapped)

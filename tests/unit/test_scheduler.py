@@ -248,6 +248,10 @@ def test_request_ended_in_flight_frees_its_blocks_after_its_batch():
     assert second.num_scheduled_tokens == {"b": 3}
     assert [r.block_ids for r in second.scheduled_new_reqs] == [[2]]  # not a's blocks
     assert "a" not in second.finished_req_ids
+    answer(sched, second)
+    assert sched.has_schedulable_requests()  # b is back although a is still in flight
+    second = sched.schedule()
+    assert second.num_scheduled_tokens == {"b": 1}
     answer(sched, first)  # a's late token is dropped, its blocks free now
     assert sorted(sched.kv.pool.free_block_ids())[:2] == [0, 1]
     answer(sched, second)
