@@ -19,7 +19,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalise ``x`` (after adding ``residual`` if given; then also return the sum)."""
-        if fused.use(x) and x.dim() == 2 and x.stride(-1) == 1:  # one Triton kernel on CUDA
+        if fused.use(x) and x.stride(-1) == 1 and (  # one Triton kernel on CUDA
+                x.dim() == 2 or (x.dim() == 3 and residual is None)):
             return fused.ops().rms_norm(x, self.weight, self.eps, self.offset, residual)
         if residual is not None:
             x = x + residual

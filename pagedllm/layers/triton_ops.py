@@ -4,7 +4,8 @@ A batch-1 decode step of the Llama-3-8B shape spent ~2.4 ms of its ~8.5 ms in ~2
 elementwise kernels per layer (dtype casts, pow/mean/rsqrt, rotate-half cat/neg, silu, mul;
 ``benchmarks/profile_decode.py``). These kernels do each op in one pass:
 - ``rms_norm``: optional residual add (the sum is returned as the new residual), then
-  x * rsqrt(mean(x^2) + eps) * (weight + offset), in fp32, one program per row;
+  x * rsqrt(mean(x^2) + eps) * (weight + offset), in fp32, one program per row (or per
+  head of a [tokens, heads, dim] view: Qwen3's q/k norm);
 - ``rotary_neox``: neox-style rotation of the first ``rotary_dim`` dims of every q and k head,
   in place, cos/sin read from the layer's tables at each token's position;
 - ``silu_and_mul``: silu(x[:, :d]) * x[:, d:].
@@ -19,13 +20,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, out_ptr, w_ptr, n_cols, stride_x, stride_r,
-                     stride_s, stride_o, eps, offset, HAS_RESIDUAL: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, out_ptr, w_ptr, n_cols, heads, stride_x,
+                     stride_xh, stride_r, stride_s, stride_o, eps, offset,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    # row = token * heads + head: x rows may be heads of a strided [tokens, heads, dim] view
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + (row // heads) * stride_x + (row % heads) * stride_xh + cols, mask=mask,
+                other=0.0)
     if HAS_RESIDUAL:
         x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + cols, mask=mask,
                                         other=0.0).to(tl.float32)).to(x.dtype)
@@ -40,19 +43,23 @@ def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, out_ptr, w_ptr, n_cols, stride_x, 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
              residual: torch.Tensor | None = None):
     """x [rows, hidden] -> normalised [rows, hidden]. With ``residual``, the sum x + residual
-    is normalised and returned too: (normalised, sum), neither input is written. Matches
+    is normalised and returned too: (normalised, sum), neither input is written. x may also
+    be [tokens, heads, head_dim] with any token and head strides (Qwen3's q/k norm on views
+    of the fused qkv output; no residual then): the result is contiguous. Matches
     ``RMSNorm``'s torch path."""
-    if x.dim() != 2 or x.stride(-1) != 1:
-        raise ValueError(f"x must be [rows, hidden] with a contiguous last dim, got "
-                         f"{tuple(x.shape)} strides {x.stride()}")
-    out = torch.empty_like(x)
+    if x.dim() not in (2, 3) or x.stride(-1) != 1 or (x.dim() == 3 and residual is not None):
+        raise ValueError(f"x must be [rows, hidden] or, without residual, [tokens, heads, dim] "
+                         f"with a contiguous last dim, got {tuple(x.shape)} strides {x.stride()}")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     total = torch.empty_like(x) if residual is not None else x
-    if x.shape[0]:
+    heads, stride_h = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, 0)
+    rows, n_cols = x.shape[0] * heads, x.shape[-1]
+    if rows:
         res = residual if residual is not None else x
-        _rms_norm_kernel[(x.shape[0],)](
-            x, res, total, out, weight, x.shape[1], x.stride(0), res.stride(0),
-            total.stride(0), out.stride(0), eps, offset, HAS_RESIDUAL=residual is not None,
-            BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8 if x.shape[1] >= 4096 else 4)
+        _rms_norm_kernel[(rows,)](
+            x, res, total, out, weight, n_cols, heads, x.stride(0), stride_h, res.stride(0),
+            total.stride(0), n_cols, eps, offset, HAS_RESIDUAL=residual is not None,
+            BLOCK=triton.next_power_of_2(n_cols), num_warps=8 if n_cols >= 4096 else 4)
     return out if residual is None else (out, total)
 
 

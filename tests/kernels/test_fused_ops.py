@@ -30,6 +30,25 @@ def test_rms_norm(dtype, hidden, offset, with_res):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_per_head_of_a_strided_view(dtype):
+    """Qwen3's q/k norm: the heads of q and k, views of one fused qkv output."""
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, head_dim, tokens = 4, 2, 64, 5
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    qkv = qkv.to(dtype).to(DEVICE)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    w = (torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    for x in (q.reshape(tokens, heads, head_dim), k.reshape(tokens, kv_heads, head_dim)):
+        before = qkv.clone()
+        out = ops.rms_norm(x, w, 1e-6)
+        assert out.is_contiguous() and out.shape == x.shape
+        assert _rel_err(out, ops.rms_norm_ref(x, w, 1e-6)) < TOL[dtype]
+        assert torch.equal(qkv, before)
+    with pytest.raises(ValueError, match="without residual"):
+        ops.rms_norm(q.reshape(tokens, heads, head_dim), w, 1e-6, residual=q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_dim", [(8, 2, 64, 64), (4, 4, 32, 16),
                                                                  (32, 8, 128, 128)])
 def test_rotary_neox(dtype, heads, kv_heads, head_dim, rotary_dim):
