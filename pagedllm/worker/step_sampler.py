@@ -8,20 +8,22 @@ prompt positions scheduled this step (any chunk of a chunked prefill): the row a
 0.6.3 does for prompt rows. Everything the host needs travels in ONE device-to-host copy
 (packed as float64; token ids are exact below 2**53).
 
+The metadata comes from a ``MetadataBuilder`` that keeps its fixed parts across steps while
+the batch (the same request states, in the same order) does not change.
+
 Multi-step batches (decodes only) use ``MultiStepSampling``: the metadata is built once,
 each step samples on the device (the ids feed the next step's forward), and all steps'
 ids and logprobs come back in one copy at the end.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from pagedllm.core.scheduler_output import TokenLogprobs
-from pagedllm.sample.metadata import (SamplingMetadata, build_filter_metadata,
-                                      build_sampling_metadata)
+from pagedllm.sample.metadata import MetadataBuilder, SamplingMetadata, build_filter_metadata
 from pagedllm.sample.ops.logprobs import LogprobsTensors, gather_logprobs
 from pagedllm.sample.sampler import Sampler, SamplerOutput, apply_filters
 
@@ -94,6 +96,16 @@ def _sampled_logprobs(host: np.ndarray, offset: int, states: list, num_logprobs:
     return [(s.req_id, row) for s, row, n in zip(states, rows, num_logprobs) if n >= 0], offset
 
 
+def _guided_in_order(rows: torch.Tensor, mask: torch.Tensor,
+                     meta: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guided rows (state order) as rows of the metadata's (maybe permuted) order."""
+    if meta.inverse is None:
+        return rows, mask
+    if rows.shape[0] == meta.inverse.shape[0]:  # every row, in state order: permute the mask
+        return rows, mask.index_select(0, meta.order.to(mask.device))
+    return meta.inverse.to(rows.device)[rows], mask
+
+
 class StepSampler:
     def __init__(self, model: torch.nn.Module, vocab_size: int, generator: torch.Generator,
                  device: torch.device) -> None:
@@ -102,6 +114,9 @@ class StepSampler:
         self.generator = generator
         self.device = device
         self.sampler = Sampler()
+        # keeps the fixed parts of the metadata while the batch stays the same
+        # rows in path order (``metadata.py``): logits are computed in that order
+        self.metadata = MetadataBuilder(vocab_size, generator, device, permute=True)
 
     def __call__(self, hidden: torch.Tensor, logits_indices: torch.Tensor, states: list,
                  prompt_rows: _PromptRows | None, guided=None) -> StepSamples:
@@ -109,11 +124,14 @@ class StepSampler:
         sampled, sample_lp, num_logprobs = None, None, []
         pieces: list[torch.Tensor] = []
         if states:
+            meta = self.metadata.build(states)
+            if meta.order is not None:
+                logits_indices = logits_indices[meta.order]
             logits = self.model.compute_logits(hidden[logits_indices])
-            meta = build_sampling_metadata(states, self.vocab_size, self.generator, self.device)
             if guided is not None:
-                meta.guided_rows, meta.guided_mask = guided.rows, guided.mask
-            out = self.sampler(logits, meta)
+                meta.guided_rows, meta.guided_mask = _guided_in_order(guided.rows, guided.mask,
+                                                                      meta)
+            out = self.sampler(logits, meta)  # ids and logprobs come back in state order
             sampled, sample_lp, num_logprobs = out.sampled_ids, out.logprobs, meta.num_logprobs
         prompt_lp, num_prompt_k = None, 0
         if prompt_rows is not None:
@@ -167,16 +185,18 @@ class MultiStepSampling:
         self.model = sampler.model
         self.sampler = sampler.sampler
         self.states = states
-        self.meta: SamplingMetadata = build_sampling_metadata(
-            states, sampler.vocab_size, sampler.generator, sampler.device)
-        self._seeded = list(self.meta.seeded_rows)
+        self.meta: SamplingMetadata = sampler.metadata.build(states)
+        self._seeded = self.meta.seeded
         self._outputs: list[SamplerOutput] = []
 
     def sample(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_states, hidden] of the next step -> sampled ids [num_states] on device."""
         step = len(self._outputs)
         # a seeded row draws from (seed, index of the token): the index moves on each step
-        self.meta.seeded_rows = [(row, seed, index + step) for row, seed, index in self._seeded]
+        if self._seeded is not None:
+            self.meta.seeded = replace(self._seeded, indices=self._seeded.indices + step)
+        if self.meta.order is not None:
+            hidden = hidden[self.meta.order]
         out = self.sampler(self.model.compute_logits(hidden), self.meta)
         self._outputs.append(out)
         return out.sampled_ids
