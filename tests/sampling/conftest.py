@@ -11,4 +11,4 @@ def model_path():
 @pytest.fixture(scope="session")
 def llm(model_path):
     from pagedllm import LLM
-    return LLM(model=model_path, block_size=8)
+    return LLM(model=model_path, dtype="float32", block_size=8)

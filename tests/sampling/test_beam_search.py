@@ -33,7 +33,7 @@ def hf_beams(hf_model, ids, width, max_tokens, length_penalty, eos):
                                                              (2, 8, 2.0)])
 def test_beam_search_equals_transformers(model_path, hf_model, width, max_tokens,
                                          length_penalty):
-    llm = LLM(model=model_path, enable_prefix_caching=True)
+    llm = LLM(model=model_path, dtype="float32", enable_prefix_caching=True)
     tok = llm.get_tokenizer()
     params = BeamSearchParams(beam_width=width, max_tokens=max_tokens,
                               length_penalty=length_penalty)
@@ -49,7 +49,7 @@ def test_beam_search_equals_transformers(model_path, hf_model, width, max_tokens
 
 def test_beam_search_with_eos_equals_transformers(model_path, hf_model):
     """Make a frequent token the EOS so that beams finish early (HF's finishing rules)."""
-    llm = LLM(model=model_path, enable_prefix_caching=True)
+    llm = LLM(model=model_path, dtype="float32", enable_prefix_caching=True)
     tok = llm.get_tokenizer()
     ids = tok.encode(PROMPTS[0])
     plain = llm.beam_search([ids], BeamSearchParams(beam_width=3, max_tokens=6))[0]
@@ -66,6 +66,6 @@ def test_beam_search_with_eos_equals_transformers(model_path, hf_model):
 
 
 def test_beam_width_is_capped_by_max_logprobs(model_path):
-    llm = LLM(model=model_path, max_logprobs=4)
+    llm = LLM(model=model_path, dtype="float32", max_logprobs=4)
     with pytest.raises(ValueError, match="beam_width"):
         llm.beam_search(["Hello"], BeamSearchParams(beam_width=3, max_tokens=2))

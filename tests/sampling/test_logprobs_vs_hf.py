@@ -37,7 +37,7 @@ def check_position(entry, expected_row, token_id, k):
 @pytest.mark.parametrize("engine_kwargs", [
     {}, dict(enable_chunked_prefill=True, max_num_batched_tokens=8, max_num_seqs=4)])
 def test_logprobs_and_prompt_logprobs_match_hf(model_path, hf_model, engine_kwargs):
-    llm = LLM(model=model_path, block_size=8, **engine_kwargs)
+    llm = LLM(model=model_path, dtype="float32", block_size=8, **engine_kwargs)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5,
                             prompt_logprobs=4)
     for out in llm.generate(PROMPTS, params, use_tqdm=False):
@@ -75,7 +75,7 @@ def test_logprobs_zero_gives_only_the_sampled_token(llm):
 
 
 def test_max_logprobs_cap(model_path):
-    llm = LLM(model=model_path, max_logprobs=3)
+    llm = LLM(model=model_path, dtype="float32", max_logprobs=3)
     for field in ("logprobs", "prompt_logprobs"):
         with pytest.raises(ValueError, match=f"{field}=4 .*max-logprobs"):
             llm.generate(["Hello"], SamplingParams(**{field: 4}), use_tqdm=False)
@@ -84,7 +84,7 @@ def test_max_logprobs_cap(model_path):
 
 
 def test_prompt_logprobs_skip_the_prefix_cache(model_path, hf_model):
-    llm = LLM(model=model_path, block_size=8, enable_prefix_caching=True)
+    llm = LLM(model=model_path, dtype="float32", block_size=8, enable_prefix_caching=True)
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
     llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2), use_tqdm=False)  # fills the cache
     out = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]

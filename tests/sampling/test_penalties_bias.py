@@ -109,7 +109,14 @@ def test_penalties_change_engine_output(llm, penalty):
     base = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     strong = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
                             **{penalty: 2.0 if penalty != "repetition_penalty" else 100.0})
-    plain, penalized = (o.outputs[0].token_ids for o in
-                        llm.generate(["Hello world"] * 2, [base, strong], use_tqdm=False))
+    outs = llm.generate(["Hello world"] * 2, [base, strong], use_tqdm=False)
+    plain, penalized = (o.outputs[0].token_ids for o in outs)
+    seen = set(outs[0].prompt_token_ids) if penalty == "repetition_penalty" else set()
+    if not any(t in seen or t in plain[:i] for i, t in enumerate(plain)):
+        # the premise: the plain output reuses a token. It does here; the GPU image trains
+        # its own tiny tokenizer (another tokenizers version), so there "Hello world" has
+        # other ids and led to 20 distinct tokens (checked: the penalties were applied)
+        pytest.skip(f"the plain greedy output never repeats a token: {penalty} has nothing "
+                    "to act on")
     assert plain != penalized
     assert len(set(penalized)) > len(set(plain))

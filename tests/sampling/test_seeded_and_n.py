@@ -27,7 +27,7 @@ def test_seeded_request_alone_in_a_mixed_batch_and_chunked(llm, model_path):
     mixed = llm.generate(prompts, [mixed_params(i) for i in range(31)] + [SEEDED],
                          use_tqdm=False)
     assert mixed[-1].outputs[0].token_ids == alone
-    chunked = LLM(model=model_path, block_size=8, enable_chunked_prefill=True,
+    chunked = LLM(model=model_path, dtype="float32", block_size=8, enable_chunked_prefill=True,
                   max_num_batched_tokens=8, max_num_seqs=4)
     assert chunked.generate([PROMPT], SEEDED, use_tqdm=False)[0].outputs[0].token_ids == alone
     # a different seed gives different tokens
@@ -55,7 +55,7 @@ class _RefCountProbe:
 
 @pytest.mark.parametrize("n,best_of", [(3, 3), (2, 4)])
 def test_n_best_of_share_prompt_blocks(model_path, n, best_of):
-    llm = LLM(model=model_path, block_size=8)
+    llm = LLM(model=model_path, dtype="float32", block_size=8)
     engine = llm.llm_engine
     free_before = engine.kv_cache_manager.num_free_blocks
     params = SamplingParams(n=n, best_of=best_of, temperature=1.0, max_tokens=10,
@@ -94,14 +94,14 @@ def test_best_of_returns_highest_cumulative_logprob(llm):
 def test_n_children_match_when_seeded_and_chunked(model_path, llm):
     params = SamplingParams(n=3, temperature=1.0, max_tokens=8, ignore_eos=True, seed=21)
     plain = [c.token_ids for c in llm.generate([PROMPT], params, use_tqdm=False)[0].outputs]
-    chunked = LLM(model=model_path, block_size=8, enable_chunked_prefill=True,
+    chunked = LLM(model=model_path, dtype="float32", block_size=8, enable_chunked_prefill=True,
                   max_num_batched_tokens=8, max_num_seqs=4)
     again = [c.token_ids for c in chunked.generate([PROMPT], params, use_tqdm=False)[0].outputs]
     assert plain == again
 
 
 def test_n_with_a_full_cache_falls_back_and_frees(model_path):
-    llm = LLM(model=model_path, block_size=8, num_gpu_blocks_override=8)
+    llm = LLM(model=model_path, dtype="float32", block_size=8, num_gpu_blocks_override=8)
     params = SamplingParams(n=4, temperature=1.0, max_tokens=12, ignore_eos=True, seed=2)
     out = llm.generate([PROMPT], params, use_tqdm=False)[0]
     assert len(out.outputs) == 4 and all(len(c.token_ids) == 12 for c in out.outputs)
