@@ -108,7 +108,7 @@ def weight_bytes_per_step(model) -> int:
     """Bytes of parameters read per decode step (the embedding table is only gathered)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     embed = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings().weight.data_ptr() == embed.data_ptr()
+    tied = model.get_output_embeddings().weight is embed  # (meta tensors share data_ptr 0)
     return total if tied else total - embed.numel() * embed.element_size()
 
 
