@@ -12,7 +12,7 @@ equals the k-th, the kept set has more than k tokens (ties are kept): the row is
 to the sorted path.
 
 ``sample_full`` (rows without top-k): rejection sampling. Draw j from the softmax of the
-whole row (``exp(logit - max)``, block sums, a cumsum inside one block). j is in the kept set
+whole row (its softmax, block sums, a cumsum inside one block). j is in the kept set
 iff the mass of the tokens with a strictly larger logit is below ``top_p`` (top-p: then j's
 first position in the descending order has ``mass_before < top_p``) and
 ``logit_j >= max + log(min_p)`` (min-p). If it is, j is the sample. If not, no token with
@@ -128,12 +128,16 @@ def sample_full(z: torch.Tensor,  # [n, V] logits after temperature (contiguous 
     num_filtered = max(num_top_p, min_p_rows[1] if min_p_rows is not None else 0)
     split = num_filtered if overwrite else z.shape[0]
     row_max = z.amax(-1, keepdim=True)
-    # the softmax numerators exp(logit - max), where the logits are still needed in scratch
-    weights = torch.sub(z[:split], row_max[:split],
-                        out=_scratch(workspace, "weights", z[:split].shape, z)).exp_()
+    # the probabilities, into scratch where the logits are still needed, else in place. Only
+    # ratios of weights matter below (draws, masses against top_p * total). torch's softmax
+    # kernel, not sub + exp_: exp_ takes a slow path on -inf (masked tokens: guided rows,
+    # allowed_token_ids), ~2 ms against 0.3 ms for [32, 32000] on this CPU
+    weights = torch._softmax(z[:split], -1, False,
+                             out=_scratch(workspace, "weights", z[:split].shape, z))
     parts = [weights]
     if split < z.shape[0]:
-        parts.append(z[split:].sub_(row_max[split:]).exp_())
+        rest = z[split:]
+        parts.append(torch._softmax(rest, -1, False, out=rest))
     ids, total = draw_cpu(parts, u[:, 0])
     if num_filtered == 0:
         return ids, ids[:0], z[:0]
