@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pagedllm.distributed import get_tp_size
-from pagedllm.models.registry import architectures_supporting, resolve_model_class
+from pagedllm.models.registry import require_support, resolve_model_class
 
 
 def _matches(path: str, root: str, patterns: list[str]) -> bool:
@@ -80,10 +80,8 @@ def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3,
 def load_model(model_config, load_config, device: torch.device) -> nn.Module:
     hf_config = model_config.hf_config
     model_class = resolve_model_class(getattr(hf_config, "architectures", None))
-    if get_tp_size() > 1 and not getattr(model_class, "supports_tensor_parallel", False):
-        raise ValueError(f"{model_class.__name__} does not support --tensor-parallel-size > 1 "
-                         "yet (issue #7); supported: "
-                         + ", ".join(architectures_supporting("tensor_parallel")))
+    if get_tp_size() > 1:
+        require_support(model_class, "tensor_parallel", "--tensor-parallel-size")
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(model_config.torch_dtype)
     try:

@@ -36,6 +36,13 @@ def architectures_supporting(capability: str) -> list[str]:
             if getattr(_model_class(arch), f"supports_{capability}", False)]
 
 
+def require_support(model_class, capability: str, flag: str) -> None:
+    """Raise, naming ``flag``, unless ``model_class`` sets ``supports_<capability>``."""
+    if not getattr(model_class, f"supports_{capability}", False):
+        raise ValueError(f"{model_class.__name__} does not support {flag} > 1 yet (issue #7); "
+                         f"supported: {', '.join(architectures_supporting(capability))}")
+
+
 def resolve_model_class(architectures: list[str] | None):
     for arch in architectures or []:
         if arch in _MODELS:
