@@ -79,12 +79,9 @@ def _worker_main(config, rank: int, world: int, init_method: str, shm_paths, con
 
 
 def _require_model_support(hf_config, capability: str, flag: str) -> None:
-    """The model class must declare ``supports_<capability>`` for ``flag`` > 1."""
-    from pagedllm.models.registry import architectures_supporting, resolve_model_class
-    model_class = resolve_model_class(getattr(hf_config, "architectures", None))
-    if not getattr(model_class, f"supports_{capability}", False):
-        raise ValueError(f"{model_class.__name__} does not support {flag} > 1 yet (issue #7); "
-                         f"supported: {', '.join(architectures_supporting(capability))}")
+    from pagedllm.models.registry import require_support, resolve_model_class
+    require_support(resolve_model_class(getattr(hf_config, "architectures", None)),
+                    capability, flag)
 
 
 def check_pipeline_parallel(hf_config, pp: int) -> None:
@@ -218,6 +215,25 @@ class ParallelExecutor:
         return self._run(("finish", None), self.driver_worker.finish)
 
     def _run(self, message, on_driver):
+        """Send ``message`` to the workers, run ``on_driver()`` on rank 0; a failure that a
+        worker caused fails the engine for good, naming the worker."""
+        self._check()
+        try:
+            self._broadcast(message)
+            return on_driver()
+        except (RuntimeError, OSError) as e:
+            if self._error is not None:  # already diagnosed (e.g. an unpicklable step)
+                raise
+            err = self._failed_workers()
+            if err is None:
+                raise
+            self._fail(err, e)
+
+    def _broadcast(self, message) -> None:
+        raise NotImplementedError
+
+    def _failed_workers(self) -> str | None:
+        """After a failed step: a message naming the workers that died or raised."""
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -314,34 +330,22 @@ class MultiprocExecutor(ParallelExecutor):
             self._fail(err)
 
     # ---- steps -----------------------------------------------------------------------------
-    def _send(self, message) -> None:
+    def _broadcast(self, message) -> None:
         t0 = time.perf_counter()
         data = self._pickle(message)
         for conn in self.conns:
             conn.send_bytes(data)
         self._count_broadcast(len(data), t0)
 
-    def _run(self, message, on_driver):
-        """Send ``message`` to the workers, run ``on_driver()`` on rank 0; a failure that a
-        worker caused fails the engine for good, naming the worker."""
-        self._check()
-        try:
-            self._send(message)
-            return on_driver()
-        except (RuntimeError, OSError) as e:
-            if self._error is not None:  # already diagnosed (e.g. by _send)
-                raise
-            time.sleep(0.2)  # let a dying worker's exit code / traceback arrive
-            err = self._worker_errors()
-            if err is None:
-                raise
-            self._fail(err, e)
+    def _failed_workers(self) -> str | None:
+        time.sleep(0.2)  # let a dying worker's exit code / traceback arrive
+        return self._worker_errors()
 
     def collective_rpc(self, fn) -> list:
         """Run ``fn(worker)`` on every rank (``fn`` must be picklable, i.e. module-level);
         returns the results in rank order. ``fn`` must not run collectives."""
         self._check()
-        self._send(("call", fn))
+        self._broadcast(("call", fn))
         results = [fn(self.driver_worker)]
         for rank, conn in enumerate(self.conns, start=1):
             kind, payload = conn.recv()

@@ -252,22 +252,16 @@ class RayExecutor(ParallelExecutor):
             self._fail(err)
 
     # ---- steps -----------------------------------------------------------------------------
-    def _run(self, message, on_driver):
-        """Queue ``message`` on every actor (each runs its messages in order), run
-        ``on_driver()`` on rank 0; a failure that an actor caused fails the engine."""
-        self._check()
+    def _broadcast(self, message) -> None:
+        """Queue ``message`` on every actor (each runs its messages in order)."""
         t0 = time.perf_counter()
         data = self._pickle(message)
         for rank, actor in enumerate(self.actors, start=1):
             self._pending.append((rank, actor.execute_model.remote(data)))
         self._count_broadcast(len(data), t0)
-        try:
-            return on_driver()
-        except (RuntimeError, OSError) as e:
-            err = self._actor_errors(wait_s=5.0)
-            if err is None:
-                raise
-            self._fail(err, e)
+
+    def _failed_workers(self) -> str | None:
+        return self._actor_errors(wait_s=5.0)
 
     def collective_rpc(self, fn) -> list:
         """Run ``fn(worker)`` on every rank (``fn`` must be picklable, i.e. module-level);
