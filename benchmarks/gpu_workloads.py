@@ -28,6 +28,16 @@ LLAMA = "benchmarks/configs/llama-3-8b"
 QWEN3 = "benchmarks/configs/qwen3-0.6b"
 
 
+def parse_engine_args(items: list[str]) -> dict:
+    """``key=value`` engine arguments: ints and True/False parsed, the rest strings."""
+    out = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        out[key] = int(value) if value.lstrip("-").isdigit() else \
+            {"True": True, "False": False}.get(value, value)
+    return out
+
+
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
@@ -186,10 +196,7 @@ def main() -> None:
                         help="extra engine argument for every engine, e.g. "
                         "disable_async_output_proc=True (ints and True/False parsed)")
     args = parser.parse_args()
-    for item in args.engine_arg:
-        key, value = item.split("=", 1)
-        ENGINE_ARGS[key] = int(value) if value.lstrip("-").isdigit() else \
-            {"True": True, "False": False}.get(value, value)
+    ENGINE_ARGS.update(parse_engine_args(args.engine_arg))
     if ENGINE_ARGS:
         emit(engine_args=ENGINE_ARGS)
     emit(device=torch.cuda.get_device_name(), torch=torch.__version__)

@@ -18,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.gpu_workloads import parse_engine_args  # noqa: E402
 from benchmarks.throughput import make_prompts  # noqa: E402
 
 MODEL = "benchmarks/configs/llama-3-8b"
@@ -37,11 +38,7 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("extra", nargs="*", help="engine flags as key=value (ints parsed)")
     args = parser.parse_args()
-    extra = {}
-    for item in args.extra:
-        key, value = item.split("=", 1)
-        extra[key] = int(value) if value.lstrip("-").isdigit() else \
-            {"True": True, "False": False}.get(value, value)
+    extra = parse_engine_args(args.extra)
     from pagedllm import LLM, SamplingParams
     from pagedllm.sampling_params import RequestOutputKind
     kwargs = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
