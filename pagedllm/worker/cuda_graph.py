@@ -69,13 +69,11 @@ class CUDAGraphRunner:
         return self.model(self.input_ids[:size], self.positions[:size], ctx)
 
     @torch.inference_mode()
-    def capture(self, sizes: list[int] | None = None) -> None:
-        """Capture the given sizes (default: all), largest first so the pool fits them all."""
+    def capture(self) -> None:
+        """Capture every size, largest first so the pool fits them all (at start-up)."""
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info()[0]
-        for size in sorted(sizes or self.sizes, reverse=True):
-            if size in self.graphs:
-                continue
+        for size in sorted(self.sizes, reverse=True):
             self.slot_mapping[:size].fill_(-1)
             self.seq_lens[:size].fill_(0)
             self._forward(size)  # warm-up: Triton compiles, allocator settles
@@ -88,7 +86,7 @@ class CUDAGraphRunner:
         torch.cuda.synchronize()
         used = (free_before - torch.cuda.mem_get_info()[0]) / (1 << 30)
         logger.info("captured CUDA graphs for batch sizes %s in %.2f s, %.3f GiB",
-                    sizes or self.sizes, time.perf_counter() - start, used)
+                    self.sizes, time.perf_counter() - start, used)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         """Decode-only, fits the largest graph, and no sequence longer than captured."""
@@ -99,8 +97,6 @@ class CUDAGraphRunner:
             meta: AttentionMetadata) -> torch.Tensor:
         n = meta.num_decodes
         size = next(s for s in self.sizes if s >= n)
-        if size not in self.graphs:
-            self.capture([size])
         width = meta.decode_block_table.shape[1]
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
