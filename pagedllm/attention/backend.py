@@ -80,6 +80,19 @@ class AttentionBackend:
         """Store K/V at ``slot_mapping`` (an fp8 cache stores k / k_scale, v / v_scale)."""
         raise NotImplementedError
 
+    def rope_write_kv_cache(self, kv_cache: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                            v: torch.Tensor, slot_mapping: torch.Tensor,
+                            positions: torch.Tensor, rotary, q_norm=None, k_norm=None,
+                            k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        """q/k norms (Qwen3), the rotary embedding, then ``write_kv_cache``; returns the
+        query to attend with. q [num_tokens, num_heads, head_dim], k/v [num_tokens,
+        num_kv_heads, head_dim]. A backend may do all of it in one kernel."""
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        q, k = rotary(positions, q, k)
+        self.write_kv_cache(kv_cache, k, v, slot_mapping, k_scale, v_scale)
+        return q
+
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, *,
                scale: float, sliding_window: int | None, soft_cap: float | None,
                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:

@@ -19,18 +19,26 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.soft_cap = soft_cap
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
-        # q [num_tokens, num_heads * head_dim]; k, v [num_tokens, num_kv_heads * head_dim]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
+                positions: torch.Tensor | None = None, rotary=None, q_norm=None,
+                k_norm=None) -> torch.Tensor:
+        """q [num_tokens, num_heads * head_dim]; k, v [num_tokens, num_kv_heads * head_dim].
+        With ``rotary`` (and Qwen3's per-head ``q_norm``/``k_norm``) q and k are normalised
+        and rotated at ``positions`` here, where the backend can fuse it with the KV write."""
         num_tokens = q.shape[0]
         kv_cache = ctx.kv_caches[self.layer_idx]
         meta = ctx.attn_metadata
         backend = ctx.backend or DEFAULT_BACKEND
         k_scale, v_scale = ctx.kv_scales[self.layer_idx] if ctx.kv_scales else (1.0, 1.0)
-        backend.write_kv_cache(kv_cache, k.view(num_tokens, self.num_kv_heads, self.head_dim),
-                               v.view(num_tokens, self.num_kv_heads, self.head_dim),
-                               meta.slot_mapping, k_scale, v_scale)
-        out = backend.attend(q.view(num_tokens, self.num_heads, self.head_dim), kv_cache, meta,
-                             scale=self.scale, sliding_window=self.sliding_window,
-                             soft_cap=self.soft_cap, k_scale=k_scale, v_scale=v_scale)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if rotary is not None:
+            q = backend.rope_write_kv_cache(kv_cache, q, k, v, meta.slot_mapping, positions,
+                                            rotary, q_norm, k_norm, k_scale, v_scale)
+        else:
+            backend.write_kv_cache(kv_cache, k, v, meta.slot_mapping, k_scale, v_scale)
+        out = backend.attend(q, kv_cache, meta, scale=self.scale,
+                             sliding_window=self.sliding_window, soft_cap=self.soft_cap,
+                             k_scale=k_scale, v_scale=v_scale)
         return out.view(num_tokens, self.num_heads * self.head_dim)

@@ -107,6 +107,165 @@ def write_kv_cache_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _write_kv_cache_ref(kv_cache, k[keep], v[keep], slot_mapping[keep], k_scale, v_scale)
 
 
+@triton.jit
+def _rope_part(ptr, offs, mask, pos, cos_ptr, sin_ptr, stride_cos, d, d_mask, norm_w_ptr, eps,
+               head_dim, HALF: tl.constexpr, REST: tl.constexpr, BLOCK_REST: tl.constexpr,
+               QK_NORM: tl.constexpr):
+    """Heads at ``ptr + offs`` [BLOCK_H, 1]: (per-head RMSNorm), neox rotation of the first
+    2 * HALF dims -> (x1, x2, rest) in the input dtype, rounded as the unfused ops round."""
+    x1 = tl.load(ptr + offs + d[None, :], mask=mask & d_mask[None, :], other=0.0)
+    x2 = tl.load(ptr + offs + HALF + d[None, :], mask=mask & d_mask[None, :], other=0.0)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    r = tl.zeros([1, BLOCK_REST], tl.float32)
+    r_offs = tl.arange(0, BLOCK_REST)
+    r_mask = mask & (r_offs < REST)[None, :]
+    if REST > 0:
+        r = tl.load(ptr + offs + 2 * HALF + r_offs[None, :], mask=r_mask, other=0.0).to(tl.float32)
+    if QK_NORM:  # q_norm / k_norm over each whole head (offset-0 RMSNorm), then rotary
+        ss = tl.sum(a * a, 1) + tl.sum(b * b, 1)
+        if REST > 0:
+            ss += tl.sum(r * r, 1)
+        inv = (1.0 / tl.sqrt(ss / head_dim + eps))[:, None]
+        w1 = tl.load(norm_w_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(norm_w_ptr + HALF + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        a = (a * inv * w1).to(x1.dtype).to(tl.float32)
+        b = (b * inv * w2).to(x1.dtype).to(tl.float32)
+        if REST > 0:
+            wr = tl.load(norm_w_ptr + 2 * HALF + r_offs, mask=r_offs < REST,
+                         other=0.0).to(tl.float32)[None, :]
+            r = (r * inv * wr).to(x1.dtype).to(tl.float32)
+    cos = tl.load(cos_ptr + pos * stride_cos + d, mask=d_mask, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_cos + d, mask=d_mask, other=0.0)[None, :]
+    return ((a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype),
+            r.to(x1.dtype), r_offs, r_mask)
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_dim]: rotated in place
+    k_ptr, v_ptr,  # [num_tokens, num_kv_heads, head_dim]
+    kv_ptr,  # [2, num_slots, num_kv_heads, head_dim]
+    slot_mapping_ptr, pos_ptr,  # [num_tokens]
+    cos_ptr, sin_ptr,  # [max_position, >= 2 * HALF] fp32 neox tables
+    q_norm_ptr, k_norm_ptr,  # [head_dim] RMSNorm weights (QK_NORM)
+    num_heads, num_kv_heads, head_dim,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kv, stride_slot, stride_kvh, stride_cos,
+    eps, inv_k_scale, inv_v_scale,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
+    BLOCK_REST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    QK_NORM: tl.constexpr, FP8_MAX: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    q_tiles = tl.cdiv(num_heads, BLOCK_H)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    d_mask = d < HALF
+    if tile < q_tiles:  # query heads: rotate in place
+        heads = tile * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = (heads < num_heads)[:, None]
+        offs = tok * stride_qt + heads[:, None] * stride_qh
+        x1, x2, r, r_offs, r_mask = _rope_part(q_ptr, offs, mask, pos, cos_ptr, sin_ptr,
+                                               stride_cos, d, d_mask, q_norm_ptr, eps,
+                                               head_dim, HALF, REST, BLOCK_REST, QK_NORM)
+        tl.store(q_ptr + offs + d[None, :], x1, mask=mask & d_mask[None, :])
+        tl.store(q_ptr + offs + HALF + d[None, :], x2, mask=mask & d_mask[None, :])
+        if QK_NORM and REST > 0:
+            tl.store(q_ptr + offs + 2 * HALF + r_offs[None, :], r, mask=r_mask)
+    else:  # key heads: rotate, then store K and V at the token's slot (slot < 0: skip)
+        heads = (tile - q_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+        slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+        mask = (heads < num_kv_heads)[:, None] & (slot >= 0)
+        offs = tok * stride_kt + heads[:, None] * stride_kh
+        x1, x2, r, r_offs, r_mask = _rope_part(k_ptr, offs, mask, pos, cos_ptr, sin_ptr,
+                                               stride_cos, d, d_mask, k_norm_ptr, eps,
+                                               head_dim, HALF, REST, BLOCK_REST, QK_NORM)
+        dst = kv_ptr + slot * stride_slot + heads[:, None] * stride_kvh
+        offs_d = tl.arange(0, BLOCK_D)
+        vd_mask = mask & (offs_d < head_dim)[None, :]
+        v = tl.load(v_ptr + tok * stride_vt + heads[:, None] * stride_vh + offs_d[None, :],
+                    mask=vd_mask, other=0.0)
+        out_ty = kv_ptr.dtype.element_ty
+        k1, k2, kr, vs = x1.to(out_ty), x2.to(out_ty), r.to(out_ty), v.to(out_ty)
+        if FP8_MAX > 0:
+            k1 = tl.clamp(x1.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX).to(out_ty)
+            k2 = tl.clamp(x2.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX).to(out_ty)
+            kr = tl.clamp(r.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX).to(out_ty)
+            vs = tl.clamp(v.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX).to(out_ty)
+        tl.store(dst + d[None, :], k1, mask=mask & d_mask[None, :])
+        tl.store(dst + HALF + d[None, :], k2, mask=mask & d_mask[None, :])
+        if REST > 0:
+            tl.store(dst + 2 * HALF + r_offs[None, :], kr, mask=r_mask)
+        tl.store(dst + stride_kv + offs_d[None, :], vs, mask=vd_mask)
+
+
+def rope_write_kv_cache(kv_cache: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
+                        q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                        eps: float = 1e-6, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Rotary embedding and the KV-cache write in one launch (one per layer instead of three).
+
+    q [num_tokens, num_heads, head_dim] is rotated in place; k [num_tokens, num_kv_heads,
+    head_dim] is rotated on its way into the cache and v stored as is (``write_kv_cache``'s
+    rules: slot < 0 skips, an fp8 cache stores k / k_scale and v / v_scale); k itself is not
+    written. Neox rotation of the first ``rotary_dim`` dims with cos/sin [max_position,
+    rotary_dim] fp32 tables (both halves equal), the rest of each head untouched. With
+    ``q_norm`` / ``k_norm`` (Qwen3) each head is RMS-normalised first (weights [head_dim],
+    ``eps``), rounded to q's dtype as ``RMSNorm`` rounds.
+
+    1. grid (num_tokens, query-head tiles + key-head tiles), BLOCK_H heads a program;
+    2. a program loads its heads' two rotated halves (and the rest), normalises, rotates in
+       fp32 with the token's cos/sin row;
+    3. query tiles store back into q; key tiles store K and V at the token's slot.
+    """
+    _check_cache(kv_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if v.shape != k.shape or kv_cache.shape[2:] != k.shape[1:] or k.shape[2] != head_dim:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} and "
+                         f"kv_cache {tuple(kv_cache.shape)} disagree on heads / head_dim")
+    if slot_mapping.shape != (num_tokens,) or positions.shape != (num_tokens,):
+        raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} and positions "
+                         f"{tuple(positions.shape)} must be [{num_tokens}]")
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even and in (0, {head_dim}]")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm go together")
+    if q.stride(-1) != 1:
+        raise ValueError("q needs a contiguous last dim (it is rotated in place)")
+    if num_tokens == 0:
+        return
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    half, rest = rotary_dim // 2, head_dim - rotary_dim
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = min(triton.next_power_of_2(max(num_heads, num_kv_heads)), max(1, 4096 // block_d))
+    grid = (num_tokens, triton.cdiv(num_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
+    norms = (q_norm, k_norm) if q_norm is not None else (q, q)  # placeholders when unused
+    _rope_write_kv_kernel[grid](
+        q, k, v, kv_cache, slot_mapping, positions, cos, sin, norms[0], norms[1],
+        num_heads, num_kv_heads, head_dim, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        cos.stride(0), eps, 1.0 / k_scale, 1.0 / v_scale,
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), REST=rest,
+        BLOCK_REST=triton.next_power_of_2(max(rest, 1)), BLOCK_H=block_h, BLOCK_D=block_d,
+        QK_NORM=q_norm is not None, FP8_MAX=_fp8_max(kv_cache.dtype), num_warps=4)
+
+
+def rope_write_kv_cache_ref(kv_cache, q, k, v, slot_mapping, positions, cos, sin, rotary_dim,
+                            q_norm=None, k_norm=None, eps=1e-6, k_scale=1.0, v_scale=1.0):
+    """Reference: per-head RMSNorm, ``rotary_neox_ref`` on q and a copy of k, then
+    ``write_kv_cache_ref`` (same rounding points as the fused kernel)."""
+    from pagedllm.layers.triton_ops import rms_norm_ref, rotary_neox_ref
+    k = k.clone()
+    if q_norm is not None:
+        q.copy_(rms_norm_ref(q, q_norm, eps))
+        k = rms_norm_ref(k, k_norm, eps)
+    rotary_neox_ref(positions, q, k, cos, sin, rotary_dim)
+    write_kv_cache_ref(kv_cache, k, v, slot_mapping, k_scale, v_scale)
+
+
 def _fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max) if is_fp8(dtype) else 0.0
 
@@ -564,5 +723,6 @@ def _num_sms(device: torch.device) -> int:
     return 16  # the interpreter on CPU: any count exercises the same code
 
 
-__all__ = ["write_kv_cache", "write_kv_cache_ref", "paged_attention_decode", "decode_num_splits",
+__all__ = ["write_kv_cache", "write_kv_cache_ref", "rope_write_kv_cache", "rope_write_kv_cache_ref",
+           "paged_attention_decode", "decode_num_splits",
            "paged_attention_decode_ref", "paged_attention_prefill", "paged_attention_prefill_ref"]

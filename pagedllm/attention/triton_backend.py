@@ -19,6 +19,22 @@ class TritonBackend(AttentionBackend):
     def write_kv_cache(self, kv_cache, k, v, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
         kernels.write_kv_cache(kv_cache, k, v, slot_mapping, k_scale, v_scale)
 
+    def rope_write_kv_cache(self, kv_cache, q, k, v, slot_mapping, positions, rotary,
+                            q_norm=None, k_norm=None, k_scale=1.0, v_scale=1.0):
+        """One kernel for q/k norms, neox rotary and the cache write (three to five kernels
+        otherwise); other rotary styles and norm variants take the general path."""
+        norms_fuse = q_norm is None or (not q_norm.offset and not k_norm.offset
+                                        and q_norm.eps == k_norm.eps)
+        if not (rotary.is_neox_style and norms_fuse and q.stride(-1) == 1):
+            return super().rope_write_kv_cache(kv_cache, q, k, v, slot_mapping, positions,
+                                               rotary, q_norm, k_norm, k_scale, v_scale)
+        kernels.rope_write_kv_cache(
+            kv_cache, q, k, v, slot_mapping, positions, rotary.cos, rotary.sin,
+            rotary.rotary_dim, q_norm.weight if q_norm is not None else None,
+            k_norm.weight if k_norm is not None else None,
+            q_norm.eps if q_norm is not None else 1e-6, k_scale, v_scale)
+        return q
+
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, *,
                scale: float, sliding_window: int | None, soft_cap: float | None,
                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:

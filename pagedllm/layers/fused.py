@@ -1,10 +1,14 @@
 """Whether the fused Triton ops (``triton_ops``) serve a tensor: CUDA tensors when Triton
-imports and ``PAGEDLLM_DISABLE_FUSED_OPS`` is unset (the torch code then serves as oracle)."""
+imports and ``PAGEDLLM_DISABLE_FUSED_OPS`` is unset (the torch code then serves as oracle).
+``linear`` sends one-row bf16/fp16 matmuls (batch-1 decode) of the weight shapes in
+``triton_ops.GEMV_FASTER`` to the Triton GEMV; ``PAGEDLLM_GEMV=off`` keeps every shape on
+cuBLAS, ``PAGEDLLM_GEMV=all`` sends every shape to the GEMV (A/B runs)."""
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.nn.functional as F
 
 _OPS = None
 _CHECKED = False
@@ -25,3 +29,51 @@ def ops():
 
 def use(x: torch.Tensor) -> bool:
     return x.is_cuda and ops() is not None
+
+
+_GEMV: str | None = None
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    global _GEMV
+    if _GEMV is None:
+        _GEMV = os.environ.get("PAGEDLLM_GEMV", "tuned")
+    if _GEMV == "off" or not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1
+                              and x.dtype in (torch.bfloat16, torch.float16)
+                              and weight.dtype == x.dtype and weight.is_cuda
+                              and weight.stride(1) == 1 and x.stride(1) == 1
+                              and ops() is not None):
+        return False
+    return _GEMV == "all" or tuple(weight.shape) in ops().GEMV_FASTER
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:] (one Triton kernel for 2-D CUDA tensors)."""
+    if use(x) and x.dim() == 2 and x.stride(-1) == 1:
+        return ops().silu_and_mul(x)
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           gated_silu: bool = False) -> torch.Tensor:
+    """x @ weight^T (+ bias); ``gated_silu``: then silu(first half) * second half, fused
+    into the GEMV's pass on one-row CUDA steps."""
+    if use_gemv(x, weight):
+        return ops().gemv(x, weight, bias, gated=gated_silu)
+    out = F.linear(x, weight, bias)
+    return silu_and_mul(out) if gated_silu else out
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear,
+                gated_silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(norm(x + residual)), x + residual) for an ``RMSNorm`` followed by a
+    ``Linear``; no residual (the first layer): (linear(norm(x)), x). On one-row CUDA steps
+    the residual add and the norm ride along in the GEMV's pass (no norm kernel)."""
+    if use_gemv(x, linear.weight) and getattr(norm, "is_rms_norm", False):
+        out = ops().gemv(x, linear.weight, linear.bias, gated=gated_silu,
+                         norm_weight=norm.weight, eps=norm.eps, offset=norm.offset,
+                         residual=residual)
+        return out if residual is not None else (out, x)
+    hidden, residual = norm.add_norm(x, residual)
+    return linear(hidden, gated_silu=gated_silu), residual

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.layers import fused
+
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
     if param.shape != loaded.shape:
@@ -35,8 +37,9 @@ class Linear(nn.Module):
         self.weight = new_weight(output_size, input_size)  # [out, in]
         self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, gated_silu: bool = False) -> torch.Tensor:
+        """x @ weight^T + bias; ``gated_silu`` (a [gate; up] projection): silu(gate) * up."""
+        return fused.linear(x, self.weight, self.bias, gated_silu)
 
 
 class MergedLinear(Linear):

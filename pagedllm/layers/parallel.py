@@ -24,6 +24,7 @@ from torch import nn
 
 from pagedllm.distributed import (all_reduce, get_tp_rank, get_tp_size, shard_range,
                                   stage_layers)
+from pagedllm.layers import fused
 from pagedllm.layers.linear import (Linear, MergedLinear, VocabEmbedding,
                                     default_weight_loader)
 
@@ -57,8 +58,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if get_tp_size() == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = all_reduce(F.linear(x, self.weight))
+            return fused.linear(x, self.weight, self.bias)
+        out = all_reduce(fused.linear(x, self.weight))
         return out + self.bias if self.bias is not None else out
 
 

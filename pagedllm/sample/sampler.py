@@ -175,6 +175,30 @@ def _sample_random_cpu(logits: torch.Tensor, meta: SamplingMetadata, sampled: np
         sampled[f.rows] = ids
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """The first maximum of each row (``max().indices``: like argmax, ~3x faster on CPU for
+    wide rows). On CUDA a few wide rows reduce in two stages: torch reduces one row in one
+    thread block (27 us for a 128256-entry row on an H200), chunks of it in parallel."""
+    rows, vocab = logits.shape
+    chunks = _argmax_chunks(vocab) if logits.is_cuda and rows <= 16 else 1
+    return chunked_max_indices(logits, chunks) if chunks > 1 else logits.max(dim=-1).indices
+
+
+def chunked_max_indices(logits: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``max(dim=-1).indices`` through per-chunk maxima (chunks divides the row width)."""
+    rows, vocab = logits.shape
+    best, index = logits.view(rows, chunks, vocab // chunks).max(dim=-1)  # [rows, chunks]
+    chunk = best.max(dim=-1, keepdim=True).indices  # the first chunk holding the maximum
+    return (chunk * (vocab // chunks) + index.gather(1, chunk)).squeeze(1)
+
+
+def _argmax_chunks(vocab: int) -> int:
+    """The largest divisor of vocab up to 256 whose chunks are >= 256 wide (1: none)."""
+    if vocab < 65536:
+        return 1
+    return next(c for c in range(256, 0, -1) if vocab % c == 0 and vocab // c >= 256)
+
+
 class Sampler:
     def __init__(self) -> None:
         self.workspace = Workspace()  # scratch memory reused across steps
@@ -185,8 +209,7 @@ class Sampler:
         logits = apply_logits_ops(logits, meta)
         want_logprobs = meta.max_num_logprobs >= 0
         if meta.all_greedy:
-            # max().indices: the first maximum like argmax, ~3x faster on CPU for wide rows.
-            sampled = logits.max(dim=-1).indices
+            sampled = greedy_ids(logits)
         elif logits.device.type == "cpu":
             ids = np.empty(logits.shape[0], dtype=np.int64)
             if meta.greedy_rows is not None:
@@ -197,10 +220,10 @@ class Sampler:
             _sample_random_cpu(logits, meta, ids, want_logprobs, self.workspace)
             sampled = torch.from_numpy(ids)
         else:
-            greedy_ids = logits.max(dim=-1).indices
+            greedy = greedy_ids(logits)
             logits = apply_filters(logits, meta)
             u = _uniforms(logits, meta, 1)[:, 0]
-            sampled = torch.where(meta.is_greedy, greedy_ids,
+            sampled = torch.where(meta.is_greedy, greedy,
                                   inverse_cdf(logits.softmax(dim=-1), u)[0])
         logprobs = None
         if want_logprobs:

@@ -279,3 +279,89 @@ def test_paged_attention_fp8_cache(fp8):
                                      k_scale=k_scale, v_scale=v_scale, **kw)
     ref = ta.paged_attention_prefill_ref(q.double(), deq, table, lens, starts, **kw)
     assert _rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def _rope_case(gen, dtype, heads, kv_heads, head_dim, rotary_dim, num_tokens, qk_norm):
+    """q, k, v as views of one fused qkv output, neox tables, slots (two skipped), norms."""
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    qkv = qkv.to(dtype).to(DEVICE)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(num_tokens, heads, head_dim)
+    k, v = k.view(num_tokens, kv_heads, head_dim), v.view(num_tokens, kv_heads, head_dim)
+    max_pos = 64
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    freqs = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = freqs.cos().to(DEVICE), freqs.sin().to(DEVICE)
+    positions = torch.randint(0, max_pos, (num_tokens,), generator=gen).to(DEVICE)
+    num_slots = 4 * num_tokens
+    slots = torch.randperm(num_slots, generator=gen)[:num_tokens]
+    slots[[1, num_tokens - 1]] = -1  # CUDA-graph padding: nothing written
+    norms = (None, None)
+    if qk_norm:
+        norms = tuple((torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE)
+                      for _ in range(2))
+    kv = torch.randn(2, num_slots, kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    return qkv, q, k, v, cos, sin, positions, slots.to(DEVICE), norms, kv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_dim,qk_norm", [
+    (32, 8, 128, 128, False),  # Llama-3-8B
+    (16, 8, 128, 128, True),  # Qwen3
+    (6, 2, 64, 32, False),  # partial rotary (Phi-3 style): the rest of each head is kept
+    (4, 4, 32, 16, True),  # partial rotary with q/k norms over the whole head
+])
+def test_rope_write_kv_cache(dtype, heads, kv_heads, head_dim, rotary_dim, qk_norm):
+    """Rotary (+ q/k norms) and the cache write in one kernel equal the separate ops: q in
+    place, K rotated into the cache, V stored, padding slots untouched, k itself unchanged."""
+    gen = torch.Generator().manual_seed(heads * head_dim + rotary_dim)
+    num_tokens = 9
+    qkv, q, k, v, cos, sin, pos, slots, (qn, kn), kv = _rope_case(
+        gen, dtype, heads, kv_heads, head_dim, rotary_dim, num_tokens, qk_norm)
+    qkv_ref, kv_ref = qkv.clone(), kv.clone()
+    q_ref = qkv_ref[:, :heads * head_dim].view(num_tokens, heads, head_dim)
+    ta.rope_write_kv_cache_ref(kv_ref, q_ref, k.clone(), v.clone(), slots, pos, cos, sin,
+                               rotary_dim, qn, kn, 1e-6)
+    k_before = k.clone()
+    ta.rope_write_kv_cache(kv, q, k, v, slots, pos, cos, sin, rotary_dim, qn, kn, 1e-6)
+    assert _rel_err(q, q_ref) < TOL[dtype]
+    assert _rel_err(kv, kv_ref) < TOL[dtype]
+    keep = (slots < 0).nonzero().flatten()
+    assert keep.numel() == 2
+    written = torch.zeros(kv.shape[1], dtype=torch.bool, device=kv.device)
+    written[slots[slots >= 0]] = True
+    assert torch.equal(kv[:, ~written], kv_ref[:, ~written])  # nothing else touched
+    assert torch.equal(k, k_before)
+    if not qk_norm:  # the unrotated dims of q are left exactly as they were
+        assert torch.equal(q[..., rotary_dim:], q_ref[..., rotary_dim:])
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter casts fp32 to fp8 wrongly (see above)")
+def test_rope_write_kv_cache_fp8():
+    gen = torch.Generator().manual_seed(11)
+    _, q, k, v, cos, sin, pos, slots, _, _ = _rope_case(gen, torch.bfloat16, 8, 2, 64, 64, 6,
+                                                        False)
+    kv = torch.zeros(2, 24, 2, 64, dtype=torch.float8_e4m3fn, device=DEVICE)
+    ref = kv.clone()
+    q_ref = q.clone()
+    ta.rope_write_kv_cache_ref(ref, q_ref, k.clone(), v.clone(), slots, pos, cos, sin, 64,
+                               k_scale=0.5, v_scale=0.25)
+    ta.rope_write_kv_cache(kv, q, k, v, slots, pos, cos, sin, 64, k_scale=0.5, v_scale=0.25)
+    got, want = kv.float(), ref.float()
+    step = want.abs() * 2.0 ** -3 + 2.0 ** -16
+    assert ((got - want).abs() <= step).all() and (got == want).float().mean() > 0.98
+    assert _rel_err(q, q_ref) < TOL[torch.bfloat16]
+
+
+def test_rope_write_kv_cache_rejects_bad_arguments():
+    gen = torch.Generator().manual_seed(12)
+    _, q, k, v, cos, sin, pos, slots, _, kv = _rope_case(gen, torch.float32, 4, 2, 32, 32, 5,
+                                                         False)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        ta.rope_write_kv_cache(kv, q, k, v, slots, pos, cos, sin, 33)
+    with pytest.raises(ValueError, match="positions"):
+        ta.rope_write_kv_cache(kv, q, k, v, slots, pos[:3], cos, sin, 32)
+    with pytest.raises(ValueError, match="go together"):
+        ta.rope_write_kv_cache(kv, q, k, v, slots, pos, cos, sin, 32,
+                               q_norm=torch.ones(32, device=DEVICE))

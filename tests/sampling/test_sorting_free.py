@@ -284,3 +284,20 @@ def test_guided_masks_follow_the_permutation(guided_rows):
     expected = apply_guided_mask(logits.clone(), rows, mask)[meta.order]
     prow, pmask = _guided_in_order(rows, mask, meta)
     assert torch.equal(apply_guided_mask(logits[meta.order], prow, pmask), expected)
+
+
+def test_chunked_max_indices_is_the_first_maximum():
+    """The two-stage argmax of few wide rows (CUDA) equals max().indices, ties included: the
+    first maximum wins across chunks and within one."""
+    from pagedllm.sample.sampler import _argmax_chunks, chunked_max_indices
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 128256, generator=gen)
+    logits[1, [7, 90000]] = 50.0  # tie across chunks
+    logits[2, [1000, 1001]] = 50.0  # tie inside one chunk
+    logits[3] = 0.0  # every entry tied
+    chunks = _argmax_chunks(128256)
+    assert chunks == 256
+    got = chunked_max_indices(logits, chunks)
+    assert torch.equal(got, logits.max(dim=-1).indices)
+    assert got[1:4].tolist() == [7, 1000, 0]
+    assert _argmax_chunks(32000) == 1 and _argmax_chunks(131071) == 1

@@ -1,0 +1,86 @@
+"""One-token projections (batch-1 decode) of the Llama-3-8B shape: the Triton GEMV
+(``triton_ops.gemv``) over a sweep of tile configs against cuBLAS (``F.linear``), both in
+CUDA-graph replay as decode runs them, weights rotated over enough copies that L2 (60 MB on
+an H200) holds none of them between uses. Prints, per shape, cuBLAS and the best configs in
+microseconds and GB/s, the copy bandwidth measured in the same run, and the best configs as
+a ``GEMV_CONFIGS`` dict.
+
+    python benchmarks/gpu_gemv.py
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.throughput import copy_bandwidth_gbs  # noqa: E402
+from pagedllm.layers import triton_ops as ops  # noqa: E402
+
+# (name, N, K, gated): qkv, o_proj, gate_up (+ silu), down, LM head
+SHAPES = [("qkv", 6144, 4096, False), ("o_proj", 4096, 4096, False),
+          ("gate_up+silu", 28672, 4096, True), ("down", 4096, 14336, False),
+          ("lm_head", 128256, 4096, False)]
+CONFIGS = list(itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8)))
+REPS = 10
+
+
+def graph_time_us(fn, weights, x) -> float:
+    """Median microseconds of one call of fn(x, w), over graph replays of REPS passes over
+    every weight copy."""
+    for w in weights:
+        fn(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPS):
+            for w in weights:
+                fn(x, w)
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    return ms * 1e3 / (REPS * len(weights))
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bandwidth_gbs(dev, 1 << 30):.0f} "
+          "GB/s (read + write)")
+    best_configs = {}
+    for name, n, k, gated in SHAPES:
+        nbytes = n * k * 2
+        copies = max(2, -(-(256 << 20) // nbytes))
+        weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
+                   for _ in range(copies)]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+
+        def cublas(x, w):
+            out = torch.nn.functional.linear(x, w)
+            return ops.silu_and_mul(out) if gated else out
+
+        ref = ops.gemv_ref(x, weights[0], gated=gated)
+        base = graph_time_us(cublas, weights, x)
+        results = []
+        for cfg in CONFIGS:
+            out = ops.gemv(x, weights[0], gated=gated, config=cfg)
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            if not err < 1e-2:
+                print(f"  {name} {cfg}: rel err {err:.2e} FAILS")
+                continue
+            t = graph_time_us(lambda x, w: ops.gemv(x, w, gated=gated, config=cfg), weights, x)
+            results.append((t, cfg))
+        results.sort()
+        best_configs[(n, k)] = results[0][1]
+        top = ", ".join(f"{c} {t:.2f} us" for t, c in results[:3])
+        print(f"{name:13s} N={n:6d} K={k:5d} {nbytes / 1e6:6.1f} MB: cuBLAS {base:7.2f} us "
+              f"({nbytes / base / 1e3:5.0f} GB/s); gemv best {results[0][0]:7.2f} us "
+              f"({nbytes / results[0][0] / 1e3:5.0f} GB/s, {base / results[0][0]:.2f}x); "
+              f"top: {top}", flush=True)
+        del weights
+    print("GEMV_CONFIGS =", best_configs)
+
+
+if __name__ == "__main__":
+    main()
