@@ -3,7 +3,8 @@
 # kernel tests (compiled, vs the torch references) and the engine tests on CUDA (Triton
 # backend, CUDA graphs, multi-step, fp8 KV cache, memory profiling; HF references on CPU);
 # `... bench1` the start-up, batch-1 decode and TTFT workloads; `... bench2` offline
-# throughput (1000 x 256/256) and the nano-vllm workload; no argument: all three.
+# throughput (1000 x 256/256) and the nano-vllm workload; `... gemv` the one-row GEMV
+# configs against cuBLAS; no argument: tests, bench1 and bench2.
 set -uo pipefail
 export PYTHONPATH="$PWD" PAGEDLLM_TEST_MODELS=/tmp/pagedllm-test-models
 OUT_DIR=${OUT:-/tmp}
@@ -16,11 +17,14 @@ for part in $parts; do
       echo "== kernel tests"; python -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tail -4
       echo "== engine tests on CUDA"
       python -m pytest -q -p no:cacheprovider tests/models tests/e2e/test_engine_features.py \
+        tests/e2e/test_gpu_bf16.py \
         tests/e2e/test_multi_step.py tests/e2e/test_fp8_kv_cache.py tests/e2e/test_gpu_memory.py \
         tests/unit/test_loader.py 2>&1 | tail -8 ;;
     bench1)
       python benchmarks/gpu_workloads.py --only startup decode ttft 2>&1 | grep -v Warning \
         | tee -a "$OUT_DIR/gpu_workloads.txt" ;;
+    gemv)
+      python benchmarks/gpu_gemv.py 2>&1 | grep -v Warning | tee -a "$OUT_DIR/gpu_gemv.txt" ;;
     bench2)
       python benchmarks/gpu_workloads.py --only throughput nano 2>&1 | grep -v Warning \
         | tee -a "$OUT_DIR/gpu_workloads.txt" ;;

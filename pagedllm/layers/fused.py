@@ -1,8 +1,8 @@
 """Whether the fused Triton ops (``triton_ops``) serve a tensor: CUDA tensors when Triton
 imports and ``PAGEDLLM_DISABLE_FUSED_OPS`` is unset (the torch code then serves as oracle).
-``linear`` sends one-row bf16/fp16 matmuls (batch-1 decode) of the weight shapes in
-``triton_ops.GEMV_FASTER`` to the Triton GEMV; ``PAGEDLLM_GEMV=off`` keeps every shape on
-cuBLAS, ``PAGEDLLM_GEMV=all`` sends every shape to the GEMV (A/B runs)."""
+``linear`` sends one-row bf16/fp16 matmuls (batch-1 decode) whose weight shape has a tuned
+config (``triton_ops.GEMV_CONFIGS``) to the Triton GEMV; ``PAGEDLLM_GEMV=off`` keeps every
+shape on cuBLAS, ``PAGEDLLM_GEMV=all`` sends every shape to the GEMV (A/B runs, tests)."""
 from __future__ import annotations
 
 import os
@@ -44,7 +44,7 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
                               and weight.stride(1) == 1 and x.stride(1) == 1
                               and ops() is not None):
         return False
-    return _GEMV == "all" or tuple(weight.shape) in ops().GEMV_FASTER
+    return _GEMV == "all" or tuple(weight.shape) in ops().GEMV_CONFIGS
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -64,16 +64,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = F.linear(x, weight, bias)
     return silu_and_mul(out) if gated_silu else out
 
-
-def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear,
-                gated_silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(norm(x + residual)), x + residual) for an ``RMSNorm`` followed by a
-    ``Linear``; no residual (the first layer): (linear(norm(x)), x). On one-row CUDA steps
-    the residual add and the norm ride along in the GEMV's pass (no norm kernel)."""
-    if use_gemv(x, linear.weight) and getattr(norm, "is_rms_norm", False):
-        out = ops().gemv(x, linear.weight, linear.bias, gated=gated_silu,
-                         norm_weight=norm.weight, eps=norm.eps, offset=norm.offset,
-                         residual=residual)
-        return out if residual is not None else (out, x)
-    hidden, residual = norm.add_norm(x, residual)
-    return linear(hidden, gated_silu=gated_silu), residual

@@ -11,8 +11,6 @@ from pagedllm.layers import fused
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32. ``offset=1`` gives Gemma's ``x * (1 + weight)`` variant."""
 
-    is_rms_norm = True  # ``fused.norm_linear`` may fold it into the next projection
-
     def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(hidden_size) if offset else torch.ones(hidden_size))

@@ -149,28 +149,8 @@ def silu_and_mul_ref(x):
 
 
 @triton.jit
-def _gemv_x_chunk(x_ptr, res_ptr, sum_ptr, nw_ptr, kk, k_mask, offset, ss,
-                  HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr):
-    """x[kk] as fp32 (x + residual, rounded to x's dtype, stored once by program 0), and,
-    with NORM, times the norm weight, with its squares added to ss."""
-    x = tl.load(x_ptr + kk, mask=k_mask, other=0.0)
-    if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(res_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-             ).to(x.dtype)
-        if tl.program_id(0) == 0:
-            tl.store(sum_ptr + kk, x, mask=k_mask)
-    xf = x.to(tl.float32)
-    if NORM:
-        ss += xf * xf
-        xf = xf * (tl.load(nw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32) + offset)
-    return xf, ss
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, sum_ptr, nw_ptr, N, K, stride_wn,
-                 up_offset, eps, offset,
-                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, up_offset,
+                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # one row of x times BLOCK_N rows of W (and, GATED, the BLOCK_N rows up_offset further)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -179,30 +159,24 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, sum_ptr, nw_ptr, N, K, s
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    ss = tl.zeros([BLOCK_K], tl.float32)
     for k in range(0, K, BLOCK_K):
         kk = k + cols
         k_mask = kk < K
-        xf, ss = _gemv_x_chunk(x_ptr, res_ptr, sum_ptr, nw_ptr, kk, k_mask, offset, ss,
-                               HAS_RESIDUAL, NORM)
+        x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         mask = row_mask[:, None] if EVEN_K else row_mask[:, None] & k_mask[None, :]
         w = tl.load(w_rows + kk[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-        acc += w.to(tl.float32) * xf[None, :]
+        acc += w.to(tl.float32) * x
         if GATED:
             u = tl.load(w_rows + up_offset + kk[None, :], mask=mask, other=0.0,
                         eviction_policy="evict_first")
-            acc_up += u.to(tl.float32) * xf[None, :]
+            acc_up += u.to(tl.float32) * x
     out = tl.sum(acc, 1)
-    up = tl.sum(acc_up, 1)
-    if NORM:  # rsqrt(mean(x^2) + eps) is one scalar per row of x: it factors out of the sum
-        inv = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
-        out *= inv
-        up *= inv
     if HAS_BIAS:
         out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        if GATED:
-            up += tl.load(b_ptr + N + rows, mask=row_mask, other=0.0).to(tl.float32)
     if GATED:
+        up = tl.sum(acc_up, 1)
+        if HAS_BIAS:
+            up += tl.load(b_ptr + N + rows, mask=row_mask, other=0.0).to(tl.float32)
         # round like the unfused path: projection outputs in x's dtype, then silu(g) * u
         g = out.to(out_ptr.dtype.element_ty).to(tl.float32)
         up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -211,33 +185,27 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, res_ptr, sum_ptr, nw_ptr, N, K, s
 
 
 # (block_n, block_k, num_warps) by the weight's [N, K], from the H200 sweep of
-# benchmarks/gpu_gemv.py (Llama-3-8B / Mistral-7B shapes); other shapes get the default
+# benchmarks/gpu_gemv.py (Llama-3-8B / Mistral-7B shapes). The engine sends only these
+# shapes to the GEMV (``fused.use_gemv``): with untuned configs it lost to cuBLAS
 GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (6144, 4096): (8, 512, 8), (4096, 4096): (4, 512, 8), (28672, 4096): (4, 512, 8),
     (4096, 14336): (4, 512, 8), (128256, 4096): (8, 256, 4)}
 GEMV_DEFAULT = (8, 512, 4)
-# the shapes where the GEMV beat cuBLAS in the decode benchmark (the rest stay on cuBLAS)
-GEMV_FASTER: set[tuple[int, int]] = set(GEMV_CONFIGS)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         gated: bool = False, config: tuple[int, int, int] | None = None,
-         norm_weight: torch.Tensor | None = None, eps: float = 1e-6, offset: float = 0.0,
-         residual: torch.Tensor | None = None):
+         gated: bool = False, config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [1, K] @ weight[N, K]^T (+ bias) -> [1, N] for one-token steps (batch-1 decode),
     where cuBLAS picks split-K kernels plus a reduction launch for the narrow matrices.
     ``gated``: weight is a fused [gate; up] projection of 2d rows and the result is
     silu(x @ gate^T) * (x @ up^T) [1, d] in the same pass (``silu_and_mul`` fused).
-    ``norm_weight``: RMSNorm x first (``rms_norm``'s eps / offset) and, with ``residual``,
-    of x + residual, which is returned too: (out, x + residual), as ``rms_norm`` returns.
-    The norm is folded in: out = rsqrt(mean(x^2) + eps) * (W @ (x * w)), the normalised x is
-    not rounded to x's dtype first (the unfused path rounds it: within bf16 tolerance).
 
     1. a program owns BLOCK_N output rows (and their up rows when gated) and walks K in
-       BLOCK_K chunks, fp32 products accumulated in registers; x's chunk (plus the
-       residual's, stored by program 0) and its squares come along;
-    2. one reduction over the chunk axis at the end, the norm scale, bias, the SiLU gate,
-       one store."""
+       BLOCK_K chunks, fp32 products accumulated in registers;
+    2. one reduction over the chunk axis at the end, bias, the SiLU gate, one store.
+    (Folding the residual add and RMSNorm into this pass was measured too: the extra loads
+    in every chunk slowed each GEMV more than the two norm launches cost; docs/benchmarks.md.)
+    """
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != weight.shape[1] or \
             weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"gemv takes x [1, K] and a row-major weight [N, K], got x "
@@ -246,31 +214,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     n_rows, k = weight.shape
     if gated and n_rows % 2:
         raise ValueError(f"a gated weight has 2d rows, got {n_rows}")
-    if residual is not None and (norm_weight is None or residual.shape != x.shape
-                                 or residual.stride(1) != 1):
-        raise ValueError("residual goes with norm_weight and must match x")
     n = n_rows // 2 if gated else n_rows
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    total = torch.empty_like(x) if residual is not None else x
     block_n, block_k, warps = config or GEMV_CONFIGS.get((n_rows, k), GEMV_DEFAULT)
     block_k = min(block_k, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out,
-        residual if residual is not None else x, total,
-        norm_weight if norm_weight is not None else weight, n, k, weight.stride(0),
-        n * weight.stride(0), eps, offset, HAS_BIAS=bias is not None, GATED=gated,
-        NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
-        EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    return out if residual is None else (out, total)
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        n * weight.stride(0), HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % block_k == 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return out
 
 
-def gemv_ref(x, weight, bias=None, gated=False, norm_weight=None, eps=1e-6, offset=0.0,
-             residual=None):
-    total = None
-    if norm_weight is not None:
-        normed = rms_norm_ref(x, norm_weight, eps, offset, residual)
-        x, total = normed if residual is not None else (normed, None)
+def gemv_ref(x, weight, bias=None, gated=False):
     out = torch.nn.functional.linear(x.float(), weight.float(),
                                      bias.float() if bias is not None else None).to(x.dtype)
-    out = silu_and_mul_ref(out) if gated else out
-    return out if total is None else (out, total)
+    return silu_and_mul_ref(out) if gated else out

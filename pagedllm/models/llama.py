@@ -13,7 +13,6 @@ from torch import nn
 from pagedllm.attention.backend import ForwardContext
 from pagedllm.attention.layer import Attention
 from pagedllm.layers.activation import ActAndMul
-from pagedllm.layers.fused import norm_linear
 from pagedllm.distributed import (is_first_stage, is_last_stage, recv_from_prev_stage,
                                   send_to_next_stage)
 from pagedllm.layers.parallel import (MergedColumnParallelLinear, ParallelLMHead,
@@ -61,12 +60,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
-        return self.attend(positions, self.qkv_proj(hidden), ctx)
-
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor,
-               ctx: ForwardContext) -> torch.Tensor:
-        """Attention and o_proj from the fused q/k/v projection's output."""
-        q, k, v = self.qkv_proj.split(qkv)
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         # q/k norms and rotary happen in the attention layer (fused with the KV write on CUDA)
         return self.o_proj(self.attn(q, k, v, ctx, positions, self.rotary_emb, self.q_norm,
                                      self.k_norm))
@@ -98,14 +92,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, ctx: ForwardContext):
-        # norm + projection pairs: one GEMV each on one-token CUDA steps (fused.norm_linear)
-        qkv, residual = norm_linear(hidden, residual, self.input_layernorm,
-                                    self.self_attn.qkv_proj)
-        hidden = self.self_attn.attend(positions, qkv, ctx)
-        mlp, gated = self.mlp, self.mlp.act_fn.is_silu
-        hidden, residual = norm_linear(hidden, residual, self.post_attention_layernorm,
-                                       mlp.gate_up_proj, gated_silu=gated)
-        return mlp.down_proj(hidden if gated else mlp.act_fn(hidden)), residual
+        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, ctx)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):

@@ -45,7 +45,7 @@ def test_bf16_matches_hf_teacher_forced(arch, monkeypatch):
 
     from pagedllm import LLM, SamplingParams
     from pagedllm.layers import fused
-    monkeypatch.setattr(fused, "_GEMV", "all")  # the tiny shapes are not in GEMV_FASTER
+    monkeypatch.setattr(fused, "_GEMV", "all")  # the tiny shapes are not tuned ones
     path = str(build_tiny_model(arch))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     prompts = _prompts()

@@ -100,35 +100,6 @@ def test_gemv(dtype, n, k, bias, gated, config):
     assert _rel_err(out, ref) < TOL[dtype] * slack
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("gated,with_res,offset,bias", [(False, True, 0.0, False),
-                                                        (True, True, 0.0, True),
-                                                        (False, False, 1.0, False),
-                                                        (True, False, 0.0, False)])
-def test_gemv_with_rms_norm(dtype, gated, with_res, offset, bias):
-    """(Residual add +) RMSNorm folded into the GEMV equals rms_norm then the projection;
-    the returned sum equals x + residual and the inputs are not written."""
-    gen = torch.Generator().manual_seed(int(gated) * 2 + int(with_res))
-    n, k = 64, 200  # ragged K: masked tail chunk
-    x = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
-    res = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE) if with_res else None
-    nw = (torch.rand(k, generator=gen) + 0.5).to(dtype).to(DEVICE)
-    w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype).to(DEVICE)
-    b = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if bias else None
-    before = (x.clone(), res.clone() if with_res else None)
-    got = ops.gemv(x, w, b, gated=gated, config=(8, 64, 4), norm_weight=nw, eps=1e-5,
-                   offset=offset, residual=res)
-    want = ops.gemv_ref(x, w, b, gated=gated, norm_weight=nw, eps=1e-5, offset=offset,
-                        residual=res)
-    slack = 2.0 if dtype == torch.bfloat16 and not ON_GPU else 1.0
-    if with_res:
-        (got, total), (want, want_total) = got, want
-        assert _rel_err(total, want_total) < TOL[dtype] * slack
-        assert torch.equal(res, before[1])
-    assert _rel_err(got, want) < TOL[dtype] * slack
-    assert torch.equal(x, before[0])
-
-
 def test_gemv_rejects_bad_shapes():
     w = torch.randn(8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="x \\[1, K\\]"):
