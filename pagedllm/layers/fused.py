@@ -63,4 +63,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return ops().gemv(x, weight, bias, gated=gated_silu)
     out = F.linear(x, weight, bias)
     return silu_and_mul(out) if gated_silu else out
-
