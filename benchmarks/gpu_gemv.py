@@ -46,7 +46,7 @@ def graph_time_us(fn, weights, x) -> float:
 def main() -> None:
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bandwidth_gbs(dev, 1 << 30):.0f} "
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bandwidth_gbs(dev, 1 << 30, repeats=20):.0f} "
           "GB/s (read + write)")
     best_configs = {}
     for name, n, k, gated in SHAPES:
