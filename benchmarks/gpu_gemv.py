@@ -2,13 +2,15 @@
 (``triton_ops.gemv``) over a sweep of tile configs against cuBLAS (``F.linear``), both in
 CUDA-graph replay as decode runs them, weights rotated over enough copies that L2 (60 MB on
 an H200) holds none of them between uses. Prints, per shape, cuBLAS and the best configs in
-microseconds and GB/s, the copy bandwidth measured in the same run, and the best configs as
-a ``GEMV_CONFIGS`` dict.
+microseconds and GB/s, the copy bandwidth measured in the same run, and the best configs
+(those beating cuBLAS are the candidates for ``triton_ops.GEMV_CONFIGS``).
 
-    python benchmarks/gpu_gemv.py
+    python benchmarks/gpu_gemv.py                                   # Llama-3-8B shapes
+    python benchmarks/gpu_gemv.py --model benchmarks/configs/qwen3-0.6b   # any config's
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import sys
@@ -20,10 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.throughput import copy_bandwidth_gbs  # noqa: E402
 from pagedllm.layers import triton_ops as ops  # noqa: E402
 
-# (name, N, K, gated): qkv, o_proj, gate_up (+ silu), down, LM head
-SHAPES = [("qkv", 6144, 4096, False), ("o_proj", 4096, 4096, False),
-          ("gate_up+silu", 28672, 4096, True), ("down", 4096, 14336, False),
-          ("lm_head", 128256, 4096, False)]
+MODEL = "benchmarks/configs/llama-3-8b"
 CONFIGS = list(itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8)))
 REPS = 10
 
@@ -43,13 +42,31 @@ def graph_time_us(fn, weights, x) -> float:
     return ms * 1e3 / (REPS * len(weights))
 
 
+def model_shapes(path: str) -> list[tuple[str, int, int, bool]]:
+    """(name, N, K, gated) of a Llama-family config's one-token projections at tp 1:
+    qkv, o_proj, gate_up (+ SiLU), down, LM head."""
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(path)
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return [("qkv", (heads + 2 * kv_heads) * head_dim, hidden, False),
+            ("o_proj", hidden, heads * head_dim, False),
+            ("gate_up+silu", 2 * cfg.intermediate_size, hidden, True),
+            ("down", hidden, cfg.intermediate_size, False),
+            ("lm_head", cfg.vocab_size, hidden, False)]
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=MODEL, help="config directory whose shapes to tune")
+    args = parser.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bandwidth_gbs(dev, 1 << 30, repeats=20):.0f} "
           "GB/s (read + write)")
-    best_configs = {}
-    for name, n, k, gated in SHAPES:
+    best_configs, faster = {}, {}
+    for name, n, k, gated in model_shapes(args.model):
         nbytes = n * k * 2
         copies = max(2, -(-(256 << 20) // nbytes))
         weights = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
@@ -73,13 +90,18 @@ def main() -> None:
             results.append((t, cfg))
         results.sort()
         best_configs[(n, k)] = results[0][1]
+        if results[0][0] < base:
+            faster[(n, k)] = results[0][1]
         top = ", ".join(f"{c} {t:.2f} us" for t, c in results[:3])
         print(f"{name:13s} N={n:6d} K={k:5d} {nbytes / 1e6:6.1f} MB: cuBLAS {base:7.2f} us "
               f"({nbytes / base / 1e3:5.0f} GB/s); gemv best {results[0][0]:7.2f} us "
               f"({nbytes / results[0][0] / 1e3:5.0f} GB/s, {base / results[0][0]:.2f}x); "
               f"top: {top}", flush=True)
         del weights
-    print("GEMV_CONFIGS =", best_configs)
+    print("best configs:", best_configs)
+    # candidates for triton_ops.GEMV_CONFIGS: confirm each in the decode benchmark
+    # (PAGEDLLM_GEMV=all vs off), where launch gaps and the rest of the step count too
+    print("faster than cuBLAS here:", faster)
 
 
 if __name__ == "__main__":
