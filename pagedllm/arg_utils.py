@@ -199,6 +199,7 @@ class _EngineArgsMethods:
         values["max_seq_len_to_capture"] = min(values["max_seq_len_to_capture"],
                                                values["max_model_len"])
         values.update(_resolve_scheduler(values))
+        _check_speculative(values)
         if values["quantization_param_path"] and values["kv_cache_dtype"] == "auto":
             raise ValueError("--quantization-param-path holds fp8 KV-cache scales; it needs "
                              "--kv-cache-dtype fp8, fp8_e4m3 or fp8_e5m2")
@@ -209,6 +210,28 @@ class _EngineArgsMethods:
                 kwargs.update(derived)
             configs[name] = config_cls(**kwargs)
         return EngineConfig(**configs)
+
+
+def _check_speculative(v: dict[str, Any]) -> None:
+    """The speculative flags that only make sense together, and what [ngram] runs with."""
+    spec_only = ["num_speculative_tokens", "ngram_prompt_lookup_max", "ngram_prompt_lookup_min",
+                 "speculative_max_model_len", "speculative_disable_by_batch_size"]
+    if v["speculative_model"] is None:
+        given = [n for n in spec_only if v[n] is not None]
+        if given:
+            raise ValueError(f"{flag_name(given[0])} needs --speculative-model [ngram]")
+        return
+    if v["num_speculative_tokens"] is None or v["ngram_prompt_lookup_max"] is None:
+        raise ValueError("--speculative-model [ngram] needs --num-speculative-tokens and "
+                         "--ngram-prompt-lookup-max")
+    if (v["ngram_prompt_lookup_min"] or 1) > v["ngram_prompt_lookup_max"]:
+        raise ValueError(f"--ngram-prompt-lookup-min {v['ngram_prompt_lookup_min']} is larger "
+                         f"than --ngram-prompt-lookup-max {v['ngram_prompt_lookup_max']}")
+    for name, value in (("num_scheduler_steps", 1), ("pipeline_parallel_size", 1),
+                        ("tensor_parallel_size", 1)):
+        if v[name] != value:
+            raise ValueError(f"--speculative-model does not combine with {flag_name(name)} "
+                             f"{v[name]} yet; use {value}")
 
 
 def _engine_args_fields() -> list[tuple[str, Any, dataclasses.Field]]:

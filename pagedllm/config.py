@@ -392,42 +392,56 @@ class PromptAdapterConfig:
                                            supported=DEFAULT_ONLY, planned=_PA)
 
 
-_SPEC = "speculative decoding"
+_DRAFT = "draft models; [ngram] is built"
 
 
-def _spec(default: Any, help: str, **meta: Any) -> Any:
-    return option(default, help, supported=DEFAULT_ONLY, planned=_SPEC, **meta)
+def _draft_only(default: Any, help: str, **meta: Any) -> Any:
+    return option(default, help, supported=DEFAULT_ONLY, planned=_DRAFT, **meta)
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding (not built yet)."""
-    speculative_model: Optional[str] = _spec(None, "Draft model, or [ngram] for prompt lookup.")
-    speculative_model_quantization: Optional[str] = _spec(
+    """Speculative decoding: prompt lookup (``[ngram]``) drafts, verified in one forward by
+    the target model (``pagedllm/spec_decode.py``); draft models are not built yet."""
+    speculative_model: Optional[str] = option(
+        None, "Draft model, or [ngram] for prompt lookup (with --num-speculative-tokens and "
+        "--ngram-prompt-lookup-max).", supported=(None, "[ngram]"),
+        supported_desc="[ngram] (prompt lookup)", planned="draft models")
+    speculative_model_quantization: Optional[str] = _draft_only(
         None, "Quantization method of the draft model.", choices=QUANTIZATION_METHODS,
         cli_type="nullable")
-    num_speculative_tokens: Optional[int] = _spec(None, "Draft tokens proposed per step.")
-    speculative_disable_mqa_scorer: bool = _spec(False, "Score drafts by batch expansion "
-                                                 "instead of the MQA scorer.")
-    speculative_draft_tensor_parallel_size: Optional[int] = _spec(
+    num_speculative_tokens: Optional[int] = option(
+        None, "Draft tokens proposed per step.", valid=POSITIVE)
+    speculative_disable_mqa_scorer: bool = option(
+        False, "Score drafts by batch expansion instead of the MQA scorer.",
+        supported=DEFAULT_ONLY, planned="the batch-expansion scorer; drafts are scored as "
+        "multi-token queries")
+    speculative_draft_tensor_parallel_size: Optional[int] = _draft_only(
         None, "Tensor-parallel ranks of the draft model.", aliases=("-spec-draft-tp",))
-    speculative_max_model_len: Optional[int] = _spec(None, "Longest sequence the draft model "
-                                                     "handles; longer ones skip speculation.")
-    speculative_disable_by_batch_size: Optional[int] = _spec(
-        None, "Stop speculating for new requests when more than this many are queued.")
-    ngram_prompt_lookup_max: Optional[int] = _spec(None, "Largest n-gram window of prompt "
-                                                   "lookup.")
-    ngram_prompt_lookup_min: Optional[int] = _spec(None, "Smallest n-gram window of prompt "
-                                                   "lookup.")
-    spec_decoding_acceptance_method: str = _spec(
+    speculative_max_model_len: Optional[int] = option(
+        None, "Longest sequence that speculates (with its draft); longer ones decode one "
+        "token a step.", valid=POSITIVE)
+    speculative_disable_by_batch_size: Optional[int] = option(
+        None, "No request speculates in a step while more than this many requests are "
+        "unfinished (running, waiting or swapped).", valid=POSITIVE)
+    ngram_prompt_lookup_max: Optional[int] = option(
+        None, "Largest n-gram window of prompt lookup.", valid=POSITIVE)
+    ngram_prompt_lookup_min: Optional[int] = option(
+        None, "Smallest n-gram window of prompt lookup (default 1).", valid=POSITIVE)
+    spec_decoding_acceptance_method: str = option(
         "rejection_sampler", "How draft tokens are verified.",
-        choices=("rejection_sampler", "typical_acceptance_sampler"))
-    typical_acceptance_sampler_posterior_threshold: Optional[float] = _spec(
-        None, "Lower bound of the posterior probability of an accepted token (default 0.09).")
-    typical_acceptance_sampler_posterior_alpha: Optional[float] = _spec(
-        None, "Scale of the entropy-based acceptance threshold (default 0.3).")
-    disable_logprobs_during_spec_decoding: Optional[bool] = _spec(
-        None, "Return no logprobs while speculating (default True).")
+        choices=("rejection_sampler", "typical_acceptance_sampler"),
+        supported=("rejection_sampler",), planned="the typical acceptance sampler")
+    typical_acceptance_sampler_posterior_threshold: Optional[float] = option(
+        None, "Lower bound of the posterior probability of an accepted token (default 0.09).",
+        supported=DEFAULT_ONLY, planned="the typical acceptance sampler")
+    typical_acceptance_sampler_posterior_alpha: Optional[float] = option(
+        None, "Scale of the entropy-based acceptance threshold (default 0.3).",
+        supported=DEFAULT_ONLY, planned="the typical acceptance sampler")
+    disable_logprobs_during_spec_decoding: Optional[bool] = option(
+        None, "True (the default): requests that ask for logprobs do not speculate (they "
+        "decode one token a step and get exact logprobs).", supported=(None, True),
+        supported_desc="True", planned="logprobs of speculated tokens")
 
 
 @dataclass(frozen=True)

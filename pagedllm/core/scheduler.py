@@ -45,6 +45,7 @@ from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.scheduler_output import (CachedRequestData, ModelRunnerOutput,
                                             NewRequestData, SchedulerOutput)
 from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.spec_decode import SpecSettings, can_speculate, propose_ngram
 
 
 class Scheduler:
@@ -52,7 +53,7 @@ class Scheduler:
                  enable_chunked_prefill: bool, preemption_mode: str, policy: str,
                  delay_factor: float, max_model_len: int,
                  kv_cache_manager: KVCacheManager, num_scheduler_steps: int = 1,
-                 pipeline_depth: int = 1) -> None:
+                 pipeline_depth: int = 1, spec: SpecSettings | None = None) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -63,6 +64,8 @@ class Scheduler:
         self.kv = kv_cache_manager
         self.num_scheduler_steps = num_scheduler_steps
         self.pipeline_depth = pipeline_depth
+        self.spec = spec
+        self._speculate = False  # this step's batch may speculate
         self.in_flight: set[str] = set()  # scheduled in a batch whose output is not applied
         self._free_after_step: dict[str, Request] = {}  # ended while in flight
         self._batch_seq_cap = max_num_seqs  # most sequences in this schedule()'s batch
@@ -75,6 +78,10 @@ class Scheduler:
         self._pending_copies: list[tuple[int, int]] = []  # block copies of this step's forks
         self._unknown_to_runner: set[str] = set()  # forked children not yet sent to the runner
         self.num_preemptions_total = 0
+        # speculative decoding: draft tokens verified, accepted, tokens emitted (accepted plus
+        # one a request-step) and request-steps that speculated
+        self.spec_draft_tokens_total = self.spec_accepted_tokens_total = 0
+        self.spec_emitted_tokens_total = self.spec_steps_total = 0
         self._prev_step_time = 0.0
         self._prev_step_had_prompt = False
         self._last_prompt_latency = 0.0
@@ -136,6 +143,15 @@ class Scheduler:
         return bool(self.waiting or self.swapped or
                     any(r.req_id not in self.in_flight for r in self.running))
 
+    def spec_rates(self) -> tuple[float, float]:
+        """(draft acceptance rate, system efficiency: emitted tokens over the most a step's
+        drafts could have emitted), as vLLM reports them; 0 before any draft."""
+        if not self.spec_draft_tokens_total:
+            return 0.0, 0.0
+        most = self.spec_steps_total * (self.spec.num_tokens + 1)
+        return (self.spec_accepted_tokens_total / self.spec_draft_tokens_total,
+                self.spec_emitted_tokens_total / most)
+
     def get_num_unfinished_requests(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.swapped)
 
@@ -146,6 +162,9 @@ class Scheduler:
         self._finished_req_ids, self._pending_copies = set(), []
         self._batch_seq_cap = self.max_num_seqs if self.pipeline_depth == 1 else max(1, cdiv(
             len(self.waiting) + len(self.running) + len(self.swapped), self.pipeline_depth))
+        self._speculate = self.spec is not None and (
+            self.spec.disable_by_batch_size is None
+            or self.get_num_unfinished_requests() <= self.spec.disable_by_batch_size)
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted_req_ids:
             budget = self._schedule_swapped(out, budget)
@@ -183,7 +202,14 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
-            while (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
+            draft = self._draft(request, budget) if num_new == 1 and self._speculate else []
+            # a draft only takes free blocks: it never preempts another request
+            new_blocks = self.kv.allocate_slots(request, 1 + len(draft)) if draft else None
+            if new_blocks is None:
+                draft = []
+            num_new += len(draft)
+            while new_blocks is None and \
+                    (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
                 victim = self._pick_victim(i)
                 self._preempt(victim, out)
                 if victim is request:
@@ -198,9 +224,25 @@ class Scheduler:
                     request.req_id, [b.block_id for b in new_blocks],
                     request.num_computed_tokens))
             out.num_scheduled_tokens[request.req_id] = num_new
+            if draft:
+                out.spec_token_ids[request.req_id] = draft
             budget -= num_new
             i += 1
         return budget
+
+    def _draft(self, request: Request, budget: int) -> list[int]:
+        """Prompt-lookup draft tokens for a decoding request (``pagedllm/spec_decode.py``),
+        as many as the budget, max_tokens, max_model_len and --speculative-max-model-len
+        leave room for; [] when it should not speculate."""
+        spec = self.spec
+        if request.req_id in self._unknown_to_runner or request.num_output_tokens == 0 or \
+                request.num_computed_tokens != request.num_tokens - 1 or \
+                not can_speculate(request):
+            return []
+        max_len = min(self.max_model_len, spec.max_model_len or self.max_model_len)
+        room = min(spec.num_tokens, budget - 1, max_len - request.num_tokens - 1,
+                   request.max_tokens - request.num_output_tokens - 1)
+        return propose_ngram(request.all_token_ids, room, spec.ngram_max, spec.ngram_min)
 
     def _plan_multi_step(self, out: SchedulerOutput) -> int:
         """How many decode steps this batch runs (see the module docstring); extends the
@@ -341,9 +383,18 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None:
                 continue
-            # a decode step computes the KV of its input token; step k > 0 of a multi-step
-            # batch computes the token sampled by step k - 1
-            request.num_computed_tokens += num_scheduled[req_id] + max(len(token_ids) - 1, 0)
+            if req_id in scheduler_output.spec_token_ids:
+                # the KV of the last token and of the accepted drafts is valid, not the rest
+                request.num_computed_tokens += len(token_ids)
+                self.spec_draft_tokens_total += len(scheduler_output.spec_token_ids[req_id])
+                self.spec_accepted_tokens_total += len(token_ids) - 1
+                self.spec_emitted_tokens_total += len(token_ids)
+                self.spec_steps_total += 1
+            else:
+                # a decode step computes the KV of its input token; step k > 0 of a
+                # multi-step batch computes the token sampled by step k - 1
+                request.num_computed_tokens += num_scheduled[req_id] + \
+                    max(len(token_ids) - 1, 0)
             if not token_ids:
                 continue
             if request.first_token_time is None:

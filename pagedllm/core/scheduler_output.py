@@ -45,6 +45,9 @@ class SchedulerOutput:
     # --num-scheduler-steps: decode steps the runner runs back to back on this batch (every
     # request decodes one token per step; its blocks already cover all of them)
     num_steps: int = 1
+    # speculative decoding: req_id -> draft tokens scheduled after its last token (its
+    # num_scheduled_tokens is 1 + len(draft)); the runner verifies them in this step
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -65,7 +68,8 @@ class TokenLogprobs:
 class ModelRunnerOutput:
     req_ids: list[str]
     # per request, the tokens sampled this step in order: none when it was mid-prompt
-    # (chunked prefill), one per decode step (``SchedulerOutput.num_steps``) otherwise
+    # (chunked prefill), one per decode step (``SchedulerOutput.num_steps``) otherwise; a
+    # speculating request: its accepted draft tokens plus one
     sampled_token_ids: list[list[int]]
     # req_id -> logprobs of each token sampled this step (requests that need them only)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)

@@ -38,6 +38,7 @@ from pagedllm.guided.compiler import GuidedCompiler
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.executor import make_executor
+from pagedllm.spec_decode import SpecSettings
 
 
 def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: int) -> None:
@@ -93,7 +94,8 @@ class LLMEngine:
             preemption_mode=sc.preemption_mode or "recompute", policy=sc.scheduling_policy,
             delay_factor=sc.scheduler_delay_factor, max_model_len=mc.max_model_len,
             kv_cache_manager=self.kv_cache_manager, num_scheduler_steps=sc.num_scheduler_steps,
-            pipeline_depth=self.pipeline_depth)
+            pipeline_depth=self.pipeline_depth,
+            spec=SpecSettings.from_config(config.speculative))
         if log_stats is None:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None

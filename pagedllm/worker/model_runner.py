@@ -24,7 +24,7 @@ batch does all its work in ``finish`` (the engine never launches another one aro
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from pagedllm.distributed import get_pp_size, is_last_stage, take_pending_sends,
 from pagedllm.guided.matchers import GuidedMatchers
 from pagedllm.worker.step_sampler import MultiStepSampling, StepSampler, prompt_logprob_rows
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.spec_decode import SpecRows, verify
 from pagedllm.worker.cache_engine import CacheEngine
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
 
@@ -59,6 +60,9 @@ class _Batch:
     attn_metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampling_reqs] row of each sampling request's last token
     sampling_req_ids: list[str]
+    # speculating requests: their drafts and rows (spec_rows [sum(len(draft) + 1)])
+    specs: list[SpecRows] = field(default_factory=list)
+    spec_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -127,20 +131,24 @@ class ModelRunner:
                                           so.num_steps - 1)
         prefill_seqs = []
         bs = self.block_size
-        for req_id in prefills:
+        for req_id in prefills:  # chunks of prompts, and speculating decodes with drafts
             state = self.requests[req_id]
             start, end = state.num_computed_tokens, state.num_computed_tokens + num_sched[req_id]
             block_ids = state.block_ids[:-(-end // bs)]
             prefill_seqs.append(PrefillSeq(len(input_ids), end - start, end,
                                            self._tensor(block_ids)))
-            input_ids.extend(state.token_ids[start:end])
+            input_ids.extend(state.token_ids[start:end] + so.spec_token_ids.get(req_id, []))
             positions.extend(range(start, end))
             slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
         row = 0
+        specs, spec_rows = [], []
         for req_id in decodes + prefills:
             state = self.requests[req_id]
             row += num_sched[req_id]
-            if state.num_computed_tokens + num_sched[req_id] >= len(state.token_ids):
+            if req_id in so.spec_token_ids:  # logits at the last token and every draft token
+                specs.append(SpecRows(state, so.spec_token_ids[req_id], len(spec_rows)))
+                spec_rows.extend(range(row - num_sched[req_id], row))
+            elif state.num_computed_tokens + num_sched[req_id] >= len(state.token_ids):
                 logits_rows.append(row - 1)
                 sampling_req_ids.append(req_id)
         meta = AttentionMetadata(bs, self._tensor(slots), len(decodes), *decode_meta,
@@ -148,7 +156,8 @@ class ModelRunner:
         if prefill_seqs and self.backend.needs_packed_prefill:
             self._pack_prefills(meta, [self.requests[r].block_ids for r in prefills])
         return _Batch(decodes + prefills, self._tensor(input_ids), self._tensor(positions), meta,
-                      self._tensor(logits_rows), sampling_req_ids)
+                      self._tensor(logits_rows), sampling_req_ids, specs,
+                      self._tensor(spec_rows) if specs else None)
 
     def _decode_inputs(self, decodes: list[str], input_ids: list[int], positions: list[int],
                        slots: list[int], lookahead: int = 0):
@@ -263,8 +272,17 @@ class ModelRunner:
             state.token_ids.append(token_id)
             state.num_output_tokens += 1
             sampled[state.req_id] = [token_id]
+        if batch.specs:  # accepted drafts plus one token each (pagedllm/spec_decode.py)
+            logits = self.model.compute_logits(step.hidden[batch.spec_rows])
+            for spec, tokens in zip(batch.specs, verify(logits, batch.specs, self.generator,
+                                                        self.vocab_size)):
+                spec.state.token_ids.extend(tokens)
+                spec.state.num_output_tokens += len(tokens)
+                sampled[spec.state.req_id] = tokens
         for req_id in batch.req_ids:
-            self.requests[req_id].num_computed_tokens += so.num_scheduled_tokens[req_id]
+            # a speculating request's valid KV: its last token and the accepted drafts
+            self.requests[req_id].num_computed_tokens += len(sampled[req_id]) \
+                if req_id in so.spec_token_ids else so.num_scheduled_tokens[req_id]
         logprobs = {r: [lp] for r, lp in samples.logprobs.items()}
         return ModelRunnerOutput(batch.req_ids, [sampled.get(r, []) for r in batch.req_ids],
                                  logprobs, samples.prompt_logprobs)

@@ -151,8 +151,9 @@ def test_serve_calls_run_server_with_model_tag(monkeypatch):
 
 
 def test_serve_rejects_not_built_flags(capsys):
-    assert cli.main(["serve", "--num-speculative-tokens", "2"]) == 2
-    assert "--num-speculative-tokens 2 is not supported yet" in capsys.readouterr().err
+    assert cli.main(["serve", "--speculative-model", "facebook/opt-125m"]) == 2
+    assert "--speculative-model facebook/opt-125m is not supported yet" in \
+        capsys.readouterr().err
     assert cli.main(["serve", "--lora-modules", "a=/b"]) == 2
     assert "--lora-modules" in capsys.readouterr().err
 
@@ -241,7 +242,7 @@ def test_flags_table_has_every_flag():
     rows = table.strip().splitlines()[2:]
     assert len(rows) == len(list(engine_option_fields()))
     assert "| `--block-size` `{8,16,32}` | `16` | works |" in table
-    assert "not yet: LoRA adapters" in table and "not yet: speculative decoding" in table
+    assert "not yet: LoRA adapters" in table and "not yet: draft models" in table
 
 
 def test_update_flag_table_script(tmp_path):

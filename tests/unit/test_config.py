@@ -90,15 +90,18 @@ def test_unknown_argument_is_named():
 def _unsupported_values(f):
     """Values of one field that the status says are not built yet."""
     md, default = f.metadata, field_default(f)
+    if f.name == "disable_logprobs_during_spec_decoding":
+        return [False]  # None (the default) and True are built
     if md["supported"] != DEFAULT_ONLY:
         candidates = list(md.get("choices") or ()) + [2, 1.5, "x"]
         supported = md["supported"]
         check = supported if callable(supported) else (lambda v: v in supported)
         valid = md.get("valid")
         return [v for v in candidates
-                if (v in md["choices"] if md.get("choices") else type(v) is type(default))
+                if (v in md["choices"] if md.get("choices") else
+                    type(v) is type(default) or (default is None and isinstance(v, str)))
                 and (not valid or valid[0](v)) and not check(v)]
-    if isinstance(default, bool) or f.name in ("disable_logprobs_during_spec_decoding",):
+    if isinstance(default, bool):
         return [True]
     if md.get("choices"):
         return [next(c for c in md["choices"] if c != default)]

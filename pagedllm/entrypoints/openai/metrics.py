@@ -60,7 +60,25 @@ class _EngineCollector:
                                      labels=["model_name"])
         family.add_metric([self.model_name], float(stats["num_preemptions_total"]))
         yield family
+        if stats["spec_decode_enabled"]:  # --speculative-model: vLLM's spec_decode metrics
+            yield from self._spec_decode(stats)
         yield self._cache_config_info()
+
+    _SPEC_GAUGES = {"draft_acceptance_rate": "Speculative token acceptance rate.",
+                    "efficiency": "Speculative decoding system efficiency."}
+    _SPEC_COUNTERS = {"num_accepted_tokens": "Number of accepted tokens.",
+                      "num_draft_tokens": "Number of draft tokens.",
+                      "num_emitted_tokens": "Number of emitted tokens."}
+
+    def _spec_decode(self, stats: dict):
+        for name, doc in self._SPEC_GAUGES.items():
+            family = GaugeMetricFamily(f"vllm:spec_decode_{name}", doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(stats[f"spec_decode_{name}"]))
+            yield family
+        for name, doc in self._SPEC_COUNTERS.items():
+            family = CounterMetricFamily(f"vllm:spec_decode_{name}", doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(stats[f"spec_decode_{name}_total"]))
+            yield family
 
     def _cache_config_info(self) -> GaugeMetricFamily:
         config = self.engine.engine.config.cache

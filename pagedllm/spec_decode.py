@@ -1,0 +1,136 @@
+"""Speculative decoding with prompt lookup (``--speculative-model [ngram]``).
+
+Proposer (the scheduler calls it for each decoding request): the last ``n`` tokens of the
+request (prompt + output), for ``n`` from ``--ngram-prompt-lookup-max`` down to ``-min``, are
+searched for earlier in the same sequence; the first earlier occurrence's next tokens (up to
+``--num-speculative-tokens``) are the draft. No match: the request decodes normally.
+
+Verifier (the runner calls it after one forward over [last token, draft...] of each
+speculating request, which gives target logits at every draft position and one past it):
+- greedy rows accept the longest draft prefix that equals the argmax at each position, then
+  add the argmax where the first mismatch (or the end) is: the same tokens as plain greedy
+  decoding;
+- random rows use the rejection sampler: the draft is deterministic (q = 1 on the drafted
+  token), so draft token ``d`` at position j is accepted with probability p_j(d) of the
+  target distribution after temperature / top-k / top-p / min-p; the first rejected position
+  samples from p_j with ``d`` removed (renormalised), and a fully accepted draft adds a token
+  sampled from the position after it. The output has the target model's distribution.
+Seeded requests draw their uniforms from (seed, index of the token, draw) as the sampler
+does, so they are reproducible (their tokens differ from the run without speculation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagedllm.sample.metadata import build_filter_metadata
+from pagedllm.sample.ops.random_sample import inverse_cdf, seed_array, seeded_uniforms
+from pagedllm.sample.sampler import apply_filters
+
+
+@dataclass(frozen=True)
+class SpecSettings:
+    """What the scheduler needs of the speculative flags."""
+    num_tokens: int  # --num-speculative-tokens
+    ngram_max: int  # --ngram-prompt-lookup-max
+    ngram_min: int = 1  # --ngram-prompt-lookup-min
+    max_model_len: int | None = None  # --speculative-max-model-len
+    disable_by_batch_size: int | None = None  # --speculative-disable-by-batch-size
+
+    @classmethod
+    def from_config(cls, sc) -> "SpecSettings | None":
+        """From a ``SpeculativeConfig``; None when speculation is off."""
+        if sc.speculative_model is None:
+            return None
+        return cls(sc.num_speculative_tokens, sc.ngram_prompt_lookup_max,
+                   sc.ngram_prompt_lookup_min or 1, sc.speculative_max_model_len,
+                   sc.speculative_disable_by_batch_size)
+
+
+def propose_ngram(token_ids: list[int], num_tokens: int, max_n: int, min_n: int) -> list[int]:
+    """Up to ``num_tokens`` draft tokens: what followed the first earlier occurrence of the
+    sequence's last n tokens (longest n first); [] when nothing matches."""
+    total = len(token_ids)
+    if num_tokens <= 0 or total < 2:
+        return []
+    ids = np.asarray(token_ids, dtype=np.int64)
+    for n in range(min(max_n, total - 1), min_n - 1, -1):
+        tail = ids[total - n:]
+        # windows starting at 0 .. total - n - 1 (the tail itself excluded)
+        windows = np.lib.stride_tricks.sliding_window_view(ids[:total - 1], n)
+        hits = np.flatnonzero((windows == tail).all(axis=1))
+        if hits.size:
+            start = int(hits[0]) + n
+            return ids[start:start + num_tokens].tolist()
+    return []
+
+
+def can_speculate(request) -> bool:
+    """False for requests whose sampling needs per-token host state or returns logprobs:
+    penalties, logits processors, guided decoding, logit_bias / allowed_token_ids,
+    min_tokens not yet reached, logprobs; they decode one token per step as usual."""
+    p = request.sampling_params
+    return (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            and p.repetition_penalty == 1.0 and not p.logits_processors
+            and p.guided_decoding is None and not p.logit_bias and not p.allowed_token_ids
+            and p.logprobs is None and request.num_output_tokens >= p.min_tokens)
+
+
+@dataclass
+class SpecRows:
+    """One speculating request of the step: its draft and where its logits rows start."""
+    state: object  # the runner's CachedRequestState
+    draft: list[int]
+    row: int  # first of len(draft) + 1 rows in the verifier's logits
+
+
+def verify(logits: torch.Tensor, specs: list[SpecRows], generator: torch.Generator,
+           vocab_size: int) -> list[list[int]]:
+    """logits [sum(len(draft) + 1), vocab] fp32 target logits (the rows of each request in
+    ``specs`` order) -> per request the accepted draft tokens plus one more."""
+    params = [s.state.sampling_params for s in specs for _ in range(len(s.draft) + 1)]
+    argmax = logits.max(dim=-1).indices.tolist()
+    probs = None
+    if not all(_greedy(p) for p in params):
+        meta = build_filter_metadata(params, vocab_size, logits.device)
+        probs = apply_filters(logits.clone(), meta).softmax(dim=-1)
+    out = []
+    for spec in specs:
+        k, r = len(spec.draft), spec.row
+        if _greedy(spec.state.sampling_params):
+            a = 0
+            while a < k and argmax[r + a] == spec.draft[a]:
+                a += 1
+            out.append(spec.draft[:a] + [argmax[r + a]])
+            continue
+        u = _uniforms(spec, generator, 2 * k + 1)
+        p = probs[r:r + k + 1]
+        drafted = p[torch.arange(k), torch.tensor(spec.draft, dtype=torch.long,
+                                                  device=p.device)].tolist() if k else []
+        a = 0
+        while a < k and u[a] < drafted[a]:
+            a += 1
+        w = p[a:a + 1].clone()
+        if a < k:  # rejected: the residual distribution without the drafted token
+            w[0, spec.draft[a]] = 0.0
+        token = inverse_cdf(w, torch.tensor([u[k + a]], dtype=torch.float64,
+                                            device=w.device))[0]
+        out.append(spec.draft[:a] + [int(token[0])])
+    return out
+
+
+def _greedy(params) -> bool:
+    return params.temperature < 1e-5  # the sampler's greedy threshold
+
+
+def _uniforms(spec: SpecRows, generator: torch.Generator, count: int) -> list[float]:
+    """``count`` uniforms for one request's verification: seeded requests from (seed, index
+    of the first token this step, draw number), others from the engine generator."""
+    seed = spec.state.sampling_params.seed
+    if seed is None:
+        return torch.rand(count, generator=generator, dtype=torch.float64,
+                          device=generator.device).tolist()
+    index = np.array([spec.state.num_output_tokens], dtype=np.int64)
+    return seeded_uniforms(seed_array([seed]), index, count)[0].tolist()
