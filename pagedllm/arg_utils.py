@@ -215,9 +215,13 @@ class _EngineArgsMethods:
 def _check_speculative(v: dict[str, Any]) -> None:
     """The speculative flags that only make sense together, and what [ngram] runs with."""
     spec_only = ["num_speculative_tokens", "ngram_prompt_lookup_max", "ngram_prompt_lookup_min",
-                 "speculative_max_model_len", "speculative_disable_by_batch_size"]
+                 "speculative_max_model_len", "speculative_disable_by_batch_size",
+                 "typical_acceptance_sampler_posterior_threshold",
+                 "typical_acceptance_sampler_posterior_alpha"]
     if v["speculative_model"] is None:
         given = [n for n in spec_only if v[n] is not None]
+        if v["spec_decoding_acceptance_method"] != "rejection_sampler":
+            given.append("spec_decoding_acceptance_method")
         if given:
             raise ValueError(f"{flag_name(given[0])} needs --speculative-model [ngram]")
         return
@@ -227,8 +231,11 @@ def _check_speculative(v: dict[str, Any]) -> None:
     if (v["ngram_prompt_lookup_min"] or 1) > v["ngram_prompt_lookup_max"]:
         raise ValueError(f"--ngram-prompt-lookup-min {v['ngram_prompt_lookup_min']} is larger "
                          f"than --ngram-prompt-lookup-max {v['ngram_prompt_lookup_max']}")
-    for name, value in (("num_scheduler_steps", 1), ("pipeline_parallel_size", 1),
-                        ("tensor_parallel_size", 1)):
+    typical = [n for n in spec_only[-2:] if v[n] is not None]
+    if typical and v["spec_decoding_acceptance_method"] != "typical_acceptance_sampler":
+        raise ValueError(f"{flag_name(typical[0])} needs --spec-decoding-acceptance-method "
+                         "typical_acceptance_sampler")
+    for name, value in (("num_scheduler_steps", 1), ("pipeline_parallel_size", 1)):
         if v[name] != value:
             raise ValueError(f"--speculative-model does not combine with {flag_name(name)} "
                              f"{v[name]} yet; use {value}")

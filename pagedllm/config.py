@@ -429,15 +429,17 @@ class SpeculativeConfig:
     ngram_prompt_lookup_min: Optional[int] = option(
         None, "Smallest n-gram window of prompt lookup (default 1).", valid=POSITIVE)
     spec_decoding_acceptance_method: str = option(
-        "rejection_sampler", "How draft tokens are verified.",
-        choices=("rejection_sampler", "typical_acceptance_sampler"),
-        supported=("rejection_sampler",), planned="the typical acceptance sampler")
+        "rejection_sampler", "How draft tokens of random requests are verified: "
+        "rejection_sampler keeps the target distribution; typical_acceptance_sampler accepts "
+        "tokens above an entropy-based probability bound (lossy). Greedy requests keep "
+        "exactly their greedy tokens either way.",
+        choices=("rejection_sampler", "typical_acceptance_sampler"))
     typical_acceptance_sampler_posterior_threshold: Optional[float] = option(
-        None, "Lower bound of the posterior probability of an accepted token (default 0.09).",
-        supported=DEFAULT_ONLY, planned="the typical acceptance sampler")
+        None, "Typical acceptance: most a draft token's probability must exceed (default "
+        "0.09).", valid=POSITIVE)
     typical_acceptance_sampler_posterior_alpha: Optional[float] = option(
-        None, "Scale of the entropy-based acceptance threshold (default 0.3).",
-        supported=DEFAULT_ONLY, planned="the typical acceptance sampler")
+        None, "Typical acceptance: scale of exp(-entropy) in the bound (default 0.3).",
+        valid=NON_NEGATIVE)
     disable_logprobs_during_spec_decoding: Optional[bool] = option(
         None, "True (the default): requests that ask for logprobs do not speculate (they "
         "decode one token a step and get exact logprobs).", supported=(None, True),

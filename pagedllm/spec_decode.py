@@ -15,6 +15,13 @@ speculating request, which gives target logits at every draft position and one p
   target distribution after temperature / top-k / top-p / min-p; the first rejected position
   samples from p_j with ``d`` removed (renormalised), and a fully accepted draft adds a token
   sampled from the position after it. The output has the target model's distribution.
+- or, with ``--spec-decoding-acceptance-method typical_acceptance_sampler``, random rows keep
+  the longest draft prefix whose tokens are "typical": p_j(d) > min(threshold,
+  alpha * exp(-H(p_j))) (``--typical-acceptance-sampler-posterior-threshold`` / ``-alpha``,
+  defaults 0.09 and 0.3); the first atypical position takes p_j's most likely token, and a
+  fully accepted draft adds a token sampled from the position after it. Faster to accept on
+  flat distributions, but not the target distribution (lossy, as in vLLM); greedy rows keep
+  the exact rule above.
 Seeded requests draw their uniforms from (seed, index of the token, draw) as the sampler
 does, so they are reproducible (their tokens differ from the run without speculation).
 """
@@ -38,15 +45,24 @@ class SpecSettings:
     ngram_min: int = 1  # --ngram-prompt-lookup-min
     max_model_len: int | None = None  # --speculative-max-model-len
     disable_by_batch_size: int | None = None  # --speculative-disable-by-batch-size
+    typical: tuple[float, float] | None = None  # typical acceptance: (threshold, alpha)
 
     @classmethod
     def from_config(cls, sc) -> "SpecSettings | None":
         """From a ``SpeculativeConfig``; None when speculation is off."""
         if sc.speculative_model is None:
             return None
+        typical = None
+        if sc.spec_decoding_acceptance_method == "typical_acceptance_sampler":
+            typical = (_or(sc.typical_acceptance_sampler_posterior_threshold, 0.09),
+                       _or(sc.typical_acceptance_sampler_posterior_alpha, 0.3))
         return cls(sc.num_speculative_tokens, sc.ngram_prompt_lookup_max,
                    sc.ngram_prompt_lookup_min or 1, sc.speculative_max_model_len,
-                   sc.speculative_disable_by_batch_size)
+                   sc.speculative_disable_by_batch_size, typical)
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def propose_ngram(token_ids: list[int], num_tokens: int, max_n: int, min_n: int) -> list[int]:
@@ -87,9 +103,10 @@ class SpecRows:
 
 
 def verify(logits: torch.Tensor, specs: list[SpecRows], generator: torch.Generator,
-           vocab_size: int) -> list[list[int]]:
+           vocab_size: int, typical: tuple[float, float] | None = None) -> list[list[int]]:
     """logits [sum(len(draft) + 1), vocab] fp32 target logits (the rows of each request in
-    ``specs`` order) -> per request the accepted draft tokens plus one more."""
+    ``specs`` order) -> per request the accepted draft tokens plus one more. ``typical``:
+    (threshold, alpha) of the typical acceptance sampler, else the rejection sampler."""
     params = [s.state.sampling_params for s in specs for _ in range(len(s.draft) + 1)]
     argmax = logits.max(dim=-1).indices.tolist()
     probs = None
@@ -109,6 +126,9 @@ def verify(logits: torch.Tensor, specs: list[SpecRows], generator: torch.Generat
         p = probs[r:r + k + 1]
         drafted = p[torch.arange(k), torch.tensor(spec.draft, dtype=torch.long,
                                                   device=p.device)].tolist() if k else []
+        if typical is not None:
+            out.append(_typical(p, spec.draft, drafted, typical, u[-1]))
+            continue
         a = 0
         while a < k and u[a] < drafted[a]:
             a += 1
@@ -119,6 +139,24 @@ def verify(logits: torch.Tensor, specs: list[SpecRows], generator: torch.Generat
                                             device=w.device))[0]
         out.append(spec.draft[:a] + [int(token[0])])
     return out
+
+
+def _typical(p: torch.Tensor, draft: list[int], drafted: list[float],
+             typical: tuple[float, float], u: float) -> list[int]:
+    """Typical acceptance of one request's draft: p [k + 1, vocab] target probabilities."""
+    threshold, alpha = typical
+    k = len(draft)
+    logs = torch.where(p > 0, p.log(), torch.zeros_like(p))
+    entropy = -(p * logs).sum(-1)  # [k + 1]
+    bound = torch.clamp(alpha * torch.exp(-entropy), max=threshold).tolist()
+    a = 0
+    while a < k and drafted[a] > bound[a]:
+        a += 1
+    if a < k:  # the first atypical position: its most likely token
+        return draft[:a] + [int(p[a].argmax())]
+    token = inverse_cdf(p[k:].contiguous(), torch.tensor([u], dtype=torch.float64,
+                                                         device=p.device))[0]
+    return draft + [int(token[0])]
 
 
 def _greedy(params) -> bool:

@@ -79,9 +79,11 @@ class _Launched:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: CacheEngine, device: torch.device,
                  vocab_size: int, seed: int,
-                 kv_scales: list[tuple[float, float]] | None = None) -> None:
+                 kv_scales: list[tuple[float, float]] | None = None,
+                 spec_typical: tuple[float, float] | None = None) -> None:
         self.model = model
         self.kv_scales = kv_scales  # per layer (k, v) scales of an fp8 cache
+        self.spec_typical = spec_typical  # typical acceptance (threshold, alpha), or None
         self.cache = cache
         self.device = device
         self.block_size = cache.block_size
@@ -274,8 +276,9 @@ class ModelRunner:
             sampled[state.req_id] = [token_id]
         if batch.specs:  # accepted drafts plus one token each (pagedllm/spec_decode.py)
             logits = self.model.compute_logits(step.hidden[batch.spec_rows])
-            for spec, tokens in zip(batch.specs, verify(logits, batch.specs, self.generator,
-                                                        self.vocab_size)):
+            verified = verify(logits, batch.specs, self.generator, self.vocab_size,
+                              self.spec_typical)
+            for spec, tokens in zip(batch.specs, verified):
                 spec.state.token_ids.extend(tokens)
                 spec.state.num_output_tokens += len(tokens)
                 sampled[spec.state.req_id] = tokens

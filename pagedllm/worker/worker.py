@@ -35,6 +35,7 @@ from pagedllm.models.loader import load_model
 from pagedllm.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.spec_decode import SpecSettings
 from pagedllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,9 @@ class Worker:
         self.num_cpu_blocks = world_min(int(cc.swap_space * _GiB) // self.block_bytes)
         cache = CacheEngine(self.layer_ids, num_kv_heads, mc.head_dim, cc.block_size,
                             self.num_gpu_blocks, self.num_cpu_blocks, self.cache_dtype, self.device)
+        spec = SpecSettings.from_config(self.config.speculative)
         self.runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
-                                  self.kv_scales)
+                                  self.kv_scales, spec.typical if spec else None)
         if self.device.type == "cuda" and get_pp_size() > 1 and not mc.enforce_eager:
             logger.info("CUDA graphs are off with pipeline parallelism (the sends between "
                         "stages are not captured); steps run eagerly")

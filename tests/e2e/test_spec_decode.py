@@ -73,9 +73,18 @@ def test_stop_inside_an_accepted_draft(model_path):
         [o.outputs[0].finish_reason for o in want]
 
 
-def test_seeded_sampling_with_speculation_is_reproducible(model_path):
+@pytest.mark.parametrize("method", ["rejection_sampler", "typical_acceptance_sampler"])
+def test_seeded_sampling_with_speculation_is_reproducible(model_path, method):
+    """Both acceptance methods: seeded requests give the same tokens again (in another batch
+    order), and greedy requests give the plain greedy tokens."""
     prompts = _prompts()
-    llm = LLM(model=model_path, dtype="float32", **SPEC)
+    llm = LLM(model=model_path, dtype="float32", spec_decoding_acceptance_method=method, **SPEC)
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    plain = LLM(model=model_path, dtype="float32")
+    assert _tokens(llm.generate(prompt_token_ids=prompts, sampling_params=greedy,
+                                use_tqdm=False)) == \
+        _tokens(plain.generate(prompt_token_ids=prompts, sampling_params=greedy,
+                               use_tqdm=False))
     params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=32, ignore_eos=True, seed=7)
     first = _tokens(llm.generate(prompt_token_ids=prompts, sampling_params=params,
                                  use_tqdm=False))

@@ -127,3 +127,29 @@ def test_tp2_features_same_outputs():
                 [sorted(lp) if lp else None for lp in outs[2].prompt_logprobs])
 
     assert run(2) == run(1)
+
+
+def test_tp2_speculative_decoding_same_outputs():
+    """Prompt-lookup speculation at tp=2: greedy tokens equal plain decoding's, and seeded
+    sampled tokens equal speculation's at tp=1 (every rank verifies the same drafts with the
+    same uniforms)."""
+    path = build_tiny_model("llama")
+    prompts = ["a b c a b c a b c a b", "x = 1\nx = 1\nx = 1\nx", "The for statement"]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)]
+    spec = dict(speculative_model="[ngram]", num_speculative_tokens=3,
+                ngram_prompt_lookup_max=2)
+
+    def run(tp, **flags):
+        llm = LLM(model=str(path), tensor_parallel_size=tp, **ENGINE, **flags)
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            drafts = llm.llm_engine.scheduler.spec_draft_tokens_total
+        finally:
+            llm.llm_engine.executor.shutdown()
+        return [list(o.outputs[0].token_ids) for o in outs], drafts
+
+    (plain, _), (spec1, _), (spec2, drafts) = run(1), run(1, **spec), run(2, **spec)
+    assert spec2 == spec1 and drafts > 0
+    assert [spec2[0], spec2[2]] == [plain[0], plain[2]]

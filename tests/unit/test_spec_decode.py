@@ -149,7 +149,8 @@ def test_scheduler_draft_limits():
     (dict(speculative_model="[ngram]", num_speculative_tokens=3, ngram_prompt_lookup_max=2,
           num_scheduler_steps=4), "--num-scheduler-steps"),
     (dict(speculative_model="[ngram]", num_speculative_tokens=3, ngram_prompt_lookup_max=2,
-          spec_decoding_acceptance_method="typical_acceptance_sampler"), "typical"),
+          typical_acceptance_sampler_posterior_alpha=0.2), "needs --spec-decoding-acceptance"),
+    (dict(spec_decoding_acceptance_method="typical_acceptance_sampler"), "needs --speculative"),
     (dict(speculative_model="[ngram]", num_speculative_tokens=3, ngram_prompt_lookup_max=2,
           disable_logprobs_during_spec_decoding=False), "logprobs of speculated"),
     (dict(speculative_model="[ngram]", num_speculative_tokens=3, ngram_prompt_lookup_max=2,
@@ -159,3 +160,21 @@ def test_speculative_flags_fail_clearly(kwargs, match):
     from pagedllm.arg_utils import EngineArgs
     with pytest.raises(ValueError, match=match):
         EngineArgs(model="pagedllm/demo_model", **kwargs).create_engine_config()
+
+
+def test_typical_acceptance_keeps_typical_tokens_and_recovers_the_most_likely():
+    """A draft token above min(threshold, alpha * exp(-entropy)) is kept; the first one below
+    it is replaced by that position's most likely token; greedy rows keep the exact rule."""
+    vocab = 5
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05],   # bound 0.09: 2 typical
+                                     [0.02, 0.9, 0.04, 0.02, 0.02],  # 0 atypical
+                                     [0.2, 0.2, 0.2, 0.2, 0.2]]))
+    state = _State(SamplingParams(temperature=1.0))
+    gen = torch.Generator().manual_seed(0)
+    typical = (0.09, 0.3)
+    assert verify(logits, [SpecRows(state, [2, 0], 0)], gen, vocab, typical) == [[2, 1]]
+    out = verify(logits, [SpecRows(state, [1, 1], 0)], gen, vocab, typical)[0]
+    assert out[:2] == [1, 1] and len(out) == 3  # both kept, then a sampled bonus token
+    assert verify(logits[:2], [SpecRows(state, [3], 0)], gen, vocab, typical) == [[0]]
+    greedy = _State(SamplingParams(temperature=0))
+    assert verify(logits, [SpecRows(greedy, [2, 1], 0)], gen, vocab, typical) == [[0]]
