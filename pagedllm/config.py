@@ -435,15 +435,15 @@ class SpeculativeConfig:
         "exactly their greedy tokens either way.",
         choices=("rejection_sampler", "typical_acceptance_sampler"))
     typical_acceptance_sampler_posterior_threshold: Optional[float] = option(
-        None, "Typical acceptance: most a draft token's probability must exceed (default "
-        "0.09).", valid=POSITIVE)
+        None, "Typical acceptance: cap of the bound a draft token's probability must "
+        "exceed (default 0.09).", valid=POSITIVE)
     typical_acceptance_sampler_posterior_alpha: Optional[float] = option(
         None, "Typical acceptance: scale of exp(-entropy) in the bound (default 0.3).",
         valid=NON_NEGATIVE)
     disable_logprobs_during_spec_decoding: Optional[bool] = option(
-        None, "True (the default): requests that ask for logprobs do not speculate (they "
-        "decode one token a step and get exact logprobs).", supported=(None, True),
-        supported_desc="True", planned="logprobs of speculated tokens")
+        None, "Whether requests that need logprobs (logprobs, best_of > n) decode one token a "
+        "step (True, the default) or speculate too, with the logprobs of every accepted "
+        "token (False).")
 
 
 @dataclass(frozen=True)

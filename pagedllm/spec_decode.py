@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pagedllm.core.scheduler_output import TokenLogprobs
 from pagedllm.sample.metadata import build_filter_metadata
+from pagedllm.sample.ops.logprobs import gather_logprobs
 from pagedllm.sample.ops.random_sample import inverse_cdf, seed_array, seeded_uniforms
 from pagedllm.sample.sampler import apply_filters
 
@@ -46,6 +48,7 @@ class SpecSettings:
     max_model_len: int | None = None  # --speculative-max-model-len
     disable_by_batch_size: int | None = None  # --speculative-disable-by-batch-size
     typical: tuple[float, float] | None = None  # typical acceptance: (threshold, alpha)
+    with_logprobs: bool = False  # --disable-logprobs-during-spec-decoding False
 
     @classmethod
     def from_config(cls, sc) -> "SpecSettings | None":
@@ -58,7 +61,8 @@ class SpecSettings:
                        _or(sc.typical_acceptance_sampler_posterior_alpha, 0.3))
         return cls(sc.num_speculative_tokens, sc.ngram_prompt_lookup_max,
                    sc.ngram_prompt_lookup_min or 1, sc.speculative_max_model_len,
-                   sc.speculative_disable_by_batch_size, typical)
+                   sc.speculative_disable_by_batch_size, typical,
+                   sc.disable_logprobs_during_spec_decoding is False)
 
 
 def _or(value, default):
@@ -83,15 +87,22 @@ def propose_ngram(token_ids: list[int], num_tokens: int, max_n: int, min_n: int)
     return []
 
 
-def can_speculate(request) -> bool:
-    """False for requests whose sampling needs per-token host state or returns logprobs:
-    penalties, logits processors, guided decoding, logit_bias / allowed_token_ids,
-    min_tokens not yet reached, logprobs; they decode one token per step as usual."""
+def needs_logprobs(params) -> bool:
+    """The request returns logprobs, or ranks best_of candidates by them."""
+    return params.logprobs is not None or params.best_of > params.n
+
+
+def can_speculate(request, with_logprobs: bool = False) -> bool:
+    """False for requests whose sampling needs per-token host state: penalties, logits
+    processors, guided decoding, logit_bias / allowed_token_ids, min_tokens not yet
+    reached; and, unless ``with_logprobs`` (--disable-logprobs-during-spec-decoding False),
+    requests that need logprobs. They decode one token per step as usual."""
     p = request.sampling_params
     return (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
             and p.repetition_penalty == 1.0 and not p.logits_processors
             and p.guided_decoding is None and not p.logit_bias and not p.allowed_token_ids
-            and p.logprobs is None and request.num_output_tokens >= p.min_tokens)
+            and (with_logprobs or not needs_logprobs(p))
+            and request.num_output_tokens >= p.min_tokens)
 
 
 @dataclass
@@ -103,16 +114,39 @@ class SpecRows:
 
 
 def verify(logits: torch.Tensor, specs: list[SpecRows], generator: torch.Generator,
-           vocab_size: int, typical: tuple[float, float] | None = None) -> list[list[int]]:
+           vocab_size: int, typical: tuple[float, float] | None = None
+           ) -> tuple[list[list[int]], dict[str, list[TokenLogprobs]]]:
     """logits [sum(len(draft) + 1), vocab] fp32 target logits (the rows of each request in
-    ``specs`` order) -> per request the accepted draft tokens plus one more. ``typical``:
+    ``specs`` order) -> per request the accepted draft tokens plus one more, and for the
+    requests that need them the logprobs of those tokens (as the sampler computes them: of
+    the logits after temperature and filters; greedy rows at temperature 1). ``typical``:
     (threshold, alpha) of the typical acceptance sampler, else the rejection sampler."""
     params = [s.state.sampling_params for s in specs for _ in range(len(s.draft) + 1)]
     argmax = logits.max(dim=-1).indices.tolist()
-    probs = None
-    if not all(_greedy(p) for p in params):
+    processed = None
+    if not all(_greedy(p) for p in params) or any(needs_logprobs(p) for p in params):
         meta = build_filter_metadata(params, vocab_size, logits.device)
-        probs = apply_filters(logits.clone(), meta).softmax(dim=-1)
+        processed = apply_filters(logits.clone(), meta)
+    probs = processed.softmax(dim=-1) if processed is not None else None
+    tokens = _accept(specs, argmax, probs, generator, typical)
+    logprobs = {}
+    for spec, toks in zip(specs, tokens):
+        p = spec.state.sampling_params
+        if needs_logprobs(p):
+            rows = processed[spec.row:spec.row + len(toks)].log_softmax(dim=-1)
+            logprobs[spec.state.req_id] = _token_logprobs(rows, toks, p.logprobs or 0)
+    return tokens, logprobs
+
+
+def _token_logprobs(rows: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprobs]:
+    t = gather_logprobs(rows, torch.tensor(tokens, dtype=torch.long, device=rows.device), k)
+    return [TokenLogprobs(tok, lp, rank, ids, lps) for tok, lp, rank, ids, lps in zip(
+        tokens, t.logprobs.tolist(), t.ranks.tolist(), t.topk_ids.tolist(),
+        t.topk_logprobs.tolist())]
+
+
+def _accept(specs: list[SpecRows], argmax: list[int], probs: torch.Tensor | None,
+            generator: torch.Generator, typical: tuple[float, float] | None) -> list[list[int]]:
     out = []
     for spec in specs:
         k, r = len(spec.draft), spec.row

@@ -237,7 +237,7 @@ class Scheduler:
         spec = self.spec
         if request.req_id in self._unknown_to_runner or request.num_output_tokens == 0 or \
                 request.num_computed_tokens != request.num_tokens - 1 or \
-                not can_speculate(request):
+                not can_speculate(request, spec.with_logprobs):
             return []
         max_len = min(self.max_model_len, spec.max_model_len or self.max_model_len)
         room = min(spec.num_tokens, budget - 1, max_len - request.num_tokens - 1,

@@ -276,8 +276,8 @@ class ModelRunner:
             sampled[state.req_id] = [token_id]
         if batch.specs:  # accepted drafts plus one token each (pagedllm/spec_decode.py)
             logits = self.model.compute_logits(step.hidden[batch.spec_rows])
-            verified = verify(logits, batch.specs, self.generator, self.vocab_size,
-                              self.spec_typical)
+            verified, spec_logprobs = verify(logits, batch.specs, self.generator,
+                                             self.vocab_size, self.spec_typical)
             for spec, tokens in zip(batch.specs, verified):
                 spec.state.token_ids.extend(tokens)
                 spec.state.num_output_tokens += len(tokens)
@@ -287,6 +287,8 @@ class ModelRunner:
             self.requests[req_id].num_computed_tokens += len(sampled[req_id]) \
                 if req_id in so.spec_token_ids else so.num_scheduled_tokens[req_id]
         logprobs = {r: [lp] for r, lp in samples.logprobs.items()}
+        if batch.specs:
+            logprobs.update(spec_logprobs)
         return ModelRunnerOutput(batch.req_ids, [sampled.get(r, []) for r in batch.req_ids],
                                  logprobs, samples.prompt_logprobs)
 

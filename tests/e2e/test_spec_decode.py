@@ -118,3 +118,47 @@ def test_server_with_speculation_streams_the_plain_text_and_reports_metrics():
     assert metrics["vllm:spec_decode_num_emitted_tokens_total"] >= \
         metrics["vllm:spec_decode_num_accepted_tokens_total"]
     assert 0 < metrics["vllm:spec_decode_efficiency"] <= 1
+
+
+def test_logprobs_of_speculated_tokens(model_path):
+    """--disable-logprobs-during-spec-decoding False: a request with logprobs speculates too
+    and gets the plain path's logprobs (tokens, values, ranks, top alternatives) for every
+    token, accepted drafts included."""
+    prompts = _prompts()[:2]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=3)
+    want = LLM(model=model_path, dtype="float32", block_size=8).generate(
+        prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    spec = LLM(model=model_path, dtype="float32", block_size=8,
+               disable_logprobs_during_spec_decoding=False, **SPEC)
+    got = spec.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert _tokens(got) == _tokens(want)
+    assert spec.llm_engine.scheduler.spec_accepted_tokens_total > 0
+    for g, w in zip(got, want):
+        assert len(g.outputs[0].logprobs) == 32
+        for got_pos, want_pos in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert sorted(got_pos) == sorted(want_pos)  # same top-3 + chosen token ids
+            for tok, entry in want_pos.items():
+                assert got_pos[tok].logprob == pytest.approx(entry.logprob, abs=1e-4)
+                assert got_pos[tok].rank == entry.rank
+        assert g.outputs[0].cumulative_logprob == pytest.approx(w.outputs[0].cumulative_logprob,
+                                                                abs=1e-3)
+
+
+def test_greedy_with_speculation_under_preemption_and_swap(model_path):
+    """Few KV blocks: requests are preempted (recompute, then swap) while some speculate;
+    greedy tokens still equal plain decoding's (a preempted request's drafts and their
+    slots are simply gone; it re-drafts after resuming)."""
+    gen = torch.Generator().manual_seed(3)
+    motifs = [torch.randint(3, VOCAB_SIZE, (n,), generator=gen).tolist() for n in (3, 5, 7)]
+    prompts = [motifs[i % 3] * (2 + i % 3) + [i + 3] for i in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for mode in ("recompute", "swap"):
+        flags = dict(block_size=8, num_gpu_blocks_override=24, max_num_seqs=8,
+                     preemption_mode=mode, swap_space=1)
+        want = LLM(model=model_path, dtype="float32", **flags).generate(
+            prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        spec = LLM(model=model_path, dtype="float32", **flags, **SPEC)
+        got = spec.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        assert _tokens(got) == _tokens(want), mode
+        sched = spec.llm_engine.scheduler
+        assert sched.num_preemptions_total > 0 and sched.spec_draft_tokens_total > 0, mode

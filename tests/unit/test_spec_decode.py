@@ -28,8 +28,13 @@ def test_propose_ngram_takes_the_first_earlier_match_longest_n_first():
 
 class _State:
     def __init__(self, params, num_output_tokens=0):
+        self.req_id = "r"
         self.sampling_params = params
         self.num_output_tokens = num_output_tokens
+
+
+def _verify(*args):
+    return verify(*args)[0]  # the tokens
 
 
 def test_greedy_verification_accepts_the_matching_prefix():
@@ -38,11 +43,11 @@ def test_greedy_verification_accepts_the_matching_prefix():
         logits[row, best] = 5.0
     state = _State(SamplingParams(temperature=0))
     gen = torch.Generator().manual_seed(0)
-    assert verify(logits, [SpecRows(state, [3, 7, 1], 0)], gen, 10) == [[3, 7, 2]]
-    assert verify(logits, [SpecRows(state, [3, 7, 2], 0)], gen, 10) == [[3, 7, 2, 9]]
-    assert verify(logits, [SpecRows(state, [4, 7, 2], 0)], gen, 10) == [[3]]
+    assert _verify(logits, [SpecRows(state, [3, 7, 1], 0)], gen, 10) == [[3, 7, 2]]
+    assert _verify(logits, [SpecRows(state, [3, 7, 2], 0)], gen, 10) == [[3, 7, 2, 9]]
+    assert _verify(logits, [SpecRows(state, [4, 7, 2], 0)], gen, 10) == [[3]]
     # two requests, rows one after the other
-    two = verify(torch.cat([logits[:2], logits]), [SpecRows(state, [3], 0),
+    two = _verify(torch.cat([logits[:2], logits]), [SpecRows(state, [3], 0),
                                                    SpecRows(state, [3, 7, 2], 2)], gen, 10)
     assert two == [[3, 7], [3, 7, 2, 9]]
 
@@ -64,7 +69,7 @@ def test_rejection_sampler_keeps_the_target_distribution():
     first = torch.zeros(vocab)
     second = torch.zeros(vocab)
     for _ in range(trials):
-        out = verify(logits, [SpecRows(state, draft, 0)], gen, vocab)[0]
+        out = _verify(logits, [SpecRows(state, draft, 0)], gen, vocab)[0]
         first[out[0]] += 1
         if out[0] == draft[0]:
             second[out[1]] += 1
@@ -76,8 +81,8 @@ def test_rejection_sampler_keeps_the_target_distribution():
 def test_seeded_verification_is_reproducible():
     logits = torch.randn(3, 12)
     state = _State(SamplingParams(temperature=1.0, seed=5), num_output_tokens=4)
-    runs = {tuple(verify(logits, [SpecRows(state, [1, 2], 0)],
-                         torch.Generator().manual_seed(g), 12)[0]) for g in range(5)}
+    runs = {tuple(_verify(logits, [SpecRows(state, [1, 2], 0)],
+                          torch.Generator().manual_seed(g), 12)[0]) for g in range(5)}
     assert len(runs) == 1  # the engine generator plays no part for a seeded request
 
 
@@ -152,8 +157,6 @@ def test_scheduler_draft_limits():
           typical_acceptance_sampler_posterior_alpha=0.2), "needs --spec-decoding-acceptance"),
     (dict(spec_decoding_acceptance_method="typical_acceptance_sampler"), "needs --speculative"),
     (dict(speculative_model="[ngram]", num_speculative_tokens=3, ngram_prompt_lookup_max=2,
-          disable_logprobs_during_spec_decoding=False), "logprobs of speculated"),
-    (dict(speculative_model="[ngram]", num_speculative_tokens=3, ngram_prompt_lookup_max=2,
           speculative_draft_tensor_parallel_size=1), "draft models"),
 ])
 def test_speculative_flags_fail_clearly(kwargs, match):
@@ -172,9 +175,27 @@ def test_typical_acceptance_keeps_typical_tokens_and_recovers_the_most_likely():
     state = _State(SamplingParams(temperature=1.0))
     gen = torch.Generator().manual_seed(0)
     typical = (0.09, 0.3)
-    assert verify(logits, [SpecRows(state, [2, 0], 0)], gen, vocab, typical) == [[2, 1]]
-    out = verify(logits, [SpecRows(state, [1, 1], 0)], gen, vocab, typical)[0]
+    assert _verify(logits, [SpecRows(state, [2, 0], 0)], gen, vocab, typical) == [[2, 1]]
+    out = _verify(logits, [SpecRows(state, [1, 1], 0)], gen, vocab, typical)[0]
     assert out[:2] == [1, 1] and len(out) == 3  # both kept, then a sampled bonus token
-    assert verify(logits[:2], [SpecRows(state, [3], 0)], gen, vocab, typical) == [[0]]
+    assert _verify(logits[:2], [SpecRows(state, [3], 0)], gen, vocab, typical) == [[0]]
     greedy = _State(SamplingParams(temperature=0))
-    assert verify(logits, [SpecRows(greedy, [2, 1], 0)], gen, vocab, typical) == [[0]]
+    assert _verify(logits, [SpecRows(greedy, [2, 1], 0)], gen, vocab, typical) == [[0]]
+
+
+def test_verification_returns_the_logprobs_the_sampler_would():
+    """Logprobs of the emitted tokens: log_softmax of the logits after temperature / top-k
+    (greedy rows at temperature 1), the token's rank and the top-k, one entry a token."""
+    logits = torch.randn(3, 9)
+    params = SamplingParams(temperature=0, logprobs=2)
+    state = _State(params)
+    draft = [int(logits[0].argmax()), int(logits[1].argmin())]
+    tokens, logprobs = verify(logits, [SpecRows(state, draft, 0)], torch.Generator(), 9)
+    assert tokens == [[draft[0], int(logits[1].argmax())]]
+    lp = torch.log_softmax(logits, -1)
+    entries = logprobs["r"]
+    assert [e.token_id for e in entries] == tokens[0]
+    assert [e.logprob for e in entries] == pytest.approx([lp[0, tokens[0][0]].item(),
+                                                          lp[1, tokens[0][1]].item()])
+    assert [e.rank for e in entries] == [1, 1]
+    assert entries[1].topk_ids == lp[1].topk(2).indices.tolist()
