@@ -69,22 +69,48 @@ def _or(value, default):
     return default if value is None else value
 
 
-def propose_ngram(token_ids: list[int], num_tokens: int, max_n: int, min_n: int) -> list[int]:
+def propose_ngram(token_ids, num_tokens: int, max_n: int, min_n: int,
+                  total: int | None = None) -> list[int]:
     """Up to ``num_tokens`` draft tokens: what followed the first earlier occurrence of the
-    sequence's last n tokens (longest n first); [] when nothing matches."""
-    total = len(token_ids)
+    sequence's last n tokens (longest n first); [] when nothing matches. ``token_ids``: a
+    list, or a numpy array whose first ``total`` entries are the sequence."""
+    ids = token_ids if isinstance(token_ids, np.ndarray) else np.asarray(token_ids, np.int64)
+    total = len(ids) if total is None else total
     if num_tokens <= 0 or total < 2:
         return []
-    ids = np.asarray(token_ids, dtype=np.int64)
     for n in range(min(max_n, total - 1), min_n - 1, -1):
-        tail = ids[total - n:]
-        # windows starting at 0 .. total - n - 1 (the tail itself excluded)
-        windows = np.lib.stride_tricks.sliding_window_view(ids[:total - 1], n)
-        hits = np.flatnonzero((windows == tail).all(axis=1))
-        if hits.size:
-            start = int(hits[0]) + n
-            return ids[start:start + num_tokens].tolist()
+        tail = ids[total - n:total]
+        # starts of the windows of ids[:total - 1]: 0 .. total - 1 - n (the tail excluded)
+        starts = np.flatnonzero(ids[:total - n] == tail[0])
+        for j in range(1, n):
+            starts = starts[ids[starts + j] == tail[j]]
+        if starts.size:
+            start = int(starts[0]) + n
+            return ids[start:min(start + num_tokens, total)].tolist()
     return []
+
+
+class NgramProposer:
+    """``propose_ngram`` over each request's tokens kept in a growing numpy buffer, so a
+    step converts only the tokens added since the last one (a 32K-token list costs ~1 ms
+    to convert; the search itself is a few vectorised compares)."""
+
+    def __init__(self, max_n: int, min_n: int) -> None:
+        self.max_n, self.min_n = max_n, min_n
+        self._buffers: dict[str, tuple[np.ndarray, int]] = {}  # req_id -> (buffer, length)
+
+    def propose(self, req_id: str, token_ids: list[int], num_tokens: int) -> list[int]:
+        buf, length = self._buffers.get(req_id, (None, 0))
+        total = len(token_ids)
+        if buf is None or total < length or total > len(buf):  # new, shrunk or full
+            buf = np.empty(max(64, 2 * total), dtype=np.int64)
+            length = 0
+        buf[length:total] = token_ids[length:total]
+        self._buffers[req_id] = (buf, total)
+        return propose_ngram(buf, num_tokens, self.max_n, self.min_n, total)
+
+    def forget(self, req_id: str) -> None:
+        self._buffers.pop(req_id, None)
 
 
 def needs_logprobs(params) -> bool:

@@ -45,7 +45,7 @@ from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.scheduler_output import (CachedRequestData, ModelRunnerOutput,
                                             NewRequestData, SchedulerOutput)
 from pagedllm.engine.request import Request, RequestStatus
-from pagedllm.spec_decode import SpecSettings, can_speculate, propose_ngram
+from pagedllm.spec_decode import NgramProposer, SpecSettings, can_speculate
 
 
 class Scheduler:
@@ -65,6 +65,7 @@ class Scheduler:
         self.num_scheduler_steps = num_scheduler_steps
         self.pipeline_depth = pipeline_depth
         self.spec = spec
+        self._proposer = NgramProposer(spec.ngram_max, spec.ngram_min) if spec else None
         self._speculate = False  # this step's batch may speculate
         self.in_flight: set[str] = set()  # scheduled in a batch whose output is not applied
         self._free_after_step: dict[str, Request] = {}  # ended while in flight
@@ -127,6 +128,8 @@ class Scheduler:
             if req_id in self.in_flight:
                 del self.requests[req_id]  # its late tokens are dropped
                 self._free_after_step[req_id] = request
+                if self._proposer is not None:
+                    self._proposer.forget(req_id)
             else:
                 self._free(request)
 
@@ -134,6 +137,8 @@ class Scheduler:
         self.kv.free(request)
         self._finished_req_ids.add(request.req_id)
         del self.requests[request.req_id]
+        if self._proposer is not None:
+            self._proposer.forget(request.req_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
@@ -242,7 +247,7 @@ class Scheduler:
         max_len = min(self.max_model_len, spec.max_model_len or self.max_model_len)
         room = min(spec.num_tokens, budget - 1, max_len - request.num_tokens - 1,
                    request.max_tokens - request.num_output_tokens - 1)
-        return propose_ngram(request.all_token_ids, room, spec.ngram_max, spec.ngram_min)
+        return self._proposer.propose(request.req_id, request.all_token_ids, room)
 
     def _plan_multi_step(self, out: SchedulerOutput) -> int:
         """How many decode steps this batch runs (see the module docstring); extends the

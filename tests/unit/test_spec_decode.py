@@ -9,7 +9,7 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import ModelRunnerOutput
 from pagedllm.engine.request import Request
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.spec_decode import SpecRows, SpecSettings, propose_ngram, verify
+from pagedllm.spec_decode import NgramProposer, SpecRows, SpecSettings, propose_ngram, verify
 
 
 def test_propose_ngram_takes_the_first_earlier_match_longest_n_first():
@@ -24,6 +24,20 @@ def test_propose_ngram_takes_the_first_earlier_match_longest_n_first():
     assert propose_ngram([1, 2, 3, 4], 3, 3, 1) == []
     assert propose_ngram([1, 2, 9, 1, 2], 3, 3, 3) == []
     assert propose_ngram([1, 2, 3], 0, 3, 1) == [] and propose_ngram([4], 3, 3, 1) == []
+
+
+def test_ngram_proposer_buffers_match_the_plain_search():
+    """The per-request buffers give what a search over the whole list gives, as the
+    sequence grows past the buffer, after it shrinks, and per request."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 6, (300,), generator=gen).tolist()
+    proposer = NgramProposer(3, 1)
+    for end in list(range(2, 300, 7)) + [150, 151]:  # 150: shorter than the buffer's view
+        assert proposer.propose("a", tokens[:end], 4) == propose_ngram(tokens[:end], 4, 3, 1)
+        assert proposer.propose("b", tokens[::-1][:end], 2) == \
+            propose_ngram(tokens[::-1][:end], 2, 3, 1)
+    proposer.forget("a")
+    assert proposer.propose("a", [1, 2, 1], 4) == [2, 1]
 
 
 class _State:
