@@ -4,7 +4,9 @@
 # backend, CUDA graphs, multi-step, fp8 KV cache, memory profiling; HF references on CPU);
 # `... bench1` the start-up, batch-1 decode and TTFT workloads; `... bench2` offline
 # throughput (1000 x 256/256) and the nano-vllm workload; `... gemv` the one-row GEMV
-# configs against cuBLAS; no argument: tests, bench1 and bench2.
+# configs against cuBLAS; `... leads` the open questions of issue #5's batch-1 goal (decode
+# with async output processing off, GEMV configs for the Qwen3-0.6B shape) and speculative
+# decoding on CUDA (its tests, never run on a GPU yet); no argument: tests, bench1, bench2.
 set -uo pipefail
 export PYTHONPATH="$PWD" PAGEDLLM_TEST_MODELS=/tmp/pagedllm-test-models
 OUT_DIR=${OUT:-/tmp}
@@ -25,6 +27,13 @@ for part in $parts; do
         | tee -a "$OUT_DIR/gpu_workloads.txt" ;;
     gemv)
       python benchmarks/gpu_gemv.py 2>&1 | grep -v Warning | tee -a "$OUT_DIR/gpu_gemv.txt" ;;
+    leads)
+      python -m pytest -q -p no:cacheprovider tests/e2e/test_spec_decode.py 2>&1 | tail -4
+      python benchmarks/gpu_workloads.py --only decode --skip-hf --decode-steps 8 \
+        --engine-arg disable_async_output_proc=True 2>&1 | grep -v Warning \
+        | tee -a "$OUT_DIR/gpu_workloads.txt"
+      python benchmarks/gpu_gemv.py --model benchmarks/configs/qwen3-0.6b 2>&1 \
+        | grep -v Warning | tee -a "$OUT_DIR/gpu_gemv.txt" ;;
     bench2)
       python benchmarks/gpu_workloads.py --only throughput nano 2>&1 | grep -v Warning \
         | tee -a "$OUT_DIR/gpu_workloads.txt" ;;
