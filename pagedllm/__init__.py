@@ -13,8 +13,11 @@ def __getattr__(name: str):
     if name == "EngineArgs":
         from pagedllm.arg_utils import EngineArgs
         return EngineArgs
+    if name == "PromptAdapterRequest":
+        from pagedllm.prompt_adapter import PromptAdapterRequest
+        return PromptAdapterRequest
     raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")
 
 
 __all__ = ["LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput",
-           "Logprob", "RequestOutputKind"]
+           "Logprob", "RequestOutputKind", "PromptAdapterRequest"]

@@ -200,6 +200,9 @@ class _EngineArgsMethods:
                                                values["max_model_len"])
         values.update(_resolve_scheduler(values))
         _check_speculative(values)
+        if values["enable_prompt_adapter"] and values["max_prompt_adapter_token"] < 1:
+            raise ValueError("--enable-prompt-adapter needs --max-prompt-adapter-token, the most "
+                             "virtual tokens of one adapter (e.g. 32)")
         if values["quantization_param_path"] and values["kv_cache_dtype"] == "auto":
             raise ValueError("--quantization-param-path holds fp8 KV-cache scales; it needs "
                              "--kv-cache-dtype fp8, fp8_e4m3 or fp8_e5m2")

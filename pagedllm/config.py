@@ -378,18 +378,16 @@ class LoRAConfig:
         planned=_LORA)
 
 
-_PA = "prompt adapters"
-
-
 @dataclass(frozen=True)
 class PromptAdapterConfig:
-    """PEFT prompt-tuning adapters (not built yet)."""
-    enable_prompt_adapter: bool = option(False, "Serve prompt adapters (soft prompts).",
-                                         supported=DEFAULT_ONLY, planned=_PA)
-    max_prompt_adapters: int = option(1, "Most prompt adapters in one batch.",
-                                      supported=DEFAULT_ONLY, planned=_PA)
-    max_prompt_adapter_token: int = option(0, "Most soft-prompt tokens of one adapter.",
-                                           supported=DEFAULT_ONLY, planned=_PA)
+    """PEFT prompt-tuning adapters (soft prompts), ``pagedllm/prompt_adapter.py``."""
+    enable_prompt_adapter: bool = option(
+        False, "Serve prompt adapters (soft prompts; LLM.generate(prompt_adapter_request=...), "
+        "the server's --prompt-adapters). Llama-family models.")
+    max_prompt_adapters: int = option(1, "Most prompt adapters in one batch.", valid=POSITIVE)
+    max_prompt_adapter_token: int = option(
+        0, "Most soft-prompt tokens of one adapter (must be set with --enable-prompt-adapter).",
+        valid=NON_NEGATIVE)
 
 
 _DRAFT = "draft models; [ngram] is built"

@@ -121,3 +121,6 @@ class ForwardContext:
     kv_caches: dict[int, torch.Tensor] | list[torch.Tensor]
     backend: AttentionBackend | None = None  # None: the PyTorch reference
     kv_scales: list[tuple[float, float]] | None = None  # per layer (k, v) of an fp8 cache
+    # prompt adapters: (rows [n], embeddings [n, hidden]) that replace those rows' token
+    # embeddings (the first stage applies them; see pagedllm/prompt_adapter.py)
+    embed_overrides: tuple[torch.Tensor, torch.Tensor] | None = None

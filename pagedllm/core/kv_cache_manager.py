@@ -53,7 +53,9 @@ class KVCacheManager:
     def _block_hashes(self, request: Request) -> list[BlockHash]:
         known = self._req_to_hashes.get(request.req_id, [])
         if len(known) < request.num_tokens // self.block_size:
-            known = hash_request_blocks(request.all_token_ids, self.block_size, known)
+            adapter = request.prompt_adapter  # another soft prompt: other KV for the same ids
+            known = hash_request_blocks(request.all_token_ids, self.block_size, known,
+                                        (adapter.adapter_id,) if adapter is not None else None)
             self._req_to_hashes[request.req_id] = known
         return known
 

@@ -53,7 +53,8 @@ class Scheduler:
                  enable_chunked_prefill: bool, preemption_mode: str, policy: str,
                  delay_factor: float, max_model_len: int,
                  kv_cache_manager: KVCacheManager, num_scheduler_steps: int = 1,
-                 pipeline_depth: int = 1, spec: SpecSettings | None = None) -> None:
+                 pipeline_depth: int = 1, spec: SpecSettings | None = None,
+                 max_prompt_adapters: int = 1) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -65,6 +66,7 @@ class Scheduler:
         self.num_scheduler_steps = num_scheduler_steps
         self.pipeline_depth = pipeline_depth
         self.spec = spec
+        self.max_prompt_adapters = max_prompt_adapters
         self._proposer = NgramProposer(spec.ngram_max, spec.ngram_min) if spec else None
         self._speculate = False  # this step's batch may speculate
         self.in_flight: set[str] = set()  # scheduled in a batch whose output is not applied
@@ -202,8 +204,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0 and \
                 len(out.num_scheduled_tokens) < self._batch_seq_cap:
             request = self.running[i]
-            num_new = 0 if request.req_id in self.in_flight else \
-                self._num_new_tokens(request, budget)
+            num_new = 0 if request.req_id in self.in_flight or \
+                not self._adapter_fits(request, out) else self._num_new_tokens(request, budget)
             if num_new == 0:
                 i += 1
                 continue
@@ -301,7 +303,7 @@ class Scheduler:
                 and len(out.num_scheduled_tokens) < self._batch_seq_cap:
             request = self.swapped[0]
             num_new = self._num_new_tokens(request, budget)
-            if num_new == 0:
+            if num_new == 0 or not self._adapter_fits(request, out):
                 break
             mapping = self.kv.swap_in(request, num_new)
             if mapping is None:
@@ -313,9 +315,13 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        skipped = []  # a prompt adapter too many for this step: later requests go first
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs \
                 and len(out.num_scheduled_tokens) < self._batch_seq_cap:
             request = self.waiting[0]
+            if not self._adapter_fits(request, out):
+                skipped.append(self.waiting.popleft())
+                continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, budget, num_hit_tokens)
             if num_new == 0 or self.kv.allocate_slots(request, num_new, hits) is None:
@@ -327,6 +333,7 @@ class Scheduler:
             self._start_running(request, num_new, out)
             self._prev_step_had_prompt = True
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
         return budget
 
     def _start_running(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
@@ -340,7 +347,17 @@ class Scheduler:
         return NewRequestData(
             request.req_id, list(request.all_token_ids), request.num_prompt_tokens,
             request.sampling_params, self.kv.get_block_ids(request.req_id),
-            request.num_computed_tokens, request.num_output_tokens)
+            request.num_computed_tokens, request.num_output_tokens, request.prompt_adapter)
+
+    def _adapter_fits(self, request: Request, out: SchedulerOutput) -> bool:
+        """--max-prompt-adapters: a request whose adapter would be one too many this step
+        waits for a step with room."""
+        adapter = request.prompt_adapter
+        if adapter is None:
+            return True
+        ids = {a.adapter_id for r in out.num_scheduled_tokens
+               if (a := self.requests[r].prompt_adapter) is not None}
+        return adapter.adapter_id in ids or len(ids) < self.max_prompt_adapters
 
     def _fork(self, parent: Request) -> None:
         """Start the parent's best_of children now that its prompt KV is computed."""

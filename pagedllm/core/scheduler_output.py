@@ -20,6 +20,9 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     num_output_tokens: int  # how many sampled tokens the seeded generator has already produced
+    # --enable-prompt-adapter: the soft prompt whose rows replace the embeddings of the first
+    # num_virtual_tokens (placeholder) tokens
+    prompt_adapter: object = None  # LoadedPromptAdapter | None
 
 
 @dataclass

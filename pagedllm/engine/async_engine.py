@@ -171,8 +171,8 @@ class AsyncLLMEngine:
 
     # ---- asyncio side --------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
-                          arrival_time: float | None = None,
-                          priority: int = 0) -> RequestStream:
+                          arrival_time: float | None = None, priority: int = 0,
+                          prompt_adapter_request=None) -> RequestStream:
         """Queue a request and return its output stream; ValueError if the engine rejects it."""
         self.start()
         if not self.is_running:
@@ -186,7 +186,7 @@ class AsyncLLMEngine:
         self._streams[request_id] = stream
         done = self._loop.create_future()
         self._commands.put(("add", request_id, prompt, params, arrival_time, priority, done,
-                            stream.stats))
+                            stream.stats, prompt_adapter_request))
         try:
             await done
         except BaseException:
@@ -199,9 +199,11 @@ class AsyncLLMEngine:
         return stream
 
     async def generate(self, prompt: PromptInputs, params: SamplingParams, request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0,
+                       prompt_adapter_request=None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs; leaving early (or a disconnect) aborts the request."""
-        stream = await self.add_request(request_id, prompt, params, priority=priority)
+        stream = await self.add_request(request_id, prompt, params, priority=priority,
+                                        prompt_adapter_request=prompt_adapter_request)
         try:
             async for output in stream:
                 yield output
@@ -302,11 +304,12 @@ class AsyncLLMEngine:
         if command[0] == "abort":
             self.engine.abort_request(command[1])
             return
-        _, req_id, prompt, params, arrival_time, priority, done, stats = command
+        _, req_id, prompt, params, arrival_time, priority, done, stats, adapter = command
         if done.cancelled():
             return
         try:
-            request = self.engine.add_request(req_id, prompt, params, arrival_time, priority)
+            request = self.engine.add_request(req_id, prompt, params, arrival_time, priority,
+                                              prompt_adapter_request=adapter)
         except Exception as exc:  # noqa: BLE001 - every rejection goes back to the caller
             if not isinstance(exc, ValueError):
                 exc = ValueError(str(exc))

@@ -39,6 +39,8 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.executor import make_executor
 from pagedllm.spec_decode import SpecSettings
+from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
+                                     check_prompt_adapter_support, load_prompt_adapter)
 
 
 def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: int) -> None:
@@ -95,7 +97,11 @@ class LLMEngine:
             delay_factor=sc.scheduler_delay_factor, max_model_len=mc.max_model_len,
             kv_cache_manager=self.kv_cache_manager, num_scheduler_steps=sc.num_scheduler_steps,
             pipeline_depth=self.pipeline_depth,
-            spec=SpecSettings.from_config(config.speculative))
+            spec=SpecSettings.from_config(config.speculative),
+            max_prompt_adapters=config.prompt_adapter.max_prompt_adapters)
+        self._prompt_adapters: dict[int, tuple[PromptAdapterRequest, LoadedPromptAdapter]] = {}
+        if config.prompt_adapter.enable_prompt_adapter:
+            check_prompt_adapter_support(mc.hf_config)
         if log_stats is None:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None
@@ -121,8 +127,10 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
-                    arrival_time: float | None = None, priority: int = 0) -> Request:
+                    arrival_time: float | None = None, priority: int = 0,
+                    prompt_adapter_request: PromptAdapterRequest | None = None) -> Request:
         """Validate and queue a request; raises ValueError naming the bad field."""
+        adapter = self._prompt_adapter(prompt_adapter_request)
         if request_id in self._states:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
@@ -141,17 +149,40 @@ class LLMEngine:
             params.compiled_guide = self.guided_compiler.compile(params.guided_decoding)
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
+        if adapter is not None:  # placeholders whose embeddings the soft prompt replaces
+            token_ids = [0] * adapter.num_virtual_tokens + list(token_ids)
         params.update_from_generation_config(self.inputs.eos_token_ids)
         max_model_len = self.config.model.max_model_len
         request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival_time,
                           priority=priority, max_model_len=max_model_len)
+        request.prompt_adapter = adapter
         group = SequenceGroup(request_id, params, request, self.tokenizer)
         children = group.make_children(max_model_len) if params.best_of > 1 else []
+        for child in children:
+            child.prompt_adapter = adapter
         self.scheduler.add_request(request, children)
         self._states[request_id] = group
         for seq in group.seqs:
             self._seqs[seq.request.req_id] = (group, seq)
         return request
+
+    def _prompt_adapter(self, request: PromptAdapterRequest | None):
+        """The loaded adapter of a request (loaded once per id), or None."""
+        if request is None:
+            return None
+        pa = self.config.prompt_adapter
+        if not pa.enable_prompt_adapter:
+            raise ValueError("prompt_adapter_request needs --enable-prompt-adapter")
+        known = self._prompt_adapters.get(request.prompt_adapter_id)
+        if known is not None:
+            if known[0] != request:
+                raise ValueError(f"prompt_adapter_id {request.prompt_adapter_id} is already "
+                                 f"in use by {known[0].prompt_adapter_name!r}")
+            return known[1]
+        loaded = load_prompt_adapter(request, self.config.model.hf_config.hidden_size,
+                                     pa.max_prompt_adapter_token)
+        self._prompt_adapters[request.prompt_adapter_id] = (request, loaded)
+        return loaded
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         if isinstance(request_ids, str):

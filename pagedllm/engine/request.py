@@ -60,6 +60,7 @@ class Request:
             self.max_tokens = room if self.max_tokens is None else min(self.max_tokens, room)
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.prompt_adapter = None  # LoadedPromptAdapter: its placeholders start the prompt
 
     @property
     def num_prompt_tokens(self) -> int:

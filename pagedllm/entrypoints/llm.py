@@ -7,6 +7,7 @@ from typing import Sequence
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.inputs import PromptInputs
 from pagedllm.outputs import RequestOutput
+from pagedllm.prompt_adapter import PromptAdapterRequest
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -38,8 +39,11 @@ class LLM:
     def generate(self, prompts: PromptInputs | Sequence[PromptInputs] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  prompt_token_ids: list[list[int]] | None = None, use_tqdm: bool = True,
-                 priority: list[int] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in prompt order."""
+                 priority: list[int] | None = None,
+                 prompt_adapter_request: PromptAdapterRequest | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order.
+        ``prompt_adapter_request``: one soft prompt for every prompt (--enable-prompt-adapter)."""
         if prompts is None:
             if prompt_token_ids is None:
                 raise ValueError("either prompts or prompt_token_ids must be given")
@@ -56,7 +60,8 @@ class LLM:
         try:
             for prompt, p, prio in zip(prompts, params, priorities):
                 req_id = str(next(self._counter))
-                self.llm_engine.add_request(req_id, prompt, p, priority=prio)
+                self.llm_engine.add_request(req_id, prompt, p, priority=prio,
+                                            prompt_adapter_request=prompt_adapter_request)
                 req_ids.append(req_id)
         except Exception:
             self.llm_engine.abort_request(req_ids)

@@ -105,6 +105,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
     final logit soft-cap."""
     is_gemma2 = False
     tied_by_default = True
+    supports_prompt_adapters = False  # its embed() scales the token embeddings
 
     def __init__(self, config, max_position: int) -> None:
         super().__init__(config, max_position)

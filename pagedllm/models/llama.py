@@ -127,6 +127,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         if is_first_stage():
             hidden, residual = self.embed(input_ids), None
+            if ctx.embed_overrides is not None:  # soft prompts (LlamaForCausalLM family only)
+                rows, values = ctx.embed_overrides
+                hidden = hidden.index_copy(0, rows, values.to(hidden.dtype))
         else:  # hidden states and residual of the previous stage, side by side
             hidden, residual = recv_from_prev_stage(
                 (input_ids.shape[0], 2 * self.hidden_size), self.dtype,
@@ -143,6 +146,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     supports_tensor_parallel = True
     supports_pipeline_parallel = True
+    supports_prompt_adapters = True  # token embeddings are not scaled (Gemma's are)
     qkv_bias = False
     qk_norm = False
     tied_by_default = False  # tie_word_embeddings when the config lacks it

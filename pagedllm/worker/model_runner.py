@@ -50,6 +50,7 @@ class CachedRequestState:
     num_computed_tokens: int
     num_output_tokens: int
     num_prompt_tokens: int
+    prompt_adapter: object = None  # LoadedPromptAdapter | None
 
 
 @dataclass
@@ -63,6 +64,8 @@ class _Batch:
     # speculating requests: their drafts and rows (spec_rows [sum(len(draft) + 1)])
     specs: list[SpecRows] = field(default_factory=list)
     spec_rows: torch.Tensor | None = None
+    # prompt adapters: (rows [n], embeddings [n, hidden]) replacing the placeholders' embeddings
+    embed_overrides: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -110,7 +113,8 @@ class ModelRunner:
         for new in so.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids),
-                new.num_computed_tokens, new.num_output_tokens, new.num_prompt_tokens)
+                new.num_computed_tokens, new.num_output_tokens, new.num_prompt_tokens,
+                new.prompt_adapter)
             guide = new.sampling_params.compiled_guide
             if guide is not None:  # after a recompute preemption: replay the outputs so far
                 self.guided.add(new.req_id, guide, new.token_ids[new.num_prompt_tokens:])
@@ -132,6 +136,7 @@ class ModelRunner:
         decode_meta = self._decode_inputs(decodes, input_ids, positions, slots,
                                           so.num_steps - 1)
         prefill_seqs = []
+        override_rows, override_values = [], []
         bs = self.block_size
         for req_id in prefills:  # chunks of prompts, and speculating decodes with drafts
             state = self.requests[req_id]
@@ -139,6 +144,11 @@ class ModelRunner:
             block_ids = state.block_ids[:-(-end // bs)]
             prefill_seqs.append(PrefillSeq(len(input_ids), end - start, end,
                                            self._tensor(block_ids)))
+            adapter = state.prompt_adapter
+            if adapter is not None and start < adapter.num_virtual_tokens:
+                stop = min(end, adapter.num_virtual_tokens)
+                override_rows.extend(range(len(input_ids), len(input_ids) + stop - start))
+                override_values.append(adapter.embeddings[start:stop])
             input_ids.extend(state.token_ids[start:end] + so.spec_token_ids.get(req_id, []))
             positions.extend(range(start, end))
             slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
@@ -159,7 +169,9 @@ class ModelRunner:
             self._pack_prefills(meta, [self.requests[r].block_ids for r in prefills])
         return _Batch(decodes + prefills, self._tensor(input_ids), self._tensor(positions), meta,
                       self._tensor(logits_rows), sampling_req_ids, specs,
-                      self._tensor(spec_rows) if specs else None)
+                      self._tensor(spec_rows) if specs else None,
+                      (self._tensor(override_rows), torch.cat(override_values).to(self.device))
+                      if override_rows else None)
 
     def _decode_inputs(self, decodes: list[str], input_ids: list[int], positions: list[int],
                        slots: list[int], lookahead: int = 0):
@@ -200,11 +212,11 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.can_run(meta):
+                 meta: AttentionMetadata, embed_overrides=None) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(meta) and embed_overrides is None:
             return self.graphs.run(input_ids, positions, meta)
-        return self.model(input_ids, positions, ForwardContext(meta, self.cache.gpu_cache,
-                                                               self.backend, self.kv_scales))
+        return self.model(input_ids, positions, ForwardContext(
+            meta, self.cache.gpu_cache, self.backend, self.kv_scales, embed_overrides))
 
     def _next_decode_meta(self, meta: AttentionMetadata,
                           positions: torch.Tensor) -> AttentionMetadata:
@@ -238,7 +250,8 @@ class ModelRunner:
         if so.num_steps > 1:
             return
         step.pending_masks = self.guided.fill_async(batch.sampling_req_ids)  # overlaps
-        step.hidden = self._forward(batch.input_ids, batch.positions, batch.attn_metadata)
+        step.hidden = self._forward(batch.input_ids, batch.positions, batch.attn_metadata,
+                                    batch.embed_overrides)
         step.sends = take_pending_sends()
         self._launched()
         if get_pp_size() > 1 and is_last_stage():

@@ -21,7 +21,8 @@ class FakeEngine:
     def __init__(self):
         self.requests, self.aborted, self.fail_next_step = {}, [], False
 
-    def add_request(self, req_id, prompt, params, arrival_time=None, priority=0):
+    def add_request(self, req_id, prompt, params, arrival_time=None, priority=0,
+                    prompt_adapter_request=None):
         if prompt == "bad":
             raise ValueError("prompt 'bad' is invalid")
         self.requests[req_id] = [params.max_tokens, 0]

@@ -79,6 +79,18 @@ def _load_chat_template(value: Optional[str]) -> Optional[str]:
     raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
 
 
+def prompt_adapter_requests(modules, config) -> dict:
+    """--prompt-adapters NAME=PATH ...: one PromptAdapterRequest per name, ids from 1, with
+    the checkpoint's num_virtual_tokens (read now: a bad directory fails at start-up)."""
+    from pagedllm.prompt_adapter import PromptAdapterRequest, read_num_virtual_tokens
+    if not modules:
+        return {}
+    if not config.enable_prompt_adapter:
+        raise ValueError("--prompt-adapters needs --enable-prompt-adapter")
+    return {name: PromptAdapterRequest(name, i, path, read_num_virtual_tokens(path, name))
+            for i, (name, path) in enumerate(modules, start=1)}
+
+
 def _serving_context(engine: AsyncLLMEngine, server: ServerConfig) -> ServingContext:
     config = engine.engine.config.model
     tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
@@ -88,7 +100,9 @@ def _serving_context(engine: AsyncLLMEngine, server: ServerConfig) -> ServingCon
         response_role=server.response_role,
         chat_template=_load_chat_template(server.chat_template),
         return_tokens_as_token_ids=server.return_tokens_as_token_ids,
-        enable_auto_tools=server.enable_auto_tool_choice, tool_parser=server.tool_call_parser)
+        enable_auto_tools=server.enable_auto_tool_choice, tool_parser=server.tool_call_parser,
+        prompt_adapters=prompt_adapter_requests(server.prompt_adapters,
+                                                engine.engine.config.prompt_adapter))
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -58,9 +58,9 @@ class ServerConfig:
         cli_type=parse_name_path, metavar="NAME=PATH", supported=DEFAULT_ONLY,
         planned="LoRA adapters")
     prompt_adapters: Optional[list] = option(
-        None, "Prompt adapters to serve, as NAME=PATH (one or more).", nargs="+",
-        cli_type=parse_name_path, metavar="NAME=PATH", supported=DEFAULT_ONLY,
-        planned="prompt adapters")
+        None, "Prompt adapters to serve, as NAME=PATH (one or more; PEFT prompt-tuning "
+        "directories; needs --enable-prompt-adapter): a request's model NAME selects one.",
+        nargs="+", cli_type=parse_name_path, metavar="NAME=PATH")
     chat_template: Optional[str] = option(None, "Chat template (a file path or the template "
                                           "itself); default: the tokenizer's.")
     response_role: str = option("assistant", "Role of generated messages when the request's "

@@ -102,7 +102,8 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request):
         """A ``ChatCompletionResponse``, or an async iterator of SSE strings when streaming."""
-        self.check_model(request.model)
+        adapter = self.check_model(request.model)
+        virtual = self.num_virtual_tokens(adapter)
         self.check_logprobs("top_logprobs", request.num_logprobs)
         self.check_logprobs("prompt_logprobs", request.prompt_logprobs)
         request = self._check_tool_choice(request)
@@ -113,11 +114,11 @@ class OpenAIServingChat(OpenAIServing):
             chat_template_kwargs=request.chat_template_kwargs, documents=request.documents,
             tools=None if request.tools is None else [t.model_dump() for t in request.tools])
         ids = self.tokenize(prompt, request.add_special_tokens, request.truncate_prompt_tokens)
-        self.check_length(len(ids), request.requested_max_tokens)
-        params = build_params(request, self.ctx.max_model_len - len(ids))
+        self.check_length(len(ids) + virtual, request.requested_max_tokens)
+        params = build_params(request, self.ctx.max_model_len - len(ids) - virtual)
         request_id, created = f"chat-{random_uuid()}", int(time.time())
         stream = await self.add(request_id, {"prompt": prompt, "prompt_token_ids": ids},
-                                params, request.priority)
+                                params, request.priority, adapter)
         if request.stream:
             return self._stream(request, request_id, created, stream)
         return await until_disconnected(raw_request,

@@ -25,7 +25,8 @@ _Prompt = tuple[Optional[str], list[int]]
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request):
         """A ``CompletionResponse``, or an async iterator of SSE strings when streaming."""
-        self.check_model(request.model)
+        adapter = self.check_model(request.model)
+        virtual = self.num_virtual_tokens(adapter)
         if request.suffix is not None:
             raise OpenAIError("suffix is not currently supported")
         self.check_logprobs("logprobs", request.logprobs)
@@ -35,11 +36,11 @@ class OpenAIServingCompletion(OpenAIServing):
         streams: list[RequestStream] = []
         try:
             for i, (text, ids) in enumerate(prompts):
-                self.check_length(len(ids), request.max_tokens)
-                params = build_params(request, self.ctx.max_model_len - len(ids))
+                self.check_length(len(ids) + virtual, request.max_tokens)
+                params = build_params(request, self.ctx.max_model_len - len(ids) - virtual)
                 streams.append(await self.add(
                     f"{request_id}-{i}", {"prompt": text, "prompt_token_ids": ids}, params,
-                    request.priority))
+                    request.priority, adapter))
         except BaseException:
             abort_unfinished(self.engine, streams)
             raise

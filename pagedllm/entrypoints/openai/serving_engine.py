@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Optional
 
@@ -71,6 +71,8 @@ class ServingContext:
     return_tokens_as_token_ids: bool = False
     enable_auto_tools: bool = False     # --enable-auto-tool-choice
     tool_parser: Optional[str] = None   # --tool-call-parser
+    # --prompt-adapters: model name -> PromptAdapterRequest (a request's model selects one)
+    prompt_adapters: dict = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
@@ -84,11 +86,19 @@ class OpenAIServing:
         self.tokenizer = ctx.tokenizer
 
     # ---- checks --------------------------------------------------------------------------
-    def check_model(self, model: Optional[str]) -> None:
+    def check_model(self, model: Optional[str]):
+        """404 for an unknown model; the prompt adapter a model name selects, else None."""
         if model is None or model in self.ctx.served_model_names:
-            return
+            return None
+        if model in self.ctx.prompt_adapters:
+            return self.ctx.prompt_adapters[model]
         raise OpenAIError(f"The model `{model}` does not exist.", "NotFoundError",
                           HTTPStatus.NOT_FOUND)
+
+    @staticmethod
+    def num_virtual_tokens(adapter) -> int:
+        """Placeholder tokens the engine puts before a prompt for its prompt adapter."""
+        return adapter.prompt_adapter_num_virtual_tokens if adapter is not None else 0
 
     def check_logprobs(self, field: str, value: Optional[int]) -> None:
         if value is not None and value > self.ctx.max_logprobs:
@@ -137,9 +147,11 @@ class OpenAIServing:
         return self.decode([token_id])
 
     # ---- engine calls --------------------------------------------------------------------
-    async def add(self, request_id: str, prompt: dict, params, priority: int) -> RequestStream:
+    async def add(self, request_id: str, prompt: dict, params, priority: int,
+                  prompt_adapter=None) -> RequestStream:
         try:
-            return await self.engine.add_request(request_id, prompt, params, priority=priority)
+            return await self.engine.add_request(request_id, prompt, params, priority=priority,
+                                                 prompt_adapter_request=prompt_adapter)
         except ValueError as exc:
             raise OpenAIError(str(exc)) from exc
 

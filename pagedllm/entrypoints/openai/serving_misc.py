@@ -15,6 +15,10 @@ class OpenAIServingModels(OpenAIServing):
         cards = [ModelCard(id=name, root=root, max_model_len=self.ctx.max_model_len,
                            permission=[ModelPermission()])
                  for name in self.ctx.served_model_names]
+        cards += [ModelCard(id=name, root=self.ctx.model_name,
+                            max_model_len=self.ctx.max_model_len,
+                            permission=[ModelPermission()])
+                  for name in self.ctx.prompt_adapters]  # --prompt-adapters, as vLLM lists them
         return ModelList(data=cards).model_dump()
 
 
