@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from pagedllm.tracing import check_tracing_flags
 from pagedllm.config import (ENGINE_CONFIG_CLASSES, EngineConfig, ModelConfig,
                              cuda_backend_available, check_options, engine_option_fields,
                              field_default, flag_name, is_default, option_fields, status_text)
@@ -200,6 +201,7 @@ class _EngineArgsMethods:
                                                values["max_model_len"])
         values.update(_resolve_scheduler(values))
         _check_speculative(values)
+        check_tracing_flags(values["otlp_traces_endpoint"], values["collect_detailed_traces"])
         if values["enable_prompt_adapter"] and values["max_prompt_adapter_token"] < 1:
             raise ValueError("--enable-prompt-adapter needs --max-prompt-adapter-token, the most "
                              "virtual tokens of one adapter (e.g. 32)")

@@ -460,11 +460,12 @@ class ObservabilityConfig:
     disable_log_stats: bool = option(False, "Do not log throughput/cache statistics.")
     disable_log_requests: bool = option(False, "Do not log each request.")
     otlp_traces_endpoint: Optional[str] = option(
-        None, "OpenTelemetry endpoint for per-request spans.", supported=DEFAULT_ONLY,
-        planned="OpenTelemetry tracing")
+        None, "OpenTelemetry endpoint for per-request spans (OTLP over grpc, or http/protobuf "
+        "with OTEL_EXPORTER_OTLP_TRACES_PROTOCOL; needs pip install 'pagedllm[tracing]').")
     collect_detailed_traces: Optional[str] = option(
-        None, "Detailed traces of model, worker or all (comma-separated); needs "
-        "--otlp-traces-endpoint.", supported=DEFAULT_ONLY, planned="OpenTelemetry tracing")
+        None, "Add the time in the model forward (model), in model execution (worker) or both "
+        "(all; comma-separated) to the spans; needs --otlp-traces-endpoint. Synchronizes "
+        "the device each step.")
 
 
 @dataclass(frozen=True)

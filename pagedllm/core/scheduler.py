@@ -164,6 +164,7 @@ class Scheduler:
 
     # ---- the step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        started = time.perf_counter()
         out = SchedulerOutput([], [], {}, 0, finished_req_ids=self._finished_req_ids,
                               blocks_to_copy=self._pending_copies)
         self._finished_req_ids, self._pending_copies = set(), []
@@ -182,9 +183,10 @@ class Scheduler:
             out.num_steps = self._plan_multi_step(out)
         out.finished_req_ids |= out.preempted_req_ids
         self.in_flight.update(out.num_scheduled_tokens)
-        now = time.time()
+        now, spent = time.time(), time.perf_counter() - started
         for req_id in out.num_scheduled_tokens:
             request = self.requests[req_id]
+            request.scheduler_time += spent
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
         return out
@@ -395,6 +397,8 @@ class Scheduler:
         updated = []
         now = time.time()
         num_scheduled = scheduler_output.num_scheduled_tokens
+        _add_step_times(runner_output, [self.requests[r] for r in num_scheduled
+                                        if r in self.requests])
         self.in_flight.difference_update(num_scheduled)
         for req_id in num_scheduled:
             ended = self._free_after_step.pop(req_id, None)
@@ -432,6 +436,15 @@ class Scheduler:
                 self._free(request)
             updated.append((request, num_appended))
         return updated
+
+
+def _add_step_times(output: ModelRunnerOutput, requests: list[Request]) -> None:
+    """--collect-detailed-traces: add the step's forward / execute seconds to its requests."""
+    for name in ("model_forward_time", "model_execute_time"):
+        value = getattr(output, name)
+        if value is not None:
+            for request in requests:
+                setattr(request, name, (getattr(request, name) or 0.0) + value)
 
 
 def _can_multi_step(request: Request) -> bool:

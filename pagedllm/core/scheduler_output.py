@@ -78,3 +78,6 @@ class ModelRunnerOutput:
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # req_id -> (prompt position of the first entry, one entry per scored prompt token)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # --collect-detailed-traces: seconds of this step in the model forward / execution
+    model_forward_time: float | None = None
+    model_execute_time: float | None = None

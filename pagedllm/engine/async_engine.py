@@ -172,7 +172,8 @@ class AsyncLLMEngine:
     # ---- asyncio side --------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
                           arrival_time: float | None = None, priority: int = 0,
-                          prompt_adapter_request=None) -> RequestStream:
+                          prompt_adapter_request=None,
+                          trace_headers: dict[str, str] | None = None) -> RequestStream:
         """Queue a request and return its output stream; ValueError if the engine rejects it."""
         self.start()
         if not self.is_running:
@@ -186,7 +187,7 @@ class AsyncLLMEngine:
         self._streams[request_id] = stream
         done = self._loop.create_future()
         self._commands.put(("add", request_id, prompt, params, arrival_time, priority, done,
-                            stream.stats, prompt_adapter_request))
+                            stream.stats, prompt_adapter_request, trace_headers))
         try:
             await done
         except BaseException:
@@ -304,12 +305,13 @@ class AsyncLLMEngine:
         if command[0] == "abort":
             self.engine.abort_request(command[1])
             return
-        _, req_id, prompt, params, arrival_time, priority, done, stats, adapter = command
+        _, req_id, prompt, params, arrival_time, priority, done, stats, adapter, trace = command
         if done.cancelled():
             return
         try:
             request = self.engine.add_request(req_id, prompt, params, arrival_time, priority,
-                                              prompt_adapter_request=adapter)
+                                              prompt_adapter_request=adapter,
+                                              trace_headers=trace)
         except Exception as exc:  # noqa: BLE001 - every rejection goes back to the caller
             if not isinstance(exc, ValueError):
                 exc = ValueError(str(exc))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -39,6 +40,7 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.executor import make_executor
 from pagedllm.spec_decode import SpecSettings
+from pagedllm.tracing import RequestTracer
 from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
                                      check_prompt_adapter_support, load_prompt_adapter)
 
@@ -105,6 +107,10 @@ class LLMEngine:
         if log_stats is None:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None
+        self.tracer = None  # --otlp-traces-endpoint: one span per finished request
+        if config.observability.otlp_traces_endpoint is not None:
+            self.tracer = RequestTracer(config.observability.otlp_traces_endpoint,
+                                        mc.served_model_names[0])
         self._states: dict[str, SequenceGroup] = {}  # user request id -> its sequences
         self._seqs: dict[str, tuple[SequenceGroup, Sequence]] = {}  # scheduler req_id -> seq
         self._decoder = TokenDecoder(self.tokenizer)
@@ -128,8 +134,11 @@ class LLMEngine:
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
                     arrival_time: float | None = None, priority: int = 0,
-                    prompt_adapter_request: PromptAdapterRequest | None = None) -> Request:
-        """Validate and queue a request; raises ValueError naming the bad field."""
+                    prompt_adapter_request: PromptAdapterRequest | None = None,
+                    trace_headers: dict[str, str] | None = None) -> Request:
+        """Validate and queue a request; raises ValueError naming the bad field.
+        ``trace_headers``: the caller's W3C trace context (traceparent / tracestate) that
+        the request's span continues (--otlp-traces-endpoint)."""
         adapter = self._prompt_adapter(prompt_adapter_request)
         if request_id in self._states:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -157,6 +166,7 @@ class LLMEngine:
                           priority=priority, max_model_len=max_model_len)
         request.prompt_adapter = adapter
         group = SequenceGroup(request_id, params, request, self.tokenizer)
+        group.trace_headers = trace_headers
         children = group.make_children(max_model_len) if params.best_of > 1 else []
         for child in children:
             child.prompt_adapter = adapter
@@ -293,6 +303,8 @@ class LLMEngine:
             if output is not None:
                 outputs.append(output)
             if group.is_finished():
+                if self.tracer is not None:
+                    self.tracer.request_finished(group, group.trace_headers, time.time())
                 del self._states[group.request_id]
                 for seq_id in group.req_ids:
                     del self._seqs[seq_id]

@@ -73,6 +73,7 @@ class SequenceGroup:
         self.request_id = request_id
         self.params = params
         self.parent = parent
+        self.trace_headers: dict[str, str] | None = None  # the caller's trace context
         self.tokenizer = tokenizer
         self.seqs: list[Sequence] = [self._sequence(parent)]
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -23,6 +23,7 @@ batch does all its work in ``finish`` (the engine never launches another one aro
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -77,16 +78,21 @@ class _Launched:
     pending_masks: object = None  # guided decoding masks being filled
     sends: list | None = None  # hidden-state sends to the next stage, awaited in finish
     output: ModelRunnerOutput | None = None  # set at launch on the last pipeline stage
+    started: float = 0.0  # perf_counter at launch (--collect-detailed-traces)
+    forward_time: float = 0.0  # seconds of forward, device synchronized (ditto)
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: CacheEngine, device: torch.device,
                  vocab_size: int, seed: int,
                  kv_scales: list[tuple[float, float]] | None = None,
-                 spec_typical: tuple[float, float] | None = None) -> None:
+                 spec_typical: tuple[float, float] | None = None,
+                 collect_times: tuple[bool, bool] = (False, False)) -> None:
         self.model = model
         self.kv_scales = kv_scales  # per layer (k, v) scales of an fp8 cache
         self.spec_typical = spec_typical  # typical acceptance (threshold, alpha), or None
+        # --collect-detailed-traces: (forward time, execute time) per step in the outputs
+        self.collect_forward, self.collect_execute = collect_times
         self.cache = cache
         self.device = device
         self.block_size = cache.block_size
@@ -241,8 +247,8 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, so: SchedulerOutput) -> None:
         """Apply the step's diffs, build the batch and queue its forward."""
+        step = _Launched(so, started=time.perf_counter())
         self._update_states(so)
-        step = _Launched(so)
         self._launched_steps.append(step)
         if so.is_empty:
             return
@@ -250,8 +256,8 @@ class ModelRunner:
         if so.num_steps > 1:
             return
         step.pending_masks = self.guided.fill_async(batch.sampling_req_ids)  # overlaps
-        step.hidden = self._forward(batch.input_ids, batch.positions, batch.attn_metadata,
-                                    batch.embed_overrides)
+        step.hidden = self._timed_forward(step, batch.input_ids, batch.positions,
+                                          batch.attn_metadata, batch.embed_overrides)
         step.sends = take_pending_sends()
         self._launched()
         if get_pp_size() > 1 and is_last_stage():
@@ -263,14 +269,30 @@ class ModelRunner:
     def finish(self) -> ModelRunnerOutput:
         """Sample the oldest launched step and advance its requests' states."""
         step = self._launched_steps.popleft()
-        return step.output if step.output is not None else self._sample(step)
+        output = step.output if step.output is not None else self._sample(step)
+        if self.collect_forward:
+            output.model_forward_time = step.forward_time
+        if self.collect_execute:
+            output.model_execute_time = time.perf_counter() - step.started
+        return output
+
+    def _timed_forward(self, step: _Launched, *args) -> torch.Tensor:
+        """``_forward``; with --collect-detailed-traces model, timed to the device's end."""
+        if not self.collect_forward:
+            return self._forward(*args)
+        start = time.perf_counter()
+        hidden = self._forward(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        step.forward_time += time.perf_counter() - start
+        return hidden
 
     def _sample(self, step: _Launched) -> ModelRunnerOutput:
         so, batch = step.so, step.batch
         if batch is None:
             return ModelRunnerOutput([], [])
         if so.num_steps > 1:
-            output = self._execute_steps(batch, so.num_steps)
+            output = self._execute_steps(step, batch, so.num_steps)
             wait_sends(take_pending_sends())
             return output
         states = [self.requests[r] for r in batch.sampling_req_ids]
@@ -305,7 +327,8 @@ class ModelRunner:
         return ModelRunnerOutput(batch.req_ids, [sampled.get(r, []) for r in batch.req_ids],
                                  logprobs, samples.prompt_logprobs)
 
-    def _execute_steps(self, batch: _Batch, num_steps: int) -> ModelRunnerOutput:
+    def _execute_steps(self, launched: _Launched, batch: _Batch,
+                       num_steps: int) -> ModelRunnerOutput:
         """``num_steps`` decode steps back to back on the device (see the module docstring)."""
         states = [self.requests[r] for r in batch.req_ids]
         sampling = MultiStepSampling(self.step_sampler, states)
@@ -314,7 +337,8 @@ class ModelRunner:
             if step:
                 positions = positions + 1
                 meta = self._next_decode_meta(meta, positions)
-            input_ids = sampling.sample(self._forward(input_ids, positions, meta))
+            input_ids = sampling.sample(self._timed_forward(launched, input_ids, positions,
+                                                            meta))
         self._launched()
         token_ids, logprobs = sampling.results()
         for state, ids in zip(states, token_ids):

@@ -36,6 +36,7 @@ from pagedllm.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode import SpecSettings
+from pagedllm.tracing import check_tracing_flags
 from pagedllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,11 @@ class Worker:
         cache = CacheEngine(self.layer_ids, num_kv_heads, mc.head_dim, cc.block_size,
                             self.num_gpu_blocks, self.num_cpu_blocks, self.cache_dtype, self.device)
         spec = SpecSettings.from_config(self.config.speculative)
-        self.runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
-                                  self.kv_scales, spec.typical if spec else None)
+        obs = self.config.observability
+        self.runner = ModelRunner(
+            self.model, cache, self.device, mc.vocab_size, mc.seed, self.kv_scales,
+            spec.typical if spec else None,
+            check_tracing_flags(obs.otlp_traces_endpoint, obs.collect_detailed_traces))
         if self.device.type == "cuda" and get_pp_size() > 1 and not mc.enforce_eager:
             logger.info("CUDA graphs are off with pipeline parallelism (the sends between "
                         "stages are not captured); steps run eagerly")

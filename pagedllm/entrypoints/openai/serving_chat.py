@@ -118,7 +118,7 @@ class OpenAIServingChat(OpenAIServing):
         params = build_params(request, self.ctx.max_model_len - len(ids) - virtual)
         request_id, created = f"chat-{random_uuid()}", int(time.time())
         stream = await self.add(request_id, {"prompt": prompt, "prompt_token_ids": ids},
-                                params, request.priority, adapter)
+                                params, request.priority, adapter, raw_request)
         if request.stream:
             return self._stream(request, request_id, created, stream)
         return await until_disconnected(raw_request,

@@ -40,7 +40,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 params = build_params(request, self.ctx.max_model_len - len(ids) - virtual)
                 streams.append(await self.add(
                     f"{request_id}-{i}", {"prompt": text, "prompt_token_ids": ids}, params,
-                    request.priority, adapter))
+                    request.priority, adapter, raw_request))
         except BaseException:
             abort_unfinished(self.engine, streams)
             raise

@@ -19,6 +19,7 @@ from pagedllm.entrypoints.openai.protocol import (ChatCompletionLogProb,
                                                   ChatCompletionLogProbs,
                                                   ChatCompletionLogProbsContent,
                                                   CompletionLogProbs, ErrorResponse)
+from pagedllm.tracing import trace_headers
 from pagedllm.outputs import Logprob, RequestOutput
 
 _MIN_LOGPROB = -9999.0
@@ -148,10 +149,12 @@ class OpenAIServing:
 
     # ---- engine calls --------------------------------------------------------------------
     async def add(self, request_id: str, prompt: dict, params, priority: int,
-                  prompt_adapter=None) -> RequestStream:
+                  prompt_adapter=None, raw_request=None) -> RequestStream:
+        headers = trace_headers(raw_request.headers) if raw_request is not None else None
         try:
             return await self.engine.add_request(request_id, prompt, params, priority=priority,
-                                                 prompt_adapter_request=prompt_adapter)
+                                                 prompt_adapter_request=prompt_adapter,
+                                                 trace_headers=headers)
         except ValueError as exc:
             raise OpenAIError(str(exc)) from exc
 
