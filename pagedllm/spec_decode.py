@@ -36,7 +36,7 @@ from pagedllm.core.scheduler_output import TokenLogprobs
 from pagedllm.sample.metadata import build_filter_metadata
 from pagedllm.sample.ops.logprobs import gather_logprobs
 from pagedllm.sample.ops.random_sample import inverse_cdf, seed_array, seeded_uniforms
-from pagedllm.sample.sampler import apply_filters
+from pagedllm.sample.sampler import apply_filters, greedy_ids
 
 
 @dataclass(frozen=True)
@@ -119,16 +119,13 @@ def needs_logprobs(params) -> bool:
 
 
 def can_speculate(request, with_logprobs: bool = False) -> bool:
-    """False for requests whose sampling needs per-token host state: penalties, logits
-    processors, guided decoding, logit_bias / allowed_token_ids, min_tokens not yet
-    reached; and, unless ``with_logprobs`` (--disable-logprobs-during-spec-decoding False),
-    requests that need logprobs. They decode one token per step as usual."""
+    """False for requests whose sampling needs per-token host state
+    (``Request.samples_without_host_state``) or logit_bias / allowed_token_ids, and, unless
+    ``with_logprobs`` (--disable-logprobs-during-spec-decoding False), requests that need
+    logprobs. They decode one token per step as usual."""
     p = request.sampling_params
-    return (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-            and p.repetition_penalty == 1.0 and not p.logits_processors
-            and p.guided_decoding is None and not p.logit_bias and not p.allowed_token_ids
-            and (with_logprobs or not needs_logprobs(p))
-            and request.num_output_tokens >= p.min_tokens)
+    return (request.samples_without_host_state() and not p.logit_bias
+            and not p.allowed_token_ids and (with_logprobs or not needs_logprobs(p)))
 
 
 @dataclass
@@ -148,7 +145,7 @@ def verify(logits: torch.Tensor, specs: list[SpecRows], generator: torch.Generat
     the logits after temperature and filters; greedy rows at temperature 1). ``typical``:
     (threshold, alpha) of the typical acceptance sampler, else the rejection sampler."""
     params = [s.state.sampling_params for s in specs for _ in range(len(s.draft) + 1)]
-    argmax = logits.max(dim=-1).indices.tolist()
+    argmax = greedy_ids(logits).tolist()
     processed = None
     if not all(_greedy(p) for p in params) or any(needs_logprobs(p) for p in params):
         meta = build_filter_metadata(params, vocab_size, logits.device)

@@ -259,7 +259,7 @@ class Scheduler:
         if out.scheduled_new_reqs or not out.scheduled_cached_reqs:
             return 1
         requests = [self.requests[c.req_id] for c in out.scheduled_cached_reqs]
-        if not all(r.num_computed_tokens == r.num_tokens - 1 and _can_multi_step(r)
+        if not all(r.num_computed_tokens == r.num_tokens - 1 and r.samples_without_host_state()
                    for r in requests):
             return 1
         steps = min(self.num_scheduler_steps,
@@ -445,11 +445,3 @@ def _add_step_times(output: ModelRunnerOutput, requests: list[Request]) -> None:
         if value is not None:
             for request in requests:
                 setattr(request, name, (getattr(request, name) or 0.0) + value)
-
-
-def _can_multi_step(request: Request) -> bool:
-    """False when sampling a token needs host work that depends on the previous token."""
-    p = request.sampling_params
-    return (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-            and p.repetition_penalty == 1.0 and not p.logits_processors
-            and p.guided_decoding is None and request.num_output_tokens >= p.min_tokens)

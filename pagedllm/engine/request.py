@@ -67,6 +67,15 @@ class Request:
         self.model_forward_time: float | None = None
         self.model_execute_time: float | None = None
 
+    def samples_without_host_state(self) -> bool:
+        """False when sampling its next token needs host work that depends on the tokens
+        before it (penalties, logits processors, guided decoding, min_tokens not yet
+        reached): such a request decodes one token a step (no multi-step, no drafts)."""
+        p = self.sampling_params
+        return (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+                and p.repetition_penalty == 1.0 and not p.logits_processors
+                and p.guided_decoding is None and self.num_output_tokens >= p.min_tokens)
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
