@@ -4,9 +4,9 @@
 # backend, CUDA graphs, multi-step, fp8 KV cache, memory profiling; HF references on CPU);
 # `... bench1` the start-up, batch-1 decode and TTFT workloads; `... bench2` offline
 # throughput (1000 x 256/256) and the nano-vllm workload; `... gemv` the one-row GEMV
-# configs against cuBLAS; `... leads` the open questions of issue #5's batch-1 goal (decode
-# with async output processing off, GEMV configs for the Qwen3-0.6B shape) and speculative
-# decoding on CUDA (its tests, never run on a GPU yet); no argument: tests, bench1, bench2.
+# configs against cuBLAS; `... leads` the open questions of issue #5's batch-1 goal (graph
+# replay with and without PDL, the decode profile, GEMV configs for the Qwen3-0.6B shape);
+# no argument: tests, bench1, bench2.
 set -uo pipefail
 export PYTHONPATH="$PWD" PAGEDLLM_TEST_MODELS=/tmp/pagedllm-test-models
 OUT_DIR=${OUT:-/tmp}
@@ -21,6 +21,7 @@ for part in $parts; do
       python -m pytest -q -p no:cacheprovider tests/models tests/e2e/test_engine_features.py \
         tests/e2e/test_gpu_bf16.py \
         tests/e2e/test_multi_step.py tests/e2e/test_fp8_kv_cache.py tests/e2e/test_gpu_memory.py \
+        tests/e2e/test_spec_decode.py \
         tests/unit/test_loader.py 2>&1 | tail -8 ;;
     bench1)
       python benchmarks/gpu_workloads.py --only startup decode ttft 2>&1 | grep -v Warning \
@@ -28,10 +29,9 @@ for part in $parts; do
     gemv)
       python benchmarks/gpu_gemv.py 2>&1 | grep -v Warning | tee -a "$OUT_DIR/gpu_gemv.txt" ;;
     leads)
-      python -m pytest -q -p no:cacheprovider tests/e2e/test_spec_decode.py 2>&1 | tail -4
-      python benchmarks/gpu_workloads.py --only decode --skip-hf --decode-steps 8 \
-        --engine-arg disable_async_output_proc=True 2>&1 | grep -v Warning \
-        | tee -a "$OUT_DIR/gpu_workloads.txt"
+      python benchmarks/graph_replay.py 2>&1 | grep PDL
+      PAGEDLLM_PDL=0 python benchmarks/graph_replay.py 2>&1 | grep PDL
+      python benchmarks/profile_decode.py --graphs --steps 8 2>&1 | grep -v Warning | tail -30
       python benchmarks/gpu_gemv.py --model benchmarks/configs/qwen3-0.6b 2>&1 \
         | grep -v Warning | tee -a "$OUT_DIR/gpu_gemv.txt" ;;
     bench2)

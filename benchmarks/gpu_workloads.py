@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import random
@@ -58,7 +59,11 @@ def release_memory() -> None:
     torch.cuda.empty_cache()
 
 
+LAST_DIGEST = ""  # of the last generate()'s token ids: equal across variants of one engine
+
+
 def generate(llm, prompts: list[list[int]], output_lens: list[int]) -> tuple[float, int]:
+    global LAST_DIGEST
     from pagedllm import SamplingParams
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     torch.cuda.synchronize()
@@ -67,6 +72,8 @@ def generate(llm, prompts: list[list[int]], output_lens: list[int]) -> tuple[flo
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert tokens == sum(output_lens)
+    LAST_DIGEST = hashlib.sha1(str([list(o.outputs[0].token_ids) for o in outs]).encode()
+                               ).hexdigest()[:12]
     return elapsed, tokens
 
 
@@ -109,7 +116,8 @@ def bench_decode(args) -> None:
         best = min(generate(llm, prompt, [512])[0] for _ in range(2))
         emit(workload="decode b=1 128/512", num_scheduler_steps=steps,
              tok_s=round(512 / best, 1), roofline_tok_s=round(roofline, 1),
-             roofline_share=round(512 / best / roofline, 3), copy_gbs=round(bandwidth, 1))
+             roofline_share=round(512 / best / roofline, 3), copy_gbs=round(bandwidth, 1),
+             pdl=os.environ.get("PAGEDLLM_PDL", "1") != "0", tokens_sha1=LAST_DIGEST)
         del llm
         release_memory()
     if not args.skip_hf:

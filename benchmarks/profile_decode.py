@@ -46,14 +46,21 @@ def idle_table(prof, tokens: int, limit: int = 12, min_gap_us: float = 3.0) -> s
     kernels = sorted(((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
                       if ev.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[0])
     gaps, total = defaultdict(lambda: [0.0, 0]), 0.0
+    small, num_small, overlap = 0.0, 0, 0.0  # gaps under min_gap_us; kernels overlapping (PDL)
     for (_, end, before), (start, _, after) in zip(kernels, kernels[1:]):
         gap = start - end
+        if 0 < gap < min_gap_us:
+            small, num_small = small + gap, num_small + 1
+        elif gap < 0:
+            overlap -= gap
         if gap >= min_gap_us:
             total += gap
             entry = gaps[(before[:40], after[:40])]
             entry[0] += gap
             entry[1] += 1
-    lines = [f"GPU idle in gaps >= {min_gap_us} us: {total / tokens:.0f} us per token",
+    lines = [f"GPU idle in gaps >= {min_gap_us} us: {total / tokens:.0f} us per token; in "
+             f"{num_small / tokens:.0f} smaller gaps: {small / tokens:.0f} us per token; "
+             f"kernels overlapping the one before (PDL): {overlap / tokens:.0f} us per token",
              f"{'us/token':>9} {'gaps/token':>10}  kernel before -> kernel after"]
     for key in sorted(gaps, key=lambda k: gaps[k][0], reverse=True)[:limit]:
         lines.append(f"{gaps[key][0] / tokens:9.1f} {gaps[key][1] / tokens:10.2f}  "

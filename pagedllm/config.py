@@ -305,8 +305,10 @@ class SchedulerConfig:
                                       "speculative tokens.", valid=NON_NEGATIVE)
     disable_async_output_proc: bool = option(
         False, "Do not overlap output processing (detokenization, stop strings, outputs) of "
-        "one step with the next forward. The overlap is on by default on CUDA, off on CPU and "
-        "with pipeline parallelism (whose micro-batches overlap instead).")
+        "one step with the next forward; with --num-scheduler-steps, do not launch the next "
+        "multi-step batch before the running one's tokens reach the host. The overlap is on "
+        "by default on CUDA, off on CPU and with pipeline parallelism (whose micro-batches "
+        "overlap instead).")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from pagedllm.attention.backend import AttentionMetadata, PrefillSeq
 from pagedllm.attention.kv_quant import is_fp8
 from pagedllm.attention.torch_ref import paged_attention as _paged_attention_ref
 from pagedllm.attention.torch_ref import write_kv_cache as _write_kv_cache_ref
+from pagedllm.layers import pdl
 
 _LOG2E = 1.4426950408889634
 
@@ -49,11 +50,14 @@ def _write_kv_cache_kernel(
     inv_k_scale, inv_v_scale,  # fp8 cache: stored values are k / k_scale, v / v_scale
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     FP8_MAX: tl.constexpr,  # 0: not an fp8 cache; else the format's largest finite value
+    USE_PDL: tl.constexpr,  # pagedllm/layers/pdl.py
 ):
+    pdl.launch_dependents(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)  # written before the step's kernels
+    pdl.wait(USE_PDL)
     mask = (heads < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :] & (slot >= 0)
     k = tl.load(k_ptr + tok * stride_kt + heads[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + tok * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask)
@@ -91,12 +95,13 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_d = triton.next_power_of_2(head_dim)
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 2048 // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
+    use_pdl = pdl.enabled(k)
     _write_kv_cache_kernel[grid](
         kv_cache, k, v, slot_mapping, num_kv_heads,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 1.0 / k_scale, 1.0 / v_scale,
         HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, FP8_MAX=_fp8_max(kv_cache.dtype),
-        num_warps=4)
+        USE_PDL=use_pdl, num_warps=4, **pdl.launch(use_pdl))
 
 
 def write_kv_cache_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -154,12 +159,14 @@ def _rope_write_kv_kernel(
     eps, inv_k_scale, inv_v_scale,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, REST: tl.constexpr,
     BLOCK_REST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    QK_NORM: tl.constexpr, FP8_MAX: tl.constexpr,
+    QK_NORM: tl.constexpr, FP8_MAX: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.launch_dependents(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     q_tiles = tl.cdiv(num_heads, BLOCK_H)
-    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)  # written before the step's kernels
+    pdl.wait(USE_PDL)  # q, k, v come from the projection before
     d = tl.arange(0, BLOCK_HALF)
     d_mask = d < HALF
     if tile < q_tiles:  # query heads: rotate in place
@@ -243,6 +250,7 @@ def rope_write_kv_cache(kv_cache: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     block_h = min(triton.next_power_of_2(max(num_heads, num_kv_heads)), max(1, 4096 // block_d))
     grid = (num_tokens, triton.cdiv(num_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
     norms = (q_norm, k_norm) if q_norm is not None else (q, q)  # placeholders when unused
+    use_pdl = pdl.enabled(q)
     _rope_write_kv_kernel[grid](
         q, k, v, kv_cache, slot_mapping, positions, cos, sin, norms[0], norms[1],
         num_heads, num_kv_heads, head_dim, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -250,7 +258,8 @@ def rope_write_kv_cache(kv_cache: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         cos.stride(0), eps, 1.0 / k_scale, 1.0 / v_scale,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), REST=rest,
         BLOCK_REST=triton.next_power_of_2(max(rest, 1)), BLOCK_H=block_h, BLOCK_D=block_d,
-        QK_NORM=q_norm is not None, FP8_MAX=_fp8_max(kv_cache.dtype), num_warps=4)
+        QK_NORM=q_norm is not None, FP8_MAX=_fp8_max(kv_cache.dtype), USE_PDL=use_pdl,
+        num_warps=4, **pdl.launch(use_pdl))
 
 
 def rope_write_kv_cache_ref(kv_cache, q, k, v, slot_mapping, positions, cos, sin, rotary_dim,
@@ -336,12 +345,14 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.launch_dependents(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)  # written before the step's kernels
+    pdl.wait(USE_PDL)  # q and this step's K/V come from the kernels before
 
     rows = tl.arange(0, BLOCK_H)  # [BLOCK_H] query heads of this group
     heads = kv_head * GROUP + rows
@@ -394,8 +405,10 @@ def _paged_decode_reduce_kernel(
     part_ml_ptr,  # [2, num_seqs, num_heads, NUM_SPLITS] fp32
     stride_os, stride_oh, num_seqs, num_heads, v_scale,
     NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl.launch_dependents(USE_PDL)
+    pdl.wait(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P2)
@@ -467,6 +480,7 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
                                dtype=torch.float32, device=q.device)
         part_ml = torch.empty(2, num_seqs, num_heads, num_splits,
                               dtype=torch.float32, device=q.device)
+    use_pdl = pdl.enabled(q)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, part_acc, part_ml, q, kv_cache, block_table, seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -475,12 +489,14 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
         GROUP=group, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=bool(soft_cap),
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=3)
+        DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=use_pdl, num_warps=4, num_stages=3,
+        **pdl.launch(use_pdl))
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_acc, part_ml, out.stride(0), out.stride(1), num_seqs, num_heads, v_scale,
             NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, USE_PDL=use_pdl, num_warps=4,
+            **pdl.launch(use_pdl))
     return out
 
 

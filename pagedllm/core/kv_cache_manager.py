@@ -78,6 +78,15 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     # ---- allocation ----------------------------------------------------------------------
+    def num_new_blocks(self, request: Request, num_new_tokens: int,
+                       num_hit_blocks: int = 0) -> int:
+        """Blocks ``allocate_slots`` would take for ``num_new_tokens`` more tokens (after
+        ``num_hit_blocks`` prefix-cache hits); <= 0 when the request's blocks cover them."""
+        num_total = request.num_computed_tokens + num_hit_blocks * self.block_size + \
+            num_new_tokens + self.num_lookahead_slots
+        return cdiv(num_total, self.block_size) - \
+            len(self.req_to_blocks.get(request.req_id, ())) - num_hit_blocks
+
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[KVCacheBlock] = ()) -> list[KVCacheBlock] | None:
         """Make room for ``num_new_tokens`` more tokens (plus lookahead slots).
@@ -88,8 +97,7 @@ class KVCacheManager:
         """
         blocks = self.req_to_blocks.setdefault(request.req_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
-        num_total = num_computed + num_new_tokens + self.num_lookahead_slots
-        num_needed = cdiv(num_total, self.block_size) - len(blocks) - len(new_computed_blocks)
+        num_needed = self.num_new_blocks(request, num_new_tokens, len(new_computed_blocks))
         num_idle_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_needed > self.pool.num_free_blocks - num_idle_hits:
             return None

@@ -22,6 +22,17 @@ feeding each sampled token into the next step. ``S`` stops at the longest remain
 ``max_tokens`` and at ``max_model_len``; tokens after a request's stop are discarded.
 Steps with prefills (or after a failed block allocation) run one step.
 
+Lookahead (``schedule_lookahead``, the engine's async mode with multi-step): while a
+multi-step batch runs on the device, the next one is scheduled for the same requests as if
+every step's token had arrived (counts projected ``num_steps`` ahead, blocks allocated for
+both batches), so the device never waits for the host between batches. It happens only in a
+steady state: every running request in that one batch, no swapped requests, no seeded
+random sampling, and no waiting prompts unless the batch keeps every seat (requests ending
+by length in the running batch are left out of the next). A request that stops inside the
+running batch (EOS, stop string, abort) has already been scheduled in the next one: its late
+tokens are dropped and its blocks freed when that batch is over (``in_flight`` counts the
+batches a request is in).
+
 Pipeline micro-batches (``pipeline_depth`` > 1, i.e. ``-pp``): the engine schedules a new
 batch while earlier ones are still in flight. A request stays "in flight" from the
 ``schedule()`` that includes it to the ``update_from_output`` of that batch: it is not
@@ -39,7 +50,7 @@ as a normal request instead (it recomputes the prompt; prefix caching may still 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 
 from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.scheduler_output import (CachedRequestData, ModelRunnerOutput,
@@ -69,7 +80,8 @@ class Scheduler:
         self.max_prompt_adapters = max_prompt_adapters
         self._proposer = NgramProposer(spec.ngram_max, spec.ngram_min) if spec else None
         self._speculate = False  # this step's batch may speculate
-        self.in_flight: set[str] = set()  # scheduled in a batch whose output is not applied
+        # req_id -> batches holding it whose output is not applied yet (lookahead: up to 2)
+        self.in_flight: Counter[str] = Counter()
         self._free_after_step: dict[str, Request] = {}  # ended while in flight
         self._batch_seq_cap = max_num_seqs  # most sequences in this schedule()'s batch
         self.requests: dict[str, Request] = {}
@@ -127,13 +139,18 @@ class Scheduler:
                 if request in queue:
                     queue.remove(request)
             request.status = status
-            if req_id in self.in_flight:
-                del self.requests[req_id]  # its late tokens are dropped
-                self._free_after_step[req_id] = request
-                if self._proposer is not None:
-                    self._proposer.forget(req_id)
-            else:
-                self._free(request)
+            self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """A finished request's blocks: freed now, or when the batches holding it are over
+        (its late tokens are dropped: the scheduler no longer knows it)."""
+        if request.req_id not in self.in_flight:
+            self._free(request)
+            return
+        del self.requests[request.req_id]
+        self._free_after_step[request.req_id] = request
+        if self._proposer is not None:
+            self._proposer.forget(request.req_id)
 
     def _free(self, request: Request) -> None:
         self.kv.free(request)
@@ -182,7 +199,7 @@ class Scheduler:
         if self.num_scheduler_steps > 1:
             out.num_steps = self._plan_multi_step(out)
         out.finished_req_ids |= out.preempted_req_ids
-        self.in_flight.update(out.num_scheduled_tokens)
+        self.in_flight.update(list(out.num_scheduled_tokens))
         now, spent = time.time(), time.perf_counter() - started
         for req_id in out.num_scheduled_tokens:
             request = self.requests[req_id]
@@ -273,6 +290,45 @@ class Scheduler:
                 return 1
             cached.new_block_ids.extend(b.block_id for b in new_blocks)
         return steps
+
+    def schedule_lookahead(self, running: SchedulerOutput) -> SchedulerOutput | None:
+        """The next multi-step batch of the requests of ``running`` (a multi-step batch not
+        yet applied), scheduled as if its tokens had arrived; None outside the steady state
+        (module docstring), when fewer than two steps are left, or without free blocks for
+        it (a lookahead never preempts)."""
+        ahead = running.num_steps
+        if ahead <= 1 or self.swapped or self._pending_copies or self.spec is not None or \
+                self.pipeline_depth > 1:
+            return None
+        requests = [r for req_id in running.num_scheduled_tokens
+                    if (r := self.requests.get(req_id)) is not None]  # not ended meanwhile
+        if not requests or len(requests) != len(self.running) or \
+                any(self.in_flight[r.req_id] != 1 or r.status != RequestStatus.RUNNING
+                    or r.req_id in self._fork_children
+                    or (r.sampling_params.seed is not None and r.sampling_params.temperature > 0)
+                    for r in requests):
+            return None
+        # requests that end by length inside the running batch are left out; while prompts
+        # wait, a seat freed that way goes to them first (no lookahead)
+        left = {r.req_id: r.max_tokens - r.num_output_tokens - ahead for r in requests}
+        requests = [r for r in requests if left[r.req_id] > 0]
+        if self.waiting and (len(requests) < self.max_num_seqs or not requests):
+            return None
+        steps = min(self.num_scheduler_steps, max((left[r.req_id] for r in requests), default=0))
+        if steps <= 1 or self.kv.num_free_blocks < sum(
+                max(self.kv.num_new_blocks(r, ahead + steps), 0) for r in requests):
+            return None
+        out = SchedulerOutput([], [], {}, len(requests), finished_req_ids=self._finished_req_ids,
+                              num_steps=steps)
+        self._finished_req_ids = set()
+        for request in requests:
+            new_blocks = self.kv.allocate_slots(request, ahead + steps)
+            out.scheduled_cached_reqs.append(CachedRequestData(
+                request.req_id, [b.block_id for b in new_blocks],
+                request.num_computed_tokens + ahead))
+            out.num_scheduled_tokens[request.req_id] = 1
+        self.in_flight.update(list(out.num_scheduled_tokens))
+        return out
 
     def _pick_victim(self, first_unscheduled: int) -> Request:
         """Lowest-priority running request not yet scheduled this step (the newest, in fcfs)
@@ -399,8 +455,11 @@ class Scheduler:
         num_scheduled = scheduler_output.num_scheduled_tokens
         _add_step_times(runner_output, [self.requests[r] for r in num_scheduled
                                         if r in self.requests])
-        self.in_flight.difference_update(num_scheduled)
+        self.in_flight.subtract(list(num_scheduled))
         for req_id in num_scheduled:
+            if self.in_flight[req_id] > 0:  # a lookahead batch still holds it
+                continue
+            del self.in_flight[req_id]
             ended = self._free_after_step.pop(req_id, None)
             if ended is not None:  # ended while this batch ran: its blocks are free now
                 self.kv.free(ended)
@@ -433,7 +492,7 @@ class Scheduler:
                 self._fork(request)
             if request.is_finished():
                 self.running.remove(request)
-                self._free(request)
+                self._release(request)
             updated.append((request, num_appended))
         return updated
 

@@ -13,6 +13,13 @@ a stop *string* is seen one step late: that request ran one step too many, and i
 token is dropped (the scheduler no longer knows it when the output arrives); its blocks are
 freed when that step is over (the scheduler defers frees of requests in flight).
 
+With ``--num-scheduler-steps N`` the same mode runs multi-step batches ahead instead
+(``_step_lookahead``): while batch t's N steps run on the device, batch t+1 is scheduled
+for the same requests (the scheduler's ``schedule_lookahead``) and launched, and only then
+are batch t's ids copied to the host and its outputs made, so the device is never idle
+between two batches. A request that stopped inside batch t ran in batch t+1 for nothing; its
+late tokens are dropped.
+
 Pipeline parallelism (``-pp N``): up to N micro-batches of disjoint requests are in flight,
 each launched on every rank (``executor.launch``) and finished in order
 (``executor.finish``), so stage 0 runs batch k+1 while stage 1 runs batch k; see
@@ -122,7 +129,10 @@ class LLMEngine:
         self._pending: tuple | None = None
         self._exec_thread: ThreadPoolExecutor | None = None
         self._runner = self.worker.runner
-        if use_async_output_proc(config):
+        # async multi-step: the next multi-step batch is launched before this one finishes
+        self._lookahead = use_async_output_proc(config) and sc.num_scheduler_steps > 1 and \
+            config.speculative.speculative_model is None and hasattr(self.executor, "launch")
+        if use_async_output_proc(config) and not self._lookahead:
             threads = torch.get_num_threads()
             self._exec_thread = ThreadPoolExecutor(
                 1, "pagedllm-execute", initializer=torch.set_num_threads, initargs=(threads,))
@@ -216,6 +226,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self.pipeline_depth > 1:
             return self._step_micro_batches()
+        if self._lookahead:
+            return self._step_lookahead()
         if self._exec_thread is None:
             scheduler_output = self.scheduler.schedule()
             runner_output = self.executor.execute_model(scheduler_output)
@@ -265,6 +277,25 @@ class LLMEngine:
             self._in_flight.clear()  # the executor has failed for good
             raise
         return outputs
+
+    def _step_lookahead(self) -> list[RequestOutput]:
+        """Async multi-step (module docstring): launch a batch if none is in flight, then
+        its lookahead successor if the scheduler has one, then finish the oldest."""
+        try:
+            if not self._in_flight:
+                if not self.scheduler.has_unfinished_requests():
+                    return []
+                scheduler_output = self.scheduler.schedule()
+                self.executor.launch(scheduler_output)
+                self._in_flight.append(scheduler_output)
+            ahead = self.scheduler.schedule_lookahead(self._in_flight[-1])
+            if ahead is not None:
+                self.executor.launch(ahead)
+                self._in_flight.append(ahead)
+            return self._finish_oldest()
+        except BaseException:
+            self._in_flight.clear()  # the executor has failed for good
+            raise
 
     def _finish_oldest(self) -> list[RequestOutput]:
         scheduler_output = self._in_flight.popleft()

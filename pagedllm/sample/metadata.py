@@ -35,6 +35,7 @@ from pagedllm.sample.ops.logit_bias import BiasInputs, build_bias
 from pagedllm.sample.ops.penalties import PenaltyHistory, PenaltyInputs
 from pagedllm.sample.ops.random_sample import seed_array
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.tensors import to_device
 
 _EPS = 1e-5
 CANDIDATE_MAX_K = 256  # rows with top_k <= this sample among their top-k candidates
@@ -166,7 +167,7 @@ class _Plan:
                 states, paths = [states[i] for i in order], [paths[i] for i in order]
         params: list[SamplingParams] = [s.sampling_params for s in states]
         n = len(params)
-        tensor = lambda v, dt=torch.float32: torch.tensor(v, dtype=dt, device=device)  # noqa
+        tensor = lambda v, dt=torch.float32: to_device(v, dt, device)  # noqa
         greedy = [path == _GREEDY for path in paths]
         temps = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
         top_k = np.array([p.top_k if not g and 0 < p.top_k < vocab_size else vocab_size
@@ -245,7 +246,7 @@ class _Plan:
 
     def _split_paths(self, meta: SamplingMetadata, paths: list[int], temps: list[float],
                      top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray) -> None:
-        tensor = lambda v, dt=torch.float32: torch.tensor(v, dtype=dt, device=self.device)  # noqa
+        tensor = lambda v, dt=torch.float32: to_device(v, dt, self.device)  # noqa
         rows = {path: [i for i, q in enumerate(paths) if q == path]
                 for path in (_CANDIDATES, _TOP_P, _TOP_P_MIN_P, _MIN_P, _PLAIN, _SORTED)}
         meta.sorted_rows = rows[_SORTED]
@@ -295,8 +296,8 @@ class _Plan:
                 rows.extend([row] * len(stop))
                 ids.extend(stop)
         if rows:
-            meta.min_tokens_rows = torch.tensor(rows, dtype=torch.long, device=self.device)
-            meta.min_tokens_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            meta.min_tokens_rows = to_device(rows, torch.long, self.device)
+            meta.min_tokens_ids = to_device(ids, torch.long, self.device)
         meta.processor_rows = [(row, s.sampling_params.logits_processors,
                                 s.token_ids[:s.num_prompt_tokens],
                                 s.token_ids[s.num_prompt_tokens:]) for row, s in self.processors]

@@ -12,6 +12,9 @@ computed counts. Each step:
 A multi-step batch (``SchedulerOutput.num_steps > 1``, decodes only) repeats 4-5 on the
 device: each step's sampled ids, positions + 1, sequence lengths + 1 and the slots read from
 the block table become the next step's inputs, and the host sees all steps' ids at the end.
+Its steps are queued in ``launch`` and its ids copied to the host in ``finish``; a batch
+launched before that (the scheduler's lookahead) takes the last step's ids on the device as
+its input tokens (``_late_inputs``) and the projected counts the scheduler sent.
 
 A step runs in two halves, ``launch`` (1-3 and the forward) and ``finish`` (logits,
 sampling, state updates), so that with pipeline parallelism this stage can run the forward
@@ -38,6 +41,7 @@ from pagedllm.guided.matchers import GuidedMatchers
 from pagedllm.worker.step_sampler import MultiStepSampling, StepSampler, prompt_logprob_rows
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode import SpecRows, verify
+from pagedllm.tensors import to_device
 from pagedllm.worker.cache_engine import CacheEngine
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
 
@@ -80,6 +84,9 @@ class _Launched:
     output: ModelRunnerOutput | None = None  # set at launch on the last pipeline stage
     started: float = 0.0  # perf_counter at launch (--collect-detailed-traces)
     forward_time: float = 0.0  # seconds of forward, device synchronized (ditto)
+    sampling: MultiStepSampling | None = None  # a multi-step batch whose steps are queued
+    states: list = field(default_factory=list)  # its requests' states
+    base: list[int] = field(default_factory=list)  # their computed counts at launch
 
 
 class ModelRunner:
@@ -105,10 +112,14 @@ class ModelRunner:
         self.graphs: CUDAGraphRunner | None = None  # set by the worker when graphs are on
         self.on_launch = None  # called once a step's forward is queued (async output proc)
         self._launched_steps: deque[_Launched] = deque()  # launched, not finished, in order
+        # req_id -> (ids sampled by the last step of a launched multi-step batch, its row):
+        # the request's newest token, not on the host until that batch finishes
+        self._late_inputs: dict[str, tuple[torch.Tensor, int]] = {}
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
+            self._late_inputs.pop(req_id, None)
             self.guided.remove(req_id)
         if so.blocks_to_copy:  # first: the source must not yet be overwritten by a swap-in
             self.cache.copy_blocks(so.blocks_to_copy)
@@ -139,8 +150,9 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         sampling_req_ids: list[str] = []
+        late: list[tuple[int, torch.Tensor, int]] = []
         decode_meta = self._decode_inputs(decodes, input_ids, positions, slots,
-                                          so.num_steps - 1)
+                                          so.num_steps - 1, late)
         prefill_seqs = []
         override_rows, override_values = [], []
         bs = self.block_size
@@ -173,16 +185,22 @@ class ModelRunner:
                                  prefill_seqs)
         if prefill_seqs and self.backend.needs_packed_prefill:
             self._pack_prefills(meta, [self.requests[r].block_ids for r in prefills])
-        return _Batch(decodes + prefills, self._tensor(input_ids), self._tensor(positions), meta,
+        input_ids_t = self._tensor(input_ids)
+        for src in {id(t): t for _, t, _ in late}.values():  # tokens still on the device
+            rows = [(i, r) for i, t, r in late if t is src]
+            input_ids_t[self._tensor([i for i, _ in rows])] = \
+                src[self._tensor([r for _, r in rows])].to(input_ids_t.dtype)
+        return _Batch(decodes + prefills, input_ids_t, self._tensor(positions), meta,
                       self._tensor(logits_rows), sampling_req_ids, specs,
                       self._tensor(spec_rows) if specs else None,
                       (self._tensor(override_rows), torch.cat(override_values).to(self.device))
                       if override_rows else None)
 
     def _decode_inputs(self, decodes: list[str], input_ids: list[int], positions: list[int],
-                       slots: list[int], lookahead: int = 0):
+                       slots: list[int], lookahead: int = 0, late: list | None = None):
         """Token, position and slot of each decode, plus the block table covering them and
-        ``lookahead`` more tokens."""
+        ``lookahead`` more tokens. A token not on the host yet is a placeholder here and
+        (row, device ids, their row) goes to ``late``."""
         if not decodes:
             return None, None
         bs = self.block_size
@@ -194,11 +212,14 @@ class ModelRunner:
             pos = s.num_computed_tokens
             used = s.block_ids[:num_blocks]
             table[i, :len(used)] = used
-            input_ids.append(s.token_ids[pos])
+            if pos < len(s.token_ids):
+                input_ids.append(s.token_ids[pos])
+            else:  # sampled by a launched multi-step batch that has not finished
+                input_ids.append(0)
+                late.append((i, *self._late_inputs[s.req_id]))
             positions.append(pos)
             slots.append(s.block_ids[pos // bs] * bs + pos % bs)
-        return (self._tensor(seq_lens, torch.int32),
-                torch.from_numpy(table.astype(np.int32)).to(self.device))
+        return (self._tensor(seq_lens, torch.int32), to_device(table, torch.int32, self.device))
 
     def _pack_prefills(self, meta: AttentionMetadata, block_ids: list[list[int]]) -> None:
         """Block table, lengths and query offsets of the prefills as tensors (Triton path)."""
@@ -208,14 +229,14 @@ class ModelRunner:
         for i, (seq, ids) in enumerate(zip(seqs, block_ids)):
             used = ids[:-(-seq.seq_len // self.block_size)]
             table[i, :len(used)] = used
-        meta.prefill_block_table = torch.from_numpy(table).to(self.device)
+        meta.prefill_block_table = to_device(table, torch.int32, self.device)
         meta.prefill_seq_lens = self._tensor([s.seq_len for s in seqs], torch.int32)
         starts = np.cumsum([0] + [s.num_query_tokens for s in seqs])
         meta.prefill_query_start_loc = self._tensor(starts.tolist(), torch.int32)
         meta.max_prefill_query_len = max(s.num_query_tokens for s in seqs)
 
     def _tensor(self, values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+        return to_device(values, dtype, self.device)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata, embed_overrides=None) -> torch.Tensor:
@@ -254,6 +275,8 @@ class ModelRunner:
             return
         step.batch = batch = self._build_batch(so)
         if so.num_steps > 1:
+            if get_pp_size() == 1:  # with pipeline stages the steps run in finish
+                self._launch_steps(step, batch, so.num_steps)
             return
         step.pending_masks = self.guided.fill_async(batch.sampling_req_ids)  # overlaps
         step.hidden = self._timed_forward(step, batch.input_ids, batch.positions,
@@ -292,7 +315,9 @@ class ModelRunner:
         if batch is None:
             return ModelRunnerOutput([], [])
         if so.num_steps > 1:
-            output = self._execute_steps(step, batch, so.num_steps)
+            if step.sampling is None:
+                self._launch_steps(step, batch, so.num_steps)
+            output = self._finish_steps(step, batch, so.num_steps)
             wait_sends(take_pending_sends())
             return output
         states = [self.requests[r] for r in batch.sampling_req_ids]
@@ -327,11 +352,12 @@ class ModelRunner:
         return ModelRunnerOutput(batch.req_ids, [sampled.get(r, []) for r in batch.req_ids],
                                  logprobs, samples.prompt_logprobs)
 
-    def _execute_steps(self, launched: _Launched, batch: _Batch,
-                       num_steps: int) -> ModelRunnerOutput:
-        """``num_steps`` decode steps back to back on the device (see the module docstring)."""
-        states = [self.requests[r] for r in batch.req_ids]
-        sampling = MultiStepSampling(self.step_sampler, states)
+    def _launch_steps(self, launched: _Launched, batch: _Batch, num_steps: int) -> None:
+        """Queue ``num_steps`` decode steps back to back (see the module docstring) and the
+        copy of their ids to the host."""
+        launched.states = states = [self.requests[r] for r in batch.req_ids]
+        launched.base = [s.num_computed_tokens for s in states]
+        launched.sampling = sampling = MultiStepSampling(self.step_sampler, states)
         input_ids, positions, meta = batch.input_ids, batch.positions, batch.attn_metadata
         for step in range(num_steps):
             if step:
@@ -339,10 +365,21 @@ class ModelRunner:
                 meta = self._next_decode_meta(meta, positions)
             input_ids = sampling.sample(self._timed_forward(launched, input_ids, positions,
                                                             meta))
+        sampling.start_copy()
+        for row, req_id in enumerate(batch.req_ids):
+            self._late_inputs[req_id] = (input_ids, row)
         self._launched()
-        token_ids, logprobs = sampling.results()
-        for state, ids in zip(states, token_ids):
+
+    def _finish_steps(self, launched: _Launched, batch: _Batch,
+                      num_steps: int) -> ModelRunnerOutput:
+        """The host's half of a multi-step batch: its ids, appended to the states (whose
+        computed counts a later lookahead batch may already have moved on)."""
+        token_ids, logprobs = launched.sampling.results()
+        last = launched.sampling.last_ids
+        for state, ids, base in zip(launched.states, token_ids, launched.base):
             state.token_ids.extend(ids)
             state.num_output_tokens += num_steps
-            state.num_computed_tokens += num_steps
+            state.num_computed_tokens = max(state.num_computed_tokens, base + num_steps)
+            if self._late_inputs.get(state.req_id, (None,))[0] is last:
+                del self._late_inputs[state.req_id]
         return ModelRunnerOutput(batch.req_ids, token_ids, logprobs)

@@ -188,6 +188,8 @@ class MultiStepSampling:
         self.meta: SamplingMetadata = sampler.metadata.build(states)
         self._seeded = self.meta.seeded
         self._outputs: list[SamplerOutput] = []
+        self._host: torch.Tensor | None = None  # ids (and logprobs) of every step, as float64
+        self._copied: torch.cuda.Event | None = None
 
     def sample(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_states, hidden] of the next step -> sampled ids [num_states] on device."""
@@ -201,14 +203,36 @@ class MultiStepSampling:
         self._outputs.append(out)
         return out.sampled_ids
 
+    def start_copy(self) -> None:
+        """Queue the one device-to-host copy of every step's ids (and logprobs) behind the
+        last step, into pinned memory: ``results`` waits for it alone, not for work queued
+        after it (the next batch of a lookahead, pagedllm/core/scheduler.py)."""
+        outs = self._outputs
+        pieces = [torch.stack([o.sampled_ids for o in outs], dim=1).flatten().to(torch.float64)]
+        if outs[0].logprobs is not None:
+            pieces += [p for o in outs for p in _flat(o.logprobs, with_ids=False)]
+        values = torch.cat(pieces)
+        if not values.is_cuda:
+            self._host, self._copied = values, None
+            return
+        self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        self._host.copy_(values, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    @property
+    def last_ids(self) -> torch.Tensor:
+        """[num_states] ids sampled by the last step, on the device."""
+        return self._outputs[-1].sampled_ids
+
     def results(self) -> tuple[list[list[int]], dict[str, list[TokenLogprobs]]]:
-        """Per state, the ids of every step; per state asking for them, their logprobs."""
+        """Per state, the ids of every step; per state asking for them, their logprobs
+        (after ``start_copy``)."""
         outs, n = self._outputs, len(self.states)
         with_lp = outs[0].logprobs is not None
-        pieces = [torch.stack([o.sampled_ids for o in outs], dim=1).flatten().to(torch.float64)]
-        if with_lp:
-            pieces += [p for o in outs for p in _flat(o.logprobs, with_ids=False)]
-        host = torch.cat(pieces).cpu().numpy()  # the one device-to-host copy
+        if self._copied is not None:
+            self._copied.synchronize()
+        host = self._host.numpy()
         ids = host[:n * len(outs)].astype(np.int64).reshape(n, len(outs))
         token_ids = ids.tolist()
         logprobs: dict[str, list[TokenLogprobs]] = {}

@@ -58,3 +58,30 @@ def test_bf16_matches_hf_teacher_forced(arch, monkeypatch):
             assert len(tokens) == MAX_TOKENS
             lps = [d[t].logprob for d, t in zip(out.outputs[0].logprobs, tokens)]
             _check_against_hf(hf, batch[i], tokens, lps, f"{arch} batch {len(batch)} row {i}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_pdl_same_tokens_as_plain_launches(arch, monkeypatch):
+    """Programmatic dependent launch (pagedllm/layers/pdl.py) only lets kernels start early;
+    the same kernels then compute the same numbers: greedy tokens and logprobs equal those of
+    plain launches, with CUDA graphs and multi-step decode, batch 1 (GEMV) and 3."""
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.layers import fused, pdl
+    if not pdl.enabled(torch.empty(0, device="cuda")):
+        pytest.skip("PDL needs compute capability 9.0+ and Triton's GDC intrinsics")
+    monkeypatch.setattr(fused, "_GEMV", "all")
+    path = str(build_tiny_model(arch))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    results = {}
+    for use in (True, False):
+        monkeypatch.setattr(pdl, "ENV", use)
+        llm = LLM(model=path, dtype="bfloat16", max_model_len=128, gpu_memory_utilization=0.3,
+                  num_scheduler_steps=4)
+        results[use] = [[(list(o.outputs[0].token_ids),
+                          [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs])
+                         for o in llm.generate(prompt_token_ids=batch, sampling_params=params,
+                                               use_tqdm=False)]
+                        for batch in ([_prompts()[0]], _prompts())]
+        del llm
+        torch.cuda.empty_cache()
+    assert results[True] == results[False]

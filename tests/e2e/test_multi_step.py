@@ -1,5 +1,7 @@
 """Multi-step decode (--num-scheduler-steps): same tokens, text, logprobs and stops as one
-step at a time; blocks cover every step; per-token streaming of outputs."""
+step at a time; blocks cover every step; per-token streaming of outputs. Every multi-step
+test runs twice: synchronously and with the lookahead of async output processing (the next
+batch launched before the last one's outputs; forced on the CPU here)."""
 import pytest
 
 from pagedllm import LLM, SamplingParams
@@ -19,9 +21,18 @@ def single(model_path):
     return LLM(model=model_path, block_size=8)
 
 
-@pytest.fixture(scope="module")
-def multi(model_path):
-    return LLM(model=model_path, block_size=8, num_scheduler_steps=8)
+def _multi_llm(model_path, lookahead: bool, **kw):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PAGEDLLM_ASYNC_OUTPUT_PROC", "1")  # on the CPU too
+        llm = LLM(model=model_path, block_size=8, num_scheduler_steps=8,
+                  disable_async_output_proc=not lookahead, **kw)
+    assert llm.llm_engine._lookahead == lookahead
+    return llm
+
+
+@pytest.fixture(scope="module", params=["sync", "lookahead"])
+def multi(model_path, request):
+    return _multi_llm(model_path, request.param == "lookahead")
 
 
 def _run(llm, params, prompts=PROMPTS):
@@ -38,20 +49,30 @@ def _same(a, b):
 
 def test_multi_step_runs_several_steps_per_schedule(multi):
     sched = multi.llm_engine.scheduler
-    seen = []
-    original = sched.schedule
+    seen, ahead = [], []
+    original, original_ahead = sched.schedule, sched.schedule_lookahead
 
     def spy():
         out = original()
         seen.append(out.num_steps)
         return out
-    sched.schedule = spy
+
+    def spy_ahead(running):
+        out = original_ahead(running)
+        if out is not None:
+            seen.append(out.num_steps)
+            ahead.append(out.num_steps)
+        return out
+    sched.schedule, sched.schedule_lookahead = spy, spy_ahead
     try:
-        _run(multi, SamplingParams(temperature=0, max_tokens=21, ignore_eos=True))
+        _run(multi, SamplingParams(temperature=0, max_tokens=21, ignore_eos=True),
+             PROMPTS[:1])
     finally:
-        sched.schedule = original
-    # one prefill step, then decode steps of 8, 8 and the last 4 tokens (capped by max_tokens)
+        sched.schedule, sched.schedule_lookahead = original, original_ahead
+    # one prefill step, then decode steps of 8, 8 and the last 4 tokens (capped by max_tokens);
+    # with lookahead the last two are scheduled while the batch before them runs
     assert seen == [1, 8, 8, 4]
+    assert ahead == ([8, 4] if multi.llm_engine._lookahead else [])
     assert multi.llm_engine.kv_cache_manager.num_free_blocks == \
         multi.llm_engine.kv_cache_manager.pool.num_blocks
 
@@ -110,3 +131,40 @@ def test_stream_outputs_per_token_or_per_batch(model_path):
         counts[stream] = len(outputs)
         assert len(tokens) == 17
     assert counts == {True: 17, False: 3}  # steps of 1 (prefill), 8 and 8 tokens
+
+
+def test_lookahead_with_arrivals_and_aborts(model_path, single):
+    """Requests added and aborted while lookahead batches are in flight: the others' outputs
+    equal one-step decoding's, the aborted one stops, and every block comes back."""
+    llm = _multi_llm(model_path, True)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    expected = {o.prompt: o.outputs[0].token_ids for o in _run(single, params, PROMPTS[:3])}
+    engine.add_request("a", PROMPTS[0], params)
+    engine.add_request("b", PROMPTS[1], params)
+    tokens: dict[str, list[int]] = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] = list(out.outputs[0].token_ids)
+        steps += 1
+        if steps == 3:  # a multi-step batch and its lookahead are in flight now
+            assert len(engine._in_flight) == 1 and engine._in_flight[0].num_steps > 1
+            engine.add_request("c", PROMPTS[2], params)
+        if steps == 5:
+            engine.abort_request("b")
+    assert tokens["a"] == list(expected[PROMPTS[0]])
+    assert tokens["c"] == list(expected[PROMPTS[2]])
+    assert 0 < len(tokens["b"]) < 40
+    assert tokens["b"] == list(expected[PROMPTS[1]])[:len(tokens["b"])]
+    kv = engine.kv_cache_manager
+    assert kv.num_free_blocks == kv.pool.num_blocks
+    assert not engine.scheduler.in_flight and not engine._runner._late_inputs
+
+
+def test_lookahead_random_sampling_same_as_sync(model_path):
+    """Unseeded random sampling draws from the engine's generator in launch order: a
+    lookahead engine gives the tokens of a synchronous one with the same --seed."""
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=30, ignore_eos=True)
+    outs = [_run(_multi_llm(model_path, lookahead, seed=3), params) for lookahead in (False, True)]
+    _same(*outs)

@@ -229,7 +229,7 @@ def test_in_flight_requests_are_never_preempted():
     assert [sched.kv.get_block_ids(r) for r in "ab"] == [[0], [1]]
     # a's third token needs a block and none is free; fcfs would preempt b, the newest,
     # but b's next batch is in flight (as if launched just now), so a gives way instead
-    sched.in_flight.add("b")
+    sched.in_flight["b"] += 1
     out = sched.schedule()
     assert out.preempted_req_ids == {"a"} and out.is_empty
     assert sched.kv.get_block_ids("b") == [1] and sched.kv.pool.free_block_ids() == [0]
@@ -256,3 +256,53 @@ def test_request_ended_in_flight_frees_its_blocks_after_its_batch():
     assert sorted(sched.kv.pool.free_block_ids())[:2] == [0, 1]
     answer(sched, second)
     assert sched.schedule().finished_req_ids == {"a"}
+
+
+def test_lookahead_schedules_the_next_multi_step_batch_ahead():
+    """schedule_lookahead: the same request again, counts projected one batch ahead, blocks
+    for both batches; a stop inside the running batch frees its blocks only when the
+    lookahead batch is over."""
+    sched = make_scheduler(steps=4)
+    req = Request("a", [1, 2, 3], SamplingParams(max_tokens=12, stop_token_ids=[9]))
+    sched.add_request(req)
+    run_step(sched)  # prefill: block 0, one output token
+    first = sched.schedule()
+    assert first.num_steps == 4 and first.scheduled_cached_reqs[0].new_block_ids == [1]
+    ahead = sched.schedule_lookahead(first)
+    assert ahead.num_steps == 4 and ahead.num_scheduled_tokens == {"a": 1}
+    # positions 7..10: block 2; the runner is told the count after the first batch
+    assert [(c.req_id, c.new_block_ids, c.num_computed_tokens)
+            for c in ahead.scheduled_cached_reqs] == [("a", [2], 7)]
+    assert sched.in_flight["a"] == 2
+    answer(sched, first)  # four tokens: a at 5 outputs, 7 computed
+    assert (req.num_output_tokens, req.num_computed_tokens) == (5, 7)
+    second = sched.schedule_lookahead(ahead)  # 12 - 5 - 4 = 3 tokens left: 3 steps
+    assert second.num_steps == 3
+    assert [(c.new_block_ids, c.num_computed_tokens)
+            for c in second.scheduled_cached_reqs] == [([3], 11)]
+    answer(sched, ahead, token=9)  # stops at its first token: the next batch still runs
+    assert req.status == RequestStatus.FINISHED_STOPPED and "a" not in sched.requests
+    assert sched.kv.get_block_ids("a") == [0, 1, 2, 3] and sched.kv.num_free_blocks == 12
+    assert sched.schedule_lookahead(second) is None  # nothing left to run
+    answer(sched, second)
+    assert sched.kv.num_free_blocks == 16 and not sched.in_flight
+    assert "a" in sched.schedule().finished_req_ids
+
+
+def test_lookahead_only_in_the_steady_state():
+    sched = make_scheduler(steps=4, max_seqs=2)
+    add(sched, "a", 3, max_tokens=12)
+    add(sched, "b", 3, max_tokens=4)
+    run_step(sched)
+    running = sched.schedule()
+    assert running.num_steps == 4
+    # b ends by length inside the running batch (1 + 4 tokens >= 4): left out of the next
+    ahead = sched.schedule_lookahead(running)
+    assert ahead.num_scheduled_tokens == {"a": 1} and ahead.num_steps == 4
+    answer(sched, running)
+    assert sched.kv.get_block_ids("b") == [] and [r.req_id for r in sched.running] == ["a"]
+    add(sched, "c", 3)  # a waiting prompt and a free seat: it goes first, no lookahead
+    assert sched.schedule_lookahead(ahead) is None
+    answer(sched, ahead)
+    out = sched.schedule()
+    assert set(out.num_scheduled_tokens) == {"a", "c"}
