@@ -13,6 +13,9 @@ def __getattr__(name: str):
     if name == "EngineArgs":
         from pagedllm.arg_utils import EngineArgs
         return EngineArgs
+    if name == "LoRARequest":
+        from pagedllm.lora import LoRARequest
+        return LoRARequest
     if name == "PromptAdapterRequest":
         from pagedllm.prompt_adapter import PromptAdapterRequest
         return PromptAdapterRequest
@@ -20,4 +23,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput",
-           "Logprob", "RequestOutputKind", "PromptAdapterRequest"]
+           "Logprob", "RequestOutputKind", "PromptAdapterRequest", "LoRARequest"]

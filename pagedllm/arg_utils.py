@@ -205,6 +205,7 @@ class _EngineArgsMethods:
         if values["enable_prompt_adapter"] and values["max_prompt_adapter_token"] < 1:
             raise ValueError("--enable-prompt-adapter needs --max-prompt-adapter-token, the most "
                              "virtual tokens of one adapter (e.g. 32)")
+        _check_lora(values)
         if values["quantization_param_path"] and values["kv_cache_dtype"] == "auto":
             raise ValueError("--quantization-param-path holds fp8 KV-cache scales; it needs "
                              "--kv-cache-dtype fp8, fp8_e4m3 or fp8_e5m2")
@@ -607,3 +608,21 @@ def flags_markdown_table() -> str:
         rows.append(f"| {_cell(names)} | `{_cell(_default_text(f))}` | {_cell(status_text(f))} "
                     f"| {_cell(first)} |")
     return "\n".join(rows) + "\n"
+
+
+def _check_lora(values: dict) -> None:
+    """--enable-lora's cross-field rules (pagedllm/lora.py)."""
+    if not values["enable_lora"]:
+        for key, default in (("max_loras", 1), ("max_lora_rank", 16), ("lora_dtype", "auto"),
+                             ("max_cpu_loras", None)):
+            if values[key] != default:
+                raise ValueError(f"--{key.replace('_', '-')} needs --enable-lora")
+        return
+    if values["max_cpu_loras"] is not None and values["max_cpu_loras"] < values["max_loras"]:
+        raise ValueError(f"--max-cpu-loras ({values['max_cpu_loras']}) must be >= --max-loras "
+                         f"({values['max_loras']})")
+    for flag, key in (("--tensor-parallel-size", "tensor_parallel_size"),
+                      ("--pipeline-parallel-size", "pipeline_parallel_size")):
+        if values[key] > 1:
+            raise ValueError(f"--enable-lora works with {flag} 1 only for now (got "
+                             f"{values[key]})")

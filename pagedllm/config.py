@@ -358,26 +358,32 @@ _LORA = "LoRA adapters"
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """LoRA adapters (not built yet)."""
-    enable_lora: bool = option(False, "Serve LoRA adapters.", supported=DEFAULT_ONLY,
-                               planned=_LORA)
-    max_loras: int = option(1, "Most LoRAs in one batch.", supported=DEFAULT_ONLY, planned=_LORA)
-    max_lora_rank: int = option(16, "Largest LoRA rank.", supported=DEFAULT_ONLY, planned=_LORA)
+    """LoRA adapters (PEFT LORA checkpoints), ``pagedllm/lora.py``."""
+    enable_lora: bool = option(
+        False, "Serve LoRA adapters (LLM.generate(lora_request=...), the server's "
+        "--lora-modules). Llama-family models, tensor-parallel size 1; CUDA graphs are off.")
+    max_loras: int = option(1, "Most LoRAs in one batch (each gets a slot of weights on the "
+                            "device).", valid=POSITIVE)
+    max_lora_rank: int = option(16, "Largest LoRA rank (8, 16, 32, 64, 128 or 256).",
+                                valid=(lambda v: v in (8, 16, 32, 64, 128, 256),
+                                       "one of 8, 16, 32, 64, 128, 256"))
     lora_extra_vocab_size: int = option(256, "Most extra vocabulary entries a LoRA may add.",
-                                        supported=DEFAULT_ONLY, planned=_LORA)
+                                        supported=DEFAULT_ONLY,
+                                        planned="LoRA adapters with extra vocabulary")
     lora_dtype: str = option("auto", "LoRA weight dtype; auto = model dtype.",
-                             choices=("auto", "float16", "bfloat16", "float32"),
-                             supported=DEFAULT_ONLY, planned=_LORA)
+                             choices=("auto", "float16", "bfloat16", "float32"))
     long_lora_scaling_factors: Optional[str] = option(
         None, "Scaling factors of long-context LoRAs served together.", supported=DEFAULT_ONLY,
-        planned=_LORA)
-    max_cpu_loras: Optional[int] = option(None, "Most LoRAs cached in CPU memory (default: "
-                                          "max_num_seqs).", supported=DEFAULT_ONLY, planned=_LORA)
+        planned="long-context LoRA")
+    max_cpu_loras: Optional[int] = option(
+        None, "Most loaded LoRAs kept in CPU memory (default: max_loras); >= max_loras.",
+        valid=(lambda v: v is None or v > 0, "> 0"))
     fully_sharded_loras: bool = option(False, "Shard all LoRA computation over tensor-parallel "
-                                       "ranks.", supported=DEFAULT_ONLY, planned=_LORA)
+                                       "ranks.", supported=DEFAULT_ONLY,
+                                       planned="LoRA with tensor parallelism")
     qlora_adapter_name_or_path: Optional[str] = option(
         None, "QLoRA adapter on a bitsandbytes-quantized base model.", supported=DEFAULT_ONLY,
-        planned=_LORA)
+        planned="QLoRA (bitsandbytes quantization)")
 
 
 @dataclass(frozen=True)

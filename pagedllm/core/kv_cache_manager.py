@@ -53,9 +53,12 @@ class KVCacheManager:
     def _block_hashes(self, request: Request) -> list[BlockHash]:
         known = self._req_to_hashes.get(request.req_id, [])
         if len(known) < request.num_tokens // self.block_size:
-            adapter = request.prompt_adapter  # another soft prompt: other KV for the same ids
+            # another soft prompt or LoRA: other KV for the same ids
+            adapter, lora = request.prompt_adapter, request.lora
+            extra = ((adapter.adapter_id,) if adapter is not None else ()) + \
+                (("lora", lora.lora_id) if lora is not None else ())
             known = hash_request_blocks(request.all_token_ids, self.block_size, known,
-                                        (adapter.adapter_id,) if adapter is not None else None)
+                                        extra or None)
             self._req_to_hashes[request.req_id] = known
         return known
 

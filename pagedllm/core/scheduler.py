@@ -65,7 +65,7 @@ class Scheduler:
                  delay_factor: float, max_model_len: int,
                  kv_cache_manager: KVCacheManager, num_scheduler_steps: int = 1,
                  pipeline_depth: int = 1, spec: SpecSettings | None = None,
-                 max_prompt_adapters: int = 1) -> None:
+                 max_prompt_adapters: int = 1, max_loras: int = 1) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -78,6 +78,9 @@ class Scheduler:
         self.pipeline_depth = pipeline_depth
         self.spec = spec
         self.max_prompt_adapters = max_prompt_adapters
+        self.max_loras = max_loras
+        self._step_adapters: set[int] = set()  # this step's prompt adapter / LoRA ids
+        self._step_loras: set[int] = set()
         self._proposer = NgramProposer(spec.ngram_max, spec.ngram_min) if spec else None
         self._speculate = False  # this step's batch may speculate
         # req_id -> batches holding it whose output is not applied yet (lookahead: up to 2)
@@ -185,6 +188,9 @@ class Scheduler:
         out = SchedulerOutput([], [], {}, 0, finished_req_ids=self._finished_req_ids,
                               blocks_to_copy=self._pending_copies)
         self._finished_req_ids, self._pending_copies = set(), []
+        # ids of the prompt adapters and LoRAs in this step's batch (``_adapter_fits``)
+        self._step_adapters: set[int] = set()
+        self._step_loras: set[int] = set()
         self._batch_seq_cap = self.max_num_seqs if self.pipeline_depth == 1 else max(1, cdiv(
             len(self.waiting) + len(self.running) + len(self.swapped), self.pipeline_depth))
         self._speculate = self.spec is not None and (
@@ -249,7 +255,7 @@ class Scheduler:
                 out.scheduled_cached_reqs.append(CachedRequestData(
                     request.req_id, [b.block_id for b in new_blocks],
                     request.num_computed_tokens))
-            out.num_scheduled_tokens[request.req_id] = num_new
+            self._scheduled(out, request, num_new)
             if draft:
                 out.spec_token_ids[request.req_id] = draft
             budget -= num_new
@@ -399,23 +405,30 @@ class Scheduler:
         self.running.append(request)
         self._unknown_to_runner.discard(request.req_id)
         out.scheduled_new_reqs.append(self._new_request_data(request))
-        out.num_scheduled_tokens[request.req_id] = num_new
+        self._scheduled(out, request, num_new)
 
     def _new_request_data(self, request: Request) -> NewRequestData:
         return NewRequestData(
             request.req_id, list(request.all_token_ids), request.num_prompt_tokens,
             request.sampling_params, self.kv.get_block_ids(request.req_id),
-            request.num_computed_tokens, request.num_output_tokens, request.prompt_adapter)
+            request.num_computed_tokens, request.num_output_tokens, request.prompt_adapter,
+            request.lora)
 
     def _adapter_fits(self, request: Request, out: SchedulerOutput) -> bool:
-        """--max-prompt-adapters: a request whose adapter would be one too many this step
-        waits for a step with room."""
-        adapter = request.prompt_adapter
-        if adapter is None:
-            return True
-        ids = {a.adapter_id for r in out.num_scheduled_tokens
-               if (a := self.requests[r].prompt_adapter) is not None}
-        return adapter.adapter_id in ids or len(ids) < self.max_prompt_adapters
+        """--max-prompt-adapters / --max-loras: a request whose prompt adapter or LoRA would
+        be one too many this step waits for a step with room."""
+        pa, lora = request.prompt_adapter, request.lora
+        return (pa is None or pa.adapter_id in self._step_adapters
+                or len(self._step_adapters) < self.max_prompt_adapters) and \
+            (lora is None or lora.lora_id in self._step_loras
+             or len(self._step_loras) < self.max_loras)
+
+    def _scheduled(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
+        out.num_scheduled_tokens[request.req_id] = num_new
+        if request.prompt_adapter is not None:
+            self._step_adapters.add(request.prompt_adapter.adapter_id)
+        if request.lora is not None:
+            self._step_loras.add(request.lora.lora_id)
 
     def _fork(self, parent: Request) -> None:
         """Start the parent's best_of children now that its prompt KV is computed."""

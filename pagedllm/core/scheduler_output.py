@@ -23,6 +23,7 @@ class NewRequestData:
     # --enable-prompt-adapter: the soft prompt whose rows replace the embeddings of the first
     # num_virtual_tokens (placeholder) tokens
     prompt_adapter: object = None  # LoadedPromptAdapter | None
+    lora: object = None  # LoadedLoRA | None (--enable-lora)
 
 
 @dataclass

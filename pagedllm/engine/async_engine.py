@@ -173,7 +173,8 @@ class AsyncLLMEngine:
     async def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
                           arrival_time: float | None = None, priority: int = 0,
                           prompt_adapter_request=None,
-                          trace_headers: dict[str, str] | None = None) -> RequestStream:
+                          trace_headers: dict[str, str] | None = None,
+                          lora_request=None) -> RequestStream:
         """Queue a request and return its output stream; ValueError if the engine rejects it."""
         self.start()
         if not self.is_running:
@@ -187,7 +188,7 @@ class AsyncLLMEngine:
         self._streams[request_id] = stream
         done = self._loop.create_future()
         self._commands.put(("add", request_id, prompt, params, arrival_time, priority, done,
-                            stream.stats, prompt_adapter_request, trace_headers))
+                            stream.stats, prompt_adapter_request, trace_headers, lora_request))
         try:
             await done
         except BaseException:
@@ -201,10 +202,12 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt: PromptInputs, params: SamplingParams, request_id: str,
                        priority: int = 0,
-                       prompt_adapter_request=None) -> AsyncIterator[RequestOutput]:
+                       prompt_adapter_request=None,
+                       lora_request=None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs; leaving early (or a disconnect) aborts the request."""
         stream = await self.add_request(request_id, prompt, params, priority=priority,
-                                        prompt_adapter_request=prompt_adapter_request)
+                                        prompt_adapter_request=prompt_adapter_request,
+                                        lora_request=lora_request)
         try:
             async for output in stream:
                 yield output
@@ -305,13 +308,14 @@ class AsyncLLMEngine:
         if command[0] == "abort":
             self.engine.abort_request(command[1])
             return
-        _, req_id, prompt, params, arrival_time, priority, done, stats, adapter, trace = command
+        _, req_id, prompt, params, arrival_time, priority, done, stats, adapter, trace, lora = \
+            command
         if done.cancelled():
             return
         try:
             request = self.engine.add_request(req_id, prompt, params, arrival_time, priority,
                                               prompt_adapter_request=adapter,
-                                              trace_headers=trace)
+                                              trace_headers=trace, lora_request=lora)
         except Exception as exc:  # noqa: BLE001 - every rejection goes back to the caller
             if not isinstance(exc, ValueError):
                 exc = ValueError(str(exc))

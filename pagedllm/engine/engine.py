@@ -48,6 +48,7 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.executor import make_executor
 from pagedllm.spec_decode import SpecSettings
 from pagedllm.tracing import RequestTracer
+from pagedllm.lora import LoRACache, LoRARequest
 from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
                                      check_prompt_adapter_support, load_prompt_adapter)
 
@@ -107,7 +108,11 @@ class LLMEngine:
             kv_cache_manager=self.kv_cache_manager, num_scheduler_steps=sc.num_scheduler_steps,
             pipeline_depth=self.pipeline_depth,
             spec=SpecSettings.from_config(config.speculative),
-            max_prompt_adapters=config.prompt_adapter.max_prompt_adapters)
+            max_prompt_adapters=config.prompt_adapter.max_prompt_adapters,
+            max_loras=config.lora.max_loras)
+        lc = config.lora  # --enable-lora: adapters loaded once per id (pagedllm/lora.py)
+        self._loras = LoRACache(lc.max_cpu_loras or lc.max_loras, lc.max_lora_rank,
+                                mc.num_hidden_layers) if lc.enable_lora else None
         self._prompt_adapters: dict[int, tuple[PromptAdapterRequest, LoadedPromptAdapter]] = {}
         if config.prompt_adapter.enable_prompt_adapter:
             check_prompt_adapter_support(mc.hf_config)
@@ -145,11 +150,13 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
                     arrival_time: float | None = None, priority: int = 0,
                     prompt_adapter_request: PromptAdapterRequest | None = None,
-                    trace_headers: dict[str, str] | None = None) -> Request:
+                    trace_headers: dict[str, str] | None = None,
+                    lora_request: LoRARequest | None = None) -> Request:
         """Validate and queue a request; raises ValueError naming the bad field.
         ``trace_headers``: the caller's W3C trace context (traceparent / tracestate) that
         the request's span continues (--otlp-traces-endpoint)."""
         adapter = self._prompt_adapter(prompt_adapter_request)
+        lora = self._lora(lora_request)
         if request_id in self._states:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
@@ -174,17 +181,27 @@ class LLMEngine:
         max_model_len = self.config.model.max_model_len
         request = Request(request_id, token_ids, params, prompt=text, arrival_time=arrival_time,
                           priority=priority, max_model_len=max_model_len)
-        request.prompt_adapter = adapter
+        request.prompt_adapter, request.lora = adapter, lora
         group = SequenceGroup(request_id, params, request, self.tokenizer)
         group.trace_headers = trace_headers
         children = group.make_children(max_model_len) if params.best_of > 1 else []
         for child in children:
-            child.prompt_adapter = adapter
+            child.prompt_adapter, child.lora = adapter, lora
         self.scheduler.add_request(request, children)
         self._states[request_id] = group
         for seq in group.seqs:
             self._seqs[seq.request.req_id] = (group, seq)
         return request
+
+    def _lora(self, request: LoRARequest | None):
+        """The loaded LoRA of a request, or None (ValueError on a bad one)."""
+        if request is None:
+            return None
+        if self._loras is None:
+            raise ValueError("lora_request needs --enable-lora")
+        if not isinstance(request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
+        return self._loras.get(request)
 
     def _prompt_adapter(self, request: PromptAdapterRequest | None):
         """The loaded adapter of a request (loaded once per id), or None."""

@@ -61,6 +61,7 @@ class Request:
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.prompt_adapter = None  # LoadedPromptAdapter: its placeholders start the prompt
+        self.lora = None  # LoadedLoRA (--enable-lora)
         # seconds spent in schedule() calls that scheduled it, and (--collect-detailed-traces)
         # in the model forward / execution of its steps
         self.scheduler_time = 0.0

@@ -40,10 +40,12 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  prompt_token_ids: list[list[int]] | None = None, use_tqdm: bool = True,
                  priority: list[int] | None = None,
-                 prompt_adapter_request: PromptAdapterRequest | None = None
-                 ) -> list[RequestOutput]:
+                 prompt_adapter_request: PromptAdapterRequest | None = None,
+                 lora_request=None) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order.
-        ``prompt_adapter_request``: one soft prompt for every prompt (--enable-prompt-adapter)."""
+        ``prompt_adapter_request``: one soft prompt for every prompt (--enable-prompt-adapter).
+        ``lora_request``: a ``LoRARequest`` for every prompt, or a list with one (or None)
+        per prompt (--enable-lora)."""
         if prompts is None:
             if prompt_token_ids is None:
                 raise ValueError("either prompts or prompt_token_ids must be given")
@@ -56,12 +58,17 @@ class LLM:
         priorities = priority if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"priority has {len(priorities)} entries for {len(prompts)} prompts")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else \
+            [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
         req_ids = []
         try:
-            for prompt, p, prio in zip(prompts, params, priorities):
+            for prompt, p, prio, lora in zip(prompts, params, priorities, loras):
                 req_id = str(next(self._counter))
                 self.llm_engine.add_request(req_id, prompt, p, priority=prio,
-                                            prompt_adapter_request=prompt_adapter_request)
+                                            prompt_adapter_request=prompt_adapter_request,
+                                            lora_request=lora)
                 req_ids.append(req_id)
         except Exception:
             self.llm_engine.abort_request(req_ids)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm import lora
 from pagedllm.layers import fused
 
 
@@ -31,6 +32,8 @@ def new_weight(output_size: int, input_size: int) -> nn.Parameter:
 
 
 class Linear(nn.Module):
+    lora = None  # LoRASlots with --enable-lora (pagedllm/lora.py)
+
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__()
         self.input_size, self.output_size = input_size, output_size
@@ -38,8 +41,13 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(output_size)) if bias else None
 
     def forward(self, x: torch.Tensor, gated_silu: bool = False) -> torch.Tensor:
-        """x @ weight^T + bias; ``gated_silu`` (a [gate; up] projection): silu(gate) * up."""
-        return fused.linear(x, self.weight, self.bias, gated_silu)
+        """x @ weight^T + bias (+ the rows' LoRA deltas); ``gated_silu`` (a [gate; up]
+        projection): silu(gate) * up."""
+        batch = lora.current() if self.lora is not None else None
+        if batch is None:
+            return fused.linear(x, self.weight, self.bias, gated_silu)
+        out = self.lora.add_delta(x, fused.linear(x, self.weight, self.bias), batch)
+        return fused.silu_and_mul(out) if gated_silu else out
 
 
 class MergedLinear(Linear):

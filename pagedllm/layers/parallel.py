@@ -58,7 +58,7 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if get_tp_size() == 1:
-            return fused.linear(x, self.weight, self.bias)
+            return super().forward(x)
         out = all_reduce(fused.linear(x, self.weight))
         return out + self.bias if self.bias is not None else out
 

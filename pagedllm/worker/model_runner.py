@@ -40,6 +40,8 @@ from pagedllm.distributed import get_pp_size, is_last_stage, take_pending_sends,
 from pagedllm.guided.matchers import GuidedMatchers
 from pagedllm.worker.step_sampler import MultiStepSampling, StepSampler, prompt_logprob_rows
 from pagedllm.sampling_params import SamplingParams
+from pagedllm import lora
+from pagedllm.lora import LoRABatch, LoRASlotTable
 from pagedllm.spec_decode import SpecRows, verify
 from pagedllm.tensors import to_device
 from pagedllm.worker.cache_engine import CacheEngine
@@ -56,6 +58,7 @@ class CachedRequestState:
     num_output_tokens: int
     num_prompt_tokens: int
     prompt_adapter: object = None  # LoadedPromptAdapter | None
+    lora: object = None  # LoadedLoRA | None
 
 
 @dataclass
@@ -71,6 +74,7 @@ class _Batch:
     spec_rows: torch.Tensor | None = None
     # prompt adapters: (rows [n], embeddings [n, hidden]) replacing the placeholders' embeddings
     embed_overrides: tuple[torch.Tensor, torch.Tensor] | None = None
+    lora: LoRABatch | None = None  # which rows use which LoRA slot (--enable-lora)
 
 
 @dataclass
@@ -110,6 +114,7 @@ class ModelRunner:
         self.guided = GuidedMatchers(vocab_size, device)  # grammar matchers of guided requests
         self.backend = get_attn_backend(device)
         self.graphs: CUDAGraphRunner | None = None  # set by the worker when graphs are on
+        self.lora_table: LoRASlotTable | None = None  # set by the worker with --enable-lora
         self.on_launch = None  # called once a step's forward is queued (async output proc)
         self._launched_steps: deque[_Launched] = deque()  # launched, not finished, in order
         # req_id -> (ids sampled by the last step of a launched multi-step batch, its row):
@@ -131,7 +136,7 @@ class ModelRunner:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids),
                 new.num_computed_tokens, new.num_output_tokens, new.num_prompt_tokens,
-                new.prompt_adapter)
+                new.prompt_adapter, new.lora)
             guide = new.sampling_params.compiled_guide
             if guide is not None:  # after a recompute preemption: replay the outputs so far
                 self.guided.add(new.req_id, guide, new.token_ids[new.num_prompt_tokens:])
@@ -185,6 +190,11 @@ class ModelRunner:
                                  prefill_seqs)
         if prefill_seqs and self.backend.needs_packed_prefill:
             self._pack_prefills(meta, [self.requests[r].block_ids for r in prefills])
+        lora_batch = None
+        if self.lora_table is not None:
+            lora_batch = self.lora_table.batch(
+                [self.requests[r].lora for r in decodes + prefills for _ in range(num_sched[r])],
+                self.device)
         input_ids_t = self._tensor(input_ids)
         for src in {id(t): t for _, t, _ in late}.values():  # tokens still on the device
             rows = [(i, r) for i, t, r in late if t is src]
@@ -194,7 +204,7 @@ class ModelRunner:
                       self._tensor(logits_rows), sampling_req_ids, specs,
                       self._tensor(spec_rows) if specs else None,
                       (self._tensor(override_rows), torch.cat(override_values).to(self.device))
-                      if override_rows else None)
+                      if override_rows else None, lora_batch)
 
     def _decode_inputs(self, decodes: list[str], input_ids: list[int], positions: list[int],
                        slots: list[int], lookahead: int = 0, late: list | None = None):
@@ -239,11 +249,14 @@ class ModelRunner:
         return to_device(values, dtype, self.device)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 meta: AttentionMetadata, embed_overrides=None) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.can_run(meta) and embed_overrides is None:
+                 meta: AttentionMetadata, embed_overrides=None,
+                 lora_batch: LoRABatch | None = None) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(meta) and embed_overrides is None \
+                and lora_batch is None:
             return self.graphs.run(input_ids, positions, meta)
-        return self.model(input_ids, positions, ForwardContext(
-            meta, self.cache.gpu_cache, self.backend, self.kv_scales, embed_overrides))
+        with lora.active(lora_batch):
+            return self.model(input_ids, positions, ForwardContext(
+                meta, self.cache.gpu_cache, self.backend, self.kv_scales, embed_overrides))
 
     def _next_decode_meta(self, meta: AttentionMetadata,
                           positions: torch.Tensor) -> AttentionMetadata:
@@ -280,7 +293,8 @@ class ModelRunner:
             return
         step.pending_masks = self.guided.fill_async(batch.sampling_req_ids)  # overlaps
         step.hidden = self._timed_forward(step, batch.input_ids, batch.positions,
-                                          batch.attn_metadata, batch.embed_overrides)
+                                          batch.attn_metadata, batch.embed_overrides,
+                                          batch.lora)
         step.sends = take_pending_sends()
         self._launched()
         if get_pp_size() > 1 and is_last_stage():
@@ -364,7 +378,7 @@ class ModelRunner:
                 positions = positions + 1
                 meta = self._next_decode_meta(meta, positions)
             input_ids = sampling.sample(self._timed_forward(launched, input_ids, positions,
-                                                            meta))
+                                                            meta, None, batch.lora))
         sampling.start_copy()
         for row, req_id in enumerate(batch.req_ids):
             self._late_inputs[req_id] = (input_ids, row)

@@ -65,6 +65,7 @@ class Worker:
                                                 config.load.max_parallel_loading_workers)
         if cc.cpu_offload_gb:
             offload_linear_weights(self.model, int(cc.cpu_offload_gb * _GiB), self.device)
+        self.lora_table = self._lora_slots()  # before the KV cache is sized: slots take memory
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()
                                 if p.device.type == self.device.type)  # on the device
         self.activation_bytes = 0
@@ -90,7 +91,11 @@ class Worker:
             self.model, cache, self.device, mc.vocab_size, mc.seed, self.kv_scales,
             spec.typical if spec else None,
             check_tracing_flags(obs.otlp_traces_endpoint, obs.collect_detailed_traces))
-        if self.device.type == "cuda" and get_pp_size() > 1 and not mc.enforce_eager:
+        self.runner.lora_table = self.lora_table
+        if self.device.type == "cuda" and self.lora_table is not None and not mc.enforce_eager:
+            logger.info("CUDA graphs are off with --enable-lora (each batch's adapter rows "
+                        "change the work); steps run eagerly")
+        elif self.device.type == "cuda" and get_pp_size() > 1 and not mc.enforce_eager:
             logger.info("CUDA graphs are off with pipeline parallelism (the sends between "
                         "stages are not captured); steps run eagerly")
         elif self.device.type == "cuda" and not mc.enforce_eager and \
@@ -108,6 +113,19 @@ class Worker:
                     self.num_gpu_blocks * self.block_bytes / _GiB, self.num_cpu_blocks,
                     mc.max_model_len,
                     self.num_gpu_blocks * cc.block_size / mc.max_model_len)
+
+    def _lora_slots(self):
+        """--enable-lora: the runner's slot buffers on every LoRA-capable projection."""
+        lc = self.config.lora
+        if not lc.enable_lora:
+            return None
+        from pagedllm.lora import LoRASlotTable, check_lora_support
+        check_lora_support(self.model, self.config.model.hf_config.architectures[0]
+                           if getattr(self.config.model.hf_config, "architectures", None)
+                           else type(self.model).__name__)
+        dtype = self.config.model.torch_dtype if lc.lora_dtype == "auto" else \
+            getattr(torch, lc.lora_dtype)
+        return LoRASlotTable(self.model, lc.max_loras, lc.max_lora_rank, dtype, self.device)
 
     def _num_gpu_blocks(self) -> int:
         cc, sc, mc = self.config.cache, self.config.scheduler, self.config.model

@@ -22,7 +22,7 @@ class FakeEngine:
         self.requests, self.aborted, self.fail_next_step = {}, [], False
 
     def add_request(self, req_id, prompt, params, arrival_time=None, priority=0,
-                    prompt_adapter_request=None, trace_headers=None):
+                    prompt_adapter_request=None, trace_headers=None, lora_request=None):
         if prompt == "bad":
             raise ValueError("prompt 'bad' is invalid")
         self.requests[req_id] = [params.max_tokens, 0]

@@ -91,6 +91,21 @@ def prompt_adapter_requests(modules, config) -> dict:
             for i, (name, path) in enumerate(modules, start=1)}
 
 
+def lora_module_requests(modules, config, num_layers: int) -> dict:
+    """--lora-modules NAME=PATH ...: one LoRARequest per name, ids from 1 (each checkpoint
+    is read now: a bad directory fails at start-up)."""
+    from pagedllm.lora import LoRARequest, load_lora
+    if not modules:
+        return {}
+    if not config.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
+    requests = {name: LoRARequest(name, i, path) for i, (name, path) in
+                enumerate(modules, start=1)}
+    for request in requests.values():
+        load_lora(request, config.max_lora_rank, num_layers)
+    return requests
+
+
 def _serving_context(engine: AsyncLLMEngine, server: ServerConfig) -> ServingContext:
     config = engine.engine.config.model
     tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
@@ -102,7 +117,9 @@ def _serving_context(engine: AsyncLLMEngine, server: ServerConfig) -> ServingCon
         return_tokens_as_token_ids=server.return_tokens_as_token_ids,
         enable_auto_tools=server.enable_auto_tool_choice, tool_parser=server.tool_call_parser,
         prompt_adapters=prompt_adapter_requests(server.prompt_adapters,
-                                                engine.engine.config.prompt_adapter))
+                                                engine.engine.config.prompt_adapter),
+        lora_modules=lora_module_requests(server.lora_modules, engine.engine.config.lora,
+                                          config.num_hidden_layers))
 
 
 def _install_error_handlers(app: FastAPI) -> None:

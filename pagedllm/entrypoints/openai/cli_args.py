@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from pagedllm.arg_utils import EngineArgs, add_config_args, parse_json_of
-from pagedllm.config import DEFAULT_ONLY, check_option, field_default, option, option_fields
+from pagedllm.config import check_option, field_default, option, option_fields
 
 
 def parse_name_path(text: str) -> tuple[str, str]:
@@ -54,9 +54,9 @@ class ServerConfig:
     api_key: Optional[str] = option(None, "Require this key in the Authorization: Bearer "
                                     "header.")
     lora_modules: Optional[list] = option(
-        None, "LoRA adapters to serve, as NAME=PATH (one or more).", nargs="+",
-        cli_type=parse_name_path, metavar="NAME=PATH", supported=DEFAULT_ONLY,
-        planned="LoRA adapters")
+        None, "LoRA adapters to serve, as NAME=PATH (one or more; PEFT LoRA directories; "
+        "needs --enable-lora): a request's model NAME selects one.", nargs="+",
+        cli_type=parse_name_path, metavar="NAME=PATH")
     prompt_adapters: Optional[list] = option(
         None, "Prompt adapters to serve, as NAME=PATH (one or more; PEFT prompt-tuning "
         "directories; needs --enable-prompt-adapter): a request's model NAME selects one.",

@@ -74,6 +74,8 @@ class ServingContext:
     tool_parser: Optional[str] = None   # --tool-call-parser
     # --prompt-adapters: model name -> PromptAdapterRequest (a request's model selects one)
     prompt_adapters: dict = field(default_factory=dict)
+    # --lora-modules: model name -> LoRARequest (likewise)
+    lora_modules: dict = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
@@ -88,18 +90,21 @@ class OpenAIServing:
 
     # ---- checks --------------------------------------------------------------------------
     def check_model(self, model: Optional[str]):
-        """404 for an unknown model; the prompt adapter a model name selects, else None."""
+        """404 for an unknown model; the prompt adapter or LoRA a model name selects, else
+        None."""
         if model is None or model in self.ctx.served_model_names:
             return None
         if model in self.ctx.prompt_adapters:
             return self.ctx.prompt_adapters[model]
+        if model in self.ctx.lora_modules:
+            return self.ctx.lora_modules[model]
         raise OpenAIError(f"The model `{model}` does not exist.", "NotFoundError",
                           HTTPStatus.NOT_FOUND)
 
     @staticmethod
     def num_virtual_tokens(adapter) -> int:
         """Placeholder tokens the engine puts before a prompt for its prompt adapter."""
-        return adapter.prompt_adapter_num_virtual_tokens if adapter is not None else 0
+        return getattr(adapter, "prompt_adapter_num_virtual_tokens", 0)  # LoRA: none
 
     def check_logprobs(self, field: str, value: Optional[int]) -> None:
         if value is not None and value > self.ctx.max_logprobs:
@@ -151,10 +156,13 @@ class OpenAIServing:
     async def add(self, request_id: str, prompt: dict, params, priority: int,
                   prompt_adapter=None, raw_request=None) -> RequestStream:
         headers = trace_headers(raw_request.headers) if raw_request is not None else None
+        from pagedllm.lora import LoRARequest
+        lora = prompt_adapter if isinstance(prompt_adapter, LoRARequest) else None
         try:
-            return await self.engine.add_request(request_id, prompt, params, priority=priority,
-                                                 prompt_adapter_request=prompt_adapter,
-                                                 trace_headers=headers)
+            return await self.engine.add_request(
+                request_id, prompt, params, priority=priority,
+                prompt_adapter_request=None if lora is not None else prompt_adapter,
+                trace_headers=headers, lora_request=lora)
         except ValueError as exc:
             raise OpenAIError(str(exc)) from exc
 

@@ -19,6 +19,10 @@ class OpenAIServingModels(OpenAIServing):
                             max_model_len=self.ctx.max_model_len,
                             permission=[ModelPermission()])
                   for name in self.ctx.prompt_adapters]  # --prompt-adapters, as vLLM lists them
+        cards += [ModelCard(id=name, root=lora.path, parent=self.ctx.model_name,
+                            max_model_len=self.ctx.max_model_len,
+                            permission=[ModelPermission()])
+                  for name, lora in self.ctx.lora_modules.items()]  # --lora-modules
         return ModelList(data=cards).model_dump()
 
 
