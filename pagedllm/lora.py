@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedllm.tensors import to_device
+
 # checkpoint module name -> (fused projection attribute, part index)
 _TARGETS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
             "o_proj": ("o_proj", 0), "gate_proj": ("gate_up_proj", 0),
@@ -45,7 +47,8 @@ _TARGETS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qk
 # fused projection -> (its parent attribute in a decoder layer, number of parts)
 _PROJECTIONS = {"qkv_proj": ("self_attn", 3), "o_proj": ("self_attn", 1),
                 "gate_up_proj": ("mlp", 2), "down_proj": ("mlp", 1)}
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+_KEY = re.compile(r"^(?:(?:base_model\.model\.)?model\.)?layers\.(\d+)\.(?:self_attn|mlp)\."
+                  r"(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 MAX_RANKS = (8, 16, 32, 64, 128, 256)  # vLLM's choices for --max-lora-rank
 
 
@@ -75,8 +78,22 @@ class LoadedLoRA:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
 
 
-def load_lora(request: LoRARequest, max_rank: int, num_layers: int) -> LoadedLoRA:
-    """Read and check a PEFT LoRA directory; ValueError naming the adapter on any problem."""
+def projection_shapes(hf_config) -> dict[str, tuple[int, int]]:
+    """(in, out) of each LoRA-capable checkpoint module of a Llama-family config."""
+    h = hf_config.hidden_size
+    head_dim = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
+    q = hf_config.num_attention_heads * head_dim
+    kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    inter = hf_config.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv * head_dim), "v_proj": (h, kv * head_dim),
+            "o_proj": (q, h), "gate_proj": (h, inter), "up_proj": (h, inter),
+            "down_proj": (inter, h)}
+
+
+def load_lora(request: LoRARequest, max_rank: int, num_layers: int,
+              shapes: dict[str, tuple[int, int]] | None = None) -> LoadedLoRA:
+    """Read and check a PEFT LoRA directory (against the model's projection ``shapes``, from
+    ``projection_shapes``); ValueError naming the adapter on any problem."""
     name, path = request.lora_name, request.path
     if not isinstance(request.lora_int_id, int) or request.lora_int_id < 1:
         raise ValueError(f"LoRA {name!r}: lora_int_id must be a positive integer, got "
@@ -91,7 +108,7 @@ def load_lora(request: LoRARequest, max_rank: int, num_layers: int) -> LoadedLoR
         config = json.load(f)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"LoRA {name!r}: peft_type {config.get('peft_type')!r} is not LORA")
-    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    rank, alpha = config.get("r"), config.get("lora_alpha", 8)  # PEFT's default alpha
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA {name!r}: adapter_config.json has no positive integer r")
     if rank > max_rank:
@@ -117,12 +134,20 @@ def load_lora(request: LoRARequest, max_rank: int, num_layers: int) -> LoadedLoR
         if layer >= num_layers:
             raise ValueError(f"LoRA {name!r}: tensor {key!r} names layer {layer}; the model "
                              f"has {num_layers}")
-        pairs.setdefault((layer, match.group(2)), {})[match.group(3)] = tensor.float()
+        ab = pairs.setdefault((layer, match.group(2)), {})
+        if match.group(3) in ab:
+            raise ValueError(f"LoRA {name!r}: more than one lora_{match.group(3)} for layer "
+                             f"{layer} {match.group(2)} (tensor {key!r})")
+        ab[match.group(3)] = tensor.float()
     weights = {}
     for where, ab in pairs.items():
-        if set(ab) != {"A", "B"} or ab["A"].shape[0] != rank or ab["B"].shape[1] != rank:
+        n_in, n_out = shapes[where[1]] if shapes is not None else ("in", "out")
+        if set(ab) != {"A", "B"} or ab["A"].dim() != 2 or ab["B"].dim() != 2 or \
+                ab["A"].shape[0] != rank or ab["B"].shape[1] != rank or \
+                (shapes is not None and (ab["A"].shape[1] != n_in or ab["B"].shape[0] != n_out)):
             raise ValueError(f"LoRA {name!r}: layer {where[0]} {where[1]} needs lora_A "
-                             f"[{rank}, in] and lora_B [out, {rank}]")
+                             f"[{rank}, {n_in}] and lora_B [{n_out}, {rank}] (is it an "
+                             "adapter of this model?)")
         weights[where] = (ab["A"], ab["B"])
     if not weights:
         raise ValueError(f"LoRA {name!r}: no LoRA weights in {path!r}")
@@ -145,8 +170,10 @@ class LoRACache:
     """The engine's loaded adapters by id, least recently used dropped past ``capacity``
     (``--max-cpu-loras``); an id always names the same adapter."""
 
-    def __init__(self, capacity: int, max_rank: int, num_layers: int) -> None:
+    def __init__(self, capacity: int, max_rank: int, num_layers: int,
+                 shapes: dict[str, tuple[int, int]] | None = None) -> None:
         self.capacity, self.max_rank, self.num_layers = capacity, max_rank, num_layers
+        self.shapes = shapes
         self._loaded: OrderedDict[int, tuple[LoRARequest, LoadedLoRA]] = OrderedDict()
         self._names: dict[int, LoRARequest] = {}
 
@@ -158,7 +185,7 @@ class LoRACache:
                              f"{known.lora_name!r}")
         entry = self._loaded.get(request.lora_int_id)
         if entry is None:
-            entry = (request, load_lora(request, self.max_rank, self.num_layers))
+            entry = (request, load_lora(request, self.max_rank, self.num_layers, self.shapes))
             self._loaded[request.lora_int_id] = entry
             self._names[request.lora_int_id] = request
             while len(self._loaded) > self.capacity:
@@ -220,13 +247,18 @@ class LoRASlots:
             self.b[slot, out:out + b.shape[0], lo:lo + r] = (b * scale).to(self.b.dtype)
 
     def add_delta(self, x: torch.Tensor, out: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+        """``out`` (the base projection of ``x``, a fresh tensor: updated in place) plus each
+        slot's delta on its rows."""
+        if self.a.dtype != x.dtype:
+            x = x.to(self.a.dtype)
         for slot, rows in batch.groups:
             a, b = self.a[slot], self.b[slot]
-            if rows is None:
-                out = out + ((x @ a.t().to(x.dtype)) @ b.t().to(x.dtype)).to(out.dtype)
+            if rows is None:  # every row: the second matmul adds into out
+                out.addmm_(x @ a.t(), b.t().to(out.dtype)) if out.dtype == a.dtype else \
+                    out.add_(((x @ a.t()) @ b.t()).to(out.dtype))
             else:
-                delta = (x.index_select(0, rows) @ a.t().to(x.dtype)) @ b.t().to(x.dtype)
-                out = out.index_add(0, rows, delta.to(out.dtype))
+                delta = (x.index_select(0, rows) @ a.t()) @ b.t()
+                out.index_add_(0, rows, delta.to(out.dtype))
         return out
 
 
@@ -281,7 +313,7 @@ class LoRASlotTable:
         for lora_id, slot in slots.items():
             rows = [i for i, lora in enumerate(row_loras)
                     if lora is not None and lora.lora_id == lora_id]
-            groups.append((slot, torch.tensor(rows, dtype=torch.long, device=device)))
+            groups.append((slot, to_device(rows, torch.long, device)))
         return LoRABatch(groups)
 
     def _slot(self, lora: LoadedLoRA, in_use: set[int]) -> int:

@@ -108,6 +108,9 @@ class Scheduler:
     def add_request(self, request: Request, fork_children: list[Request] = ()) -> None:
         """Queue ``request``; ``fork_children`` (best_of > 1) are forked from it after its
         prefill, see the module docstring."""
+        if request.req_id in self.in_flight or request.req_id in self._free_after_step:
+            # a batch launched ahead still computes the request that had this id
+            raise ValueError(f"request id {request.req_id!r} is still finishing; use another id")
         num_blocks = cdiv(request.num_tokens, self.kv.block_size)
         if num_blocks > self.kv.pool.num_blocks:
             raise ValueError(
@@ -320,7 +323,10 @@ class Scheduler:
         requests = [r for r in requests if left[r.req_id] > 0]
         if self.waiting and (len(requests) < self.max_num_seqs or not requests):
             return None
-        steps = min(self.num_scheduler_steps, max((left[r.req_id] for r in requests), default=0))
+        # tokens past a request's max_tokens are dropped, but none may pass max_model_len
+        steps = min(self.num_scheduler_steps, max((left[r.req_id] for r in requests), default=0),
+                    min((self.max_model_len - r.num_tokens - ahead + 1 for r in requests),
+                        default=0))
         if steps <= 1 or self.kv.num_free_blocks < sum(
                 max(self.kv.num_new_blocks(r, ahead + steps), 0) for r in requests):
             return None

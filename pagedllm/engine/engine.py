@@ -48,7 +48,7 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.executor import make_executor
 from pagedllm.spec_decode import SpecSettings
 from pagedllm.tracing import RequestTracer
-from pagedllm.lora import LoRACache, LoRARequest
+from pagedllm.lora import LoRACache, LoRARequest, projection_shapes
 from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
                                      check_prompt_adapter_support, load_prompt_adapter)
 
@@ -112,7 +112,8 @@ class LLMEngine:
             max_loras=config.lora.max_loras)
         lc = config.lora  # --enable-lora: adapters loaded once per id (pagedllm/lora.py)
         self._loras = LoRACache(lc.max_cpu_loras or lc.max_loras, lc.max_lora_rank,
-                                mc.num_hidden_layers) if lc.enable_lora else None
+                                mc.num_hidden_layers, projection_shapes(mc.hf_config)) \
+            if lc.enable_lora else None
         self._prompt_adapters: dict[int, tuple[PromptAdapterRequest, LoadedPromptAdapter]] = {}
         if config.prompt_adapter.enable_prompt_adapter:
             check_prompt_adapter_support(mc.hf_config)

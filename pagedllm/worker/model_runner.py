@@ -283,10 +283,11 @@ class ModelRunner:
         """Apply the step's diffs, build the batch and queue its forward."""
         step = _Launched(so, started=time.perf_counter())
         self._update_states(so)
+        batch = None if so.is_empty else self._build_batch(so)
+        step.batch = batch
         self._launched_steps.append(step)
-        if so.is_empty:
+        if batch is None:
             return
-        step.batch = batch = self._build_batch(so)
         if so.num_steps > 1:
             if get_pp_size() == 1:  # with pipeline stages the steps run in finish
                 self._launch_steps(step, batch, so.num_steps)

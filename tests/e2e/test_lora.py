@@ -153,6 +153,18 @@ def test_bad_requests_and_flags(model_path, loras, tmp_path):
     with pytest.raises(ValueError, match="targets a module LoRA cannot adapt"):
         llm.generate(prompt_token_ids=[[5, 6]], use_tqdm=False,
                      lora_request=LoRARequest("head", 5, str(bad)))
+    hidden = llm.llm_engine.config.model.hf_config.hidden_size
+    other = tmp_path / "other"  # an adapter of a model with another hidden size
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+               torch.zeros(4, hidden * 2),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight":
+               torch.zeros(hidden * 2, 4)}, str(other / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="adapter of this model"):
+        llm.generate(prompt_token_ids=[[5, 6]], use_tqdm=False,
+                     lora_request=LoRARequest("other-model", 6, str(other)))
     out = llm.generate(prompt_token_ids=[[5, 6, 7]], use_tqdm=False,  # the engine lives on
                        sampling_params=SamplingParams(max_tokens=3, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 3
@@ -194,6 +206,8 @@ def test_server_lora_modules(model_path, loras):
         assert [(m["id"], m["parent"]) for m in models] == [(model_path, None),
                                                              ("all", model_path)]
     with pytest.raises(ValueError, match="needs --enable-lora"):
-        lora_module_requests([("all", loras[0].lora_path)], LoRAConfig(), 2)
+        lora_module_requests([("all", loras[0].lora_path)], LoRAConfig(), None)
+    from transformers import AutoConfig
+    hf_config = AutoConfig.from_pretrained(model_path)
     with pytest.raises(ValueError, match="no adapter_config.json"):
-        lora_module_requests([("x", "/nonexistent")], LoRAConfig(enable_lora=True), 2)
+        lora_module_requests([("x", "/nonexistent")], LoRAConfig(enable_lora=True), hf_config)

@@ -306,3 +306,37 @@ def test_lookahead_only_in_the_steady_state():
     answer(sched, ahead)
     out = sched.schedule()
     assert set(out.num_scheduled_tokens) == {"a", "c"}
+
+
+def test_lookahead_stops_at_max_model_len():
+    """A request near max_model_len caps the lookahead batch's steps (tokens past a request's
+    max_tokens are dropped, but its KV may never pass max_model_len)."""
+    kv = KVCacheManager(32, 0, 4, False)
+    sched = Scheduler(max_num_batched_tokens=64, max_num_seqs=8, enable_chunked_prefill=False,
+                      preemption_mode="recompute", policy="fcfs", delay_factor=0.0,
+                      max_model_len=32, kv_cache_manager=kv, num_scheduler_steps=8)
+    for req_id, n in (("a", 3), ("b", 20)):
+        sched.add_request(Request(req_id, list(range(1, n + 1)), SamplingParams(max_tokens=None),
+                                  max_model_len=32))
+    run_step(sched)
+    running = sched.schedule()
+    assert running.num_steps == 8  # b: 21 tokens, room for 11 more
+    ahead = sched.schedule_lookahead(running)
+    # b at 29 tokens after the running batch: positions 28..31 at most, so 4 steps
+    assert ahead.num_steps == 4
+    assert max(len(kv.get_block_ids(r)) for r in "ab") * 4 <= 32
+
+
+def test_an_id_still_in_flight_cannot_be_reused():
+    sched = make_scheduler(steps=4)
+    req = Request("a", [1, 2, 3], SamplingParams(max_tokens=12, stop_token_ids=[9]))
+    sched.add_request(req)
+    run_step(sched)
+    first = sched.schedule()
+    ahead = sched.schedule_lookahead(first)
+    answer(sched, first, token=9)  # ends; the lookahead batch still holds "a"
+    assert req.is_finished()
+    with pytest.raises(ValueError, match="still finishing"):
+        add(sched, "a", 3)
+    answer(sched, ahead)
+    add(sched, "a", 3)  # free again

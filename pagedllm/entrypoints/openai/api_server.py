@@ -91,10 +91,10 @@ def prompt_adapter_requests(modules, config) -> dict:
             for i, (name, path) in enumerate(modules, start=1)}
 
 
-def lora_module_requests(modules, config, num_layers: int) -> dict:
+def lora_module_requests(modules, config, hf_config) -> dict:
     """--lora-modules NAME=PATH ...: one LoRARequest per name, ids from 1 (each checkpoint
     is read now: a bad directory fails at start-up)."""
-    from pagedllm.lora import LoRARequest, load_lora
+    from pagedllm.lora import LoRARequest, load_lora, projection_shapes
     if not modules:
         return {}
     if not config.enable_lora:
@@ -102,7 +102,8 @@ def lora_module_requests(modules, config, num_layers: int) -> dict:
     requests = {name: LoRARequest(name, i, path) for i, (name, path) in
                 enumerate(modules, start=1)}
     for request in requests.values():
-        load_lora(request, config.max_lora_rank, num_layers)
+        load_lora(request, config.max_lora_rank, hf_config.num_hidden_layers,
+                  projection_shapes(hf_config))
     return requests
 
 
@@ -119,7 +120,7 @@ def _serving_context(engine: AsyncLLMEngine, server: ServerConfig) -> ServingCon
         prompt_adapters=prompt_adapter_requests(server.prompt_adapters,
                                                 engine.engine.config.prompt_adapter),
         lora_modules=lora_module_requests(server.lora_modules, engine.engine.config.lora,
-                                          config.num_hidden_layers))
+                                          config.hf_config))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
