@@ -6,7 +6,8 @@
 # throughput (1000 x 256/256) and the nano-vllm workload; `... gemv` the one-row GEMV
 # configs against cuBLAS; `... leads` the open questions of issue #5's batch-1 goal (graph
 # replay with and without PDL, the decode profile, GEMV configs for the Qwen3-0.6B shape);
-# no argument: tests, bench1, bench2.
+# no argument: tests, bench1, bench2. (tests/e2e/test_lora.py needs peft, which the GPU image
+# lacks: carry its wheel and accelerate's as .whl, see the device README, or it is skipped.)
 set -uo pipefail
 export PYTHONPATH="$PWD" PAGEDLLM_TEST_MODELS=/tmp/pagedllm-test-models
 OUT_DIR=${OUT:-/tmp}
@@ -21,7 +22,7 @@ for part in $parts; do
       python -m pytest -q -p no:cacheprovider tests/models tests/e2e/test_engine_features.py \
         tests/e2e/test_gpu_bf16.py \
         tests/e2e/test_multi_step.py tests/e2e/test_fp8_kv_cache.py tests/e2e/test_gpu_memory.py \
-        tests/e2e/test_spec_decode.py \
+        tests/e2e/test_spec_decode.py tests/e2e/test_lora.py \
         tests/unit/test_loader.py 2>&1 | tail -8 ;;
     bench1)
       python benchmarks/gpu_workloads.py --only startup decode ttft 2>&1 | grep -v Warning \

@@ -173,7 +173,9 @@ def test_bad_requests_and_flags(model_path, loras, tmp_path):
                           ({"enable_lora": True, "max_loras": 4, "max_cpu_loras": 2},
                            "--max-cpu-loras"),
                           ({"enable_lora": True, "lora_extra_vocab_size": 512},
-                           "lora-extra-vocab-size")]:
+                           "lora-extra-vocab-size"),
+                          ({"enable_lora": True, "tensor_parallel_size": 2},
+                           "--tensor-parallel-size 1")]:
         with pytest.raises(ValueError, match=match):
             EngineArgs(model=model_path, **kwargs).create_engine_config()
 
