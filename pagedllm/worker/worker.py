@@ -161,6 +161,14 @@ class Worker:
                             num_blocks, 0, self.cache_dtype, self.device)
         runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
                              self.kv_scales)
+        runner.lora_table = self.lora_table
+        # --enable-lora: rows split over up to two (all-zero) adapters, so the peak holds the
+        # deltas' gathers too
+        loras = [None]
+        if self.lora_table is not None:
+            from pagedllm.lora import LoadedLoRA
+            loras = [LoadedLoRA(-1 - i, "profile", 1, 0.0, {})
+                     for i in range(min(2, self.config.lora.max_loras))]
         gen = torch.Generator().manual_seed(0)
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
         params.update_from_generation_config([])
@@ -169,7 +177,8 @@ class Worker:
             ids = torch.randint(0, mc.vocab_size, (n,), generator=gen).tolist()
             blocks = list(range(first_block, first_block + cdiv(n, bs)))
             first_block += len(blocks)
-            reqs.append(NewRequestData(f"profile-{i}", ids, n, params, blocks, 0, 0))
+            reqs.append(NewRequestData(f"profile-{i}", ids, n, params, blocks, 0, 0,
+                                       lora=loras[i % len(loras)]))
         so = SchedulerOutput(reqs, [], {r.req_id: len(r.token_ids) for r in reqs}, num_tokens)
         runner.execute_model(so)  # warm-up: kernels compile, library workspaces are created
         torch.cuda.synchronize(self.device)
