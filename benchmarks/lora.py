@@ -17,21 +17,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def write_lora(path: str, hf_config, rank: int, seed: int) -> str:
     """A PEFT-format LoRA on every projection of every layer, random A and B."""
     import torch
     from safetensors.torch import save_file
+
+    from pagedllm.lora import projection_shapes
     gen = torch.Generator().manual_seed(seed)
-    h, inter = hf_config.hidden_size, hf_config.intermediate_size
-    head_dim = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
-    kv = hf_config.num_key_value_heads * head_dim
-    shapes = {"q_proj": (h, hf_config.num_attention_heads * head_dim), "k_proj": (h, kv),
-              "v_proj": (h, kv), "o_proj": (hf_config.num_attention_heads * head_dim, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    tensors = {}
+    tensors, shapes = {}, projection_shapes(hf_config)
     for layer in range(hf_config.num_hidden_layers):
         for name, (n_in, n_out) in shapes.items():
             parent = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
@@ -42,7 +35,7 @@ def write_lora(path: str, hf_config, rank: int, seed: int) -> str:
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
-                   "target_modules": list(TARGETS), "bias": "none"}, f)
+                   "target_modules": list(shapes), "bias": "none"}, f)
     return path
 
 

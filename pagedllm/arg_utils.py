@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from pagedllm.tracing import check_tracing_flags
-from pagedllm.config import (ENGINE_CONFIG_CLASSES, EngineConfig, ModelConfig,
+from pagedllm.config import (ENGINE_CONFIG_CLASSES, EngineConfig, LoRAConfig, ModelConfig,
                              cuda_backend_available, check_options, engine_option_fields,
                              field_default, flag_name, is_default, option_fields, status_text)
 
@@ -613,10 +613,10 @@ def flags_markdown_table() -> str:
 def _check_lora(values: dict) -> None:
     """--enable-lora's cross-field rules (pagedllm/lora.py)."""
     if not values["enable_lora"]:
-        for key, default in (("max_loras", 1), ("max_lora_rank", 16), ("lora_dtype", "auto"),
-                             ("max_cpu_loras", None)):
-            if values[key] != default:
-                raise ValueError(f"--{key.replace('_', '-')} needs --enable-lora")
+        for f in option_fields(LoRAConfig):
+            if f.name in ("max_loras", "max_lora_rank", "lora_dtype", "max_cpu_loras") and \
+                    values[f.name] != field_default(f):
+                raise ValueError(f"{flag_name(f.name)} needs --enable-lora")
         return
     if values["max_cpu_loras"] is not None and values["max_cpu_loras"] < values["max_loras"]:
         raise ValueError(f"--max-cpu-loras ({values['max_cpu_loras']}) must be >= --max-loras "

@@ -91,7 +91,7 @@ def projection_shapes(hf_config) -> dict[str, tuple[int, int]]:
 
 
 def load_lora(request: LoRARequest, max_rank: int, num_layers: int,
-              shapes: dict[str, tuple[int, int]] | None = None) -> LoadedLoRA:
+              shapes: dict[str, tuple[int, int]]) -> LoadedLoRA:
     """Read and check a PEFT LoRA directory (against the model's projection ``shapes``, from
     ``projection_shapes``); ValueError naming the adapter on any problem."""
     name, path = request.lora_name, request.path
@@ -141,10 +141,9 @@ def load_lora(request: LoRARequest, max_rank: int, num_layers: int,
         ab[match.group(3)] = tensor.float()
     weights = {}
     for where, ab in pairs.items():
-        n_in, n_out = shapes[where[1]] if shapes is not None else ("in", "out")
-        if set(ab) != {"A", "B"} or ab["A"].dim() != 2 or ab["B"].dim() != 2 or \
-                ab["A"].shape[0] != rank or ab["B"].shape[1] != rank or \
-                (shapes is not None and (ab["A"].shape[1] != n_in or ab["B"].shape[0] != n_out)):
+        n_in, n_out = shapes[where[1]]
+        if set(ab) != {"A", "B"} or tuple(ab["A"].shape) != (rank, n_in) or \
+                tuple(ab["B"].shape) != (n_out, rank):
             raise ValueError(f"LoRA {name!r}: layer {where[0]} {where[1]} needs lora_A "
                              f"[{rank}, {n_in}] and lora_B [{n_out}, {rank}] (is it an "
                              "adapter of this model?)")
@@ -171,11 +170,11 @@ class LoRACache:
     (``--max-cpu-loras``); an id always names the same adapter."""
 
     def __init__(self, capacity: int, max_rank: int, num_layers: int,
-                 shapes: dict[str, tuple[int, int]] | None = None) -> None:
+                 shapes: dict[str, tuple[int, int]]) -> None:
         self.capacity, self.max_rank, self.num_layers = capacity, max_rank, num_layers
         self.shapes = shapes
-        self._loaded: OrderedDict[int, tuple[LoRARequest, LoadedLoRA]] = OrderedDict()
-        self._names: dict[int, LoRARequest] = {}
+        self._loaded: OrderedDict[int, LoadedLoRA] = OrderedDict()  # LRU first
+        self._names: dict[int, LoRARequest] = {}  # every id seen: an id names one adapter
 
     def get(self, request: LoRARequest) -> LoadedLoRA:
         known = self._names.get(request.lora_int_id)
@@ -183,15 +182,15 @@ class LoRACache:
                                                                      request.path):
             raise ValueError(f"lora_int_id {request.lora_int_id} is already in use by LoRA "
                              f"{known.lora_name!r}")
-        entry = self._loaded.get(request.lora_int_id)
-        if entry is None:
-            entry = (request, load_lora(request, self.max_rank, self.num_layers, self.shapes))
-            self._loaded[request.lora_int_id] = entry
+        loaded = self._loaded.get(request.lora_int_id)
+        if loaded is None:
+            loaded = load_lora(request, self.max_rank, self.num_layers, self.shapes)
+            self._loaded[request.lora_int_id] = loaded
             self._names[request.lora_int_id] = request
             while len(self._loaded) > self.capacity:
                 self._loaded.popitem(last=False)
         self._loaded.move_to_end(request.lora_int_id)
-        return entry[1]
+        return loaded
 
 
 # ---- the model side --------------------------------------------------------------------
@@ -233,15 +232,12 @@ class LoRASlots:
 
     def load(self, slot: int, parts: dict[int, tuple[torch.Tensor, torch.Tensor]],
              scale: float) -> None:
-        """Copy an adapter's (A, B) of each part into ``slot``; parts it lacks stay zero."""
+        """Copy an adapter's (A, B) of each part into ``slot``; parts it lacks stay zero.
+        (``load_lora`` checked the shapes against the model.)"""
         self.a[slot].zero_()
         self.b[slot].zero_()
         for part, (a, b) in parts.items():
             r, lo = a.shape[0], part * self.max_rank
-            if b.shape[0] != self.part_sizes[part] or a.shape[1] != self.a.shape[2]:
-                raise ValueError(f"LoRA weights of shape A {tuple(a.shape)}, B "
-                                 f"{tuple(b.shape)} do not fit a projection of "
-                                 f"{self.a.shape[2]} -> {self.part_sizes[part]}")
             self.a[slot, lo:lo + r] = a.to(self.a.dtype)
             out = self.offsets[part]
             self.b[slot, out:out + b.shape[0], lo:lo + r] = (b * scale).to(self.b.dtype)
@@ -253,9 +249,10 @@ class LoRASlots:
             x = x.to(self.a.dtype)
         for slot, rows in batch.groups:
             a, b = self.a[slot], self.b[slot]
-            if rows is None:  # every row: the second matmul adds into out
-                out.addmm_(x @ a.t(), b.t().to(out.dtype)) if out.dtype == a.dtype else \
-                    out.add_(((x @ a.t()) @ b.t()).to(out.dtype))
+            if rows is None and out.dtype == a.dtype:  # every row: add in the second matmul
+                out.addmm_(x @ a.t(), b.t())
+            elif rows is None:
+                out.add_(((x @ a.t()) @ b.t()).to(out.dtype))
             else:
                 delta = (x.index_select(0, rows) @ a.t()) @ b.t()
                 out.index_add_(0, rows, delta.to(out.dtype))

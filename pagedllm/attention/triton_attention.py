@@ -95,13 +95,12 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_d = triton.next_power_of_2(head_dim)
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 2048 // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
-    use_pdl = pdl.enabled(k)
     _write_kv_cache_kernel[grid](
         kv_cache, k, v, slot_mapping, num_kv_heads,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), 1.0 / k_scale, 1.0 / v_scale,
         HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, FP8_MAX=_fp8_max(kv_cache.dtype),
-        USE_PDL=use_pdl, num_warps=4, **pdl.launch(use_pdl))
+        num_warps=4, **pdl.options(k))
 
 
 def write_kv_cache_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -250,7 +249,6 @@ def rope_write_kv_cache(kv_cache: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     block_h = min(triton.next_power_of_2(max(num_heads, num_kv_heads)), max(1, 4096 // block_d))
     grid = (num_tokens, triton.cdiv(num_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
     norms = (q_norm, k_norm) if q_norm is not None else (q, q)  # placeholders when unused
-    use_pdl = pdl.enabled(q)
     _rope_write_kv_kernel[grid](
         q, k, v, kv_cache, slot_mapping, positions, cos, sin, norms[0], norms[1],
         num_heads, num_kv_heads, head_dim, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -258,8 +256,8 @@ def rope_write_kv_cache(kv_cache: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         cos.stride(0), eps, 1.0 / k_scale, 1.0 / v_scale,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), REST=rest,
         BLOCK_REST=triton.next_power_of_2(max(rest, 1)), BLOCK_H=block_h, BLOCK_D=block_d,
-        QK_NORM=q_norm is not None, FP8_MAX=_fp8_max(kv_cache.dtype), USE_PDL=use_pdl,
-        num_warps=4, **pdl.launch(use_pdl))
+        QK_NORM=q_norm is not None, FP8_MAX=_fp8_max(kv_cache.dtype), num_warps=4,
+        **pdl.options(q))
 
 
 def rope_write_kv_cache_ref(kv_cache, q, k, v, slot_mapping, positions, cos, sin, rotary_dim,
@@ -480,7 +478,6 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
                                dtype=torch.float32, device=q.device)
         part_ml = torch.empty(2, num_seqs, num_heads, num_splits,
                               dtype=torch.float32, device=q.device)
-    use_pdl = pdl.enabled(q)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, part_acc, part_ml, q, kv_cache, block_table, seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -489,14 +486,14 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
         GROUP=group, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=bool(soft_cap),
-        DOT_PRECISION=_dot_precision(q.dtype), USE_PDL=use_pdl, num_warps=4, num_stages=3,
-        **pdl.launch(use_pdl))
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=3,
+        **pdl.options(q))
     if num_splits > 1:
         _paged_decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_acc, part_ml, out.stride(0), out.stride(1), num_seqs, num_heads, v_scale,
             NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, USE_PDL=use_pdl, num_warps=4,
-            **pdl.launch(use_pdl))
+            HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
+            **pdl.options(q))
     return out
 
 

@@ -79,7 +79,8 @@ class Scheduler:
         self.spec = spec
         self.max_prompt_adapters = max_prompt_adapters
         self.max_loras = max_loras
-        self._step_adapters: set[int] = set()  # this step's prompt adapter / LoRA ids
+        # ids of the prompt adapters / LoRAs in this step's batch (``_adapter_fits``)
+        self._step_adapters: set[int] = set()
         self._step_loras: set[int] = set()
         self._proposer = NgramProposer(spec.ngram_max, spec.ngram_min) if spec else None
         self._speculate = False  # this step's batch may speculate
@@ -191,9 +192,7 @@ class Scheduler:
         out = SchedulerOutput([], [], {}, 0, finished_req_ids=self._finished_req_ids,
                               blocks_to_copy=self._pending_copies)
         self._finished_req_ids, self._pending_copies = set(), []
-        # ids of the prompt adapters and LoRAs in this step's batch (``_adapter_fits``)
-        self._step_adapters: set[int] = set()
-        self._step_loras: set[int] = set()
+        self._step_adapters, self._step_loras = set(), set()
         self._batch_seq_cap = self.max_num_seqs if self.pipeline_depth == 1 else max(1, cdiv(
             len(self.waiting) + len(self.running) + len(self.swapped), self.pipeline_depth))
         self._speculate = self.spec is not None and (

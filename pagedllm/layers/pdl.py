@@ -18,7 +18,7 @@ them. CUDA graphs capture the launches as programmatic edges.
 
 ``enabled(t)``: CUDA tensor on a 9.0+ device, the Triton in use has the GDC intrinsics, not
 under the interpreter, and ``PAGEDLLM_PDL`` is not ``0`` (A/B runs). Kernels take the result
-as a ``USE_PDL`` constexpr and ``launch(use)`` as their launch options.
+as a ``USE_PDL`` constexpr, with the launch option, through ``options(t)``.
 """
 from __future__ import annotations
 
@@ -51,9 +51,10 @@ def enabled(t: torch.Tensor) -> bool:
                     else torch.cuda.current_device())
 
 
-def launch(use: bool) -> dict:
-    """Launch options of a kernel taking ``USE_PDL=use``."""
-    return {"launch_pdl": True} if use else {}
+def options(t: torch.Tensor) -> dict:
+    """The ``USE_PDL`` constexpr and launch options of a kernel working on ``t``."""
+    use = enabled(t)
+    return {"USE_PDL": True, "launch_pdl": True} if use else {"USE_PDL": False}
 
 
 @triton.jit

@@ -60,12 +60,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     rows, n_cols = x.shape[0] * heads, x.shape[-1]
     if rows:
         res = residual if residual is not None else x
-        use_pdl = pdl.enabled(x)
         _rms_norm_kernel[(rows,)](
             x, res, total, out, weight, n_cols, heads, x.stride(0), stride_h, res.stride(0),
             total.stride(0), n_cols, eps, offset, HAS_RESIDUAL=residual is not None,
-            BLOCK=triton.next_power_of_2(n_cols), USE_PDL=use_pdl,
-            num_warps=8 if n_cols >= 4096 else 4, **pdl.launch(use_pdl))
+            BLOCK=triton.next_power_of_2(n_cols), num_warps=8 if n_cols >= 4096 else 4,
+            **pdl.options(x))
     return out if residual is None else (out, total)
 
 
@@ -110,13 +109,12 @@ def rotary_neox(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: 
     if q.shape[0] == 0:
         return
     half = rotary_dim // 2
-    use_pdl = pdl.enabled(q)
     for x in (q, k):
         block_h = min(triton.next_power_of_2(x.shape[1]), 16)
         _rotary_kernel[(x.shape[0], triton.cdiv(x.shape[1], block_h))](
             x, positions, cos, sin, x.shape[1], x.stride(0), x.stride(1), cos.stride(0),
             HALF=half, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half),
-            USE_PDL=use_pdl, num_warps=4, **pdl.launch(use_pdl))
+            num_warps=4, **pdl.options(q))
 
 
 def rotary_neox_ref(positions, q, k, cos, sin, rotary_dim):
@@ -152,10 +150,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:
         return out
     block = 1024
-    use_pdl = pdl.enabled(x)
     _silu_and_mul_kernel[(x.shape[0], triton.cdiv(d, block))](
-        x, out, d, x.stride(0), out.stride(0), BLOCK=block, USE_PDL=use_pdl, num_warps=4,
-        **pdl.launch(use_pdl))
+        x, out, d, x.stride(0), out.stride(0), BLOCK=block, num_warps=4, **pdl.options(x))
     return out
 
 
@@ -246,12 +242,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config or GEMV_CONFIGS.get((n_rows, k), GEMV_DEFAULT)
     block_k = min(block_k, triton.next_power_of_2(k))
-    use_pdl = pdl.enabled(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         n * weight.stride(0), HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % block_k == 0,
-        BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=use_pdl, num_warps=warps,
-        **pdl.launch(use_pdl))
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        **pdl.options(x))
     return out
 
 
