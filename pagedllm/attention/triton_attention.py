@@ -19,6 +19,7 @@ loop bounds come from ``seq_lens`` / ``query_start_loc`` read inside the kernels
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -336,14 +337,16 @@ def _paged_decode_kernel(
     kv_ptr,  # [2, num_slots, num_kv_heads, head_dim]
     block_table_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
+    count_ptr,  # [num_seqs * num_kv_heads] int32 zeros: splits done (FOLD)
     stride_qs, stride_qh, stride_os, stride_oh,
     stride_kv, stride_slot, stride_kvh, stride_bt,
-    num_seqs, num_heads,
+    num_seqs, num_heads, num_kv_heads,
     qk_scale, cap_scale, sliding_window, v_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FOLD: tl.constexpr, GROUP_P2: tl.constexpr,
+    SPLITS_P2: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl.launch_dependents(USE_PDL)
     seq = tl.program_id(0)
@@ -394,6 +397,45 @@ def _paged_decode_kernel(
                  mask=row_valid[:, None] & d_mask[None, :])
         tl.store(part_ml_ptr + part, m_i, mask=row_valid)
         tl.store(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + part, l_i, mask=row_valid)
+        if FOLD:  # the last split of this (sequence, KV head) to finish combines them all
+            tl.debug_barrier()  # every thread's partials are stored before the ticket
+            counter = count_ptr + seq * num_kv_heads + kv_head
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == NUM_SPLITS - 1:
+                _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, seq, kv_head * GROUP,
+                                stride_os, stride_oh, num_seqs, num_heads, v_scale, GROUP,
+                                NUM_SPLITS, GROUP_P2, SPLITS_P2, HEAD_DIM, BLOCK_D)
+                tl.atomic_xchg(counter, 0)  # ready for the next launch
+
+
+@triton.jit
+def _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, seq, head0, stride_os, stride_oh,
+                    num_seqs, num_heads, v_scale, NUM_HEADS: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr, HEADS_P2: tl.constexpr, SPLITS_P2: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[seq, head0:head0 + NUM_HEADS] from the splits' (m, l, acc) partials: each split
+    rescaled by exp2(m_s - max m), then sum(acc) / sum(l). The loads bypass L1 (.cg): the
+    partials come from other programs of the same launch when the decode kernel folds this."""
+    h = tl.arange(0, HEADS_P2)
+    sp = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_mask = h < NUM_HEADS
+    mask = h_mask[:, None] & (sp < NUM_SPLITS)[None, :]  # [HEADS_P2, SPLITS_P2]
+    part = (seq.to(tl.int64) * num_heads + head0 + h)[:, None] * NUM_SPLITS + sp[None, :]
+    m = tl.load(part_ml_ptr + part, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + part, mask=mask, other=0.0,
+                cache_modifier=".cg")
+    acc = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                  mask=mask[:, :, None] & (offs_d < HEAD_DIM)[None, None, :], other=0.0,
+                  cache_modifier=".cg")  # [HEADS_P2, SPLITS_P2, BLOCK_D]
+    m_max = tl.max(m, 1)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max[:, None])  # empty splits weigh 0
+    l_sum = tl.sum(l * w, 1)
+    out = tl.sum(acc * w[:, :, None], 1) * (v_scale / tl.where(l_sum == 0.0, 1.0, l_sum))[:, None]
+    tl.store(out_ptr + seq * stride_os + (head0 + h)[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty),
+             mask=h_mask[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -407,31 +449,17 @@ def _paged_decode_reduce_kernel(
 ):
     pdl.launch_dependents(USE_PDL)
     pdl.wait(USE_PDL)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_P2)
-    s_mask = splits < NUM_SPLITS
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    part = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + splits  # [SPLITS_P2]
-    m = tl.load(part_ml_ptr + part, mask=s_mask, other=float("-inf"))
-    l = tl.load(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + part, mask=s_mask, other=0.0)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [SPLITS_P2, BLOCK_D]
-    m_max = tl.max(m, 0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_max)  # [SPLITS_P2]; empty splits weigh 0
-    l_sum = tl.sum(l * w, 0)
-    out = tl.sum(acc * w[:, None], 0) * (v_scale / tl.where(l_sum == 0.0, 1.0, l_sum))
-    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, tl.program_id(0), tl.program_id(1),
+                    stride_os, stride_oh, num_seqs, num_heads, v_scale, 1, NUM_SPLITS, 1,
+                    SPLITS_P2, HEAD_DIM, BLOCK_D)
 
 
 def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, *, scale: float, block_size: int,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            out: torch.Tensor | None = None, num_splits: int | None = None,
-                           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                           k_scale: float = 1.0, v_scale: float = 1.0,
+                           fold_reduce: bool | None = None) -> torch.Tensor:
     """Attention of one new query token per sequence over its paged keys.
 
     q [num_seqs, num_heads, head_dim]; kv_cache [2, num_slots, num_kv_heads, head_dim];
@@ -445,8 +473,14 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
     3. per tile: gather K/V rows through the block table (slot = block_id * block_size + off),
        scores = tl.dot(q, K^T) * scale (soft-capped), masked, online softmax in fp32 (exp2),
        acc += tl.dot(p, V);
-    4. one split: write acc / l. Several: write (m, l, acc) partials, and a second kernel per
-       (sequence, head) rescales them by exp2(m_s - max m) and writes sum(acc) / sum(l).
+    4. one split: write acc / l. Several: write (m, l, acc) partials, which are rescaled by
+       exp2(m_s - max m) and combined into sum(acc) / sum(l) (``_combine_splits``) either
+       by the last split program of each (sequence, KV head) to finish (``fold_reduce``: a
+       per-(sequence, KV head) counter, incremented by every split after its partials are
+       stored, tells it; it resets the counter) or by a second kernel per (sequence, head).
+       Folding saves that launch (batch-1 decode: one per layer); it is used when the last
+       program's [group, splits, head_dim] partials fit its registers
+       (``PAGEDLLM_DECODE_FOLD=0``: never, for A/B runs).
 
     ``num_splits`` None picks a count from the grid size, SM count and the longest context the
     block table can hold (shapes only, so it is fixed under a CUDA graph).
@@ -478,23 +512,45 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
                                dtype=torch.float32, device=q.device)
         part_ml = torch.empty(2, num_seqs, num_heads, num_splits,
                               dtype=torch.float32, device=q.device)
+    group_p2, splits_p2 = triton.next_power_of_2(group), triton.next_power_of_2(num_splits)
+    if fold_reduce is None:
+        fold_reduce = FOLD_ENV and group_p2 * splits_p2 * block_d <= FOLD_MAX_ELEMENTS
+    fold_reduce = fold_reduce and num_splits > 1
+    counts = _split_counters(num_seqs * num_kv_heads, q.device) if fold_reduce else seq_lens
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        out, part_acc, part_ml, q, kv_cache, block_table, seq_lens,
+        out, part_acc, part_ml, q, kv_cache, block_table, seq_lens, counts,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
-        num_seqs, num_heads, qk_scale * k_scale, cap_scale, sliding_window or 0, v_scale,
+        num_seqs, num_heads, num_kv_heads, qk_scale * k_scale, cap_scale,
+        sliding_window or 0, v_scale,
         GROUP=group, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=bool(soft_cap),
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=3,
-        **pdl.options(q))
-    if num_splits > 1:
+        DOT_PRECISION=_dot_precision(q.dtype), FOLD=fold_reduce, GROUP_P2=group_p2,
+        SPLITS_P2=splits_p2, num_warps=4, num_stages=3, **pdl.options(q))
+    if num_splits > 1 and not fold_reduce:
         _paged_decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_acc, part_ml, out.stride(0), out.stride(1), num_seqs, num_heads, v_scale,
-            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
+            NUM_SPLITS=num_splits, SPLITS_P2=splits_p2, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            num_warps=4,
             **pdl.options(q))
     return out
+
+
+FOLD_ENV = os.environ.get("PAGEDLLM_DECODE_FOLD", "1") != "0"
+FOLD_MAX_ELEMENTS = 4096  # fp32 partials the folding program holds: 32 registers a thread
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(n: int, device: torch.device) -> torch.Tensor:
+    """A persistent zeroed int32 buffer of at least n counters for folded split reduces
+    (every launch leaves it zeroed). The first one is made large enough for any CUDA graph
+    capture (256 sequences x 32 KV heads), so captures never allocate it."""
+    counts = _COUNTERS.get(device)
+    if counts is None or counts.numel() < n:
+        counts = _COUNTERS[device] = torch.zeros(max(n, 8192), dtype=torch.int32,
+                                                 device=device)
+    return counts
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks_per_seq: int,

@@ -56,10 +56,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           gated_silu: bool = False) -> torch.Tensor:
+           gated_silu: bool = False, fp32_out: bool = False) -> torch.Tensor:
     """x @ weight^T (+ bias); ``gated_silu``: then silu(first half) * second half, fused
-    into the GEMV's pass on one-row CUDA steps."""
+    into the GEMV's pass on one-row CUDA steps. ``fp32_out`` (logits): the result in x's
+    dtype, then as fp32 (the GEMV stores it so, in the same pass)."""
     if use_gemv(x, weight):
-        return ops().gemv(x, weight, bias, gated=gated_silu)
+        return ops().gemv(x, weight, bias, gated=gated_silu,
+                          out_dtype=torch.float32 if fp32_out else None)
     out = F.linear(x, weight, bias)
-    return silu_and_mul(out) if gated_silu else out
+    out = silu_and_mul(out) if gated_silu else out
+    return out.float() if fp32_out else out

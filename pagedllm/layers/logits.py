@@ -11,7 +11,7 @@ from pagedllm.layers import fused
 def compute_logits(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor,
                    soft_cap: float | None = None, scale: float = 1.0) -> torch.Tensor:
     # hidden_states [num_rows, hidden] -> [num_rows, vocab] in fp32
-    logits = fused.linear(hidden_states, lm_head_weight).float()
+    logits = fused.linear(hidden_states, lm_head_weight, fp32_out=True)
     if get_tp_size() > 1:  # vocab-parallel head: gather every rank's slice, drop the padding
         logits = all_gather(logits, dim=-1)[:, :lm_head_weight.org_vocab_size]
     if scale != 1.0:

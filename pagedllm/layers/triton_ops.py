@@ -205,7 +205,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, up_offset,
         g = out.to(out_ptr.dtype.element_ty).to(tl.float32)
         up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
         out = g / (1.0 + tl.exp(-g)) * up
-    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+    # rounded to x's dtype like the unfused matmul, then stored as out's (fp32 logits)
+    tl.store(out_ptr + rows, out.to(x_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty),
+             mask=row_mask)
 
 
 # (block_n, block_k, num_warps) by the weight's [N, K], from the H200 sweep of
@@ -218,11 +220,14 @@ GEMV_DEFAULT = (8, 512, 4)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         gated: bool = False, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+         gated: bool = False, config: tuple[int, int, int] | None = None,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [1, K] @ weight[N, K]^T (+ bias) -> [1, N] for one-token steps (batch-1 decode),
     where cuBLAS picks split-K kernels plus a reduction launch for the narrow matrices.
     ``gated``: weight is a fused [gate; up] projection of 2d rows and the result is
     silu(x @ gate^T) * (x @ up^T) [1, d] in the same pass (``silu_and_mul`` fused).
+    ``out_dtype`` (fp32 for logits): the result rounded to x's dtype, stored as out_dtype,
+    which saves the LM head's separate ``.float()`` kernel.
 
     1. a program owns BLOCK_N output rows (and their up rows when gated) and walks K in
        BLOCK_K chunks, fp32 products accumulated in registers;
@@ -239,7 +244,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if gated and n_rows % 2:
         raise ValueError(f"a gated weight has 2d rows, got {n_rows}")
     n = n_rows // 2 if gated else n_rows
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     block_n, block_k, warps = config or GEMV_CONFIGS.get((n_rows, k), GEMV_DEFAULT)
     block_k = min(block_k, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -250,7 +255,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out
 
 
-def gemv_ref(x, weight, bias=None, gated=False):
+def gemv_ref(x, weight, bias=None, gated=False, out_dtype=None):
     out = torch.nn.functional.linear(x.float(), weight.float(),
                                      bias.float() if bias is not None else None).to(x.dtype)
-    return silu_and_mul_ref(out) if gated else out
+    out = silu_and_mul_ref(out) if gated else out
+    return out.to(out_dtype or x.dtype)

@@ -11,7 +11,9 @@ set of static input buffers:
    as the batch shrank through every size;
 2. a decode-only step whose longest sequence fits ``--max-seq-len-to-capture`` copies its
    inputs into the buffers of the smallest size that holds it, pads the rest, replays, and
-   returns the first rows of that graph's output.
+   returns the first rows of that graph's output;
+3. the later steps of a multi-step batch advance the buffers in place instead (one kernel:
+   ids in, positions, slots and lengths one token on; ``graph_step.py``) and replay.
 Only decode batches are captured; prefills and mixed steps run eagerly.
 """
 from __future__ import annotations
@@ -105,5 +107,19 @@ class CUDAGraphRunner:
         self.seq_lens[:n].copy_(meta.decode_seq_lens)
         self.seq_lens[n:size].fill_(0)
         self.block_table[:n, :width].copy_(meta.decode_block_table)
+        return self.replay(n)
+
+    def replay(self, n: int) -> torch.Tensor:
+        """Replay the graph of n rows on what the static buffers hold."""
+        size = next(s for s in self.sizes if s >= n)
         self.graphs[size].replay()
         return self.outputs[size][:n]
+
+    def advance(self, ids: torch.Tensor) -> torch.Tensor:
+        """The next step of a multi-step batch whose last step ran here (``run`` or
+        ``advance``): its rows take ``ids`` as input and move on by one token in the static
+        buffers (one kernel, ``graph_step.advance``), then the graph replays."""
+        from pagedllm.worker import graph_step
+        graph_step.advance(ids, self.input_ids, self.positions, self.slot_mapping,
+                           self.seq_lens, self.block_table, self.block_size)
+        return self.replay(ids.shape[0])

@@ -248,11 +248,20 @@ class ModelRunner:
     def _tensor(self, values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
         return to_device(values, dtype, self.device)
 
+    def _graphed(self, meta: AttentionMetadata, embed_overrides=None,
+                 lora_batch: LoRABatch | None = None) -> bool:
+        return self.graphs is not None and self.graphs.can_run(meta) and \
+            embed_overrides is None and lora_batch is None
+
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata, embed_overrides=None,
-                 lora_batch: LoRABatch | None = None) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.can_run(meta) and embed_overrides is None \
-                and lora_batch is None:
+                 lora_batch: LoRABatch | None = None, advance: bool = False) -> torch.Tensor:
+        """The model's hidden states. ``advance``: the next step of a multi-step batch whose
+        last step replayed a graph: ``input_ids`` are its new ids, the graph's buffers move
+        the rest on in place."""
+        if advance:
+            return self.graphs.advance(input_ids)
+        if self._graphed(meta, embed_overrides, lora_batch):
             return self.graphs.run(input_ids, positions, meta)
         with lora.active(lora_batch):
             return self.model(input_ids, positions, ForwardContext(
@@ -374,12 +383,13 @@ class ModelRunner:
         launched.base = [s.num_computed_tokens for s in states]
         launched.sampling = sampling = MultiStepSampling(self.step_sampler, states)
         input_ids, positions, meta = batch.input_ids, batch.positions, batch.attn_metadata
+        graphed = self._graphed(meta, None, batch.lora)  # every step then fits the graph
         for step in range(num_steps):
-            if step:
+            if step and not graphed:
                 positions = positions + 1
                 meta = self._next_decode_meta(meta, positions)
-            input_ids = sampling.sample(self._timed_forward(launched, input_ids, positions,
-                                                            meta, None, batch.lora))
+            input_ids = sampling.sample(self._timed_forward(
+                launched, input_ids, positions, meta, None, batch.lora, step > 0 and graphed))
         sampling.start_copy()
         for row, req_id in enumerate(batch.req_ids):
             self._late_inputs[req_id] = (input_ids, row)

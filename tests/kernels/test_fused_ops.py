@@ -100,6 +100,19 @@ def test_gemv(dtype, n, k, bias, gated, config):
     assert _rel_err(out, ref) < TOL[dtype] * slack
 
 
+def test_gemv_fp32_logits_equal_the_rounded_result():
+    """The LM head's GEMV stores fp32 logits in its own pass: the same numbers as its bf16
+    result cast afterwards (``compute_logits``' unfused ``.float()``)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 192, generator=gen).to(torch.bfloat16).to(DEVICE)
+    w = (torch.randn(300, 192, generator=gen) / 14).to(torch.bfloat16).to(DEVICE)
+    out = ops.gemv(x, w, config=(8, 64, 4), out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, ops.gemv(x, w, config=(8, 64, 4)).float())
+    ref = ops.gemv_ref(x, w, out_dtype=torch.float32)
+    assert ref.dtype == torch.float32 and _rel_err(out, ref) < TOL[torch.bfloat16]
+
+
 def test_gemv_rejects_bad_shapes():
     w = torch.randn(8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="x \\[1, K\\]"):

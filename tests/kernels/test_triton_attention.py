@@ -111,8 +111,9 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("fold", [None, False])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_paged_attention_decode(case):
+def test_paged_attention_decode(case, fold):
     block_size, head_dim, num_kv_heads, group, window, soft_cap, dtype, num_splits = case
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     seq_lens = [1, 0, 7 * block_size + 3, 37]  # padding row, many blocks, partial blocks
@@ -123,7 +124,8 @@ def test_paged_attention_decode(case):
     out = torch.full_like(q, float("nan"))
     kw = dict(scale=head_dim ** -0.5, block_size=block_size, sliding_window=window,
               soft_cap=soft_cap)
-    res = ta.paged_attention_decode(q, kv, table, lens, out=out, num_splits=num_splits, **kw)
+    res = ta.paged_attention_decode(q, kv, table, lens, out=out, num_splits=num_splits,
+                                    fold_reduce=fold, **kw)
     assert res is out
     ref = ta.paged_attention_decode_ref(q.double(), kv.double(), table, lens, **kw)
     err = _rel_err(out, ref)
@@ -139,8 +141,16 @@ def test_decode_split_kv_matches_single_pass():
     q = torch.randn(4, 8, 32, generator=gen).to(DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     one = ta.paged_attention_decode(q, kv, table, lens, scale=0.2, block_size=16, num_splits=1)
-    many = ta.paged_attention_decode(q, kv, table, lens, scale=0.2, block_size=16, num_splits=7)
+    many = ta.paged_attention_decode(q, kv, table, lens, scale=0.2, block_size=16, num_splits=7,
+                                     fold_reduce=False)
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+    # the last split to finish combines them (a counter per sequence and KV head, left zeroed:
+    # the second launch finds it ready)
+    for _ in range(2):
+        folded = ta.paged_attention_decode(q, kv, table, lens, scale=0.2, block_size=16,
+                                           num_splits=7, fold_reduce=True)
+        torch.testing.assert_close(folded, many, rtol=1e-6, atol=1e-7)
+        assert not ta._COUNTERS[folded.device].any()
 
 
 # (block_size, head_dim, num_kv_heads, group, sliding_window, soft_cap, dtype)
