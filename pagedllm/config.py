@@ -305,8 +305,9 @@ class SchedulerConfig:
                                       "speculative tokens.", valid=NON_NEGATIVE)
     disable_async_output_proc: bool = option(
         False, "Do not overlap output processing (detokenization, stop strings, outputs) of "
-        "one step with the next forward; with --num-scheduler-steps, do not launch the next "
-        "multi-step batch before the running one's tokens reach the host. The overlap is on "
+        "one step with the next forward, and do not launch the next decode batch (one step "
+        "or --num-scheduler-steps) before the running one's tokens reach the host. The "
+        "overlap is on "
         "by default on CUDA, off on CPU and with pipeline parallelism (whose micro-batches "
         "overlap instead).")
 

@@ -22,10 +22,13 @@ feeding each sampled token into the next step. ``S`` stops at the longest remain
 ``max_tokens`` and at ``max_model_len``; tokens after a request's stop are discarded.
 Steps with prefills (or after a failed block allocation) run one step.
 
-Lookahead (``schedule_lookahead``, the engine's async mode with multi-step): while a
-multi-step batch runs on the device, the next one is scheduled for the same requests as if
-every step's token had arrived (counts projected ``num_steps`` ahead, blocks allocated for
-both batches), so the device never waits for the host between batches. It happens only in a
+Lookahead (``schedule_lookahead``, the engine's async output processing, ``lookahead``):
+while a multi-step batch runs on the device, the next one is scheduled for the same
+requests as if every step's token had arrived (counts projected ``num_steps`` ahead, blocks
+allocated for both batches), so the device never waits for the host between batches. With
+``--num-scheduler-steps 1`` the same holds for one-step batches: a decode-only batch that
+qualifies for multi-step is marked ``multi_step`` with one step, so its successor can take
+its ids on the device. It happens only in a
 steady state: every running request in that one batch, no swapped requests, no seeded
 random sampling, and no waiting prompts unless the batch keeps every seat (requests ending
 by length in the running batch are left out of the next). A request that stops inside the
@@ -75,6 +78,10 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.kv = kv_cache_manager
         self.num_scheduler_steps = num_scheduler_steps
+        # set by the engine when it schedules ahead (async output processing): decode-only
+        # batches then run as multi-step batches even of one step, so that the next one
+        # can be launched before their ids reach the host
+        self.lookahead = False
         self.pipeline_depth = pipeline_depth
         self.spec = spec
         self.max_prompt_adapters = max_prompt_adapters
@@ -204,7 +211,7 @@ class Scheduler:
             if self._passed_delay(time.monotonic()):
                 budget = self._schedule_waiting(out, budget)
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
-        if self.num_scheduler_steps > 1:
+        if self.num_scheduler_steps > 1 or self.lookahead:
             out.num_steps = self._plan_multi_step(out)
         out.finished_req_ids |= out.preempted_req_ids
         self.in_flight.update(list(out.num_scheduled_tokens))
@@ -290,14 +297,20 @@ class Scheduler:
         steps = min(self.num_scheduler_steps,
                     max(r.max_tokens - r.num_output_tokens for r in requests),
                     min(self.max_model_len - r.num_tokens + 1 for r in requests))
-        if steps <= 1:
+        if steps < self._min_multi_steps():
             return 1
         for cached, request in zip(out.scheduled_cached_reqs, requests):
             new_blocks = self.kv.allocate_slots(request, steps)
             if new_blocks is None:  # blocks already added stay: later steps use them
                 return 1
             cached.new_block_ids.extend(b.block_id for b in new_blocks)
+        out.multi_step = True
         return steps
+
+    def _min_multi_steps(self) -> int:
+        """The fewest steps of a multi-step batch: 2 with --num-scheduler-steps > 1 (a
+        one-step batch runs as a plain step), 1 for the single-step lookahead."""
+        return 2 if self.num_scheduler_steps > 1 else 1
 
     def schedule_lookahead(self, running: SchedulerOutput) -> SchedulerOutput | None:
         """The next multi-step batch of the requests of ``running`` (a multi-step batch not
@@ -305,7 +318,7 @@ class Scheduler:
         (module docstring), when fewer than two steps are left, or without free blocks for
         it (a lookahead never preempts)."""
         ahead = running.num_steps
-        if ahead <= 1 or self.swapped or self._pending_copies or self.spec is not None or \
+        if not running.multi_step or self.swapped or self._pending_copies or self.spec is not None or \
                 self.pipeline_depth > 1:
             return None
         requests = [r for req_id in running.num_scheduled_tokens
@@ -326,11 +339,11 @@ class Scheduler:
         steps = min(self.num_scheduler_steps, max((left[r.req_id] for r in requests), default=0),
                     min((self.max_model_len - r.num_tokens - ahead + 1 for r in requests),
                         default=0))
-        if steps <= 1 or self.kv.num_free_blocks < sum(
+        if steps < self._min_multi_steps() or self.kv.num_free_blocks < sum(
                 max(self.kv.num_new_blocks(r, ahead + steps), 0) for r in requests):
             return None
         out = SchedulerOutput([], [], {}, len(requests), finished_req_ids=self._finished_req_ids,
-                              num_steps=steps)
+                              num_steps=steps, multi_step=True)
         self._finished_req_ids = set()
         for request in requests:
             new_blocks = self.kv.allocate_slots(request, ahead + steps)

@@ -49,6 +49,11 @@ class SchedulerOutput:
     # --num-scheduler-steps: decode steps the runner runs back to back on this batch (every
     # request decodes one token per step; its blocks already cover all of them)
     num_steps: int = 1
+    # the runner's multi-step path runs this batch (decodes only, each step's ids fed on the
+    # device, a lookahead batch may take its last ids): every batch of num_steps > 1, and
+    # with the single-step lookahead (--num-scheduler-steps 1, async output processing)
+    # one-step decode batches too
+    multi_step: bool = False
     # speculative decoding: req_id -> draft tokens scheduled after its last token (its
     # num_scheduled_tokens is 1 + len(draft)); the runner verifies them in this step
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)

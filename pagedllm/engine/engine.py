@@ -3,22 +3,25 @@ schedule (control plane) -> execute (compute plane) -> update -> detokenize -> o
 A multi-step batch (``--num-scheduler-steps``) returns several tokens per request from one
 execute; they are detokenized and stop-checked one by one.
 
-Async output processing (on CUDA unless ``--disable-async-output-proc``): the executor runs
-step t+1 on a helper thread; once that thread has queued the forward on the device (the
-runner's ``on_launch``; waiting for it keeps this thread from holding the GIL while the
-batch is built), this thread detokenizes step t, applies its stop strings and builds its
-``RequestOutput``s; ``step()`` then returns step t's outputs. Tokens, stop ids
-and max_tokens are still applied (``update_from_output``) before the next schedule, so only
-a stop *string* is seen one step late: that request ran one step too many, and its extra
-token is dropped (the scheduler no longer knows it when the output arrives); its blocks are
-freed when that step is over (the scheduler defers frees of requests in flight).
-
-With ``--num-scheduler-steps N`` the same mode runs multi-step batches ahead instead
-(``_step_lookahead``): while batch t's N steps run on the device, batch t+1 is scheduled
-for the same requests (the scheduler's ``schedule_lookahead``) and launched, and only then
-are batch t's ids copied to the host and its outputs made, so the device is never idle
-between two batches. A request that stopped inside batch t ran in batch t+1 for nothing; its
-late tokens are dropped.
+Async output processing (on CUDA unless ``--disable-async-output-proc``;
+``_step_lookahead``): the device never waits for the host's output work.
+1. After step t is finished (its ids on the host, ``update_from_output`` applied: tokens,
+   stop ids and max_tokens), the next step is scheduled and launched before step t's
+   outputs are made (detokenized, stop strings applied, ``RequestOutput``s built), so the
+   device runs it meanwhile. Only a stop *string* is therefore seen one step late: that
+   request ran one step too many, and its extra token is dropped (the scheduler no longer
+   knows it when the output arrives); its blocks are freed when that step is over (the
+   scheduler defers frees of requests in flight).
+2. Lookahead: while a decode batch runs, the next batch of the same requests is scheduled
+   as if its tokens had arrived (the scheduler's ``schedule_lookahead``: counts projected
+   ahead, blocks allocated for both) and launched; the runner feeds it the running batch's
+   last ids on the device. With ``--num-scheduler-steps N`` these batches run N steps each;
+   with 1 they are one-step batches (``SchedulerOutput.multi_step``), so decode steps are
+   launched back to back. A request that stopped inside batch t ran in batch t+1 for
+   nothing; its late tokens are dropped.
+Speculative decoding keeps the older form: the executor runs step t+1 on a helper thread
+while this thread makes step t's outputs (``_exec_thread``; the runner's ``on_launch``
+tells when the forward is queued, so that this thread does not hold the GIL meanwhile).
 
 Pipeline parallelism (``-pp N``): up to N micro-batches of disjoint requests are in flight,
 each launched on every rank (``executor.launch``) and finished in order
@@ -135,9 +138,12 @@ class LLMEngine:
         self._pending: tuple | None = None
         self._exec_thread: ThreadPoolExecutor | None = None
         self._runner = self.worker.runner
-        # async multi-step: the next multi-step batch is launched before this one finishes
-        self._lookahead = use_async_output_proc(config) and sc.num_scheduler_steps > 1 and \
+        # async output processing by launching ahead (``_step_lookahead``); the executor
+        # thread below only where that is unavailable (speculative decoding, executors
+        # without launch / finish)
+        self._lookahead = use_async_output_proc(config) and \
             config.speculative.speculative_model is None and hasattr(self.executor, "launch")
+        self.scheduler.lookahead = self._lookahead
         if use_async_output_proc(config) and not self._lookahead:
             threads = torch.get_num_threads()
             self._exec_thread = ThreadPoolExecutor(
@@ -285,8 +291,7 @@ class LLMEngine:
                 if scheduler_output.num_steps > 1:
                     while self._in_flight:
                         outputs += self._finish_oldest()
-                self.executor.launch(scheduler_output)
-                self._in_flight.append(scheduler_output)
+                self._launch(scheduler_output)
                 if scheduler_output.is_empty or scheduler_output.num_steps > 1:
                     break
             if self._in_flight:
@@ -297,23 +302,31 @@ class LLMEngine:
         return outputs
 
     def _step_lookahead(self) -> list[RequestOutput]:
-        """Async multi-step (module docstring): launch a batch if none is in flight, then
-        its lookahead successor if the scheduler has one, then finish the oldest."""
+        """Async output processing (module docstring): launch a batch if none is in flight,
+        then its lookahead successor if the scheduler has one; finish the oldest, and when
+        nothing is left in flight, schedule and launch the next batch before making the
+        oldest's outputs, so that the device runs it meanwhile."""
         try:
             if not self._in_flight:
                 if not self.scheduler.has_unfinished_requests():
                     return []
-                scheduler_output = self.scheduler.schedule()
-                self.executor.launch(scheduler_output)
-                self._in_flight.append(scheduler_output)
+                self._launch(self.scheduler.schedule())
             ahead = self.scheduler.schedule_lookahead(self._in_flight[-1])
             if ahead is not None:
-                self.executor.launch(ahead)
-                self._in_flight.append(ahead)
-            return self._finish_oldest()
+                self._launch(ahead)
+            scheduler_output = self._in_flight.popleft()
+            runner_output = self.executor.finish()
+            updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+            if not self._in_flight and self.scheduler.has_unfinished_requests():
+                self._launch(self.scheduler.schedule())
         except BaseException:
             self._in_flight.clear()  # the executor has failed for good
             raise
+        return self._make_outputs(scheduler_output, runner_output, updated)
+
+    def _launch(self, scheduler_output: SchedulerOutput) -> None:
+        self.executor.launch(scheduler_output)
+        self._in_flight.append(scheduler_output)
 
     def _finish_oldest(self) -> list[RequestOutput]:
         scheduler_output = self._in_flight.popleft()

@@ -9,7 +9,7 @@ computed counts. Each step:
 4. run the model, compute logits only for requests whose scheduled tokens reach the end of
    their known tokens (mid-prompt chunks of chunked prefill do not sample);
 5. sample and copy the sampled ids to the host once.
-A multi-step batch (``SchedulerOutput.num_steps > 1``, decodes only) repeats 4-5 on the
+A multi-step batch (``SchedulerOutput.multi_step``, decodes only) repeats 4-5 on the
 device: each step's sampled ids, positions + 1, sequence lengths + 1 and the slots read from
 the block table become the next step's inputs, and the host sees all steps' ids at the end.
 Its steps are queued in ``launch`` and its ids copied to the host in ``finish``; a batch
@@ -297,7 +297,7 @@ class ModelRunner:
         self._launched_steps.append(step)
         if batch is None:
             return
-        if so.num_steps > 1:
+        if so.multi_step:
             if get_pp_size() == 1:  # with pipeline stages the steps run in finish
                 self._launch_steps(step, batch, so.num_steps)
             return
@@ -338,7 +338,7 @@ class ModelRunner:
         so, batch = step.so, step.batch
         if batch is None:
             return ModelRunnerOutput([], [])
-        if so.num_steps > 1:
+        if so.multi_step:
             if step.sampling is None:
                 self._launch_steps(step, batch, so.num_steps)
             output = self._finish_steps(step, batch, so.num_steps)

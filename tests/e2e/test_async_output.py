@@ -1,7 +1,9 @@
-"""Async output processing: step t+1 runs on the executor thread while step t's outputs are
-made. Same tokens, text, logprobs, finish and stop reasons as the synchronous engine; a stop
-string seen one step late drops the extra token; no block leaks; aborts and the server's
-engine loop keep working."""
+"""Async output processing: the next step is launched on the device before step t's outputs
+are made, and a decode step of the same requests is scheduled ahead (with projected counts)
+and launched before step t's ids reach the host (the single-step lookahead). Same tokens,
+text, logprobs, finish and stop reasons as the synchronous engine; a stop string seen one
+step late drops the extra token; no block leaks; aborts and the server's engine loop keep
+working."""
 import dataclasses
 
 import pytest
@@ -32,7 +34,8 @@ def async_llm(model_path):
         llm = LLM(model=model_path, block_size=8, enable_prefix_caching=True)
     finally:
         mp.undo()
-    assert llm.llm_engine._exec_thread is not None
+    engine = llm.llm_engine
+    assert engine._lookahead and engine.scheduler.lookahead and engine._exec_thread is None
     return llm
 
 
@@ -57,11 +60,12 @@ def _no_leak(llm):
     kv = llm.llm_engine.kv_cache_manager
     assert kv.num_free_blocks == kv.pool.num_blocks
     assert not llm.llm_engine.has_unfinished_requests()
-    assert llm.llm_engine._pending is None
+    assert llm.llm_engine._pending is None and not llm.llm_engine._in_flight
 
 
 def test_default_only_on_cuda(sync_llm, monkeypatch):
-    assert sync_llm.llm_engine._exec_thread is None  # the flag turns it off
+    assert not sync_llm.llm_engine._lookahead  # the flag turns it off
+    assert not sync_llm.llm_engine.scheduler.lookahead
     config = sync_llm.llm_engine.config
     monkeypatch.delenv("PAGEDLLM_ASYNC_OUTPUT_PROC", raising=False)
 
@@ -102,18 +106,49 @@ def test_stop_string_one_step_late(sync_llm, async_llm):
         _no_leak(async_llm)
 
 
-def test_outputs_lag_one_step_and_abort(async_llm):
+def test_next_step_runs_while_outputs_are_made_and_abort(async_llm):
     engine = async_llm.llm_engine
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     engine.add_request("a", PROMPTS[0], params)
     engine.add_request("b", PROMPTS[1], params)
-    assert engine.step() == []  # the first step's outputs come with the second step
-    first = engine.step()
+    first = engine.step()  # the prompts' step, made while the first decode step runs
     assert sorted(o.request_id for o in first) == ["a", "b"]
+    assert [so.num_scheduled_tokens for so in engine._in_flight] == [{"a": 1, "b": 1}]
+    second = engine.step()  # a decode step: the next one was scheduled ahead and launched
+    assert sorted(o.request_id for o in second) == ["a", "b"]
+    assert len(engine._in_flight) == 1 and engine._in_flight[0].multi_step
     engine.abort_request("a")  # its tokens of the step in flight are dropped
     seen = []
     while engine.has_unfinished_requests():
         seen += engine.step()
     assert {o.request_id for o in seen} == {"b"}
     assert seen[-1].finished and len(seen[-1].outputs[0].token_ids) == 8
+    _no_leak(async_llm)
+
+
+def test_decode_steps_are_scheduled_ahead(async_llm):
+    """Greedy decodes of running requests: every decode step after the first is scheduled
+    by the lookahead, as a one-step multi-step batch; the last token of a request whose
+    max_tokens ends inside the running step is not scheduled again."""
+    sched = async_llm.llm_engine.scheduler
+    seen, original, original_ahead = [], sched.schedule, sched.schedule_lookahead
+
+    def spy():
+        out = original()
+        seen.append(("schedule", out.num_steps, out.multi_step))
+        return out
+
+    def spy_ahead(running):
+        out = original_ahead(running)
+        if out is not None:
+            seen.append(("ahead", out.num_steps, out.multi_step))
+        return out
+    sched.schedule, sched.schedule_lookahead = spy, spy_ahead
+    try:
+        _outputs(async_llm, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                 PROMPTS[:2])
+    finally:
+        sched.schedule, sched.schedule_lookahead = original, original_ahead
+    # the prompts, the first decode step, then 4 decode steps scheduled ahead
+    assert seen == [("schedule", 1, False), ("schedule", 1, True)] + [("ahead", 1, True)] * 4
     _no_leak(async_llm)
