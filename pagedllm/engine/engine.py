@@ -19,7 +19,9 @@ Async output processing (on CUDA unless ``--disable-async-output-proc``;
    with 1 they are one-step batches (``SchedulerOutput.multi_step``), so decode steps are
    launched back to back. A request that stopped inside batch t ran in batch t+1 for
    nothing; its late tokens are dropped.
-Speculative decoding keeps the older form: the executor runs step t+1 on a helper thread
+Speculative decoding and ``--collect-detailed-traces`` (whose per-request model times
+would count overlapping batches twice) keep the older form: the executor runs step t+1 on a
+helper thread
 while this thread makes step t's outputs (``_exec_thread``; the runner's ``on_launch``
 tells when the forward is queued, so that this thread does not hold the GIL meanwhile).
 
@@ -139,10 +141,13 @@ class LLMEngine:
         self._exec_thread: ThreadPoolExecutor | None = None
         self._runner = self.worker.runner
         # async output processing by launching ahead (``_step_lookahead``); the executor
-        # thread below only where that is unavailable (speculative decoding, executors
-        # without launch / finish)
+        # thread below where that is unavailable (speculative decoding, executors without
+        # launch / finish) or with --collect-detailed-traces: batches in flight together
+        # would count the same seconds in each request's model forward / execute times
         self._lookahead = use_async_output_proc(config) and \
-            config.speculative.speculative_model is None and hasattr(self.executor, "launch")
+            config.speculative.speculative_model is None and \
+            not config.observability.collect_detailed_traces and \
+            hasattr(self.executor, "launch")
         self.scheduler.lookahead = self._lookahead
         if use_async_output_proc(config) and not self._lookahead:
             threads = torch.get_num_threads()

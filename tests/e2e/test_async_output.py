@@ -10,6 +10,7 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.engine import use_async_output_proc
+from tests.utils.schedules import recorded_schedules
 from tests.utils.tiny_models import E2E_PROMPTS, build_tiny_model
 
 PROMPTS = E2E_PROMPTS
@@ -130,25 +131,10 @@ def test_decode_steps_are_scheduled_ahead(async_llm):
     """Greedy decodes of running requests: every decode step after the first is scheduled
     by the lookahead, as a one-step multi-step batch; the last token of a request whose
     max_tokens ends inside the running step is not scheduled again."""
-    sched = async_llm.llm_engine.scheduler
-    seen, original, original_ahead = [], sched.schedule, sched.schedule_lookahead
-
-    def spy():
-        out = original()
-        seen.append(("schedule", out.num_steps, out.multi_step))
-        return out
-
-    def spy_ahead(running):
-        out = original_ahead(running)
-        if out is not None:
-            seen.append(("ahead", out.num_steps, out.multi_step))
-        return out
-    sched.schedule, sched.schedule_lookahead = spy, spy_ahead
-    try:
+    with recorded_schedules(async_llm.llm_engine.scheduler) as seen:
         _outputs(async_llm, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                  PROMPTS[:2])
-    finally:
-        sched.schedule, sched.schedule_lookahead = original, original_ahead
+    seen = [(kind, out.num_steps, out.multi_step) for kind, out in seen]
     # the prompts, the first decode step, then 4 decode steps scheduled ahead
     assert seen == [("schedule", 1, False), ("schedule", 1, True)] + [("ahead", 1, True)] * 4
     _no_leak(async_llm)

@@ -6,6 +6,7 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.sampling_params import RequestOutputKind
+from tests.utils.schedules import recorded_schedules
 from tests.utils.tiny_models import E2E_PROMPTS, build_tiny_model
 
 PROMPTS = E2E_PROMPTS
@@ -48,27 +49,11 @@ def _same(a, b):
 
 
 def test_multi_step_runs_several_steps_per_schedule(multi):
-    sched = multi.llm_engine.scheduler
-    seen, ahead = [], []
-    original, original_ahead = sched.schedule, sched.schedule_lookahead
-
-    def spy():
-        out = original()
-        seen.append(out.num_steps)
-        return out
-
-    def spy_ahead(running):
-        out = original_ahead(running)
-        if out is not None:
-            seen.append(out.num_steps)
-            ahead.append(out.num_steps)
-        return out
-    sched.schedule, sched.schedule_lookahead = spy, spy_ahead
-    try:
+    with recorded_schedules(multi.llm_engine.scheduler) as record:
         _run(multi, SamplingParams(temperature=0, max_tokens=21, ignore_eos=True),
              PROMPTS[:1])
-    finally:
-        sched.schedule, sched.schedule_lookahead = original, original_ahead
+    seen = [out.num_steps for _, out in record]
+    ahead = [out.num_steps for kind, out in record if kind == "ahead"]
     # one prefill step, then decode steps of 8, 8 and the last 4 tokens (capped by max_tokens);
     # with lookahead the last two are scheduled while the batch before them runs
     assert seen == [1, 8, 8, 4]
