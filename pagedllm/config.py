@@ -307,9 +307,8 @@ class SchedulerConfig:
         False, "Do not overlap output processing (detokenization, stop strings, outputs) of "
         "one step with the next forward, and do not launch the next decode batch (one step "
         "or --num-scheduler-steps) before the running one's tokens reach the host. The "
-        "overlap is on "
-        "by default on CUDA, off on CPU and with pipeline parallelism (whose micro-batches "
-        "overlap instead).")
+        "overlap is on by default on CUDA, off on CPU and with pipeline parallelism (whose "
+        "micro-batches overlap instead).")
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ requests as if every step's token had arrived (counts projected ``num_steps`` ah
 allocated for both batches), so the device never waits for the host between batches. With
 ``--num-scheduler-steps 1`` the same holds for one-step batches: a decode-only batch that
 qualifies for multi-step is marked ``multi_step`` with one step, so its successor can take
-its ids on the device. It happens only in a
-steady state: every running request in that one batch, no swapped requests, no seeded
-random sampling, and no waiting prompts unless the batch keeps every seat (requests ending
-by length in the running batch are left out of the next). A request that stops inside the
+its ids on the device. It happens only in a steady state: every running request in that
+one batch, no swapped requests, no seeded random sampling, and no waiting prompts unless the
+batch keeps every seat (requests ending by length in the running batch are left out of the
+next). A request that stops inside the
 running batch (EOS, stop string, abort) has already been scheduled in the next one: its late
 tokens are dropped and its blocks freed when that batch is over (``in_flight`` counts the
 batches a request is in).
@@ -315,11 +315,11 @@ class Scheduler:
     def schedule_lookahead(self, running: SchedulerOutput) -> SchedulerOutput | None:
         """The next multi-step batch of the requests of ``running`` (a multi-step batch not
         yet applied), scheduled as if its tokens had arrived; None outside the steady state
-        (module docstring), when fewer than two steps are left, or without free blocks for
-        it (a lookahead never preempts)."""
+        (module docstring), when fewer steps than ``_min_multi_steps`` are left, or without
+        free blocks for it (a lookahead never preempts)."""
         ahead = running.num_steps
-        if not running.multi_step or self.swapped or self._pending_copies or self.spec is not None or \
-                self.pipeline_depth > 1:
+        if not running.multi_step or self.swapped or self._pending_copies or \
+                self.spec is not None or self.pipeline_depth > 1:
             return None
         requests = [r for req_id in running.num_scheduled_tokens
                     if (r := self.requests.get(req_id)) is not None]  # not ended meanwhile

@@ -21,9 +21,9 @@ Async output processing (on CUDA unless ``--disable-async-output-proc``;
    nothing; its late tokens are dropped.
 Speculative decoding and ``--collect-detailed-traces`` (whose per-request model times
 would count overlapping batches twice) keep the older form: the executor runs step t+1 on a
-helper thread
-while this thread makes step t's outputs (``_exec_thread``; the runner's ``on_launch``
-tells when the forward is queued, so that this thread does not hold the GIL meanwhile).
+helper thread while this thread makes step t's outputs (``_exec_thread``; the runner's
+``on_launch`` tells when the forward is queued, so that this thread does not hold the GIL
+meanwhile).
 
 Pipeline parallelism (``-pp N``): up to N micro-batches of disjoint requests are in flight,
 each launched on every rank (``executor.launch``) and finished in order
@@ -319,25 +319,28 @@ class LLMEngine:
             ahead = self.scheduler.schedule_lookahead(self._in_flight[-1])
             if ahead is not None:
                 self._launch(ahead)
-            scheduler_output = self._in_flight.popleft()
-            runner_output = self.executor.finish()
-            updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+            finished = self._finish_step()
             if not self._in_flight and self.scheduler.has_unfinished_requests():
                 self._launch(self.scheduler.schedule())
         except BaseException:
             self._in_flight.clear()  # the executor has failed for good
             raise
-        return self._make_outputs(scheduler_output, runner_output, updated)
+        return self._make_outputs(*finished)
 
     def _launch(self, scheduler_output: SchedulerOutput) -> None:
         self.executor.launch(scheduler_output)
         self._in_flight.append(scheduler_output)
 
-    def _finish_oldest(self) -> list[RequestOutput]:
+    def _finish_step(self) -> tuple:
+        """Finish the oldest batch in flight and apply it: (its SchedulerOutput, the runner's
+        output, the updated requests), for ``_make_outputs``."""
         scheduler_output = self._in_flight.popleft()
         runner_output = self.executor.finish()
-        updated = self.scheduler.update_from_output(scheduler_output, runner_output)
-        return self._make_outputs(scheduler_output, runner_output, updated)
+        return scheduler_output, runner_output, self.scheduler.update_from_output(
+            scheduler_output, runner_output)
+
+    def _finish_oldest(self) -> list[RequestOutput]:
+        return self._make_outputs(*self._finish_step())
 
     def _make_outputs(self, scheduler_output, runner_output, updated) -> list[RequestOutput]:
         """Detokenize a step's new tokens, apply stop strings, build its outputs."""
