@@ -210,6 +210,67 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, up_offset,
              mask=row_mask)
 
 
+@triton.jit
+def _gemv_vec_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, up_offset,
+                     HAS_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                     PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+    # the weight tile is [BLOCK_N, BLOCK_K // VEC, VEC]: a thread's 16-byte vector is the
+    # last axis, summed in registers each chunk, so the accumulator holds one fp32 a vector
+    # (not one an element) and larger chunks keep the occupancy. PREFETCH: the next chunk's
+    # loads are issued before this chunk's products, two chunks in flight per program
+    pdl.launch_dependents(USE_PDL)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = (rows < N)[:, None, None]
+    cols = (tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None]
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
+    mask = row_mask if EVEN_K else row_mask & (cols < K)
+    w = tl.load(w_rows + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+    u = w
+    if GATED:
+        u = tl.load(w_rows + up_offset + cols, mask=mask, other=0.0,
+                    eviction_policy="evict_first")
+    pdl.wait(USE_PDL)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        nk = k + BLOCK_K + cols
+        nmask = row_mask & (nk < K)
+        if PREFETCH:
+            w_next = tl.load(w_rows + nk, mask=nmask, other=0.0, eviction_policy="evict_first")
+            u_next = w_next
+            if GATED:
+                u_next = tl.load(w_rows + up_offset + nk, mask=nmask, other=0.0,
+                                 eviction_policy="evict_first")
+        kk = k + cols
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        acc += tl.sum(w.to(tl.float32) * x, 2)
+        if GATED:
+            acc_up += tl.sum(u.to(tl.float32) * x, 2)
+        if PREFETCH:
+            w = w_next
+            u = u_next
+        else:
+            w = tl.load(w_rows + nk, mask=nmask, other=0.0, eviction_policy="evict_first")
+            if GATED:
+                u = tl.load(w_rows + up_offset + nk, mask=nmask, other=0.0,
+                            eviction_policy="evict_first")
+    out = tl.sum(acc, 1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_mask = rows < N
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows, mask=out_mask, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.sum(acc_up, 1)
+        if HAS_BIAS:
+            up += tl.load(b_ptr + N + rows, mask=out_mask, other=0.0).to(tl.float32)
+        g = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
+        out = g / (1.0 + tl.exp(-g)) * up
+    tl.store(out_ptr + rows, out.to(x_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty),
+             mask=out_mask)
+
+
 # (block_n, block_k, num_warps) by the weight's [N, K], from the H200 sweep of
 # benchmarks/gpu_gemv.py (Llama-3-8B / Mistral-7B shapes). The engine sends only these
 # shapes to the GEMV (``fused.use_gemv``): with untuned configs it lost to cuBLAS
@@ -245,13 +306,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"a gated weight has 2d rows, got {n_rows}")
     n = n_rows // 2 if gated else n_rows
     out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
-    block_n, block_k, warps = config or GEMV_CONFIGS.get((n_rows, k), GEMV_DEFAULT)
+    config = config or GEMV_CONFIGS.get((n_rows, k), GEMV_DEFAULT)
+    block_n, block_k, warps = config[:3]
     block_k = min(block_k, triton.next_power_of_2(k))
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-        n * weight.stride(0), HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % block_k == 0,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        **pdl.options(x))
+    args = (x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+            n * weight.stride(0))
+    flags = dict(HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % block_k == 0,
+                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **pdl.options(x))
+    if len(config) == 4:
+        vec = max(1, min(16 // weight.element_size(), block_k))
+        _gemv_vec_kernel[(triton.cdiv(n, block_n),)](*args, VEC=vec, PREFETCH=bool(config[3]),
+                                                     **flags)
+    else:
+        _gemv_kernel[(triton.cdiv(n, block_n),)](*args, **flags)
     return out
 
 

@@ -86,6 +86,12 @@ def test_silu_and_mul(dtype, d):
     (100, 200, True, False, (16, 64, 4)),  # ragged rows and K, bias
     (128, 96, False, True, (8, 32, 4)),  # fused gate/up with silu
     (66, 130, True, True, (4, 64, 2)),  # gated, ragged, bias on both halves
+    # the vector-tile kernel (4-tuple configs), with and without the prefetched chunk
+    (96, 256, False, False, (8, 64, 4, 1)),
+    (100, 200, True, False, (16, 64, 4, 0)),
+    (128, 96, False, True, (8, 32, 4, 1)),
+    (66, 130, True, True, (4, 64, 2, 1)),
+    (66, 130, True, True, (2, 128, 2, 0)),
 ])
 def test_gemv(dtype, n, k, bias, gated, config):
     gen = torch.Generator().manual_seed(n * k)
