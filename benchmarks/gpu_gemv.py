@@ -24,9 +24,9 @@ from benchmarks.throughput import copy_bandwidth_gbs  # noqa: E402
 from pagedllm.layers import triton_ops as ops  # noqa: E402
 
 MODEL = "benchmarks/configs/llama-3-8b"
-# (block_n, block_k, warps): the register-tile kernel; + (prefetch,): the vector-tile kernel
-CONFIGS = {"reg": list(itertools.product((4, 8, 16, 32), (256, 512), (4, 8))),
-           "vec": list(itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8), (0, 1)))}
+# (block_n, block_k, warps, prefetch); the tile at most 16K elements, at least 1K
+CONFIGS = [c for c in itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048, 4096), (2, 4, 8),
+                                        (0, 1)) if 1024 <= c[0] * c[1] <= 16384]
 REPS = 10
 REP_MS = 200
 
@@ -65,13 +65,10 @@ def main() -> None:
     global REP_MS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=MODEL, help="config directory whose shapes to tune")
-    parser.add_argument("--kernels", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
-                        help="which GEMV kernels' configs to sweep")
     parser.add_argument("--rep-ms", type=int, default=REP_MS, help="timing budget a config")
     parser.add_argument("--json", help="write the best config of each [N, K] here")
     args = parser.parse_args()
     REP_MS = args.rep_ms
-    configs = [c for kind in args.kernels for c in CONFIGS[kind]]
     torch.manual_seed(0)
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bandwidth_gbs(dev, 1 << 30, repeats=20):.0f} "
@@ -91,7 +88,7 @@ def main() -> None:
         ref = ops.gemv_ref(x, weights[0], gated=gated)
         base = graph_time_us(cublas, weights, x)
         results = []
-        for cfg in configs:
+        for cfg in CONFIGS:
             try:
                 out = ops.gemv(x, weights[0], gated=gated, config=cfg)
             except Exception as e:  # e.g. a tile too large for shared memory or registers
@@ -108,10 +105,6 @@ def main() -> None:
         if results[0][0] < base:
             faster[(n, k)] = results[0][1]
         top = ", ".join(f"{c} {t:.2f} us" for t, c in results[:3])
-        for kind, size in (("reg", 3), ("vec", 4)):  # each kernel's best, when swept
-            best = next(((t, c) for t, c in results if len(c) == size), None)
-            if best:
-                top += f"; best {kind} {best[1]} {best[0]:.2f} us"
         print(f"{name:13s} N={n:6d} K={k:5d} {nbytes / 1e6:6.1f} MB: cuBLAS {base:7.2f} us "
               f"({nbytes / base / 1e3:5.0f} GB/s); gemv best {results[0][0]:7.2f} us "
               f"({nbytes / results[0][0] / 1e3:5.0f} GB/s, {base / results[0][0]:.2f}x); "

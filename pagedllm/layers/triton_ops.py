@@ -163,62 +163,14 @@ def silu_and_mul_ref(x):
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, up_offset,
                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    # one row of x times BLOCK_N rows of W (and, GATED, the BLOCK_N rows up_offset further)
-    pdl.launch_dependents(USE_PDL)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    cols = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    # the first chunk of weights is loaded before waiting for x (the kernel before writes
-    # it). Loading more chunks first (a [BLOCK_N, 2-8 chunks] tile) measured slower
-    k_mask = cols < K
-    mask = row_mask[:, None] if EVEN_K else row_mask[:, None] & k_mask[None, :]
-    w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-    u = w
-    if GATED:
-        u = tl.load(w_rows + up_offset + cols[None, :], mask=mask, other=0.0,
-                    eviction_policy="evict_first")
-    pdl.wait(USE_PDL)
-    x = tl.load(x_ptr + cols, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-    acc = w.to(tl.float32) * x
-    acc_up = u.to(tl.float32) * x
-    for k in range(BLOCK_K, K, BLOCK_K):
-        kk = k + cols
-        k_mask = kk < K
-        x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        mask = row_mask[:, None] if EVEN_K else row_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_rows + kk[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-        acc += w.to(tl.float32) * x
-        if GATED:
-            u = tl.load(w_rows + up_offset + kk[None, :], mask=mask, other=0.0,
-                        eviction_policy="evict_first")
-            acc_up += u.to(tl.float32) * x
-    out = tl.sum(acc, 1)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    if GATED:
-        up = tl.sum(acc_up, 1)
-        if HAS_BIAS:
-            up += tl.load(b_ptr + N + rows, mask=row_mask, other=0.0).to(tl.float32)
-        # round like the unfused path: projection outputs in x's dtype, then silu(g) * u
-        g = out.to(out_ptr.dtype.element_ty).to(tl.float32)
-        up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
-        out = g / (1.0 + tl.exp(-g)) * up
-    # rounded to x's dtype like the unfused matmul, then stored as out's (fp32 logits)
-    tl.store(out_ptr + rows, out.to(x_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty),
-             mask=row_mask)
-
-
-@triton.jit
-def _gemv_vec_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, up_offset,
-                     HAS_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-                     PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
-    # the weight tile is [BLOCK_N, BLOCK_K // VEC, VEC]: a thread's 16-byte vector is the
-    # last axis, summed in registers each chunk, so the accumulator holds one fp32 a vector
-    # (not one an element) and larger chunks keep the occupancy. PREFETCH: the next chunk's
-    # loads are issued before this chunk's products, two chunks in flight per program
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                 PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+    # one row of x times BLOCK_N rows of W (and, GATED, the BLOCK_N rows up_offset further).
+    # The weight tile is [BLOCK_N, BLOCK_K // VEC, VEC]: a thread's 16-byte vector is the last
+    # axis, summed in registers every chunk, so the accumulator holds one fp32 a vector, not
+    # one an element, and large chunks keep the occupancy. PREFETCH: the next chunk's loads
+    # are issued before this chunk's products (two chunks in flight a program). The first
+    # chunk is loaded before waiting for x (the kernel before writes it)
     pdl.launch_dependents(USE_PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = (rows < N)[:, None, None]
@@ -264,24 +216,26 @@ def _gemv_vec_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, up_offset,
         up = tl.sum(acc_up, 1)
         if HAS_BIAS:
             up += tl.load(b_ptr + N + rows, mask=out_mask, other=0.0).to(tl.float32)
+        # round like the unfused path: projection outputs in x's dtype, then silu(g) * u
         g = out.to(out_ptr.dtype.element_ty).to(tl.float32)
         up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
         out = g / (1.0 + tl.exp(-g)) * up
+    # rounded to x's dtype like the unfused matmul, then stored as out's (fp32 logits)
     tl.store(out_ptr + rows, out.to(x_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty),
              mask=out_mask)
 
 
-# (block_n, block_k, num_warps) by the weight's [N, K], from the H200 sweep of
+# (block_n, block_k, num_warps, prefetch) by the weight's [N, K], from the H200 sweep of
 # benchmarks/gpu_gemv.py (Llama-3-8B / Mistral-7B shapes). The engine sends only these
 # shapes to the GEMV (``fused.use_gemv``): with untuned configs it lost to cuBLAS
-GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
-    (6144, 4096): (8, 512, 8), (4096, 4096): (4, 512, 8), (28672, 4096): (4, 512, 8),
-    (4096, 14336): (4, 512, 8), (128256, 4096): (8, 256, 4)}
-GEMV_DEFAULT = (8, 512, 4)
+GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
+    (6144, 4096): (1, 2048, 8, 1), (4096, 4096): (2, 1024, 2, 1), (28672, 4096): (1, 4096, 4, 0),
+    (4096, 14336): (1, 2048, 4, 0), (128256, 4096): (1, 1024, 4, 1)}
+GEMV_DEFAULT = (2, 1024, 4, 1)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         gated: bool = False, config: tuple[int, int, int] | None = None,
+         gated: bool = False, config: tuple[int, int, int, int] | None = None,
          out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [1, K] @ weight[N, K]^T (+ bias) -> [1, N] for one-token steps (batch-1 decode),
     where cuBLAS picks split-K kernels plus a reduction launch for the narrow matrices.
@@ -291,8 +245,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     which saves the LM head's separate ``.float()`` kernel.
 
     1. a program owns BLOCK_N output rows (and their up rows when gated) and walks K in
-       BLOCK_K chunks, fp32 products accumulated in registers;
+       BLOCK_K chunks; each thread loads 16-byte vectors and sums their fp32 products in
+       registers, one fp32 a vector carried (so large chunks, many bytes in flight, keep the
+       occupancy); with ``prefetch`` the next chunk is loaded before this one is multiplied;
     2. one reduction over the chunk axis at the end, bias, the SiLU gate, one store.
+    ``config``: (block_n, block_k, num_warps, prefetch), tuned per shape (``GEMV_CONFIGS``).
+    (A [BLOCK_N, BLOCK_K] fp32 accumulator, the first version, ran 1.02-1.10x slower: its
+    registers capped the chunk at 512 columns; docs/benchmarks.md, seventh part.)
     (Folding the residual add and RMSNorm into this pass was measured too: the extra loads
     in every chunk slowed each GEMV more than the two norm launches cost; docs/benchmarks.md.)
     """
@@ -306,19 +265,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"a gated weight has 2d rows, got {n_rows}")
     n = n_rows // 2 if gated else n_rows
     out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
-    config = config or GEMV_CONFIGS.get((n_rows, k), GEMV_DEFAULT)
-    block_n, block_k, warps = config[:3]
+    block_n, block_k, warps, prefetch = config or GEMV_CONFIGS.get((n_rows, k), GEMV_DEFAULT)
     block_k = min(block_k, triton.next_power_of_2(k))
-    args = (x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-            n * weight.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % block_k == 0,
-                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **pdl.options(x))
-    if len(config) == 4:
-        vec = max(1, min(16 // weight.element_size(), block_k))
-        _gemv_vec_kernel[(triton.cdiv(n, block_n),)](*args, VEC=vec, PREFETCH=bool(config[3]),
-                                                     **flags)
-    else:
-        _gemv_kernel[(triton.cdiv(n, block_n),)](*args, **flags)
+    vec = min(16 // weight.element_size(), block_k)  # one 16-byte load a thread
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        n * weight.stride(0), HAS_BIAS=bias is not None, GATED=gated, EVEN_K=k % block_k == 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, PREFETCH=bool(prefetch), num_warps=warps,
+        **pdl.options(x))
     return out
 
 

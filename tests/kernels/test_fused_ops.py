@@ -82,15 +82,12 @@ def test_silu_and_mul(dtype, d):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k,bias,gated,config", [
-    (96, 256, False, False, (8, 64, 4)),  # K a multiple of the chunk
-    (100, 200, True, False, (16, 64, 4)),  # ragged rows and K, bias
-    (128, 96, False, True, (8, 32, 4)),  # fused gate/up with silu
-    (66, 130, True, True, (4, 64, 2)),  # gated, ragged, bias on both halves
-    # the vector-tile kernel (4-tuple configs), with and without the prefetched chunk
-    (96, 256, False, False, (8, 64, 4, 1)),
-    (100, 200, True, False, (16, 64, 4, 0)),
-    (128, 96, False, True, (8, 32, 4, 1)),
-    (66, 130, True, True, (4, 64, 2, 1)),
+    (96, 256, False, False, (8, 64, 4, 0)),  # K a multiple of the chunk
+    (96, 256, False, False, (8, 64, 4, 1)),  # ... with the next chunk prefetched
+    (100, 200, True, False, (16, 64, 4, 1)),  # ragged rows and K, bias
+    (100, 200, True, False, (1, 128, 4, 0)),  # one row a program
+    (128, 96, False, True, (8, 32, 4, 1)),  # fused gate/up with silu
+    (66, 130, True, True, (4, 64, 2, 1)),  # gated, ragged, bias on both halves
     (66, 130, True, True, (2, 128, 2, 0)),
 ])
 def test_gemv(dtype, n, k, bias, gated, config):
@@ -112,9 +109,9 @@ def test_gemv_fp32_logits_equal_the_rounded_result():
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(1, 192, generator=gen).to(torch.bfloat16).to(DEVICE)
     w = (torch.randn(300, 192, generator=gen) / 14).to(torch.bfloat16).to(DEVICE)
-    out = ops.gemv(x, w, config=(8, 64, 4), out_dtype=torch.float32)
+    out = ops.gemv(x, w, config=(8, 64, 4, 1), out_dtype=torch.float32)
     assert out.dtype == torch.float32
-    assert torch.equal(out, ops.gemv(x, w, config=(8, 64, 4)).float())
+    assert torch.equal(out, ops.gemv(x, w, config=(8, 64, 4, 1)).float())
     ref = ops.gemv_ref(x, w, out_dtype=torch.float32)
     assert ref.dtype == torch.float32 and _rel_err(out, ref) < TOL[torch.bfloat16]
 
