@@ -316,7 +316,8 @@ class ParallelConfig:
     """How the model is spread over devices: tp x pp ranks (layout in pagedllm.distributed)."""
     tensor_parallel_size: int = option(
         1, "Tensor-parallel ranks per pipeline stage. Every supported architecture; heads "
-        "must divide by it.", aliases=("-tp",), valid=POSITIVE)
+        "must divide by it. On CUDA the mp executor binds one GPU per rank: tp x pp at most "
+        "the host's visible GPUs.", aliases=("-tp",), valid=POSITIVE)
     pipeline_parallel_size: int = option(
         1, "Pipeline stages (contiguous layer ranges, each with the KV cache of its layers "
         "only; combines with -tp). Every supported architecture; at most the number of "

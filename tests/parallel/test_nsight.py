@@ -12,7 +12,9 @@ from pagedllm import LLM
 from pagedllm.ray_utils import NSIGHT_OPTIONS, ray_worker_options
 from tests.utils.tiny_models import build_tiny_model
 
-ENGINE = dict(num_gpu_blocks_override=64, max_model_len=256)
+# device cpu: these ranks talk through gloo and shared memory on any host (one GPU
+# would hold two ranks; see check_ranks_fit_gpus)
+ENGINE = dict(device="cpu", num_gpu_blocks_override=64, max_model_len=256)
 
 
 @pytest.mark.parametrize("flags, what", [

@@ -16,7 +16,9 @@ from tests.utils.tiny_models import build_tiny_model
 
 PROMPTS = ["The for statement", "A class is", "def f(x):", "import os"]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-ENGINE = dict(num_gpu_blocks_override=64, max_model_len=256)
+# device cpu: these ranks talk through gloo and shared memory on any host (one GPU
+# would hold two ranks; see check_ranks_fit_gpus)
+ENGINE = dict(device="cpu", num_gpu_blocks_override=64, max_model_len=256)
 
 
 def _run(path, tp: int, prompts=PROMPTS, params=GREEDY, **flags):
@@ -100,6 +102,20 @@ def test_unsupported_tp_fails_at_start_up(monkeypatch):
             LLM(model=str(build_tiny_model("llama")), **flags, **ENGINE)
 
 
+def test_more_ranks_than_gpus_fails_at_start_up_naming_the_flags():
+    """On CUDA the mp executor binds one GPU per rank: two ranks on one GPU must be a clear
+    start-up error (NCCL would refuse them mid start-up), not a hang or an NCCL trace."""
+    from pagedllm.arg_utils import check_ranks_fit_gpus
+    with pytest.raises(ValueError, match=r"--tensor-parallel-size 2 x --pipeline-parallel-size 1 "
+                                         r"= 2 ranks need 2 CUDA devices .*; 1 visible"):
+        check_ranks_fit_gpus(2, 1, None, False, 1)
+    with pytest.raises(ValueError, match=r"= 4 ranks need 4 .*--device cpu"):
+        check_ranks_fit_gpus(2, 2, "mp", False, 3)
+    for args in [(1, 1, None, False, 0), (2, 2, None, False, 4), (2, 1, "ray", False, 1),
+                 (4, 1, None, True, 1)]:
+        check_ranks_fit_gpus(*args)  # fits, or Ray places the ranks
+
+
 def test_tp2_features_same_outputs():
     """Chunked prefill, prefix caching, preemption (few blocks), seeded sampling and logprobs
     at tp=2 give tp=1's outputs: every rank samples the same tokens from the same logits."""
@@ -112,7 +128,7 @@ def test_tp2_features_same_outputs():
                              prompt_logprobs=1),
               SamplingParams(temperature=1.0, top_k=20, seed=3, max_tokens=24, n=2,
                              ignore_eos=True)]
-    flags = dict(enable_prefix_caching=True, enable_chunked_prefill=True,
+    flags = dict(device="cpu", enable_prefix_caching=True, enable_chunked_prefill=True,
                  max_num_batched_tokens=16, max_num_seqs=4, num_gpu_blocks_override=12,
                  max_model_len=256)
 

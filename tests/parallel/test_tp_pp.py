@@ -13,8 +13,10 @@ from tests.utils.tiny_models import build_tiny_model
 
 PROMPTS = ["The for statement", "A class is", "def f(x):", "import os"]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-ENGINE = dict(num_gpu_blocks_override=64, max_model_len=256, enable_chunked_prefill=True,
-              max_num_batched_tokens=8, max_num_seqs=4)
+# device cpu: these ranks talk through gloo and shared memory on any host (one GPU
+# would hold two ranks; see check_ranks_fit_gpus)
+ENGINE = dict(device="cpu", num_gpu_blocks_override=64, max_model_len=256,
+              enable_chunked_prefill=True, max_num_batched_tokens=8, max_num_seqs=4)
 
 
 def load_window(worker):
