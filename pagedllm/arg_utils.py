@@ -194,11 +194,6 @@ class _EngineArgsMethods:
             raise ValueError(f"--cpu-offload-gb {values['cpu_offload_gb']} streams weights from "
                              "CPU memory to a CUDA device; with --device cpu every weight is "
                              "in CPU memory already: drop the flag")
-        if values["device"] == "cuda":
-            import torch
-            check_ranks_fit_gpus(values["tensor_parallel_size"], values["pipeline_parallel_size"],
-                                 values["distributed_executor_backend"], values["worker_use_ray"],
-                                 torch.cuda.device_count())
         values["ignore_patterns"] = _resolve_ignore_patterns(values["ignore_patterns"])
         derived = _resolve_model(values)
         values["max_model_len"] = derived.pop("max_model_len")
@@ -307,21 +302,6 @@ def _resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if cuda_backend_available() else "cpu"
     return device
-
-
-def check_ranks_fit_gpus(tp: int, pp: int, backend: str | None, use_ray: bool,
-                         visible_gpus: int) -> None:
-    """On CUDA the local (mp) executor binds one GPU per rank; more ranks than this host's
-    visible GPUs would put two ranks on one device, which NCCL refuses mid start-up. Ray
-    places its ranks' GPU bundles itself (a cluster may span hosts)."""
-    ranks = tp * pp
-    if ranks == 1 or backend == "ray" or use_ray or ranks <= visible_gpus:
-        return
-    raise ValueError(
-        f"--tensor-parallel-size {tp} x --pipeline-parallel-size {pp} = {ranks} ranks need "
-        f"{ranks} CUDA devices on this host (one per rank); {visible_gpus} visible "
-        "(CUDA_VISIBLE_DEVICES). Use at most that many ranks, --distributed-executor-backend "
-        "ray for a multi-host cluster, or --device cpu to run the ranks on CPU")
 
 
 def _resolve_ignore_patterns(patterns: Any) -> list[str]:

@@ -106,6 +106,18 @@ def check_tensor_parallel(hf_config, tp: int) -> None:
                          f"{kv_heads} KV heads")
 
 
+def check_gpu_per_rank(tp: int, pp: int, visible_gpus: int) -> None:
+    """With NCCL each rank binds its own GPU (``init_distributed``); more ranks than this
+    host's visible GPUs would put two on one device, which NCCL refuses mid start-up."""
+    ranks = tp * pp
+    if ranks > visible_gpus:
+        raise ValueError(
+            f"--tensor-parallel-size {tp} x --pipeline-parallel-size {pp} = {ranks} ranks need "
+            f"{ranks} CUDA devices on this host (one per rank); {visible_gpus} visible "
+            "(CUDA_VISIBLE_DEVICES). Use at most that many ranks, --distributed-executor-backend "
+            "ray for a multi-host cluster, or --device cpu to run the ranks on CPU")
+
+
 def check_no_running_group() -> None:
     """One parallel engine per process: ``torch.distributed`` holds one default group."""
     if dist.is_initialized():
@@ -245,6 +257,8 @@ class MultiprocExecutor(ParallelExecutor):
         from pagedllm.worker.worker import Worker
         world = self._start(config)  # fail before starting processes
         pp = config.parallel.pipeline_parallel_size
+        if _backend(config) == "nccl":
+            check_gpu_per_rank(config.parallel.tensor_parallel_size, pp, torch.cuda.device_count())
         init_method = f"tcp://127.0.0.1:{free_port()}"
         shm_paths = shm_files(config)
         ctx = mp.get_context("spawn")

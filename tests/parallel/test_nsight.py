@@ -12,8 +12,7 @@ from pagedllm import LLM
 from pagedllm.ray_utils import NSIGHT_OPTIONS, ray_worker_options
 from tests.utils.tiny_models import build_tiny_model
 
-# device cpu: these ranks talk through gloo and shared memory on any host (one GPU
-# would hold two ranks; see check_ranks_fit_gpus)
+# gloo ranks on CPU on any host (a one-GPU host refuses two CUDA ranks: check_gpu_per_rank)
 ENGINE = dict(device="cpu", num_gpu_blocks_override=64, max_model_len=256)
 
 

@@ -12,8 +12,7 @@ from tests.utils.tiny_models import build_tiny_model
 
 PROMPTS = ["The for statement", "A class is", "def f(x):", "import os"]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-# device cpu: these ranks talk through gloo and shared memory on any host (one GPU
-# would hold two ranks; see check_ranks_fit_gpus)
+# gloo ranks on CPU on any host (a one-GPU host refuses two CUDA ranks: check_gpu_per_rank)
 ENGINE = dict(device="cpu", num_gpu_blocks_override=64, max_model_len=256,
               enable_chunked_prefill=True, max_num_batched_tokens=8, max_num_seqs=4)
 

@@ -16,8 +16,7 @@ from tests.utils.tiny_models import build_tiny_model
 
 PROMPTS = ["The for statement", "A class is", "def f(x):", "import os"]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-# device cpu: these ranks talk through gloo and shared memory on any host (one GPU
-# would hold two ranks; see check_ranks_fit_gpus)
+# gloo ranks on CPU on any host (a one-GPU host refuses two CUDA ranks: check_gpu_per_rank)
 ENGINE = dict(device="cpu", num_gpu_blocks_override=64, max_model_len=256)
 
 
@@ -102,18 +101,21 @@ def test_unsupported_tp_fails_at_start_up(monkeypatch):
             LLM(model=str(build_tiny_model("llama")), **flags, **ENGINE)
 
 
-def test_more_ranks_than_gpus_fails_at_start_up_naming_the_flags():
+def test_more_ranks_than_gpus_fails_at_start_up_naming_the_flags(monkeypatch):
     """On CUDA the mp executor binds one GPU per rank: two ranks on one GPU must be a clear
     start-up error (NCCL would refuse them mid start-up), not a hang or an NCCL trace."""
-    from pagedllm.arg_utils import check_ranks_fit_gpus
+    from pagedllm.executor import multiproc
     with pytest.raises(ValueError, match=r"--tensor-parallel-size 2 x --pipeline-parallel-size 1 "
                                          r"= 2 ranks need 2 CUDA devices .*; 1 visible"):
-        check_ranks_fit_gpus(2, 1, None, False, 1)
+        multiproc.check_gpu_per_rank(2, 1, 1)
     with pytest.raises(ValueError, match=r"= 4 ranks need 4 .*--device cpu"):
-        check_ranks_fit_gpus(2, 2, "mp", False, 3)
-    for args in [(1, 1, None, False, 0), (2, 2, None, False, 4), (2, 1, "ray", False, 1),
-                 (4, 1, None, True, 1)]:
-        check_ranks_fit_gpus(*args)  # fits, or Ray places the ranks
+        multiproc.check_gpu_per_rank(2, 2, 3)
+    multiproc.check_gpu_per_rank(2, 2, 4)
+    # the mp executor runs the check before it starts a process (here: NCCL and one GPU faked)
+    monkeypatch.setattr(multiproc, "_backend", lambda config: "nccl")
+    monkeypatch.setattr(multiproc.torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="2 ranks need 2 CUDA devices"):
+        LLM(model=str(build_tiny_model("llama")), tensor_parallel_size=2, **ENGINE)
 
 
 def test_tp2_features_same_outputs():
