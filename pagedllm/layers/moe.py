@@ -1,0 +1,240 @@
+"""Mixture-of-experts: the router, the stacked expert weights and their checkpoint loaders.
+
+- ``select_experts``: router logits -> (top-k weights, expert ids) per token. Softmax or
+  sigmoid scores, optional renormalisation of the chosen k, DeepSeek's grouped top-k (only
+  the best ``topk_group`` of ``num_expert_group`` groups compete) with an optional score
+  correction bias (which picks the experts but does not weight them), a routed scaling
+  factor.
+- ``FusedMoE``: every expert's gate/up projection in one ``[E, 2 * I, H]`` parameter
+  (``gate_up_proj``, gate rows first) and down projection in one ``[E, H, I]`` (``down_proj``)
+  — the names and layout transformers 5 keeps in memory, so its state dicts load whole. Its
+  loader also takes hub checkpoints' per-expert tensors (``experts.<e>.gate_proj.weight``,
+  Mixtral's ``w1``/``w3``/``w2``) given an ``expert_id`` and a shard id gate/up/down.
+  Tensor parallelism splits every expert's intermediate dimension like a dense MLP
+  (gate/up column-parallel, down row-parallel): each rank computes a partial sum of the
+  weighted expert outputs and one all-reduce completes it.
+- ``MoEBlock``: router ``gate`` + ``experts`` + an optional shared expert (Qwen2-MoE's, with
+  its sigmoid ``shared_expert_gate``), module names as in Hugging Face.
+- ``load_moe_weights``: ``models.utils.load_weights`` that first routes per-expert tensors.
+
+The forward is a torch loop over the experts that received tokens (the oracle; CUDA runs it
+too until a grouped-GEMM kernel serves it).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.distributed import all_reduce, get_pp_size, get_tp_size, shard_range
+from pagedllm.layers.activation import ActAndMul
+from pagedllm.layers.linear import Linear
+from pagedllm.layers.parallel import held_by_other_stage
+from pagedllm.models.utils import StackedMapping, load_weights
+
+
+def _group_mask(choice: torch.Tensor, num_groups: int, topk_group: int,
+                by_top2_sum: bool) -> torch.Tensor:
+    """[T, E] bool: the experts of each token's ``topk_group`` best groups. A group scores
+    its best expert (DeepSeek-V2) or the sum of its best two (V3, with the correction bias)."""
+    grouped = choice.view(choice.shape[0], num_groups, -1)
+    if by_top2_sum:
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+    else:
+        group_scores = grouped.max(dim=-1).values
+    best = group_scores.topk(topk_group, dim=-1).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    return keep.unsqueeze(-1).expand_as(grouped).reshape(choice.shape)
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
+                   renormalize: bool = False, num_expert_group: int | None = None,
+                   topk_group: int | None = None, correction_bias: torch.Tensor | None = None,
+                   routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] fp32, expert ids [T, k] int64) from router logits [T, E].
+
+    Scores are computed in fp32 as Hugging Face does; the correction bias only changes which
+    experts are chosen, the weights are the unbiased scores of those experts."""
+    logits = router_logits.float()
+    if scoring == "softmax":
+        scores = logits.softmax(dim=-1)
+    elif scoring == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        raise ValueError(f"MoE scoring function {scoring!r} is not supported "
+                         "(supported: softmax, sigmoid)")
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if num_expert_group and num_expert_group > 1:
+        mask = _group_mask(choice, num_expert_group, topk_group or num_expert_group,
+                           by_top2_sum=correction_bias is not None)
+        choice = choice.masked_fill(~mask, float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if routed_scaling_factor != 1.0:
+        weights = weights * routed_scaling_factor
+    return weights, ids
+
+
+def moe_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                  weights: torch.Tensor, ids: torch.Tensor,
+                  act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for every token t, with experts
+    ``down[e] @ act_and_mul(gate_up[e] @ x)``: a loop over the experts that received tokens,
+    in ascending order (Hugging Face's order, so fp32 sums round alike)."""
+    out = torch.zeros_like(x)
+    for expert in ids.unique().tolist():  # sorted
+        token_idx, k_idx = torch.where(ids == expert)
+        h = act(F.linear(x[token_idx], gate_up[expert]))
+        h = F.linear(h, down[expert]) * weights[token_idx, k_idx, None].to(h.dtype)
+        out.index_add_(0, token_idx, h)
+    return out
+
+
+class FusedMoE(nn.Module):
+    """The routed experts of one layer, stacked; this rank's slice of every expert's
+    intermediate dimension (all of it at tensor-parallel size 1)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 act: str = "silu") -> None:
+        super().__init__()
+        tp = get_tp_size()
+        if intermediate_size % tp:
+            raise ValueError(f"expert intermediate size ({intermediate_size}) does not divide "
+                             f"by --tensor-parallel-size {tp}")
+        self.num_experts, self.hidden_size = num_experts, hidden_size
+        self.full_intermediate = intermediate_size
+        self.intermediate = intermediate_size // tp
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate,
+                                                     hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate))
+        self.gate_up_proj.weight_loader = self._load_gate_up
+        self.down_proj.weight_loader = self._load_down
+        self.act_fn = ActAndMul(act)
+
+    def _rank_slice(self, loaded: torch.Tensor, dim: int) -> torch.Tensor:
+        start, end = shard_range(self.full_intermediate)
+        return loaded.narrow(dim, start, end - start)
+
+    def _check(self, loaded: torch.Tensor, expected: tuple, name: str) -> None:
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(loaded.shape)}, the "
+                             f"model expects {expected}")
+
+    def _load_gate_up(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "",
+                      shard_id: str | None = None, expert_id: int | None = None) -> None:
+        """Fused ``[E, 2I, H]`` (gate rows, then up rows), or one expert's gate or up
+        ``[I, H]``; this rank keeps its slice of the I rows of each."""
+        E, I, H = self.num_experts, self.full_intermediate, self.hidden_size
+        if expert_id is None:
+            self._check(loaded, (E, 2 * I, H), name)
+            gate, up = loaded.split(I, dim=1)
+            param.data.copy_(torch.cat([self._rank_slice(gate, 1), self._rank_slice(up, 1)], 1))
+            return
+        if shard_id not in ("gate", "up"):
+            raise ValueError(f"checkpoint tensor {name!r}: shard {shard_id!r} is not gate/up")
+        self._check(loaded, (I, H), name)
+        offset = 0 if shard_id == "gate" else self.intermediate
+        param.data[expert_id].narrow(0, offset, self.intermediate).copy_(
+            self._rank_slice(loaded, 0))
+
+    def _load_down(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "",
+                   shard_id: str | None = None, expert_id: int | None = None) -> None:
+        """Fused ``[E, H, I]`` or one expert's ``[H, I]``; this rank keeps its I columns."""
+        E, I, H = self.num_experts, self.full_intermediate, self.hidden_size
+        if expert_id is None:
+            self._check(loaded, (E, H, I), name)
+            param.data.copy_(self._rank_slice(loaded, 2))
+            return
+        self._check(loaded, (H, I), name)
+        param.data[expert_id].copy_(self._rank_slice(loaded, 1))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                reduce: bool = True) -> torch.Tensor:
+        """x [T, H]; weights, ids [T, k] -> [T, H]. ``reduce=False`` leaves this rank's
+        partial sum (the caller all-reduces it with other partials)."""
+        out = moe_reference(x, self.gate_up_proj, self.down_proj, weights, ids, self.act_fn)
+        return all_reduce(out) if reduce and get_tp_size() > 1 else out
+
+
+class MoEBlock(nn.Module):
+    """Router + routed experts (+ an optional always-on shared expert, scaled per token by
+    ``sigmoid(shared_expert_gate(x))`` when that gate exists). The router is replicated on
+    every rank, so every rank picks the same experts."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
+                 act: str = "silu", renormalize: bool = False,
+                 shared_expert: nn.Module | None = None, shared_expert_gate: bool = False,
+                 **router_kwargs) -> None:
+        super().__init__()
+        self.top_k, self.renormalize, self.router_kwargs = top_k, renormalize, router_kwargs
+        self.gate = Linear(hidden_size, num_experts)
+        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, act)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(self.gate(x), self.top_k, renormalize=self.renormalize,
+                                      **self.router_kwargs)
+        out = self.experts(x, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
+
+
+# checkpoint name part of one expert's projection -> shard id (Qwen/DeepSeek, Mixtral)
+EXPERT_SHARDS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+                 "w1": "gate", "w3": "up", "w2": "down"}
+_PER_EXPERT = re.compile(r"^((?:.*\.)?experts)\.(\d+)\.(\w+)\.weight$")
+
+
+def per_expert_target(name: str) -> tuple[str, int, str] | None:
+    """(fused parameter name, expert id, shard id) of a per-expert checkpoint tensor, or
+    None for any other tensor."""
+    match = _PER_EXPERT.match(name)
+    if match is None or match.group(3) not in EXPERT_SHARDS:
+        return None
+    shard = EXPERT_SHARDS[match.group(3)]
+    fused = "down_proj" if shard == "down" else "gate_up_proj"
+    return f"{match.group(1)}.{fused}", int(match.group(2)), shard
+
+
+def load_moe_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                     stacked: StackedMapping = (), skip: tuple[str, ...] = (),
+                     rename=None) -> set[str]:
+    """``load_weights`` for models with ``FusedMoE`` layers: per-expert tensors go to their
+    stacked parameter; a stacked parameter counts as loaded once every expert's parts are
+    (so a missing expert is reported like any missing tensor); the rest load as usual."""
+    params = dict(model.named_parameters())
+    seen: dict[str, set[tuple[int, str]]] = {}
+
+    def others():
+        for name, tensor in weights:
+            name = rename(name) if rename is not None else name
+            target = per_expert_target(name) if name is not None else None
+            if target is None:
+                yield name, tensor
+                continue
+            fused, expert_id, shard = target
+            if get_pp_size() > 1 and held_by_other_stage(model, fused):
+                continue
+            if fused not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in "
+                                 f"{type(model).__name__}")
+            params[fused].weight_loader(params[fused], tensor, name, shard, expert_id)
+            seen.setdefault(fused, set()).add((expert_id, shard))
+
+    loaded = load_weights(model, (item for item in others() if item[0] is not None),
+                          stacked, skip)
+    for fused, parts in seen.items():
+        experts = params[fused].shape[0]
+        if len(parts) == experts * (1 if fused.endswith("down_proj") else 2):
+            loaded.add(fused)
+    return loaded
