@@ -7,6 +7,7 @@ Fields whose feature is not built yet are validated the same way and rejected by
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Any, Callable
@@ -86,6 +87,7 @@ class SamplingParams:
             self.top_p, self.top_k, self.min_p = 1.0, -1, 0.0
 
     def _verify(self) -> None:
+        self._verify_finite()
         _check(self.n >= 1, "n", self.n, "must be at least 1")
         _check(self.best_of >= self.n, "best_of", self.best_of, f"must be >= n ({self.n})")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -119,6 +121,16 @@ class SamplingParams:
         if self.allowed_token_ids is not None:
             _check(len(self.allowed_token_ids) > 0, "allowed_token_ids", self.allowed_token_ids,
                    "must not be empty")
+
+    def _verify_finite(self) -> None:
+        """NaN and infinities first: NaN fails every range check below with a misleading rule,
+        and ``inf`` passes the one-sided ones (temperature, repetition_penalty)."""
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            _check(_is_finite(value), name, value, "must be a finite number")
+        for token_id, bias in (self.logit_bias or {}).items():
+            _check(_is_finite(bias), "logit_bias", {token_id: bias},
+                   "values must be finite numbers")
 
     @property
     def sampling_type(self) -> SamplingType:
@@ -162,6 +174,15 @@ class SamplingParams:
 
 # Fields validated above whose feature is not built yet (none at the moment).
 _NOT_BUILT: tuple[str, ...] = ()
+
+
+_FLOAT_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature",
+                 "top_p", "min_p")
+
+
+def _is_finite(value: Any) -> bool:
+    """Ints (and non-numbers, which the range checks reject) count as finite."""
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:

@@ -50,6 +50,16 @@ def error_body(message: str, err_type: str = "BadRequestError",
     return ErrorResponse(message=message, type=err_type, code=status.value).model_dump()
 
 
+def check_valid_text(text: str, field: str = "prompt") -> None:
+    """400 for text that is not Unicode: JSON's ``"\\ud800"`` decodes to a lone UTF-16
+    surrogate, which no tokenizer (nor UTF-8) accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise OpenAIError(f"{field} is not valid Unicode text: it contains a lone UTF-16 "
+                          f"surrogate ({text[exc.start]!r}) at position {exc.start}") from exc
+
+
 def sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
@@ -136,9 +146,43 @@ class OpenAIServing:
     # ---- prompts -------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool,
                  truncate: Optional[int] = None) -> list[int]:
-        ids = list(self.require_tokenizer()(text, add_special_tokens=add_special_tokens)
-                   ["input_ids"])
+        """The ids of user text; text the tokenizer cannot take (a lone UTF-16 surrogate, or
+        anything else it raises on) is the caller's input, so a 400, never a 500."""
+        tokenizer = self.require_tokenizer()
+        if truncate is None:  # truncation legitimately takes text of any length
+            self._check_text_can_fit(text)
+        check_valid_text(text)
+        try:
+            ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - Rust panics (pyo3) are BaseException
+            raise OpenAIError(f"The prompt could not be tokenized: {type(exc).__name__}: "
+                              f"{exc}") from exc
         return ids[-truncate:] if truncate else ids
+
+    def _max_chars_per_token(self) -> int:
+        """The longest vocabulary entry, in characters: no token stands for more text than
+        its entry spells (byte-level BPE entries spell one character per byte, SentencePiece
+        ones their text, added tokens their content). Computed once, on first use."""
+        cached = getattr(self, "_chars_per_token", None)
+        if cached is None:
+            vocab = self.require_tokenizer().get_vocab()
+            cached = self._chars_per_token = max(map(len, vocab), default=1) or 1
+        return cached
+
+    def _check_text_can_fit(self, text: str) -> None:
+        """Refuse, before tokenizing it, text that needs more than ``max_model_len`` tokens
+        whatever the tokenizer does: tokenizing megabytes blocks the server for seconds.
+        (Sound for tokenizers that keep every character; one whose normalizer deletes
+        characters, or WordPiece's whole-word [UNK], could fit longer text.)"""
+        limit = self.ctx.max_model_len * self._max_chars_per_token()
+        if len(text) > limit:
+            raise OpenAIError(
+                f"This model's maximum context length is {self.ctx.max_model_len} tokens, and "
+                f"a token covers at most {self._max_chars_per_token()} characters, so a prompt "
+                f"of {len(text)} characters cannot fit (the most is {limit}). Please reduce "
+                "the length of the prompt.")
 
     def decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:
