@@ -333,7 +333,7 @@ class AsyncLLMEngine:
             logger.exception("engine step failed; failing the in-flight requests")
             self.num_step_errors += 1
             self.last_step_error = repr(exc)
-            req_ids = list(self.engine._states)
+            req_ids = self.engine.request_ids()
             try:
                 self.engine.abort_request(req_ids)
             except Exception:  # noqa: BLE001
@@ -355,26 +355,17 @@ class AsyncLLMEngine:
     # ---- stats for metrics ---------------------------------------------------------------
     def get_stats(self) -> dict[str, float]:
         """Scheduler queues and KV usage, read without stopping the engine thread."""
-        sched, kv = self.engine.scheduler, self.engine.kv_cache_manager
-        return {
-            "num_requests_running": len(sched.running),
-            "num_requests_waiting": len(sched.waiting),
-            "num_requests_swapped": len(sched.swapped),
-            "gpu_cache_usage_perc": kv.usage(),
-            "cpu_cache_usage_perc": kv.cpu_usage(),
-            "gpu_prefix_cache_hit_rate": kv.prefix_cache_hit_rate(),
-            "num_preemptions_total": sched.num_preemptions_total,
-            "spec_decode_enabled": sched.spec is not None,
-            "spec_decode_draft_acceptance_rate": sched.spec_rates()[0],
-            "spec_decode_efficiency": sched.spec_rates()[1],
-            "spec_decode_num_accepted_tokens_total": sched.spec_accepted_tokens_total,
-            "spec_decode_num_draft_tokens_total": sched.spec_draft_tokens_total,
-            "spec_decode_num_emitted_tokens_total": sched.spec_emitted_tokens_total,
-            "num_streams": len(self._streams),
-            "num_step_errors": self.num_step_errors,
-            "num_steps": self.num_steps,
-            "step_time_s": self.step_time_s,
-        }
+        stats = self.engine.core.get_stats()
+        stats.update(num_streams=len(self._streams), num_step_errors=self.num_step_errors,
+                     num_steps=self.num_steps, step_time_s=self.step_time_s)
+        return stats
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    def cache_info(self) -> dict:
+        return self.engine.core.cache_info()
 
 
 def _settle(future: asyncio.Future, exc: BaseException | None) -> None:

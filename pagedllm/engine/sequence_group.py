@@ -1,21 +1,22 @@
-"""The engine's view of one user request: ``best_of`` sequences and their outputs.
+"""The front end's view of one user request: ``best_of`` sequences and their outputs.
 
-A request with ``best_of == 1`` is one sequence whose scheduler ``Request`` carries the user's
-request id. With ``best_of > 1`` the first sequence (index 0, the parent) prefills the prompt;
-on its first token the scheduler forks the others (ids ``"{request_id}#{i}"``), which share
-the prompt's KV blocks. Outputs: with ``n == best_of`` every sequence, in index order; with
+A request with ``best_of == 1`` is one sequence whose id is the user's request id. With
+``best_of > 1`` the first sequence (index 0, the parent) prefills the prompt; on its first
+token the core's scheduler forks the others (ids ``"{request_id}#{i}"``), which share the
+prompt's KV blocks. Outputs: with ``n == best_of`` every sequence, in index order; with
 ``best_of > n`` only once all are finished, the ``n`` with the highest cumulative logprob
 (the "processed" logprobs the sampler returns), re-indexed 0..n-1.
-Owned by ``LLMEngine``; the scheduler only sees the ``Request`` objects.
+Owned by the ``OutputProcessor``; each sequence is a ``SeqState``, the front end's copy of
+what the core sent (the core's ``Request`` objects never leave the core).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+from pagedllm.core.request import RequestStatus
 from pagedllm.core.scheduler_output import TokenLogprobs
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
-from pagedllm.engine.request import Request
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -48,9 +49,48 @@ class TokenDecoder:
         return out
 
 
+class SeqState:
+    """One sequence as the front end knows it: the tokens, status and times the core sent,
+    less what a stop string cut off."""
+
+    def __init__(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 arrival_time: float, max_model_len: int | None) -> None:
+        self.req_id = req_id
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = params
+        self.arrival_time = arrival_time
+        self.output_token_ids: list[int] = []
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.max_tokens = params.max_tokens
+        if max_model_len is not None:  # as the core's Request computes it
+            room = max(1, max_model_len - len(prompt_token_ids))
+            self.max_tokens = room if self.max_tokens is None else min(self.max_tokens, room)
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.num_cached_tokens = 0
+        self.scheduler_time = 0.0
+        self.model_forward_time: float | None = None
+        self.model_execute_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        del self.output_token_ids[num_output_tokens:]
+
+
 @dataclass
 class Sequence:
-    request: Request
+    request: SeqState
     detokenizer: IncrementalDetokenizer
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
@@ -58,43 +98,33 @@ class Sequence:
     num_sent_tokens: int = 0
 
 
-def child_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Sequence ``index`` of a best_of group: same parameters, its own seed stream."""
-    if index == 0 or params.seed is None:
-        return params
-    child = params.clone()
-    child.seed = hash((params.seed, index)) & 0x7FFF_FFFF
-    return child
-
-
 class SequenceGroup:
-    def __init__(self, request_id: str, params: SamplingParams, parent: Request,
-                 tokenizer) -> None:
+    def __init__(self, request_id: str, params: SamplingParams, prompt: str | None,
+                 prompt_token_ids: list[int], seq_ids: list[str], arrival_time: float,
+                 max_model_len: int | None, tokenizer) -> None:
         self.request_id = request_id
         self.params = params
-        self.parent = parent
+        self.prompt = prompt
         self.trace_headers: dict[str, str] | None = None  # the caller's trace context
         self.tokenizer = tokenizer
-        self.seqs: list[Sequence] = [self._sequence(parent)]
+        self.seqs = [self._sequence(SeqState(seq_id, prompt_token_ids, params, arrival_time,
+                                             max_model_len)) for seq_id in seq_ids]
+        self.parent = self.seqs[0].request
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
         if params.prompt_logprobs is not None:
-            self.prompt_logprobs = [None] * parent.num_prompt_tokens
+            self.prompt_logprobs = [None] * len(prompt_token_ids)
 
-    def _sequence(self, request: Request) -> Sequence:
-        return Sequence(request, IncrementalDetokenizer(self.tokenizer,
-                                                        request.prompt_token_ids,
-                                                        request.sampling_params))
+    def _sequence(self, state: SeqState) -> Sequence:
+        return Sequence(state, IncrementalDetokenizer(self.tokenizer, state.prompt_token_ids,
+                                                      state.sampling_params))
 
-    def make_children(self, max_model_len: int) -> list[Request]:
-        """Requests for sequences 1..best_of-1 (forked by the scheduler later)."""
-        p = self.parent
-        children = [Request(f"{self.request_id}#{i}", p.prompt_token_ids,
-                            child_params(self.params, i), prompt=p.prompt,
-                            arrival_time=p.arrival_time, priority=p.priority,
-                            max_model_len=max_model_len)
-                    for i in range(1, self.params.best_of)]
-        self.seqs += [self._sequence(c) for c in children]
-        return children
+    def set_prompt_token_ids(self, token_ids: list[int]) -> None:
+        """The core's final prompt (a prompt adapter's placeholders come first)."""
+        for seq in self.seqs:
+            seq.request.prompt_token_ids = token_ids
+            seq.detokenizer = self._sequence(seq.request).detokenizer
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(token_ids)
 
     @property
     def req_ids(self) -> list[str]:
@@ -138,7 +168,7 @@ class SequenceGroup:
             time_in_queue=(parent.first_scheduled_time or now) - parent.arrival_time,
             finished_time=now if finished else None)
         return RequestOutput(
-            request_id=self.request_id, prompt=parent.prompt,
+            request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=self.prompt_logprobs,
             outputs=outputs, finished=finished, metrics=metrics,
             num_cached_tokens=parent.num_cached_tokens)

@@ -36,7 +36,7 @@ def async_llm(model_path):
     finally:
         mp.undo()
     engine = llm.llm_engine
-    assert engine._lookahead and engine.scheduler.lookahead and engine._exec_thread is None
+    assert engine.core._lookahead and engine.scheduler.lookahead and engine.core._exec_thread is None
     return llm
 
 
@@ -61,11 +61,11 @@ def _no_leak(llm):
     kv = llm.llm_engine.kv_cache_manager
     assert kv.num_free_blocks == kv.pool.num_blocks
     assert not llm.llm_engine.has_unfinished_requests()
-    assert llm.llm_engine._pending is None and not llm.llm_engine._in_flight
+    assert llm.llm_engine.core._future is None and not llm.llm_engine.core._in_flight
 
 
 def test_default_only_on_cuda(sync_llm, monkeypatch):
-    assert not sync_llm.llm_engine._lookahead  # the flag turns it off
+    assert not sync_llm.llm_engine.core._lookahead  # the flag turns it off
     assert not sync_llm.llm_engine.scheduler.lookahead
     config = sync_llm.llm_engine.config
     monkeypatch.delenv("PAGEDLLM_ASYNC_OUTPUT_PROC", raising=False)
@@ -114,10 +114,10 @@ def test_next_step_runs_while_outputs_are_made_and_abort(async_llm):
     engine.add_request("b", PROMPTS[1], params)
     first = engine.step()  # the prompts' step, made while the first decode step runs
     assert sorted(o.request_id for o in first) == ["a", "b"]
-    assert [so.num_scheduled_tokens for so in engine._in_flight] == [{"a": 1, "b": 1}]
+    assert [so.num_scheduled_tokens for so in engine.core._in_flight] == [{"a": 1, "b": 1}]
     second = engine.step()  # a decode step: the next one was scheduled ahead and launched
     assert sorted(o.request_id for o in second) == ["a", "b"]
-    assert len(engine._in_flight) == 1 and engine._in_flight[0].multi_step
+    assert len(engine.core._in_flight) == 1 and engine.core._in_flight[0].multi_step
     engine.abort_request("a")  # its tokens of the step in flight are dropped
     seen = []
     while engine.has_unfinished_requests():

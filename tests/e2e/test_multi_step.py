@@ -27,7 +27,7 @@ def _multi_llm(model_path, lookahead: bool, **kw):
         mp.setenv("PAGEDLLM_ASYNC_OUTPUT_PROC", "1")  # on the CPU too
         llm = LLM(model=model_path, block_size=8, num_scheduler_steps=8,
                   disable_async_output_proc=not lookahead, **kw)
-    assert llm.llm_engine._lookahead == lookahead
+    assert llm.llm_engine.core._lookahead == lookahead
     return llm
 
 
@@ -57,7 +57,7 @@ def test_multi_step_runs_several_steps_per_schedule(multi):
     # one prefill step, then decode steps of 8, 8 and the last 4 tokens (capped by max_tokens);
     # with lookahead the last two are scheduled while the batch before them runs
     assert seen == [1, 8, 8, 4]
-    assert ahead == ([8, 4] if multi.llm_engine._lookahead else [])
+    assert ahead == ([8, 4] if multi.llm_engine.core._lookahead else [])
     assert multi.llm_engine.kv_cache_manager.num_free_blocks == \
         multi.llm_engine.kv_cache_manager.pool.num_blocks
 
@@ -134,7 +134,7 @@ def test_lookahead_with_arrivals_and_aborts(model_path, single):
             tokens[out.request_id] = list(out.outputs[0].token_ids)
         steps += 1
         if steps == 3:  # a multi-step batch and its lookahead are in flight now
-            assert len(engine._in_flight) == 1 and engine._in_flight[0].num_steps > 1
+            assert len(engine.core._in_flight) == 1 and engine.core._in_flight[0].num_steps > 1
             engine.add_request("c", PROMPTS[2], params)
         if steps == 5:
             engine.abort_request("b")
@@ -144,7 +144,7 @@ def test_lookahead_with_arrivals_and_aborts(model_path, single):
     assert tokens["b"] == list(expected[PROMPTS[1]])[:len(tokens["b"])]
     kv = engine.kv_cache_manager
     assert kv.num_free_blocks == kv.pool.num_blocks
-    assert not engine.scheduler.in_flight and not engine._runner._late_inputs
+    assert not engine.scheduler.in_flight and not engine.core._runner._late_inputs
 
 
 def test_lookahead_random_sampling_same_as_sync(model_path):

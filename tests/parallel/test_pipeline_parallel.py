@@ -102,7 +102,8 @@ def test_micro_batches_in_flight_give_the_same_outputs():
 
         def spy(so):
             launch(so)
-            depths.append(sum(not s.is_empty for s in eng._in_flight) + (not so.is_empty))
+            depths.append(sum(not s.is_empty for s in eng.core._in_flight)
+                          + (not so.is_empty))
         eng.executor.launch = spy
         try:
             outs = [[o.outputs[0] for o in llm.generate(prompts, p, use_tqdm=False)]

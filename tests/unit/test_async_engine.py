@@ -36,9 +36,8 @@ class FakeEngine:
     def has_unfinished_requests(self):
         return bool(self.requests)
 
-    @property
-    def _states(self):
-        return self.requests
+    def request_ids(self):
+        return list(self.requests)
 
     def step(self):
         if self.fail_next_step:

@@ -11,7 +11,7 @@ from pagedllm.entrypoints.openai.serving_engine import OpenAIError, OpenAIServin
 
 class OpenAIServingModels(OpenAIServing):
     def list_models(self) -> dict:
-        root = self.ctx.engine.engine.config.model.model
+        root = self.ctx.engine.config.model.model
         cards = [ModelCard(id=name, root=root, max_model_len=self.ctx.max_model_len,
                            permission=[ModelPermission()])
                  for name in self.ctx.served_model_names]

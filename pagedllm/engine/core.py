@@ -1,0 +1,407 @@
+"""``EngineCore``: the control plane and the executor, stepping requests it was given as token ids.
+
+The core owns every ``Request`` (scheduler, KV-cache manager, LoRA / prompt-adapter weights,
+compiled guided-decoding constraints) and never detokenizes. Its whole interface is messages:
+
+* in: ``CoreRequest`` (a prepared request: token ids, cloned and checked sampling params) and
+  aborts by sequence id;
+* out: one ``CoreOutputs`` per ``step()``: a ``SeqDelta`` for every sequence that received
+  tokens (or prompt logprobs), its finish status, and the step's scheduler stats.
+
+The front end (``engine/output_processor.py``) turns deltas into text, stop strings and
+``RequestOutput``s; a stop string it finds comes back as an abort. ``LLMEngine`` runs both in
+one process (``LLM``, tests, ``--disable-frontend-multiprocessing``); ``pagedllm serve`` runs
+the core in its own process (``engine/core_client.py``). The same code steps in both.
+
+A step is schedule (control plane) -> execute (compute plane) -> update. Async output processing
+(on CUDA unless ``--disable-async-output-proc``; ``_step_lookahead``): the device never waits
+for the host's output work.
+1. After step t is finished (its ids on the host, ``update_from_output`` applied: tokens, stop
+   ids and max_tokens), the next step is scheduled and launched before step t's deltas are
+   returned, so the device runs it while the front end makes step t's outputs. Only a stop
+   *string* is therefore seen one step late: that request ran one step too many, and its extra
+   token is dropped (the front end has finished it); its blocks are freed when that step is over
+   (the scheduler defers frees of requests in flight).
+2. Lookahead: while a decode batch runs, the next batch of the same requests is scheduled as if
+   its tokens had arrived (the scheduler's ``schedule_lookahead``: counts projected ahead,
+   blocks allocated for both) and launched; the runner feeds it the running batch's last ids
+   on the device. With ``--num-scheduler-steps N`` these batches run N steps each; with 1 they
+   are one-step batches (``SchedulerOutput.multi_step``), so decode steps are launched back to
+   back. A request that stopped inside batch t ran in batch t+1 for nothing; its late tokens
+   are dropped.
+Speculative decoding and ``--collect-detailed-traces`` (whose per-request model times would
+count overlapping batches twice) keep the older form: the executor runs step t+1 on a helper
+thread while the front end makes step t's outputs (``_step_threaded``; the runner's
+``on_launch`` tells when the forward is queued).
+
+Pipeline parallelism (``-pp N``): up to N micro-batches of disjoint requests are in flight, each
+launched on every rank (``executor.launch``) and finished in order (``executor.finish``), so
+stage 0 runs batch k+1 while stage 1 runs batch k; see ``_step_micro_batches``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.scheduler_output import SchedulerOutput, TokenLogprobs
+from pagedllm.engine.stats import StatLogger
+from pagedllm.executor import make_executor
+from pagedllm.guided.compiler import GuidedCompiler
+from pagedllm.lora import LoRACache, LoRARequest, projection_shapes
+from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
+                                     check_prompt_adapter_support, load_prompt_adapter)
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.spec_decode import SpecSettings
+
+
+def use_async_output_proc(config) -> bool:
+    """On by default on CUDA (where the forward runs on the device while the host is free);
+    off on CPU, where the forward's OpenMP threads would compete with the output work for
+    the same cores. ``PAGEDLLM_ASYNC_OUTPUT_PROC=1`` turns it on anywhere (tests, CPU runs).
+    With pipeline parallelism the micro-batches in flight take its place."""
+    if config.scheduler.disable_async_output_proc or \
+            config.parallel.pipeline_parallel_size > 1:  # micro-batches overlap instead
+        return False
+    return os.environ.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1" or \
+        torch.device(config.device.device).type == "cuda"
+
+
+def child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sequence ``index`` of a best_of group: same parameters, its own seed stream."""
+    if index == 0 or params.seed is None:
+        return params
+    child = params.clone()
+    child.seed = hash((params.seed, index)) & 0x7FFF_FFFF
+    return child
+
+
+def seq_ids(request_id: str, best_of: int) -> list[str]:
+    """Scheduler ids of a request's sequences: the parent keeps the user's id."""
+    return [request_id] + [f"{request_id}#{i}" for i in range(1, best_of)]
+
+
+@dataclass
+class CoreRequest:
+    """A request prepared by the front end: prompt ids final (truncated), params cloned,
+    checked and completed with the generation config's EOS ids."""
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    priority: int = 0
+    prompt_adapter_request: PromptAdapterRequest | None = None
+    lora_request: LoRARequest | None = None
+
+
+class SeqDelta(NamedTuple):
+    """What one sequence got in one step (a tuple on the wire: cheap to pickle)."""
+    seq_id: str
+    new_token_ids: list[int]
+    status: int  # RequestStatus after the step
+    stop_reason: int | str | None
+    logprobs: list[TokenLogprobs | None] | None  # one per new token, if the request wants them
+    prompt_logprobs: tuple[int, list[TokenLogprobs]] | None  # (first position, entries)
+    # (first_scheduled_time, first_token_time, num_cached_tokens)
+    times: tuple[float | None, float | None, int]
+    # finished only: (scheduler_time, model_forward_time, model_execute_time)
+    trace_times: tuple[float, float | None, float | None] | None = None
+    multi_step: bool = False  # from a multi-step batch (--multi-step-stream-outputs)
+
+
+@dataclass
+class CoreOutputs:
+    deltas: list[SeqDelta] = field(default_factory=list)
+    stats: dict[str, Any] | None = None
+
+
+class EngineCore:
+    def __init__(self, config, log_stats: bool | None = None, inputs=None) -> None:
+        """``inputs``: the front end's ``PromptProcessor`` when both run in one process (its
+        tokenizer serves guided decoding); a core process loads its own on first need."""
+        self.config = config
+        self._inputs = inputs
+        mc, cc, sc = config.model, config.cache, config.scheduler
+        self.executor = make_executor(config)  # one Worker, or tensor-parallel ranks
+        self.worker = self.executor.driver_worker
+        # -pp N: up to N micro-batches in flight, so that every stage has work
+        self.pipeline_depth = config.parallel.pipeline_parallel_size
+        self._in_flight: deque[SchedulerOutput] = deque()  # launched, oldest first
+        self.kv_cache_manager = KVCacheManager(
+            self.executor.num_gpu_blocks, self.executor.num_cpu_blocks, cc.block_size,
+            cc.enable_prefix_caching, sc.num_lookahead_slots)
+        self.scheduler = self._make_scheduler(config)
+        lc = config.lora  # --enable-lora: adapters loaded once per id (pagedllm/lora.py)
+        self._loras = LoRACache(lc.max_cpu_loras or lc.max_loras, lc.max_lora_rank,
+                                mc.num_hidden_layers, projection_shapes(mc.hf_config)) \
+            if lc.enable_lora else None
+        self._prompt_adapters: dict[int, tuple[PromptAdapterRequest, LoadedPromptAdapter]] = {}
+        if config.prompt_adapter.enable_prompt_adapter:
+            check_prompt_adapter_support(mc.hf_config)
+        if log_stats is None:
+            log_stats = not config.observability.disable_log_stats
+        self.stat_logger = StatLogger(self) if log_stats else None
+        self.guided_compiler = None  # built on the first guided request (needs a tokenizer)
+        self._setup_overlap(config)
+
+    def _make_scheduler(self, config) -> Scheduler:
+        mc, sc = config.model, config.scheduler
+        return Scheduler(
+            max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
+            enable_chunked_prefill=sc.enable_chunked_prefill,
+            preemption_mode=sc.preemption_mode or "recompute", policy=sc.scheduling_policy,
+            delay_factor=sc.scheduler_delay_factor, max_model_len=mc.max_model_len,
+            kv_cache_manager=self.kv_cache_manager, num_scheduler_steps=sc.num_scheduler_steps,
+            pipeline_depth=self.pipeline_depth,
+            spec=SpecSettings.from_config(config.speculative),
+            max_prompt_adapters=config.prompt_adapter.max_prompt_adapters,
+            max_loras=config.lora.max_loras)
+
+    def _setup_overlap(self, config) -> None:
+        """Async output processing by launching ahead (``_step_lookahead``); the executor
+        thread where that is unavailable (speculative decoding) or with
+        --collect-detailed-traces: batches in flight together would count the same seconds
+        in each request's model forward / execute times."""
+        self._future: tuple[SchedulerOutput, Future] | None = None
+        self._exec_thread: ThreadPoolExecutor | None = None
+        self._runner = self.worker.runner
+        self._lookahead = use_async_output_proc(config) and \
+            config.speculative.speculative_model is None and \
+            not config.observability.collect_detailed_traces
+        self.scheduler.lookahead = self._lookahead
+        if use_async_output_proc(config) and not self._lookahead:
+            threads = torch.get_num_threads()
+            self._exec_thread = ThreadPoolExecutor(
+                1, "pagedllm-execute", initializer=torch.set_num_threads, initargs=(threads,))
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, req: CoreRequest) -> Request:
+        """Queue a prepared request (and its best_of children); ValueError naming the bad
+        field (adapter, LoRA, guided-decoding constraint). Returns the parent ``Request``."""
+        adapter = self._prompt_adapter(req.prompt_adapter_request)
+        lora = self._lora(req.lora_request)
+        params = req.params
+        if params.guided_decoding is not None:  # compiled once per constraint (cached)
+            params.compiled_guide = self._guided_compiler().compile(params.guided_decoding)
+        token_ids = req.prompt_token_ids
+        if adapter is not None:  # placeholders whose embeddings the soft prompt replaces
+            token_ids = [0] * adapter.num_virtual_tokens + list(token_ids)
+        max_model_len = self.config.model.max_model_len
+        ids = seq_ids(req.request_id, params.best_of)
+        if any(i in self.scheduler.requests for i in ids):
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        requests = [Request(seq_id, token_ids, child_params(params, i),
+                            arrival_time=req.arrival_time, priority=req.priority,
+                            max_model_len=max_model_len) for i, seq_id in enumerate(ids)]
+        for request in requests:
+            request.prompt_adapter, request.lora = adapter, lora
+        self.scheduler.add_request(requests[0], requests[1:])
+        return requests[0]
+
+    def _guided_compiler(self) -> GuidedCompiler:
+        if self.guided_compiler is None:
+            from pagedllm.engine.inputs import PromptProcessor
+            inputs = self._inputs or PromptProcessor(self.config.model)
+            self.guided_compiler = GuidedCompiler(
+                inputs.tokenizer, self.config.model.vocab_size, inputs.eos_token_ids,
+                self.config.decoding.guided_decoding_backend)
+        return self.guided_compiler
+
+    def _lora(self, request: LoRARequest | None):
+        """The loaded LoRA of a request, or None (ValueError on a bad one)."""
+        if request is None:
+            return None
+        if self._loras is None:
+            raise ValueError("lora_request needs --enable-lora")
+        if not isinstance(request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
+        return self._loras.get(request)
+
+    def _prompt_adapter(self, request: PromptAdapterRequest | None):
+        """The loaded adapter of a request (loaded once per id), or None."""
+        if request is None:
+            return None
+        pa = self.config.prompt_adapter
+        if not pa.enable_prompt_adapter:
+            raise ValueError("prompt_adapter_request needs --enable-prompt-adapter")
+        known = self._prompt_adapters.get(request.prompt_adapter_id)
+        if known is not None:
+            if known[0] != request:
+                raise ValueError(f"prompt_adapter_id {request.prompt_adapter_id} is already "
+                                 f"in use by {known[0].prompt_adapter_name!r}")
+            return known[1]
+        loaded = load_prompt_adapter(request, self.config.model.hf_config.hidden_size,
+                                     pa.max_prompt_adapter_token)
+        self._prompt_adapters[request.prompt_adapter_id] = (request, loaded)
+        return loaded
+
+    def abort(self, seq_ids: list[str],
+              status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        """End these sequences (unknown or finished ids are ignored); blocks are freed now,
+        or when the batch that still holds them is over."""
+        self.scheduler.finish_requests(seq_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or self._future is not None or \
+            bool(self._in_flight)
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.scheduler.get_num_unfinished_requests()
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[SeqDelta]:
+        if self.pipeline_depth > 1:
+            return self._step_micro_batches()
+        if self._lookahead:
+            return self._step_lookahead()
+        if self._exec_thread is not None:
+            return self._step_threaded()
+        if not self.scheduler.has_unfinished_requests():
+            return []
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.executor.execute_model(scheduler_output)
+        return self._apply(scheduler_output, runner_output)
+
+    def _step_threaded(self) -> list[SeqDelta]:
+        """Async output processing on the executor thread: finish step t, then schedule and
+        submit step t+1 before returning t's deltas, so that the front end makes t's outputs
+        while t+1 runs. No step is left running when this raises."""
+        deltas: list[SeqDelta] = []
+        if self._future is not None:
+            (scheduler_output, future), self._future = self._future, None
+            deltas = self._apply(scheduler_output, future.result())
+        if self.scheduler.has_unfinished_requests():
+            scheduler_output = self.scheduler.schedule()
+            launched = threading.Event()
+            self._runner.on_launch = launched.set
+            future = self._exec_thread.submit(self.executor.execute_model, scheduler_output)
+            future.add_done_callback(lambda _: launched.set())
+            # let the executor thread build the batch and queue the forward before the
+            # caller takes the GIL for output work (else the launch waits on it)
+            launched.wait()
+            self._future = (scheduler_output, future)
+        return deltas
+
+    def _step_micro_batches(self) -> list[SeqDelta]:
+        """Pipeline parallelism: launch batches of requests not in flight until
+        ``pipeline_depth`` are in flight (stage 0 starts the next while later stages still
+        work on earlier ones), then finish the oldest and return its deltas. A multi-step
+        batch runs alone: the batches ahead of it finish first."""
+        deltas: list[SeqDelta] = []
+        try:
+            while len(self._in_flight) < self.pipeline_depth and \
+                    self.scheduler.has_schedulable_requests():
+                scheduler_output = self.scheduler.schedule()
+                if scheduler_output.num_steps > 1:
+                    while self._in_flight:
+                        deltas += self._finish_step()
+                self._launch(scheduler_output)
+                if scheduler_output.is_empty or scheduler_output.num_steps > 1:
+                    break
+            if self._in_flight:
+                deltas += self._finish_step()
+        except BaseException:
+            self._in_flight.clear()  # the executor has failed for good
+            raise
+        return deltas
+
+    def _step_lookahead(self) -> list[SeqDelta]:
+        """Async output processing (module docstring): launch a batch if none is in flight,
+        then its lookahead successor if the scheduler has one; finish the oldest, and when
+        nothing is left in flight, schedule and launch the next batch before returning the
+        oldest's deltas, so that the device runs it meanwhile."""
+        try:
+            if not self._in_flight:
+                if not self.scheduler.has_unfinished_requests():
+                    return []
+                self._launch(self.scheduler.schedule())
+            ahead = self.scheduler.schedule_lookahead(self._in_flight[-1])
+            if ahead is not None:
+                self._launch(ahead)
+            deltas = self._finish_step()
+            if not self._in_flight and self.scheduler.has_unfinished_requests():
+                self._launch(self.scheduler.schedule())
+        except BaseException:
+            self._in_flight.clear()  # the executor has failed for good
+            raise
+        return deltas
+
+    def _launch(self, scheduler_output: SchedulerOutput) -> None:
+        self.executor.launch(scheduler_output)
+        self._in_flight.append(scheduler_output)
+
+    def _finish_step(self) -> list[SeqDelta]:
+        """Finish the oldest batch in flight and apply it."""
+        scheduler_output = self._in_flight.popleft()
+        return self._apply(scheduler_output, self.executor.finish())
+
+    def _apply(self, scheduler_output, runner_output) -> list[SeqDelta]:
+        """Update the scheduler with a finished step; the deltas of its sequences."""
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+        if self.stat_logger is not None:
+            self.stat_logger.record(scheduler_output, updated)
+        prompt_logprobs, multi = runner_output.prompt_logprobs, scheduler_output.num_steps > 1
+        deltas = [_delta(request, num_new, runner_output.logprobs.get(request.req_id),
+                         prompt_logprobs.get(request.req_id), multi)
+                  for request, num_new in updated]
+        seen = {request.req_id for request, _ in updated}
+        for seq_id, entries in prompt_logprobs.items():  # prompt chunks without a token
+            request = self.scheduler.requests.get(seq_id)
+            if seq_id not in seen and request is not None:
+                deltas.append(_delta(request, 0, None, entries, multi))
+        return deltas
+
+    # ---- stats ---------------------------------------------------------------------------
+    def get_stats(self) -> dict[str, Any]:
+        """Scheduler queues, KV usage and speculative-decoding counters (for /metrics)."""
+        sched, kv = self.scheduler, self.kv_cache_manager
+        acceptance, efficiency = sched.spec_rates()
+        return {
+            "num_requests_running": len(sched.running),
+            "num_requests_waiting": len(sched.waiting),
+            "num_requests_swapped": len(sched.swapped),
+            "gpu_cache_usage_perc": kv.usage(),
+            "cpu_cache_usage_perc": kv.cpu_usage(),
+            "gpu_prefix_cache_hit_rate": kv.prefix_cache_hit_rate(),
+            "num_preemptions_total": sched.num_preemptions_total,
+            "spec_decode_enabled": sched.spec is not None,
+            "spec_decode_draft_acceptance_rate": acceptance,
+            "spec_decode_efficiency": efficiency,
+            "spec_decode_num_accepted_tokens_total": sched.spec_accepted_tokens_total,
+            "spec_decode_num_draft_tokens_total": sched.spec_draft_tokens_total,
+            "spec_decode_num_emitted_tokens_total": sched.spec_emitted_tokens_total,
+        }
+
+    def cache_info(self) -> dict[str, Any]:
+        """Block counts fixed at start-up (vllm:cache_config_info)."""
+        return {"num_gpu_blocks": self.kv_cache_manager.pool.num_blocks,
+                "num_cpu_blocks": self.kv_cache_manager.num_cpu_blocks}
+
+    def shutdown(self) -> None:
+        if self._exec_thread is not None:
+            self._exec_thread.shutdown(wait=True)
+        shutdown = getattr(self.executor, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _delta(request: Request, num_new: int, logprobs, prompt_logprobs,
+           multi_step: bool) -> SeqDelta:
+    new_ids = request.output_token_ids[len(request.output_token_ids) - num_new:] \
+        if num_new else []
+    trace_times = None
+    if request.is_finished():
+        trace_times = (request.scheduler_time, request.model_forward_time,
+                       request.model_execute_time)
+    return SeqDelta(request.req_id, new_ids, int(request.status), request.stop_reason,
+                    logprobs, prompt_logprobs,
+                    (request.first_scheduled_time, request.first_token_time,
+                     request.num_cached_tokens), trace_times, multi_step)
