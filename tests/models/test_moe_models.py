@@ -89,10 +89,10 @@ def _hf_from_config(config, init_std: float = 0.15):
     return model.eval()
 
 
-def build_tiny_moe(name: str, root: Path = CACHE_DIR) -> Path:
-    """Save (once) the tiny random checkpoint of ``name``; the directory name carries a
-    digest of the config and recipe, so a changed config never reuses a stale one."""
-    config = _configs()[name]
+def build_tiny_checkpoint(name: str, config, root: Path = CACHE_DIR) -> Path:
+    """Save (once) a tiny random checkpoint of ``config`` with the tiny tokenizer; the
+    directory name carries a digest of the config and recipe, so a changed config never
+    reuses a stale one."""
     recipe = f"{config.to_json_string()}|moe-v1|{VOCAB_SIZE}"
     path = root / f"{name}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
     if (path / "tokenizer.json").exists():
@@ -106,6 +106,10 @@ def build_tiny_moe(name: str, root: Path = CACHE_DIR) -> Path:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def build_tiny_moe(name: str) -> Path:
+    return build_tiny_checkpoint(name, _configs()[name])
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -203,7 +207,7 @@ def test_tp2_matches_hf_and_ranks_hold_half_of_each_expert(model_path, hf_model)
 def _prefill_logprobs(model, config, prompts) -> torch.Tensor:
     from types import SimpleNamespace
     heads = config.num_attention_heads
-    model_config = SimpleNamespace(num_kv_heads=config.num_key_value_heads,
+    model_config = SimpleNamespace(num_kv_heads=getattr(config, "num_key_value_heads", heads),
                                    head_dim=getattr(config, "head_dim", None)
                                    or config.hidden_size // heads,
                                    num_hidden_layers=config.num_hidden_layers)
