@@ -7,9 +7,11 @@ works or fails at start-up with a message naming it.
 """
 
 import argparse
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from pagedllm import envs
 from pagedllm.arg_utils import EngineArgs, add_config_args, parse_json_of
 from pagedllm.config import check_option, field_default, option, option_fields
 
@@ -98,11 +100,25 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def server_config_from_args(args: Any) -> ServerConfig:
-    """Check the server flags of an argparse namespace and build the frozen `ServerConfig`."""
+    """Check the server flags of an argparse namespace and build the frozen `ServerConfig`.
+
+    Also the server's environment (`pagedllm.envs`): refused variables stop start-up here,
+    VLLM_API_KEY / PAGEDLLM_API_KEY fills ``api_key`` (over --api-key, as vLLM 0.6.3 reads
+    ``envs.VLLM_API_KEY or args.api_key``), and the variables read are logged once logging
+    is set up."""
+    findings = envs.check_server_environment()
     values = {}
     for f in option_fields(ServerConfig):
         values[f.name] = getattr(args, f.name, field_default(f))
         check_option(f, values[f.name])
+    env_key, flag_key = envs.api_key(), values["api_key"]
+    if env_key is not None:
+        values["api_key"] = env_key
+    if logging.getLogger("pagedllm.envs").hasHandlers():  # else `serve` logs on its 2nd call
+        envs.log_environment(findings)
+        if env_key is not None and flag_key not in (None, env_key):
+            logging.getLogger("pagedllm.envs").warning(
+                "--api-key and the API_KEY environment variable differ; the variable wins")
     if values["enable_auto_tool_choice"] and values["tool_call_parser"] is None:
         raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (one of: "
                          f"{', '.join(TOOL_PARSER_NAMES)})")

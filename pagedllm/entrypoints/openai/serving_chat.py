@@ -23,6 +23,7 @@ from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest,
                                                   ChatCompletionResponseStreamChoice,
                                                   ChatCompletionStreamResponse, ChatMessage,
                                                   DeltaMessage, UsageInfo, random_uuid)
+from pagedllm.entrypoints.openai.serving_completion import prompt_logprobs_json
 from pagedllm.entrypoints.openai.serving_engine import (OpenAIError, OpenAIServing,
                                                         abort_unfinished, build_params, sse,
                                                         sse_error, tail_logprobs,
@@ -49,7 +50,11 @@ def parse_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                       "built yet)")
                 texts.append(part["text"])
             content = "\n".join(texts)
-        elif content is not None and not isinstance(content, str):
+        elif content is None:
+            # vLLM renders a missing/null content (an assistant turn that only calls tools) as
+            # "": templates that concatenate message['content'] would fail on None
+            content = ""
+        elif not isinstance(content, str):
             raise OpenAIError(f"messages[{i}].content must be a string or a list of parts")
         parsed.append({**message, "content": content})
         if message["role"] == "assistant" and isinstance(message.get("tool_calls"), list):
@@ -189,7 +194,8 @@ class OpenAIServingChat(OpenAIServing):
         usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_gen,
                           total_tokens=num_prompt + num_gen)
         return ChatCompletionResponse(id=request_id, created=created, model=request.model,
-                                      choices=choices, usage=usage).model_dump()
+                                      choices=choices, usage=usage,
+                                      prompt_logprobs=prompt_logprobs_json(final)).model_dump()
 
     def _message(self, request: ChatCompletionRequest, role: str, echo: str,
                  completion: CompletionOutput) -> tuple[ChatMessage, Optional[str]]:
@@ -199,6 +205,8 @@ class OpenAIServingChat(OpenAIServing):
             return ChatMessage(role=role, content=echo + completion.text), \
                 completion.finish_reason
         content = echo + info.content if info.content else (echo or None)
+        if request.named_tool is not None and content is None:
+            content = ""  # vLLM answers a named tool call with content "", not null
         return (ChatMessage(role=role, content=content, tool_calls=info.tool_calls),
                 _finish_reason(parser, True, completion.finish_reason))
 

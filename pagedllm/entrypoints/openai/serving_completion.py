@@ -8,7 +8,8 @@ import time
 from typing import AsyncIterator, Optional
 
 from pagedllm.engine.async_engine import RequestStream
-from pagedllm.entrypoints.openai.protocol import (CompletionRequest, CompletionResponse,
+from pagedllm.entrypoints.openai.protocol import (CompletionLogProbs, CompletionRequest,
+                                                  CompletionResponse,
                                                   CompletionResponseChoice,
                                                   CompletionResponseStreamChoice,
                                                   CompletionStreamResponse, UsageInfo,
@@ -72,6 +73,15 @@ class OpenAIServingCompletion(OpenAIServing):
                 prompts.append((None, ids))
         return prompts
 
+    def completion_logprobs(self, token_ids: list[int], logprobs: list, num_top: int,
+                            text_offset: int) -> CompletionLogProbs:
+        """As the shared formatter, with each ``top_logprobs`` entry starting with the
+        chosen token (vLLM's order: the sampled or prompt token, then the top ranks)."""
+        out = super().completion_logprobs(token_ids, logprobs, num_top, text_offset)
+        out.top_logprobs = [_chosen_first(top, token)
+                            for top, token in zip(out.top_logprobs, out.tokens)]
+        return out
+
     def _prompt_text(self, prompt: _Prompt) -> str:
         text, ids = prompt
         return text if text is not None else self.decode(ids)
@@ -102,6 +112,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 completion: CompletionOutput, index: int) -> CompletionResponseChoice:
         text, token_ids = completion.text, list(completion.token_ids)
         logprobs = completion.logprobs
+        if request.echo_only:  # prompt scoring: the one step the engine ran is not answered
+            text, token_ids, logprobs = "", [], [] if logprobs is not None else None
         prefix = ""
         if request.echo:
             prefix = self._prompt_text(prompt)
@@ -112,10 +124,12 @@ class OpenAIServingCompletion(OpenAIServing):
         lp = None
         if request.logprobs is not None and logprobs is not None:
             lp = self.completion_logprobs(token_ids, logprobs, request.logprobs, 0)
+        # vLLM answers the engine's prompt logprobs whenever it computed them (asked for,
+        # prompt_logprobs=0 included, or implied by echo with logprobs)
         return CompletionResponseChoice(
             index=index, text=prefix + text, logprobs=lp,
             finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
-            prompt_logprobs=_prompt_logprobs_json(output) if request.prompt_logprobs else None)
+            prompt_logprobs=prompt_logprobs_json(output))
 
     # ---- streaming -----------------------------------------------------------------------
     async def _stream(self, request: CompletionRequest, request_id: str, created: int,
@@ -162,6 +176,8 @@ class OpenAIServingCompletion(OpenAIServing):
         text, token_ids = completion.text, list(completion.token_ids)
         logprobs = tail_logprobs(completion.logprobs, len(token_ids))
         state.completion_tokens[index] += len(token_ids)
+        if request.echo_only:  # prompt scoring: only the prompt is streamed back
+            text, token_ids, logprobs = "", [], [] if logprobs is not None else None
         if request.echo and index not in state.echoed:
             state.echoed.add(index)
             text = self._prompt_text(prompt) + text
@@ -181,6 +197,12 @@ class OpenAIServingCompletion(OpenAIServing):
             stop_reason=completion.stop_reason)
 
 
+def _chosen_first(top: Optional[dict[str, float]], token: str) -> Optional[dict[str, float]]:
+    if top is None or token not in top:
+        return top
+    return {token: top[token], **{k: v for k, v in top.items() if k != token}}
+
+
 class _StreamState:
     def __init__(self, num_choices: int) -> None:
         self.completion_tokens = [0] * num_choices
@@ -195,7 +217,9 @@ class _StreamState:
                          total_tokens=num_prompt + num_gen)
 
 
-def _prompt_logprobs_json(output: RequestOutput) -> Optional[list]:
+def prompt_logprobs_json(output: RequestOutput) -> Optional[list]:
+    """vLLM's ``prompt_logprobs`` shape: per prompt position None (the first) or
+    ``{token_id: {"logprob", "rank", "decoded_token"}}``, the prompt token first."""
     if output.prompt_logprobs is None:
         return None
     return [None if step is None else
