@@ -8,7 +8,8 @@ sliding and global layers with their own rotary bases, sandwich norms.
 
 1. Greedy tokens of ``LLM.generate`` over prompts of 3..40 tokens equal HF's
    ``generate(do_sample=False)`` per prompt: plain, with prefix caching + chunked prefill
-   (shared prefixes, run twice), and at tensor-parallel size 2 on CPU (gloo).
+   (shared prefixes, run twice), at tensor-parallel size 2 and pipeline-parallel size 2
+   on CPU (gloo).
 2. Last-position log-probabilities of one batched prefill equal HF's forward (atol 1e-4)
    for config variants (GPT-NeoX sequential residual, full rotary; transformers-4 style
    ``embed_out`` head name).
@@ -87,6 +88,14 @@ def test_tp2_matches_hf(model_path, hf_model):
     prompts = _prompts()
     tokens = _generate(model_path, prompts, tensor_parallel_size=2, device="cpu",
                        num_gpu_blocks_override=64, max_model_len=256)
+    assert tokens == _hf_greedy(hf_model, prompts)
+
+
+def test_pp2_matches_hf(model_path, hf_model):
+    prompts = _prompts()
+    tokens = _generate(model_path, prompts, pipeline_parallel_size=2, device="cpu",
+                       num_gpu_blocks_override=64, max_model_len=256,
+                       enable_chunked_prefill=True, max_num_batched_tokens=8, max_num_seqs=4)
     assert tokens == _hf_greedy(hf_model, prompts)
 
 

@@ -10,8 +10,8 @@ top-2 of 8, a tied LM head.
 1. Greedy tokens of ``LLM.generate`` over a batch of prompts of 3..40 tokens equal HF
    ``generate(do_sample=False)`` run per prompt: plain, with prefix caching + chunked
    prefill (small token budget, shared prefixes, run twice so the second run hits the
-   cache), and with tensor parallelism 2 on CPU (gloo, mp executor), where each rank must
-   hold half of every expert.
+   cache), with tensor parallelism 2 on CPU (gloo, mp executor), where each rank must
+   hold half of every expert, and with pipeline parallelism 2 (chunked prefill).
 2. Last-position log-probabilities of one batched prefill equal HF's forward (atol 1e-4)
    for config variants the checkpoints do not cover (``decoder_sparse_step``, top-1, a
    dense first layer), loading the stacked ``experts.gate_up_proj`` layout transformers 5 keeps in
@@ -159,7 +159,8 @@ def _generate(model_path: str, prompts: list[list[int]], **flags) -> list[list[i
                 for _ in range(2 if flags.get("enable_prefix_caching") else 1)]
     finally:
         executor = getattr(llm.llm_engine, "executor", None)
-        if flags.get("tensor_parallel_size", 1) > 1 and executor is not None:
+        multi_rank = flags.get("tensor_parallel_size", 1) * flags.get("pipeline_parallel_size", 1)
+        if multi_rank > 1 and executor is not None:
             executor.shutdown()
     assert all(run == runs[0] for run in runs)
     return runs[0]
@@ -202,6 +203,16 @@ def test_tp2_matches_hf_and_ranks_hold_half_of_each_expert(model_path, hf_model)
     state = load_file(os.path.join(model_path, "model.safetensors"))
     expert_numel = sum(t.numel() for n, t in state.items() if ".experts." in n)
     assert [n[0] for n in numels] == [expert_numel // 2] * 2
+
+
+def test_pp2_matches_hf(model_path, hf_model):
+    """Two pipeline stages (gloo, CPU) with chunked prefill: the stages hand the hidden
+    states and residual on; the MoE layers live on the stage of their layer."""
+    prompts = _prompts()
+    tokens = _generate(model_path, prompts, pipeline_parallel_size=2, device="cpu",
+                       num_gpu_blocks_override=64, max_model_len=256,
+                       enable_chunked_prefill=True, max_num_batched_tokens=8, max_num_seqs=4)
+    assert tokens == _hf_greedy(hf_model, prompts)
 
 
 def _prefill_logprobs(model, config, prompts) -> torch.Tensor:
