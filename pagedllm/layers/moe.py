@@ -18,7 +18,8 @@
 - ``load_moe_weights``: ``models.utils.load_weights`` that first routes per-expert tensors.
 
 The forward is a torch loop over the experts that received tokens (the oracle; CUDA runs it
-too until a grouped-GEMM kernel serves it).
+too until a grouped-GEMM kernel serves it). While a CUDA graph is being captured it switches
+to ``moe_static`` (same result, static shapes, no host sync).
 """
 from __future__ import annotations
 
@@ -95,6 +96,35 @@ def moe_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     return out
 
 
+def moe_static(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+               weights: torch.Tensor, ids: torch.Tensor,
+               act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``moe_reference``'s result with no data-dependent shapes or host syncs, so a CUDA
+    graph can capture it (the loop's ``unique()`` cannot be captured). Few (token, expert)
+    pairs: gather each pair's expert weights and run batched mat-vecs (reads only the
+    chosen experts); more pairs than experts: run every expert on every token, weighted by
+    a dense [T, E] routing matrix (zero for unchosen experts)."""
+    tokens, top_k = ids.shape
+    num_experts = gate_up.shape[0]
+    if tokens * top_k <= num_experts:
+        flat = ids.reshape(-1)
+        rows = x.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # [T*k, H, 1]
+        h = act(torch.bmm(gate_up[flat], rows).squeeze(-1))  # [T*k, I]
+        y = torch.bmm(down[flat], h.unsqueeze(-1)).squeeze(-1).view(tokens, top_k, -1)
+        return (y * weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+    dense = torch.zeros(tokens, num_experts, dtype=x.dtype, device=x.device)
+    dense.scatter_(1, ids, weights.to(x.dtype))
+    out = torch.zeros_like(x)
+    for expert in range(num_experts):
+        h = F.linear(act(F.linear(x, gate_up[expert])), down[expert])
+        out += dense[:, expert:expert + 1] * h
+    return out
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class FusedMoE(nn.Module):
     """The routed experts of one layer, stacked; this rank's slice of every expert's
     intermediate dimension (all of it at tensor-parallel size 1)."""
@@ -157,7 +187,8 @@ class FusedMoE(nn.Module):
                 reduce: bool = True) -> torch.Tensor:
         """x [T, H]; weights, ids [T, k] -> [T, H]. ``reduce=False`` leaves this rank's
         partial sum (the caller all-reduces it with other partials)."""
-        out = moe_reference(x, self.gate_up_proj, self.down_proj, weights, ids, self.act_fn)
+        run = moe_static if _capturing() else moe_reference
+        out = run(x, self.gate_up_proj, self.down_proj, weights, ids, self.act_fn)
         return all_reduce(out) if reduce and get_tp_size() > 1 else out
 
 

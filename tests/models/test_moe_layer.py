@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm import distributed
-from pagedllm.layers.moe import (FusedMoE, MoEBlock, load_moe_weights, per_expert_target,
-                                 select_experts)
+from pagedllm.layers.moe import (FusedMoE, MoEBlock, load_moe_weights, moe_reference,
+                                 moe_static, per_expert_target, select_experts)
 
 E, H, I, K, T = 6, 16, 12, 2, 9
 
@@ -85,6 +85,19 @@ def test_fused_moe_equals_per_token_reference(act, fn):
         out = holder.experts(x, weights, ids)
     torch.testing.assert_close(out, _per_token_reference(x, tensors, weights, ids, fn),
                                atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, T])  # T*k <= E: gathered experts; else all experts
+def test_graph_capturable_path_equals_loop(tokens):
+    """``moe_static`` (what a CUDA graph captures) gives the loop's result."""
+    holder = _Holder()
+    _load(holder, _expert_tensors())
+    x, weights, ids = (t[:tokens] for t in _routing())
+    args = (x, holder.experts.gate_up_proj, holder.experts.down_proj, weights, ids,
+            holder.experts.act_fn)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_static(*args), moe_reference(*args), atol=1e-4,
+                                   rtol=1e-5)
 
 
 def test_per_expert_and_stacked_layouts_load_identically():
