@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from pagedllm.quant.config import resolve_quant_config
 from pagedllm.tracing import check_tracing_flags
 from pagedllm.config import (ENGINE_CONFIG_CLASSES, EngineConfig, LoRAConfig, ModelConfig,
                              cuda_backend_available, check_options, engine_option_fields,
@@ -316,9 +317,10 @@ def _resolve_model(v: dict[str, Any]) -> dict[str, Any]:
     tokenizer_path = None if v["skip_tokenizer_init"] else resolve_tokenizer_dir(
         v, model_path)
     hf_config = load_hf_config(model_path, v)
-    _reject_quantized_checkpoint(hf_config, v["model"])
+    quant_config = resolve_quant_config(v["quantization"], hf_config, model_path, v["model"])
     apply_rope_overrides(hf_config, v["rope_scaling"], v["rope_theta"])
     return {
+        "quant_config": quant_config,
         "model_path": model_path,
         "tokenizer_path": tokenizer_path,
         "hf_config": hf_config,
@@ -462,16 +464,6 @@ def load_hf_config(model_path: str, v: dict[str, Any]) -> Any:
                 f"{transformers.__version__}; if the repo ships its own code, pass "
                 "--trust-remote-code") from exc
         raise ValueError(f"--model {model}: could not load its config ({exc})") from exc
-
-
-def _reject_quantized_checkpoint(hf_config: Any, model: str) -> None:
-    """A checkpoint's quantization_config selects --quantization by default: not built yet."""
-    quant = getattr(hf_config, "quantization_config", None)
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else type(quant).__name__
-        raise ValueError(f"--model {model} is a quantized checkpoint (quantization_config: "
-                         f"{method}); --quantization {method} is not supported yet (quantized "
-                         "weights, quantization issue); supported: unquantized checkpoints")
 
 
 def _normalize_rope(scaling: Optional[dict]) -> Optional[dict]:

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
+from pagedllm.quant import config as quant_formats
+
 DEFAULT_ONLY = "default-only"  # `supported` marker: any non-default value is not built yet
 
 QUANTIZATION_METHODS = (
@@ -130,10 +132,11 @@ class ModelConfig:
     max_logprobs: int = option(20, "Most logprobs / prompt_logprobs a request may ask for.",
                                valid=NON_NEGATIVE)
     quantization: Optional[str] = option(
-        None, "Weight quantization method; default: the checkpoint's quantization_config.",
+        None, "Weight quantization method; default: the checkpoint's quantization_config. "
+        "fp8 on an unquantized checkpoint quantizes its weights at load.",
         aliases=("-q",), choices=QUANTIZATION_METHODS, cli_type="nullable",
-        supported=(None,), supported_desc="None (unquantized weights)",
-        planned="quantized weights, quantization issue")
+        supported=(None, *quant_formats.SUPPORTED), supported_desc=quant_formats.SUPPORTED_DESC,
+        planned=quant_formats.NOT_BUILT)
     enforce_eager: bool = option(False, "Always run eagerly (no CUDA graphs). The CPU backend is "
                                  "always eager.")
     max_context_len_to_capture: Optional[int] = option(
@@ -153,6 +156,8 @@ class ModelConfig:
                                             "skip_tokenizer_init")
     hf_config: Any = derived(help="transformers PretrainedConfig with overrides applied")
     torch_dtype: Optional[torch.dtype] = derived(help="resolved dtype of weights/activations")
+    quant_config: Any = derived(help="pagedllm.quant QuantConfig of --quantization or the "
+                                "checkpoint's quantization_config; None: unquantized")
 
     def _hf(self, *names: str) -> Any:
         for name in names:

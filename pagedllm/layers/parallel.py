@@ -15,6 +15,11 @@ result-identical to its ``linear.py`` parent.
 - ``VocabParallelEmbedding`` / ``ParallelLMHead``: vocabulary rows split (padded to a
   multiple of the size); the embedding zeroes rows outside the rank's range and all-reduces;
   ``compute_logits`` all-gathers the logits and trims the padding (``org_vocab_size``).
+
+Quantized layers cut their packed weights, group scales and zeros the same way: each
+parameter names its output / input dim and the features one element covers (pack factor,
+group size), see ``pagedllm/quant/base.py``; a split that falls inside a packed word or a
+group is an error naming the tensor.
 """
 from __future__ import annotations
 
@@ -22,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.distributed import (all_reduce, get_tp_rank, get_tp_size, shard_range,
-                                  stage_layers)
-from pagedllm.layers import fused
+from pagedllm.distributed import all_reduce, get_tp_rank, get_tp_size, stage_layers
 from pagedllm.layers.linear import (Linear, MergedLinear, VocabEmbedding,
                                     default_weight_loader)
+from pagedllm.quant.base import narrow_features
 
 
 def _divide(size: int, tp: int, what: str) -> int:
@@ -35,63 +39,67 @@ def _divide(size: int, tp: int, what: str) -> int:
     return size // tp
 
 
-class ColumnParallelLinear(Linear):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(input_size, _divide(output_size, get_tp_size(), "output size"), bias)
-        for param in (self.weight, self.bias):
-            if param is not None:
-                param.weight_loader = self._load
+def _rank_features(param: nn.Parameter, loaded: torch.Tensor, name: str, which: str,
+                   per_rank: int) -> torch.Tensor:
+    """This rank's ``per_rank`` features of ``loaded`` along the param's ``which`` ("output" /
+    "input") dim, in elements of the param's pack factor or group size there; a tensor
+    without that dim (a replicated scale, a row-parallel bias) is returned whole."""
+    dim, div = getattr(param, f"{which}_dim", None), getattr(param, f"{which}_div", 1)
+    if dim is None:
+        return loaded
+    full = per_rank * get_tp_size()
+    if loaded.dim() <= dim or loaded.shape[dim] * div != full:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(loaded.shape)}, the "
+                         f"model expects {full} {which} features along dim {dim} ({div} per "
+                         "element)")
+    return narrow_features(loaded, dim, div, get_tp_rank() * per_rank, per_rank, name)
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
-        start, end = shard_range(loaded.shape[0])
-        default_weight_loader(param, loaded.narrow(0, start, end - start), name)
+
+class ColumnParallelLinear(Linear):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *,
+                 quant_config=None, prefix: str = "") -> None:
+        super().__init__(input_size, _divide(output_size, get_tp_size(), "output size"), bias,
+                         quant_config=quant_config, prefix=prefix)
+
+    def _rank_slice(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
+        return _rank_features(param, loaded, name, "output", self.output_size)
 
 
 class RowParallelLinear(Linear):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(_divide(input_size, get_tp_size(), "input size"), output_size, bias)
-        self.weight.weight_loader = self._load  # the bias is replicated, added once
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *,
+                 quant_config=None, prefix: str = "") -> None:
+        self.input_shards = get_tp_size()  # read by quant methods (group scales of the input)
+        super().__init__(_divide(input_size, get_tp_size(), "input size"), output_size, bias,
+                         quant_config=quant_config, prefix=prefix)
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
-        start, end = shard_range(loaded.shape[-1])
-        default_weight_loader(param, loaded.narrow(-1, start, end - start), name)
+    def _rank_slice(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
+        # the bias has no input dim: replicated, added once after the all-reduce
+        return _rank_features(param, loaded, name, "input", self.input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if get_tp_size() == 1:
             return super().forward(x)
-        out = all_reduce(fused.linear(x, self.weight))
+        out = all_reduce(self.quant_method.apply(self, x, None))
         return out + self.bias if self.bias is not None else out
 
 
 class MergedColumnParallelLinear(MergedLinear):
     """``MergedLinear`` whose every part (gate, up, ...) is split along the output dim."""
 
-    def __init__(self, input_size: int, output_sizes: dict[str, int], bias: bool = False) -> None:
+    def __init__(self, input_size: int, output_sizes: dict[str, int], bias: bool = False, *,
+                 quant_config=None, prefix: str = "") -> None:
         tp = get_tp_size()
         self.full_sizes = dict(output_sizes)
         super().__init__(input_size, {k: _divide(v, tp, f"{k} size")
-                                      for k, v in output_sizes.items()}, bias)
+                                      for k, v in output_sizes.items()}, bias,
+                         quant_config=quant_config, prefix=prefix)
 
-    def _rank_rows(self, shard_id: str, loaded: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of the full checkpoint tensor of part ``shard_id``."""
-        start, end = shard_range(loaded.shape[0])
-        return loaded.narrow(0, start, end - start)
+    def _part_range(self, shard_id: str) -> tuple[int, int, int]:
+        size = self.output_sizes[shard_id]
+        return self.full_sizes[shard_id], get_tp_rank() * size, size
 
-    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "",
-                    shard_id: str | None = None) -> None:
-        if shard_id is None:  # a fused checkpoint tensor (Phi-3): split it into its parts
-            sizes = list(self.full_sizes.values())
-            if loaded.shape[0] != sum(sizes):
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(loaded.shape)}, "
-                                 f"the model expects {sum(sizes)} rows")
-            parts = [self._rank_rows(k, p) for k, p in
-                     zip(self.full_sizes, loaded.split(sizes, dim=0))]
-            return default_weight_loader(param, torch.cat(parts, dim=0), name)
-        full = self.full_sizes[shard_id]
-        if loaded.shape[0] != full:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(loaded.shape)}, the "
-                             f"model expects {full} rows for shard {shard_id!r}")
-        MergedLinear._load_shard(self, param, self._rank_rows(shard_id, loaded), name, shard_id)
+    def _rank_slice(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
+        return loaded  # only per-part tensors are split (``_part_range``); g_idx is whole
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
@@ -100,7 +108,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
     ``num_heads`` / ``num_kv_heads`` are this rank's head counts."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False) -> None:
+                 bias: bool = False, *, quant_config=None, prefix: str = "") -> None:
         tp, rank = get_tp_size(), get_tp_rank()
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp, "number of attention heads")
@@ -116,12 +124,13 @@ class QKVParallelLinear(MergedColumnParallelLinear):
                            "v": num_kv_heads * head_dim}
         MergedLinear.__init__(self, hidden_size, {"q": self.num_heads * head_dim,
                                                   "k": self.num_kv_heads * head_dim,
-                                                  "v": self.num_kv_heads * head_dim}, bias)
+                                                  "v": self.num_kv_heads * head_dim}, bias,
+                              quant_config=quant_config, prefix=prefix)
 
-    def _rank_rows(self, shard_id: str, loaded: torch.Tensor) -> torch.Tensor:
+    def _part_range(self, shard_id: str) -> tuple[int, int, int]:
         heads, start = ((self.num_heads, self.q_start) if shard_id == "q"
                         else (self.num_kv_heads, self.kv_start))
-        return loaded.narrow(0, start * self.head_dim, heads * self.head_dim)
+        return self.full_sizes[shard_id], start * self.head_dim, heads * self.head_dim
 
 
 class VocabParallelEmbedding(VocabEmbedding):

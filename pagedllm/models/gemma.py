@@ -44,8 +44,10 @@ def _gemma2_window(config, layer_idx: int) -> int | None:
 class GemmaAttention(LlamaAttention):
     """Llama's attention with Gemma 2's scale, logit soft-cap and per-layer window."""
 
-    def __init__(self, config, layer_idx: int, max_position: int, is_gemma2: bool) -> None:
-        super().__init__(config, layer_idx, max_position, qkv_bias=False, qk_norm=False)
+    def __init__(self, config, layer_idx: int, max_position: int, is_gemma2: bool,
+                 quant_config=None, prefix: str = "") -> None:
+        super().__init__(config, layer_idx, max_position, qkv_bias=False, qk_norm=False,
+                         quant_config=quant_config, prefix=prefix)
         if getattr(config, "attention_bias", False):
             raise ValueError("Gemma with attention_bias=True is not supported")
         if is_gemma2:
@@ -57,10 +59,13 @@ class GemmaAttention(LlamaAttention):
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, max_position: int, is_gemma2: bool) -> None:
+    def __init__(self, config, layer_idx: int, max_position: int, is_gemma2: bool,
+                 quant_config=None, prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = GemmaAttention(config, layer_idx, max_position, is_gemma2)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, _activation(config))
+        self.self_attn = GemmaAttention(config, layer_idx, max_position, is_gemma2,
+                                        quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, _activation(config),
+                            quant_config=quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = _norm(config)
         self.post_attention_layernorm = _norm(config)
         self.is_gemma2 = is_gemma2
@@ -84,12 +89,14 @@ class GemmaModel(LlamaModel):
     """Llama's pipeline-staged stack with Gemma's layers, ``1 + weight`` final norm and
     scaled embedding."""
 
-    def __init__(self, config, max_position: int, tied: bool, is_gemma2: bool) -> None:
-        super().__init__(config, max_position, tied, is_gemma2=is_gemma2)
+    def __init__(self, config, max_position: int, tied: bool, is_gemma2: bool,
+                 quant_config=None) -> None:
+        super().__init__(config, max_position, tied, quant_config, is_gemma2=is_gemma2)
         self.embed_scale = config.hidden_size ** 0.5
 
     def make_layer(self, config, layer_idx: int, max_position: int, **kwargs) -> nn.Module:
-        return GemmaDecoderLayer(config, layer_idx, max_position, kwargs["is_gemma2"])
+        return GemmaDecoderLayer(config, layer_idx, max_position, kwargs["is_gemma2"],
+                                 self.quant_config, f"{self.prefix}.layers.{layer_idx}")
 
     def make_norm(self, config) -> nn.Module:
         return _norm(config)
@@ -106,15 +113,18 @@ class GemmaForCausalLM(LlamaForCausalLM):
     is_gemma2 = False
     tied_by_default = True
     supports_prompt_adapters = False  # its embed() scales the token embeddings
+    supports_quantization = True
 
-    def __init__(self, config, max_position: int) -> None:
-        super().__init__(config, max_position)
+    def __init__(self, config, max_position: int, quant_config=None) -> None:
+        super().__init__(config, max_position, quant_config)
         if self.is_gemma2:
             self.final_soft_cap = getattr(config, "final_logit_softcapping", None)
 
     def make_model(self, config, max_position: int) -> nn.Module:
-        return GemmaModel(config, max_position, self.tie_word_embeddings, self.is_gemma2)
+        return GemmaModel(config, max_position, self.tie_word_embeddings, self.is_gemma2,
+                          self.quant_config)
 
 
 class Gemma2ForCausalLM(GemmaForCausalLM):
     is_gemma2 = True
+    supports_quantization = True

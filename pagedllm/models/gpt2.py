@@ -34,7 +34,11 @@ from pagedllm.models.utils import load_weights
 
 def _conv1d(layer: Linear) -> Linear:
     """Mark ``layer``'s weight as stored transposed in checkpoints: HF Conv1D stores
-    ``[in, out]``, Linear keeps ``[out, in]``; the layer's own (sharding) loader follows."""
+    ``[in, out]``, Linear keeps ``[out, in]``; the layer's own (sharding) loader follows.
+    A quantized layer without a dense ``weight`` (GPTQ ``qweight``) is left as it is: those
+    formats store Conv1D layers in their own layout already."""
+    if not isinstance(getattr(layer, "weight", None), nn.Parameter):
+        return layer
     inner = getattr(layer.weight, "weight_loader", default_weight_loader)
 
     def load(param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
@@ -45,7 +49,7 @@ def _conv1d(layer: Linear) -> Linear:
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, quant_config=None, prefix: str = "") -> None:
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
@@ -54,8 +58,12 @@ class GPT2Attention(nn.Module):
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             scale /= float(layer_idx + 1)
         self.c_attn = _conv1d(QKVParallelLinear(hidden, self.head_dim, self.num_heads,
-                                                self.num_heads, bias=True))
-        self.c_proj = _conv1d(RowParallelLinear(hidden, hidden, bias=True))
+                                                self.num_heads, bias=True,
+                                                quant_config=quant_config,
+                                                prefix=f"{prefix}.c_attn"))
+        self.c_proj = _conv1d(RowParallelLinear(hidden, hidden, bias=True,
+                                                quant_config=quant_config,
+                                                prefix=f"{prefix}.c_proj"))
         self.num_heads = self.c_attn.num_heads  # this rank's heads
         self.attn = Attention(layer_idx, self.num_heads, self.num_heads, self.head_dim, scale)
 
@@ -65,11 +73,15 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config=None, prefix: str = "") -> None:
         super().__init__()
         inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
-        self.c_fc = _conv1d(ColumnParallelLinear(config.hidden_size, inner, bias=True))
-        self.c_proj = _conv1d(RowParallelLinear(inner, config.hidden_size, bias=True))
+        self.c_fc = _conv1d(ColumnParallelLinear(config.hidden_size, inner, bias=True,
+                                                 quant_config=quant_config,
+                                                 prefix=f"{prefix}.c_fc"))
+        self.c_proj = _conv1d(RowParallelLinear(inner, config.hidden_size, bias=True,
+                                                quant_config=quant_config,
+                                                prefix=f"{prefix}.c_proj"))
         self.act = get_act_fn(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,13 +89,13 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, quant_config=None, prefix: str = "") -> None:
         super().__init__()
         eps = config.layer_norm_epsilon
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.attn = GPT2Attention(config, layer_idx)
+        self.attn = GPT2Attention(config, layer_idx, quant_config, f"{prefix}.attn")
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.mlp = GPT2MLP(config)
+        self.mlp = GPT2MLP(config, quant_config, f"{prefix}.mlp")
 
     def forward(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # hidden [num_tokens, hidden_size]
@@ -96,7 +108,8 @@ class GPT2Model(nn.Module):
     contiguous blocks and sends the hidden states on, the last applies ``ln_f``; the tied LM
     head keeps ``wte`` on the last stage too."""
 
-    def __init__(self, config, max_position: int, tied: bool) -> None:
+    def __init__(self, config, max_position: int, tied: bool, quant_config=None,
+                 prefix: str = "transformer") -> None:
         super().__init__()
         first, last = is_first_stage(), is_last_stage()
         self.hidden_size, self.dtype = config.hidden_size, torch.get_default_dtype()
@@ -104,8 +117,9 @@ class GPT2Model(nn.Module):
                     if first or (tied and last) else None)
         self.wpe = (VocabEmbedding(config.max_position_embeddings, config.hidden_size)
                     if first else None)
-        self.stage_layers, self.h = stage_layer_list(config.num_hidden_layers,
-                                                     lambda i: GPT2Block(config, i))
+        self.stage_layers, self.h = stage_layer_list(
+            config.num_hidden_layers,
+            lambda i: GPT2Block(config, i, quant_config, f"{prefix}.h.{i}"))
         self.ln_f = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
                      if last else None)
 
@@ -135,12 +149,14 @@ def _rename(name: str) -> str | None:
 class GPT2LMHeadModel(nn.Module):
     supports_tensor_parallel = True
     supports_pipeline_parallel = True
+    supports_quantization = True
 
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, quant_config=None) -> None:
         super().__init__()
         self.config = config
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.transformer = GPT2Model(config, max_position, self.tie_word_embeddings)
+        self.transformer = GPT2Model(config, max_position, self.tie_word_embeddings,
+                                     quant_config)
         self.lm_head = (ParallelLMHead(config.vocab_size, config.hidden_size)
                         if not self.tie_word_embeddings and is_last_stage() else None)
 

@@ -41,15 +41,17 @@ def layer_sliding_window(config, layer_idx: int) -> int | None:
 
 class LlamaAttention(nn.Module):
     def __init__(self, config, layer_idx: int, max_position: int, *, qkv_bias: bool,
-                 qk_norm: bool) -> None:
+                 qk_norm: bool, quant_config=None, prefix: str = "") -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
-                                          self.num_kv_heads, bias=qkv_bias)
+                                          self.num_kv_heads, bias=qkv_bias,
+                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size,
-                                        bias=bool(getattr(config, "attention_bias", False)))
+                                        bias=bool(getattr(config, "attention_bias", False)),
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
         # this rank's heads (all of them at tensor-parallel size 1)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
@@ -68,12 +70,14 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str,
-                 bias: bool = False) -> None:
+                 bias: bool = False, *, quant_config=None, prefix: str = "") -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, {"gate": intermediate_size,
-                                                                     "up": intermediate_size},
-                                                       bias)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias,
+            quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias,
+                                           quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj")
         self.act_fn = ActAndMul(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,11 +87,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, max_position: int, **attn_kwargs) -> None:
+    def __init__(self, config, layer_idx: int, max_position: int, *, quant_config=None,
+                 prefix: str = "", **attn_kwargs) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, max_position, **attn_kwargs)
+        self.self_attn = LlamaAttention(config, layer_idx, max_position, **attn_kwargs,
+                                        quant_config=quant_config, prefix=f"{prefix}.self_attn")
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                            getattr(config, "mlp_bias", False))
+                            getattr(config, "mlp_bias", False), quant_config=quant_config,
+                            prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -103,10 +110,13 @@ class LlamaModel(nn.Module):
     embedding too when the LM head is tied to it), each runs its contiguous layers and sends
     the hidden states and residual on, the last applies the final norm. Subclasses (Gemma)
     change the layer, the norm or the embedding through ``make_layer``, ``make_norm`` and
-    ``embed``."""
+    ``embed``. ``quant_config`` and ``prefix`` (the stack's checkpoint name) reach every
+    linear layer that ``make_layer`` builds."""
 
-    def __init__(self, config, max_position: int, tied: bool, **layer_kwargs) -> None:
+    def __init__(self, config, max_position: int, tied: bool, quant_config=None,
+                 prefix: str = "model", **layer_kwargs) -> None:
         super().__init__()
+        self.quant_config, self.prefix = quant_config, prefix
         self.hidden_size, self.dtype = config.hidden_size, torch.get_default_dtype()
         self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size)
                              if is_first_stage() or (tied and is_last_stage()) else None)
@@ -116,7 +126,8 @@ class LlamaModel(nn.Module):
         self.norm = self.make_norm(config) if is_last_stage() else None
 
     def make_layer(self, config, layer_idx: int, max_position: int, **kwargs) -> nn.Module:
-        return LlamaDecoderLayer(config, layer_idx, max_position, **kwargs)
+        return LlamaDecoderLayer(config, layer_idx, max_position, quant_config=self.quant_config,
+                                 prefix=f"{self.prefix}.layers.{layer_idx}", **kwargs)
 
     def make_norm(self, config) -> nn.Module:
         return RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -147,13 +158,14 @@ class LlamaForCausalLM(nn.Module):
     supports_tensor_parallel = True
     supports_pipeline_parallel = True
     supports_prompt_adapters = True  # token embeddings are not scaled (Gemma's are)
+    supports_quantization = True  # declared per class (a subclass may add MoE layers)
     qkv_bias = False
     qk_norm = False
     tied_by_default = False  # tie_word_embeddings when the config lacks it
 
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, quant_config=None) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.quant_config = config, quant_config
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings",
                                                 self.tied_by_default))
         self.model = self.make_model(config, max_position)
@@ -163,7 +175,7 @@ class LlamaForCausalLM(nn.Module):
         self.final_soft_cap: float | None = None
 
     def make_model(self, config, max_position: int) -> nn.Module:
-        return LlamaModel(config, max_position, self.tie_word_embeddings,
+        return LlamaModel(config, max_position, self.tie_word_embeddings, self.quant_config,
                           qkv_bias=self._qkv_bias(config), qk_norm=self.qk_norm)
 
     def _qkv_bias(self, config) -> bool:
@@ -181,12 +193,14 @@ class LlamaForCausalLM(nn.Module):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    pass
+    supports_quantization = True
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
+    supports_quantization = True
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+    supports_quantization = True

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pagedllm.distributed import get_tp_size
+from pagedllm.layers.linear import MergedLinear
 from pagedllm.models.registry import require_support, resolve_model_class
 
 
@@ -66,15 +67,51 @@ def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3,
     are drawn in place on the device (an 8B model drawn on the host took over a minute)."""
     generators: dict[torch.device, torch.Generator] = {}
     for param in model.parameters():
+        if not param.is_floating_point():  # packed ints: zeros (g_idx keeps its default)
+            if not getattr(param, "optional", False):
+                param.data.zero_()
+            continue
         device = param.device
         if device not in generators:
             generators[device] = torch.Generator(device=device).manual_seed(seed)
-        if device.type == "cpu":
-            values = torch.empty(param.shape, dtype=torch.float32).uniform_(
+        if device.type == "cpu" or param.dtype.itemsize == 1:  # fp8 cannot be drawn in place
+            values = torch.empty(param.shape, dtype=torch.float32, device=device).uniform_(
                 low, high, generator=generators[device])
             param.data.copy_(values)
         else:
             param.data.uniform_(low, high, generator=generators[device])
+
+
+def _build(model_class, model_config) -> nn.Module:
+    """The model, with the quant config for classes that declare quantization support (in
+    their own body: a subclass adding e.g. MoE experts has layers no quant method covers)."""
+    quant_config = getattr(model_config, "quant_config", None)
+    if quant_config is None:
+        return model_class(model_config.hf_config, model_config.max_model_len)
+    if not model_class.__dict__.get("supports_quantization", False):
+        raise ValueError(f"{model_class.__name__} does not support --quantization "
+                         f"{quant_config.name} yet; quantized checkpoints load for the Llama, "
+                         "Mistral, Qwen2/3, Gemma/Gemma 2, Phi-3, OPT and GPT-2 families")
+    return model_class(model_config.hf_config, model_config.max_model_len,
+                       quant_config=quant_config)
+
+
+def _missing_fused_parts(model: nn.Module) -> list[str]:
+    """Fused layers (q/k/v, gate/up) with a part no checkpoint tensor filled, e.g. a GPTQ
+    checkpoint without ``k_proj.scales``."""
+    missing: list[str] = []
+    for module in model.modules():
+        if isinstance(module, MergedLinear):
+            missing += module.missing_parts()
+    return missing
+
+
+def process_after_loading(model: nn.Module) -> None:
+    """Each linear layer's quant method finishes its weights (repack, quantize, check)."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_after_loading(module)
 
 
 def load_model(model_config, load_config, device: torch.device) -> nn.Module:
@@ -86,7 +123,7 @@ def load_model(model_config, load_config, device: torch.device) -> nn.Module:
     torch.set_default_dtype(model_config.torch_dtype)
     try:
         with torch.device(device):
-            model = model_class(hf_config, model_config.max_model_len)
+            model = _build(model_class, model_config)
     finally:
         torch.set_default_dtype(default_dtype)
     if load_config.load_format == "dummy":
@@ -95,8 +132,12 @@ def load_model(model_config, load_config, device: torch.device) -> nn.Module:
         files, fmt = find_weight_files(model_config.model_path, load_config.load_format,
                                        load_config.ignore_patterns)
         loaded = model.load_weights(iterate_weights(files, fmt))
-        missing = sorted(set(dict(model.named_parameters())) - loaded)
+        required = {n for n, p in model.named_parameters() if not getattr(p, "optional", False)}
+        missing = sorted(required - loaded)
+        if not missing:
+            missing = _missing_fused_parts(model)
         if missing:
             raise ValueError(f"weights missing from the checkpoint in {model_config.model_path}: "
                              f"{', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+    process_after_loading(model)
     return model.eval()

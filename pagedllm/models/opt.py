@@ -46,15 +46,17 @@ def _layer_norm(config) -> nn.LayerNorm:
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, quant_config=None, prefix: str = "") -> None:
         super().__init__()
         hidden, bias = config.hidden_size, getattr(config, "enable_bias", True)
         self.num_heads = config.num_attention_heads
         self.head_dim = hidden // self.num_heads
         self.scaling = self.head_dim ** -0.5
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, self.num_heads, self.num_heads,
-                                          bias)
-        self.out_proj = RowParallelLinear(hidden, hidden, bias)
+                                          bias, quant_config=quant_config,
+                                          prefix=f"{prefix}.qkv_proj")
+        self.out_proj = RowParallelLinear(hidden, hidden, bias, quant_config=quant_config,
+                                          prefix=f"{prefix}.out_proj")
         self.num_heads = self.qkv_proj.num_heads  # this rank's heads
         # q is pre-scaled (HF's order of operations), so the kernel scale is 1
         self.attn = Attention(layer_idx, self.num_heads, self.num_heads, self.head_dim, 1.0)
@@ -65,14 +67,16 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, quant_config=None, prefix: str = "") -> None:
         super().__init__()
         bias = getattr(config, "enable_bias", True)
         self.do_layer_norm_before = config.do_layer_norm_before
-        self.self_attn = OPTAttention(config, layer_idx)
+        self.self_attn = OPTAttention(config, layer_idx, quant_config, f"{prefix}.self_attn")
         self.self_attn_layer_norm = _layer_norm(config)
-        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim, bias)
-        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias)
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim, bias,
+                                        quant_config=quant_config, prefix=f"{prefix}.fc1")
+        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias,
+                                     quant_config=quant_config, prefix=f"{prefix}.fc2")
         self.activation_fn = get_act_fn(config.activation_function)
         self.final_layer_norm = _layer_norm(config)
 
@@ -98,7 +102,8 @@ class OPTDecoder(nn.Module):
     its contiguous layers and sends the hidden states on, the last applies the final norm
     and projects out; the tied LM head keeps the embedding on the last stage too."""
 
-    def __init__(self, config, max_position: int, tied: bool) -> None:
+    def __init__(self, config, max_position: int, tied: bool, quant_config=None,
+                 prefix: str = "model.decoder") -> None:
         super().__init__()
         proj_dim, hidden = config.word_embed_proj_dim, config.hidden_size
         first, last = is_first_stage(), is_last_stage()
@@ -107,13 +112,15 @@ class OPTDecoder(nn.Module):
                              if first or (tied and last) else None)
         self.embed_positions = (VocabEmbedding(config.max_position_embeddings
                                                + POSITION_OFFSET, hidden) if first else None)
+        # project_in/out stay dense (as in vLLM): small, and next to the embedding
         self.project_in = Linear(proj_dim, hidden) if proj_dim != hidden and first else None
         self.project_out = Linear(hidden, proj_dim) if proj_dim != hidden and last else None
         has_final_norm = (config.do_layer_norm_before
                           and not getattr(config, "_remove_final_layer_norm", False))
         self.final_layer_norm = _layer_norm(config) if has_final_norm and last else None
         self.stage_layers, self.layers = stage_layer_list(
-            config.num_hidden_layers, lambda i: OPTDecoderLayer(config, i))
+            config.num_hidden_layers,
+            lambda i: OPTDecoderLayer(config, i, quant_config, f"{prefix}.layers.{i}"))
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         if is_first_stage():
@@ -137,9 +144,9 @@ class OPTDecoder(nn.Module):
 
 
 class OPTModel(nn.Module):
-    def __init__(self, config, max_position: int, tied: bool) -> None:
+    def __init__(self, config, max_position: int, tied: bool, quant_config=None) -> None:
         super().__init__()
-        self.decoder = OPTDecoder(config, max_position, tied)
+        self.decoder = OPTDecoder(config, max_position, tied, quant_config)
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         return self.decoder(input_ids, positions, ctx)
@@ -153,12 +160,13 @@ def _rename(name: str) -> str:
 class OPTForCausalLM(nn.Module):
     supports_tensor_parallel = True
     supports_pipeline_parallel = True
+    supports_quantization = True
 
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, quant_config=None) -> None:
         super().__init__()
         self.config = config
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.model = OPTModel(config, max_position, self.tie_word_embeddings)
+        self.model = OPTModel(config, max_position, self.tie_word_embeddings, quant_config)
         self.lm_head = (ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
                         if not self.tie_word_embeddings and is_last_stage() else None)
 

@@ -14,4 +14,4 @@ from pagedllm.models.llama import LlamaForCausalLM
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
-    pass
+    supports_quantization = True

@@ -1,0 +1,9 @@
+"""Weight quantization: one ``LinearMethod`` per linear layer, chosen at construction.
+
+``base`` declares the strategy (create parameters with their sharding metadata, post-process
+after loading, apply) and ``QuantConfig`` (which method a module with a given checkpoint
+``prefix`` gets). ``unquantized`` is today's dense path; ``gptq``, ``awq`` and ``fp8`` read
+their checkpoint formats and run a torch dequantize-then-matmul reference. ``config`` turns
+``--quantization`` and the checkpoint's ``quantization_config`` into a ``QuantConfig`` at
+start-up, before any weight loads.
+"""

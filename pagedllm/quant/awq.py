@@ -1,0 +1,71 @@
+"""AWQ checkpoints (AutoAWQ GEMM layout, 4 bit, with zero points).
+
+Tensors per linear layer: ``qweight`` int32 [in, out/8] and ``qzeros`` int32 [in/group, out/8]
+(both packed along the output in AWQ's interleaved order, see ``packing.py``) and ``scales``
+[in/group, out]. W = (q - z) * s. The GEMV layout (``version: gemv``) and checkpoints without
+zero points are refused at start-up. Column-parallel layers split by packed output words,
+row-parallel layers by input rows and groups.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedllm.quant.base import LinearMethod, QuantConfig, make_param
+from pagedllm.quant.gptq import _check_sizes, matmul_dequantized
+from pagedllm.quant.packing import awq_dequantize
+
+PACK = 8  # 4-bit values per int32
+
+
+class AWQConfig(QuantConfig):
+    name = "awq"
+
+    def __init__(self, bits: int, group_size: int, zero_point: bool, version: str,
+                 skip_rules: list[str] | None = None) -> None:
+        super().__init__(skip_rules, substring=True)
+        if bits != 4:
+            raise ValueError(f"AWQ with bits={bits} is not supported (quantization_config."
+                             "bits / w_bit); supported: 4")
+        if group_size <= 0:
+            raise ValueError(f"AWQ group_size {group_size} is not supported (quantization_config"
+                             ".group_size / q_group_size); it must be > 0")
+        if not zero_point:
+            raise ValueError("AWQ without zero points (quantization_config.zero_point false) "
+                             "is not supported; supported: zero_point true")
+        if version.lower() != "gemm":
+            raise ValueError(f"AWQ version {version!r} is not supported (quantization_config."
+                             "version); supported: gemm")
+        self.bits, self.group_size = bits, group_size
+
+    def quantized_method(self) -> LinearMethod:
+        return AWQLinearMethod(self.group_size)
+
+    def describe(self) -> str:
+        return f"awq 4-bit, group_size {self.group_size}, gemm layout"
+
+
+class AWQLinearMethod(LinearMethod):
+    name = "awq"
+
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       dtype: torch.dtype) -> None:
+        group, out = self.group_size, sum(output_sizes)
+        _check_sizes(layer.prefix, input_size, output_sizes, 1, PACK, group, "AWQ")
+        layer.qweight = make_param(torch.empty(input_size, out // PACK, dtype=torch.int32),
+                                   input_dim=0, output_dim=1, output_div=PACK)
+        layer.qzeros = make_param(torch.empty(input_size // group, out // PACK,
+                                              dtype=torch.int32),
+                                  input_dim=0, input_div=group, output_dim=1, output_div=PACK)
+        layer.scales = make_param(torch.empty(input_size // group, out, dtype=dtype),
+                                  input_dim=0, input_div=group, output_dim=1)
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        return awq_dequantize(layer.qweight, layer.qzeros, layer.scales, self.group_size)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+              gated_silu: bool = False) -> torch.Tensor:
+        return matmul_dequantized(x, self.dequantize(layer), bias, gated_silu)

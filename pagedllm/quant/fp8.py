@@ -1,0 +1,114 @@
+"""fp8 (e4m3) weights with per-tensor scales: fp8 checkpoints, or bf16/fp16/fp32 checkpoints
+quantized at load (``--quantization fp8``).
+
+Checkpoint tensors per linear layer: ``weight`` float8_e4m3fn [out, in], ``weight_scale``
+(one fp32 value per checkpoint tensor, so a fused q/k/v layer keeps three) and, with
+``activation_scheme: static``, ``input_scale`` (fused parts take the largest, as one
+activation feeds them). ``dynamic`` computes the activation scale per call (max |x| / 448).
+
+``apply`` is the torch emulation and reference for an fp8 kernel: activations are rounded
+through fp8 with their scale, weights are dequantized (fp8 value x its tensor's scale) and the
+product runs in the activation dtype. A layer quantized at load gets one scale for its whole
+(rank-local, fused) weight.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedllm.quant.base import LinearMethod, QuantConfig, make_param
+from pagedllm.quant.gptq import matmul_dequantized
+from pagedllm.quant.unquantized import new_weight, tag_dense
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to e4m3 (saturating at +-448)."""
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x through fp8 and back; ``scale`` None: the dynamic per-tensor scale max|x| / 448."""
+    if scale is None:
+        scale = (x.detach().abs().max().float() / FP8_MAX).clamp(min=1e-12)
+    return (quantize_fp8(x, scale).float() * scale.float()).to(x.dtype)
+
+
+class Fp8Config(QuantConfig):
+    name = "fp8"
+
+    def __init__(self, checkpoint_fp8: bool, activation_scheme: str,
+                 skip_rules: list[str] | None = None) -> None:
+        super().__init__(skip_rules)
+        if activation_scheme not in ("static", "dynamic"):
+            raise ValueError(f"fp8 activation_scheme {activation_scheme!r} is not supported "
+                             "(quantization_config.activation_scheme); supported: static, dynamic")
+        if activation_scheme == "static" and not checkpoint_fp8:
+            raise ValueError("--quantization fp8 on an unquantized checkpoint has no activation "
+                             "scales: it uses activation_scheme dynamic")
+        self.checkpoint_fp8, self.activation_scheme = checkpoint_fp8, activation_scheme
+
+    def quantized_method(self) -> LinearMethod:
+        if self.checkpoint_fp8:
+            return Fp8LinearMethod(self.activation_scheme == "static")
+        return Fp8OnLoadLinearMethod()
+
+    def describe(self) -> str:
+        source = "fp8 checkpoint" if self.checkpoint_fp8 else "weights quantized at load"
+        return f"fp8 per-tensor ({source}), {self.activation_scheme} activation scales"
+
+
+class Fp8LinearMethod(LinearMethod):
+    """An fp8 checkpoint's weight and scales."""
+    name = "fp8"
+
+    def __init__(self, static_input: bool) -> None:
+        self.static_input = static_input
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       dtype: torch.dtype) -> None:
+        unset = torch.full((len(output_sizes),), float("nan"), dtype=torch.float32)
+        layer.part_sizes = list(output_sizes)
+        layer.weight = make_param(torch.empty(sum(output_sizes), input_size, dtype=FP8),
+                                  output_dim=0, input_dim=1)
+        layer.weight_scale = make_param(unset.clone(), per_shard=True)
+        if self.static_input:
+            layer.input_scale = make_param(unset.clone(), per_shard=True)
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        """Each output row gets its part's scale; a scale the checkpoint lacked stays NaN."""
+        for scale in ("weight_scale", "input_scale"):
+            values = getattr(layer, scale, None)
+            if values is not None and (torch.isnan(values).any() or (values <= 0).any()):
+                raise ValueError(f"fp8 layer {layer.prefix!r}: checkpoint {scale} missing or not "
+                                 f"positive for a fused part ({values.tolist()})")
+        sizes = torch.tensor(layer.part_sizes, device=layer.weight_scale.device)
+        layer.row_scale = make_param(layer.weight_scale.data.repeat_interleave(sizes))
+        if self.static_input:
+            layer.input_scale.data = layer.input_scale.data.max().reshape(1)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+              gated_silu: bool = False) -> torch.Tensor:
+        scale = layer.input_scale[0] if self.static_input else None
+        weight = layer.weight.to(torch.float32) * layer.row_scale.unsqueeze(1)  # [out, in]
+        return matmul_dequantized(fake_quantize_fp8(x, scale), weight.t(), bias, gated_silu)
+
+
+class Fp8OnLoadLinearMethod(Fp8LinearMethod):
+    """Loads the dense weight, then replaces it with fp8 and one per-tensor scale."""
+
+    def __init__(self) -> None:
+        super().__init__(static_input=False)
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       dtype: torch.dtype) -> None:
+        layer.part_sizes = list(output_sizes)
+        layer.weight = tag_dense(new_weight(sum(output_sizes), input_size))
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        weight = layer.weight.data
+        scale = (weight.abs().max().float() / FP8_MAX).clamp(min=1e-12)
+        layer.weight = make_param(quantize_fp8(weight, scale).contiguous())
+        layer.row_scale = make_param(scale.repeat(weight.shape[0]))
