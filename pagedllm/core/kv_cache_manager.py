@@ -10,7 +10,7 @@ from collections import deque
 
 from pagedllm.core.block_hash import BlockHash, hash_request_blocks
 from pagedllm.core.block_pool import BlockPool, KVCacheBlock
-from pagedllm.engine.request import Request
+from pagedllm.core.request import Request
 
 
 def cdiv(a: int, b: int) -> int:

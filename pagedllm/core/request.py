@@ -1,8 +1,9 @@
 """A request as the control plane sees it: token counts, status and its sampling parameters.
 
-Owned by the scheduler; the engine front end reads it to build outputs. The scheduler's whole
-view of progress is ``num_computed_tokens`` against ``num_tokens``: prefill, chunked prefill,
-prefix-cache hits, decode and recompute after preemption are all just those two counts.
+Owned by the engine core (scheduler); the front end never sees it, only per-step deltas
+(``engine/core.py``). The scheduler's whole view of progress is ``num_computed_tokens``
+against ``num_tokens``: prefill, chunked prefill, prefix-cache hits, decode and recompute
+after preemption are all just those two counts.
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ from collections import Counter, deque
 from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.scheduler_output import (CachedRequestData, ModelRunnerOutput,
                                             NewRequestData, SchedulerOutput)
-from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.core.request import Request, RequestStatus
 from pagedllm.spec_decode import NgramProposer, SpecSettings, can_speculate
 
 

@@ -4,7 +4,7 @@ import pytest
 from pagedllm.core.block_hash import hash_request_blocks
 from pagedllm.core.block_pool import BlockPool
 from pagedllm.core.kv_cache_manager import KVCacheManager
-from pagedllm.engine.request import Request
+from pagedllm.core.request import Request
 from pagedllm.sampling_params import SamplingParams
 
 

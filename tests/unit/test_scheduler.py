@@ -4,7 +4,7 @@ import pytest
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import ModelRunnerOutput
-from pagedllm.engine.request import Request, RequestStatus
+from pagedllm.core.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
 
 

@@ -7,7 +7,7 @@ import torch
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import ModelRunnerOutput
-from pagedllm.engine.request import Request
+from pagedllm.core.request import Request
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode import NgramProposer, SpecRows, SpecSettings, propose_ngram, verify
 
