@@ -45,6 +45,8 @@ VARIABLES: dict[str, EnvVar] = {
         "API_KEY": "API key the /v1 routes require (wins over --api-key, as in vLLM)",
         "ALLOW_LONG_MAX_MODEL_LEN": "1/true: allow --max-model-len above the model's "
                                     "context length (a warning instead of an error)",
+        "KEEP_ALIVE_ON_ENGINE_DEATH": "1/true: the server keeps running (/health 500) "
+                                      "after the engine died, instead of exiting non-zero",
     }),
     **_vars(REFUSED, {
         "ALLOW_RUNTIME_LORA_UPDATING": "/v1/load_lora_adapter and /v1/unload_lora_adapter",
@@ -56,8 +58,7 @@ VARIABLES: dict[str, EnvVar] = {
     }),
     **_vars(IGNORED, {
         "ENGINE_ITERATION_TIMEOUT_S": "engine step timeout", "RPC_TIMEOUT": "front end to "
-        "engine RPC timeout", "KEEP_ALIVE_ON_ENGINE_DEATH": "keep serving after the engine "
-        "died", "CONFIGURE_LOGGING": "vLLM's logging setup", "LOGGING_CONFIG_PATH": "a "
+        "engine RPC timeout", "CONFIGURE_LOGGING": "vLLM's logging setup", "LOGGING_CONFIG_PATH": "a "
         "logging config file", "LOGGING_LEVEL": "vLLM's log level", "TRACE_FUNCTION":
         "function-call tracing", "ATTENTION_BACKEND": "attention kernel choice",
         "USE_TRITON_FLASH_ATTN": "attention kernel choice", "USE_FLASHINFER_SAMPLER":
@@ -112,6 +113,11 @@ def api_key(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
 
 def allow_long_max_model_len(environ: Optional[Mapping[str, str]] = None) -> bool:
     found = lookup("ALLOW_LONG_MAX_MODEL_LEN", environ)
+    return found is not None and is_true(found[1])
+
+
+def keep_alive_on_engine_death(environ: Optional[Mapping[str, str]] = None) -> bool:
+    found = lookup("KEEP_ALIVE_ON_ENGINE_DEATH", environ)
     return found is not None and is_true(found[1])
 
 

@@ -58,3 +58,34 @@ class RequestOutput:
     encoder_prompt: str | None = None
     encoder_prompt_token_ids: list[int] | None = None
     num_cached_tokens: int | None = None
+
+
+def merge_delta_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Several DELTA outputs of one request as one (a stream whose reader fell behind gets
+    its pending tokens in one chunk): texts, ids and logprobs concatenated per completion,
+    the last output's finish state and metrics."""
+    if len(outputs) == 1:
+        return outputs[0]
+    merged: dict[int, CompletionOutput] = {}
+    for output in outputs:
+        for c in output.outputs:
+            prev = merged.get(c.index)
+            if prev is None:
+                merged[c.index] = CompletionOutput(
+                    c.index, c.text, list(c.token_ids), c.cumulative_logprob,
+                    None if c.logprobs is None else list(c.logprobs), c.finish_reason,
+                    c.stop_reason, c.lora_request)
+                continue
+            prev.text += c.text
+            prev.token_ids += c.token_ids
+            if c.logprobs is not None:
+                prev.logprobs = (prev.logprobs or []) + list(c.logprobs)
+            prev.cumulative_logprob = c.cumulative_logprob
+            prev.finish_reason, prev.stop_reason = c.finish_reason, c.stop_reason
+    first, last = outputs[0], outputs[-1]
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs), None)
+    return RequestOutput(last.request_id, first.prompt, first.prompt_token_ids,
+                         prompt_logprobs or last.prompt_logprobs,
+                         [merged[i] for i in sorted(merged)], last.finished, last.metrics,
+                         last.lora_request, last.encoder_prompt,
+                         last.encoder_prompt_token_ids, last.num_cached_tokens)

@@ -35,7 +35,7 @@ import torch
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.inputs import PromptInputs
 from pagedllm.engine.tokenizer_pool import pretokenize
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import RequestOutput, merge_delta_outputs
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("pagedllm.engine.async")
@@ -114,9 +114,22 @@ class RequestStream:
         if isinstance(item, BaseException):
             self.finished = True
             raise item
+        if not self._queue.empty() and self.stats.params.output_kind == RequestOutputKind.DELTA:
+            item = self._coalesce(item)  # the reader fell behind: one chunk for all pending
         if item.finished:
             self.finished = True
         return item
+
+    def _coalesce(self, first: RequestOutput) -> RequestOutput:
+        """Merge the pending DELTA outputs behind ``first``; an abort or error behind them
+        stays queued for the next call."""
+        pending = [first]
+        while not self._queue.empty() and not pending[-1].finished:
+            item = self._queue._queue[0]  # peek: only outputs are merged
+            if not isinstance(item, RequestOutput):
+                break
+            pending.append(self._queue.get_nowait())
+        return merge_delta_outputs(pending)
 
 
 class AsyncLLMEngine:
@@ -126,20 +139,24 @@ class AsyncLLMEngine:
                  max_log_len: int | None = None) -> None:
         self.engine = engine
         self._tokenizer_pool = getattr(getattr(engine, "inputs", None), "pool", None)
-        self.log_requests = log_requests
-        self.max_log_len = max_log_len
-        self.stat_listeners: list[StatListener] = []
+        self._init_front(log_requests, max_log_len)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = False
         # OpenMP's thread count is per OS thread: a new thread would run torch single-threaded.
         self._num_torch_threads = torch.get_num_threads()
-        self.num_step_errors = 0
-        self.last_step_error: str | None = None
         self.num_steps = 0
         self.step_time_s = 0.0  # wall time inside step(): the rest of the loop is overhead
+
+    def _init_front(self, log_requests: bool, max_log_len: int | None) -> None:
+        """State of the asyncio side, the same for every engine behind it."""
+        self.log_requests = log_requests
+        self.max_log_len = max_log_len
+        self.stat_listeners: list[StatListener] = []
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.num_step_errors = 0
+        self.last_step_error: str | None = None
 
     @classmethod
     def from_engine_args(cls, engine_args, log_requests: bool | None = None,
@@ -159,15 +176,29 @@ class AsyncLLMEngine:
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread, then the executor (tp/pp workers, Ray actors)."""
+        if self._stop:
+            return
         self._stop = True
         self._commands.put(("stop",))
         if self._thread is not None:
             self._thread.join(timeout)
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     @property
     def is_running(self) -> bool:
         return (self._thread is not None and self._thread.is_alive() and not self._stop
                 and getattr(getattr(self.engine, "executor", None), "healthy", True))
+
+    def dead_cause(self) -> str:
+        """Why the engine is not running, for the log line of a server that exits."""
+        if self._thread is not None and not self._thread.is_alive():
+            return "the engine thread stopped"
+        if not getattr(getattr(self.engine, "executor", None), "healthy", True):
+            return "a worker of the executor died"
+        return "the engine was shut down"
 
     # ---- asyncio side --------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
@@ -226,9 +257,16 @@ class AsyncLLMEngine:
         if not stream.finished:
             stream.put(_ABORTED)
             self._notify(stream.stats, None, 0)
-        self._commands.put(("abort", request_id))
+        self._abort_in_engine(request_id)
         if self.log_requests:
             logger.info("Aborted request %s.", request_id)
+
+    def _abort_in_engine(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Runs on the loop: end every open stream with ``exc`` (the engine is gone)."""
+        self._fail(list(self._streams), exc)
 
     def _log_received(self, request_id: str, prompt: PromptInputs, params: SamplingParams):
         text, ids = prompt, None

@@ -26,11 +26,15 @@ def model_path():
     return str(build_tiny_model("llama"))
 
 
-@pytest.fixture(scope="module")
-def server(model_path):
+@pytest.fixture(scope="module", params=["core-process", "in-process"])
+def server(model_path, request):
+    """Every test runs against both engine clients: the core in its own process (the
+    default) and in the server's process (--disable-frontend-multiprocessing)."""
     args = ["--served-model-name", MODEL, "other-name", "--api-key", API_KEY,
             "--max-model-len", str(MAX_MODEL_LEN), "--max-logprobs", str(MAX_LOGPROBS),
             "--disable-log-stats"]
+    if request.param == "in-process":
+        args.append("--disable-frontend-multiprocessing")
     with RemoteServer(model_path, args) as remote:
         yield remote
 

@@ -24,13 +24,16 @@ def _workload(seed: int = 0) -> list[tuple[str, int]]:
     return [(prompts[i % len(prompts)], 16 + 8 * (i % 3)) for i in range(NUM_REQUESTS)]
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=["core-process", "in-process"])
+def server(request):
+    # Both engine clients: the core in its own process, and in the server's process.
     # A small KV cache (256 blocks of 16 tokens) so 200 requests also exercise preemption.
     # fp32 everywhere: on CUDA `--dtype auto` runs this fp32 checkpoint in fp16, whose
     # batch-size-dependent rounding flips near-tied greedy choices (exact equality is the oracle)
     args = ["--dtype", "float32", "--max-model-len", "256", "--num-gpu-blocks-override", "256",
             "--disable-log-requests", "--disable-log-stats", "--uvicorn-log-level", "warning"]
+    if request.param == "in-process":
+        args.append("--disable-frontend-multiprocessing")
     with RemoteServer(str(build_tiny_model("llama")), args) as remote:
         yield remote
 

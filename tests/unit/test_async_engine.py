@@ -68,7 +68,10 @@ def test_streams_errors_and_abort():
         fake = FakeEngine()
         engine = AsyncLLMEngine(fake, log_requests=False)
         outs = await asyncio.gather(_collect(engine, "ab", "a", 3), _collect(engine, "c", "b", 2))
-        assert [len(o) for o in outs] == [3, 2] and outs[0][-1].finished
+        # a reader that lags gets its pending DELTA outputs coalesced into one
+        assert [sum(len(x.outputs[0].token_ids) for x in o) for o in outs] == [3, 2]
+        assert ["".join(x.outputs[0].text for x in o) for o in outs] == ["xxx", "xx"]
+        assert outs[0][-1].finished and outs[0][-1].outputs[0].finish_reason == "length"
         with pytest.raises(ValueError, match="bad"):
             await _collect(engine, "bad", "c")
         assert len(await _collect(engine, "ok", "d", 1)) == 1  # the loop survived

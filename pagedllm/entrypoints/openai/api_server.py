@@ -11,9 +11,13 @@ input, 404 unknown model), request validation and malformed JSON as 400, the API
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hmac
 import logging
 import os
+import signal
 import sys
+import time
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Optional, Union
@@ -23,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagedllm
 from pagedllm.engine.async_engine import AsyncLLMEngine
@@ -43,28 +48,134 @@ logger = logging.getLogger("pagedllm.entrypoints.openai.api_server")
 
 
 class _ApiKeyMiddleware:
-    """Pure ASGI: /v1 routes need ``Authorization: Bearer <key>`` (401 otherwise)."""
+    """Pure ASGI: /v1 routes need ``Authorization: Bearer <key>`` (401 otherwise).
+
+    As Starlette-based servers read it: the first ``Authorization`` header counts, the scheme
+    is case-insensitive, and the key is compared in constant time (no timing oracle on it).
+    """
 
     def __init__(self, app, api_key: str, root_path: str = "") -> None:
         self.app, self.root_path = app, root_path or ""
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
+
+    def _authorized(self, headers) -> bool:
+        value = next((v for k, v in headers if k.lower() == b"authorization"), b"")
+        scheme, _, token = value.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token, self.expected)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] != "OPTIONS":
             path = scope["path"].removeprefix(self.root_path)
-            headers = dict(scope["headers"])
-            if path.startswith("/v1") and headers.get(b"authorization") != self.expected:
-                response = JSONResponse(error_body("Unauthorized: a valid API key is required "
-                                                   "(Authorization: Bearer <key>)",
-                                                   "AuthenticationError",
-                                                   HTTPStatus.UNAUTHORIZED), status_code=401)
+            if path.startswith("/v1") and not self._authorized(scope["headers"]):
+                response = _error("Unauthorized: a valid API key is required "
+                                  "(Authorization: Bearer <key>)", "AuthenticationError",
+                                  HTTPStatus.UNAUTHORIZED)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
-def _error(message: str, err_type: str, status: HTTPStatus) -> JSONResponse:
-    return JSONResponse(error_body(message, err_type, status), status_code=status.value)
+# Default cap on a request body. The largest legitimate body is a few prompts of
+# max_model_len tokens: 128k tokens are ~1 MB as token-id JSON, ~0.5-3 MB as (escaped) text, so
+# 32 MiB leaves room for big batches while stopping a client from making the server buffer and
+# parse hundreds of megabytes.
+DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
+MAX_BODY_ENV = "PAGEDLLM_MAX_REQUEST_BODY_BYTES"
+
+
+def max_request_body_bytes() -> int:
+    """The body cap: ``$PAGEDLLM_MAX_REQUEST_BODY_BYTES`` (bytes, >= 1) or the default."""
+    raw = os.environ.get(MAX_BODY_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_MAX_REQUEST_BODY_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MAX_BODY_ENV} must be a positive number of bytes, got {raw!r}")
+    return value
+
+
+class _BodyLimitMiddleware:
+    """Pure ASGI: 413 for a body over ``max_bytes``, before it is buffered or parsed.
+
+    A declared ``Content-Length`` over the cap is refused without reading anything; a chunked
+    body is counted as it arrives and refused (an ``HTTPException`` FastAPI passes through its
+    body parsing) once it passes the cap.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> StarletteHTTPException:
+        return StarletteHTTPException(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"The request body is larger than the server's limit of {self.max_bytes} bytes "
+            f"(set by {MAX_BODY_ENV}).")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # (a malformed Content-Length never gets here: the HTTP server refuses it)
+        length = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), b"")
+        if length.strip().isdigit() and int(length) > self.max_bytes:
+            await _http_error(self._too_large())(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+# Error messages quote at most this many characters: a message built from a megabyte-sized
+# field (a model name, a stop list) must not send that field back.
+MAX_ERROR_MESSAGE_CHARS = 1000
+
+
+def _cap_message(message: str) -> str:
+    """``message`` cut to MAX_ERROR_MESSAGE_CHARS and made encodable: a lone surrogate quoted
+    from the request would otherwise fail the UTF-8 encoding of the error body itself."""
+    if len(message) > MAX_ERROR_MESSAGE_CHARS:
+        message = f"{message[:MAX_ERROR_MESSAGE_CHARS]}... " \
+                  f"({len(message) - MAX_ERROR_MESSAGE_CHARS} more characters)"
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _error(message: str, err_type: str, status: HTTPStatus, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(_cap_message(message), err_type, status),
+                        status_code=status.value, headers=headers)
+
+
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+                404: "NotFoundError", 405: "MethodNotAllowedError",
+                413: "RequestEntityTooLargeError", 422: "UnprocessableEntityError"}
+
+
+def _http_error(exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette/FastAPI's own HTTP errors (unknown route, wrong method, unreadable body, the
+    body cap) as OpenAI error bodies, keeping their status and headers (405's ``Allow``)."""
+    status = HTTPStatus(exc.status_code)
+    message = exc.detail if isinstance(exc.detail, str) else status.phrase
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        message = f"The request body is not valid UTF-8: {cause}"
+    elif isinstance(cause, RecursionError):
+        message = "The request body's JSON is nested too deeply to parse"
+    if status == HTTPStatus.NOT_FOUND and exc.detail == status.phrase:
+        message = "Not Found: no such route"
+    err_type = _ERROR_TYPES.get(status.value, "BadRequestError" if status.value < 500
+                                else "InternalServerError")
+    return _error(message, err_type, status, headers=getattr(exc, "headers", None))
 
 
 def _load_chat_template(value: Optional[str]) -> Optional[str]:
@@ -108,7 +219,7 @@ def lora_module_requests(modules, config, hf_config) -> dict:
 
 
 def _serving_context(engine: AsyncLLMEngine, server: ServerConfig) -> ServingContext:
-    config = engine.engine.config.model
+    config = engine.config.model
     tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config)
     return ServingContext(
         engine=engine, tokenizer=tokenizer, served_model_names=config.served_model_names,
@@ -118,12 +229,18 @@ def _serving_context(engine: AsyncLLMEngine, server: ServerConfig) -> ServingCon
         return_tokens_as_token_ids=server.return_tokens_as_token_ids,
         enable_auto_tools=server.enable_auto_tool_choice, tool_parser=server.tool_call_parser,
         prompt_adapters=prompt_adapter_requests(server.prompt_adapters,
-                                                engine.engine.config.prompt_adapter),
-        lora_modules=lora_module_requests(server.lora_modules, engine.engine.config.lora,
+                                                engine.config.prompt_adapter),
+        lora_modules=lora_module_requests(server.lora_modules, engine.config.lora,
                                           config.hf_config))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    from pagedllm.engine.async_engine import EngineDeadError
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_, exc: EngineDeadError):  # the watchdog logs the cause once
+        return _error(str(exc), "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR)
+
     @app.exception_handler(OpenAIError)
     async def openai_error(_, exc: OpenAIError):
         return _error(exc.message, exc.err_type, exc.status)
@@ -131,6 +248,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnected)
     async def client_disconnected(_, exc: ClientDisconnected):
         return Response(status_code=499)  # nobody reads it; the request was aborted
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        return _http_error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_, exc: RequestValidationError):
@@ -166,14 +287,18 @@ def build_app(engine: AsyncLLMEngine, server: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(engine, ctx.model_name, ctx.max_model_len)
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(app: FastAPI):
         engine.start()
+        watchdog = asyncio.create_task(_watch_engine(engine, app))
         yield
+        watchdog.cancel()
         engine.shutdown()
 
     app = FastAPI(lifespan=lifespan, root_path=server.root_path or "")
     app.state.ctx, app.state.metrics = ctx, metrics
+    app.state.engine_death = None  # set by the watchdog: why the engine died
     _install_error_handlers(app)
+    app.add_middleware(_BodyLimitMiddleware, max_bytes=max_request_body_bytes())
     _add_routes(app, ctx, completion, chat, models, tokenization, metrics)
     app.add_middleware(CORSMiddleware, allow_origins=server.allowed_origins,
                        allow_credentials=server.allow_credentials,
@@ -183,6 +308,32 @@ def build_app(engine: AsyncLLMEngine, server: ServerConfig) -> FastAPI:
         app.add_middleware(_ApiKeyMiddleware, api_key=server.api_key,
                            root_path=server.root_path or "")
     return app
+
+
+_WATCH_S = 0.2  # how often the watchdog looks at the engine
+_EXIT_DELAY_S = 0.5  # time for the in-flight requests' 500s to reach their clients
+
+
+async def _watch_engine(engine, app: FastAPI) -> None:
+    """Engine death (the core process killed, a worker gone, the engine thread ended): every
+    open request fails with a 500 at once, /health turns 500, and the server exits non-zero
+    (run_server) unless VLLM_KEEP_ALIVE_ON_ENGINE_DEATH is set, as vLLM 0.6.3 does."""
+    from pagedllm import envs
+    from pagedllm.engine.async_engine import EngineDeadError
+    while engine.is_running:
+        await asyncio.sleep(_WATCH_S)
+    if engine._stop:  # noqa: SLF001 - shut down on purpose: nothing died
+        return
+    cause = engine.dead_cause()
+    app.state.engine_death = cause
+    engine.fail_all(EngineDeadError(f"the engine died: {cause}"))
+    if envs.keep_alive_on_engine_death():
+        logger.error("engine died (%s); VLLM_KEEP_ALIVE_ON_ENGINE_DEATH is set: the server "
+                     "stays up and /health answers 500", cause)
+        return
+    logger.error("engine died (%s); shutting the server down", cause)
+    await asyncio.sleep(_EXIT_DELAY_S)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _add_routes(app: FastAPI, ctx: ServingContext, completion, chat, models, tokenization,
@@ -238,15 +389,40 @@ def run_server(args: argparse.Namespace) -> None:
     _configure_logging()
     server = server_config_from_args(args)
     engine_args = EngineArgs.from_cli_args(args)
-    engine = AsyncLLMEngine.from_engine_args(engine_args, max_log_len=server.max_log_len)
-    app = build_app(engine, server)
+    engine = make_async_engine(engine_args, server)
+    try:
+        app = build_app(engine, server)
+    except BaseException:
+        engine.shutdown()
+        raise
     host = server.host if server.host is not None else "0.0.0.0"
-    logger.info("serving %s on http://%s:%d", engine.engine.config.model.served_model_names[0],
+    logger.info("serving %s on http://%s:%d", engine.config.model.served_model_names[0],
                 host, server.port)
-    uvicorn.run(app, host=host, port=server.port, log_level=server.uvicorn_log_level,
-                ssl_keyfile=server.ssl_keyfile, ssl_certfile=server.ssl_certfile,
-                ssl_ca_certs=server.ssl_ca_certs, ssl_cert_reqs=server.ssl_cert_reqs,
-                timeout_keep_alive=5)
+    try:
+        uvicorn.run(app, host=host, port=server.port, log_level=server.uvicorn_log_level,
+                    ssl_keyfile=server.ssl_keyfile, ssl_certfile=server.ssl_certfile,
+                    ssl_ca_certs=server.ssl_ca_certs, ssl_cert_reqs=server.ssl_cert_reqs,
+                    timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()  # idempotent; covers a uvicorn that failed to start
+    if app.state.engine_death is not None:
+        logger.error("server exits: the engine died (%s)", app.state.engine_death)
+        sys.exit(1)
+
+
+def make_async_engine(engine_args, server: ServerConfig):
+    """The engine core in its own process (the default), or in a thread of this one with
+    --disable-frontend-multiprocessing (vLLM's flag); the same interface either way."""
+    start = time.perf_counter()
+    if server.disable_frontend_multiprocessing:
+        engine = AsyncLLMEngine.from_engine_args(engine_args, max_log_len=server.max_log_len)
+        where = "in this process (--disable-frontend-multiprocessing)"
+    else:
+        from pagedllm.engine.async_mp_engine import AsyncMPLLMEngine
+        engine = AsyncMPLLMEngine.from_engine_args(engine_args, max_log_len=server.max_log_len)
+        where = f"in process {engine.client.proc.pid}"
+    logger.info("engine ready %s in %.1f s", where, time.perf_counter() - start)
+    return engine
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,0 +1,235 @@
+"""``AsyncMPLLMEngine``: the async engine of ``pagedllm serve`` with the core in its own process.
+
+The API-server process keeps the front end: tokenizer, request checks (``prepare_request``),
+the ``OutputProcessor`` (detokenization, stop strings, outputs), one ``RequestStream`` per
+request and the metrics listeners. The core process (``engine/core_client.py``) schedules and
+runs the model. One reader task on the asyncio loop takes the core's messages in order: adds
+are acknowledged (a rejection is the caller's ValueError), each step's deltas become outputs
+on their streams, and a stop string found here goes back as an abort. The interface is
+``AsyncLLMEngine``'s (``add_request``, ``generate``, ``abort``, ``get_stats``), so the serving
+code does not know which engine it has; ``--disable-frontend-multiprocessing`` picks the
+in-process one.
+
+If the core process dies, every open stream fails with ``EngineDeadError`` at once (the reader
+checks the process between messages, at least every ``_WATCH_MS``) and ``is_running`` turns
+False; the server's watchdog then answers /health with 500 and exits.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pagedllm.engine.async_engine import (AsyncLLMEngine, EngineDeadError, EngineStepError,
+                                          RequestStats, RequestStream)
+from pagedllm.engine.core_client import MPCoreClient
+from pagedllm.engine.engine import make_tracer
+from pagedllm.engine.inputs import PromptInputs, PromptProcessor
+from pagedllm.engine.output_processor import OutputProcessor, prepare_request
+from pagedllm.engine.tokenizer_pool import pretokenize
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedllm.engine.async_mp")
+
+_WATCH_MS = 200  # the reader checks that the core process lives at least this often
+
+
+class AsyncMPLLMEngine(AsyncLLMEngine):
+    """Same interface as ``AsyncLLMEngine``; the core runs in a child process."""
+
+    def __init__(self, config, log_requests: bool = True, max_log_len: int | None = None,
+                 log_stats: bool | None = None) -> None:
+        self._init_front(log_requests, max_log_len)
+        self._config = config
+        self.inputs = PromptProcessor(config.model, config.tokenizer_pool)
+        self._tokenizer_pool = self.inputs.pool
+        self.output_processor = OutputProcessor(self.inputs.tokenizer,
+                                                config.model.max_model_len, make_tracer(config))
+        self._per_token = config.scheduler.multi_step_stream_outputs
+        start = time.perf_counter()
+        self.client = MPCoreClient(config, log_stats)
+        self.client.wait_ready()
+        logger.info("engine core process %d ready in %.1f s", self.client.proc.pid,
+                    time.perf_counter() - start)
+        self._acks: dict[str, tuple[asyncio.Future, RequestStats]] = {}
+        self._core_stats: dict = {}
+        self._reader: asyncio.Task | None = None
+        self._dead: str | None = None
+        self._stop = False
+        self.num_steps = 0
+        self.output_time_s = 0.0  # front end: turning the core's deltas into outputs
+
+    @classmethod
+    def from_engine_args(cls, engine_args, log_requests: bool | None = None,
+                         max_log_len: int | None = None) -> "AsyncMPLLMEngine":
+        config = engine_args.create_engine_config()
+        if log_requests is None:
+            log_requests = not config.observability.disable_log_requests
+        return cls(config, log_requests=log_requests, max_log_len=max_log_len)
+
+    @property
+    def config(self):
+        return self._config
+
+    def cache_info(self) -> dict:
+        return dict(self.client.cache_info)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._reader is None:
+            self._loop = asyncio.get_running_loop()
+            self._reader = self._loop.create_task(self._read_loop(), name="pagedllm-core-reader")
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._stop:
+            return
+        self._stop = True
+        if self._reader is not None:
+            self._reader.cancel()
+        self.client.shutdown(timeout)
+        logger.info("front end: %d steps, %.2f s making outputs, %.2f s unpickling",
+                    self.num_steps, self.output_time_s, self.client.recv_s)
+
+    @property
+    def is_running(self) -> bool:
+        return self._dead is None and not self._stop and self.client.is_alive()
+
+    def dead_cause(self) -> str:
+        if self._dead is not None:
+            return self._dead
+        if not self.client.is_alive():
+            return self.client.exit_cause()
+        return "the engine was shut down"
+
+    # ---- requests ------------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
+                          arrival_time: float | None = None, priority: int = 0,
+                          prompt_adapter_request=None,
+                          trace_headers: dict[str, str] | None = None,
+                          lora_request=None) -> RequestStream:
+        """Queue a request and return its output stream; ValueError if it is rejected (here
+        or by the core)."""
+        self.start()
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running: {self.dead_cause()}")
+        if request_id in self._streams or request_id in self.output_processor.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt = await pretokenize(self._tokenizer_pool, prompt)
+        text, core_request = prepare_request(
+            self._config, self.inputs, request_id, prompt, params, arrival_time, priority,
+            prompt_adapter_request, lora_request)
+        stats = RequestStats(request_id, core_request.arrival_time, params)
+        self.output_processor.add(text, core_request, trace_headers)
+        stream = RequestStream(request_id, stats)
+        self._streams[request_id] = stream
+        done = self._loop.create_future()
+        self._acks[request_id] = (done, stats)
+        try:
+            self.client.add_request(core_request)
+            await done
+        except BaseException:
+            self._acks.pop(request_id, None)
+            self._streams.pop(request_id, None)
+            self.client.abort(self.output_processor.remove(request_id))
+            raise
+        if self.log_requests:
+            self._log_received(request_id, prompt, params)
+        return stream
+
+    def _abort_in_engine(self, request_id: str) -> None:
+        self.client.abort(self.output_processor.remove(request_id))
+
+    # ---- the reader ----------------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        try:
+            while not self._stop:
+                message = await self.client.recv(_WATCH_MS)
+                if message is None:
+                    if not self.client.is_alive():
+                        self._engine_died(self.client.exit_cause())
+                        return
+                    continue
+                self._handle(message)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a reader bug must not hang clients
+            logger.exception("the engine-core reader failed")
+            self._engine_died(f"the engine-core reader failed: {exc!r}")
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "step":
+            self._on_step(message[1], message[2])
+        elif kind == "stats":
+            self._core_stats = message[1]
+        elif kind == "acks":
+            for request_id, error, prompt_ids in message[1]:
+                self._on_ack(request_id, error, prompt_ids)
+        elif kind == "failed":
+            self._on_failed(message[1], message[2])
+        elif kind == "fatal":
+            self._engine_died(f"the engine core failed:\n{message[1]}")
+
+    def _on_step(self, deltas, stats: dict) -> None:
+        start = time.perf_counter()
+        self._core_stats = stats
+        self.num_steps += 1
+        outputs, stopped = self.output_processor.process(deltas, self._per_token)
+        self.client.abort(stopped)  # stop strings: the core must not run these further
+        self._dispatch(outputs)
+        self.output_time_s += time.perf_counter() - start
+
+    def _on_ack(self, request_id: str, error: str | None, prompt_ids) -> None:
+        done, stats = self._acks.pop(request_id, (None, None))
+        if done is None or done.done():
+            return
+        if error is not None:
+            self.output_processor.remove(request_id)
+            done.set_exception(ValueError(error))
+            return
+        group = self.output_processor.groups.get(request_id)
+        if group is not None:
+            if prompt_ids is not None:
+                group.set_prompt_token_ids(prompt_ids)
+            # set before any output of this request reaches the listeners
+            stats.num_prompt_tokens = group.parent.num_prompt_tokens
+        done.set_result(None)
+
+    def _on_failed(self, seq_ids: list[str], text: str) -> None:
+        self.num_step_errors += 1
+        self.last_step_error = text
+        request_ids = {seq_id.split("#", 1)[0] for seq_id in seq_ids}
+        for request_id in request_ids:
+            self.output_processor.remove(request_id)
+        self._fail(sorted(request_ids), EngineStepError(text))
+
+    def _engine_died(self, cause: str) -> None:
+        if self._dead is not None:
+            return
+        self._dead = cause
+        logger.error("engine core died: %s; failing %d open request(s)", cause,
+                     len(self._streams))
+        error = EngineDeadError(f"the engine died: {cause}")
+        for done, _ in self._acks.values():
+            if not done.done():
+                done.set_exception(error)
+        self._acks.clear()
+        self.fail_all(error)
+
+    # ---- stats ---------------------------------------------------------------------------
+    def get_stats(self) -> dict[str, float]:
+        """The core's stats of its last step (at most one step old) and the front end's."""
+        stats = dict(self._core_stats) or _IDLE_STATS.copy()
+        stats.update(num_streams=len(self._streams), num_step_errors=self.num_step_errors,
+                     num_steps=self.num_steps, step_time_s=0.0)
+        return stats
+
+
+_IDLE_STATS = {
+    "num_requests_running": 0, "num_requests_waiting": 0, "num_requests_swapped": 0,
+    "gpu_cache_usage_perc": 0.0, "cpu_cache_usage_perc": 0.0, "gpu_prefix_cache_hit_rate": 0.0,
+    "num_preemptions_total": 0, "spec_decode_enabled": False,
+    "spec_decode_draft_acceptance_rate": 0.0, "spec_decode_efficiency": 0.0,
+    "spec_decode_num_accepted_tokens_total": 0, "spec_decode_num_draft_tokens_total": 0,
+    "spec_decode_num_emitted_tokens_total": 0,
+}

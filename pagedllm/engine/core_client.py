@@ -1,0 +1,295 @@
+"""The engine core in its own process, and the front end's client of it (``pagedllm serve``).
+
+Two ZeroMQ sockets over ipc, both bound by the front end: requests and aborts go in on one
+(PUSH -> PULL), the core's messages come out on the other. Messages are pickled tuples
+(protocol 5):
+
+    in:  ("add", CoreRequest) | ("abort", [seq ids]) | ("stop",)
+    out: ("acks", [(request_id, error or None, final prompt ids or None), ...])
+         ("step", [SeqDelta, ...], stats) | ("stats", stats) (an idle core after aborts)
+         ("failed", [seq ids], text) | ("fatal", text)
+
+Start-up goes over a pipe: the core answers ("ready", cache_info) once the model is loaded
+and profiled, or ("init_error", traceback).
+
+The core process is a busy loop with no asyncio: drain the input socket (blocking only while
+it has nothing to run), answer the adds of this round, ``step()``, send the step's deltas
+with the scheduler stats. It exits when told to stop, on SIGTERM, or when its parent process
+is gone (no orphan keeps a GPU); the executor's own shutdown ends tp/pp workers and Ray
+actors. An exception inside a step fails the requests in flight (a "failed" message) and the
+loop goes on, as in one process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import tempfile
+import time
+import traceback
+import uuid
+from typing import Any
+
+logger = logging.getLogger("pagedllm.engine.core_client")
+
+_IDLE_POLL_MS = 500  # an idle core checks that its parent is alive this often
+_READY_TIMEOUT_S = float(os.environ.get("PAGEDLLM_ENGINE_READY_TIMEOUT_S", "1800"))
+
+
+def _dumps(message) -> bytes:
+    return pickle.dumps(message, protocol=5)
+
+
+# ---- the core process ----------------------------------------------------------------------
+def run_engine_core(config, in_addr: str, out_addr: str, parent_pid: int,
+                    log_stats: bool | None, ready_conn) -> None:
+    """Process target: build the core, then serve it until told to stop."""
+    import zmq
+    _configure_child_logging()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the front end, which stops us
+    signal.signal(signal.SIGTERM, _raise_exit)
+    ctx = zmq.Context()
+    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    inbox.connect(in_addr)
+    outbox.connect(out_addr)
+    core = None
+    try:
+        from pagedllm.engine.core import EngineCore
+        start = time.perf_counter()
+        core = EngineCore(config, log_stats)
+        logger.info("engine core ready in %.1f s (pid %d)", time.perf_counter() - start,
+                    os.getpid())
+        ready_conn.send(("ready", core.cache_info()))
+        CoreLoop(core, inbox, outbox, parent_pid).run()
+    except SystemExit:
+        pass
+    except BaseException:  # noqa: BLE001 - tell the front end why, then exit non-zero
+        text = traceback.format_exc()
+        logger.error("engine core failed:\n%s", text)
+        if core is None:
+            ready_conn.send(("init_error", text))
+        else:
+            outbox.send(_dumps(("fatal", text)))
+        raise
+    finally:
+        if core is not None:
+            core.shutdown()
+        outbox.close(linger=1000)
+        inbox.close(linger=0)
+        ctx.term()
+
+
+def _raise_exit(*_) -> None:
+    raise SystemExit(0)
+
+
+def _configure_child_logging() -> None:
+    root = logging.getLogger("pagedllm")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: "
+                                               "%(message)s", "%m-%d %H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+class CoreLoop:
+    """The core process's loop: inputs, acks, one step, its outputs."""
+
+    def __init__(self, core, inbox, outbox, parent_pid: int) -> None:
+        self.core, self.inbox, self.outbox, self.parent_pid = core, inbox, outbox, parent_pid
+        self.num_steps = 0
+        self.step_s = 0.0  # inside core.step()
+        self.send_s = 0.0  # pickling and sending the step's message
+        self._changed = False  # an add or abort since the last message with stats
+
+    def run(self) -> None:
+        import zmq
+        while True:
+            if not self.core.has_unfinished_requests():
+                if not self.inbox.poll(_IDLE_POLL_MS, zmq.POLLIN):
+                    if os.getppid() != self.parent_pid:
+                        logger.warning("the front-end process is gone; engine core exits")
+                        return
+                    continue
+            if not self._drain():
+                break
+            if self.core.has_unfinished_requests():
+                self._step()
+            elif self._changed:  # e.g. an abort freed blocks: /metrics must see it
+                self.outbox.send(_dumps(("stats", self.core.get_stats())))
+            self._changed = False
+        logger.info("engine core stopped after %d steps: %.2f s in step(), %.3f s sending "
+                    "outputs (%.1f us a step)", self.num_steps, self.step_s, self.send_s,
+                    1e6 * self.send_s / max(self.num_steps, 1))
+
+    def _drain(self) -> bool:
+        """Apply every queued message; False on stop."""
+        import zmq
+        acks = []
+        while True:
+            try:
+                message = pickle.loads(self.inbox.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            kind = message[0]
+            if kind == "stop":
+                return False
+            self._changed = True
+            if kind == "abort":
+                self.core.abort(message[1])
+            elif kind == "add":
+                acks.append(self._add(message[1]))
+        if acks:
+            self.outbox.send(_dumps(("acks", acks)))
+        return True
+
+    def _add(self, request) -> tuple:
+        try:
+            added = self.core.add_request(request)
+        except Exception as exc:  # noqa: BLE001 - every rejection goes back to the caller
+            return request.request_id, f"{exc}" if isinstance(exc, ValueError) else repr(exc), \
+                None
+        prompt = added.prompt_token_ids
+        return request.request_id, None, \
+            (prompt if len(prompt) != len(request.prompt_token_ids) else None)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        try:
+            deltas = self.core.step()
+        except Exception as exc:  # noqa: BLE001 - fail the in-flight requests, keep serving
+            logger.exception("engine step failed; failing the in-flight requests")
+            seq_ids = list(self.core.scheduler.requests)
+            try:
+                self.core.abort(seq_ids)
+            except Exception:  # noqa: BLE001
+                logger.exception("aborting after a failed step also failed")
+            self.outbox.send(_dumps(("failed", seq_ids, f"engine step failed: {exc!r}")))
+            return
+        finally:
+            self.num_steps += 1
+            self.step_s += time.perf_counter() - start
+        sent = time.perf_counter()
+        self.outbox.send(_dumps(("step", deltas, self.core.get_stats())), copy=False)
+        self.send_s += time.perf_counter() - sent
+
+
+# ---- the front end's side ------------------------------------------------------------------
+class MPCoreClient:
+    """Starts the core process and talks to it. ``send`` is synchronous (ZeroMQ queues it);
+    ``recv`` is awaited by the front end's reader task."""
+
+    def __init__(self, config, log_stats: bool | None = None) -> None:
+        import multiprocessing
+
+        import zmq
+        import zmq.asyncio
+        base = os.path.join(tempfile.gettempdir(), f"pagedllm-{uuid.uuid4().hex[:12]}")
+        self.in_addr, self.out_addr = f"ipc://{base}-in", f"ipc://{base}-out"
+        self._ctx, self._actx = zmq.Context(), zmq.asyncio.Context()
+        self._inbox = self._ctx.socket(zmq.PUSH)  # the core's input
+        self._inbox.bind(self.in_addr)
+        self._outbox = self._actx.socket(zmq.PULL)  # the core's output
+        self._outbox.bind(self.out_addr)
+        # spawn: CUDA cannot be used in a forked child; not a daemon: the core may start
+        # tp/pp worker processes of its own
+        mp = multiprocessing.get_context("spawn")
+        self._ready, child_conn = mp.Pipe(duplex=False)
+        self.proc = mp.Process(target=run_engine_core, name="pagedllm-engine-core",
+                               args=(config, self.in_addr, self.out_addr, os.getpid(),
+                                     log_stats, child_conn), daemon=False)
+        self.proc.start()
+        child_conn.close()
+        self.cache_info: dict[str, Any] = {}
+        self.recv_s = 0.0  # front end: receiving and unpickling the core's messages
+        self._closed = False
+
+    def wait_ready(self) -> None:
+        """Block until the core has loaded the model (or raise with its error)."""
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._ready.poll(0.2):
+                try:
+                    kind, payload = self._ready.recv()
+                except EOFError:  # it died before answering; the exit code says how
+                    break
+                if kind == "ready":
+                    self.cache_info = payload
+                    return
+                raise RuntimeError(f"the engine core failed to start:\n{payload}")
+            if not self.proc.is_alive():
+                break
+        if not self.proc.is_alive():
+            self.proc.join(1)
+            raise RuntimeError(f"{self.exit_cause()} while starting")
+        raise RuntimeError(f"the engine core was not ready in {_READY_TIMEOUT_S:.0f} s")
+
+    def send(self, message) -> None:
+        self._inbox.send(_dumps(message))
+
+    def add_request(self, request) -> None:
+        try:
+            data = _dumps(("add", request))
+        except Exception as exc:  # noqa: BLE001 - e.g. a logits processor that is a lambda
+            raise ValueError(f"the request cannot be sent to the engine process: {exc}") \
+                from exc
+        self._inbox.send(data)
+
+    def abort(self, seq_ids: list[str]) -> None:
+        if seq_ids:
+            self.send(("abort", list(seq_ids)))
+
+    async def recv(self, timeout_ms: int):
+        """The core's next message, or None when nothing came within ``timeout_ms``."""
+        import zmq
+        if not await self._outbox.poll(timeout_ms, zmq.POLLIN):
+            return None
+        data = await self._outbox.recv(copy=False)
+        start = time.perf_counter()
+        message = pickle.loads(data.buffer)
+        self.recv_s += time.perf_counter() - start
+        return message
+
+    def is_alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def exit_cause(self) -> str:
+        code = self.proc.exitcode
+        if code is None:
+            return "the engine core process is running"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"the engine core process (pid {self.proc.pid}) was killed by {name}"
+        return f"the engine core process (pid {self.proc.pid}) exited with code {code}"
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Ask the core to stop, then make sure it has (no orphan process). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.proc.is_alive():
+            try:
+                self.send(("stop",))
+            except Exception:  # noqa: BLE001 - the socket may be gone already
+                pass
+            self.proc.join(timeout)
+        if self.proc.is_alive():
+            logger.warning("engine core did not stop in %.0f s; terminating it", timeout)
+            self.proc.terminate()
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self._inbox.close(linger=0)
+        self._outbox.close(linger=0)
+        for addr in (self.in_addr, self.out_addr):
+            path = addr.removeprefix("ipc://")
+            if os.path.exists(path):
+                os.unlink(path)
+
