@@ -9,7 +9,12 @@ Two sources, one registry per app (no global state):
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import threading
+import time
+from collections import deque
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, RequestStats
@@ -81,12 +86,12 @@ class _EngineCollector:
             yield family
 
     def _cache_config_info(self) -> GaugeMetricFamily:
-        config = self.engine.engine.config.cache
-        kv = self.engine.engine.kv_cache_manager
+        config, info = self.engine.config.cache, self.engine.cache_info()
         labels = {"block_size": config.block_size, "cache_dtype": config.kv_cache_dtype,
                   "enable_prefix_caching": config.enable_prefix_caching,
                   "gpu_memory_utilization": config.gpu_memory_utilization,
-                  "num_gpu_blocks": kv.pool.num_blocks, "num_cpu_blocks": kv.num_cpu_blocks,
+                  "num_gpu_blocks": info["num_gpu_blocks"],
+                  "num_cpu_blocks": info["num_cpu_blocks"],
                   "swap_space": config.swap_space}
         family = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache "
                                    "config.", labels=list(labels))
@@ -94,8 +99,40 @@ class _EngineCollector:
         return family
 
 
+# vLLM 0.6.3 averages its throughput gauges over its 5 s logging interval.
+_THROUGHPUT_WINDOW_S = 5.0
+
+
+class _TokenRate:
+    """Tokens per second over the last ``window`` seconds (or since start-up, if shorter):
+    a sliding window, so that any number of scrapers read the same value."""
+
+    def __init__(self, window: float = _THROUGHPUT_WINDOW_S) -> None:
+        self.window, self.started = window, time.monotonic()
+        self._events: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()  # fed on the event loop, read by the scrape thread
+
+    def add(self, num_tokens: int) -> None:
+        with self._lock:
+            self._events.append((time.monotonic(), num_tokens))
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._events and self._events[0][0] < now - self.window:
+                self._events.popleft()
+            total = sum(n for _, n in self._events)
+        return total / max(min(self.window, now - self.started), 1e-3)
+
+
 class ServerMetrics:
-    """The app's registry and the request-level metrics; ``render()`` is the /metrics body."""
+    """The app's registry and the request-level metrics; ``render()`` is the /metrics body.
+
+    ``time_per_output_token_seconds`` is observed once per output token after a sequence's
+    first (vLLM observes each decode step's latency): an output carrying k new tokens of the
+    longest choice since the previous output spreads the time between them over k samples,
+    so a non-streamed (FINAL_ONLY) request gives (tokens - 1) samples of its mean gap.
+    """
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str, max_model_len: int) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -131,14 +168,38 @@ class ServerMetrics:
             metric.labels(model_name)  # export zero-valued samples from the start
         for reason in ("stop", "length"):
             self.request_success.labels(model_name, reason)
+        self._add_gauges(engine, label)
+        # request id -> (longest choice's tokens, engine time of its last token), for TPOT
+        self._decode_seen: dict[str, tuple[int, float]] = {}
         engine.stat_listeners.append(self.on_output)
+
+    def _add_gauges(self, engine: AsyncLLMEngine, label: list[str]) -> None:
+        """vLLM's throughput gauges (fed by on_output) and its CPU prefix-cache hit rate, read
+        from ``engine.get_stats()`` at scrape time: pagedllm's CPU blocks hold swapped-out
+        requests only, never a prefix cache, which vLLM reports as -1."""
+        self.prompt_rate, self.generation_rate = _TokenRate(), _TokenRate()
+        for name, rate, doc in (
+                ("vllm:avg_prompt_throughput_toks_per_s", self.prompt_rate,
+                 "Average prefill throughput in tokens/s."),
+                ("vllm:avg_generation_throughput_toks_per_s", self.generation_rate,
+                 "Average generation throughput in tokens/s.")):
+            Gauge(name, doc, label, registry=self.registry).labels(
+                self.model_name).set_function(rate.rate)
+        Gauge("vllm:cpu_prefix_cache_hit_rate", "CPU prefix cache block hit rate.", label,
+              registry=self.registry).labels(self.model_name).set_function(
+            lambda: float(engine.get_stats().get("cpu_prefix_cache_hit_rate", -1.0)))
 
     def on_output(self, stats: RequestStats, output: RequestOutput | None, num_new: int):
         name = self.model_name
         if num_new and stats.num_generation_tokens == num_new:  # the prompt has been processed
             self.prompt_tokens.labels(name).inc(stats.num_prompt_tokens)
+            self.prompt_rate.add(stats.num_prompt_tokens)
         if num_new:
             self.generation_tokens.labels(name).inc(num_new)
+            self.generation_rate.add(num_new)
+            self._observe_tpot(stats, output)
+        if output is None or output.finished:
+            self._decode_seen.pop(stats.request_id, None)
         if output is None or not output.finished:
             return
         metrics = output.metrics
@@ -146,15 +207,27 @@ class ServerMetrics:
             self.ttft.labels(name).observe(metrics.first_token_time - metrics.arrival_time)
             end = metrics.finished_time or metrics.last_token_time
             self.e2e.labels(name).observe(end - metrics.arrival_time)
-            num_gen = stats.longest_completion
-            if num_gen > 1:
-                self.tpot.labels(name).observe(
-                    (end - metrics.first_token_time) / (num_gen - 1))
         self.request_prompt_tokens.labels(name).observe(stats.num_prompt_tokens)
         self.request_generation_tokens.labels(name).observe(stats.num_generation_tokens)
         self.request_params_n.labels(name).observe(stats.params.n)
         for reason in stats.finish_reasons:
             self.request_success.labels(name, reason).inc()
+
+    def _observe_tpot(self, stats: RequestStats, output: RequestOutput | None) -> None:
+        """One TPOT sample per token after the first of the longest choice (see the class
+        docstring); times are the engine's when the output carries them."""
+        metrics = output.metrics if output is not None else None
+        now = metrics.last_token_time if metrics is not None else stats.last_token_time
+        longest = stats.longest_completion
+        seen = self._decode_seen.get(stats.request_id)
+        if seen is None:  # this output holds the first token
+            first = metrics.first_token_time if metrics is not None else None
+            seen = (1, first if first is not None else (stats.first_token_time or now))
+        num_tokens, span = longest - seen[0], now - seen[1]
+        self._decode_seen[stats.request_id] = (longest, now)
+        histogram = self.tpot.labels(self.model_name)
+        for _ in range(max(num_tokens, 0)):
+            histogram.observe(max(span, 0.0) / num_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

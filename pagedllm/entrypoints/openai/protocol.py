@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -23,8 +23,9 @@ def random_uuid() -> str:
 
 
 class OpenAIBaseModel(BaseModel):
-    # Unknown fields are ignored (as the OpenAI API and vLLM do), not rejected.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are a 400 naming them, as vLLM 0.6.3 (extra="forbid"): a misspelt
+    # sampling field must not silently fall back to its default.
+    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorResponse(OpenAIBaseModel):
@@ -83,7 +84,13 @@ class ResponseFormat(OpenAIBaseModel):
 
 
 class _SamplingRequest(OpenAIBaseModel):
-    """Fields shared by completions and chat: OpenAI's, then vLLM's extras."""
+    """Fields shared by completions and chat: OpenAI's, then vLLM's extras.
+
+    Python's JSON reader takes ``NaN``, ``Infinity`` and ``1e999`` as floats; no sampling
+    number means anything non-finite (a NaN bias or temperature poisons the logits), so every
+    float field, ``logit_bias`` values included, must be finite (400 naming the field).
+    """
+    model_config = ConfigDict(allow_inf_nan=False)  # extra: as OpenAIBaseModel
     model: str
     frequency_penalty: Optional[float] = 0.0
     logit_bias: Optional[dict[str, float]] = None
@@ -124,7 +131,8 @@ class _SamplingRequest(OpenAIBaseModel):
     def _check_common(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("Stream options can only be defined when `stream=True`.")
-        if self.prompt_logprobs is not None and self.stream:
+        if self.prompt_logprobs is not None and self.prompt_logprobs > 0 and self.stream:
+            # vLLM lets prompt_logprobs=0 through with stream (and streams none back)
             raise ValueError("`prompt_logprobs` are not available when `stream=True`.")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError("`prompt_logprobs` must be a non-negative value.")
@@ -199,10 +207,19 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("`logprobs` must be a positive value.")
         return self
 
+    @property
+    def echo_only(self) -> bool:
+        """Prompt scoring (echo with max_tokens=0): the answer is the prompt and its logprobs.
+        The engine still runs one decode step (it needs max_tokens >= 1, as vLLM's does);
+        the serving side drops that token."""
+        return bool(self.echo) and self.max_tokens == 0
+
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
+        if self.echo_only:
+            max_tokens = 1
         prompt_logprobs = self.prompt_logprobs
-        if self.echo and self.logprobs is not None and prompt_logprobs is None:
+        if self.echo and prompt_logprobs is None:
             prompt_logprobs = self.logprobs
         return SamplingParams(**self._sampling_kwargs(
             max_tokens, self.temperature, self.logprobs, prompt_logprobs))
@@ -276,6 +293,21 @@ _NAMED_TOOL_HINT = ('Should be like `{"type": "function", "function": {"name": '
                     '"my_function"}}`')
 # Arguments of a function declared without `parameters`: the empty object (OpenAI's meaning).
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+# The keys a message may carry: the union of OpenAI's message types and vLLM 0.6.3's custom
+# one (role, content, name, tool_call_id, tool_calls), which reject any other key.
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_call_id", "tool_calls",
+                            "function_call", "refusal"})
+
+
+def check_message_fields(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A 400 naming ``messages[i].key`` for a key no message type has (vLLM's typed
+    messages reject it; passing it to the chat template would hide a client's typo)."""
+    for i, message in enumerate(messages):
+        unknown = sorted(set(message) - MESSAGE_FIELDS)
+        if unknown:
+            raise ValueError(f"messages[{i}]: unknown field(s) {', '.join(unknown)} (a message "
+                             f"has only {', '.join(sorted(MESSAGE_FIELDS))})")
+    return messages
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -298,6 +330,8 @@ class ChatCompletionRequest(_SamplingRequest):
     documents: Optional[list[dict[str, str]]] = None
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    _check_messages = field_validator("messages")(check_message_fields)
 
     @model_validator(mode="after")
     def _check_chat(self):
@@ -402,8 +436,11 @@ class ChatCompletionRequest(_SamplingRequest):
         max_tokens = self.requested_max_tokens
         if max_tokens is None:
             max_tokens = default_max_tokens
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo:  # vLLM scores an echoed chat prompt too
+            prompt_logprobs = self.top_logprobs
         return SamplingParams(**self._sampling_kwargs(
-            max_tokens, self.temperature, self.num_logprobs, self.prompt_logprobs))
+            max_tokens, self.temperature, self.num_logprobs, prompt_logprobs))
 
 
 class FunctionCall(OpenAIBaseModel):
@@ -502,6 +539,7 @@ class TokenizeCompletionRequest(OpenAIBaseModel):
 class TokenizeChatRequest(OpenAIBaseModel):
     model: Optional[str] = None
     messages: list[dict[str, Any]]
+    _check_messages = field_validator("messages")(check_message_fields)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
