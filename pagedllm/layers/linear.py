@@ -65,6 +65,8 @@ class Linear(nn.Module):
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "",
               shard_id: str | None = None) -> None:
+        if getattr(param, "discard", False):
+            return
         _copy_whole(param, self._rank_slice(param, loaded, name), name)
 
     def _rank_slice(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
@@ -107,6 +109,8 @@ class MergedLinear(Linear):
               shard_id: str | None = None) -> None:
         self.parts_loaded.setdefault(id(param), set()).update(
             self.output_sizes if shard_id is None else (shard_id,))
+        if getattr(param, "discard", False):
+            return None
         if shard_id is None:  # the checkpoint already has the fused tensor
             return self._load_fused(param, loaded, name)
         if getattr(param, "per_shard", False):

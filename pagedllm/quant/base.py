@@ -12,7 +12,8 @@ weight loader must cut a checkpoint tensor for it:
   [a, b) is the element range [a/div, b/div);
 - ``per_shard``: a scalar per fused part (fp8 per-tensor scales): part ``i`` goes to index i;
 - ``same_per_shard``: one tensor that every fused part repeats (GPTQ ``g_idx``): parts must agree;
-- ``optional``: may be absent from the checkpoint (it keeps the value it was created with).
+- ``optional``: may be absent from the checkpoint (it keeps the value it was created with);
+- ``discard``: read and dropped (compressed-tensors ``weight_shape``, implied by the layer).
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ from torch import nn
 def make_param(data: torch.Tensor, *, output_dim: int | None = None,
                input_dim: int | None = None, output_div: int = 1, input_div: int = 1,
                per_shard: bool = False, same_per_shard: bool = False,
-               optional: bool = False) -> nn.Parameter:
+               optional: bool = False, discard: bool = False) -> nn.Parameter:
     """A frozen parameter tagged with the metadata the layers' loaders read (module doc)."""
     param = nn.Parameter(data, requires_grad=False)
     param.output_dim, param.input_dim = output_dim, input_dim
     param.output_div, param.input_div = output_div, input_div
     param.per_shard, param.same_per_shard, param.optional = per_shard, same_per_shard, optional
+    param.discard = discard
     return param
 
 
@@ -81,10 +83,11 @@ FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
 
 
 def rule_matches(rule: str, name: str, substring: bool) -> bool:
-    """``re:<regex>`` (compressed-tensors ignore lists) matches the whole name; otherwise the
-    exact module name, its dotted suffix, or (HF ``modules_to_not_convert``) any substring."""
+    """``re:<regex>`` (compressed-tensors ignore lists and targets) matches from the start of
+    the name (``re.match``, as compressed-tensors does); otherwise the exact module name, its
+    dotted suffix, or (HF ``modules_to_not_convert``) any substring."""
     if rule.startswith("re:"):
-        return re.fullmatch(rule[3:], name) is not None
+        return re.match(rule[3:], name) is not None
     return name == rule or name.endswith("." + rule) or (substring and rule in name)
 
 

@@ -18,20 +18,22 @@ from typing import Any
 
 from pagedllm.quant.awq import AWQConfig
 from pagedllm.quant.base import QuantConfig
+from pagedllm.quant.compressed_tensors import CompressedTensorsConfig
 from pagedllm.quant.fp8 import Fp8Config
 from pagedllm.quant.gptq import GPTQConfig
 
 logger = logging.getLogger(__name__)
 
 # --quantization values that load (the Marlin names map onto their checkpoint format)
-SUPPORTED = ("gptq", "gptq_marlin", "marlin", "awq", "awq_marlin", "fp8")
+SUPPORTED = ("gptq", "gptq_marlin", "marlin", "awq", "awq_marlin", "fp8", "compressed-tensors")
 FORMAT_OF = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
 SUPPORTED_DESC = ("None, gptq (2/4/8 bit), awq (4 bit, GEMM), fp8 (per-tensor; quantizes "
-                  "unquantized checkpoints at load); gptq_marlin, marlin and awq_marlin load "
+                  "unquantized checkpoints at load), compressed-tensors (pack-quantized "
+                  "W4A16/W8A16, float-quantized fp8); gptq_marlin, marlin and awq_marlin load "
                   "gptq/awq checkpoints with the same implementation")
 NOT_BUILT = ("tpu_int8 and neuron_quant need TPU / Neuron hardware; aqlm, deepspeedfp, "
-             "fbgemm_fp8, modelopt, gguf, gptq_marlin_24, compressed-tensors, bitsandbytes, "
-             "qqq and experts_int8 are not built yet (quantization issue)")
+             "fbgemm_fp8, modelopt, gguf, gptq_marlin_24, bitsandbytes, qqq and experts_int8 "
+             "are not built yet (quantization issue)")
 
 
 def read_checkpoint_quant(hf_config: Any, model_path: str | None) -> dict | None:
@@ -104,7 +106,8 @@ def _fp8(quant: dict) -> Fp8Config:
                      skip_rules=_skip_rules(quant, "ignored_layers", "modules_to_not_convert"))
 
 
-_BUILDERS = {"gptq": _gptq, "awq": _awq, "fp8": _fp8}
+_BUILDERS = {"gptq": _gptq, "awq": _awq, "fp8": _fp8,
+             "compressed-tensors": CompressedTensorsConfig}
 
 
 def _unsupported(what: str, method: str) -> ValueError:

@@ -29,10 +29,14 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
-def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x through fp8 and back; ``scale`` None: the dynamic per-tensor scale max|x| / 448."""
+def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None,
+                      per_token: bool = False) -> torch.Tensor:
+    """x through fp8 and back; ``scale`` None: the dynamic scale max|x| / 448 of the whole
+    tensor, or of each row (token) with ``per_token``."""
     if scale is None:
-        scale = (x.detach().abs().max().float() / FP8_MAX).clamp(min=1e-12)
+        peak = (x.detach().abs().amax(-1, keepdim=True) if per_token
+                else x.detach().abs().max())
+        scale = (peak.float() / FP8_MAX).clamp(min=1e-12)
     return (quantize_fp8(x, scale).float() * scale.float()).to(x.dtype)
 
 
@@ -52,7 +56,7 @@ class Fp8Config(QuantConfig):
 
     def quantized_method(self) -> LinearMethod:
         if self.checkpoint_fp8:
-            return Fp8LinearMethod(self.activation_scheme == "static")
+            return Fp8LinearMethod(self.activation_scheme)
         return Fp8OnLoadLinearMethod()
 
     def describe(self) -> str:
@@ -61,11 +65,15 @@ class Fp8Config(QuantConfig):
 
 
 class Fp8LinearMethod(LinearMethod):
-    """An fp8 checkpoint's weight and scales."""
+    """An fp8 checkpoint's weight and scales: per-tensor (one per fused part) or, with
+    ``per_channel``, per output row ([out, 1], compressed-tensors ``channel``). Activations:
+    ``static`` (checkpoint ``input_scale``), ``dynamic`` (per tensor), ``token`` (dynamic per
+    row) or ``none`` (weight-only W8A16)."""
     name = "fp8"
 
-    def __init__(self, static_input: bool) -> None:
-        self.static_input = static_input
+    def __init__(self, activations: str, per_channel: bool = False) -> None:
+        self.activations, self.per_channel = activations, per_channel
+        self.static_input = activations == "static"
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        dtype: torch.dtype) -> None:
@@ -73,7 +81,11 @@ class Fp8LinearMethod(LinearMethod):
         layer.part_sizes = list(output_sizes)
         layer.weight = make_param(torch.empty(sum(output_sizes), input_size, dtype=FP8),
                                   output_dim=0, input_dim=1)
-        layer.weight_scale = make_param(unset.clone(), per_shard=True)
+        if self.per_channel:
+            layer.weight_scale = make_param(torch.full((sum(output_sizes), 1), float("nan"),
+                                                       dtype=torch.float32), output_dim=0)
+        else:
+            layer.weight_scale = make_param(unset.clone(), per_shard=True)
         if self.static_input:
             layer.input_scale = make_param(unset.clone(), per_shard=True)
 
@@ -84,23 +96,28 @@ class Fp8LinearMethod(LinearMethod):
             if values is not None and (torch.isnan(values).any() or (values <= 0).any()):
                 raise ValueError(f"fp8 layer {layer.prefix!r}: checkpoint {scale} missing or not "
                                  f"positive for a fused part ({values.tolist()})")
-        sizes = torch.tensor(layer.part_sizes, device=layer.weight_scale.device)
-        layer.row_scale = make_param(layer.weight_scale.data.repeat_interleave(sizes))
+        if self.per_channel:
+            layer.row_scale = make_param(layer.weight_scale.data[:, 0].clone())
+        else:
+            sizes = torch.tensor(layer.part_sizes, device=layer.weight_scale.device)
+            layer.row_scale = make_param(layer.weight_scale.data.repeat_interleave(sizes))
         if self.static_input:
             layer.input_scale.data = layer.input_scale.data.max().reshape(1)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
-        scale = layer.input_scale[0] if self.static_input else None
+        if self.activations != "none":
+            scale = layer.input_scale[0] if self.static_input else None
+            x = fake_quantize_fp8(x, scale, per_token=self.activations == "token")
         weight = layer.weight.to(torch.float32) * layer.row_scale.unsqueeze(1)  # [out, in]
-        return matmul_dequantized(fake_quantize_fp8(x, scale), weight.t(), bias, gated_silu)
+        return matmul_dequantized(x, weight.t(), bias, gated_silu)
 
 
 class Fp8OnLoadLinearMethod(Fp8LinearMethod):
     """Loads the dense weight, then replaces it with fp8 and one per-tensor scale."""
 
     def __init__(self) -> None:
-        super().__init__(static_input=False)
+        super().__init__("dynamic")
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        dtype: torch.dtype) -> None:

@@ -40,3 +40,13 @@ def test_tp2_greedy_tokens_equal_tp1(case, tmp_path):
     method, config, options = CASES[case]
     path, _ = quantized_checkpoint("llama", method, tmp_path / case, config, options)
     assert _tokens(path, 2) == _tokens(path, 1)
+
+
+def test_tp2_compressed_tensors_asym_pack_quantized(tmp_path):
+    """Zero points packed along the output and group scales along the input, split at tp=2
+    (checkpoint written by the compressed-tensors library)."""
+    pytest.importorskip("compressed_tensors")
+    from tests.quant.test_compressed_tensors import ct_checkpoint
+    weights = dict(num_bits=4, type="int", symmetric=False, strategy="group", group_size=16)
+    path = ct_checkpoint("llama", dict(weights=weights), "pack-quantized", tmp_path / "ct")
+    assert _tokens(path, 2) == _tokens(path, 1)
