@@ -6,6 +6,7 @@
 # throughput (1000 x 256/256) and the nano-vllm workload; `... gemv` the one-row GEMV
 # configs against cuBLAS; `... leads` the open questions of issue #5's batch-1 goal (graph
 # replay with and without PDL, the decode profile, GEMV configs for the Qwen3-0.6B shape);
+# `... serve` pagedllm serve vs the in-process engine vs LLM.generate (issue 19);
 # no argument: tests, bench1, bench2. (tests/e2e/test_lora.py needs peft, which the GPU image
 # lacks: carry its wheel and accelerate's as .whl, see the device README, or it is skipped.)
 set -uo pipefail
@@ -35,6 +36,19 @@ for part in $parts; do
       python benchmarks/profile_decode.py --graphs --steps 8 2>&1 | grep -v Warning | tail -30
       python benchmarks/gpu_gemv.py --model benchmarks/configs/qwen3-0.6b 2>&1 \
         | grep -v Warning | tee -a "$OUT_DIR/gpu_gemv.txt" ;;
+    serve)
+      # issue 19: pagedllm serve (engine core in its own process) vs the in-process engine vs
+      # LLM.generate, 8B shape, 1000 x 256/256 at rate inf, then a Poisson sweep; carries
+      # the server's wheels (.whl-serve: fastapi, starlette, uvicorn, pydantic, pyzmq)
+      if [ -d .whl-serve ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+          --target /tmp/site-serve .whl-serve/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site-serve"
+      fi
+      PYTHONUNBUFFERED=1 python benchmarks/serving.py --model benchmarks/configs/llama-3-8b \
+        --num-prompts 1000 --input-len 256 --output-len 256 --range-ratio 0 \
+        --compare-offline --compare-inproc --client-processes 4 --rates 4 8 16 32 \
+        --sweep-prompts 200 --engine-flags --max-model-len 4096 2>&1 | grep -v Warning \
+        | tee -a "$OUT_DIR/serving.txt" ;;
     bench2)
       python benchmarks/gpu_workloads.py --only throughput nano 2>&1 | grep -v Warning \
         | tee -a "$OUT_DIR/gpu_workloads.txt" ;;

@@ -7,9 +7,15 @@ tokens/s, TTFT and TPOT (mean, median, p99). Without ``--base-url`` the server i
 here as a subprocess (with ``--load-format dummy --skip-tokenizer-init`` for a config-only
 model directory). ``--compare-offline`` then runs the same workload through ``LLM.generate``
 with the same engine flags, after the server has stopped, and prints server/offline tokens/s.
+``--compare-inproc`` also serves the workload with ``--disable-frontend-multiprocessing``
+(the engine in the server's process) in the same run; ``--rates 4 8 16`` adds a Poisson sweep.
+
+The load generator reports its own CPU seconds (all its processes) and warns when one of them
+was busy most of the run: then it, not the server, may be the bottleneck, and
+``--client-processes N`` splits the requests over N processes (each an asyncio loop).
 
     python benchmarks/serving.py --model benchmarks/configs/tiny-llama --num-prompts 200 \
-        --compare-offline
+        --compare-offline --compare-inproc
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --model my-model
 """
 from __future__ import annotations
@@ -96,6 +102,37 @@ async def run_load(url: str, model: str, workload, request_rate: float,
         return results, time.perf_counter() - start
 
 
+def _load_process(url, model, workload, request_rate, seed, start_at, queue) -> None:
+    """One load-generator process: its share of the requests, then (results, CPU s)."""
+    time.sleep(max(0.0, start_at - time.time()))  # all processes start together
+    cpu = time.process_time()
+    results, _ = asyncio.run(run_load(url, model, workload, request_rate, seed))
+    queue.put((results, time.process_time() - cpu))
+
+
+def run_load_processes(url: str, model: str, workload, request_rate: float, seed: int,
+                       num_procs: int) -> tuple[list[RequestResult], float, list[float]]:
+    """The workload over ``num_procs`` load processes (request i goes to process i % N, each
+    at rate/N): (results, wall seconds, CPU seconds of each process)."""
+    if num_procs <= 1:
+        cpu = time.process_time()
+        results, elapsed = asyncio.run(run_load(url, model, workload, request_rate, seed))
+        return results, elapsed, [time.process_time() - cpu]
+    import multiprocessing
+    mp = multiprocessing.get_context("spawn")
+    queue, start_at = mp.Queue(), time.time() + 2.0
+    procs = [mp.Process(target=_load_process, args=(
+        url, model, workload[i::num_procs], request_rate / num_procs, seed + i, start_at,
+        queue)) for i in range(num_procs)]
+    for proc in procs:
+        proc.start()
+    parts = [queue.get() for _ in procs]
+    elapsed = time.time() - start_at
+    for proc in procs:
+        proc.join()
+    return [r for part, _ in parts for r in part], elapsed, [c for _, c in parts]
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     if not values:
         return {"mean": 0.0, "median": 0.0, "p99": 0.0}
@@ -105,7 +142,8 @@ def _stats(values: list[float]) -> dict[str, float]:
             "p99": p99 * 1000}
 
 
-def summarize(results: list[RequestResult], elapsed: float) -> dict:
+def summarize(results: list[RequestResult], elapsed: float,
+              client_cpu: list[float] | None = None) -> dict:
     done = [r for r in results if r.ok]
     output_tokens = sum(r.output_tokens for r in done)
     summary = {
@@ -117,6 +155,12 @@ def summarize(results: list[RequestResult], elapsed: float) -> dict:
         "tpot_ms": {k: round(v, 2) for k, v in
                     _stats([r.tpot for r in done if r.tpot is not None]).items()},
     }
+    if client_cpu is not None:
+        summary["client_cpu_s"] = round(sum(client_cpu), 2)
+        summary["client_busiest_process_cpu_fraction"] = round(max(client_cpu) / elapsed, 3)
+        if max(client_cpu) > 0.8 * elapsed:
+            summary["warning"] = ("a load-generator process was busy >80% of the run: it may be "
+                                  "the bottleneck; raise --client-processes")
     errors = [r.error for r in results if not r.ok]
     if errors:
         summary["first_error"] = errors[0]
@@ -169,6 +213,14 @@ def _parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-offline", action="store_true",
                         help="also run the workload through LLM.generate and print the ratio")
+    parser.add_argument("--compare-inproc", action="store_true",
+                        help="also serve it with --disable-frontend-multiprocessing")
+    parser.add_argument("--rates", type=float, nargs="*", default=[],
+                        help="after the main run, a Poisson sweep at these requests/s")
+    parser.add_argument("--sweep-prompts", type=int, default=None,
+                        help="prompts of each --rates run (default: --num-prompts)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="load-generator processes (use >1 when one is saturated)")
     parser.add_argument("--no-dummy", dest="dummy", action="store_false",
                         help="load real weights and the tokenizer (default: dummy weights)")
     parser.add_argument("--engine-flags", nargs=argparse.REMAINDER, default=[],
@@ -191,33 +243,59 @@ async def _model_name(url: str, given: str | None) -> str:
         return (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
 
 
-def main(argv=None) -> None:
-    args = _parse_args(argv)
-    workload = make_workload(args.num_prompts, args.input_len, args.output_len,
-                             args.range_ratio, _vocab_size(args), args.seed)
-    server = None
+def serve_and_load(args, workload, extra_flags: list[str], rates=()) -> dict:
+    """Start a server (or use --base-url), run the workload (and the --rates sweep): a dict
+    of summaries by run name, with the start-up seconds to a healthy /health."""
+    server, out = None, {}
     if args.base_url is None:
         from tests.utils.server import RemoteServer
+        start = time.perf_counter()
         server = RemoteServer(args.model, ["--disable-log-requests", "--uvicorn-log-level",
-                                           "warning", *_engine_flags(args)])
+                                           "warning", *_engine_flags(args), *extra_flags],
+                              startup_timeout=600)
+        out["startup_s"] = round(time.perf_counter() - start, 2)
     url = args.base_url or server.url
     try:
         model = asyncio.run(_model_name(url, args.served_model_name))
         asyncio.run(run_load(url, model, workload[:2], float("inf"), args.seed))  # warm-up
-        results, elapsed = asyncio.run(run_load(url, model, workload, args.request_rate,
-                                                args.seed))
+        results, elapsed, cpu = run_load_processes(url, model, workload, args.request_rate,
+                                                   args.seed, args.client_processes)
+        out[f"rate_{args.request_rate}"] = summarize(results, elapsed, cpu)
+        print(json.dumps(out, indent=2), flush=True)
+        for rate in rates:
+            results, elapsed, cpu = run_load_processes(
+                url, model, workload[:args.sweep_prompts], rate, args.seed,
+                args.client_processes)
+            out[f"rate_{rate}"] = summarize(results, elapsed, cpu)
+            print(json.dumps({f"rate_{rate}": out[f"rate_{rate}"]}, indent=2), flush=True)
     finally:
         if server is not None:
             server.stop()
-    summary = summarize(results, elapsed)
-    print(json.dumps({"server": summary}, indent=2), flush=True)
+            if "engine ready" in server.log_path.read_text():
+                for line in server.log_path.read_text().splitlines():
+                    if "ready in" in line or "front end:" in line or "core stopped" in line:
+                        print("server log:", line, flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
+    workload = make_workload(args.num_prompts, args.input_len, args.output_len,
+                             args.range_ratio, _vocab_size(args), args.seed)
+    main_key = f"rate_{args.request_rate}"
+    runs = {"server": serve_and_load(args, workload, [], args.rates)}
+    if args.compare_inproc:
+        runs["server_inproc"] = serve_and_load(
+            args, workload, ["--disable-frontend-multiprocessing"])
+    print(json.dumps(runs, indent=2), flush=True)
     if args.compare_offline:
         from pagedllm import LLM
         llm = LLM.from_engine_args(_engine_args(args))
         offline = run_offline(llm, workload)
-        print(json.dumps({"offline_output_tokens_per_s": round(offline, 1),
-                          "server_over_offline": round(summary["output_tokens_per_s"] /
-                                                       offline, 3)}), flush=True)
+        ratios = {f"{name}_over_offline": round(run[main_key]["output_tokens_per_s"] /
+                                                offline, 3) for name, run in runs.items()}
+        print(json.dumps({"offline_output_tokens_per_s": round(offline, 1), **ratios}),
+              flush=True)
 
 
 if __name__ == "__main__":

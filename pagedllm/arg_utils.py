@@ -574,6 +574,12 @@ def derive_max_model_len(hf_config: Any, user_value: Optional[int],
         notes = [f"{source} in config.json" if source else "no length key in config.json"]
         notes += ["RoPE scaling applied"] if scaling else []
         notes += ["capped by the sliding window"] if disable_sliding_window and window else []
+        from pagedllm import envs
+        if envs.allow_long_max_model_len():  # vLLM 0.6.3: a warning instead of the error
+            logger.warning("--max-model-len %d is larger than the model supports (%d: %s); "
+                           "allowed by VLLM_ALLOW_LONG_MAX_MODEL_LEN: outputs past %d tokens "
+                           "may be wrong", user_value, derived, ", ".join(notes), derived)
+            return user_value
         raise ValueError(
             f"--max-model-len {user_value} is larger than the model supports ({derived}: "
             f"{', '.join(notes)}); use --max-model-len <= {derived}, or extend the context with "

@@ -81,8 +81,6 @@ def test_serve_refuses_profiler_dir(monkeypatch, capsys):
         in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="needs arg_utils.derive_max_model_len to consult "
-                   "envs.allow_long_max_model_len() (outside this change's files)")
 def test_allow_long_max_model_len(monkeypatch):
     """vLLM 0.6.3 envs.py: "If the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN is set, it allows
     the user to specify a max sequence length greater than the max length derived from the
