@@ -173,6 +173,15 @@ class Scheduler:
         if self._proposer is not None:
             self._proposer.forget(request.req_id)
 
+    def drop_in_flight(self) -> None:
+        """A step failed: no batch in flight will ever finish. Forget them, and free the
+        blocks of requests that ended while they ran."""
+        self.in_flight.clear()
+        for request in self._free_after_step.values():
+            self.kv.free(request)
+            self._finished_req_ids.add(request.req_id)
+        self._free_after_step.clear()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 

@@ -374,6 +374,9 @@ class AsyncLLMEngine:
             req_ids = self.engine.request_ids()
             try:
                 self.engine.abort_request(req_ids)
+                core = getattr(self.engine, "core", None)
+                if core is not None:  # free what the failed batches still held
+                    core.fail_all()
             except Exception:  # noqa: BLE001
                 logger.exception("aborting after a failed step also failed")
             self._call_soon(self._fail, req_ids, EngineStepError(f"engine step failed: {exc!r}"))

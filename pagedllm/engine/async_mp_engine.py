@@ -198,7 +198,7 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
     def _on_failed(self, seq_ids: list[str], text: str) -> None:
         self.num_step_errors += 1
         self.last_step_error = text
-        request_ids = {seq_id.split("#", 1)[0] for seq_id in seq_ids}
+        request_ids = {self.output_processor.request_id_of(s) for s in seq_ids} - {None}
         for request_id in request_ids:
             self.output_processor.remove(request_id)
         self._fail(sorted(request_ids), EngineStepError(text))

@@ -249,6 +249,16 @@ class EngineCore:
         or when the batch that still holds them is over."""
         self.scheduler.finish_requests(seq_ids, status)
 
+    def fail_all(self) -> list[str]:
+        """After a step raised: drop the batches in flight and abort every request (their
+        blocks are freed). Returns the ids of the sequences that were aborted."""
+        self._in_flight.clear()
+        self._future = None
+        self.scheduler.drop_in_flight()
+        seq_ids = list(self.scheduler.requests)
+        self.abort(seq_ids)
+        return seq_ids
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._future is not None or \
             bool(self._in_flight)

@@ -164,7 +164,7 @@ class CoreLoop:
             logger.exception("engine step failed; failing the in-flight requests")
             seq_ids = list(self.core.scheduler.requests)
             try:
-                self.core.abort(seq_ids)
+                seq_ids = self.core.fail_all()
             except Exception:  # noqa: BLE001
                 logger.exception("aborting after a failed step also failed")
             self.outbox.send(_dumps(("failed", seq_ids, f"engine step failed: {exc!r}")))

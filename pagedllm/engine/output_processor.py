@@ -97,6 +97,11 @@ class OutputProcessor:
             self._seqs.pop(seq_id, None)
         return [s.request.req_id for s in group.seqs if not s.request.is_finished()]
 
+    def request_id_of(self, seq_id: str) -> str | None:
+        """The user request a sequence belongs to (None once it is gone)."""
+        entry = self._seqs.get(seq_id)
+        return None if entry is None else entry[0].request_id
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
 

@@ -173,17 +173,27 @@ class SequenceGroup:
             outputs=outputs, finished=finished, metrics=metrics,
             num_cached_tokens=parent.num_cached_tokens)
 
+    def _stop_hold_back(self) -> int:
+        params = self.params
+        if not params.stop or params.include_stop_str_in_output:
+            return 0
+        return max(len(stop) for stop in params.stop) - 1
+
     def _completion(self, index: int, seq: Sequence, kind: RequestOutputKind) -> CompletionOutput:
         request = seq.request
         text, token_ids = seq.detokenizer.output_text, request.output_token_ids
         logprobs = seq.logprobs
+        done = request.is_finished()
         if kind == RequestOutputKind.DELTA:
-            text, token_ids = text[seq.num_sent_chars:], token_ids[seq.num_sent_tokens:]
+            # hold back the last len(longest stop string) - 1 characters while running: a
+            # stop string that a later token completes must not have been sent already
+            end = len(text) if done else max(seq.num_sent_chars,
+                                             len(text) - self._stop_hold_back())
+            text, token_ids = text[seq.num_sent_chars:end], token_ids[seq.num_sent_tokens:]
             logprobs = logprobs[seq.num_sent_tokens:]
-            seq.num_sent_chars = len(seq.detokenizer.output_text)
+            seq.num_sent_chars = end
             seq.num_sent_tokens = request.num_output_tokens
         has_logprobs = self.params.logprobs is not None
-        done = request.is_finished()
         return CompletionOutput(
             index=index, text=text, token_ids=list(token_ids),
             cumulative_logprob=seq.cumulative_logprob if has_logprobs else None,
