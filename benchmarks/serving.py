@@ -271,7 +271,7 @@ def serve_and_load(args, workload, extra_flags: list[str], rates=()) -> dict:
     finally:
         if server is not None:
             server.stop()
-            if "engine ready" in server.log_path.read_text():
+            if "ready in" in server.log_path.read_text():
                 for line in server.log_path.read_text().splitlines():
                     if "ready in" in line or "front end:" in line or "core stopped" in line:
                         print("server log:", line, flush=True)

@@ -38,19 +38,25 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
     """Same interface as ``AsyncLLMEngine``; the core runs in a child process."""
 
     def __init__(self, config, log_requests: bool = True, max_log_len: int | None = None,
-                 log_stats: bool | None = None) -> None:
+                 log_stats: bool | None = None, wait: bool = True) -> None:
+        """Starts the core process first, so that the model loads there while this process
+        loads its tokenizer; ``wait=False`` leaves ``wait_ready()`` to the caller (the server
+        builds its app meanwhile)."""
         self._init_front(log_requests, max_log_len)
         self._config = config
-        self.inputs = PromptProcessor(config.model, config.tokenizer_pool)
+        self._start_time = time.perf_counter()
+        self.client = MPCoreClient(config, log_stats)
+        try:
+            self.inputs = PromptProcessor(config.model, config.tokenizer_pool)
+        except BaseException:
+            self.client.shutdown()
+            raise
         self._tokenizer_pool = self.inputs.pool
         self.output_processor = OutputProcessor(self.inputs.tokenizer,
                                                 config.model.max_model_len, make_tracer(config))
         self._per_token = config.scheduler.multi_step_stream_outputs
-        start = time.perf_counter()
-        self.client = MPCoreClient(config, log_stats)
-        self.client.wait_ready()
-        logger.info("engine core process %d ready in %.1f s", self.client.proc.pid,
-                    time.perf_counter() - start)
+        if wait:
+            self.wait_ready()
         self._acks: dict[str, tuple[asyncio.Future, RequestStats]] = {}
         self._core_stats: dict = {}
         self._reader: asyncio.Task | None = None
@@ -61,11 +67,22 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
 
     @classmethod
     def from_engine_args(cls, engine_args, log_requests: bool | None = None,
-                         max_log_len: int | None = None) -> "AsyncMPLLMEngine":
+                         max_log_len: int | None = None,
+                         wait: bool = True) -> "AsyncMPLLMEngine":
         config = engine_args.create_engine_config()
         if log_requests is None:
             log_requests = not config.observability.disable_log_requests
-        return cls(config, log_requests=log_requests, max_log_len=max_log_len)
+        return cls(config, log_requests=log_requests, max_log_len=max_log_len, wait=wait)
+
+    def wait_ready(self) -> None:
+        """Block until the core process has loaded the model (RuntimeError if it failed)."""
+        try:
+            self.client.wait_ready()
+        except BaseException:
+            self.client.shutdown()
+            raise
+        logger.info("engine core process %d ready in %.1f s", self.client.proc.pid,
+                    time.perf_counter() - self._start_time)
 
     @property
     def config(self):

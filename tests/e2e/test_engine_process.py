@@ -35,7 +35,7 @@ def model_path():
 
 
 def _core_pid(server: RemoteServer) -> int:
-    match = re.search(r"engine ready in process (\d+)", server.log())
+    match = re.search(r"engine core starting in process (\d+)", server.log())
     assert match, server.log()
     return int(match.group(1))
 

@@ -389,12 +389,16 @@ def run_server(args: argparse.Namespace) -> None:
     _configure_logging()
     server = server_config_from_args(args)
     engine_args = EngineArgs.from_cli_args(args)
+    start = time.perf_counter()
     engine = make_async_engine(engine_args, server)
-    try:
+    try:  # the core process loads the model while this one builds the app
         app = build_app(engine, server)
+        if hasattr(engine, "wait_ready"):
+            engine.wait_ready()
     except BaseException:
         engine.shutdown()
         raise
+    logger.info("engine and front end ready in %.1f s", time.perf_counter() - start)
     host = server.host if server.host is not None else "0.0.0.0"
     logger.info("serving %s on http://%s:%d", engine.config.model.served_model_names[0],
                 host, server.port)
@@ -413,15 +417,14 @@ def run_server(args: argparse.Namespace) -> None:
 def make_async_engine(engine_args, server: ServerConfig):
     """The engine core in its own process (the default), or in a thread of this one with
     --disable-frontend-multiprocessing (vLLM's flag); the same interface either way."""
-    start = time.perf_counter()
     if server.disable_frontend_multiprocessing:
         engine = AsyncLLMEngine.from_engine_args(engine_args, max_log_len=server.max_log_len)
-        where = "in this process (--disable-frontend-multiprocessing)"
-    else:
-        from pagedllm.engine.async_mp_engine import AsyncMPLLMEngine
-        engine = AsyncMPLLMEngine.from_engine_args(engine_args, max_log_len=server.max_log_len)
-        where = f"in process {engine.client.proc.pid}"
-    logger.info("engine ready %s in %.1f s", where, time.perf_counter() - start)
+        logger.info("engine in this process (--disable-frontend-multiprocessing)")
+        return engine
+    from pagedllm.engine.async_mp_engine import AsyncMPLLMEngine
+    engine = AsyncMPLLMEngine.from_engine_args(engine_args, max_log_len=server.max_log_len,
+                                               wait=False)
+    logger.info("engine core starting in process %d", engine.client.proc.pid)
     return engine
 
 

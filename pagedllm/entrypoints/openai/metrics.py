@@ -90,8 +90,8 @@ class _EngineCollector:
         labels = {"block_size": config.block_size, "cache_dtype": config.kv_cache_dtype,
                   "enable_prefix_caching": config.enable_prefix_caching,
                   "gpu_memory_utilization": config.gpu_memory_utilization,
-                  "num_gpu_blocks": info["num_gpu_blocks"],
-                  "num_cpu_blocks": info["num_cpu_blocks"],
+                  "num_gpu_blocks": info.get("num_gpu_blocks"),  # known once the core is up
+                  "num_cpu_blocks": info.get("num_cpu_blocks"),
                   "swap_space": config.swap_space}
         family = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache "
                                    "config.", labels=list(labels))
