@@ -4,7 +4,8 @@
 after loading, apply) and ``QuantConfig`` (which method a module with a given checkpoint
 ``prefix`` gets). ``unquantized`` is today's dense path; ``gptq``, ``awq``, ``fp8`` and
 ``compressed_tensors`` read their checkpoint formats and run a torch dequantize-then-matmul
-reference (``packing``); ``triton_w4a16`` is the fused int4 kernel for CUDA. ``config`` turns
+reference (``packing``); ``triton_w4a16`` is a fused int4 kernel for CUDA (tested
+against it, not yet wired into ``apply``). ``config`` turns
 ``--quantization`` and the checkpoint's ``quantization_config`` into a ``QuantConfig`` at
 start-up, before any weight loads.
 """

@@ -4,7 +4,7 @@ Tensors per linear layer: ``qweight`` int32 [in, out/8] and ``qzeros`` int32 [in
 (both packed along the output in AWQ's interleaved order, see ``packing.py``) and ``scales``
 [in/group, out]. W = (q - z) * s. The GEMV layout (``version: gemv``) and checkpoints without
 zero points are refused at start-up. Column-parallel layers split by packed output words,
-row-parallel layers by input rows and groups.
+row-parallel layers by input rows and groups. The torch reference runs on every device.
 """
 from __future__ import annotations
 

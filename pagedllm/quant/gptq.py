@@ -4,8 +4,9 @@ Tensors per linear layer: ``qweight`` int32 [in/pack, out] (packed along the inp
 ``qzeros`` int32 [groups, out/pack] (packed along the output), ``scales`` [groups, out] and
 ``g_idx`` int32 [in] (each input's group; arbitrary with ``desc_act``, else i // group_size).
 ``group_size`` -1 is one group per column. The ``gptq`` checkpoint format stores zero points
-minus one; ``gptq_v2`` stores them as they are. The matmul is the torch reference: dequantize
-to the activation dtype, then multiply (a fused kernel can replace ``apply`` later).
+minus one; ``gptq_v2`` stores them as they are. The matmul is the torch reference (dequantize
+to the activation dtype, then multiply), on CPU and CUDA; ``triton_w4a16.py`` holds the fused
+4-bit kernel and its test, not yet wired in (it has not run on a GPU).
 
 Tensor parallelism: column-parallel layers split qweight/scales by output column and qzeros
 by packed output words; row-parallel layers split qweight by packed input rows and
@@ -114,13 +115,19 @@ class GPTQLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
+        """The torch reference on every device: the Triton kernel (``triton_w4a16``) takes
+        over on CUDA once its test has run on a GPU."""
         return matmul_dequantized(x, self.dequantize(layer), bias, gated_silu)
+
+
+def epilogue(out: torch.Tensor, bias: torch.Tensor | None, gated_silu: bool) -> torch.Tensor:
+    """+ bias, then the gated SiLU if asked."""
+    if bias is not None:
+        out = out + bias
+    return fused.silu_and_mul(out) if gated_silu else out
 
 
 def matmul_dequantized(x: torch.Tensor, weight_in_out: torch.Tensor,
                        bias: torch.Tensor | None, gated_silu: bool) -> torch.Tensor:
     """x @ W (+ bias) for a dequantized [in, out] weight, then the gated SiLU if asked."""
-    out = torch.matmul(x, weight_in_out.to(x.dtype))
-    if bias is not None:
-        out = out + bias
-    return fused.silu_and_mul(out) if gated_silu else out
+    return epilogue(torch.matmul(x, weight_in_out.to(x.dtype)), bias, gated_silu)

@@ -8,7 +8,8 @@ slot (n%2)*4 + (n%8)//2), looks up each row's group (GPTQ ``g_idx``, AWQ k // gr
 subtracts the zero (packed along N in both layouts, plus ``zero_offset``: 1 for GPTQ v1) and
 multiplies by the group scale, then feeds the tile to ``tl.dot``. Batch-1 decode runs the same
 kernel with M padded to 16 rows (``tl.dot``'s minimum): correct, not yet a tuned GEMV.
-The torch references in ``packing.py`` are the oracle (tests/kernels/test_w4a16.py).
+The torch references in ``packing.py`` are the oracle (tests/kernels/test_w4a16.py). Not yet
+wired into the GPTQ / AWQ ``apply``: that waits for the test to have run on a GPU.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The Triton W4A16 kernel (``pagedllm/quant/triton_w4a16.py``) against the torch
 dequantize-then-matmul references of ``pagedllm/quant/packing.py``, on random packed weights
 of the GPTQ (groups, -1, desc_act g_idx, v1 zero offset) and AWQ layouts; and the CUDA engine's
-greedy tokens on tiny GPTQ / AWQ checkpoints against the CPU engine's. Skipped without CUDA."""
+greedy tokens on tiny GPTQ / AWQ checkpoints against the CPU engine's (the reference path on
+both until the kernel is wired in). Skipped without CUDA."""
 from __future__ import annotations
 
 import pytest
