@@ -22,3 +22,7 @@ fi
 # lm-format-enforcer pulls only interegular (pydantic, pyyaml, packaging are already here).
 .venv/bin/python -c "import lmformatenforcer" 2>/dev/null || \
   .venv/bin/pip install -q "lm-format-enforcer>=0.11,<0.12"
+# compressed-tensors writes the checkpoints of tests/quant/test_compressed_tensors.py (pure
+# Python; the torch already installed satisfies it)
+.venv/bin/python -c "import compressed_tensors" 2>/dev/null || \
+  .venv/bin/pip install -q "compressed-tensors>=0.20,<0.21"
