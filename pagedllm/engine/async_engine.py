@@ -264,6 +264,17 @@ class AsyncLLMEngine:
     def _abort_in_engine(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    async def call_core(self, method: str, *args):
+        """Run ``EngineCore.<method>(*args)`` between steps, where the core lives (here: the
+        engine thread); its result, or its exception raised here. For utilities such as
+        profiling or adapter management, never on the per-token path."""
+        self.start()
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running")
+        done = self._loop.create_future()
+        self._commands.put(("call", done, method, args))
+        return await done
+
     def fail_all(self, exc: BaseException) -> None:
         """Runs on the loop: end every open stream with ``exc`` (the engine is gone)."""
         self._fail(list(self._streams), exc)
@@ -346,6 +357,15 @@ class AsyncLLMEngine:
         if command[0] == "abort":
             self.engine.abort_request(command[1])
             return
+        if command[0] == "call":
+            _, done, method, args = command
+            try:
+                result = getattr(self.engine.core, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - raised in the caller
+                self._call_soon(_settle_value, done, exc, None)
+            else:
+                self._call_soon(_settle_value, done, None, result)
+            return
         _, req_id, prompt, params, arrival_time, priority, done, stats, adapter, trace, lora = \
             command
         if done.cancelled():
@@ -407,6 +427,15 @@ class AsyncLLMEngine:
 
     def cache_info(self) -> dict:
         return self.engine.core.cache_info()
+
+
+def _settle_value(future: asyncio.Future, exc: BaseException | None, value) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)
 
 
 def _settle(future: asyncio.Future, exc: BaseException | None) -> None:

@@ -55,15 +55,17 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         self.output_processor = OutputProcessor(self.inputs.tokenizer,
                                                 config.model.max_model_len, make_tracer(config))
         self._per_token = config.scheduler.multi_step_stream_outputs
-        if wait:
-            self.wait_ready()
         self._acks: dict[str, tuple[asyncio.Future, RequestStats]] = {}
+        self._calls: dict[int, asyncio.Future] = {}  # call_core() answers still to come
+        self._num_calls = 0
         self._core_stats: dict = {}
         self._reader: asyncio.Task | None = None
         self._dead: str | None = None
         self._stop = False
         self.num_steps = 0
         self.output_time_s = 0.0  # front end: turning the core's deltas into outputs
+        if wait:
+            self.wait_ready()
 
     @classmethod
     def from_engine_args(cls, engine_args, log_requests: bool | None = None,
@@ -156,6 +158,22 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
     def _abort_in_engine(self, request_id: str) -> None:
         self.client.abort(self.output_processor.remove(request_id))
 
+    async def call_core(self, method: str, *args):
+        """Run ``EngineCore.<method>(*args)`` in the core process between steps; its
+        result (picklable), or RuntimeError with the core's error text."""
+        self.start()
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running: {self.dead_cause()}")
+        self._num_calls += 1
+        call_id = self._num_calls
+        done = self._loop.create_future()
+        self._calls[call_id] = done
+        try:
+            self.client.send(("call", call_id, method, args))
+            return await done
+        finally:
+            self._calls.pop(call_id, None)
+
     # ---- the reader ----------------------------------------------------------------------
     async def _read_loop(self) -> None:
         try:
@@ -179,6 +197,13 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
             self._on_step(message[1], message[2])
         elif kind == "stats":
             self._core_stats = message[1]
+        elif kind == "result":
+            done = self._calls.get(message[1])
+            if done is not None and not done.done():
+                if message[2] is not None:
+                    done.set_exception(RuntimeError(message[2]))
+                else:
+                    done.set_result(message[3])
         elif kind == "acks":
             for request_id, error, prompt_ids in message[1]:
                 self._on_ack(request_id, error, prompt_ids)
@@ -227,7 +252,7 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         logger.error("engine core died: %s; failing %d open request(s)", cause,
                      len(self._streams))
         error = EngineDeadError(f"the engine died: {cause}")
-        for done, _ in self._acks.values():
+        for done in [d for d, _ in self._acks.values()] + list(self._calls.values()):
             if not done.done():
                 done.set_exception(error)
         self._acks.clear()

@@ -5,7 +5,9 @@ Two ZeroMQ sockets over ipc, both bound by the front end: requests and aborts go
 (protocol 5):
 
     in:  ("add", CoreRequest) | ("abort", [seq ids]) | ("stop",)
-    out: ("acks", [(request_id, error or None, final prompt ids or None), ...])
+         ("call", call id, EngineCore method name, args)
+    out: ("result", call id, error text or None, result)
+         ("acks", [(request_id, error or None, final prompt ids or None), ...])
          ("step", [SeqDelta, ...], stats) | ("stats", stats) (an idle core after aborts)
          ("failed", [seq ids], text) | ("fatal", text)
 
@@ -142,9 +144,18 @@ class CoreLoop:
                 self.core.abort(message[1])
             elif kind == "add":
                 acks.append(self._add(message[1]))
+            elif kind == "call":
+                self.outbox.send(_dumps(("result", message[1], *self._call(*message[2:]))))
         if acks:
             self.outbox.send(_dumps(("acks", acks)))
         return True
+
+    def _call(self, method: str, args: tuple) -> tuple:
+        """A utility call: (error text or None, result)."""
+        try:
+            return None, getattr(self.core, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - raised in the caller
+            return f"{type(exc).__name__}: {exc}", None
 
     def _add(self, request) -> tuple:
         try:

@@ -114,6 +114,9 @@ def test_real_engine_matches_llm():
         texts = await asyncio.gather(*(_text(engine, p, delta, str(i))
                                        for i, p in enumerate(prompts)))
         stats = engine.get_stats()
+        assert await engine.call_core("get_num_unfinished_requests") == 0
+        with pytest.raises(AttributeError):
+            await engine.call_core("no_such_method")
         engine.shutdown()
         return texts, stats
     texts, stats = asyncio.run(main())

@@ -65,6 +65,11 @@ def test_same_outputs_as_llm_and_faults(model_path):
             with pytest.raises(EngineStepError):
                 await _run(engine, "x", _params(logits_processors=[fail_always]), "fail")
             after = await _run(engine, PROMPTS[0], _params(logprobs=2), "after")
+            # utility calls run in the core process between steps
+            assert await engine.call_core("get_num_unfinished_requests") == 0
+            assert (await engine.call_core("cache_info")) == engine.cache_info()
+            with pytest.raises(RuntimeError, match="AttributeError"):
+                await engine.call_core("no_such_method")
             gen = engine.generate(PROMPTS[1], _params(max_tokens=10 ** 4, ignore_eos=True),
                                   "gone")
             await gen.__anext__()
