@@ -1,4 +1,5 @@
-"""The `pagedllm` command: ``serve`` (OpenAI-compatible server), ``generate`` and ``chat``.
+"""The `pagedllm` command: ``serve`` (OpenAI-compatible server), ``run-batch`` (OpenAI batch
+files offline), ``generate`` and ``chat``.
 
 Every subcommand takes an optional positional MODEL_TAG (it overrides --model, as in
 ``vllm serve``) and all engine flags, generated from `pagedllm.config`. Without MODEL_TAG and
@@ -66,9 +67,11 @@ def _add_chat_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: an LLM inference "
                                      "engine with a paged KV cache and vLLM-compatible flags.")
-    sub = parser.add_subparsers(dest="subcommand", metavar="{serve,generate,chat}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="{serve,run-batch,generate,chat}")
     commands = [
         ("serve", "Run the OpenAI-compatible HTTP server.", make_arg_parser, _serve),
+        ("run-batch", "Run an OpenAI batch file (JSON lines of /v1/completions and "
+         "/v1/chat/completions requests) offline.", _add_run_batch_args, _run_batch),
         ("generate", "Generate completions for prompts offline.", _add_generate_args, _generate),
         ("chat", "Chat with the model in the terminal (/quit or Ctrl-D ends).", _add_chat_args,
          _chat),
@@ -120,6 +123,17 @@ def _serve(args: argparse.Namespace) -> int:
     if inspect.iscoroutine(result):
         asyncio.run(result)
     return 0
+
+
+def _add_run_batch_args(parser: argparse.ArgumentParser) -> None:
+    from pagedllm.entrypoints.openai import run_batch
+    run_batch.add_batch_args(parser)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    _engine_args(args)
+    from pagedllm.entrypoints.openai import run_batch
+    return run_batch.run_from_args(args)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -311,7 +311,10 @@ class ClientDisconnected(Exception):
 
 async def until_disconnected(raw_request, work: Awaitable) -> Any:
     """Await ``work``; if the HTTP client disconnects first, cancel it (its ``finally`` aborts
-    the engine requests) and raise ``ClientDisconnected``."""
+    the engine requests) and raise ``ClientDisconnected``. Without an HTTP request (the
+    batch runner) there is nobody to watch: just await ``work``."""
+    if raw_request is None:
+        return await work
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
