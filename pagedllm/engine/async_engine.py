@@ -430,6 +430,7 @@ class AsyncLLMEngine:
 
 
 def _settle_value(future: asyncio.Future, exc: BaseException | None, value) -> None:
+    """Runs on the loop: complete a caller's future (unless it gave up meanwhile)."""
     if future.done():
         return
     if exc is not None:
@@ -439,9 +440,4 @@ def _settle_value(future: asyncio.Future, exc: BaseException | None, value) -> N
 
 
 def _settle(future: asyncio.Future, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(None)
+    _settle_value(future, exc, None)

@@ -36,6 +36,7 @@ from typing import Any
 logger = logging.getLogger("pagedllm.engine.core_client")
 
 _IDLE_POLL_MS = 500  # an idle core checks that its parent is alive this often
+_PENDING_POLL_MS = 5  # ... and whether a guided compile is done, while one is pending
 _READY_TIMEOUT_S = float(os.environ.get("PAGEDLLM_ENGINE_READY_TIMEOUT_S", "1800"))
 
 
@@ -48,7 +49,8 @@ def run_engine_core(config, in_addr: str, out_addr: str, parent_pid: int,
                     log_stats: bool | None, ready_conn) -> None:
     """Process target: build the core, then serve it until told to stop."""
     import zmq
-    _configure_child_logging()
+    from pagedllm.logging_setup import configure_logging
+    configure_logging()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the front end, which stops us
     signal.signal(signal.SIGTERM, _raise_exit)
     ctx = zmq.Context()
@@ -86,17 +88,6 @@ def _raise_exit(*_) -> None:
     raise SystemExit(0)
 
 
-def _configure_child_logging() -> None:
-    root = logging.getLogger("pagedllm")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: "
-                                               "%(message)s", "%m-%d %H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
-
-
 class CoreLoop:
     """The core process's loop: inputs, acks, one step, its outputs."""
 
@@ -111,7 +102,9 @@ class CoreLoop:
         import zmq
         while True:
             if not self.core.has_unfinished_requests():
-                if not self.inbox.poll(_IDLE_POLL_MS, zmq.POLLIN):
+                pending = self.core.has_pending()
+                timeout = _PENDING_POLL_MS if pending else _IDLE_POLL_MS
+                if not self.inbox.poll(timeout, zmq.POLLIN) and not pending:
                     if os.getppid() != self.parent_pid:
                         logger.warning("the front-end process is gone; engine core exits")
                         return
@@ -128,7 +121,8 @@ class CoreLoop:
                     1e6 * self.send_s / max(self.num_steps, 1))
 
     def _drain(self) -> bool:
-        """Apply every queued message; False on stop."""
+        """Apply every queued message, then add the requests whose guided compile has
+        finished (their acks go out now: a compile never holds the loop); False on stop."""
         import zmq
         acks = []
         while True:
@@ -143,10 +137,15 @@ class CoreLoop:
             if kind == "abort":
                 self.core.abort(message[1])
             elif kind == "add":
-                acks.append(self._add(message[1]))
+                ack = self._add(message[1])
+                if ack is not None:  # None: its constraint is compiling
+                    acks.append(ack)
             elif kind == "call":
                 self.outbox.send(_dumps(("result", message[1], *self._call(*message[2:]))))
+        if self.core.has_pending():
+            acks += [self._ack(req, added, exc) for req, added, exc in self.core.finish_pending()]
         if acks:
+            self._changed = True
             self.outbox.send(_dumps(("acks", acks)))
         return True
 
@@ -157,10 +156,18 @@ class CoreLoop:
         except Exception as exc:  # noqa: BLE001 - raised in the caller
             return f"{type(exc).__name__}: {exc}", None
 
-    def _add(self, request) -> tuple:
+    def _add(self, request) -> tuple | None:
+        """The add's ack, or None while its guided constraint compiles."""
         try:
-            added = self.core.add_request(request)
+            added = self.core.submit_request(request)
         except Exception as exc:  # noqa: BLE001 - every rejection goes back to the caller
+            return self._ack(request, None, exc)
+        return None if added is None else self._ack(request, added, None)
+
+    @staticmethod
+    def _ack(request, added, exc: Exception | None) -> tuple:
+        """(request_id, error text or None, final prompt ids if they changed)."""
+        if exc is not None:
             return request.request_id, f"{exc}" if isinstance(exc, ValueError) else repr(exc), \
                 None
         prompt = added.prompt_token_ids
