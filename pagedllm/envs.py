@@ -47,13 +47,15 @@ VARIABLES: dict[str, EnvVar] = {
                                     "context length (a warning instead of an error)",
         "KEEP_ALIVE_ON_ENGINE_DEATH": "1/true: the server keeps running (/health 500) "
                                       "after the engine died, instead of exiting non-zero",
+        "ALLOW_RUNTIME_LORA_UPDATING": "1/true: /v1/load_lora_adapter and "
+                                       "/v1/unload_lora_adapter add and remove LoRA adapters",
+        "TORCH_PROFILER_DIR": "a directory: /start_profile and /stop_profile write torch "
+                              "profiler traces of the engine core there",
     }),
     **_vars(REFUSED, {
-        "ALLOW_RUNTIME_LORA_UPDATING": "/v1/load_lora_adapter and /v1/unload_lora_adapter",
         "USE_MODELSCOPE": "download models from ModelScope instead of Hugging Face",
     }, flag=True),
     **_vars(REFUSED, {
-        "TORCH_PROFILER_DIR": "/start_profile and /stop_profile, torch profiler traces",
         "PLUGINS": "load vLLM plugins (entry points) at start-up",
     }),
     **_vars(IGNORED, {
@@ -119,6 +121,22 @@ def allow_long_max_model_len(environ: Optional[Mapping[str, str]] = None) -> boo
 def keep_alive_on_engine_death(environ: Optional[Mapping[str, str]] = None) -> bool:
     found = lookup("KEEP_ALIVE_ON_ENGINE_DEATH", environ)
     return found is not None and is_true(found[1])
+
+
+def allow_runtime_lora_updating(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """vLLM 0.6.3 reads it as a switch: the LoRA load/unload routes exist only when true."""
+    found = lookup("ALLOW_RUNTIME_LORA_UPDATING", environ)
+    return found is not None and is_true(found[1])
+
+
+def torch_profiler_dir(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The trace directory, absolute and with ``~`` expanded (vLLM 0.6.3:
+    ``os.path.expanduser(os.getenv("VLLM_TORCH_PROFILER_DIR", "."))`` when set); None when
+    unset or empty, which leaves the profiler routes out."""
+    found = lookup("TORCH_PROFILER_DIR", environ)
+    if found is None or not found[1]:
+        return None
+    return os.path.abspath(os.path.expanduser(found[1]))
 
 
 @dataclass(frozen=True)

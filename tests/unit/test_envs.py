@@ -28,15 +28,11 @@ def test_pagedllm_spelling_wins():
 
 
 @pytest.mark.parametrize("environ, named", [
-    ({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}, "VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
-    ({"PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}, "PAGEDLLM_ALLOW_RUNTIME_LORA_UPDATING"),
-    ({"VLLM_TORCH_PROFILER_DIR": "/tmp/traces"}, "VLLM_TORCH_PROFILER_DIR"),
     ({"VLLM_USE_MODELSCOPE": "True"}, "VLLM_USE_MODELSCOPE"),
     ({"VLLM_PLUGINS": "my_plugin"}, "VLLM_PLUGINS"),
 ])
 def test_unsupported_features_fail_at_start_up(environ, named):
-    """vLLM 0.6.3 api_server.py: ``if envs.VLLM_TORCH_PROFILER_DIR:`` / ``if
-    envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:`` add routes pagedllm does not have yet: refused."""
+    """Features pagedllm does not have (ModelScope downloads, vLLM plugins): refused."""
     with pytest.raises(ValueError, match=f"{named} is set, but pagedllm does not support"):
         envs.check_server_environment(environ)
 
@@ -74,10 +70,10 @@ def test_vllm_api_key_fills_the_server_config(monkeypatch):
     assert server_config_from_args(_server_args(["--api-key", "flag"])).api_key == "env-key"
 
 
-def test_serve_refuses_profiler_dir(monkeypatch, capsys):
-    monkeypatch.setenv("VLLM_TORCH_PROFILER_DIR", "/tmp/traces")
+def test_serve_refuses_plugins(monkeypatch, capsys):
+    monkeypatch.setenv("VLLM_PLUGINS", "my_plugin")
     assert cli.main(["serve", str(build_tiny_model("llama"))]) == 2
-    assert "VLLM_TORCH_PROFILER_DIR is set, but pagedllm does not support it yet" \
+    assert "VLLM_PLUGINS is set, but pagedllm does not support it yet" \
         in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ works or fails at start-up with a message naming it.
 """
 
 import argparse
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -22,6 +23,35 @@ def parse_name_path(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
     return name, path
+
+
+_LORA_MODULE_KEYS = ("name", "path", "base_model_name")
+
+
+def parse_lora_module(text: str) -> tuple:
+    """One --lora-modules item, in either of vLLM 0.6.3's forms: ``name=path`` (when the text
+    has "=" and no ","), else JSON ``{"name", "path", "base_model_name"?}``. Returns
+    ``(name, path)`` or ``(name, path, base_model_name)``."""
+    if "=" in text and "," not in text:
+        return parse_name_path(text)
+    try:
+        item = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"Invalid JSON format for --lora-modules: {text}") \
+            from exc
+    if not isinstance(item, dict):
+        raise argparse.ArgumentTypeError(f"--lora-modules: expected NAME=PATH or a JSON object "
+                                         f"with name and path, got {text!r}")
+    unknown = sorted(set(item) - set(_LORA_MODULE_KEYS))
+    missing = [k for k in ("name", "path") if not isinstance(item.get(k), str) or not item[k]]
+    base = item.get("base_model_name")
+    if unknown or missing or not isinstance(base, (str, type(None))):
+        problem = (f"unknown field(s) {', '.join(unknown)}" if unknown else
+                   f"{', '.join(missing)} must be non-empty strings" if missing else
+                   "base_model_name must be a string")
+        raise argparse.ArgumentTypeError(f"Invalid fields for --lora-modules: {text} - "
+                                         f"{problem}")
+    return (item["name"], item["path"]) if base is None else (item["name"], item["path"], base)
 
 
 def _all() -> list[str]:
@@ -56,9 +86,11 @@ class ServerConfig:
     api_key: Optional[str] = option(None, "Require this key in the Authorization: Bearer "
                                     "header.")
     lora_modules: Optional[list] = option(
-        None, "LoRA adapters to serve, as NAME=PATH (one or more; PEFT LoRA directories; "
-        "needs --enable-lora): a request's model NAME selects one.", nargs="+",
-        cli_type=parse_name_path, metavar="NAME=PATH")
+        None, "LoRA adapters to serve, as NAME=PATH or JSON {\"name\": ..., \"path\": ..., "
+        "\"base_model_name\": ...} (one or more; PEFT LoRA directories; needs --enable-lora): "
+        "a request's model NAME selects one; /v1/models lists it under base_model_name (a "
+        "served name, else the first).", nargs="+", cli_type=parse_lora_module,
+        metavar="NAME=PATH|JSON")
     prompt_adapters: Optional[list] = option(
         None, "Prompt adapters to serve, as NAME=PATH (one or more; PEFT prompt-tuning "
         "directories; needs --enable-prompt-adapter): a request's model NAME selects one.",

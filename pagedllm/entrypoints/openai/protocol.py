@@ -565,5 +565,18 @@ class DetokenizeResponse(OpenAIBaseModel):
     prompt: str
 
 
+# ---- runtime LoRA (VLLM_ALLOW_RUNTIME_LORA_UPDATING) --------------------------------------------
+# vLLM 0.6.3 declares these two on pydantic's BaseModel, not its forbidding base: unknown
+# fields are ignored here too.
+class LoadLoraAdapterRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    lora_name: str
+    lora_int_id: Optional[int] = None
+
+
 class VersionResponse(OpenAIBaseModel):
     version: str
