@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pagedllm.arg_utils import EngineArgs
+from pagedllm.bench.cli import add_bench_parser
 from pagedllm.entrypoints.openai.cli_args import make_arg_parser, server_config_from_args
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
@@ -67,7 +68,8 @@ def _add_chat_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: an LLM inference "
                                      "engine with a paged KV cache and vLLM-compatible flags.")
-    sub = parser.add_subparsers(dest="subcommand", metavar="{serve,run-batch,generate,chat}")
+    sub = parser.add_subparsers(dest="subcommand",
+                                metavar="{serve,run-batch,generate,chat,bench}")
     commands = [
         ("serve", "Run the OpenAI-compatible HTTP server.", make_arg_parser, _serve),
         ("run-batch", "Run an OpenAI batch file (JSON lines of /v1/completions and "
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_args(command)
         _add_model_tag(command)
         command.set_defaults(func=func)
+    add_bench_parser(sub, _add_model_tag)
     return parser
 
 
