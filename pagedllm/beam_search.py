@@ -15,9 +15,14 @@ rules follow Hugging Face transformers' ``generate(num_beams=..., do_sample=Fals
    live beam, scored at its current length, cannot beat the worst of them (HF's heuristic).
 vLLM 0.6.3 differs slightly: it scores with the prompt included in the length and EOS
 excluded, and finishes every EOS candidate; without EOS the two agree.
+
+``beam_search_async`` is the same search over an async engine's ``generate`` (the server's
+``use_beam_search``, as vLLM 0.6.3 runs it in the front end): each step sends every live beam
+as its own one-token request, concurrently, so the engine batches them with other traffic.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
@@ -75,20 +80,28 @@ def _step(inst: _Instance, outputs, params: BeamSearchParams, eos_id: int | None
         inst.beams = []
 
 
-def beam_search(llm, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
-    """prompts: strings or token-id lists. Returns one BeamSearchOutput per prompt."""
-    engine = llm.llm_engine
-    max_logprobs = engine.config.model.max_logprobs
+def check_beam_width(params: BeamSearchParams, max_logprobs: int) -> None:
+    """Each step asks for ``2 * beam_width`` logprobs, which --max-logprobs must allow."""
     if 2 * params.beam_width > max_logprobs:
         raise ValueError(f"BeamSearchParams.beam_width={params.beam_width} needs "
                          f"{2 * params.beam_width} logprobs per step but --max-logprobs is "
                          f"{max_logprobs}")
+
+
+def step_params(params: BeamSearchParams) -> SamplingParams:
+    """The one-token request every beam runs per step (EOS is handled by the search)."""
+    return SamplingParams(logprobs=2 * params.beam_width, max_tokens=1,
+                          temperature=params.temperature, detokenize=False, ignore_eos=True)
+
+
+def beam_search(llm, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
+    """prompts: strings or token-id lists. Returns one BeamSearchOutput per prompt."""
+    engine = llm.llm_engine
+    check_beam_width(params, engine.config.model.max_logprobs)
     tokenizer = engine.tokenizer
     eos_id = tokenizer.eos_token_id if tokenizer is not None else \
         min(engine.inputs.eos_token_ids, default=None)
-    step_params = SamplingParams(logprobs=2 * params.beam_width, max_tokens=1,
-                                 temperature=params.temperature, detokenize=False,
-                                 ignore_eos=True)
+    one_step = step_params(params)
     instances = []
     for prompt in prompts:
         ids = list(prompt) if isinstance(prompt, list) else engine.inputs.process(prompt)[1]
@@ -98,7 +111,7 @@ def beam_search(llm, prompts: list, params: BeamSearchParams) -> list[BeamSearch
         if not live:
             break
         batch = [{"prompt_token_ids": b.tokens} for inst in live for b in inst.beams]
-        outputs = iter(llm.generate(batch, step_params, use_tqdm=False))
+        outputs = iter(llm.generate(batch, one_step, use_tqdm=False))
         for inst in live:
             _step(inst, [next(outputs) for _ in inst.beams], params, eos_id, num_generated)
     results = []
@@ -108,3 +121,32 @@ def beam_search(llm, prompts: list, params: BeamSearchParams) -> list[BeamSearch
                 seq.text = tokenizer.decode(seq.tokens)  # prompt included, like vLLM
         results.append(BeamSearchOutput(inst.finished))
     return results
+
+
+async def _one_token(engine, tokens: list[int], params: SamplingParams, request_id: str,
+                     adapters: dict):
+    """The final RequestOutput of one beam's one-token request."""
+    final = None
+    async for output in engine.generate({"prompt_token_ids": tokens}, params, request_id,
+                                        **adapters):
+        final = output
+    return final
+
+
+async def beam_search_async(engine, prompt_ids: list[int], params: BeamSearchParams,
+                            eos_id: int | None, request_id: str,
+                            **adapters) -> BeamSearchOutput:
+    """``beam_search`` for one prompt over an async engine's ``generate``: the same steps
+    (``_step``), so the same sequences as ``LLM.beam_search``. ``text`` is left unset (the
+    caller decodes what it answers). ``adapters``: ``lora_request`` /
+    ``prompt_adapter_request`` for every step. Leaving early aborts the step's requests."""
+    inst = _Instance(len(prompt_ids), [BeamSearchSequence(list(prompt_ids))])
+    one_step = step_params(params)
+    for num_generated in range(params.max_tokens):
+        if not inst.beams:
+            break
+        outputs = await asyncio.gather(*(
+            _one_token(engine, beam.tokens, one_step, f"{request_id}-{num_generated}-{i}",
+                       adapters) for i, beam in enumerate(inst.beams)))
+        _step(inst, outputs, params, eos_id, num_generated)
+    return BeamSearchOutput(inst.finished)

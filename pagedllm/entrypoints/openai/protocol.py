@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
@@ -143,8 +143,33 @@ class _SamplingRequest(OpenAIBaseModel):
                              "'guided_regex', 'guided_choice' or 'guided_grammar'), got "
                              f"{', '.join(guided)}.")
         if self.use_beam_search:
-            raise ValueError("use_beam_search: beam search is not supported.")
+            self._check_beam_search()
         return self
+
+    def _check_beam_search(self) -> None:
+        """What a beam-search answer cannot carry (vLLM 0.6.3 answers such requests
+        unstreamed, with the cumulative logprob where per-token logprobs belong): a 400
+        naming the field instead."""
+        for name in ("stream", "echo", "logprobs"):
+            if getattr(self, name, None):
+                raise ValueError(f"{name} is not supported with use_beam_search.")
+        if self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported with use_beam_search.")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of must be greater than or equal to n, got n={self.n} "
+                             f"and best_of={self.best_of}.")
+
+    def to_beam_search_params(self, default_max_tokens: int) -> BeamSearchParams:
+        """vLLM 0.6.3's ``to_beam_search_params``: ``beam_width=n``, max_tokens (default: what
+        fits), ignore_eos, temperature (``0.0`` only when null) and length_penalty. A given
+        ``best_of`` widens the beam; the ``n`` best sequences are answered."""
+        max_tokens = self.requested_max_tokens
+        return BeamSearchParams(
+            beam_width=self.best_of or self.n,
+            max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+            ignore_eos=self.ignore_eos,
+            temperature=0.0 if self.temperature is None else self.temperature,
+            length_penalty=self.length_penalty)
 
     def _guided_decoding(self) -> Optional[dict]:
         for key in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
@@ -206,6 +231,10 @@ class CompletionRequest(_SamplingRequest):
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError("`logprobs` must be a positive value.")
         return self
+
+    @property
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_tokens
 
     @property
     def echo_only(self) -> bool:

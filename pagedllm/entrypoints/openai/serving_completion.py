@@ -4,6 +4,7 @@ completion index, as vLLM numbers them.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncIterator, Optional
 
@@ -34,6 +35,9 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_logprobs("prompt_logprobs", request.prompt_logprobs)
         prompts = self._prompts(request)
         request_id, created = f"cmpl-{random_uuid()}", int(time.time())
+        if request.use_beam_search:
+            return await until_disconnected(raw_request, self._beam_search_response(
+                request, request_id, created, prompts, adapter))
         streams: list[RequestStream] = []
         try:
             for i, (text, ids) in enumerate(prompts):
@@ -130,6 +134,27 @@ class OpenAIServingCompletion(OpenAIServing):
             index=index, text=prefix + text, logprobs=lp,
             finish_reason=completion.finish_reason, stop_reason=completion.stop_reason,
             prompt_logprobs=prompt_logprobs_json(output))
+
+    async def _beam_search_response(self, request: CompletionRequest, request_id: str,
+                                    created: int, prompts: list[_Prompt], adapter) -> dict:
+        """``use_beam_search``: every prompt searched at once; choice ``index`` = prompt
+        index * n + rank (best first), as vLLM numbers them."""
+        virtual = self.num_virtual_tokens(adapter)
+        for _, ids in prompts:
+            self.check_length(len(ids) + virtual, request.max_tokens)
+        found = await asyncio.gather(*(
+            self.beam_search(request, ids, adapter, f"{request_id}-{i}")
+            for i, (_, ids) in enumerate(prompts)))
+        choices = [CompletionResponseChoice(index=i * request.n + rank, text=text,
+                                            finish_reason=finish_reason)
+                   for i, answers in enumerate(found)
+                   for rank, (text, _, finish_reason) in enumerate(answers)]
+        num_prompt = sum(len(ids) for _, ids in prompts)
+        num_gen = sum(len(ids) for answers in found for _, ids, _ in answers)
+        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_gen,
+                          total_tokens=num_prompt + num_gen)
+        return CompletionResponse(id=request_id, created=created, model=request.model,
+                                  choices=choices, usage=usage).model_dump()
 
     # ---- streaming -----------------------------------------------------------------------
     async def _stream(self, request: CompletionRequest, request_id: str, created: int,
