@@ -101,17 +101,22 @@ class GuidedCompiler:
         if guide is not None:
             self._cache.move_to_end(key)
             return guide
+        guide = self.build(params, backend)
+        self._cache[key] = guide
+        if len(self._cache) > _MAX_CACHED:
+            self._cache.popitem(last=False)
+        return guide
+
+    def build(self, params: GuidedDecodingParams, backend: str) -> CompiledGuide:
+        """Compile without the cache (the bounded compile worker keeps no cache of its own:
+        its memory budget is measured from its idle size)."""
         if backend == "outlines":
             compiled = self._compile_outlines(params)
         elif backend == "lm-format-enforcer":
             compiled = self._compile_lmfe(params)
         else:
             compiled = self._compile_xgrammar(params)
-        guide = CompiledGuide(backend, compiled, self.stop_token_ids)
-        self._cache[key] = guide
-        if len(self._cache) > _MAX_CACHED:
-            self._cache.popitem(last=False)
-        return guide
+        return CompiledGuide(backend, compiled, self.stop_token_ids)
 
     def _xgrammar(self):
         if self._xgr_compiler is None:
