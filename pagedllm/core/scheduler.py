@@ -59,7 +59,7 @@ from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.scheduler_output import (CachedRequestData, ModelRunnerOutput,
                                             NewRequestData, SchedulerOutput)
 from pagedllm.core.request import Request, RequestStatus
-from pagedllm.spec_decode import NgramProposer, SpecSettings, can_speculate
+from pagedllm.core.spec_propose import NgramProposer, SpecSettings, can_speculate
 
 
 class Scheduler:
