@@ -55,7 +55,7 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import SchedulerOutput, TokenLogprobs
 from pagedllm.engine.stats import StatLogger
 from pagedllm.executor import make_executor
-from pagedllm.guided.compiler import GuidedCompiler
+from pagedllm.guided.service import GuideService
 from pagedllm.lora import LoRACache, LoRARequest, projection_shapes
 from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
                                      check_prompt_adapter_support, load_prompt_adapter)
@@ -150,6 +150,7 @@ class EngineCore:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None
         self.guided_compiler = None  # built on the first guided request (needs a tokenizer)
+        self._pending: dict[str, tuple[CoreRequest, Future]] = {}  # compiling constraints
         self._setup_overlap(config)
 
     def _make_scheduler(self, config) -> Scheduler:
@@ -185,12 +186,57 @@ class EngineCore:
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, req: CoreRequest) -> Request:
         """Queue a prepared request (and its best_of children); ValueError naming the bad
-        field (adapter, LoRA, guided-decoding constraint). Returns the parent ``Request``."""
+        field (adapter, LoRA, guided-decoding constraint). Returns the parent ``Request``.
+        A constraint not compiled yet is compiled here, waiting at most the compile budget
+        (``guided/service.py``); the core process uses ``submit_request`` instead."""
+        self._check_id(req)
+        if req.params.guided_decoding is not None:
+            req.params.compiled_guide = self._guided_compiler().compile(
+                req.params.guided_decoding)
+        return self._enqueue(req)
+
+    def submit_request(self, req: CoreRequest) -> Request | None:
+        """``add_request`` that never waits for a compile: None while the request's
+        constraint compiles off this thread (the request waits outside the scheduler;
+        ``finish_pending`` adds it, or gives its error, once the compile is done)."""
+        self._check_id(req)
+        if req.params.guided_decoding is None:
+            return self._enqueue(req)
+        future = self._guided_compiler().submit(req.params.guided_decoding)
+        if future.done():
+            req.params.compiled_guide = future.result()
+            return self._enqueue(req)
+        self._pending[req.request_id] = (req, future)
+        return None
+
+    def has_pending(self) -> bool:
+        """Requests waiting for their constraint's compile."""
+        return bool(self._pending)
+
+    def finish_pending(self) -> list[tuple[CoreRequest, Request | None, Exception | None]]:
+        """Add the pending requests whose compile is done: (request, added, None) or
+        (request, None, the error)."""
+        done = [rid for rid, (_, future) in self._pending.items() if future.done()]
+        results = []
+        for request_id in done:
+            req, future = self._pending.pop(request_id)
+            try:
+                req.params.compiled_guide = future.result()
+                results.append((req, self._enqueue(req), None))
+            except Exception as exc:  # noqa: BLE001 - the add's rejection, for its caller
+                results.append((req, None, exc))
+        return results
+
+    def _check_id(self, req: CoreRequest) -> None:
+        if req.request_id in self._pending or req.request_id in self.scheduler.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+
+    def _enqueue(self, req: CoreRequest) -> Request:
+        """Load the request's adapters and hand it (and its best_of children) to the
+        scheduler; its constraint, if any, is compiled already."""
         adapter = self._prompt_adapter(req.prompt_adapter_request)
         lora = self._lora(req.lora_request)
         params = req.params
-        if params.guided_decoding is not None:  # compiled once per constraint (cached)
-            params.compiled_guide = self._guided_compiler().compile(params.guided_decoding)
         token_ids = req.prompt_token_ids
         if adapter is not None:  # placeholders whose embeddings the soft prompt replaces
             token_ids = [0] * adapter.num_virtual_tokens + list(token_ids)
@@ -206,11 +252,12 @@ class EngineCore:
         self.scheduler.add_request(requests[0], requests[1:])
         return requests[0]
 
-    def _guided_compiler(self) -> GuidedCompiler:
+    def _guided_compiler(self) -> GuideService:
+        """Bounded compiles in a worker process (built on the first guided request)."""
         if self.guided_compiler is None:
             from pagedllm.engine.inputs import PromptProcessor
             inputs = self._inputs or PromptProcessor(self.config.model)
-            self.guided_compiler = GuidedCompiler(
+            self.guided_compiler = GuideService(
                 inputs.tokenizer, self.config.model.vocab_size, inputs.eos_token_ids,
                 self.config.decoding.guided_decoding_backend)
         return self.guided_compiler
@@ -246,7 +293,10 @@ class EngineCore:
     def abort(self, seq_ids: list[str],
               status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         """End these sequences (unknown or finished ids are ignored); blocks are freed now,
-        or when the batch that still holds them is over."""
+        or when the batch that still holds them is over. A request still waiting for its
+        compile is dropped (its caller has gone: no answer is owed)."""
+        for seq_id in seq_ids:
+            self._pending.pop(seq_id, None)
         self.scheduler.finish_requests(seq_ids, status)
 
     def fail_all(self) -> list[str]:
@@ -396,11 +446,52 @@ class EngineCore:
                 "num_cpu_blocks": self.kv_cache_manager.num_cpu_blocks}
 
     def shutdown(self) -> None:
+        if self.guided_compiler is not None:  # kills a compile in progress
+            self.guided_compiler.close()
         if self._exec_thread is not None:
             self._exec_thread.shutdown(wait=True)
         shutdown = getattr(self.executor, "shutdown", None)
         if shutdown is not None:
             shutdown()
+
+    # ---- utility calls (``call_core``: /start_profile, /stop_profile, runtime LoRA) ---
+    def start_profile(self, trace_dir: str) -> str:
+        """/start_profile: a torch profiler over the core's steps from now on (CPU, plus CUDA
+        when there is a GPU; with stacks), as vLLM 0.6.3's worker builds it. The core runs the
+        steps, so its process is the one to profile. Returns the directory."""
+        if getattr(self, "_profiler", None) is not None:
+            raise RuntimeError("the profiler is already running; call /stop_profile first")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        os.makedirs(trace_dir, exist_ok=True)
+        profiler = torch.profiler.profile(
+            activities=activities, with_stack=True,
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(trace_dir, use_gzip=True))
+        profiler.start()
+        self._profiler = profiler
+        return trace_dir
+
+    def stop_profile(self) -> None:
+        """/stop_profile: stop the profiler; its trace handler writes
+        ``<host>_<pid>.<time>.pt.trace.json.gz`` into the directory given at start."""
+        profiler = getattr(self, "_profiler", None)
+        if profiler is None:
+            raise RuntimeError("the profiler is not running; call /start_profile first")
+        self._profiler = None
+        profiler.stop()
+
+    def check_lora(self, request: LoRARequest) -> int:
+        """/v1/load_lora_adapter: load the adapter now (ValueError for a bad directory or
+        checkpoint, before any request names it). Returns its rank."""
+        return self._lora(request).rank
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """/v1/unload_lora_adapter: drop the adapter's host weights; requests that still run
+        with it keep their slot. True if it was loaded. Its id is never given out again."""
+        if self._loras is None:
+            return False
+        return self._loras._loaded.pop(lora_int_id, None) is not None  # noqa: SLF001
 
 
 def _delta(request: Request, num_new: int, logprobs, prompt_logprobs,

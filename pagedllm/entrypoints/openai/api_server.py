@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagedllm
 from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.logging_setup import configure_logging
 from pagedllm.engine.inputs import load_tokenizer
 from pagedllm.entrypoints.openai.cli_args import ServerConfig, server_config_from_args
 from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
@@ -203,15 +204,17 @@ def prompt_adapter_requests(modules, config) -> dict:
 
 
 def lora_module_requests(modules, config, hf_config) -> dict:
-    """--lora-modules NAME=PATH ...: one LoRARequest per name, ids from 1 (each checkpoint
-    is read now: a bad directory fails at start-up)."""
+    """--lora-modules NAME=PATH or JSON ...: one LoRARequest per name, ids from 1, with the
+    JSON form's base_model_name (each checkpoint is read now: a bad directory fails at
+    start-up)."""
     from pagedllm.lora import LoRARequest, load_lora, projection_shapes
     if not modules:
         return {}
     if not config.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora")
-    requests = {name: LoRARequest(name, i, path) for i, (name, path) in
-                enumerate(modules, start=1)}
+    requests = {module[0]: LoRARequest(module[0], i, module[1],
+                                       base_model_name=(module[2:] or (None,))[0])
+                for i, module in enumerate(modules, start=1)}
     for request in requests.values():
         load_lora(request, config.max_lora_rank, hf_config.num_hidden_layers,
                   projection_shapes(hf_config))
@@ -300,6 +303,8 @@ def build_app(engine: AsyncLLMEngine, server: ServerConfig) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(_BodyLimitMiddleware, max_bytes=max_request_body_bytes())
     _add_routes(app, ctx, completion, chat, models, tokenization, metrics)
+    from pagedllm.entrypoints.openai.dashboard import add_dashboard_routes
+    add_dashboard_routes(app, metrics, server.api_key)  # /dashboard: the live page (issue 25)
     app.add_middleware(CORSMiddleware, allow_origins=server.allowed_origins,
                        allow_credentials=server.allow_credentials,
                        allow_methods=server.allowed_methods,
@@ -370,23 +375,15 @@ def _add_routes(app: FastAPI, ctx: ServingContext, completion, chat, models, tok
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
         return _respond(await chat.create_chat_completion(request, raw_request))
 
-
-def _configure_logging() -> None:
-    root = logging.getLogger("pagedllm")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: "
-                                               "%(message)s", "%m-%d %H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
+    from pagedllm.entrypoints.openai.serving_misc import add_development_routes
+    add_development_routes(app, ctx)  # /start_profile, /v1/load_lora_adapter, ... when enabled
 
 
 def run_server(args: argparse.Namespace) -> None:
     """Load the model, build the app and serve until interrupted (called by `pagedllm serve`,
     which has resolved ``args.model`` and checked the engine flags)."""
     from pagedllm.arg_utils import EngineArgs
-    _configure_logging()
+    configure_logging()
     server = server_config_from_args(args)
     engine_args = EngineArgs.from_cli_args(args)
     start = time.perf_counter()

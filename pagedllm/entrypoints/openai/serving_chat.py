@@ -23,6 +23,7 @@ from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest,
                                                   ChatCompletionResponseStreamChoice,
                                                   ChatCompletionStreamResponse, ChatMessage,
                                                   DeltaMessage, UsageInfo, random_uuid)
+from pagedllm.entrypoints.openai.sandbox import TemplateError, TemplateSandbox
 from pagedllm.entrypoints.openai.serving_completion import prompt_logprobs_json
 from pagedllm.entrypoints.openai.serving_engine import (OpenAIError, OpenAIServing,
                                                         abort_unfinished, build_params, sse,
@@ -88,7 +89,33 @@ class OpenAIServingChat(OpenAIServing):
                             chat_template_kwargs: Optional[dict] = None,
                             documents: Optional[list] = None,
                             tools: Optional[list[dict]] = None) -> str:
-        tokenizer = self.require_tokenizer()
+        """The prompt text, rendered on the caller's thread (``/tokenize``); a request's own
+        template is rendered in the bounded sandbox (``sandbox.py``), so it holds the caller
+        for at most the template budget. Async callers use ``render_chat_template``."""
+        args = self._template_args(messages, add_generation_prompt, continue_final_message,
+                                   chat_template, chat_template_kwargs, documents, tools)
+        return _template_errors(lambda: self._sandbox().render_sync(*args))
+
+    async def render_chat_template(self, messages: list[dict], *, add_generation_prompt: bool,
+                                   continue_final_message: bool = False,
+                                   chat_template: Optional[str] = None,
+                                   chat_template_kwargs: Optional[dict] = None,
+                                   documents: Optional[list] = None,
+                                   tools: Optional[list[dict]] = None) -> str:
+        """``apply_chat_template`` off the event loop: a template is a program, and rendering
+        one on the loop froze ``/health`` and every stream (issue 24 finding 3)."""
+        args = self._template_args(messages, add_generation_prompt, continue_final_message,
+                                   chat_template, chat_template_kwargs, documents, tools)
+        try:
+            return await self._sandbox().render(*args)
+        except Exception as exc:  # noqa: BLE001 - mapped as in apply_chat_template
+            return _template_errors(lambda: _reraise(exc))
+
+    def _template_args(self, messages, add_generation_prompt, continue_final_message,
+                       chat_template, chat_template_kwargs, documents, tools) -> tuple:
+        """(messages, template, trusted, kwargs) for ``TemplateSandbox``; trusted: not the
+        request's own template."""
+        self.require_tokenizer()
         kwargs = dict(chat_template_kwargs or {})
         if documents is not None:
             kwargs["documents"] = documents
@@ -96,14 +123,15 @@ class OpenAIServingChat(OpenAIServing):
             kwargs["tools"] = tools
         if continue_final_message:
             kwargs["continue_final_message"] = True
-        try:
-            return tokenizer.apply_chat_template(
-                parse_messages(messages), chat_template=chat_template or self.ctx.chat_template,
-                tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
-        except OpenAIError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - jinja / missing template: the caller's input
-            raise OpenAIError(f"could not apply the chat template: {exc}") from exc
+        kwargs["add_generation_prompt"] = add_generation_prompt
+        return (parse_messages(messages), chat_template or self.ctx.chat_template,
+                chat_template is None, kwargs)
+
+    def _sandbox(self) -> TemplateSandbox:
+        sandbox = getattr(self, "_template_sandbox", None)
+        if sandbox is None:
+            sandbox = self._template_sandbox = TemplateSandbox(self.require_tokenizer())
+        return sandbox
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request):
         """A ``ChatCompletionResponse``, or an async iterator of SSE strings when streaming."""
@@ -112,16 +140,20 @@ class OpenAIServingChat(OpenAIServing):
         self.check_logprobs("top_logprobs", request.num_logprobs)
         self.check_logprobs("prompt_logprobs", request.prompt_logprobs)
         request = self._check_tool_choice(request)
-        prompt = self.apply_chat_template(
+        prompt = await self.render_chat_template(
             request.messages, add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
             chat_template=request.chat_template,
             chat_template_kwargs=request.chat_template_kwargs, documents=request.documents,
             tools=None if request.tools is None else [t.model_dump() for t in request.tools])
-        ids = self.tokenize(prompt, request.add_special_tokens, request.truncate_prompt_tokens)
+        ids = await self.tokenize_async(prompt, request.add_special_tokens,
+                                        request.truncate_prompt_tokens)
         self.check_length(len(ids) + virtual, request.requested_max_tokens)
-        params = build_params(request, self.ctx.max_model_len - len(ids) - virtual)
         request_id, created = f"chat-{random_uuid()}", int(time.time())
+        if request.use_beam_search:
+            return await until_disconnected(raw_request, self._beam_search_response(
+                request, request_id, created, ids, adapter))
+        params = build_params(request, self.ctx.max_model_len - len(ids) - virtual)
         stream = await self.add(request_id, {"prompt": prompt, "prompt_token_ids": ids},
                                 params, request.priority, adapter, raw_request)
         if request.stream:
@@ -196,6 +228,22 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionResponse(id=request_id, created=created, model=request.model,
                                       choices=choices, usage=usage,
                                       prompt_logprobs=prompt_logprobs_json(final)).model_dump()
+
+    async def _beam_search_response(self, request: ChatCompletionRequest, request_id: str,
+                                    created: int, prompt_ids: list[int], adapter) -> dict:
+        """``use_beam_search``: the ``n`` best sequences as choices, best first (tools are
+        not parsed from them: a beam is plain content)."""
+        answers = await self.beam_search(request, prompt_ids, adapter, request_id)
+        role = self._role(request)
+        choices = [ChatCompletionResponseChoice(index=i, message=ChatMessage(role=role,
+                                                                             content=text),
+                                                finish_reason=finish_reason)
+                   for i, (text, _, finish_reason) in enumerate(answers)]
+        num_gen = sum(len(ids) for _, ids, _ in answers)
+        usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=num_gen,
+                          total_tokens=len(prompt_ids) + num_gen)
+        return ChatCompletionResponse(id=request_id, created=created, model=request.model,
+                                      choices=choices, usage=usage).model_dump()
 
     def _message(self, request: ChatCompletionRequest, role: str, echo: str,
                  completion: CompletionOutput) -> tuple[ChatMessage, Optional[str]]:
@@ -281,6 +329,22 @@ class OpenAIServingChat(OpenAIServing):
             abort_unfinished(self.engine, [stream])
         yield "data: [DONE]\n\n"
 
+
+
+def _template_errors(render):
+    """``render()``; a failing template is the caller's input: a 400 (OpenAIError)."""
+    try:
+        return render()
+    except OpenAIError:
+        raise
+    except TemplateError as exc:
+        raise OpenAIError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - jinja / missing template: the caller's input
+        raise OpenAIError(f"could not apply the chat template: {exc}") from exc
+
+
+def _reraise(exc: BaseException):
+    raise exc
 
 
 def _delta(parser: Optional[ToolParser], previous: str, text: str,

@@ -8,8 +8,10 @@ Prompts reach the engine as ``{"prompt": text, "prompt_token_ids": ids}``.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Optional
@@ -144,11 +146,26 @@ class OpenAIServing:
         return self.tokenizer
 
     # ---- prompts -------------------------------------------------------------------------
+    async def tokenize_async(self, text: str, add_special_tokens: bool,
+                             truncate: Optional[int] = None) -> list[int]:
+        """``tokenize`` off the event loop for long text (Hugging Face tokenizers release
+        the GIL): a big prompt must not hold ``/health`` and every stream. Short text is
+        tokenized inline (the thread hop would cost more). The tokenize thread has its own
+        tokenizer instance: a fast tokenizer is not safe to use from two threads at once."""
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return self.tokenize(text, add_special_tokens, truncate)
+        if truncate is None:  # cheap, and refuses megabytes before the thread hop
+            self._check_text_can_fit(text)
+        tokenizer = _background_tokenizer(self.require_tokenizer())
+        return await asyncio.get_running_loop().run_in_executor(
+            _TOKENIZE_POOL, self.tokenize, text, add_special_tokens, truncate, tokenizer)
+
     def tokenize(self, text: str, add_special_tokens: bool,
-                 truncate: Optional[int] = None) -> list[int]:
+                 truncate: Optional[int] = None, tokenizer: Any = None) -> list[int]:
         """The ids of user text; text the tokenizer cannot take (a lone UTF-16 surrogate, or
-        anything else it raises on) is the caller's input, so a 400, never a 500."""
-        tokenizer = self.require_tokenizer()
+        anything else it raises on) is the caller's input, so a 400, never a 500.
+        ``tokenizer``: the tokenize thread's own instance (``tokenize_async``)."""
+        tokenizer = self.require_tokenizer() if tokenizer is None else tokenizer
         if truncate is None:  # truncation legitimately takes text of any length
             self._check_text_can_fit(text)
         check_valid_text(text)
@@ -210,6 +227,33 @@ class OpenAIServing:
         except ValueError as exc:
             raise OpenAIError(str(exc)) from exc
 
+    async def beam_search(self, request, prompt_ids: list[int], adapter, request_id: str
+                          ) -> list[tuple[str, list[int], str]]:
+        """``use_beam_search``: ``pagedllm.beam_search.beam_search_async`` over the engine
+        (what ``LLM.beam_search`` runs offline), for one prompt. The ``n`` best sequences as
+        (text, generated token ids, finish_reason: "stop" at EOS, else "length")."""
+        from pagedllm.beam_search import beam_search_async, check_beam_width
+        from pagedllm.lora import LoRARequest
+        eos_id = self.require_tokenizer().eos_token_id
+        virtual = self.num_virtual_tokens(adapter)
+        try:
+            params = request.to_beam_search_params(
+                self.ctx.max_model_len - len(prompt_ids) - virtual)
+            check_beam_width(params, self.ctx.max_logprobs)
+        except ValueError as exc:
+            raise OpenAIError(str(exc)) from exc
+        key = "lora_request" if isinstance(adapter, LoRARequest) else "prompt_adapter_request"
+        found = await beam_search_async(self.engine, prompt_ids, params, eos_id, request_id,
+                                        **({key: adapter} if adapter is not None else {}))
+        answers = []
+        for seq in found.sequences[:request.n]:
+            generated = seq.tokens[len(prompt_ids):]
+            stopped = not params.ignore_eos and generated[-1:] == [eos_id]
+            text = self.tokenizer.decode(generated,
+                                         skip_special_tokens=request.skip_special_tokens)
+            answers.append((text, generated, "stop" if stopped else "length"))
+        return answers
+
     # ---- logprobs ------------------------------------------------------------------------
     def _top(self, step: dict[int, Logprob], num: int) -> list[tuple[int, Logprob]]:
         ranked = sorted(step.items(), key=lambda kv: (kv[1].rank is None, kv[1].rank or 0))
@@ -251,6 +295,19 @@ class OpenAIServing:
                 token=token, logprob=_clamp(sampled.logprob) if sampled else _MIN_LOGPROB,
                 bytes=list(token.encode("utf-8", "replace")), top_logprobs=top))
         return ChatCompletionLogProbs(content=content)
+
+
+_INLINE_TOKENIZE_CHARS = 4096  # longer text is tokenized on the tokenize thread
+_TOKENIZE_POOL = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+_BACKGROUND_TOKENIZERS: dict[int, Any] = {}
+
+
+def _background_tokenizer(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` used only on the tokenize thread (made once, on the loop)."""
+    copy_ = _BACKGROUND_TOKENIZERS.get(id(tokenizer))
+    if copy_ is None:
+        copy_ = _BACKGROUND_TOKENIZERS[id(tokenizer)] = copy.deepcopy(tokenizer)
+    return copy_
 
 
 def _clamp(logprob: float) -> float:
