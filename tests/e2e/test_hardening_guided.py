@@ -123,11 +123,7 @@ def _chat_body(template: str, path: str = "/tokenize") -> dict:
     return body if path == "/tokenize" else {**body, "max_tokens": 4}
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", pytest.param("/tokenize", marks=(
-    pytest.mark.xfail(strict=True, reason="serving_misc.tokenize_request (not this change's "
-                      "file) renders synchronously on the event loop: the template is bounded "
-                      "(400 within the budget) but /health waits for it; it must await "
-                      "chat.render_chat_template and tokenize_async")))])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
 def test_hostile_chat_template_is_a_400_and_health_answers(server, baseline, path):
     hostile = Hostile(server, path, _chat_body(HOSTILE_TEMPLATE, path))
     hostile.start()

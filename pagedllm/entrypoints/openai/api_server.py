@@ -361,7 +361,7 @@ def _add_routes(app: FastAPI, ctx: ServingContext, completion, chat, models, tok
 
     @app.post("/tokenize")
     async def tokenize(request: Union[TokenizeCompletionRequest, TokenizeChatRequest]):
-        return tokenization.tokenize_request(request)
+        return await tokenization.tokenize_request(request)
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest):

@@ -43,20 +43,22 @@ class OpenAIServingTokenization(OpenAIServing):
         super().__init__(ctx)
         self.chat = chat
 
-    def tokenize_request(self, request: TokenizeRequest) -> dict:
+    async def tokenize_request(self, request: TokenizeRequest) -> dict:
+        """Templates and long prompts are rendered / tokenized off the event loop (bounded,
+        as for chat completions): /tokenize needs no key and must not freeze the server."""
         self.check_model(request.model)
         if isinstance(request, TokenizeChatRequest):
             if request.continue_final_message and request.add_generation_prompt:
                 raise OpenAIError("Cannot set both `continue_final_message` and "
                                   "`add_generation_prompt` to True.")
-            prompt = self.chat.apply_chat_template(
+            prompt = await self.chat.render_chat_template(
                 request.messages, add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
                 chat_template=request.chat_template,
                 chat_template_kwargs=request.chat_template_kwargs)
         else:
             prompt = request.prompt
-        ids = self.tokenize(prompt, request.add_special_tokens)
+        ids = await self.tokenize_async(prompt, request.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids),
                                 max_model_len=self.ctx.max_model_len).model_dump()
 
