@@ -23,11 +23,11 @@ MODES = {"mp": [], "inproc": ["--disable-frontend-multiprocessing"]}
 # a regex whose DFA has 2**21 states (issue 24 finding 2), and a schema of the issue's shape
 # (strings with maxLength 1000): with the tiny test vocabulary (512 tokens) one such string
 # compiles in a second, ten of them take far longer than the budget
-_FIELDS = "abcdefghij"
+_FIELDS = "abcdefghijklmnopqrstuvwxyz"  # each string costs ~1-2 s to compile: far past the budget
 HOSTILE_GUIDED = {
     "guided_regex": {"guided_regex": "[ab]*a[ab]{20}"},
     "guided_json": {"guided_json": {"type": "object", "properties": {
-        k: {"type": "string", "maxLength": 1000} for k in _FIELDS}, "required": list(_FIELDS)}},
+        k: {"type": "string", "maxLength": 2000} for k in _FIELDS}, "required": list(_FIELDS)}},
 }
 # 10**10 loop iterations (the sandbox caps one range at 100000 items, not nesting)
 HOSTILE_TEMPLATE = ("{% for i in range(100000) %}{% for j in range(100000) %}"
