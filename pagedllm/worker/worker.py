@@ -22,6 +22,7 @@ Swap space: ``--swap-space`` GiB of CPU memory, in blocks of the same size.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -60,6 +61,7 @@ class Worker:
         mc, cc = config.model, config.cache
         self.device = torch.device(config.device.device)
         torch.manual_seed(mc.seed)
+        started = time.perf_counter()
         # --max-parallel-loading-workers: ranks load in turns of that many
         self.model, self.load_window = in_turns(lambda: load_model(mc, config.load, self.device),
                                                 config.load.max_parallel_loading_workers)
@@ -79,8 +81,10 @@ class Worker:
         self.layer_ids = stage_layers(mc.num_hidden_layers)
         self.block_bytes = kv_bytes_per_block(len(self.layer_ids), cc.block_size,
                                               num_kv_heads, mc.head_dim, self.cache_dtype)
+        loaded = time.perf_counter()
         # every rank must agree on the block count: take the smallest
         self.num_gpu_blocks = world_min(self._num_gpu_blocks())
+        sized = time.perf_counter()
         # stages of unequal layer counts fit different swap block counts: take the smallest
         self.num_cpu_blocks = world_min(int(cc.swap_space * _GiB) // self.block_bytes)
         cache = CacheEngine(self.layer_ids, num_kv_heads, mc.head_dim, cc.block_size,
@@ -106,6 +110,9 @@ class Worker:
                                      self.runner.kv_scales)
             graphs.capture()  # every size now: capturing mid-run stalls the batch
             self.runner.graphs = graphs
+        logger.info("start-up: weights loaded in %.2f s, KV cache sized (memory profile) in "
+                    "%.2f s, cache allocated and graphs captured in %.2f s", loaded - started,
+                    sized - loaded, time.perf_counter() - sized)
         logger.info("weights %.2f GiB, activation peak %.2f GiB; KV cache: %d blocks of %d "
                     "tokens (%.2f GiB); swap space %d blocks; maximum concurrency at %d tokens "
                     "per request: %.1fx", self.weight_bytes / _GiB,
