@@ -41,6 +41,7 @@ from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 logger = logging.getLogger("pagedllm.engine.async")
 
 _IDLE_WAIT_S = 1.0  # idle engine thread re-checks its stop flag this often
+_PENDING_WAIT_S = 0.01  # ... and its pending guided compiles this often
 
 
 class EngineStepError(RuntimeError):
@@ -141,6 +142,7 @@ class AsyncLLMEngine:
         self._tokenizer_pool = getattr(getattr(engine, "inputs", None), "pool", None)
         self._init_front(log_requests, max_log_len)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending_adds: dict[str, tuple] = {}  # engine thread: adds whose compile runs
         self._thread: threading.Thread | None = None
         self._stop = False
         # OpenMP's thread count is per OS thread: a new thread would run torch single-threaded.
@@ -330,17 +332,21 @@ class AsyncLLMEngine:
         torch.set_num_threads(self._num_torch_threads)
         while not self._stop:
             busy = self.engine.has_unfinished_requests()
-            if not self._drain_commands(block=not busy):
+            pending = bool(self._pending_adds)  # guided compiles: look again soon
+            if not self._drain_commands(block=not busy,
+                                        timeout=_PENDING_WAIT_S if pending else _IDLE_WAIT_S):
                 break
+            if self._pending_adds:
+                self._finish_pending()
             if self.engine.has_unfinished_requests():
                 self._step()
         logger.info("engine loop stopped after %d steps, %.2f s inside step()", self.num_steps,
                     self.step_time_s)
 
-    def _drain_commands(self, block: bool) -> bool:
+    def _drain_commands(self, block: bool, timeout: float = 1.0) -> bool:
         """Apply queued adds/aborts; wait for one first if ``block``. False on stop."""
         try:
-            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else \
+            command = self._commands.get(timeout=timeout) if block else \
                 self._commands.get_nowait()
         except queue.Empty:
             return not self._stop
@@ -356,6 +362,7 @@ class AsyncLLMEngine:
     def _apply(self, command: tuple) -> None:
         if command[0] == "abort":
             self.engine.abort_request(command[1])
+            self._pending_adds.pop(command[1], None)
             return
         if command[0] == "call":
             _, done, method, args = command
@@ -370,14 +377,28 @@ class AsyncLLMEngine:
             command
         if done.cancelled():
             return
+        # a guided constraint compiles off this thread where the engine can (submit_request)
+        add = getattr(self.engine, "submit_request", self.engine.add_request)
         try:
-            request = self.engine.add_request(req_id, prompt, params, arrival_time, priority,
-                                              prompt_adapter_request=adapter,
-                                              trace_headers=trace, lora_request=lora)
+            request = add(req_id, prompt, params, arrival_time, priority,
+                          prompt_adapter_request=adapter, trace_headers=trace, lora_request=lora)
         except Exception as exc:  # noqa: BLE001 - every rejection goes back to the caller
-            if not isinstance(exc, ValueError):
-                exc = ValueError(str(exc))
-            self._call_soon(_settle, done, exc)
+            self._settle_add(done, stats, None, exc)
+            return
+        if request is None:
+            self._pending_adds[req_id] = (done, stats)
+            return
+        self._settle_add(done, stats, request, None)
+
+    def _finish_pending(self) -> None:
+        for req_id, request, exc in self.engine.finish_pending():
+            done, stats = self._pending_adds.pop(req_id)
+            self._settle_add(done, stats, request, exc)
+
+    def _settle_add(self, done, stats: RequestStats, request, exc) -> None:
+        if exc is not None:
+            self._call_soon(_settle, done, exc if isinstance(exc, ValueError) else
+                            ValueError(str(exc)))
             return
         # set here, before any output of this request can be dispatched to the loop
         stats.num_prompt_tokens = request.num_prompt_tokens

@@ -59,21 +59,58 @@ class LLMEngine:
                     lora_request: LoRARequest | None = None) -> Request:
         """Validate and queue a request; raises ValueError naming the bad field.
         ``trace_headers``: the caller's W3C trace context (traceparent / tracestate) that
-        the request's span continues (--otlp-traces-endpoint)."""
+        the request's span continues (--otlp-traces-endpoint). A guided-decoding constraint
+        is compiled here (within the compile budget)."""
+        return self._add(self.core.add_request, request_id, prompt, params, arrival_time,
+                         priority, prompt_adapter_request, trace_headers, lora_request)
+
+    def submit_request(self, *args, **kwargs) -> Request | None:
+        """``add_request`` that does not wait for a guided-decoding compile: None while the
+        constraint compiles (``finish_pending`` then adds the request or gives its error);
+        the in-process server uses it so that one constraint never stalls the others."""
+        return self._add(self.core.submit_request, *args, **kwargs)
+
+    def finish_pending(self) -> list[tuple[str, Request | None, Exception | None]]:
+        """Requests whose compile ended: (request id, its Request, None) once added, or
+        (request id, None, the error) when rejected (forgotten here too)."""
+        results = []
+        for core_request, added, error in self.core.finish_pending():
+            request_id = core_request.request_id
+            if error is not None:
+                self.output_processor.remove(request_id)
+            else:
+                self._set_prompt(request_id, core_request, added)
+            results.append((request_id, added, error))
+        return results
+
+    def has_pending(self) -> bool:
+        return self.core.has_pending()
+
+    def _add(self, enqueue, request_id: str, prompt: PromptInputs, params: SamplingParams,
+             arrival_time: float | None = None, priority: int = 0,
+             prompt_adapter_request: PromptAdapterRequest | None = None,
+             trace_headers: dict[str, str] | None = None,
+             lora_request: LoRARequest | None = None) -> Request | None:
         if request_id in self.output_processor.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, core_request = prepare_request(
             self.config, self.inputs, request_id, prompt, params, arrival_time, priority,
             prompt_adapter_request, lora_request)
-        group = self.output_processor.add(text, core_request, trace_headers)
+        self.output_processor.add(text, core_request, trace_headers)
         try:
-            request = self.core.add_request(core_request)
+            request = enqueue(core_request)
         except BaseException:
             self.output_processor.remove(request_id)
             raise
-        if request.prompt_token_ids != core_request.prompt_token_ids:
-            group.set_prompt_token_ids(request.prompt_token_ids)
+        if request is not None:
+            self._set_prompt(request_id, core_request, request)
         return request
+
+    def _set_prompt(self, request_id: str, core_request, request: Request) -> None:
+        """The core's final prompt (a prompt adapter's placeholders come first)."""
+        if request.prompt_token_ids != core_request.prompt_token_ids:
+            self.output_processor.groups[request_id].set_prompt_token_ids(
+                request.prompt_token_ids)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         if isinstance(request_ids, str):
