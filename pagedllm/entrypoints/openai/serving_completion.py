@@ -33,7 +33,7 @@ class OpenAIServingCompletion(OpenAIServing):
             raise OpenAIError("suffix is not currently supported")
         self.check_logprobs("logprobs", request.logprobs)
         self.check_logprobs("prompt_logprobs", request.prompt_logprobs)
-        prompts = self._prompts(request)
+        prompts = await self._prompts(request)
         request_id, created = f"cmpl-{random_uuid()}", int(time.time())
         if request.use_beam_search:
             return await until_disconnected(raw_request, self._beam_search_response(
@@ -54,8 +54,10 @@ class OpenAIServingCompletion(OpenAIServing):
         return await until_disconnected(
             raw_request, self._collect(request, request_id, created, prompts, streams))
 
-    def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
-        """(text or None, token ids) per prompt: text, list of texts, ids or list of ids."""
+    async def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
+        """(text or None, token ids) per prompt: text, list of texts, ids or list of ids.
+        Long text is tokenized off the event loop (``tokenize_async``): a big prompt must not
+        hold ``/health`` and the other streams."""
         prompt = request.prompt
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -66,8 +68,8 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = []
         for item in prompt:
             if isinstance(item, str):
-                ids = self.tokenize(item, request.add_special_tokens,
-                                    request.truncate_prompt_tokens)
+                ids = await self.tokenize_async(item, request.add_special_tokens,
+                                                request.truncate_prompt_tokens)
                 prompts.append((item, ids))
             else:
                 if not item:
