@@ -9,8 +9,11 @@ Start-up, in order:
 1. cluster: join the running one when ``ray.is_initialized()`` or ``RAY_ADDRESS`` is set,
    else start a local one (dashboard off, small object store, at least one logical CPU per
    rank); a cluster started here lives until the process exits;
-2. a placement group of one ``{"CPU": 1}`` bundle per rank (PACK: one node where it fits);
-   bundle 0 is the engine process's, actor ``r`` is placed in bundle ``r``;
+2. a placement group of one ``{"CPU": 1}`` bundle per rank (PACK: one node where it fits;
+   the first bundle also asks for a sliver of the engine node's ``node:<ip>`` resource, so
+   PACK starts on the engine's node); rank 0, in the engine process, takes a bundle that
+   Ray placed on the engine's node (Ray may place the first bundle on another node with the
+   same IP, e.g. two Ray nodes on one machine), the actors take the others in order;
 3. every actor reports its node and pid; the rendezvous address is the engine's node IP
    (127.0.0.1 when all ranks share the node, which also enables the shared memory);
 4. actors and rank 0 build their ``Worker`` together (they meet in collectives).
@@ -40,7 +43,7 @@ import weakref
 import ray
 import torch
 from ray.exceptions import RayActorError
-from ray.util.placement_group import placement_group
+from ray.util.placement_group import placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagedllm.distributed import free_port, init_distributed, pid_alive
@@ -107,7 +110,11 @@ def _placement_group(world: int, use_gpu: bool):
             raise ValueError(f"the Ray cluster has {total:g} {resource}s, fewer than the "
                              f"{world} ranks of --tensor-parallel-size x "
                              f"--pipeline-parallel-size (one bundle {bundle} per rank)")
-    pg = placement_group([bundle] * world, strategy="PACK")
+    bundles = [dict(bundle) for _ in range(world)]
+    node_ip = f"node:{ray.util.get_node_ip_address()}"
+    if node_ip in ray.cluster_resources():  # start packing on the engine's node
+        bundles[0][node_ip] = 0.001
+    pg = placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([pg.ready()], timeout=_PLACEMENT_TIMEOUT_S)
     if not ready:
         ray.util.remove_placement_group(pg)
@@ -115,6 +122,19 @@ def _placement_group(world: int, use_gpu: bool):
                            f"{_PLACEMENT_TIMEOUT_S:.0f} s (available: "
                            f"{ray.available_resources()})")
     return pg
+
+
+def _rank_bundles(pg, node_id: str) -> list[int]:
+    """The bundle index of each rank: rank 0 (the engine process) gets a bundle on the
+    engine's node ``node_id``, ranks 1.. the other bundles in order."""
+    nodes = placement_group_table(pg)["bundles_to_node_id"]  # {bundle index: node id}
+    local = [i for i in sorted(nodes) if nodes[i] == node_id]
+    if not local:
+        raise RuntimeError(f"Ray placed no bundle on the engine's node {node_id} (rank 0 "
+                           f"runs in the engine process): start the engine on a node with a "
+                           f"free CPU (and GPU on CUDA) for it; the bundles went to nodes "
+                           f"{sorted(set(nodes.values()))}")
+    return [local[0]] + [i for i in sorted(nodes) if i != local[0]]
 
 
 def _shutdown(actors, pg, threads: int, shm_paths) -> None:
@@ -150,11 +170,16 @@ class RayExecutor(ParallelExecutor):
         self._pg = _placement_group(world, self._use_gpu)
         self._finalizer = weakref.finalize(self, _shutdown, self.actors, self._pg, old_threads,
                                            self._shm_paths)
+        try:
+            self._bundles = _rank_bundles(self._pg, self._node_id)  # bundle index of each rank
+        except BaseException:
+            self.shutdown()
+            raise
         options = ray_worker_options(config.parallel.ray_workers_use_nsight, self._use_gpu)
         actor_class = ray.remote(**options)(RayWorker)
         try:
             for rank in range(1, world):
-                strategy = PlacementGroupSchedulingStrategy(self._pg, rank)
+                strategy = PlacementGroupSchedulingStrategy(self._pg, self._bundles[rank])
                 self.actors.append(actor_class.options(scheduling_strategy=strategy).remote())
             self.places = ray.get([a.where.remote() for a in self.actors],
                                   timeout=_STARTUP_TIMEOUT_S)  # [(node_id, pid)] of rank 1..
@@ -190,7 +215,7 @@ class RayExecutor(ParallelExecutor):
     def _bundle0_gpu(self) -> int:
         """This process's index of the GPU Ray reserved for rank 0's bundle."""
         probe = ray.remote(num_cpus=0, num_gpus=1)(ray.get_gpu_ids).options(
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, 0))
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, self._bundles[0]))
         gpu_ids = ray.get(probe.remote(), timeout=_STARTUP_TIMEOUT_S)
         return driver_device_index(gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
