@@ -243,8 +243,11 @@ class OpenAIServing:
         except ValueError as exc:
             raise OpenAIError(str(exc)) from exc
         key = "lora_request" if isinstance(adapter, LoRARequest) else "prompt_adapter_request"
-        found = await beam_search_async(self.engine, prompt_ids, params, eos_id, request_id,
-                                        **({key: adapter} if adapter is not None else {}))
+        try:
+            found = await beam_search_async(self.engine, prompt_ids, params, eos_id, request_id,
+                                            **({key: adapter} if adapter is not None else {}))
+        except ValueError as exc:  # the engine refused the prompt (as ``add`` maps it): a 400
+            raise OpenAIError(str(exc)) from exc
         answers = []
         for seq in found.sequences[:request.n]:
             generated = seq.tokens[len(prompt_ids):]
