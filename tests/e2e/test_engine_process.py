@@ -71,6 +71,15 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
+def _assert_all_exit(tree: set[int], server: RemoteServer, timeout: float = 15.0) -> None:
+    """Every process of the server's tree ends (multiprocessing's resource tracker exits once
+    the processes holding its pipe are gone, a moment after the server)."""
+    deadline = time.monotonic() + timeout
+    while _alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(tree), server.log()
+
+
 def _wait_exit(server: RemoteServer, timeout: float = 20.0) -> int:
     try:
         return server.proc.wait(timeout)
@@ -108,7 +117,7 @@ def test_core_killed_mid_stream(model_path):
         assert _wait_exit(server) != 0
         log = server.log_path.read_text()
         assert "engine died" in log and "SIGKILL" in log and "Traceback" not in log
-        assert not _alive(tree), server.log()
+        _assert_all_exit(tree, server)
 
 
 def test_keep_alive_on_engine_death(model_path, monkeypatch):
@@ -135,10 +144,7 @@ def test_sigterm_with_tensor_parallel_workers_leaves_no_process(model_path):
         # uvicorn shuts down gracefully, then re-raises the signal it caught
         assert _wait_exit(server) in (0, -signal.SIGTERM)
         assert "engine core stopped" in server.log_path.read_text()
-        deadline = time.monotonic() + 10
-        while _alive(tree) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(tree), server.log()
+        _assert_all_exit(tree, server)
 
 
 def test_disconnected_stream_frees_blocks_in_the_core(model_path):
