@@ -6,7 +6,9 @@ Schemathesis (its CLI, in a subprocess) generates positive and negative request 
 schema for ~100 s with a fixed seed (two workers, so the exact set of cases can vary with
 timing). Two hooks (written next to the test, loaded through ``SCHEMATHESIS_HOOKS``):
 ``before_call`` points a string ``model`` at the served model (else nearly every case stops at
-the 404 for an unknown model) and caps valid-looking large ``max_tokens`` / ``min_tokens`` /
+the 404 for an unknown model), gives every other case whose ``messages`` are not a list of
+messages with a role one valid message (the schema leaves messages loose, so chat requests
+otherwise never get past validation), and caps valid-looking large ``max_tokens`` / ``min_tokens`` /
 ``max_completion_tokens`` at 16 and ``n`` / ``best_of`` at 4 (values that are not integers, or
 are negative, go through untouched), so generation stays fast on CPU; ``after_call`` logs every
 response's status, the oracle here (besides schemathesis's own ``not_a_server_error`` check).
@@ -50,6 +52,12 @@ HOOKS = textwrap.dedent('''
         if isinstance(body, dict):
             if isinstance(body.get("model"), str):
                 body["model"] = os.environ["FUZZ_MODEL"]
+            messages = body.get("messages")
+            if isinstance(messages, list) and len(repr(body)) % 2 == 0 and not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+                # the schema leaves messages loose: half of these get a valid one, so the
+                # fuzzed fields around it reach rendering and generation
+                body["messages"] = [{"role": "user", "content": "hello"}]
             for key, cap in _CAPS.items():
                 value = body.get(key)
                 if isinstance(value, int) and not isinstance(value, bool) and value > cap:
@@ -100,6 +108,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     for path in OPERATIONS:
         assert any(line.endswith(f" {path}") for line in lines), (path, output)
     assert counts["200 POST /v1/completions"] > 0 and counts["200 POST /tokenize"] > 0
+    assert counts["200 POST /v1/chat/completions"] > 0
     # the server is healthy and still generates
     assert server.proc.poll() is None
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
