@@ -193,22 +193,11 @@ def write_outputs(path: str, outputs: list[dict]) -> None:
         f.write("\n".join(json.dumps(o, ensure_ascii=False) for o in outputs))
 
 
-def _configure_logging() -> None:
-    """The runner's progress lines on stderr, as ``serve`` logs (unless set up already)."""
-    root = logging.getLogger("pagedllm")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: "
-                                               "%(message)s", "%m-%d %H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """Read, run and write; the model is loaded only after the input file parsed."""
     from pagedllm.engine.async_engine import AsyncLLMEngine
-    _configure_logging()
+    from pagedllm.logging_setup import configure_logging
+    configure_logging()  # the runner's progress lines on stderr, as serve logs
     with open(_check_local(args.input_file, "--input-file"), encoding="utf-8") as f:
         lines = parse_batch_file(f.read())
     _check_local(args.output_file, "--output-file")
