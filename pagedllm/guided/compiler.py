@@ -11,6 +11,7 @@ makes one matcher per request from it (see ``matchers.py``).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import OrderedDict
 from typing import Any
@@ -20,6 +21,9 @@ from pagedllm.guided.params import IMPLEMENTED_BACKENDS, GuidedDecodingParams
 _CPP_PREFIX = re.compile(r"^\[[\d:.]+\] \S+:\d+: ")
 _MAX_CACHED = 256
 
+
+
+logger = logging.getLogger("pagedllm.guided")
 
 class CompiledGuide:
     """An immutable compiled constraint; shared (never copied) by every request using it."""
@@ -74,6 +78,7 @@ class GuidedCompiler:
         self.vocab_size = vocab_size
         self.stop_token_ids = tuple(sorted(eos_token_ids))
         self.default_backend = default_backend
+        self._grammar_route_logged = False
         self._xgr_compiler = None
         self._outlines_compiler = None
         self._lmfe_compiler = None
@@ -81,6 +86,14 @@ class GuidedCompiler:
 
     def resolve_backend(self, params: GuidedDecodingParams) -> str:
         backend = params.backend or self.default_backend
+        if backend == "outlines" and params.grammar is not None:
+            # vLLM 0.6.3's outlines backend takes Lark grammars through outlines' CFG guide,
+            # which outlines_core lacks; xgrammar parses the same Lark (and EBNF) grammars
+            if not self._grammar_route_logged:
+                logger.info("guided_grammar on the outlines backend is compiled by xgrammar "
+                            "(outlines_core has no context-free grammars)")
+                self._grammar_route_logged = True
+            return "xgrammar"
         if backend not in IMPLEMENTED_BACKENDS:
             source = (f"guided_decoding_backend={backend!r} in the request" if params.backend
                       else f"--guided-decoding-backend {backend} (the engine default)")
