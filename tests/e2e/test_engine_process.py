@@ -23,9 +23,13 @@ import pytest
 from tests.utils.server import RemoteServer
 from tests.utils.tiny_models import build_tiny_model
 
-ARGS = ["--device", "cpu", "--max-model-len", "256", "--num-gpu-blocks-override", "64",
+# long requests (4000 tokens: seconds on CPU; the tiny model's 512-position context stretched
+# by linear RoPE scaling), so that a stream is still running when the test kills the core or
+# disconnects (a 200-token request was all generated before the kill in a CI run)
+ARGS = ["--device", "cpu", "--max-model-len", "4096", "--rope-scaling",
+        '{"rope_type": "linear", "factor": 8}', "--num-gpu-blocks-override", "300",
         "--disable-log-requests"]
-BODY = {"model": None, "prompt": "The for statement", "max_tokens": 200, "ignore_eos": True,
+BODY = {"model": None, "prompt": "The for statement", "max_tokens": 4000, "ignore_eos": True,
         "temperature": 0}
 
 
