@@ -33,6 +33,10 @@ def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: 
         if bad:
             raise ValueError(f"SamplingParams.logit_bias has out-of-vocabulary token id(s) "
                              f"{bad[:5]}; ids must be in [0, {vocab_size})")
+    bad = [t for t in params.stop_token_ids if not 0 <= int(t) < vocab_size]
+    if bad:  # min_tokens masks them in the logits: an id past the vocabulary would crash a step
+        raise ValueError(f"SamplingParams.stop_token_ids has out-of-vocabulary token id(s) "
+                         f"{bad[:5]}; ids must be in [0, {vocab_size})")
     if params.allowed_token_ids is not None:
         bad = [t for t in params.allowed_token_ids if not 0 <= int(t) < vocab_size]
         if bad:
