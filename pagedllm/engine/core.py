@@ -40,6 +40,7 @@ stage 0 runs batch k+1 while stage 1 runs batch k; see ``_step_micro_batches``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
@@ -54,6 +55,7 @@ from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import SchedulerOutput, TokenLogprobs
 from pagedllm.engine.stats import StatLogger
+from pagedllm.engine.timeline import Timeline
 from pagedllm.executor import make_executor
 from pagedllm.guided.service import GuideService
 from pagedllm.lora import LoRACache, LoRARequest, projection_shapes
@@ -61,6 +63,8 @@ from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
                                      check_prompt_adapter_support, load_prompt_adapter)
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode import SpecSettings
+
+logger = logging.getLogger(__name__)
 
 
 def use_async_output_proc(config) -> bool:
@@ -149,6 +153,7 @@ class EngineCore:
         if log_stats is None:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None
+        self.timeline = Timeline.create("core")  # PAGEDLLM_STEP_TIMELINE: where time goes
         self.guided_compiler = None  # built on the first guided request (needs a tokenizer)
         self._pending: dict[str, tuple[CoreRequest, Future]] = {}  # compiling constraints
         self._setup_overlap(config)
@@ -250,6 +255,8 @@ class EngineCore:
         for request in requests:
             request.prompt_adapter, request.lora = adapter, lora
         self.scheduler.add_request(requests[0], requests[1:])
+        if self.timeline is not None:
+            self.timeline.add("add", len(token_ids))
         return requests[0]
 
     def _guided_compiler(self) -> GuideService:
@@ -408,6 +415,11 @@ class EngineCore:
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         if self.stat_logger is not None:
             self.stat_logger.record(scheduler_output, updated)
+        if self.timeline is not None:  # (time, requests, tokens, new prefills, waiting)
+            self.timeline.add("step", len(scheduler_output.num_scheduled_tokens),
+                              scheduler_output.total_num_scheduled_tokens,
+                              len(scheduler_output.scheduled_new_reqs),
+                              len(self.scheduler.waiting))
         prompt_logprobs, multi = runner_output.prompt_logprobs, scheduler_output.num_steps > 1
         deltas = [_delta(request, num_new, runner_output.logprobs.get(request.req_id),
                          prompt_logprobs.get(request.req_id), multi)
@@ -446,6 +458,9 @@ class EngineCore:
                 "num_cpu_blocks": self.kv_cache_manager.num_cpu_blocks}
 
     def shutdown(self) -> None:
+        if self.timeline is not None:
+            logger.info("step timeline written to %s", self.timeline.save())
+            self.timeline = None
         if self.guided_compiler is not None:  # kills a compile in progress
             self.guided_compiler.close()
         if self._exec_thread is not None:
