@@ -66,6 +66,7 @@ class RequestStats:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
+    lora_name: str | None = None  # the LoRA adapter it runs with (its served model name)
     _seen: dict[int, int] = field(default_factory=dict)  # completion index -> tokens counted
 
     @property
@@ -217,7 +218,9 @@ class AsyncLLMEngine:
         arrival_time = time.time() if arrival_time is None else arrival_time
         # with --tokenizer-pool-size, text is tokenized here by the pool, not by the engine
         prompt = await pretokenize(self._tokenizer_pool, prompt)
-        stream = RequestStream(request_id, RequestStats(request_id, arrival_time, params))
+        stream = RequestStream(request_id, RequestStats(
+            request_id, arrival_time, params,
+            lora_name=lora_request.lora_name if lora_request is not None else None))
         self._streams[request_id] = stream
         done = self._loop.create_future()
         self._commands.put(("add", request_id, prompt, params, arrival_time, priority, done,

@@ -157,7 +157,8 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         text, core_request = prepare_request(
             self._config, self.inputs, request_id, prompt, params, arrival_time, priority,
             prompt_adapter_request, lora_request)
-        stats = RequestStats(request_id, core_request.arrival_time, params)
+        stats = RequestStats(request_id, core_request.arrival_time, params,
+                             lora_name=lora_request.lora_name if lora_request else None)
         self.output_processor.add(text, core_request, trace_headers)
         stream = RequestStream(request_id, stats)
         self._streams[request_id] = stream
