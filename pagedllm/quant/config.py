@@ -145,10 +145,20 @@ def resolve_quant_config(flag: str | None, hf_config: Any, model_path: str | Non
                              f"{' and '.join(AT_LOAD)} quantize an unquantized checkpoint "
                              "at load")
         config = AT_LOAD[fmt]()
+        if config.moe_only:
+            _require_experts(hf_config, config.name)
     else:
         config = _BUILDERS[fmt](quant)
     _log_choice(flag, ckpt, config)
     return config
+
+
+def _require_experts(hf_config: Any, method: str) -> None:
+    """experts_int8 on a model without experts: refused before any weight loads."""
+    from pagedllm.models.loader import require_expert_quantization
+    from pagedllm.models.registry import resolve_model_class
+    require_expert_quantization(resolve_model_class(getattr(hf_config, "architectures", None)),
+                                method)
 
 
 def _log_choice(flag: str | None, ckpt: str | None, config: QuantConfig) -> None:
