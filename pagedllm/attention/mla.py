@@ -21,7 +21,7 @@ the oracle for any future MLA kernel.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -10,6 +10,9 @@
   — the names and layout transformers 5 keeps in memory, so its state dicts load whole. Its
   loader also takes hub checkpoints' per-expert tensors (``experts.<e>.gate_proj.weight``,
   Mixtral's ``w1``/``w3``/``w2``) given an ``expert_id`` and a shard id gate/up/down.
+  How the stacked weights are stored is its ``quant_method`` (``pagedllm/quant``: dense, or
+  int8 per output channel with ``--quantization experts_int8``): the loaders hand it this
+  rank's full-precision rows, the forward asks it for indexable expert weights.
   Tensor parallelism splits every expert's intermediate dimension like a dense MLP
   (gate/up column-parallel, down row-parallel): each rank computes a partial sum of the
   weighted expert outputs and one all-reduce completes it.

@@ -35,7 +35,7 @@ graphs stay off for these models (``supports_cuda_graphs``).
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
