@@ -1,7 +1,8 @@
 """``--quantization experts_int8``: MoE expert weights quantized to int8 per output channel at
 load, dense layers unquantized (vLLM 0.6.3's method).
 
-Oracles, on the tiny Mixtral and DeepSeek-V3 checkpoints of ``tests/models``:
+Oracles, on the tiny Mixtral, Qwen2-MoE (a shared expert with its gate: stays dense) and
+DeepSeek-V3 checkpoints of ``tests/models``:
 1. exact: a reference written here (per row: ``scale = max|w| / 127``, ``q = clamp(round(w /
    scale), -127, 127)``, weight ``q * scale`` in fp32) rewrites the checkpoint's expert
    tensors as their dequantized values; pagedllm with ``--quantization experts_int8`` on the
@@ -36,9 +37,9 @@ _DOWN = ("w2", "down_proj")
 
 
 def _tiny(arch: str) -> Path:
-    if arch == "mixtral":
+    if arch != "deepseek_v3":
         from tests.models.test_moe_models import build_tiny_moe
-        return build_tiny_moe("mixtral")
+        return build_tiny_moe(arch)
     from tests.models.test_deepseek_models import build_tiny_deepseek
     return build_tiny_deepseek("deepseek_v3")
 
@@ -105,7 +106,7 @@ def _hf_greedy(model) -> list[list[int]]:
     return outs
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_matches_dequantized_reference_exactly_and_hf_closely(arch, tmp_path):
     src = _tiny(arch)
     tokens, logprobs, llm = _run(src, quantization="experts_int8")
