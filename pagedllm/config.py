@@ -133,7 +133,8 @@ class ModelConfig:
                                valid=NON_NEGATIVE)
     quantization: Optional[str] = option(
         None, "Weight quantization method; default: the checkpoint's quantization_config. "
-        "fp8 on an unquantized checkpoint quantizes its weights at load.",
+        "fp8 on an unquantized checkpoint quantizes its weights at load; experts_int8 "
+        "quantizes a MoE model's expert weights to int8 at load.",
         aliases=("-q",), choices=QUANTIZATION_METHODS, cli_type="nullable",
         supported=(None, *quant_formats.SUPPORTED), supported_desc=quant_formats.SUPPORTED_DESC,
         planned=quant_formats.NOT_BUILT)

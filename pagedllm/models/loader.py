@@ -17,7 +17,8 @@ from torch import nn
 
 from pagedllm.distributed import get_tp_size
 from pagedllm.layers.linear import MergedLinear
-from pagedllm.models.registry import require_support, resolve_model_class
+from pagedllm.models.registry import (architectures_supporting, require_support,
+                                      resolve_model_class)
 
 
 def _matches(path: str, root: str, patterns: list[str]) -> bool:
@@ -82,13 +83,25 @@ def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3,
             param.data.uniform_(low, high, generator=generators[device])
 
 
+def require_expert_quantization(model_class, method: str) -> None:
+    """``--quantization <method>`` quantizes MoE expert weights only: a model without experts
+    would run unquantized, so it is refused, naming the flag and the MoE architectures."""
+    if not getattr(model_class, "supports_expert_quantization", False):
+        raise ValueError(f"--quantization {method} quantizes mixture-of-experts expert weights "
+                         f"and {model_class.__name__} has no experts; supported: "
+                         f"{', '.join(architectures_supporting('expert_quantization'))}")
+
+
 def _build(model_class, model_config) -> nn.Module:
     """The model, with the quant config for classes that declare quantization support (in
-    their own body: a subclass adding e.g. MoE experts has layers no quant method covers)."""
+    their own body: a subclass adding e.g. MoE experts has layers no quant method covers);
+    a method that quantizes only MoE experts (experts_int8) needs a class with experts."""
     quant_config = getattr(model_config, "quant_config", None)
     if quant_config is None:
         return model_class(model_config.hf_config, model_config.max_model_len)
-    if not model_class.__dict__.get("supports_quantization", False):
+    if quant_config.moe_only:
+        require_expert_quantization(model_class, quant_config.name)
+    elif not model_class.__dict__.get("supports_quantization", False):
         raise ValueError(f"{model_class.__name__} does not support --quantization "
                          f"{quant_config.name} yet; quantized checkpoints load for the Llama, "
                          "Mistral, Qwen2/3, Gemma/Gemma 2, Phi-3, OPT and GPT-2 families")

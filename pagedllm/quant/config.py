@@ -19,20 +19,26 @@ from typing import Any
 from pagedllm.quant.awq import AWQConfig
 from pagedllm.quant.base import QuantConfig
 from pagedllm.quant.compressed_tensors import CompressedTensorsConfig
+from pagedllm.quant.experts_int8 import ExpertsInt8Config
 from pagedllm.quant.fp8 import Fp8Config
 from pagedllm.quant.gptq import GPTQConfig
 
 logger = logging.getLogger(__name__)
 
 # --quantization values that load (the Marlin names map onto their checkpoint format)
-SUPPORTED = ("gptq", "gptq_marlin", "marlin", "awq", "awq_marlin", "fp8", "compressed-tensors")
+SUPPORTED = ("gptq", "gptq_marlin", "marlin", "awq", "awq_marlin", "fp8", "compressed-tensors",
+             "experts_int8")
+# methods that quantize an unquantized checkpoint at load
+AT_LOAD = {"fp8": lambda: Fp8Config(checkpoint_fp8=False, activation_scheme="dynamic"),
+           "experts_int8": ExpertsInt8Config}
 FORMAT_OF = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
 SUPPORTED_DESC = ("None, gptq (2/4/8 bit), awq (4 bit, GEMM), fp8 (per-tensor; quantizes "
                   "unquantized checkpoints at load), compressed-tensors (pack-quantized "
-                  "W4A16/W8A16, float-quantized fp8); gptq_marlin, marlin and awq_marlin load "
-                  "gptq/awq checkpoints with the same implementation")
+                  "W4A16/W8A16, float-quantized fp8), experts_int8 (MoE models: expert "
+                  "weights int8 per output channel, quantized at load); gptq_marlin, marlin "
+                  "and awq_marlin load gptq/awq checkpoints with the same implementation")
 NOT_BUILT = ("tpu_int8 and neuron_quant need TPU / Neuron hardware; aqlm, deepspeedfp, "
-             "fbgemm_fp8, modelopt, gguf, gptq_marlin_24, bitsandbytes, qqq and experts_int8 "
+             "fbgemm_fp8, modelopt, gguf, gptq_marlin_24, bitsandbytes and qqq "
              "are not built yet (quantization issue)")
 
 
@@ -133,15 +139,26 @@ def resolve_quant_config(flag: str | None, hf_config: Any, model_path: str | Non
                          f"checkpoint (quantization_config.quant_method); drop the flag or "
                          f"pass --quantization {ckpt}")
     if ckpt is None:
-        if fmt != "fp8":
+        if fmt not in AT_LOAD:
             raise ValueError(f"--quantization {flag} needs a {fmt} checkpoint, and --model "
-                             f"{model} has no quantization_config; only --quantization fp8 "
-                             "quantizes an unquantized checkpoint at load")
-        config = Fp8Config(checkpoint_fp8=False, activation_scheme="dynamic")
+                             f"{model} has no quantization_config; only --quantization "
+                             f"{' and '.join(AT_LOAD)} quantize an unquantized checkpoint "
+                             "at load")
+        config = AT_LOAD[fmt]()
+        if config.moe_only:
+            _require_experts(hf_config, config.name)
     else:
         config = _BUILDERS[fmt](quant)
     _log_choice(flag, ckpt, config)
     return config
+
+
+def _require_experts(hf_config: Any, method: str) -> None:
+    """experts_int8 on a model without experts: refused before any weight loads."""
+    from pagedllm.models.loader import require_expert_quantization
+    from pagedllm.models.registry import resolve_model_class
+    require_expert_quantization(resolve_model_class(getattr(hf_config, "architectures", None)),
+                                method)
 
 
 def _log_choice(flag: str | None, ckpt: str | None, config: QuantConfig) -> None:

@@ -33,7 +33,8 @@ from pagedllm.models.cpu_offload import offload_linear_weights
 from pagedllm.distributed import (get_pp_size, get_tp_rank, get_tp_size, in_turns, stage_layers,
                                   world_min)
 from pagedllm.models.loader import load_model
-from pagedllm.worker.cache_engine import CacheEngine, kv_bytes_per_block
+from pagedllm.attention.cache_spec import check_cache_dtype, kv_cache_spec_for
+from pagedllm.worker.cache_engine import CacheEngine
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode import SpecSettings
@@ -71,24 +72,26 @@ class Worker:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()
                                 if p.device.type == self.device.type)  # on the device
         self.activation_bytes = 0
-        tp = get_tp_size()  # each rank caches its KV heads only (one when tp exceeds them)
-        self.num_kv_heads = num_kv_heads = mc.num_kv_heads // tp if mc.num_kv_heads >= tp else 1
+        # what a token costs per layer on this rank: its K/V heads, or an MLA latent
+        self.cache_spec = kv_cache_spec_for(self.model, mc, get_tp_size())
         self.cache_dtype = kv_cache_torch_dtype(cc.kv_cache_dtype, mc.torch_dtype)
+        check_cache_dtype(self.cache_spec, cc.kv_cache_dtype)
         self.kv_scales = load_kv_scales(cc.quantization_param_path, mc.num_hidden_layers,
                                         get_tp_rank(), self.cache_dtype) \
             if is_fp8(self.cache_dtype) else None  # per layer (k, v) of an fp8 cache
         # a pipeline stage caches only its own layers, so its blocks cost that share
         self.layer_ids = stage_layers(mc.num_hidden_layers)
-        self.block_bytes = kv_bytes_per_block(len(self.layer_ids), cc.block_size,
-                                              num_kv_heads, mc.head_dim, self.cache_dtype)
+        self.block_bytes = self.cache_spec.bytes_per_block(len(self.layer_ids), cc.block_size,
+                                                           self.cache_dtype)
         loaded = time.perf_counter()
         # every rank must agree on the block count: take the smallest
         self.num_gpu_blocks = world_min(self._num_gpu_blocks())
         sized = time.perf_counter()
         # stages of unequal layer counts fit different swap block counts: take the smallest
         self.num_cpu_blocks = world_min(int(cc.swap_space * _GiB) // self.block_bytes)
-        cache = CacheEngine(self.layer_ids, num_kv_heads, mc.head_dim, cc.block_size,
-                            self.num_gpu_blocks, self.num_cpu_blocks, self.cache_dtype, self.device)
+        cache = CacheEngine(self.layer_ids, self.cache_spec, cc.block_size,
+                            self.num_gpu_blocks, self.num_cpu_blocks, self.cache_dtype,
+                            self.device)
         spec = SpecSettings.from_config(self.config.speculative)
         obs = self.config.observability
         self.runner = ModelRunner(
@@ -96,20 +99,7 @@ class Worker:
             spec.typical if spec else None,
             check_tracing_flags(obs.otlp_traces_endpoint, obs.collect_detailed_traces))
         self.runner.lora_table = self.lora_table
-        if self.device.type == "cuda" and self.lora_table is not None and not mc.enforce_eager:
-            logger.info("CUDA graphs are off with --enable-lora (each batch's adapter rows "
-                        "change the work); steps run eagerly")
-        elif self.device.type == "cuda" and get_pp_size() > 1 and not mc.enforce_eager:
-            logger.info("CUDA graphs are off with pipeline parallelism (the sends between "
-                        "stages are not captured); steps run eagerly")
-        elif self.device.type == "cuda" and not mc.enforce_eager and \
-                self.runner.backend.name == "triton":
-            graphs = CUDAGraphRunner(self.model, cache.gpu_cache, self.runner.backend,
-                                     cc.block_size, config.scheduler.max_num_seqs,
-                                     mc.max_seq_len_to_capture, self.device,
-                                     self.runner.kv_scales)
-            graphs.capture()  # every size now: capturing mid-run stalls the batch
-            self.runner.graphs = graphs
+        self._setup_graphs(cache)
         logger.info("start-up: weights loaded in %.2f s, KV cache sized (memory profile) in "
                     "%.2f s, cache allocated and graphs captured in %.2f s", loaded - started,
                     sized - loaded, time.perf_counter() - sized)
@@ -120,6 +110,29 @@ class Worker:
                     self.num_gpu_blocks * self.block_bytes / _GiB, self.num_cpu_blocks,
                     mc.max_model_len,
                     self.num_gpu_blocks * cc.block_size / mc.max_model_len)
+
+    def _setup_graphs(self, cache: CacheEngine) -> None:
+        """Capture decode CUDA graphs unless something rules them out (logged)."""
+        mc, cc, config = self.config.model, self.config.cache, self.config
+        if self.device.type == "cuda" and self.lora_table is not None and not mc.enforce_eager:
+            logger.info("CUDA graphs are off with --enable-lora (each batch's adapter rows "
+                        "change the work); steps run eagerly")
+        elif self.device.type == "cuda" and get_pp_size() > 1 and not mc.enforce_eager:
+            logger.info("CUDA graphs are off with pipeline parallelism (the sends between "
+                        "stages are not captured); steps run eagerly")
+        elif self.device.type == "cuda" and not mc.enforce_eager and \
+                not getattr(self.model, "supports_cuda_graphs", True):
+            logger.info("CUDA graphs are off for %s (its attention runs the PyTorch path, "
+                        "which graphs do not capture yet); steps run eagerly",
+                        type(self.model).__name__)
+        elif self.device.type == "cuda" and not mc.enforce_eager and \
+                self.runner.backend.name == "triton":
+            graphs = CUDAGraphRunner(self.model, cache.gpu_cache, self.runner.backend,
+                                     cc.block_size, config.scheduler.max_num_seqs,
+                                     mc.max_seq_len_to_capture, self.device,
+                                     self.runner.kv_scales)
+            graphs.capture()  # every size now: capturing mid-run stalls the batch
+            self.runner.graphs = graphs
 
     def _lora_slots(self):
         """--enable-lora: the runner's slot buffers on every LoRA-capable projection."""
@@ -164,8 +177,8 @@ class Worker:
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         lens = [n for n in lens if n > 0]
         num_blocks = sum(cdiv(n, bs) for n in lens)
-        cache = CacheEngine(self.layer_ids, self.num_kv_heads, mc.head_dim, bs,
-                            num_blocks, 0, self.cache_dtype, self.device)
+        cache = CacheEngine(self.layer_ids, self.cache_spec, bs, num_blocks, 0,
+                            self.cache_dtype, self.device)
         runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
                              self.kv_scales)
         runner.lora_table = self.lora_table
