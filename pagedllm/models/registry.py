@@ -20,6 +20,7 @@ _MODELS = {
     "Starcoder2ForCausalLM": ("starcoder2", "Starcoder2ForCausalLM"),
     "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
     "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
+    "GPTJForCausalLM": ("gptj", "GPTJForCausalLM"),
 }
 
 

@@ -34,10 +34,18 @@ def _falcon(**kwargs):
     return FalconConfig(ffn_hidden_size=128, **{**_BASE, **kwargs})
 
 
+def _gptj(**kwargs):
+    from transformers import GPTJConfig
+    base = {k: v for k, v in _BASE.items() if k != "max_position_embeddings"}
+    return GPTJConfig(n_positions=512, n_inner=128, **{**base, **kwargs})
+
+
 def _configs() -> dict:
     return {
         # Falcon-40B layout: grouped query_key_value, ln_attn + ln_mlp, biases
         "falcon": _falcon(new_decoder_architecture=True, num_kv_heads=2, bias=True),
+        # interleaved rotary on half of each head (rotary_dim 8 of 16), LM head bias
+        "gptj": _gptj(rotary_dim=8),
     }
 
 
@@ -51,6 +59,7 @@ def _variant_configs() -> dict:
         # Falcon2-11B: the new layout with one LayerNorm per layer
         "falcon-new-one-ln": _falcon(new_decoder_architecture=True, num_kv_heads=1,
                                      num_ln_in_parallel_attn=1, activation="gelu_new"),
+        "gptj-full-rotary": _gptj(rotary_dim=16, activation_function="gelu"),
     }
 
 
