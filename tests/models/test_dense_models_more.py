@@ -40,12 +40,27 @@ def _gptj(**kwargs):
     return GPTJConfig(n_positions=512, n_inner=128, **{**base, **kwargs})
 
 
+def _olmo(**kwargs):
+    from transformers import OlmoConfig
+    return OlmoConfig(**{**_BASE, "intermediate_size": 128, "num_key_value_heads": 2, **kwargs})
+
+
+def _olmo2(**kwargs):
+    from transformers import Olmo2Config
+    return Olmo2Config(**{**_BASE, "intermediate_size": 128, "num_key_value_heads": 2,
+                          **kwargs})
+
+
 def _configs() -> dict:
     return {
         # Falcon-40B layout: grouped query_key_value, ln_attn + ln_mlp, biases
         "falcon": _falcon(new_decoder_architecture=True, num_kv_heads=2, bias=True),
         # interleaved rotary on half of each head (rotary_dim 8 of 16), LM head bias
         "gptj": _gptj(rotary_dim=8),
+        # parameter-free LayerNorms, clamped q/k/v, GQA
+        "olmo": _olmo(clip_qkv=0.5),
+        # norms after attention / MLP, q/k norms over whole projections (split at tp=2)
+        "olmo2": _olmo2(),
     }
 
 
@@ -60,6 +75,8 @@ def _variant_configs() -> dict:
         "falcon-new-one-ln": _falcon(new_decoder_architecture=True, num_kv_heads=1,
                                      num_ln_in_parallel_attn=1, activation="gelu_new"),
         "gptj-full-rotary": _gptj(rotary_dim=16, activation_function="gelu"),
+        "olmo-no-clip-tied-bias": _olmo(tie_word_embeddings=True, attention_bias=True),
+        "olmo2-mha-tied": _olmo2(num_key_value_heads=4, tie_word_embeddings=True),
     }
 
 
