@@ -31,7 +31,7 @@ from pagedllm.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVP
                                       RowParallelLinear)
 from pagedllm.layers.rotary import get_rope
 from pagedllm.models.stack import HiddenStack
-from pagedllm.models.utils import fused_qkv_layout, load_weights
+from pagedllm.models.utils import fused_qkv_layout, grouped_qkv_splitter, load_weights
 
 
 def _num_kv_heads(config) -> int:
@@ -43,14 +43,11 @@ def _num_kv_heads(config) -> int:
 def _qkv_splitter(config, head_dim: int):
     """``split(rows, div)`` for ``fused_qkv_layout``: Falcon's three row orders."""
     heads, kv = config.num_attention_heads, _num_kv_heads(config)
+    if config.new_decoder_architecture:  # [kv group][q heads of the group, k, v]
+        return grouped_qkv_splitter(heads, kv, head_dim)
 
     def split(rows: torch.Tensor, div: int):
         rest, per_head = tuple(rows.shape[1:]), head_dim // div
-        if config.new_decoder_architecture:  # [kv group][q heads of the group, k, v]
-            grouped = rows.reshape(kv, heads // kv + 2, per_head, *rest)
-            return (grouped[:, :-2].reshape(heads * per_head, *rest),
-                    grouped[:, -2].reshape(kv * per_head, *rest),
-                    grouped[:, -1].reshape(kv * per_head, *rest))
         if config.multi_query:  # [q heads | k | v]
             return rows.split([heads * per_head, per_head, per_head], dim=0)
         interleaved = rows.reshape(heads, 3, per_head, *rest)  # [head][q|k|v]

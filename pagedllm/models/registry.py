@@ -23,6 +23,7 @@ _MODELS = {
     "GPTJForCausalLM": ("gptj", "GPTJForCausalLM"),
     "OlmoForCausalLM": ("olmo", "OlmoForCausalLM"),
     "Olmo2ForCausalLM": ("olmo", "Olmo2ForCausalLM"),
+    "InternLM2ForCausalLM": ("internlm2", "InternLM2ForCausalLM"),
 }
 
 

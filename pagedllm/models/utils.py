@@ -85,3 +85,18 @@ def fused_qkv_layout(layer: nn.Module, split) -> None:
                 inner(param, part, name, shard)
 
         param.weight_loader = load
+
+
+def grouped_qkv_splitter(num_heads: int, num_kv_heads: int, head_dim: int):
+    """``split`` for ``fused_qkv_layout`` of rows grouped per KV head, ``[kv head][its q heads
+    | k | v][head_dim]`` (Falcon's new decoder architecture, InternLM2's ``wqkv``)."""
+    group = num_heads // num_kv_heads
+
+    def split(rows: torch.Tensor, div: int):
+        rest, per_head = tuple(rows.shape[1:]), head_dim // div
+        grouped = rows.reshape(num_kv_heads, group + 2, per_head, *rest)
+        return (grouped[:, :group].reshape(num_heads * per_head, *rest),
+                grouped[:, group].reshape(num_kv_heads * per_head, *rest),
+                grouped[:, group + 1].reshape(num_kv_heads * per_head, *rest))
+
+    return split

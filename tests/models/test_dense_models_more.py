@@ -1,5 +1,6 @@
 """Falcon, GPT-J, OLMo, OLMo 2, InternLM2, Cohere and EXAONE against Hugging Face
-transformers (the oracle), fp32 CPU.
+transformers (the oracle), fp32 CPU; InternLM2, which transformers lacks, against the
+hand-written reference of ``internlm2_reference.py``.
 
 Tiny seeded random checkpoints (``save_pretrained``, tiny trained tokenizer) whose configs
 exercise each architecture's own pieces (see ``_configs``). For each checkpoint:
@@ -22,6 +23,9 @@ from tests.models.test_models_vs_hf import _prompts
 from tests.models.test_moe_models import (MAX_TOKENS, _hf_from_config, _hf_greedy,
                                           _prefill_logprobs, _shared_prefix_prompts,
                                           build_tiny_checkpoint)
+from tests.models.internlm2_reference import (CONFIG as INTERNLM2_CONFIG, random_state,
+                                              reference_greedy, reference_logits,
+                                              build_tiny_internlm2)
 from tests.utils.tiny_models import VOCAB_SIZE
 
 _BASE = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=512, bos_token_id=1,
@@ -80,7 +84,10 @@ def _variant_configs() -> dict:
     }
 
 
-ARCHITECTURES = sorted(_configs())
+# InternLM2 has no transformers class: its oracle is tests/models/internlm2_reference.py and
+# its checkpoint ships its config code (loaded with trust_remote_code, as on the hub)
+REMOTE_CODE = {"internlm2"}
+ARCHITECTURES = sorted(_configs()) + sorted(REMOTE_CODE)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -90,17 +97,30 @@ def arch(request) -> str:
 
 @pytest.fixture(scope="module")
 def model_path(arch) -> str:
+    if arch == "internlm2":
+        return str(build_tiny_internlm2())
     return str(build_tiny_checkpoint(arch, _configs()[arch]))
 
 
 @pytest.fixture(scope="module")
-def hf_model(model_path):
+def flags(arch) -> dict:
+    return {"trust_remote_code": True} if arch in REMOTE_CODE else {}
+
+
+@pytest.fixture(scope="module")
+def oracle(arch, model_path):
+    """prompts -> greedy tokens of the oracle (HF fp32 CPU, or the InternLM2 reference)."""
+    if arch == "internlm2":
+        from safetensors.torch import load_file
+        state = load_file(f"{model_path}/model.safetensors")
+        return lambda prompts: reference_greedy(state, prompts, MAX_TOKENS)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  attn_implementation="eager")
     model.generation_config.eos_token_id = None  # ignore EOS, as ignore_eos does
     model.generation_config.pad_token_id = 0
-    return model.eval()
+    model.eval()
+    return lambda prompts: _hf_greedy(model, prompts)
 
 
 def _generate(model_path: str, prompts: list[list[int]], min_preemptions: int = 0,
@@ -125,38 +145,40 @@ def _generate(model_path: str, prompts: list[list[int]], min_preemptions: int = 
     return runs[0]
 
 
-def test_greedy_matches_hf(model_path, hf_model):
+def test_greedy_matches_hf(model_path, flags, oracle):
     prompts = _prompts()
-    assert _generate(model_path, prompts, block_size=8) == _hf_greedy(hf_model, prompts)
+    assert _generate(model_path, prompts, block_size=8, **flags) == oracle(prompts)
 
 
-def test_prefix_caching_and_chunked_prefill_match_hf(model_path, hf_model):
+def test_prefix_caching_and_chunked_prefill_match_hf(model_path, flags, oracle):
     prompts = _shared_prefix_prompts()
     tokens = _generate(model_path, prompts, block_size=8, enable_prefix_caching=True,
-                       enable_chunked_prefill=True, max_num_batched_tokens=16, max_num_seqs=4)
-    assert tokens == _hf_greedy(hf_model, prompts)
+                       enable_chunked_prefill=True, max_num_batched_tokens=16, max_num_seqs=4,
+                       **flags)
+    assert tokens == oracle(prompts)
 
 
-def test_preemption_matches_hf(model_path, hf_model):
+def test_preemption_matches_hf(model_path, flags, oracle):
     prompts = _prompts()  # 20 blocks of 8 at their longest; 10 force recompute preemption
     tokens = _generate(model_path, prompts, min_preemptions=1, block_size=8,
-                       num_gpu_blocks_override=10, preemption_mode="recompute")
-    assert tokens == _hf_greedy(hf_model, prompts)
+                       num_gpu_blocks_override=10, preemption_mode="recompute", **flags)
+    assert tokens == oracle(prompts)
 
 
-def test_tp2_matches_hf(model_path, hf_model):
+def test_tp2_matches_hf(model_path, flags, oracle):
     prompts = _prompts()
     tokens = _generate(model_path, prompts, tensor_parallel_size=2, device="cpu",
-                       num_gpu_blocks_override=64, max_model_len=256)
-    assert tokens == _hf_greedy(hf_model, prompts)
+                       num_gpu_blocks_override=64, max_model_len=256, **flags)
+    assert tokens == oracle(prompts)
 
 
-def test_pp2_matches_hf(model_path, hf_model):
+def test_pp2_matches_hf(model_path, flags, oracle):
     prompts = _prompts()
     tokens = _generate(model_path, prompts, pipeline_parallel_size=2, device="cpu",
                        num_gpu_blocks_override=64, max_model_len=256,
-                       enable_chunked_prefill=True, max_num_batched_tokens=8, max_num_seqs=4)
-    assert tokens == _hf_greedy(hf_model, prompts)
+                       enable_chunked_prefill=True, max_num_batched_tokens=8, max_num_seqs=4,
+                       **flags)
+    assert tokens == oracle(prompts)
 
 
 def _hf_state(variant: str):
@@ -166,7 +188,7 @@ def _hf_state(variant: str):
     return hf, dict(hf.state_dict())
 
 
-@pytest.mark.parametrize("variant", sorted(_variant_configs()) + ARCHITECTURES)
+@pytest.mark.parametrize("variant", sorted(_variant_configs()) + sorted(_configs()))
 def test_state_dict_logits_match_hf(variant):
     """HF's in-memory state dict loads every parameter; a batched prefill gives HF's
     last-position log-probabilities."""
@@ -187,3 +209,89 @@ def test_falcon_alibi_is_a_startup_error_naming_alibi():
     config = _falcon(alibi=True, multi_query=False, parallel_attn=False)
     with pytest.raises(ValueError, match="alibi"):
         resolve_model_class(["FalconForCausalLM"])(config, 512)
+
+
+@pytest.mark.parametrize("variant", [dict(bias=False), dict(num_key_value_heads=1),
+                                     dict(num_key_value_heads=4, tie_word_embeddings=True)],
+                         ids=["no-bias", "one-kv-head", "mha-tied"])
+def test_internlm2_state_dict_logits_match_reference(variant):
+    """Other InternLM2 shapes: the hub-named state dict loads every parameter (a tied head
+    from ``tok_embeddings``), and a batched prefill gives the reference's log-probabilities."""
+    from types import SimpleNamespace
+
+    from pagedllm.models.registry import resolve_model_class
+    config = {**INTERNLM2_CONFIG, **variant}
+    state = random_state(config)
+    if config["tie_word_embeddings"]:
+        state["output.weight"] = state["model.tok_embeddings.weight"]
+    model = resolve_model_class(["InternLM2ForCausalLM"])(SimpleNamespace(**config), 512)
+    assert model.load_weights(state.items()) == set(dict(model.named_parameters()))
+    prompts = _prompts()
+    ours = _prefill_logprobs(model, SimpleNamespace(**config), prompts)
+    for i, ids in enumerate(prompts):
+        theirs = torch.log_softmax(reference_logits(state, ids, config), -1)
+        torch.testing.assert_close(ours[i], theirs, atol=1e-4, rtol=0)
+
+
+# checkpoint modules quantized per architecture (the fused q/k/v ones first)
+_QUANT_MODULES = {"internlm2": ("attention.wqkv", "attention.wo", "feed_forward.w1",
+                                "feed_forward.w2", "feed_forward.w3"),
+                  "falcon": ("query_key_value", "self_attention.dense", "dense_h_to_4h",
+                             "dense_4h_to_h")}
+_QUANT_CONFIGS = {"gptq": {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                           "desc_act": True, "sym": True},
+                  "awq": {"quant_method": "awq", "bits": 4, "group_size": 32,
+                          "zero_point": True, "version": "gemm"}}
+
+
+def _quantized_copy(arch: str, method: str, out) -> dict:
+    """A copy of the tiny checkpoint with its decoder linears quantized (the published GPTQ
+    / AWQ layouts, ``tests/quant/packers.py``); returns the oracle state (each quantized
+    weight replaced by its dequantized values)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.quant import packers
+    src = Path(build_tiny_internlm2() if arch == "internlm2"
+               else build_tiny_checkpoint(arch, _configs()[arch]))
+    state = load_file(str(src / "model.safetensors"))
+    oracle, written = dict(state), dict(state)
+    for key, weight in state.items():
+        module = key[:-len(".weight")]
+        if not key.endswith(".weight") or not module.endswith(_QUANT_MODULES[arch]):
+            continue
+        tensors, oracle[key] = (packers.gptq_quantize(weight, desc_act=True) if method == "gptq"
+                                else packers.awq_quantize(weight))
+        del written[key]
+        written.update({f"{module}.{name}": t for name, t in tensors.items()})
+    shutil.copytree(src, out)
+    save_file({k: v.contiguous() for k, v in written.items()}, str(out / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = _QUANT_CONFIGS[method]
+    (out / "config.json").write_text(json.dumps(config))
+    return oracle
+
+
+@pytest.mark.parametrize("arch,method", [("internlm2", "gptq"), ("internlm2", "awq"),
+                                         ("falcon", "gptq")])
+def test_quantized_fused_qkv_checkpoint_matches_oracle(arch, method, tmp_path):
+    """GPTQ (act-order, output features along dim 1) and AWQ (output features packed 8 to a
+    word) tensors of the packed ``wqkv`` / grouped ``query_key_value`` are reordered into
+    q/k/v like dense ones: greedy tokens equal the oracle on the dequantized weights."""
+    oracle_state = _quantized_copy(arch, method, tmp_path / "q")
+    prompts = _prompts()
+    flags = {"trust_remote_code": True} if arch in REMOTE_CODE else {}
+    tokens = _generate(str(tmp_path / "q"), prompts, block_size=8, **flags)
+    if arch == "internlm2":
+        expected = reference_greedy(oracle_state, prompts, MAX_TOKENS)
+    else:
+        hf = _hf_from_config(_configs()[arch])
+        missing, unexpected = hf.load_state_dict(oracle_state, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+        expected = _hf_greedy(hf, prompts)
+    assert tokens == expected
