@@ -24,6 +24,7 @@ _MODELS = {
     "OlmoForCausalLM": ("olmo", "OlmoForCausalLM"),
     "Olmo2ForCausalLM": ("olmo", "Olmo2ForCausalLM"),
     "InternLM2ForCausalLM": ("internlm2", "InternLM2ForCausalLM"),
+    "CohereForCausalLM": ("cohere", "CohereForCausalLM"),
 }
 
 

@@ -55,6 +55,12 @@ def _olmo2(**kwargs):
                           **kwargs})
 
 
+def _cohere(**kwargs):
+    from transformers import CohereConfig
+    return CohereConfig(**{**_BASE, "intermediate_size": 128, "num_key_value_heads": 2,
+                           "logit_scale": 0.5, **kwargs})
+
+
 def _configs() -> dict:
     return {
         # Falcon-40B layout: grouped query_key_value, ln_attn + ln_mlp, biases
@@ -65,6 +71,9 @@ def _configs() -> dict:
         "olmo": _olmo(clip_qkv=0.5),
         # norms after attention / MLP, q/k norms over whole projections (split at tp=2)
         "olmo2": _olmo2(),
+        # parallel block under one LayerNorm, interleaved rotary, per-head q/k LayerNorms,
+        # logit_scale, tied head
+        "cohere": _cohere(use_qk_norm=True),
     }
 
 
@@ -81,6 +90,8 @@ def _variant_configs() -> dict:
         "gptj-full-rotary": _gptj(rotary_dim=16, activation_function="gelu"),
         "olmo-no-clip-tied-bias": _olmo(tie_word_embeddings=True, attention_bias=True),
         "olmo2-mha-tied": _olmo2(num_key_value_heads=4, tie_word_embeddings=True),
+        "cohere-no-qk-norm-untied-bias": _cohere(tie_word_embeddings=False,
+                                                 attention_bias=True, logit_scale=0.0625),
     }
 
 
