@@ -25,6 +25,7 @@ _MODELS = {
     "Olmo2ForCausalLM": ("olmo", "Olmo2ForCausalLM"),
     "InternLM2ForCausalLM": ("internlm2", "InternLM2ForCausalLM"),
     "CohereForCausalLM": ("cohere", "CohereForCausalLM"),
+    "ExaoneForCausalLM": ("exaone", "ExaoneForCausalLM"),
 }
 
 

@@ -61,6 +61,12 @@ def _cohere(**kwargs):
                            "logit_scale": 0.5, **kwargs})
 
 
+def _exaone(**kwargs):
+    from transformers import ExaoneConfig
+    return ExaoneConfig(**{**_BASE, "intermediate_size": 128, "num_key_value_heads": 2,
+                           **kwargs})
+
+
 def _configs() -> dict:
     return {
         # Falcon-40B layout: grouped query_key_value, ln_attn + ln_mlp, biases
@@ -74,6 +80,11 @@ def _configs() -> dict:
         # parallel block under one LayerNorm, interleaved rotary, per-head q/k LayerNorms,
         # logit_scale, tied head
         "cohere": _cohere(use_qk_norm=True),
+        # transformers runs it as Llama; the checkpoint has the hub's transformer.h.* names
+        "exaone": _exaone(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                           "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 64}),
     }
 
 
@@ -92,7 +103,27 @@ def _variant_configs() -> dict:
         "olmo2-mha-tied": _olmo2(num_key_value_heads=4, tie_word_embeddings=True),
         "cohere-no-qk-norm-untied-bias": _cohere(tie_word_embeddings=False,
                                                  attention_bias=True, logit_scale=0.0625),
+        "exaone-tied": _exaone(tie_word_embeddings=True),
     }
+
+
+# the architecture name of a hub checkpoint where transformers loads another class
+_HUB_ARCHITECTURE = {"exaone": "ExaoneForCausalLM"}
+
+
+def _build(arch: str) -> str:
+    """The tiny checkpoint of ``arch``; EXAONE's config.json names the hub architecture
+    (transformers saves it as LlamaForCausalLM, with the hub's weight names)."""
+    import json
+    if arch == "internlm2":
+        return str(build_tiny_internlm2())
+    path = build_tiny_checkpoint(arch, _configs()[arch])
+    if arch in _HUB_ARCHITECTURE:
+        config = json.loads((path / "config.json").read_text())
+        if config["architectures"] != [_HUB_ARCHITECTURE[arch]]:
+            config["architectures"] = [_HUB_ARCHITECTURE[arch]]
+            (path / "config.json").write_text(json.dumps(config, indent=1))
+    return str(path)
 
 
 # InternLM2 has no transformers class: its oracle is tests/models/internlm2_reference.py and
@@ -108,9 +139,7 @@ def arch(request) -> str:
 
 @pytest.fixture(scope="module")
 def model_path(arch) -> str:
-    if arch == "internlm2":
-        return str(build_tiny_internlm2())
-    return str(build_tiny_checkpoint(arch, _configs()[arch]))
+    return _build(arch)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +234,8 @@ def test_state_dict_logits_match_hf(variant):
     last-position log-probabilities."""
     from pagedllm.models.registry import resolve_model_class
     hf, state = _hf_state(variant)
-    model = resolve_model_class([type(hf).__name__])(hf.config, 512)
+    architecture = _HUB_ARCHITECTURE.get(hf.config.model_type, type(hf).__name__)
+    model = resolve_model_class([architecture])(hf.config, 512)
     assert model.load_weights(state.items()) == set(dict(model.named_parameters()))
     prompts = _prompts()
     ours = _prefill_logprobs(model, hf.config, prompts)
