@@ -16,6 +16,8 @@ exercise each architecture's own pieces (see ``_configs``). For each checkpoint:
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -291,7 +293,6 @@ def _quantized_copy(arch: str, method: str, out) -> dict:
     weight replaced by its dequantized values)."""
     import json
     import shutil
-    from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
@@ -336,3 +337,20 @@ def test_quantized_fused_qkv_checkpoint_matches_oracle(arch, method, tmp_path):
         hf.generation_config.pad_token_id = 0
         expected = _hf_greedy(hf, prompts)
     assert tokens == expected
+
+
+def test_unknown_architecture_error_lists_these(tmp_path):
+    from pagedllm.entrypoints.llm import LLM
+    path = _build("falcon")
+    for item in Path(path).iterdir():
+        (tmp_path / item.name).symlink_to(item)
+    (tmp_path / "config.json").unlink()
+    config = (Path(path) / "config.json").read_text().replace('"FalconForCausalLM"',
+                                                               '"NoSuchForCausalLM"')
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ValueError, match=r"NoSuchForCausalLM.*not supported; supported: "
+                                         r".*CohereForCausalLM.*ExaoneForCausalLM.*"
+                                         r"FalconForCausalLM.*GPTJForCausalLM.*"
+                                         r"InternLM2ForCausalLM.*Olmo2ForCausalLM.*"
+                                         r"OlmoForCausalLM"):
+        LLM(model=str(tmp_path), dtype="float32")
