@@ -13,7 +13,7 @@ Tensor and pipeline parallel through ``HiddenStack``; quant prefixes as Llama's.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -17,7 +17,7 @@ What differs from Llama:
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -27,8 +27,12 @@ from pagedllm.attention.layer import Attention
 from pagedllm.distributed import is_last_stage
 from pagedllm.layers.activation import get_act_fn
 from pagedllm.layers.logits import pipeline_logits
-from pagedllm.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                      RowParallelLinear)
+from pagedllm.layers.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from pagedllm.layers.rotary import get_rope
 from pagedllm.models.stack import HiddenStack
 from pagedllm.models.utils import fused_qkv_layout, grouped_qkv_splitter, load_weights

@@ -14,7 +14,7 @@ parallel through ``HiddenStack``.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -24,8 +24,12 @@ from pagedllm.attention.layer import Attention
 from pagedllm.distributed import is_last_stage
 from pagedllm.layers.activation import get_act_fn
 from pagedllm.layers.logits import pipeline_logits
-from pagedllm.layers.parallel import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                      RowParallelLinear)
+from pagedllm.layers.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.models.stack import HiddenStack
 from pagedllm.models.utils import load_weights

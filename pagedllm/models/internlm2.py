@@ -13,7 +13,7 @@ Rotary (neox style, ``rope_theta``, linear or dynamic ``rope_scaling``) as Llama
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -22,12 +22,19 @@ from pagedllm.attention.backend import ForwardContext
 from pagedllm.attention.layer import Attention
 from pagedllm.layers.activation import ActAndMul
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.layers.parallel import (MergedColumnParallelLinear, QKVParallelLinear,
-                                      RowParallelLinear)
+from pagedllm.layers.parallel import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from pagedllm.layers.rotary import get_rope
 from pagedllm.models.llama import LlamaForCausalLM, LlamaModel
-from pagedllm.models.utils import (fused_qkv_layout, grouped_qkv_splitter, load_weights,
-                                   tie_or_skip)
+from pagedllm.models.utils import (
+    fused_qkv_layout,
+    grouped_qkv_splitter,
+    load_weights,
+    tie_or_skip,
+)
 
 STACKED = [("gate_up_proj", "w1", "gate"), ("gate_up_proj", "w3", "up")]
 _RENAMES = (("model.tok_embeddings.", "model.embed_tokens."), ("output.", "lm_head."))

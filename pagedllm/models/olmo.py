@@ -19,8 +19,13 @@ from torch import nn
 
 from pagedllm.attention.backend import ForwardContext
 from pagedllm.layers.norm import RMSNorm, ShardedRMSNorm
-from pagedllm.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM,
-                                   LlamaMLP, LlamaModel)
+from pagedllm.models.llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+)
 from pagedllm.models.starcoder2 import ResidualLayerNorm
 
 

@@ -8,14 +8,18 @@ a pipeline stage can tell which tensors another stage holds.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from pagedllm.attention.backend import ForwardContext
-from pagedllm.distributed import (is_first_stage, is_last_stage, recv_from_prev_stage,
-                                  send_to_next_stage)
+from pagedllm.distributed import (
+    is_first_stage,
+    is_last_stage,
+    recv_from_prev_stage,
+    send_to_next_stage,
+)
 from pagedllm.layers.parallel import VocabParallelEmbedding, stage_layer_list
 
 

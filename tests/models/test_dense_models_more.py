@@ -21,18 +21,27 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.models.internlm2_reference import CONFIG as INTERNLM2_CONFIG
+from tests.models.internlm2_reference import (
+    build_tiny_internlm2,
+    random_state,
+    reference_greedy,
+    reference_logits,
+)
 from tests.models.test_models_vs_hf import _prompts
-from tests.models.test_moe_models import (MAX_TOKENS, _hf_from_config, _hf_greedy,
-                                          _prefill_logprobs, _shared_prefix_prompts,
-                                          build_tiny_checkpoint)
-from tests.models.internlm2_reference import (CONFIG as INTERNLM2_CONFIG, random_state,
-                                              reference_greedy, reference_logits,
-                                              build_tiny_internlm2)
+from tests.models.test_moe_models import (
+    MAX_TOKENS,
+    _hf_from_config,
+    _hf_greedy,
+    _prefill_logprobs,
+    _shared_prefix_prompts,
+    build_tiny_checkpoint,
+)
 from tests.utils.tiny_models import VOCAB_SIZE
 
-_BASE = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=512, bos_token_id=1,
-             eos_token_id=2, pad_token_id=0, hidden_size=64, num_attention_heads=4,
-             num_hidden_layers=2)
+_BASE = {"vocab_size": VOCAB_SIZE, "max_position_embeddings": 512, "bos_token_id": 1,
+             "eos_token_id": 2, "pad_token_id": 0, "hidden_size": 64, "num_attention_heads": 4,
+             "num_hidden_layers": 2}
 
 
 def _falcon(**kwargs):
@@ -254,8 +263,8 @@ def test_falcon_alibi_is_a_startup_error_naming_alibi():
         resolve_model_class(["FalconForCausalLM"])(config, 512)
 
 
-@pytest.mark.parametrize("variant", [dict(bias=False), dict(num_key_value_heads=1),
-                                     dict(num_key_value_heads=4, tie_word_embeddings=True)],
+@pytest.mark.parametrize("variant", [{"bias": False}, {"num_key_value_heads": 1},
+                                     {"num_key_value_heads": 4, "tie_word_embeddings": True}],
                          ids=["no-bias", "one-kv-head", "mha-tied"])
 def test_internlm2_state_dict_logits_match_reference(variant):
     """Other InternLM2 shapes: the hub-named state dict loads every parameter (a tied head
