@@ -160,18 +160,29 @@ def flags(arch) -> dict:
 
 @pytest.fixture(scope="module")
 def oracle(arch, model_path):
-    """prompts -> greedy tokens of the oracle (HF fp32 CPU, or the InternLM2 reference)."""
+    """prompts -> greedy tokens of the oracle (HF fp32 CPU, or the InternLM2 reference),
+    computed once per prompt list."""
     if arch == "internlm2":
         from safetensors.torch import load_file
         state = load_file(f"{model_path}/model.safetensors")
-        return lambda prompts: reference_greedy(state, prompts, MAX_TOKENS)
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                 attn_implementation="eager")
-    model.generation_config.eos_token_id = None  # ignore EOS, as ignore_eos does
-    model.generation_config.pad_token_id = 0
-    model.eval()
-    return lambda prompts: _hf_greedy(model, prompts)
+        run = lambda prompts: reference_greedy(state, prompts, MAX_TOKENS)
+    else:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                     attn_implementation="eager")
+        model.generation_config.eos_token_id = None  # ignore EOS, as ignore_eos does
+        model.generation_config.pad_token_id = 0
+        model.eval()
+        run = lambda prompts: _hf_greedy(model, prompts)
+    cache: dict = {}
+
+    def greedy(prompts: list[list[int]]) -> list[list[int]]:
+        key = tuple(map(tuple, prompts))
+        if key not in cache:
+            cache[key] = run(prompts)
+        return cache[key]
+
+    return greedy
 
 
 def _generate(model_path: str, prompts: list[list[int]], min_preemptions: int = 0,
