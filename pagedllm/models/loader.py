@@ -17,7 +17,8 @@ from torch import nn
 
 from pagedllm.distributed import get_tp_size
 from pagedllm.layers.linear import MergedLinear
-from pagedllm.models.registry import require_support, resolve_model_class
+from pagedllm.models.registry import (require_support, resolve_model_class,
+                                      supported_architectures)
 
 
 def _matches(path: str, root: str, patterns: list[str]) -> bool:
@@ -82,6 +83,12 @@ def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3,
             param.data.uniform_(low, high, generator=generators[device])
 
 
+def _quantizable_architectures() -> list[str]:
+    """Architectures whose class declares ``supports_quantization`` in its own body."""
+    return [arch for arch in supported_architectures()
+            if resolve_model_class([arch]).__dict__.get("supports_quantization", False)]
+
+
 def _build(model_class, model_config) -> nn.Module:
     """The model, with the quant config for classes that declare quantization support (in
     their own body: a subclass adding e.g. MoE experts has layers no quant method covers)."""
@@ -90,8 +97,8 @@ def _build(model_class, model_config) -> nn.Module:
         return model_class(model_config.hf_config, model_config.max_model_len)
     if not model_class.__dict__.get("supports_quantization", False):
         raise ValueError(f"{model_class.__name__} does not support --quantization "
-                         f"{quant_config.name} yet; quantized checkpoints load for the Llama, "
-                         "Mistral, Qwen2/3, Gemma/Gemma 2, Phi-3, OPT and GPT-2 families")
+                         f"{quant_config.name} yet; quantized checkpoints load for "
+                         f"{', '.join(_quantizable_architectures())}")
     return model_class(model_config.hf_config, model_config.max_model_len,
                        quant_config=quant_config)
 

@@ -374,3 +374,17 @@ def test_unknown_architecture_error_lists_these(tmp_path):
                                          r"InternLM2ForCausalLM.*Olmo2ForCausalLM.*"
                                          r"OlmoForCausalLM"):
         LLM(model=str(tmp_path), dtype="float32")
+
+
+def test_quantization_refusal_lists_the_quantizable_architectures():
+    """A class without quantization support (StarCoder2 here) names the ones that have it."""
+    from pagedllm.entrypoints.llm import LLM
+    from tests.models.test_dense_models_new import _configs as other_configs
+    path = build_tiny_checkpoint("starcoder2", other_configs()["starcoder2"])
+    with pytest.raises(ValueError, match=r"Starcoder2ForCausalLM does not support --quantization"
+                                         r" fp8 yet; quantized checkpoints load for .*"
+                                         r"CohereForCausalLM.*ExaoneForCausalLM.*"
+                                         r"FalconForCausalLM.*GPTJForCausalLM.*"
+                                         r"InternLM2ForCausalLM.*LlamaForCausalLM.*"
+                                         r"Olmo2ForCausalLM.*OlmoForCausalLM"):
+        LLM(model=str(path), dtype="float32", quantization="fp8")
