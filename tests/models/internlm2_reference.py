@@ -118,16 +118,17 @@ def build_tiny_internlm2(root: Path = CACHE_DIR) -> Path:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
 def _rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """x [T, heads, head_dim]: neox rotation at positions 0..T-1."""
+    """x [T, heads, head_dim]: neox rotation at positions 0..T-1 (tables in fp32)."""
     t, _, d = x.shape
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))
-    freqs = torch.outer(torch.arange(t).float(), inv_freq)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device).float() / d))
+    freqs = torch.outer(torch.arange(t, device=x.device).float(), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+    cos, sin = emb.cos()[:, None].to(x.dtype), emb.sin()[:, None].to(x.dtype)
     rotated = torch.cat((-x[..., d // 2:], x[..., :d // 2]), dim=-1)
     return x * cos + rotated * sin
 
@@ -141,15 +142,18 @@ def _attention(state: dict, p: str, h: torch.Tensor, config: dict) -> torch.Tens
     k = _rope(qkv[:, :, -2], config["rope_theta"]).repeat_interleave(group, dim=1)
     v = qkv[:, :, -1].repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(head_dim)
-    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-    out = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(t, heads * head_dim)
+    future = torch.ones(t, t, dtype=torch.bool, device=h.device).triu(1)
+    probs = scores.masked_fill(future, float("-inf")).float().softmax(-1).to(v.dtype)
+    out = torch.einsum("hqk,khd->qhd", probs, v).reshape(t, heads * head_dim)
     return F.linear(out, state[p + "attention.wo.weight"], state.get(p + "attention.wo.bias"))
 
 
-def reference_logits(state: dict, ids: list[int], config: dict = CONFIG) -> torch.Tensor:
-    """Next-token logits [vocab] after ``ids``."""
+def reference_forward(state: dict, ids: list[int], config: dict = CONFIG) -> torch.Tensor:
+    """Logits [len(ids), vocab] at every position of ``ids`` (on the state's device and in
+    its dtype; norms in fp32)."""
     eps = config["rms_norm_eps"]
-    x = state["model.tok_embeddings.weight"][torch.tensor(ids)]
+    emb = state["model.tok_embeddings.weight"]
+    x = emb[torch.tensor(ids, device=emb.device)]
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         x = x + _attention(state, p, _rms(x, state[p + "attention_norm.weight"], eps), config)
@@ -157,8 +161,12 @@ def reference_logits(state: dict, ids: list[int], config: dict = CONFIG) -> torc
         gate = F.silu(F.linear(h, state[p + "feed_forward.w1.weight"]))
         x = x + F.linear(gate * F.linear(h, state[p + "feed_forward.w3.weight"]),
                          state[p + "feed_forward.w2.weight"])
-    x = _rms(x, state["model.norm.weight"], eps)
-    return F.linear(x[-1], state["output.weight"])
+    return F.linear(_rms(x, state["model.norm.weight"], eps), state["output.weight"])
+
+
+def reference_logits(state: dict, ids: list[int], config: dict = CONFIG) -> torch.Tensor:
+    """Next-token logits [vocab] after ``ids``."""
+    return reference_forward(state, ids, config)[-1]
 
 
 def reference_greedy(state: dict, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -13,6 +13,11 @@ exercise each architecture's own pieces (see ``_configs``). For each checkpoint:
 2. Last-position log-probabilities of one batched prefill equal HF's forward (atol 1e-4)
    for config variants the checkpoints do not cover (the other Falcon decoder layouts, ...),
    loading HF's in-memory state dict.
+3. GPTQ / AWQ checkpoints of the packed q/k/v layouts (InternLM2 ``wqkv``, Falcon's grouped
+   ``query_key_value``) give the oracle's tokens on the dequantized weights.
+4. On CUDA (skipped without): bf16 against the oracle in bf16, teacher-forced.
+5. Start-up errors: Falcon ``alibi``, an unknown architecture, ``--quantization`` on a class
+   without it (each lists what is supported).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from tests.models.internlm2_reference import CONFIG as INTERNLM2_CONFIG
 from tests.models.internlm2_reference import (
     build_tiny_internlm2,
     random_state,
+    reference_forward,
     reference_greedy,
     reference_logits,
 )
@@ -388,3 +394,51 @@ def test_quantization_refusal_lists_the_quantizable_architectures():
                                          r"InternLM2ForCausalLM.*LlamaForCausalLM.*"
                                          r"Olmo2ForCausalLM.*OlmoForCausalLM"):
         LLM(model=str(path), dtype="float32", quantization="fp8")
+
+
+class _ReferenceModel:
+    """The InternLM2 reference behind HF's call interface (``model(ids).logits``)."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def __call__(self, ids: torch.Tensor):
+        from types import SimpleNamespace
+        return SimpleNamespace(logits=reference_forward(self.state, ids[0].tolist())[None])
+
+
+def _cuda_bf16_oracle(arch: str, path: str):
+    if arch == "internlm2":
+        from safetensors.torch import load_file
+        return _ReferenceModel({k: v.to("cuda", torch.bfloat16) for k, v in
+                                load_file(f"{path}/model.safetensors").items()})
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                attn_implementation="eager").cuda().eval()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("gpu_arch", ARCHITECTURES)
+def test_cuda_bf16_matches_oracle_teacher_forced(gpu_arch, monkeypatch):
+    """The CUDA path (Triton attention, CUDA graphs, GEMV at batch 1) in bf16 against the
+    oracle in bf16 on the same GPU, by the rule of ``tests/e2e/test_gpu_bf16.py``: each of
+    our greedy tokens is the oracle's argmax within 0.1 and its logprob within 0.1."""
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.layers import fused
+    from tests.e2e.test_gpu_bf16 import _check_against_hf
+    from tests.e2e.test_gpu_bf16 import _prompts as gpu_prompts
+    monkeypatch.setattr(fused, "_GEMV", "all")  # the tiny shapes are not tuned ones
+    path = _build(gpu_arch)
+    oracle = _cuda_bf16_oracle(gpu_arch, path)
+    flags = {"trust_remote_code": True} if gpu_arch in REMOTE_CODE else {}
+    llm = LLM(model=path, dtype="bfloat16", max_model_len=128, gpu_memory_utilization=0.3,
+              **flags)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+    prompts = gpu_prompts()
+    for batch in ([prompts[0]], prompts):  # one row: GEMV path; three rows: cuBLAS
+        outs = llm.generate(prompt_token_ids=batch, sampling_params=params, use_tqdm=False)
+        for i, out in enumerate(outs):
+            tokens = list(out.outputs[0].token_ids)
+            lps = [d[t].logprob for d, t in zip(out.outputs[0].logprobs, tokens)]
+            _check_against_hf(oracle, batch[i], tokens, lps,
+                              f"{gpu_arch} batch {len(batch)} row {i}")
