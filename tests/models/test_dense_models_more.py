@@ -121,6 +121,9 @@ def _variant_configs() -> dict:
         "cohere-no-qk-norm-untied-bias": _cohere(tie_word_embeddings=False,
                                                  attention_bias=True, logit_scale=0.0625),
         "exaone-tied": _exaone(tie_word_embeddings=True),
+        # one KV head: replicated on both ranks at tp=2 (see test_tp2_replicated_kv_head)
+        "olmo2-one-kv-head": _olmo2(num_key_value_heads=1),
+        "cohere-one-kv-head": _cohere(num_key_value_heads=1, use_qk_norm=True),
     }
 
 
@@ -247,6 +250,22 @@ def test_pp2_matches_hf(model_path, flags, oracle):
                        enable_chunked_prefill=True, max_num_batched_tokens=8, max_num_seqs=4,
                        **flags)
     assert tokens == oracle(prompts)
+
+
+@pytest.mark.parametrize("variant", ["falcon-multi-query-parallel", "olmo2-one-kv-head",
+                                     "cohere-one-kv-head"])
+def test_tp2_replicated_kv_head_matches_hf(variant):
+    """One KV head at tensor-parallel size 2: both ranks hold it (falcon-7b's multi-query
+    layout; OLMo 2's whole-projection k norm counts it once per rank; Cohere's per-head
+    k norm row goes to both)."""
+    path = str(build_tiny_checkpoint(variant, _variant_configs()[variant]))
+    hf = _hf_from_config(_variant_configs()[variant])
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    prompts = _prompts()
+    tokens = _generate(path, prompts, tensor_parallel_size=2, device="cpu",
+                       num_gpu_blocks_override=64, max_model_len=256)
+    assert tokens == _hf_greedy(hf, prompts)
 
 
 def _hf_state(variant: str):
