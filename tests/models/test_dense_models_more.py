@@ -461,3 +461,32 @@ def test_cuda_bf16_matches_oracle_teacher_forced(gpu_arch, monkeypatch):
             lps = [d[t].logprob for d, t in zip(out.outputs[0].logprobs, tokens)]
             _check_against_hf(oracle, batch[i], tokens, lps,
                               f"{gpu_arch} batch {len(batch)} row {i}")
+
+
+def test_exaone_hub_names_and_remote_config_attributes_load():
+    """The hub's remote-code config spells ``num_layers`` / ``layer_norm_epsilon`` /
+    ``activation_function``; with those names (and no Llama ones) the model builds, loads
+    the hub's ``transformer.h.*`` tensors and gives HF's log-probabilities."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from pagedllm.models.registry import resolve_model_class
+    path = _build("exaone")
+    hf, _ = _hf_state("exaone")  # seeded: the weights the checkpoint was saved with
+    config = {k: v for k, v in hf.config.to_dict().items()
+              if k not in ("rms_norm_eps", "hidden_act", "num_hidden_layers")}
+    # the remote config maps num_hidden_layers onto num_layers (attribute_map)
+    config.update(layer_norm_epsilon=hf.config.rms_norm_eps,
+                  activation_function=hf.config.hidden_act, num_layers=2, num_hidden_layers=2)
+    remote = SimpleNamespace(**config)
+    model = resolve_model_class(["ExaoneForCausalLM"])(remote, 512)
+    state = load_file(f"{path}/model.safetensors")
+    assert any(name.startswith("transformer.h.0.attn.attention.") for name in state)
+    assert model.load_weights(state.items()) == set(dict(model.named_parameters()))
+    prompts = _prompts()
+    ours = _prefill_logprobs(model, remote, prompts)
+    with torch.no_grad():
+        for i, ids in enumerate(prompts):
+            theirs = torch.log_softmax(hf(torch.tensor([ids])).logits[0, -1].float(), -1)
+            torch.testing.assert_close(ours[i], theirs, atol=1e-4, rtol=0)
