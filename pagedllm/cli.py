@@ -35,12 +35,15 @@ _SAMPLING_FLAGS = {
 
 
 def _add_model_tag(parser: argparse.ArgumentParser) -> None:
-    """Positional MODEL_TAG; call after the engine flags so the --model default is replaced."""
+    """Positional MODEL_TAG; call after the engine flags so the --model default is replaced.
+    Its help lists the registered architectures (the registry imports no model code)."""
+    from pagedllm.models.registry import supported_architectures
     parser.add_argument(
         "model_tag", nargs="?", default=None, metavar="MODEL_TAG",
         help="Model directory or Hugging Face repo id; overrides --model. Default when neither "
         f"is given: the bundled demo model ({DEMO_MODEL_DIR}), since --model's own default "
-        "(facebook/opt-125m) needs the network.")
+        "(facebook/opt-125m) needs the network. Supported architectures (config.json "
+        f"\"architectures\"): {', '.join(supported_architectures())}.")
     parser.set_defaults(model=None)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from pagedllm.distributed import get_tp_size
 from pagedllm.layers.linear import MergedLinear
 from pagedllm.models.registry import (architectures_supporting, require_support,
-                                      resolve_model_class)
+                                      resolve_model_class, supported_architectures)
 
 
 def _matches(path: str, root: str, patterns: list[str]) -> bool:
@@ -92,6 +92,12 @@ def require_expert_quantization(model_class, method: str) -> None:
                          f"{', '.join(architectures_supporting('expert_quantization'))}")
 
 
+def _quantizable_architectures() -> list[str]:
+    """Architectures whose class declares ``supports_quantization`` in its own body."""
+    return [arch for arch in supported_architectures()
+            if resolve_model_class([arch]).__dict__.get("supports_quantization", False)]
+
+
 def _build(model_class, model_config) -> nn.Module:
     """The model, with the quant config for classes that declare quantization support (in
     their own body: a subclass adding e.g. MoE experts has layers no quant method covers);
@@ -103,8 +109,8 @@ def _build(model_class, model_config) -> nn.Module:
         require_expert_quantization(model_class, quant_config.name)
     elif not model_class.__dict__.get("supports_quantization", False):
         raise ValueError(f"{model_class.__name__} does not support --quantization "
-                         f"{quant_config.name} yet; quantized checkpoints load for the Llama, "
-                         "Mistral, Qwen2/3, Gemma/Gemma 2, Phi-3, OPT and GPT-2 families")
+                         f"{quant_config.name} yet; quantized checkpoints load for "
+                         f"{', '.join(_quantizable_architectures())}")
     return model_class(model_config.hf_config, model_config.max_model_len,
                        quant_config=quant_config)
 
