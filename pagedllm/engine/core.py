@@ -57,6 +57,7 @@ from pagedllm.core.scheduler_output import SchedulerOutput, TokenLogprobs
 from pagedllm.engine.stats import StatLogger
 from pagedllm.engine.timeline import Timeline
 from pagedllm.executor import make_executor
+from pagedllm.gc_tuning import tune_gc
 from pagedllm.guided.service import GuideService
 from pagedllm.lora import LoRACache, LoRARequest, projection_shapes
 from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
@@ -157,6 +158,7 @@ class EngineCore:
         self.guided_compiler = None  # built on the first guided request (needs a tokenizer)
         self._pending: dict[str, tuple[CoreRequest, Future]] = {}  # compiling constraints
         self._setup_overlap(config)
+        tune_gc()  # the model is loaded: freeze it out of the collector's way
 
     def _make_scheduler(self, config) -> Scheduler:
         mc, sc = config.model, config.scheduler

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagedllm
 from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.gc_tuning import tune_gc
 from pagedllm.logging_setup import configure_logging
 from pagedllm.engine.inputs import load_tokenizer
 from pagedllm.entrypoints.openai.cli_args import ServerConfig, server_config_from_args
@@ -396,6 +397,7 @@ def run_server(args: argparse.Namespace) -> None:
         engine.shutdown()
         raise
     logger.info("engine and front end ready in %.1f s", time.perf_counter() - start)
+    tune_gc()  # this process streams every token: keep collector pauses short
     host = server.host if server.host is not None else "0.0.0.0"
     logger.info("serving %s on http://%s:%d", engine.config.model.served_model_names[0],
                 host, server.port)
