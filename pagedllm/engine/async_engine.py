@@ -35,7 +35,8 @@ import torch
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.inputs import PromptInputs
 from pagedllm.engine.tokenizer_pool import pretokenize
-from pagedllm.outputs import RequestOutput, merge_delta_outputs
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput, merge_delta_outputs
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("pagedllm.engine.async")
@@ -74,7 +75,10 @@ class RequestStats:
         return max(self._seen.values(), default=0)
 
     def count_new_tokens(self, output: RequestOutput) -> int:
-        """Tokens generated since the last output, for DELTA and cumulative outputs alike."""
+        """Tokens generated since the last output, for DELTA and cumulative outputs alike
+        (none for a pooling request's output)."""
+        if isinstance(output, EmbeddingRequestOutput):
+            return 0
         delta = self.params.output_kind == RequestOutputKind.DELTA
         num_new = 0
         for completion in output.outputs:
@@ -115,7 +119,8 @@ class RequestStream:
         if isinstance(item, BaseException):
             self.finished = True
             raise item
-        if not self._queue.empty() and self.stats.params.output_kind == RequestOutputKind.DELTA:
+        if not self._queue.empty() and \
+                getattr(self.stats.params, "output_kind", None) == RequestOutputKind.DELTA:
             item = self._coalesce(item)  # the reader fell behind: one chunk for all pending
         if item.finished:
             self.finished = True
@@ -248,6 +253,13 @@ class AsyncLLMEngine:
             if not stream.finished:
                 self.abort(request_id)
 
+    async def encode(self, prompt: PromptInputs, params: PoolingParams, request_id: str,
+                     priority: int = 0) -> AsyncIterator[EmbeddingRequestOutput]:
+        """vLLM 0.6.3's ``encode``: a pooling request's one output (embedding models);
+        leaving early (or a disconnect) aborts it."""
+        async for output in self.generate(prompt, params, request_id, priority=priority):
+            yield output
+
     def abort(self, request_id: str) -> None:
         """Abort a request (e.g. the client went away): the engine frees its KV blocks.
 
@@ -311,7 +323,9 @@ class AsyncLLMEngine:
         if num_new:
             stats.first_token_time = stats.first_token_time or now
             stats.last_token_time = now
-        if output is not None and output.finished:
+        if isinstance(output, EmbeddingRequestOutput):
+            stats.finish_reasons = ["stop"]  # its prompt ran: the request is complete
+        elif output is not None and output.finished:
             stats.finish_reasons = [c.finish_reason or "abort" for c in output.outputs]
         for listener in self.stat_listeners:
             try:

@@ -1,0 +1,20 @@
+"""Per-request parameters of a pooling (embedding) request: vLLM 0.6.3's ``PoolingParams``.
+
+A pooling request runs its prompt once (prefill only) and answers the model's pooled hidden
+state instead of sampled tokens; ``LLM.encode`` and ``/v1/embeddings`` send one. 0.6.3 has a
+single field, ``additional_data``: opaque to the engine, handed through for models that read
+it (none of the built-in poolers does, there or here).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class PoolingParams:
+    additional_data: Any | None = None
+
+    def clone(self) -> "PoolingParams":
+        return copy.deepcopy(self)
