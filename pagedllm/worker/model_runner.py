@@ -195,8 +195,7 @@ class ModelRunner:
             if req_id in so.spec_token_ids:  # logits at the last token and every draft token
                 specs.append(SpecRows(state, so.spec_token_ids[req_id], len(spec_rows)))
                 spec_rows.extend(range(row - num_sched[req_id], row))
-            elif state.pooling_params is None and \
-                    state.num_computed_tokens + num_sched[req_id] >= len(state.token_ids):
+            elif state.num_computed_tokens + num_sched[req_id] >= len(state.token_ids):
                 logits_rows.append(row - 1)
                 sampling_req_ids.append(req_id)
         meta = AttentionMetadata(bs, self._tensor(slots), len(decodes), *decode_meta,

@@ -105,7 +105,6 @@ class Worker:
                         "stages are not captured); steps run eagerly")
         elif self.device.type == "cuda" and not mc.enforce_eager and \
                 self.runner.backend.name == "triton" and self.runner.pooler is None:
-            # (a pooling model runs prompts only: nothing decodes under a graph)
             graphs = CUDAGraphRunner(self.model, cache.gpu_cache, self.runner.backend,
                                      cc.block_size, config.scheduler.max_num_seqs,
                                      mc.max_seq_len_to_capture, self.device,
