@@ -48,9 +48,9 @@ def hf_reference(path, token_ids: list[int]) -> torch.Tensor:
         return torch.nn.functional.normalize(hidden[-1], p=2, dim=-1)
 
 
-@pytest.mark.parametrize("name", ["mistral-embed", "llama-embed", "gemma2-embed",
-                                  "qwen2-reward"])
-@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("name, chunked", [
+    ("mistral-embed", False), ("llama-embed", False), ("gemma2-embed", False),
+    ("qwen2-reward", False), ("mistral-embed", True), ("qwen2-reward", True)])
 def test_encode_equals_hf(name, chunked):
     """``LLM.encode`` (vLLM 0.6.3: ``outputs.embedding`` of each ``EmbeddingRequestOutput``)
     equals HF's pooled hidden states, also when prompts are prefilled in chunks of 4 tokens
@@ -69,6 +69,36 @@ def test_encode_equals_hf(name, chunked):
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     if name != "qwen2-reward":
         assert abs(torch.tensor(outputs[0].outputs.embedding).norm().item() - 1) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton attention)")
+@pytest.mark.parametrize("name", ["mistral-embed", "qwen2-reward"])
+def test_encode_equals_hf_on_cuda(name):
+    """The GPU path (Triton prefill attention, packed prefills of different lengths, graphs
+    off for pooling models): fp32 results equal HF's on the CPU."""
+    path = build_tiny_embedding_model(name)
+    llm = LLM(model=str(path), dtype="float32", max_model_len=MAX_MODEL_LEN)
+    for output in llm.encode(PROMPTS):
+        expected = hf_reference(path, output.prompt_token_ids)
+        torch.testing.assert_close(torch.tensor(output.outputs.embedding), expected,
+                                   atol=1e-4, rtol=0)
+
+
+def test_pool_rows_kept_across_preemption():
+    """ALL pooling with chunked prefill keeps each chunk's rows in the runner; a preempted
+    request resumes with the rows before its computed count (a swap keeps them all, a
+    recompute none), and a gap is an error rather than a wrong answer."""
+    from pagedllm.worker.model_runner import ModelRunner
+    runner = ModelRunner.__new__(ModelRunner)
+    chunks = [torch.full((4, 1), 1.0), torch.full((4, 1), 2.0)]
+    runner._pool_rows = {"r": list(chunks)}
+    runner._resume_pool_rows("r", 8)  # swapped back in: both chunks stay
+    assert [c[0, 0].item() for c in runner._pool_rows["r"]] == [1.0, 2.0]
+    runner._resume_pool_rows("r", 0)  # recomputed from the start: nothing is kept
+    assert "r" not in runner._pool_rows
+    runner._pool_rows = {"r": list(chunks)}
+    with pytest.raises(RuntimeError, match="rows of only 8"):
+        runner._resume_pool_rows("r", 12)
 
 
 def test_generate_and_encode_refuse_the_other_kind():
