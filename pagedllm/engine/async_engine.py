@@ -221,7 +221,8 @@ class AsyncLLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         arrival_time = time.time() if arrival_time is None else arrival_time
         # with --tokenizer-pool-size, text is tokenized here by the pool, not by the engine
-        prompt = await pretokenize(self._tokenizer_pool, prompt)
+        if lora_request is None:  # an adapter's text may need its own tokenizer
+            prompt = await pretokenize(self._tokenizer_pool, prompt)
         stream = RequestStream(request_id, RequestStats(request_id, arrival_time, params))
         self._streams[request_id] = stream
         done = self._loop.create_future()

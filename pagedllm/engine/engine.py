@@ -36,7 +36,8 @@ class LLMEngine:
         self.tokenizer = self.inputs.tokenizer
         self.core = EngineCore(config, log_stats, inputs=self.inputs)
         self.output_processor = OutputProcessor(self.tokenizer, config.model.max_model_len,
-                                                make_tracer(config))
+                                                make_tracer(config),
+                                                self.inputs.lora_tokenizers)
         self._per_token = config.scheduler.multi_step_stream_outputs
 
     @classmethod

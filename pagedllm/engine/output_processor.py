@@ -14,7 +14,7 @@ import time
 
 from pagedllm.core.request import RequestStatus
 from pagedllm.engine.core import CoreRequest, SeqDelta, seq_ids
-from pagedllm.engine.inputs import PromptInputs, PromptProcessor
+from pagedllm.engine.inputs import LoRATokenizers, PromptInputs, PromptProcessor
 from pagedllm.engine.sequence_group import PoolingGroup, Sequence, SequenceGroup, TokenDecoder
 from pagedllm.outputs import RequestOutput
 from pagedllm.pooling_params import PoolingParams
@@ -63,7 +63,7 @@ def prepare_request(config, inputs: PromptProcessor, request_id: str, prompt: Pr
                          "yet")
     if priority != 0 and config.scheduler.scheduling_policy != "priority":
         raise ValueError(f"priority={priority} needs --scheduling-policy priority")
-    text, token_ids = inputs.process(prompt)
+    text, token_ids = inputs.process(prompt, lora_request)
     params = params.clone()
     check_request_params(params, config.model.vocab_size, config.model.max_logprobs)
     if params.truncate_prompt_tokens is not None:
@@ -107,13 +107,29 @@ def _prepare_pooling(config, inputs: PromptProcessor, request_id: str, prompt: P
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, max_model_len: int, tracer=None) -> None:
+    def __init__(self, tokenizer, max_model_len: int, tracer=None,
+                 lora_tokenizers: LoRATokenizers | None = None) -> None:
+        """``lora_tokenizers``: a LoRA request whose adapter ships a tokenizer is
+        detokenized with it (vLLM 0.6.3's ``get_lora_tokenizer``)."""
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.tracer = tracer  # --otlp-traces-endpoint: one span per finished request
+        self.lora_tokenizers = lora_tokenizers
         self.groups: dict[str, SequenceGroup] = {}  # user request id -> its sequences
         self._seqs: dict[str, tuple[SequenceGroup, Sequence]] = {}  # sequence id -> seq
-        self._decoder = TokenDecoder(tokenizer)
+        self._decoders: dict[int, TokenDecoder] = {id(tokenizer): TokenDecoder(tokenizer)}
+
+    def _tokenizer_for(self, req: CoreRequest):
+        if self.lora_tokenizers is None or req.lora_request is None:
+            return self.tokenizer
+        return self.lora_tokenizers.get(req.lora_request)
+
+    def _decoder(self, group: SequenceGroup) -> TokenDecoder:
+        """Logprobs' ``decoded_token`` texts, by the group's tokenizer (cached per id)."""
+        decoder = self._decoders.get(id(group.tokenizer))
+        if decoder is None:
+            decoder = self._decoders[id(group.tokenizer)] = TokenDecoder(group.tokenizer)
+        return decoder
 
     def add(self, text: str | None, req: CoreRequest,
             trace_headers: dict[str, str] | None = None) -> SequenceGroup:
@@ -125,7 +141,8 @@ class OutputProcessor:
         else:
             group = SequenceGroup(req.request_id, req.params, text, req.prompt_token_ids,
                                   seq_ids(req.request_id, req.params.best_of),
-                                  req.arrival_time, self.max_model_len, self.tokenizer)
+                                  req.arrival_time, self.max_model_len,
+                                  self._tokenizer_for(req))
         group.trace_headers = trace_headers
         self.groups[req.request_id] = group
         for seq in group.seqs:
@@ -183,7 +200,7 @@ class OutputProcessor:
             state.scheduler_time, state.model_forward_time, state.model_execute_time = \
                 delta.trace_times
         if delta.prompt_logprobs is not None:
-            group.add_prompt_logprobs(*delta.prompt_logprobs, self._decoder)
+            group.add_prompt_logprobs(*delta.prompt_logprobs, self._decoder(group))
         if delta.pooled is not None:  # a pooling request's answer: it has finished
             group.pooled, state.status = delta.pooled, RequestStatus(delta.status)
             return True
@@ -195,7 +212,7 @@ class OutputProcessor:
         state.output_token_ids += new_ids
         for i in range(len(new_ids)):
             if delta.logprobs is not None:
-                group.add_logprobs(seq, delta.logprobs[i], self._decoder)
+                group.add_logprobs(seq, delta.logprobs[i], self._decoder(group))
             if self._detokenize(seq, first + i, stopped):
                 break
             if per_token and i < len(new_ids) - 1:

@@ -57,6 +57,10 @@ def _configs():
     return {
         "llama": LlamaConfig(**llama_like, tie_word_embeddings=False),
         "mistral": MistralConfig(**llama_like, sliding_window=None),
+        # embedding rows past the tokenizer (as padded vocabularies have): room for a LoRA
+        # adapter's added tokens
+        "llama-vocab576": LlamaConfig(**{**llama_like, "vocab_size": 576},
+                                      tie_word_embeddings=False),
         "qwen2": Qwen2Config(**llama_like, tie_word_embeddings=True),
         "qwen3": Qwen3Config(**llama_like, head_dim=32, tie_word_embeddings=True),
         "gemma": GemmaConfig(**llama_like, head_dim=32),

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import pagedllm
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.logging_setup import configure_logging
-from pagedllm.engine.inputs import load_tokenizer
+from pagedllm.engine.inputs import LoRATokenizers, load_tokenizer
 from pagedllm.entrypoints.openai.cli_args import ServerConfig, server_config_from_args
 from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
@@ -236,7 +236,8 @@ def _serving_context(engine: AsyncLLMEngine, server: ServerConfig) -> ServingCon
         prompt_adapters=prompt_adapter_requests(server.prompt_adapters,
                                                 engine.config.prompt_adapter),
         lora_modules=lora_module_requests(server.lora_modules, engine.config.lora,
-                                          config.hf_config))
+                                          config.hf_config),
+        lora_tokenizers=LoRATokenizers(config, tokenizer))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
