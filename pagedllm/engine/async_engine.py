@@ -255,11 +255,18 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     async def encode(self, prompt: PromptInputs, params: PoolingParams, request_id: str,
+                     lora_request=None, trace_headers: dict[str, str] | None = None,
                      priority: int = 0) -> AsyncIterator[EmbeddingRequestOutput]:
         """vLLM 0.6.3's ``encode``: a pooling request's one output (embedding models);
         leaving early (or a disconnect) aborts it."""
-        async for output in self.generate(prompt, params, request_id, priority=priority):
-            yield output
+        stream = await self.add_request(request_id, prompt, params, priority=priority,
+                                        trace_headers=trace_headers, lora_request=lora_request)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (e.g. the client went away): the engine frees its KV blocks.

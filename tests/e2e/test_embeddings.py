@@ -242,3 +242,32 @@ def test_run_batch_embeddings(embed_path, offline, tmp_path):
                                    atol=1e-6)
     assert results["dims"]["response"]["status_code"] == 400
     assert results["dims"]["error"]["message"] == "dimensions is currently not supported"
+
+
+@pytest.mark.parametrize("kind", ["thread", "core-process"])
+def test_async_engines_encode(embed_path, offline, kind):
+    """vLLM 0.6.3's ``AsyncLLMEngine.encode(prompt, pooling_params, request_id)``: one
+    ``EmbeddingRequestOutput`` per request, from the engine thread and from the engine core
+    in its own process alike, equal to ``LLM.encode``."""
+    import asyncio
+
+    from pagedllm.arg_utils import EngineArgs
+    from pagedllm.engine.async_engine import AsyncLLMEngine
+    from pagedllm.engine.async_mp_engine import AsyncMPLLMEngine
+    args = EngineArgs(model=embed_path, dtype="float32", max_model_len=MAX_MODEL_LEN)
+    engine = (AsyncLLMEngine if kind == "thread" else AsyncMPLLMEngine).from_engine_args(args)
+
+    async def encode_all():
+        async def one(i, prompt):
+            return [o async for o in engine.encode(prompt, PoolingParams(), f"r{i}")]
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS)))
+
+    try:
+        results = asyncio.run(encode_all())
+    finally:
+        engine.shutdown()
+    for outputs, expected in zip(results, offline.encode(PROMPTS)):
+        assert len(outputs) == 1 and outputs[0].finished
+        assert outputs[0].prompt_token_ids == expected.prompt_token_ids
+        np.testing.assert_allclose(outputs[0].outputs.embedding, expected.outputs.embedding,
+                                   atol=1e-6)
