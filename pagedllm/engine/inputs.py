@@ -52,18 +52,23 @@ class LoRATokenizers:
     or the base model's. Every user (front-end prompt encoding, detokenization, the server's
     /tokenize) keeps its own instance: fast tokenizers are not safe across threads."""
 
+    MAX_CACHED = 32  # adapters whose tokenizer stays loaded (least recently used go first)
+
     def __init__(self, model_config, base) -> None:
         self.model_config, self.base = model_config, base
-        self._loaded: dict[int, Any] = {}
+        self._loaded: dict[int, Any] = {}  # adapter id -> tokenizer, least recent first
 
     def get(self, lora_request=None):
         if lora_request is None or self.base is None:
             return self.base
         key = lora_request.lora_int_id
-        if key not in self._loaded:
-            self._loaded[key] = load_lora_tokenizer(self.model_config, lora_request.path) \
-                or self.base
-        return self._loaded[key]
+        tokenizer = self._loaded.pop(key, None)
+        if tokenizer is None:
+            tokenizer = load_lora_tokenizer(self.model_config, lora_request.path) or self.base
+            if len(self._loaded) >= self.MAX_CACHED:
+                del self._loaded[next(iter(self._loaded))]
+        self._loaded[key] = tokenizer
+        return tokenizer
 
 
 def _generation_eos_ids(model_path: str) -> set[int]:

@@ -69,10 +69,13 @@ class LLM:
     def encode(self, prompts: PromptInputs | Sequence[PromptInputs] | None = None,
                pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
                prompt_token_ids: list[list[int]] | None = None,
-               use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+               use_tqdm: bool = True, lora_request=None,
+               prompt_adapter_request: PromptAdapterRequest | None = None,
+               ) -> list[EmbeddingRequestOutput]:
         """vLLM 0.6.3's ``LLM.encode``: the pooled output of every prompt (an embedding
         model's ``outputs.embedding``), in prompt order. Each prompt runs once, prefill only,
-        through the same engine as ``generate``."""
+        through the same engine as ``generate``. ``lora_request`` / ``prompt_adapter_request``
+        (vLLM's signature) are refused: embedding requests run the base model."""
         if not self.llm_engine.config.model.embedding_mode:
             raise ValueError("LLM.encode() is only supported for embedding models (XModel); "
                              "this model is generative: use LLM.generate()")
@@ -85,7 +88,9 @@ class LLM:
                 raise ValueError(f"got {len(params)} pooling_params for {len(prompts)} "
                                  "prompts; pass one, or one per prompt")
         return self._run_engine(self._add_requests(
-            [dict(prompt=prompt, params=p) for prompt, p in zip(prompts, params)]), use_tqdm)
+            [dict(prompt=prompt, params=p, lora_request=lora_request,
+                  prompt_adapter_request=prompt_adapter_request)
+             for prompt, p in zip(prompts, params)]), use_tqdm)
 
     def _add_requests(self, requests: list[dict]) -> list[str]:
         """Add every request (keyword arguments of ``add_request``) under fresh ids; if one

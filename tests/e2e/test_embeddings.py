@@ -109,6 +109,9 @@ def test_generate_and_encode_refuse_the_other_kind():
                 max_model_len=MAX_MODEL_LEN)
     with pytest.raises(ValueError, match=r"LLM.generate\(\) is only supported for"):
         embed.generate(["Hello"])
+    from pagedllm import LoRARequest
+    with pytest.raises(ValueError, match="no prompt adapter or LoRA"):
+        embed.encode(["Hello"], lora_request=LoRARequest("x", 1, "/nonexistent"))
     embed.llm_engine.core.shutdown()
     generative = LLM(model=str(build_tiny_model("llama")), dtype="float32",
                      max_model_len=MAX_MODEL_LEN)

@@ -17,6 +17,7 @@ from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Optional
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, RequestStream
+from pagedllm.engine.inputs import LoRATokenizers
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionLogProb,
                                                   ChatCompletionLogProbs,
                                                   ChatCompletionLogProbsContent,
@@ -120,6 +121,8 @@ class OpenAIServing:
             for cached in ("_chars_per_token", "_template_sandbox"):
                 view.__dict__.pop(cached, None)
             view.tokenizer, view._adapter_views = tokenizer, {}
+            if len(self._adapter_views) >= LoRATokenizers.MAX_CACHED:  # oldest view first
+                del self._adapter_views[next(iter(self._adapter_views))]
             self._adapter_views[adapter.lora_int_id] = view
         return view
 
