@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from pagedllm import LLM
-from pagedllm.pooling_params import PoolingParams
+from pagedllm import PoolingParams
 from tests.utils.server import REPO_ROOT, RemoteServer
 from tests.utils.tiny_models import build_tiny_embedding_model, build_tiny_model
 
