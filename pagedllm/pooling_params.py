@@ -2,8 +2,9 @@
 
 A pooling request runs its prompt once (prefill only) and answers the model's pooled hidden
 state instead of sampled tokens; ``LLM.encode`` and ``/v1/embeddings`` send one. 0.6.3 has a
-single field, ``additional_data``: opaque to the engine, handed through for models that read
-it (none of the built-in poolers does, there or here).
+single field, ``additional_data``: opaque data for a model that reads it. None of the built-in
+poolers does (there or here), so it is accepted and stays with the caller's request; the
+engine core runs every pooling request the same way.
 """
 from __future__ import annotations
 

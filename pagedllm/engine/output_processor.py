@@ -95,14 +95,16 @@ def _prepare_pooling(config, inputs: PromptProcessor, request_id: str, prompt: P
                      params: PoolingParams, arrival_time: float | None, priority: int,
                      prompt_adapter_request, lora_request) -> tuple[str | None, CoreRequest]:
     """A pooling request: the prompt is tokenized and checked as for generation; it needs
-    no room for output (a prompt of max_model_len tokens fits)."""
+    no room for output (a prompt of max_model_len tokens fits). The core gets PoolingParams
+    without ``additional_data``: no pooler reads it, and a client's arbitrarily nested JSON
+    must not have to cross to the core process."""
     if priority != 0 and config.scheduler.scheduling_policy != "priority":
         raise ValueError(f"priority={priority} needs --scheduling-policy priority")
     if prompt_adapter_request is not None or lora_request is not None:
         raise ValueError("embedding requests take no prompt adapter or LoRA")
     text, token_ids = inputs.process(prompt)
     arrival_time = time.time() if arrival_time is None else arrival_time
-    return text, CoreRequest(request_id, list(token_ids), params.clone(), arrival_time,
+    return text, CoreRequest(request_id, list(token_ids), PoolingParams(), arrival_time,
                              priority)
 
 

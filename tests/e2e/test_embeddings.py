@@ -211,6 +211,12 @@ def test_server_rejections(client):
     ok = client.embeddings.create(model="embed", input="Hello", user="u1",
                                   extra_body={"additional_data": {"k": 1}})
     assert len(ok.data) == 1
+    deep: list = []
+    for _ in range(600):  # JSON parses it; pickling it to the core process would not
+        deep = [deep]
+    ok = client.embeddings.create(model="embed", input="Hello",
+                                  extra_body={"additional_data": deep})
+    assert len(ok.data) == 1
     with pytest.raises(openai.BadRequestError, match="embedding model"):
         client.completions.create(model="embed", prompt="Hello", max_tokens=2)
     too_long = list(range(3, 3 + MAX_MODEL_LEN + 1))

@@ -5,7 +5,8 @@ answering the pooled hidden state of its prompt. Fields as 0.6.3's ``EmbeddingRe
 ``input`` (a string, a list of strings, token ids, or a list of token-id lists),
 ``encoding_format`` (``float``, or ``base64``: the float32 bytes, as the ``openai`` client
 decodes them), ``dimensions`` (rejected: "dimensions is currently not supported"), ``user``,
-``additional_data`` (handed to the PoolingParams) and ``priority``. Usage counts the prompt
+``additional_data`` (the PoolingParams' field: accepted, and as in 0.6.3 no built-in model
+reads it) and ``priority``. Usage counts the prompt
 tokens. A generative model answers 400 (0.6.3: "Embedding API disabled"; the message names
 both that and that the model does not support the Embeddings API).
 
