@@ -79,7 +79,8 @@ class Request:
         reached): such a request decodes one token a step (no multi-step, no drafts).
         A pooling request never decodes: its last prompt token is pooled, not fed on."""
         p = self.sampling_params
-        return (self.pooling_params is None and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+        return (self.pooling_params is None
+                and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
                 and p.repetition_penalty == 1.0 and not p.logits_processors
                 and p.guided_decoding is None and self.num_output_tokens >= p.min_tokens)
 

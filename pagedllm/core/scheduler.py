@@ -540,7 +540,6 @@ class Scheduler:
             updated.append((request, num_appended))
         return updated
 
-
     def _finish_pooled(self, request: Request, now: float) -> None:
         """A pooling request's prompt is computed: its answer (the runner's pooled output)
         is complete, so it ends here, without an output token."""

@@ -140,7 +140,8 @@ class BatchRunner:
         model, handler = route
         try:
             request = model.model_validate(line.body)
-            if getattr(request, "stream", False):  # vLLM's run_request: a stream is not a batch answer
+            # vLLM's run_request: a stream is not a batch answer (embeddings have no stream)
+            if getattr(request, "stream", False):
                 return _output(line.custom_id, HTTPStatus.BAD_REQUEST, None,
                                "Request must not be sent in stream mode")
             body = await handler(request, None)
