@@ -191,7 +191,9 @@ def test_server_base64_equals_float(client):
                                                      encoding_format="base64")
     for data, encoded in zip(floats.data, json.loads(raw.text)["data"]):
         decoded = np.frombuffer(base64.b64decode(encoded["embedding"]), dtype="float32")
-        assert decoded.tolist() == np.float32(data.embedding).tolist()
+        assert decoded.shape == (len(data.embedding),)  # float32, not 0.5.x's float64
+        # two requests (possibly batched differently): equal up to float rounding
+        np.testing.assert_allclose(decoded, np.float32(data.embedding), atol=1e-6)
     # the client's default (no encoding_format): it asks for base64 and decodes float32
     default = client.embeddings.create(model="embed", input=texts)
     np.testing.assert_allclose(default.data[0].embedding, floats.data[0].embedding, atol=1e-7)
@@ -280,3 +282,39 @@ def test_async_engines_encode(embed_path, offline, kind):
         assert outputs[0].prompt_token_ids == expected.prompt_token_ids
         np.testing.assert_allclose(outputs[0].outputs.embedding, expected.outputs.embedding,
                                    atol=1e-6)
+
+
+def test_reward_model_through_the_embeddings_handler():
+    """``Qwen2ForRewardModel`` through ``/v1/embeddings``'s handler (no HTTP): one reward per
+    prompt token as a list of one-element lists (vLLM 0.6.3's response model cannot hold
+    them: pagedllm answers them), base64 their float32 bytes row after row; both equal HF."""
+    import asyncio
+
+    from pagedllm.arg_utils import EngineArgs
+    from pagedllm.engine.async_engine import AsyncLLMEngine
+    from pagedllm.entrypoints.openai.run_batch import serving_context
+    from pagedllm.entrypoints.openai.serving_embedding import (EmbeddingRequest,
+                                                               OpenAIServingEmbedding)
+    path = build_tiny_embedding_model("qwen2-reward")
+    engine = AsyncLLMEngine.from_engine_args(EngineArgs(model=str(path), dtype="float32",
+                                                        served_model_name="rm"))
+    handler = OpenAIServingEmbedding(serving_context(engine, "assistant"))
+
+    async def ask():
+        engine.start()
+        return [await handler.create_embedding(EmbeddingRequest(
+            model="rm", input=PROMPTS[:2], encoding_format=encoding_format), None)
+            for encoding_format in ("float", "base64")]
+
+    try:
+        floats, packed = asyncio.run(ask())
+    finally:
+        engine.shutdown()
+    tokenizer = handler.tokenizer
+    for i, prompt in enumerate(PROMPTS[:2]):
+        expected = hf_reference(path, tokenizer(prompt)["input_ids"])
+        rewards = floats["data"][i]["embedding"]
+        torch.testing.assert_close(torch.tensor(rewards), expected, atol=ATOL, rtol=0)
+        raw = np.frombuffer(base64.b64decode(packed["data"][i]["embedding"]), dtype="float32")
+        # (two requests: batched differently, so equal up to float rounding)
+        np.testing.assert_allclose(raw, np.float32(rewards).reshape(-1), atol=1e-6)
