@@ -207,6 +207,7 @@ class _EngineArgsMethods:
             raise ValueError("--enable-prompt-adapter needs --max-prompt-adapter-token, the most "
                              "virtual tokens of one adapter (e.g. 32)")
         _check_lora(values)
+        _check_pooling(values, derived["hf_config"])
         if values["quantization_param_path"] and values["kv_cache_dtype"] == "auto":
             raise ValueError("--quantization-param-path holds fp8 KV-cache scales; it needs "
                              "--kv-cache-dtype fp8, fp8_e4m3 or fp8_e5m2")
@@ -606,6 +607,26 @@ def flags_markdown_table() -> str:
         rows.append(f"| {_cell(names)} | `{_cell(_default_text(f))}` | {_cell(status_text(f))} "
                     f"| {_cell(first)} |")
     return "\n".join(rows) + "\n"
+
+
+def _check_pooling(values: dict, hf_config) -> None:
+    """Embedding / reward models run prompts only: the generation-side features that need
+    sampled tokens, and prefix caching where every prompt row is pooled (a cached block's
+    rows are never computed), fail here naming the flag."""
+    from pagedllm.models.registry import model_pooler
+    pooler = model_pooler(getattr(hf_config, "architectures", None))
+    if pooler is None:
+        return
+    arch = hf_config.architectures[0]
+    for flag, key in (("--speculative-model", "speculative_model"),
+                      ("--enable-lora", "enable_lora"),
+                      ("--enable-prompt-adapter", "enable_prompt_adapter")):
+        if values[key]:
+            raise ValueError(f"{flag} is not supported with the embedding model {arch} "
+                             "(its requests pool the prompt and generate nothing)")
+    if values["enable_prefix_caching"] and pooler.keeps_all_rows:
+        raise ValueError(f"--enable-prefix-caching is not supported with {arch}: it pools "
+                         "every prompt token, and cached blocks' rows are not recomputed")
 
 
 def _check_lora(values: dict) -> None:

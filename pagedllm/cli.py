@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 metavar="{serve,run-batch,generate,chat,bench}")
     commands = [
         ("serve", "Run the OpenAI-compatible HTTP server.", make_arg_parser, _serve),
-        ("run-batch", "Run an OpenAI batch file (JSON lines of /v1/completions and "
-         "/v1/chat/completions requests) offline.", _add_run_batch_args, _run_batch),
+        ("run-batch", "Run an OpenAI batch file (JSON lines of /v1/completions, "
+         "/v1/chat/completions and /v1/embeddings requests) offline.", _add_run_batch_args,
+         _run_batch),
         ("generate", "Generate completions for prompts offline.", _add_generate_args, _generate),
         ("chat", "Chat with the model in the terminal (/quit or Ctrl-D ends).", _add_chat_args,
          _chat),

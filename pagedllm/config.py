@@ -214,6 +214,17 @@ class ModelConfig:
             names = [names]
         return list(names) if names else [self.model]
 
+    @property
+    def pooler(self):
+        """The ``Pooler`` of an embedding / reward model (vLLM's ``embedding_mode``): its
+        requests pool the prompt's hidden states and never generate. None otherwise."""
+        from pagedllm.models.registry import model_pooler
+        return model_pooler(self._hf("architectures"))
+
+    @property
+    def embedding_mode(self) -> bool:
+        return self.pooler is not None
+
     def get_max_logprobs(self) -> int:
         return self.max_logprobs
 

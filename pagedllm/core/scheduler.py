@@ -439,7 +439,7 @@ class Scheduler:
             request.req_id, list(request.all_token_ids), request.num_prompt_tokens,
             request.sampling_params, self.kv.get_block_ids(request.req_id),
             request.num_computed_tokens, request.num_output_tokens, request.prompt_adapter,
-            request.lora)
+            request.lora, request.pooling_params)
 
     def _adapter_fits(self, request: Request, out: SchedulerOutput) -> bool:
         """--max-prompt-adapters / --max-loras: a request whose prompt adapter or LoRA would
@@ -520,6 +520,10 @@ class Scheduler:
                 # multi-step batch computes the token sampled by step k - 1
                 request.num_computed_tokens += num_scheduled[req_id] + \
                     max(len(token_ids) - 1, 0)
+            if req_id in runner_output.pooled:
+                self._finish_pooled(request, now)
+                updated.append((request, 0))
+                continue
             if not token_ids:
                 continue
             if request.first_token_time is None:
@@ -535,6 +539,14 @@ class Scheduler:
                 self._release(request)
             updated.append((request, num_appended))
         return updated
+
+    def _finish_pooled(self, request: Request, now: float) -> None:
+        """A pooling request's prompt is computed: its answer (the runner's pooled output)
+        is complete, so it ends here, without an output token."""
+        request.first_token_time = request.first_token_time or now
+        request.status = RequestStatus.FINISHED_STOPPED
+        self.running.remove(request)
+        self._release(request)
 
 
 def _add_step_times(output: ModelRunnerOutput, requests: list[Request]) -> None:

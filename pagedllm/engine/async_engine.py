@@ -35,7 +35,8 @@ import torch
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.inputs import PromptInputs
 from pagedllm.engine.tokenizer_pool import pretokenize
-from pagedllm.outputs import RequestOutput, merge_delta_outputs
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput, merge_delta_outputs
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("pagedllm.engine.async")
@@ -75,7 +76,10 @@ class RequestStats:
         return max(self._seen.values(), default=0)
 
     def count_new_tokens(self, output: RequestOutput) -> int:
-        """Tokens generated since the last output, for DELTA and cumulative outputs alike."""
+        """Tokens generated since the last output, for DELTA and cumulative outputs alike
+        (none for a pooling request's output)."""
+        if isinstance(output, EmbeddingRequestOutput):
+            return 0
         delta = self.params.output_kind == RequestOutputKind.DELTA
         num_new = 0
         for completion in output.outputs:
@@ -116,7 +120,8 @@ class RequestStream:
         if isinstance(item, BaseException):
             self.finished = True
             raise item
-        if not self._queue.empty() and self.stats.params.output_kind == RequestOutputKind.DELTA:
+        if not self._queue.empty() and \
+                getattr(self.stats.params, "output_kind", None) == RequestOutputKind.DELTA:
             item = self._coalesce(item)  # the reader fell behind: one chunk for all pending
         if item.finished:
             self.finished = True
@@ -217,7 +222,8 @@ class AsyncLLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         arrival_time = time.time() if arrival_time is None else arrival_time
         # with --tokenizer-pool-size, text is tokenized here by the pool, not by the engine
-        prompt = await pretokenize(self._tokenizer_pool, prompt)
+        if lora_request is None:  # an adapter's text may need its own tokenizer
+            prompt = await pretokenize(self._tokenizer_pool, prompt)
         stream = RequestStream(request_id, RequestStats(
             request_id, arrival_time, params,
             lora_name=lora_request.lora_name if lora_request is not None else None))
@@ -244,6 +250,20 @@ class AsyncLLMEngine:
         stream = await self.add_request(request_id, prompt, params, priority=priority,
                                         prompt_adapter_request=prompt_adapter_request,
                                         lora_request=lora_request)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self.abort(request_id)
+
+    async def encode(self, prompt: PromptInputs, params: PoolingParams, request_id: str,
+                     lora_request=None, trace_headers: dict[str, str] | None = None,
+                     priority: int = 0) -> AsyncIterator[EmbeddingRequestOutput]:
+        """vLLM 0.6.3's ``encode``: a pooling request's one output (embedding models);
+        leaving early (or a disconnect) aborts it."""
+        stream = await self.add_request(request_id, prompt, params, priority=priority,
+                                        trace_headers=trace_headers, lora_request=lora_request)
         try:
             async for output in stream:
                 yield output
@@ -314,7 +334,9 @@ class AsyncLLMEngine:
         if num_new:
             stats.first_token_time = stats.first_token_time or now
             stats.last_token_time = now
-        if output is not None and output.finished:
+        if isinstance(output, EmbeddingRequestOutput):
+            stats.finish_reasons = ["stop"]  # its prompt ran: the request is complete
+        elif output is not None and output.finished:
             stats.finish_reasons = [c.finish_reason or "abort" for c in output.outputs]
         for listener in self.stat_listeners:
             try:

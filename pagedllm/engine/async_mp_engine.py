@@ -59,7 +59,8 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
             raise
         self._tokenizer_pool = self.inputs.pool
         self.output_processor = OutputProcessor(self.inputs.tokenizer,
-                                                config.model.max_model_len, make_tracer(config))
+                                                config.model.max_model_len, make_tracer(config),
+                                                self.inputs.lora_tokenizers)
         self._per_token = config.scheduler.multi_step_stream_outputs
         self._acks: dict[str, tuple[asyncio.Future, RequestStats]] = {}
         self._calls: dict[int, asyncio.Future] = {}  # call_core() answers still to come
@@ -153,7 +154,8 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
             raise EngineDeadError(f"the engine is not running: {self.dead_cause()}")
         if request_id in self._streams or request_id in self.output_processor.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        prompt = await pretokenize(self._tokenizer_pool, prompt)
+        if lora_request is None:  # an adapter's text may need its own tokenizer
+            prompt = await pretokenize(self._tokenizer_pool, prompt)
         text, core_request = prepare_request(
             self._config, self.inputs, request_id, prompt, params, arrival_time, priority,
             prompt_adapter_request, lora_request)

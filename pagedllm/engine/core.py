@@ -3,10 +3,12 @@
 The core owns every ``Request`` (scheduler, KV-cache manager, LoRA / prompt-adapter weights,
 compiled guided-decoding constraints) and never detokenizes. Its whole interface is messages:
 
-* in: ``CoreRequest`` (a prepared request: token ids, cloned and checked sampling params) and
-  aborts by sequence id;
+* in: ``CoreRequest`` (a prepared request: token ids, cloned and checked sampling params, or
+  the ``PoolingParams`` of an embedding model's prefill-only request) and aborts by sequence
+  id;
 * out: one ``CoreOutputs`` per ``step()``: a ``SeqDelta`` for every sequence that received
-  tokens (or prompt logprobs), its finish status, and the step's scheduler stats.
+  tokens (or prompt logprobs, or its pooled output), its finish status, and the step's
+  scheduler stats.
 
 The front end (``engine/output_processor.py``) turns deltas into text, stop strings and
 ``RequestOutput``s; a stop string it finds comes back as an abort. ``LLMEngine`` runs both in
@@ -62,10 +64,17 @@ from pagedllm.guided.service import GuideService
 from pagedllm.lora import LoRACache, LoRARequest, projection_shapes
 from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
                                      check_prompt_adapter_support, load_prompt_adapter)
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode import SpecSettings
 
 logger = logging.getLogger(__name__)
+
+
+def _prefill_only_params() -> SamplingParams:
+    """The scheduler-side params of a pooling request: one token at most, greedy, no stops;
+    the request finishes when its prompt is computed, before anything could be sampled."""
+    return SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
 
 def use_async_output_proc(config) -> bool:
@@ -100,7 +109,7 @@ class CoreRequest:
     checked and completed with the generation config's EOS ids."""
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     arrival_time: float
     priority: int = 0
     prompt_adapter_request: PromptAdapterRequest | None = None
@@ -120,6 +129,7 @@ class SeqDelta(NamedTuple):
     # finished only: (scheduler_time, model_forward_time, model_execute_time)
     trace_times: tuple[float, float | None, float | None] | None = None
     multi_step: bool = False  # from a multi-step batch (--multi-step-stream-outputs)
+    pooled: Any = None  # a pooling request's output (host float32 tensor) when it finished
 
 
 @dataclass
@@ -197,7 +207,7 @@ class EngineCore:
         A constraint not compiled yet is compiled here, waiting at most the compile budget
         (``guided/service.py``); the core process uses ``submit_request`` instead."""
         self._check_id(req)
-        if req.params.guided_decoding is not None:
+        if getattr(req.params, "guided_decoding", None) is not None:
             req.params.compiled_guide = self._guided_compiler().compile(
                 req.params.guided_decoding)
         return self._enqueue(req)
@@ -207,7 +217,7 @@ class EngineCore:
         constraint compiles off this thread (the request waits outside the scheduler;
         ``finish_pending`` adds it, or gives its error, once the compile is done)."""
         self._check_id(req)
-        if req.params.guided_decoding is None:
+        if getattr(req.params, "guided_decoding", None) is None:
             return self._enqueue(req)
         future = self._guided_compiler().submit(req.params.guided_decoding)
         if future.done():
@@ -243,7 +253,9 @@ class EngineCore:
         scheduler; its constraint, if any, is compiled already."""
         adapter = self._prompt_adapter(req.prompt_adapter_request)
         lora = self._lora(req.lora_request)
-        params = req.params
+        params, pooling = req.params, None
+        if isinstance(params, PoolingParams):  # prefill only: the placeholder is never sampled
+            params, pooling = _prefill_only_params(), params
         token_ids = req.prompt_token_ids
         if adapter is not None:  # placeholders whose embeddings the soft prompt replaces
             token_ids = [0] * adapter.num_virtual_tokens + list(token_ids)
@@ -256,6 +268,7 @@ class EngineCore:
                             max_model_len=max_model_len) for i, seq_id in enumerate(ids)]
         for request in requests:
             request.prompt_adapter, request.lora = adapter, lora
+            request.pooling_params = pooling
         self.scheduler.add_request(requests[0], requests[1:])
         if self.timeline is not None:
             self.timeline.add("add", len(token_ids))
@@ -424,7 +437,8 @@ class EngineCore:
                               len(self.scheduler.waiting))
         prompt_logprobs, multi = runner_output.prompt_logprobs, scheduler_output.num_steps > 1
         deltas = [_delta(request, num_new, runner_output.logprobs.get(request.req_id),
-                         prompt_logprobs.get(request.req_id), multi)
+                         prompt_logprobs.get(request.req_id), multi,
+                         runner_output.pooled.get(request.req_id))
                   for request, num_new in updated]
         seen = {request.req_id for request, _ in updated}
         for seq_id, entries in prompt_logprobs.items():  # prompt chunks without a token
@@ -512,7 +526,7 @@ class EngineCore:
 
 
 def _delta(request: Request, num_new: int, logprobs, prompt_logprobs,
-           multi_step: bool) -> SeqDelta:
+           multi_step: bool, pooled=None) -> SeqDelta:
     new_ids = request.output_token_ids[len(request.output_token_ids) - num_new:] \
         if num_new else []
     trace_times = None
@@ -522,4 +536,4 @@ def _delta(request: Request, num_new: int, logprobs, prompt_logprobs,
     return SeqDelta(request.req_id, new_ids, int(request.status), request.stop_reason,
                     logprobs, prompt_logprobs,
                     (request.first_scheduled_time, request.first_token_time,
-                     request.num_cached_tokens), trace_times, multi_step)
+                     request.num_cached_tokens), trace_times, multi_step, pooled)

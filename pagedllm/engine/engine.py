@@ -17,6 +17,7 @@ from pagedllm.engine.output_processor import (OutputProcessor, check_request_par
                                               prepare_request)
 from pagedllm.lora import LoRARequest
 from pagedllm.outputs import RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.prompt_adapter import PromptAdapterRequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tracing import RequestTracer
@@ -36,7 +37,8 @@ class LLMEngine:
         self.tokenizer = self.inputs.tokenizer
         self.core = EngineCore(config, log_stats, inputs=self.inputs)
         self.output_processor = OutputProcessor(self.tokenizer, config.model.max_model_len,
-                                                make_tracer(config))
+                                                make_tracer(config),
+                                                self.inputs.lora_tokenizers)
         self._per_token = config.scheduler.multi_step_stream_outputs
 
     @classmethod
@@ -52,12 +54,14 @@ class LLMEngine:
     tracer = property(lambda self: self.output_processor.tracer)
 
     # ---- requests ------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
+    def add_request(self, request_id: str, prompt: PromptInputs,
+                    params: SamplingParams | PoolingParams,
                     arrival_time: float | None = None, priority: int = 0,
                     prompt_adapter_request: PromptAdapterRequest | None = None,
                     trace_headers: dict[str, str] | None = None,
                     lora_request: LoRARequest | None = None) -> Request:
-        """Validate and queue a request; raises ValueError naming the bad field.
+        """Validate and queue a request; raises ValueError naming the bad field. ``params``:
+        SamplingParams, or PoolingParams for an embedding model (prefill only).
         ``trace_headers``: the caller's W3C trace context (traceparent / tracestate) that
         the request's span continues (--otlp-traces-endpoint). A guided-decoding constraint
         is compiled here (within the compile budget)."""

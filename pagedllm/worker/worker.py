@@ -36,6 +36,7 @@ from pagedllm.models.loader import load_model
 from pagedllm.attention.cache_spec import check_cache_dtype, kv_cache_spec_for
 from pagedllm.worker.cache_engine import CacheEngine
 from pagedllm.worker.cuda_graph import CUDAGraphRunner
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.spec_decode import SpecSettings
 from pagedllm.tracing import check_tracing_flags
@@ -126,7 +127,7 @@ class Worker:
                         "which graphs do not capture yet); steps run eagerly",
                         type(self.model).__name__)
         elif self.device.type == "cuda" and not mc.enforce_eager and \
-                self.runner.backend.name == "triton":
+                self.runner.backend.name == "triton" and self.runner.pooler is None:
             graphs = CUDAGraphRunner(self.model, cache.gpu_cache, self.runner.backend,
                                      cc.block_size, config.scheduler.max_num_seqs,
                                      mc.max_seq_len_to_capture, self.device,
@@ -192,13 +193,14 @@ class Worker:
         gen = torch.Generator().manual_seed(0)
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
         params.update_from_generation_config([])
+        pooling = PoolingParams() if runner.pooler is not None else None
         reqs, first_block = [], 0
         for i, n in enumerate(lens):
             ids = torch.randint(0, mc.vocab_size, (n,), generator=gen).tolist()
             blocks = list(range(first_block, first_block + cdiv(n, bs)))
             first_block += len(blocks)
             reqs.append(NewRequestData(f"profile-{i}", ids, n, params, blocks, 0, 0,
-                                       lora=loras[i % len(loras)]))
+                                       lora=loras[i % len(loras)], pooling_params=pooling))
         so = SchedulerOutput(reqs, [], {r.req_id: len(r.token_ids) for r in reqs}, num_tokens)
         runner.execute_model(so)  # warm-up: kernels compile, library workspaces are created
         torch.cuda.synchronize(self.device)

@@ -18,7 +18,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, RequestStats
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -202,7 +202,9 @@ class ServerMetrics:
     def on_output(self, stats: RequestStats, output: RequestOutput | None, num_new: int):
         name = self.model_name
         self._count_per_model(stats, output, num_new)
-        if num_new and stats.num_generation_tokens == num_new:  # the prompt has been processed
+        # the prompt has been processed: a first token, or a pooling request's output
+        if (num_new and stats.num_generation_tokens == num_new) or \
+                isinstance(output, EmbeddingRequestOutput):
             self.prompt_tokens.labels(name).inc(stats.num_prompt_tokens)
             self.prompt_rate.add(stats.num_prompt_tokens)
         if num_new:
@@ -220,7 +222,7 @@ class ServerMetrics:
             self.e2e.labels(name).observe(end - metrics.arrival_time)
         self.request_prompt_tokens.labels(name).observe(stats.num_prompt_tokens)
         self.request_generation_tokens.labels(name).observe(stats.num_generation_tokens)
-        self.request_params_n.labels(name).observe(stats.params.n)
+        self.request_params_n.labels(name).observe(getattr(stats.params, "n", 1))
         for reason in stats.finish_reasons:
             self.request_success.labels(name, reason).inc()
 

@@ -134,8 +134,12 @@ class OpenAIServingChat(OpenAIServing):
         return sandbox
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request):
-        """A ``ChatCompletionResponse``, or an async iterator of SSE strings when streaming."""
+        """A ``ChatCompletionResponse``, or an async iterator of SSE strings when streaming;
+        with a LoRA adapter's own tokenizer when it ships one (``for_adapter``)."""
         adapter = self.check_model(request.model)
+        return await self.for_adapter(adapter)._create(request, raw_request, adapter)
+
+    async def _create(self, request: ChatCompletionRequest, raw_request, adapter):
         virtual = self.num_virtual_tokens(adapter)
         self.check_logprobs("top_logprobs", request.num_logprobs)
         self.check_logprobs("prompt_logprobs", request.prompt_logprobs)
