@@ -110,7 +110,9 @@ def _default_text(f: dataclasses.Field) -> str:
     default = field_default(f)
     if f.name == "ignore_patterns":
         return "None (= original/**/*)"
-    return "None" if default is None else repr(default) if isinstance(default, str) else str(default)
+    if default is None:
+        return "None"
+    return repr(default) if isinstance(default, str) else str(default)
 
 
 def _help_text(f: dataclasses.Field) -> str:
@@ -167,6 +169,8 @@ class UnknownArgumentError(TypeError, ValueError):
 class _EngineArgsMethods:
     """Methods of the generated `EngineArgs` dataclass."""
 
+    _deprecated_given: frozenset[str] = frozenset()  # deprecated flags seen on the CLI
+
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         for name, config_cls in ENGINE_CONFIG_CLASSES.items():
@@ -174,7 +178,7 @@ class _EngineArgsMethods:
         return parser
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+    def from_cli_args(cls, args: argparse.Namespace) -> "_EngineArgsMethods":
         engine_args = cls(**{n: getattr(args, n) for n in _FIELD_NAMES if hasattr(args, n)})
         engine_args._deprecated_given = frozenset(getattr(args, _GIVEN_KEY, ()))
         return engine_args
@@ -261,8 +265,8 @@ def _engine_args_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     return out
 
 
-EngineArgs = dataclasses.make_dataclass("EngineArgs", _engine_args_fields(),
-                                        bases=(_EngineArgsMethods,))
+EngineArgs: Any = dataclasses.make_dataclass("EngineArgs", _engine_args_fields(),
+                                             bases=(_EngineArgsMethods,))
 EngineArgs.__module__ = __name__
 EngineArgs.__doc__ = ("Every engine option as a keyword argument (generated from the fields of "
                       "pagedllm.config); `create_engine_config()` validates and resolves them.")
@@ -280,7 +284,7 @@ def _engine_args_init(self, *args: Any, **kwargs: Any) -> None:
     _generated_init(self, *args, **kwargs)
 
 
-_engine_args_init.__signature__ = inspect.signature(_generated_init)
+_engine_args_init.__signature__ = inspect.signature(_generated_init)  # type: ignore[attr-defined]
 EngineArgs.__init__ = _engine_args_init
 
 
@@ -363,7 +367,8 @@ _WEIGHT_PATTERNS = {"safetensors": ["*.safetensors"], "pt": ["*.bin", "*.pt"]}
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
 
 
 def _has_files(path: str, patterns: list[str]) -> bool:
@@ -553,9 +558,9 @@ def derive_max_model_len(hf_config: Any, user_value: Optional[int],
                          disable_sliding_window: bool) -> int:
     """Context length: the smallest length key of the config, times the RoPE factor where the
     rope type extends the context, capped by the sliding window if that is disabled."""
-    found = {k: getattr(hf_config, k, None) for k in _MAX_LEN_KEYS}
-    found = {k: val for k, val in found.items() if isinstance(val, int) and val > 0}
-    source = min(found, key=found.get) if found else None
+    given = {k: getattr(hf_config, k, None) for k in _MAX_LEN_KEYS}
+    found: dict[str, int] = {k: v for k, v in given.items() if isinstance(v, int) and v > 0}
+    source = min(found, key=found.__getitem__) if found else None
     derived = found[source] if source else None
     if derived is None:
         derived = user_value or 2048

@@ -8,7 +8,8 @@ The field's metadata carries everything else that is derived from it:
                           ``nargs`` / ``action``;
 * ``valid``               ``(predicate, "what a valid value is")`` for range checks;
 * the flag's STATUS       ``supported`` (a tuple of supported values, a predicate, or
-                          ``DEFAULT_ONLY``) and ``planned`` (what is missing and where it is tracked);
+                          ``DEFAULT_ONLY``) and ``planned`` (what is missing and where it is
+                          tracked);
 * ``deprecated``          a deprecation note (the alias maps to its replacement in arg_utils).
 
 `check_options()` applies choices, validity and status generically, so a flag either works or
@@ -514,7 +515,8 @@ class EngineConfig:
     multimodal: MultiModalConfig
 
 
-ENGINE_CONFIG_CLASSES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
+ENGINE_CONFIG_CLASSES: dict[str, type] = {  # the field types are classes (no string annotations)
+    f.name: f.type for f in dataclasses.fields(EngineConfig) if isinstance(f.type, type)}
 
 
 def option_fields(config_cls: type) -> list[dataclasses.Field]:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 
 from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.scheduler_output import (CachedRequestData, ModelRunnerOutput,
@@ -113,7 +114,7 @@ class Scheduler:
         self._last_prompt_latency = 0.0
 
     # ---- queue management ----------------------------------------------------------------
-    def add_request(self, request: Request, fork_children: list[Request] = ()) -> None:
+    def add_request(self, request: Request, fork_children: Sequence[Request] = ()) -> None:
         """Queue ``request``; ``fork_children`` (best_of > 1) are forked from it after its
         prefill, see the module docstring."""
         if request.req_id in self.in_flight or request.req_id in self._free_after_step:
@@ -524,7 +525,7 @@ class Scheduler:
                 continue
             if request.first_token_time is None:
                 request.first_token_time = now
-            for num_appended, token_id in enumerate(token_ids, start=1):
+            for num_appended, token_id in enumerate(token_ids, start=1):  # noqa: B007 - read below
                 request.append_output_token(token_id)
                 if request.check_stop():
                     break

@@ -149,7 +149,8 @@ class EngineCore:
         if log_stats is None:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None
-        self.guided_compiler = None  # built on the first guided request (needs a tokenizer)
+        # built on the first guided request (needs a tokenizer)
+        self.guided_compiler: GuideService | None = None
         self._pending: dict[str, tuple[CoreRequest, Future]] = {}  # compiling constraints
         self._setup_overlap(config)
 
@@ -192,7 +193,7 @@ class EngineCore:
         self._check_id(req)
         if req.params.guided_decoding is not None:
             req.params.compiled_guide = self._guided_compiler().compile(
-                req.params.guided_decoding)
+                req.params.guided_decoding)  # type: ignore[arg-type]  # no dict after __post_init__
         return self._enqueue(req)
 
     def submit_request(self, req: CoreRequest) -> Request | None:
@@ -202,7 +203,8 @@ class EngineCore:
         self._check_id(req)
         if req.params.guided_decoding is None:
             return self._enqueue(req)
-        future = self._guided_compiler().submit(req.params.guided_decoding)
+        # ignored: SamplingParams.__post_init__ made a dict a GuidedDecodingParams
+        future = self._guided_compiler().submit(req.params.guided_decoding)  # type: ignore[arg-type]
         if future.done():
             req.params.compiled_guide = future.result()
             return self._enqueue(req)
@@ -217,7 +219,7 @@ class EngineCore:
         """Add the pending requests whose compile is done: (request, added, None) or
         (request, None, the error)."""
         done = [rid for rid, (_, future) in self._pending.items() if future.done()]
-        results = []
+        results: list[tuple[CoreRequest, Request | None, Exception | None]] = []
         for request_id in done:
             req, future = self._pending.pop(request_id)
             try:

@@ -262,8 +262,7 @@ class MPCoreClient:
 
     async def recv(self, timeout_ms: int):
         """The core's next message, or None when nothing came within ``timeout_ms``."""
-        import zmq
-        if not await self._outbox.poll(timeout_ms, zmq.POLLIN):
+        if not await self._outbox.poll(timeout_ms):  # flags default to POLLIN
             return None
         data = await self._outbox.recv(copy=False)
         start = time.perf_counter()

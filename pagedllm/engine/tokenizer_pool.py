@@ -4,7 +4,8 @@ Each of the N actors loads its own copy of the tokenizer (``load_tokenizer``, so
 files and flags as the in-process one) and encodes prompts. ``encode`` is the blocking call
 used by ``PromptProcessor`` (``LLM.generate``); ``encode_async`` awaits the actor from the
 asyncio loop, so the server's front end tokenizes concurrently in N processes and the engine
-thread never tokenizes text. Each call goes to the actor with the fewest calls in flight (ties: fewest calls so far).
+thread never tokenizes text. Each call goes to the actor with the fewest calls in flight (ties:
+fewest calls so far).
 ``--tokenizer-pool-extra-config`` holds Ray actor options (default ``{"num_cpus": 0}``: the
 actors reserve no CPU from the cluster's placement groups).
 """
@@ -66,7 +67,7 @@ class RayTokenizerPool:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"--tokenizer-pool-extra-config {actor_options!r} is not a valid "
                              f"set of Ray actor options: {exc}") from exc
-        self.actors = [actor_class.remote(model_config) for _ in range(size)]
+        self.actors: list[Any] = [actor_class.remote(model_config) for _ in range(size)]
         self._finalizer = weakref.finalize(self, _kill, list(self.actors))
         self._in_flight = [0] * size
         self.num_calls = [0] * size  # per actor, for tests and stats

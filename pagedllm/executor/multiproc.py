@@ -2,7 +2,8 @@
 
 Rank 0 lives in the engine process; ranks 1..tp*pp-1 are processes started with
 ``torch.multiprocessing``'s spawn context, each with a ``Worker`` holding its shard of its
-stage's layers and its KV heads (rank layout: ``pagedllm.distributed``). Each step rank 0 pickles the ``SchedulerOutput`` once and writes the bytes to
+stage's layers and its KV heads (rank layout: ``pagedllm.distributed``). Each step rank 0
+pickles the ``SchedulerOutput`` once and writes the bytes to
 every worker's pipe (measured in ``broadcast_stats``: 0.4-1.4 KB and 0.1-0.4 ms a step on
 the tiny models), then runs its own worker; all ranks run the model (collectives over gloo
 on CPU, NCCL on CUDA; on CPU small all-reduces and all-gathers go through shared memory,
@@ -73,7 +74,7 @@ def _worker_main(config, rank: int, world: int, init_method: str, shm_paths, con
             conn.send(("error", traceback.format_exc()))
         except OSError:
             pass
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         destroy_distributed()
 
