@@ -211,6 +211,7 @@ class _EngineArgsMethods:
             raise ValueError("--enable-prompt-adapter needs --max-prompt-adapter-token, the most "
                              "virtual tokens of one adapter (e.g. 32)")
         _check_lora(values)
+        _check_model_features(values, derived["hf_config"])
         if values["quantization_param_path"] and values["kv_cache_dtype"] == "auto":
             raise ValueError("--quantization-param-path holds fp8 KV-cache scales; it needs "
                              "--kv-cache-dtype fp8, fp8_e4m3 or fp8_e5m2")
@@ -611,6 +612,18 @@ def flags_markdown_table() -> str:
         rows.append(f"| {_cell(names)} | `{_cell(_default_text(f))}` | {_cell(status_text(f))} "
                     f"| {_cell(first)} |")
     return "\n".join(rows) + "\n"
+
+
+def _check_model_features(v: dict[str, Any], hf_config: Any) -> None:
+    """What the architecture must support for the flags given, checked before any weight is
+    loaded (prompt adapters: the model class's ``supports_prompt_adapters``; LoRA: its layers,
+    built on the meta device, have every projection LoRA adapts)."""
+    if v["enable_prompt_adapter"]:
+        from pagedllm.prompt_adapter import check_prompt_adapter_support
+        check_prompt_adapter_support(hf_config)
+    if v["enable_lora"]:
+        from pagedllm.lora import check_lora_architecture
+        check_lora_architecture(hf_config, v["max_model_len"])
 
 
 def _check_lora(values: dict) -> None:

@@ -21,12 +21,16 @@ are computed once in `EngineArgs.create_engine_config`; the configs stay frozen 
 
 import dataclasses
 import importlib.util
+import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
+from pagedllm.core.spec_propose import SpecSettings
 from pagedllm.quant import config as quant_formats
+from pagedllm.tracing import check_tracing_flags
 
 DEFAULT_ONLY = "default-only"  # `supported` marker: any non-default value is not built yet
 
@@ -513,6 +517,48 @@ class EngineConfig:
     observability: ObservabilityConfig
     tokenizer_pool: TokenizerPoolConfig
     multimodal: MultiModalConfig
+
+    # ---- derived values: computed once here (cached on the instance; a pickled config
+    # carries those computed before it was sent), never again by the components ----------
+    @cached_property
+    def spec(self) -> SpecSettings | None:
+        """What the scheduler and the runner need of the speculative flags; None when off."""
+        return SpecSettings.from_config(self.speculative)
+
+    @cached_property
+    def detailed_traces(self) -> tuple[bool, bool]:
+        """--collect-detailed-traces: (collect the model forward time, the execute time)."""
+        obs = self.observability
+        return check_tracing_flags(obs.otlp_traces_endpoint, obs.collect_detailed_traces)
+
+    @cached_property
+    def async_output_proc(self) -> bool:
+        """Async output processing: on by default on CUDA (the forward runs on the device
+        while the host is free); off on CPU, where the forward's OpenMP threads would compete
+        with the output work for the same cores. ``PAGEDLLM_ASYNC_OUTPUT_PROC=1`` turns it on
+        anywhere (tests, CPU runs). With pipeline parallelism the micro-batches in flight take
+        its place."""
+        if self.scheduler.disable_async_output_proc or \
+                self.parallel.pipeline_parallel_size > 1:  # micro-batches overlap instead
+            return False
+        return os.environ.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1" or \
+            torch.device(self.device.device).type == "cuda"
+
+    @cached_property
+    def lookahead(self) -> bool:
+        """Async output by launching the next batch ahead (the engine's ``_step_lookahead``
+        and the scheduler's ``schedule_lookahead``); speculative decoding and detailed traces
+        take the executor thread instead (batches in flight together would count the same
+        seconds in each request's forward / execute times)."""
+        return self.async_output_proc and self.speculative.speculative_model is None and \
+            not self.observability.collect_detailed_traces
+
+    @cached_property
+    def kv_heads_per_rank(self) -> int:
+        """KV heads each tensor-parallel rank holds and caches (one when tp exceeds them:
+        the heads are replicated)."""
+        tp, heads = self.parallel.tensor_parallel_size, self.model.num_kv_heads
+        return heads // tp if heads >= tp else 1
 
 
 ENGINE_CONFIG_CLASSES: dict[str, type] = {  # the field types are classes (no string annotations)

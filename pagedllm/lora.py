@@ -35,6 +35,7 @@ import re
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -290,6 +291,17 @@ def check_lora_support(model: torch.nn.Module, architecture: str) -> None:
     if not lora_modules(model):
         raise ValueError(f"--enable-lora: {architecture} is not supported yet (LoRA serves the "
                          "Llama-family models: Llama, Mistral, Qwen2/3, Gemma and the like)")
+
+
+def check_lora_architecture(hf_config: Any, max_model_len: int) -> None:
+    """``check_lora_support`` before any weight is read (``create_engine_config``): the
+    architecture's layers are built on the meta device (no memory, no weights) and must have
+    every projection LoRA adapts."""
+    from pagedllm.models.registry import resolve_model_class
+    model_class = resolve_model_class(getattr(hf_config, "architectures", None))
+    with torch.device("meta"):
+        model = model_class(hf_config, max_model_len)
+    check_lora_support(model, hf_config.architectures[0])
 
 
 class LoRASlotTable:

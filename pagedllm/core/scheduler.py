@@ -69,7 +69,8 @@ class Scheduler:
                  delay_factor: float, max_model_len: int,
                  kv_cache_manager: KVCacheManager, num_scheduler_steps: int = 1,
                  pipeline_depth: int = 1, spec: SpecSettings | None = None,
-                 max_prompt_adapters: int = 1, max_loras: int = 1) -> None:
+                 max_prompt_adapters: int = 1, max_loras: int = 1,
+                 lookahead: bool = False) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -79,10 +80,10 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.kv = kv_cache_manager
         self.num_scheduler_steps = num_scheduler_steps
-        # set by the engine when it schedules ahead (async output processing): decode-only
-        # batches then run as multi-step batches even of one step, so that the next one
-        # can be launched before their ids reach the host
-        self.lookahead = False
+        # the engine schedules ahead (async output processing, ``EngineConfig.lookahead``):
+        # decode-only batches then run as multi-step batches even of one step, so that the
+        # next one can be launched before their ids reach the host
+        self.lookahead = lookahead
         self.pipeline_depth = pipeline_depth
         self.spec = spec
         self.max_prompt_adapters = max_prompt_adapters

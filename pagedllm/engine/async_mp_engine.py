@@ -16,6 +16,8 @@ False; the server's watchdog then answers /health with 500 and exits.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 import logging
 import time
@@ -29,6 +31,9 @@ from pagedllm.engine.output_processor import OutputProcessor, prepare_request
 from pagedllm.engine.tokenizer_pool import pretokenize
 from pagedllm.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
+
 logger = logging.getLogger("pagedllm.engine.async_mp")
 
 _WATCH_MS = 200  # the reader checks that the core process lives at least this often
@@ -37,8 +42,9 @@ _WATCH_MS = 200  # the reader checks that the core process lives at least this o
 class AsyncMPLLMEngine(AsyncLLMEngine):
     """Same interface as ``AsyncLLMEngine``; the core runs in a child process."""
 
-    def __init__(self, config, log_requests: bool = True, max_log_len: int | None = None,
-                 log_stats: bool | None = None, wait: bool = True) -> None:
+    def __init__(self, config: EngineConfig, log_requests: bool = True,
+                 max_log_len: int | None = None, log_stats: bool | None = None,
+                 wait: bool = True) -> None:
         """Starts the core process first, so that the model loads there while this process
         loads its tokenizer; ``wait=False`` leaves ``wait_ready()`` to the caller (the server
         builds its app meanwhile)."""

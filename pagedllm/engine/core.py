@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
@@ -60,19 +61,11 @@ from pagedllm.lora import LoRACache, LoRARequest, projection_shapes
 from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
                                      check_prompt_adapter_support, load_prompt_adapter)
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.spec_decode import SpecSettings
 
 
-def use_async_output_proc(config) -> bool:
-    """On by default on CUDA (where the forward runs on the device while the host is free);
-    off on CPU, where the forward's OpenMP threads would compete with the output work for
-    the same cores. ``PAGEDLLM_ASYNC_OUTPUT_PROC=1`` turns it on anywhere (tests, CPU runs).
-    With pipeline parallelism the micro-batches in flight take its place."""
-    if config.scheduler.disable_async_output_proc or \
-            config.parallel.pipeline_parallel_size > 1:  # micro-batches overlap instead
-        return False
-    return os.environ.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1" or \
-        torch.device(config.device.device).type == "cuda"
+def use_async_output_proc(config: EngineConfig) -> bool:
+    """``EngineConfig.async_output_proc`` (decided there, once)."""
+    return config.async_output_proc
 
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -124,7 +117,7 @@ class CoreOutputs:
 
 
 class EngineCore:
-    def __init__(self, config, log_stats: bool | None = None, inputs=None) -> None:
+    def __init__(self, config: EngineConfig, log_stats: bool | None = None, inputs=None) -> None:
         """``inputs``: the front end's ``PromptProcessor`` when both run in one process (its
         tokenizer serves guided decoding); a core process loads its own on first need."""
         self.config = config
@@ -154,7 +147,7 @@ class EngineCore:
         self._pending: dict[str, tuple[CoreRequest, Future]] = {}  # compiling constraints
         self._setup_overlap(config)
 
-    def _make_scheduler(self, config) -> Scheduler:
+    def _make_scheduler(self, config: EngineConfig) -> Scheduler:
         mc, sc = config.model, config.scheduler
         return Scheduler(
             max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
@@ -163,11 +156,11 @@ class EngineCore:
             delay_factor=sc.scheduler_delay_factor, max_model_len=mc.max_model_len,
             kv_cache_manager=self.kv_cache_manager, num_scheduler_steps=sc.num_scheduler_steps,
             pipeline_depth=self.pipeline_depth,
-            spec=SpecSettings.from_config(config.speculative),
+            spec=config.spec,
             max_prompt_adapters=config.prompt_adapter.max_prompt_adapters,
-            max_loras=config.lora.max_loras)
+            max_loras=config.lora.max_loras, lookahead=config.lookahead)
 
-    def _setup_overlap(self, config) -> None:
+    def _setup_overlap(self, config: EngineConfig) -> None:
         """Async output processing by launching ahead (``_step_lookahead``); the executor
         thread where that is unavailable (speculative decoding) or with
         --collect-detailed-traces: batches in flight together would count the same seconds
@@ -175,11 +168,8 @@ class EngineCore:
         self._future: tuple[SchedulerOutput, Future] | None = None
         self._exec_thread: ThreadPoolExecutor | None = None
         self._runner = self.worker.runner
-        self._lookahead = use_async_output_proc(config) and \
-            config.speculative.speculative_model is None and \
-            not config.observability.collect_detailed_traces
-        self.scheduler.lookahead = self._lookahead
-        if use_async_output_proc(config) and not self._lookahead:
+        self._lookahead = config.lookahead
+        if config.async_output_proc and not self._lookahead:
             threads = torch.get_num_threads()
             self._exec_thread = ThreadPoolExecutor(
                 1, "pagedllm-execute", initializer=torch.set_num_threads, initargs=(threads,))

@@ -31,7 +31,10 @@ import tempfile
 import time
 import traceback
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 logger = logging.getLogger("pagedllm.engine.core_client")
 
@@ -45,7 +48,7 @@ def _dumps(message) -> bytes:
 
 
 # ---- the core process ----------------------------------------------------------------------
-def run_engine_core(config, in_addr: str, out_addr: str, parent_pid: int,
+def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, parent_pid: int,
                     log_stats: bool | None, ready_conn) -> None:
     """Process target: build the core, then serve it until told to stop."""
     import zmq
@@ -200,7 +203,7 @@ class MPCoreClient:
     """Starts the core process and talks to it. ``send`` is synchronous (ZeroMQ queues it);
     ``recv`` is awaited by the front end's reader task."""
 
-    def __init__(self, config, log_stats: bool | None = None) -> None:
+    def __init__(self, config: EngineConfig, log_stats: bool | None = None) -> None:
         import multiprocessing
 
         import zmq

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Union
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from pagedllm.config import ModelConfig, TokenizerPoolConfig
 
 PromptInputs = Union[str, list[int], dict]
 
 
-def load_tokenizer(model_config):
+def load_tokenizer(model_config: ModelConfig):
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(
@@ -36,7 +39,8 @@ def _generation_eos_ids(model_path: str) -> set[int]:
 
 
 class PromptProcessor:
-    def __init__(self, model_config, pool_config=None) -> None:
+    def __init__(self, model_config: ModelConfig,
+                 pool_config: TokenizerPoolConfig | None = None) -> None:
         from pagedllm.engine.tokenizer_pool import make_tokenizer_pool
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.vocab_size

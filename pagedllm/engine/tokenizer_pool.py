@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pagedllm.config import ModelConfig, TokenizerPoolConfig
 
 
 class TokenizerActor:
     """One tokenizer in a Ray actor (wrapped with ``ray.remote`` by the pool)."""
 
-    def __init__(self, model_config) -> None:
+    def __init__(self, model_config: ModelConfig) -> None:
         from pagedllm.engine.inputs import load_tokenizer
         self.tokenizer = load_tokenizer(model_config)
 
@@ -27,7 +30,8 @@ class TokenizerActor:
         return self.tokenizer.encode(text)
 
 
-def make_tokenizer_pool(model_config, pool_config) -> "RayTokenizerPool | None":
+def make_tokenizer_pool(model_config: ModelConfig, pool_config: TokenizerPoolConfig,
+                        ) -> "RayTokenizerPool | None":
     """The pool the flags ask for, or None (tokenize in process)."""
     size, extra = pool_config.tokenizer_pool_size, pool_config.tokenizer_pool_extra_config
     if size == 0:
@@ -52,7 +56,7 @@ def _kill(actors) -> None:
 
 
 class RayTokenizerPool:
-    def __init__(self, model_config, size: int, actor_options: dict | None) -> None:
+    def __init__(self, model_config: ModelConfig, size: int, actor_options: dict | None) -> None:
         try:
             import ray
         except ImportError as exc:
