@@ -21,7 +21,6 @@ are computed once in `EngineArgs.create_engine_config`; the configs stay frozen 
 
 import dataclasses
 import importlib.util
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -30,6 +29,7 @@ import torch
 
 from pagedllm.core.spec_propose import SpecSettings
 from pagedllm.quant import config as quant_formats
+from pagedllm.switches import Switches
 from pagedllm.tracing import check_tracing_flags
 
 DEFAULT_ONLY = "default-only"  # `supported` marker: any non-default value is not built yet
@@ -541,7 +541,7 @@ class EngineConfig:
         if self.scheduler.disable_async_output_proc or \
                 self.parallel.pipeline_parallel_size > 1:  # micro-batches overlap instead
             return False
-        return os.environ.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1" or \
+        return Switches.from_env().async_output_proc or \
             torch.device(self.device.device).type == "cuda"
 
     @cached_property

@@ -19,7 +19,6 @@ loop bounds come from ``seq_lens`` / ``query_start_loc`` read inside the kernels
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -30,6 +29,7 @@ from pagedllm.attention.kv_quant import is_fp8
 from pagedllm.attention.torch_ref import paged_attention as _paged_attention_ref
 from pagedllm.attention.torch_ref import write_kv_cache as _write_kv_cache_ref
 from pagedllm.layers import pdl
+from pagedllm.switches import switches
 
 _LOG2E = 1.4426950408889634
 
@@ -557,7 +557,7 @@ def _split_partials(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, t
     return part_acc, part_ml
 
 
-FOLD_ENV = os.environ.get("PAGEDLLM_DECODE_FOLD", "1") != "0"
+FOLD_ENV = switches().decode_fold  # PAGEDLLM_DECODE_FOLD
 FOLD_MAX_ELEMENTS = 4096  # fp32 partials the folding program holds: 32 registers a thread
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
