@@ -25,7 +25,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Self
 
 import torch
 
@@ -178,7 +178,7 @@ class _EngineArgsMethods:
         return parser
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> "_EngineArgsMethods":
+    def from_cli_args(cls, args: argparse.Namespace) -> Self:
         engine_args = cls(**{n: getattr(args, n) for n in _FIELD_NAMES if hasattr(args, n)})
         engine_args._deprecated_given = frozenset(getattr(args, _GIVEN_KEY, ()))
         return engine_args
@@ -266,8 +266,11 @@ def _engine_args_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     return out
 
 
-EngineArgs: Any = dataclasses.make_dataclass("EngineArgs", _engine_args_fields(),
-                                             bases=(_EngineArgsMethods,))
+if TYPE_CHECKING:  # the generated fields as a class (scripts/gen_engine_args_stub.py)
+    from pagedllm._engine_args import EngineArgs
+else:
+    EngineArgs = dataclasses.make_dataclass("EngineArgs", _engine_args_fields(),
+                                            bases=(_EngineArgsMethods,))
 EngineArgs.__module__ = __name__
 EngineArgs.__doc__ = ("Every engine option as a keyword argument (generated from the fields of "
                       "pagedllm.config); `create_engine_config()` validates and resolves them.")
@@ -286,7 +289,7 @@ def _engine_args_init(self, *args: Any, **kwargs: Any) -> None:
 
 
 _engine_args_init.__signature__ = inspect.signature(_generated_init)  # type: ignore[attr-defined]
-EngineArgs.__init__ = _engine_args_init
+EngineArgs.__init__ = _engine_args_init  # type: ignore[method-assign]
 
 
 # ---- derived values ----------------------------------------------------------------------------
