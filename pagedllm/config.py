@@ -23,7 +23,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, cast
 
 import torch
 
@@ -561,8 +561,9 @@ class EngineConfig:
         return heads // tp if heads >= tp else 1
 
 
-ENGINE_CONFIG_CLASSES: dict[str, type] = {  # the field types are classes (no string annotations)
-    f.name: f.type for f in dataclasses.fields(EngineConfig) if isinstance(f.type, type)}
+# the field types are classes: this module has no string annotations
+ENGINE_CONFIG_CLASSES: dict[str, type] = {
+    f.name: cast(type, f.type) for f in dataclasses.fields(EngineConfig)}
 
 
 def option_fields(config_cls: type) -> list[dataclasses.Field]:
