@@ -25,7 +25,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Self
 
 import torch
 
@@ -110,7 +110,9 @@ def _default_text(f: dataclasses.Field) -> str:
     default = field_default(f)
     if f.name == "ignore_patterns":
         return "None (= original/**/*)"
-    return "None" if default is None else repr(default) if isinstance(default, str) else str(default)
+    if default is None:
+        return "None"
+    return repr(default) if isinstance(default, str) else str(default)
 
 
 def _help_text(f: dataclasses.Field) -> str:
@@ -167,6 +169,8 @@ class UnknownArgumentError(TypeError, ValueError):
 class _EngineArgsMethods:
     """Methods of the generated `EngineArgs` dataclass."""
 
+    _deprecated_given: frozenset[str] = frozenset()  # deprecated flags seen on the CLI
+
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         for name, config_cls in ENGINE_CONFIG_CLASSES.items():
@@ -174,7 +178,7 @@ class _EngineArgsMethods:
         return parser
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+    def from_cli_args(cls, args: argparse.Namespace) -> Self:
         engine_args = cls(**{n: getattr(args, n) for n in _FIELD_NAMES if hasattr(args, n)})
         engine_args._deprecated_given = frozenset(getattr(args, _GIVEN_KEY, ()))
         return engine_args
@@ -208,6 +212,7 @@ class _EngineArgsMethods:
                              "virtual tokens of one adapter (e.g. 32)")
         _check_lora(values)
         _check_pooling(values, derived["hf_config"])
+        _check_model_features(values, derived["hf_config"])
         if values["quantization_param_path"] and values["kv_cache_dtype"] == "auto":
             raise ValueError("--quantization-param-path holds fp8 KV-cache scales; it needs "
                              "--kv-cache-dtype fp8, fp8_e4m3 or fp8_e5m2")
@@ -262,8 +267,11 @@ def _engine_args_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     return out
 
 
-EngineArgs = dataclasses.make_dataclass("EngineArgs", _engine_args_fields(),
-                                        bases=(_EngineArgsMethods,))
+if TYPE_CHECKING:  # the generated fields as a class (scripts/gen_engine_args_stub.py)
+    from pagedllm._engine_args import EngineArgs
+else:
+    EngineArgs = dataclasses.make_dataclass("EngineArgs", _engine_args_fields(),
+                                            bases=(_EngineArgsMethods,))
 EngineArgs.__module__ = __name__
 EngineArgs.__doc__ = ("Every engine option as a keyword argument (generated from the fields of "
                       "pagedllm.config); `create_engine_config()` validates and resolves them.")
@@ -281,8 +289,8 @@ def _engine_args_init(self, *args: Any, **kwargs: Any) -> None:
     _generated_init(self, *args, **kwargs)
 
 
-_engine_args_init.__signature__ = inspect.signature(_generated_init)
-EngineArgs.__init__ = _engine_args_init
+_engine_args_init.__signature__ = inspect.signature(_generated_init)  # type: ignore[attr-defined]
+EngineArgs.__init__ = _engine_args_init  # type: ignore[method-assign]
 
 
 # ---- derived values ----------------------------------------------------------------------------
@@ -364,7 +372,8 @@ _WEIGHT_PATTERNS = {"safetensors": ["*.safetensors"], "pt": ["*.bin", "*.pt"]}
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
 
 
 def _has_files(path: str, patterns: list[str]) -> bool:
@@ -554,9 +563,9 @@ def derive_max_model_len(hf_config: Any, user_value: Optional[int],
                          disable_sliding_window: bool) -> int:
     """Context length: the smallest length key of the config, times the RoPE factor where the
     rope type extends the context, capped by the sliding window if that is disabled."""
-    found = {k: getattr(hf_config, k, None) for k in _MAX_LEN_KEYS}
-    found = {k: val for k, val in found.items() if isinstance(val, int) and val > 0}
-    source = min(found, key=found.get) if found else None
+    given = {k: getattr(hf_config, k, None) for k in _MAX_LEN_KEYS}
+    found: dict[str, int] = {k: v for k, v in given.items() if isinstance(v, int) and v > 0}
+    source = min(found, key=found.__getitem__) if found else None
     derived = found[source] if source else None
     if derived is None:
         derived = user_value or 2048
@@ -627,6 +636,18 @@ def _check_pooling(values: dict, hf_config) -> None:
     if values["enable_prefix_caching"] and pooler.keeps_all_rows:
         raise ValueError(f"--enable-prefix-caching is not supported with {arch}: it pools "
                          "every prompt token, and cached blocks' rows are not recomputed")
+
+
+def _check_model_features(v: dict[str, Any], hf_config: Any) -> None:
+    """What the architecture must support for the flags given, checked before any weight is
+    loaded (prompt adapters: the model class's ``supports_prompt_adapters``; LoRA: its layers,
+    built on the meta device, have every projection LoRA adapts)."""
+    if v["enable_prompt_adapter"]:
+        from pagedllm.prompt_adapter import check_prompt_adapter_support
+        check_prompt_adapter_support(hf_config)
+    if v["enable_lora"]:
+        from pagedllm.lora import check_lora_architecture
+        check_lora_architecture(hf_config, v["max_model_len"])
 
 
 def _check_lora(values: dict) -> None:

@@ -8,7 +8,8 @@ The field's metadata carries everything else that is derived from it:
                           ``nargs`` / ``action``;
 * ``valid``               ``(predicate, "what a valid value is")`` for range checks;
 * the flag's STATUS       ``supported`` (a tuple of supported values, a predicate, or
-                          ``DEFAULT_ONLY``) and ``planned`` (what is missing and where it is tracked);
+                          ``DEFAULT_ONLY``) and ``planned`` (what is missing and where it is
+                          tracked);
 * ``deprecated``          a deprecation note (the alias maps to its replacement in arg_utils).
 
 `check_options()` applies choices, validity and status generically, so a flag either works or
@@ -21,11 +22,15 @@ are computed once in `EngineArgs.create_engine_config`; the configs stay frozen 
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional
+from functools import cached_property
+from typing import Any, Callable, Iterator, Mapping, Optional, cast
 
 import torch
 
+from pagedllm.core.spec_propose import SpecSettings
 from pagedllm.quant import config as quant_formats
+from pagedllm.switches import Switches
+from pagedllm.tracing import check_tracing_flags
 
 DEFAULT_ONLY = "default-only"  # `supported` marker: any non-default value is not built yet
 
@@ -525,8 +530,52 @@ class EngineConfig:
     tokenizer_pool: TokenizerPoolConfig
     multimodal: MultiModalConfig
 
+    # ---- derived values: computed once here (cached on the instance; a pickled config
+    # carries those computed before it was sent), never again by the components ----------
+    @cached_property
+    def spec(self) -> SpecSettings | None:
+        """What the scheduler and the runner need of the speculative flags; None when off."""
+        return SpecSettings.from_config(self.speculative)
 
-ENGINE_CONFIG_CLASSES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
+    @cached_property
+    def detailed_traces(self) -> tuple[bool, bool]:
+        """--collect-detailed-traces: (collect the model forward time, the execute time)."""
+        obs = self.observability
+        return check_tracing_flags(obs.otlp_traces_endpoint, obs.collect_detailed_traces)
+
+    @cached_property
+    def async_output_proc(self) -> bool:
+        """Async output processing: on by default on CUDA (the forward runs on the device
+        while the host is free); off on CPU, where the forward's OpenMP threads would compete
+        with the output work for the same cores. ``PAGEDLLM_ASYNC_OUTPUT_PROC=1`` turns it on
+        anywhere (tests, CPU runs). With pipeline parallelism the micro-batches in flight take
+        its place."""
+        if self.scheduler.disable_async_output_proc or \
+                self.parallel.pipeline_parallel_size > 1:  # micro-batches overlap instead
+            return False
+        return Switches.from_env().async_output_proc or \
+            torch.device(self.device.device).type == "cuda"
+
+    @cached_property
+    def lookahead(self) -> bool:
+        """Async output by launching the next batch ahead (the engine's ``_step_lookahead``
+        and the scheduler's ``schedule_lookahead``); speculative decoding and detailed traces
+        take the executor thread instead (batches in flight together would count the same
+        seconds in each request's forward / execute times)."""
+        return self.async_output_proc and self.speculative.speculative_model is None and \
+            not self.observability.collect_detailed_traces
+
+    @cached_property
+    def kv_heads_per_rank(self) -> int:
+        """KV heads each tensor-parallel rank holds and caches (one when tp exceeds them:
+        the heads are replicated)."""
+        tp, heads = self.parallel.tensor_parallel_size, self.model.num_kv_heads
+        return heads // tp if heads >= tp else 1
+
+
+# the field types are classes: this module has no string annotations
+ENGINE_CONFIG_CLASSES: dict[str, type] = {
+    f.name: cast(type, f.type) for f in dataclasses.fields(EngineConfig)}
 
 
 def option_fields(config_cls: type) -> list[dataclasses.Field]:

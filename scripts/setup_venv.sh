@@ -11,6 +11,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # test + ray (the Ray executor's tests; ray without extras, ~80 MB)
 .venv/bin/pip install -q -e ".[test,ray]"
+# the static guards of scripts/lint.sh (rule sets in pyproject.toml; pinned to a minor version
+# so a new release's rules cannot fail CI on unchanged code)
+.venv/bin/pip install -q "ruff>=0.17,<0.18" "mypy>=2.4,<2.5"
 # Structured output backends (the `guided` extra): xgrammar runs on CPU without triton, which
 # its metadata would pull, so it comes without deps plus its one real dependency.
 if ! .venv/bin/python -c "import xgrammar" 2>/dev/null; then

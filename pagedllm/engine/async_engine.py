@@ -132,7 +132,7 @@ class RequestStream:
         stays queued for the next call."""
         pending = [first]
         while not self._queue.empty() and not pending[-1].finished:
-            item = self._queue._queue[0]  # peek: only outputs are merged
+            item = self._queue._queue[0]  # type: ignore[attr-defined]  # peek at the deque
             if not isinstance(item, RequestOutput):
                 break
             pending.append(self._queue.get_nowait())

@@ -16,6 +16,8 @@ False; the server's watchdog then answers /health with 500 and exits.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 import logging
 import time
@@ -30,6 +32,9 @@ from pagedllm.engine.timeline import Timeline
 from pagedllm.engine.tokenizer_pool import pretokenize
 from pagedllm.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
+
 logger = logging.getLogger("pagedllm.engine.async_mp")
 
 _WATCH_MS = 200  # the reader checks that the core process lives at least this often
@@ -38,7 +43,7 @@ _WATCH_MS = 200  # the reader checks that the core process lives at least this o
 class AsyncMPLLMEngine(AsyncLLMEngine):
     """Same interface as ``AsyncLLMEngine``; the core runs in a child process."""
 
-    def __init__(self, config, log_requests: bool = True, max_log_len: int | None = None,
+    def __init__(self, config: EngineConfig, log_requests: bool = True, max_log_len: int | None = None,
                  log_stats: bool | None = None, wait: bool = True,
                  client: MPCoreClient | None = None) -> None:
         """Starts the core process first (or takes ``client``, started before the

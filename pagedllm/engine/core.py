@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
@@ -66,7 +67,6 @@ from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
                                      check_prompt_adapter_support, load_prompt_adapter)
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.spec_decode import SpecSettings
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +77,9 @@ def _prefill_only_params() -> SamplingParams:
     return SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
 
-def use_async_output_proc(config) -> bool:
-    """On by default on CUDA (where the forward runs on the device while the host is free);
-    off on CPU, where the forward's OpenMP threads would compete with the output work for
-    the same cores. ``PAGEDLLM_ASYNC_OUTPUT_PROC=1`` turns it on anywhere (tests, CPU runs).
-    With pipeline parallelism the micro-batches in flight take its place."""
-    if config.scheduler.disable_async_output_proc or \
-            config.parallel.pipeline_parallel_size > 1:  # micro-batches overlap instead
-        return False
-    return os.environ.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1" or \
-        torch.device(config.device.device).type == "cuda"
+def use_async_output_proc(config: EngineConfig) -> bool:
+    """``EngineConfig.async_output_proc`` (decided there, once)."""
+    return config.async_output_proc
 
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -139,7 +132,7 @@ class CoreOutputs:
 
 
 class EngineCore:
-    def __init__(self, config, log_stats: bool | None = None, inputs=None) -> None:
+    def __init__(self, config: EngineConfig, log_stats: bool | None = None, inputs=None) -> None:
         """``inputs``: the front end's ``PromptProcessor`` when both run in one process (its
         tokenizer serves guided decoding); a core process loads its own on first need."""
         self.config = config
@@ -165,12 +158,13 @@ class EngineCore:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None
         self.timeline = Timeline.create("core")  # PAGEDLLM_STEP_TIMELINE: where time goes
-        self.guided_compiler = None  # built on the first guided request (needs a tokenizer)
+        # built on the first guided request (needs a tokenizer)
+        self.guided_compiler: GuideService | None = None
         self._pending: dict[str, tuple[CoreRequest, Future]] = {}  # compiling constraints
         self._setup_overlap(config)
         tune_gc()  # the model is loaded: freeze it out of the collector's way
 
-    def _make_scheduler(self, config) -> Scheduler:
+    def _make_scheduler(self, config: EngineConfig) -> Scheduler:
         mc, sc = config.model, config.scheduler
         return Scheduler(
             max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
@@ -179,11 +173,11 @@ class EngineCore:
             delay_factor=sc.scheduler_delay_factor, max_model_len=mc.max_model_len,
             kv_cache_manager=self.kv_cache_manager, num_scheduler_steps=sc.num_scheduler_steps,
             pipeline_depth=self.pipeline_depth,
-            spec=SpecSettings.from_config(config.speculative),
+            spec=config.spec,
             max_prompt_adapters=config.prompt_adapter.max_prompt_adapters,
-            max_loras=config.lora.max_loras)
+            max_loras=config.lora.max_loras, lookahead=config.lookahead)
 
-    def _setup_overlap(self, config) -> None:
+    def _setup_overlap(self, config: EngineConfig) -> None:
         """Async output processing by launching ahead (``_step_lookahead``); the executor
         thread where that is unavailable (speculative decoding) or with
         --collect-detailed-traces: batches in flight together would count the same seconds
@@ -191,11 +185,8 @@ class EngineCore:
         self._future: tuple[SchedulerOutput, Future] | None = None
         self._exec_thread: ThreadPoolExecutor | None = None
         self._runner = self.worker.runner
-        self._lookahead = use_async_output_proc(config) and \
-            config.speculative.speculative_model is None and \
-            not config.observability.collect_detailed_traces
-        self.scheduler.lookahead = self._lookahead
-        if use_async_output_proc(config) and not self._lookahead:
+        self._lookahead = config.lookahead
+        if config.async_output_proc and not self._lookahead:
             threads = torch.get_num_threads()
             self._exec_thread = ThreadPoolExecutor(
                 1, "pagedllm-execute", initializer=torch.set_num_threads, initargs=(threads,))
@@ -209,7 +200,7 @@ class EngineCore:
         self._check_id(req)
         if getattr(req.params, "guided_decoding", None) is not None:
             req.params.compiled_guide = self._guided_compiler().compile(
-                req.params.guided_decoding)
+                req.params.guided_decoding)  # type: ignore[arg-type]  # no dict after __post_init__
         return self._enqueue(req)
 
     def submit_request(self, req: CoreRequest) -> Request | None:
@@ -219,7 +210,8 @@ class EngineCore:
         self._check_id(req)
         if getattr(req.params, "guided_decoding", None) is None:
             return self._enqueue(req)
-        future = self._guided_compiler().submit(req.params.guided_decoding)
+        # ignored: SamplingParams.__post_init__ made a dict a GuidedDecodingParams
+        future = self._guided_compiler().submit(req.params.guided_decoding)  # type: ignore[arg-type]
         if future.done():
             req.params.compiled_guide = future.result()
             return self._enqueue(req)
@@ -234,7 +226,7 @@ class EngineCore:
         """Add the pending requests whose compile is done: (request, added, None) or
         (request, None, the error)."""
         done = [rid for rid, (_, future) in self._pending.items() if future.done()]
-        results = []
+        results: list[tuple[CoreRequest, Request | None, Exception | None]] = []
         for request_id in done:
             req, future = self._pending.pop(request_id)
             try:

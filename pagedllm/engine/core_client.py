@@ -35,7 +35,10 @@ import tempfile
 import time
 import traceback
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 logger = logging.getLogger("pagedllm.engine.core_client")
 
@@ -252,7 +255,7 @@ class MPCoreClient:
     """Starts the core process and talks to it. ``send`` is synchronous (ZeroMQ queues it);
     ``recv`` is awaited by the front end's reader task."""
 
-    def __init__(self, config=None, log_stats: bool | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, log_stats: bool | None = None) -> None:
         """Starts the core process at once: it imports the engine meanwhile. Without
         ``config`` here, ``configure`` must follow (the front end resolves the engine
         configuration while the child starts: start-up runs both in parallel)."""
@@ -326,8 +329,7 @@ class MPCoreClient:
 
     async def recv(self, timeout_ms: int):
         """The core's next message, or None when nothing came within ``timeout_ms``."""
-        import zmq
-        if not await self._outbox.poll(timeout_ms, zmq.POLLIN):
+        if not await self._outbox.poll(timeout_ms):  # flags default to POLLIN
             return None
         data = await self._outbox.recv(copy=False)
         start = time.perf_counter()

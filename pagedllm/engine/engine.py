@@ -10,6 +10,8 @@ front end's output work on its deltas (detokenize, stop strings, outputs;
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.engine.core import EngineCore, use_async_output_proc  # noqa: F401 (re-export)
 from pagedllm.engine.inputs import PromptInputs, PromptProcessor
@@ -22,8 +24,11 @@ from pagedllm.prompt_adapter import PromptAdapterRequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tracing import RequestTracer
 
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
-def make_tracer(config) -> RequestTracer | None:
+
+def make_tracer(config: EngineConfig) -> RequestTracer | None:
     """--otlp-traces-endpoint: the front end ends one span per finished request."""
     endpoint = config.observability.otlp_traces_endpoint
     return None if endpoint is None else \
@@ -31,7 +36,7 @@ def make_tracer(config) -> RequestTracer | None:
 
 
 class LLMEngine:
-    def __init__(self, config, log_stats: bool | None = None) -> None:
+    def __init__(self, config: EngineConfig, log_stats: bool | None = None) -> None:
         self.config = config
         self.inputs = PromptProcessor(config.model, config.tokenizer_pool)
         self.tokenizer = self.inputs.tokenizer

@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 logger = logging.getLogger("pagedllm.engine.inputs")
+
+if TYPE_CHECKING:
+    from pagedllm.config import ModelConfig, TokenizerPoolConfig
 
 PromptInputs = Union[str, list[int], dict]
 
 
-def load_tokenizer(model_config):
+def load_tokenizer(model_config: ModelConfig):
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(
@@ -83,7 +86,8 @@ def _generation_eos_ids(model_path: str) -> set[int]:
 
 
 class PromptProcessor:
-    def __init__(self, model_config, pool_config=None) -> None:
+    def __init__(self, model_config: ModelConfig,
+                 pool_config: TokenizerPoolConfig | None = None) -> None:
         from pagedllm.engine.tokenizer_pool import make_tokenizer_pool
         self.max_model_len = model_config.max_model_len
         self.vocab_size = model_config.vocab_size

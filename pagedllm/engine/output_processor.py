@@ -10,6 +10,8 @@ beside the core, or in the API-server process with the core in its own process.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import time
 
 from pagedllm.core.request import RequestStatus
@@ -19,6 +21,9 @@ from pagedllm.engine.sequence_group import PoolingGroup, Sequence, SequenceGroup
 from pagedllm.outputs import RequestOutput
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 
 def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: int) -> None:
@@ -46,7 +51,8 @@ def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: 
         params.allowed_token_ids = [int(t) for t in params.allowed_token_ids]
 
 
-def prepare_request(config, inputs: PromptProcessor, request_id: str, prompt: PromptInputs,
+def prepare_request(config: EngineConfig, inputs: PromptProcessor, request_id: str,
+                    prompt: PromptInputs,
                     params: SamplingParams, arrival_time: float | None = None,
                     priority: int = 0, prompt_adapter_request=None,
                     lora_request=None) -> tuple[str | None, CoreRequest]:

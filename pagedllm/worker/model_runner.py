@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,7 +103,12 @@ class ModelRunner:
                  vocab_size: int, seed: int,
                  kv_scales: list[tuple[float, float]] | None = None,
                  spec_typical: tuple[float, float] | None = None,
-                 collect_times: tuple[bool, bool] = (False, False)) -> None:
+                 collect_times: tuple[bool, bool] = (False, False),
+                 lora_table: LoRASlotTable | None = None,
+                 graph_sizes: tuple[int, int] | None = None) -> None:
+        """``lora_table``: the --enable-lora slots. ``graph_sizes``: (max_num_seqs,
+        max_seq_len_to_capture) where the worker wants CUDA graphs (CUDA, eager not forced,
+        no LoRA, one pipeline stage); they are captured here, with the triton backend."""
         self.model = model
         self.kv_scales = kv_scales  # per layer (k, v) scales of an fp8 cache
         self.spec_typical = spec_typical  # typical acceptance (threshold, alpha), or None
@@ -117,9 +123,9 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.guided = GuidedMatchers(vocab_size, device)  # grammar matchers of guided requests
         self.backend = get_attn_backend(device)
-        self.graphs: CUDAGraphRunner | None = None  # set by the worker when graphs are on
-        self.lora_table: LoRASlotTable | None = None  # set by the worker with --enable-lora
-        self.on_launch = None  # called once a step's forward is queued (async output proc)
+        self.lora_table = lora_table
+        # called once a step's forward is queued (async output proc; set per step by the core)
+        self.on_launch: Callable[[], None] | None = None
         self.pooler = getattr(model, "pooler", None)  # a pooling model's (layers/pooler.py)
         # ALL pooling with chunked prefill: req_id -> the rows of its chunks so far, in
         # prompt order (kept across a swap preemption, which resumes mid-prompt)
@@ -128,6 +134,11 @@ class ModelRunner:
         # req_id -> (ids sampled by the last step of a launched multi-step batch, its row):
         # the request's newest token, not on the host until that batch finishes
         self._late_inputs: dict[str, tuple[torch.Tensor, int]] = {}
+        self.graphs: CUDAGraphRunner | None = None
+        if graph_sizes is not None and self.backend.name == "triton":
+            self.graphs = CUDAGraphRunner(model, cache.gpu_cache, self.backend, self.block_size,
+                                          *graph_sizes, device, kv_scales)
+            self.graphs.capture()  # every size now: capturing mid-run stalls the batch
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:

@@ -21,6 +21,8 @@ Swap space: ``--swap-space`` GiB of CPU memory, in blocks of the same size.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import time
 
@@ -35,12 +37,12 @@ from pagedllm.distributed import (get_pp_size, get_tp_rank, get_tp_size, in_turn
 from pagedllm.models.loader import load_model
 from pagedllm.attention.cache_spec import check_cache_dtype, kv_cache_spec_for
 from pagedllm.worker.cache_engine import CacheEngine
-from pagedllm.worker.cuda_graph import CUDAGraphRunner
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.spec_decode import SpecSettings
-from pagedllm.tracing import check_tracing_flags
 from pagedllm.worker.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 _GiB = 1 << 30
@@ -58,7 +60,7 @@ def _available_ram_bytes() -> int:
 
 
 class Worker:
-    def __init__(self, config) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         mc, cc = config.model, config.cache
         self.device = torch.device(config.device.device)
@@ -93,14 +95,11 @@ class Worker:
         cache = CacheEngine(self.layer_ids, self.cache_spec, cc.block_size,
                             self.num_gpu_blocks, self.num_cpu_blocks, self.cache_dtype,
                             self.device)
-        spec = SpecSettings.from_config(self.config.speculative)
-        obs = self.config.observability
+        spec = config.spec
         self.runner = ModelRunner(
             self.model, cache, self.device, mc.vocab_size, mc.seed, self.kv_scales,
-            spec.typical if spec else None,
-            check_tracing_flags(obs.otlp_traces_endpoint, obs.collect_detailed_traces))
-        self.runner.lora_table = self.lora_table
-        self._setup_graphs(cache)
+            spec.typical if spec else None, config.detailed_traces, self.lora_table,
+            self._graph_sizes())
         logger.info("start-up: weights loaded in %.2f s, KV cache sized (memory profile) in "
                     "%.2f s, cache allocated and graphs captured in %.2f s", loaded - started,
                     sized - loaded, time.perf_counter() - sized)
@@ -112,28 +111,28 @@ class Worker:
                     mc.max_model_len,
                     self.num_gpu_blocks * cc.block_size / mc.max_model_len)
 
-    def _setup_graphs(self, cache: CacheEngine) -> None:
-        """Capture decode CUDA graphs unless something rules them out (logged)."""
-        mc, cc, config = self.config.model, self.config.cache, self.config
-        if self.device.type == "cuda" and self.lora_table is not None and not mc.enforce_eager:
+    def _graph_sizes(self) -> tuple[int, int] | None:
+        """(max_num_seqs, max_seq_len_to_capture) for the runner's CUDA graphs, or None
+        where they cannot run (CPU, --enforce-eager, --enable-lora, pipeline stages)."""
+        mc = self.config.model
+        if self.device.type != "cuda" or mc.enforce_eager:
+            return None
+        if self.lora_table is not None:
             logger.info("CUDA graphs are off with --enable-lora (each batch's adapter rows "
                         "change the work); steps run eagerly")
-        elif self.device.type == "cuda" and get_pp_size() > 1 and not mc.enforce_eager:
+            return None
+        if get_pp_size() > 1:
             logger.info("CUDA graphs are off with pipeline parallelism (the sends between "
                         "stages are not captured); steps run eagerly")
-        elif self.device.type == "cuda" and not mc.enforce_eager and \
-                not getattr(self.model, "supports_cuda_graphs", True):
+            return None
+        if not getattr(self.model, "supports_cuda_graphs", True):
             logger.info("CUDA graphs are off for %s (its attention runs the PyTorch path, "
                         "which graphs do not capture yet); steps run eagerly",
                         type(self.model).__name__)
-        elif self.device.type == "cuda" and not mc.enforce_eager and \
-                self.runner.backend.name == "triton" and self.runner.pooler is None:
-            graphs = CUDAGraphRunner(self.model, cache.gpu_cache, self.runner.backend,
-                                     cc.block_size, config.scheduler.max_num_seqs,
-                                     mc.max_seq_len_to_capture, self.device,
-                                     self.runner.kv_scales)
-            graphs.capture()  # every size now: capturing mid-run stalls the batch
-            self.runner.graphs = graphs
+            return None
+        if getattr(self.model, "pooler", None) is not None:
+            return None  # pooling models run prompts only: no decode steps to capture
+        return self.config.scheduler.max_num_seqs, mc.max_seq_len_to_capture
 
     def _lora_slots(self):
         """--enable-lora: the runner's slot buffers on every LoRA-capable projection."""
@@ -181,8 +180,7 @@ class Worker:
         cache = CacheEngine(self.layer_ids, self.cache_spec, bs, num_blocks, 0,
                             self.cache_dtype, self.device)
         runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
-                             self.kv_scales)
-        runner.lora_table = self.lora_table
+                             self.kv_scales, lora_table=self.lora_table)
         # --enable-lora: rows split over up to two (all-zero) adapters, so the peak holds the
         # deltas' gathers too
         loras = [None]

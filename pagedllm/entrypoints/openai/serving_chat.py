@@ -109,7 +109,7 @@ class OpenAIServingChat(OpenAIServing):
         try:
             return await self._sandbox().render(*args)
         except Exception as exc:  # noqa: BLE001 - mapped as in apply_chat_template
-            return _template_errors(lambda: _reraise(exc))
+            return _template_errors(lambda err=exc: _reraise(err))  # bound: `exc` is unset after
 
     def _template_args(self, messages, add_generation_prompt, continue_final_message,
                        chat_template, chat_template_kwargs, documents, tools) -> tuple:
