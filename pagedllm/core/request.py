@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -66,7 +67,7 @@ class Request:
         # PoolingParams of a pooling request: prefill only; it finishes (stopped) when its
         # prompt is computed, with the pooled output instead of a token (``sampling_params``
         # is then a one-token placeholder the sampler never sees)
-        self.pooling_params = None
+        self.pooling_params: PoolingParams | None = None
         # seconds spent in schedule() calls that scheduled it, and (--collect-detailed-traces)
         # in the model forward / execution of its steps
         self.scheduler_time = 0.0

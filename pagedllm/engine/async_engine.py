@@ -61,7 +61,7 @@ class RequestStats:
     """What the asyncio side knows of one request, for metrics listeners."""
     request_id: str
     arrival_time: float
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     first_token_time: float | None = None
@@ -78,7 +78,7 @@ class RequestStats:
     def count_new_tokens(self, output: RequestOutput) -> int:
         """Tokens generated since the last output, for DELTA and cumulative outputs alike
         (none for a pooling request's output)."""
-        if isinstance(output, EmbeddingRequestOutput):
+        if isinstance(output, EmbeddingRequestOutput) or isinstance(self.params, PoolingParams):
             return 0
         delta = self.params.output_kind == RequestOutputKind.DELTA
         num_new = 0
@@ -209,7 +209,8 @@ class AsyncLLMEngine:
         return "the engine was shut down"
 
     # ---- asyncio side --------------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
+    async def add_request(self, request_id: str, prompt: PromptInputs,
+                          params: SamplingParams | PoolingParams,
                           arrival_time: float | None = None, priority: int = 0,
                           prompt_adapter_request=None,
                           trace_headers: dict[str, str] | None = None,
@@ -266,7 +267,7 @@ class AsyncLLMEngine:
                                         trace_headers=trace_headers, lora_request=lora_request)
         try:
             async for output in stream:
-                yield output
+                yield output  # type: ignore[misc]  # a pooling stream's one output
         finally:
             if not stream.finished:
                 self.abort(request_id)
@@ -304,7 +305,8 @@ class AsyncLLMEngine:
         """Runs on the loop: end every open stream with ``exc`` (the engine is gone)."""
         self._fail(list(self._streams), exc)
 
-    def _log_received(self, request_id: str, prompt: PromptInputs, params: SamplingParams):
+    def _log_received(self, request_id: str, prompt: PromptInputs,
+                      params: SamplingParams | PoolingParams):
         text, ids = prompt, None
         if isinstance(prompt, dict):
             text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")

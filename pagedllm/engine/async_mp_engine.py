@@ -30,6 +30,7 @@ from pagedllm.engine.inputs import PromptInputs, PromptProcessor
 from pagedllm.engine.output_processor import OutputProcessor, prepare_request
 from pagedllm.engine.timeline import Timeline
 from pagedllm.engine.tokenizer_pool import pretokenize
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -43,7 +44,8 @@ _WATCH_MS = 200  # the reader checks that the core process lives at least this o
 class AsyncMPLLMEngine(AsyncLLMEngine):
     """Same interface as ``AsyncLLMEngine``; the core runs in a child process."""
 
-    def __init__(self, config: EngineConfig, log_requests: bool = True, max_log_len: int | None = None,
+    def __init__(self, config: EngineConfig, log_requests: bool = True,
+                 max_log_len: int | None = None,
                  log_stats: bool | None = None, wait: bool = True,
                  client: MPCoreClient | None = None) -> None:
         """Starts the core process first (or takes ``client``, started before the
@@ -145,7 +147,8 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         return "the engine was shut down"
 
     # ---- requests ------------------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
+    async def add_request(self, request_id: str, prompt: PromptInputs,
+                          params: SamplingParams | PoolingParams,
                           arrival_time: float | None = None, priority: int = 0,
                           prompt_adapter_request=None,
                           trace_headers: dict[str, str] | None = None,

@@ -198,9 +198,10 @@ class EngineCore:
         A constraint not compiled yet is compiled here, waiting at most the compile budget
         (``guided/service.py``); the core process uses ``submit_request`` instead."""
         self._check_id(req)
-        if getattr(req.params, "guided_decoding", None) is not None:
-            req.params.compiled_guide = self._guided_compiler().compile(
-                req.params.guided_decoding)  # type: ignore[arg-type]  # no dict after __post_init__
+        params = req.params
+        if isinstance(params, SamplingParams) and params.guided_decoding is not None:
+            params.compiled_guide = self._guided_compiler().compile(
+                params.guided_decoding)  # type: ignore[arg-type]  # no dict after __post_init__
         return self._enqueue(req)
 
     def submit_request(self, req: CoreRequest) -> Request | None:
@@ -208,12 +209,13 @@ class EngineCore:
         constraint compiles off this thread (the request waits outside the scheduler;
         ``finish_pending`` adds it, or gives its error, once the compile is done)."""
         self._check_id(req)
-        if getattr(req.params, "guided_decoding", None) is None:
+        params = req.params
+        if not isinstance(params, SamplingParams) or params.guided_decoding is None:
             return self._enqueue(req)
         # ignored: SamplingParams.__post_init__ made a dict a GuidedDecodingParams
-        future = self._guided_compiler().submit(req.params.guided_decoding)  # type: ignore[arg-type]
+        future = self._guided_compiler().submit(params.guided_decoding)  # type: ignore[arg-type]
         if future.done():
-            req.params.compiled_guide = future.result()
+            params.compiled_guide = future.result()
             return self._enqueue(req)
         self._pending[req.request_id] = (req, future)
         return None
@@ -230,6 +232,7 @@ class EngineCore:
         for request_id in done:
             req, future = self._pending.pop(request_id)
             try:
+                assert isinstance(req.params, SamplingParams)  # only those are compiled
                 req.params.compiled_guide = future.result()
                 results.append((req, self._enqueue(req), None))
             except Exception as exc:  # noqa: BLE001 - the add's rejection, for its caller
@@ -245,9 +248,11 @@ class EngineCore:
         scheduler; its constraint, if any, is compiled already."""
         adapter = self._prompt_adapter(req.prompt_adapter_request)
         lora = self._lora(req.lora_request)
-        params, pooling = req.params, None
-        if isinstance(params, PoolingParams):  # prefill only: the placeholder is never sampled
-            params, pooling = _prefill_only_params(), params
+        pooling: PoolingParams | None = None
+        if isinstance(req.params, PoolingParams):  # prefill only: the placeholder never samples
+            params, pooling = _prefill_only_params(), req.params
+        else:
+            params = req.params
         token_ids = req.prompt_token_ids
         if adapter is not None:  # placeholders whose embeddings the soft prompt replaces
             token_ids = [0] * adapter.num_virtual_tokens + list(token_ids)

@@ -95,7 +95,8 @@ class LLMEngine:
     def has_pending(self) -> bool:
         return self.core.has_pending()
 
-    def _add(self, enqueue, request_id: str, prompt: PromptInputs, params: SamplingParams,
+    def _add(self, enqueue, request_id: str, prompt: PromptInputs,
+             params: SamplingParams | PoolingParams,
              arrival_time: float | None = None, priority: int = 0,
              prompt_adapter_request: PromptAdapterRequest | None = None,
              trace_headers: dict[str, str] | None = None,

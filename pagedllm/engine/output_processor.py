@@ -53,7 +53,7 @@ def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: 
 
 def prepare_request(config: EngineConfig, inputs: PromptProcessor, request_id: str,
                     prompt: PromptInputs,
-                    params: SamplingParams, arrival_time: float | None = None,
+                    params: SamplingParams | PoolingParams, arrival_time: float | None = None,
                     priority: int = 0, prompt_adapter_request=None,
                     lora_request=None) -> tuple[str | None, CoreRequest]:
     """Validate a request (ValueError naming the bad field) and tokenize its prompt:
@@ -143,6 +143,7 @@ class OutputProcessor:
             trace_headers: dict[str, str] | None = None) -> SequenceGroup:
         if req.request_id in self.groups:
             raise ValueError(f"request_id {req.request_id!r} is already in use")
+        group: SequenceGroup
         if isinstance(req.params, PoolingParams):
             group = PoolingGroup(req.request_id, req.params, text, req.prompt_token_ids,
                                  req.arrival_time, self.max_model_len, self.tokenizer)
@@ -209,7 +210,7 @@ class OutputProcessor:
                 delta.trace_times
         if delta.prompt_logprobs is not None:
             group.add_prompt_logprobs(*delta.prompt_logprobs, self._decoder(group))
-        if delta.pooled is not None:  # a pooling request's answer: it has finished
+        if delta.pooled is not None and isinstance(group, PoolingGroup):  # it has finished
             group.pooled, state.status = delta.pooled, RequestStatus(delta.status)
             return True
         new_ids = delta.new_token_ids

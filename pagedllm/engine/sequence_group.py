@@ -221,7 +221,8 @@ class PoolingGroup(SequenceGroup):
         self.pooling_params = pooling_params
         self.pooled = None  # host float32 tensor from the core, once the prompt has run
 
-    def make_output(self) -> EmbeddingRequestOutput | None:
+    def make_output(self) -> EmbeddingRequestOutput | None:  # type: ignore[override]
+        # a pooling group's one output is an embedding, not a RequestOutput
         if self.pooled is None:
             return None
         return EmbeddingRequestOutput(

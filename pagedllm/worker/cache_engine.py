@@ -2,7 +2,8 @@
 
 Layout per layer: ``spec.shape(num_blocks * block_size)`` — ``[2, slots, num_kv_heads,
 head_dim]`` (K then V) for most models, ``[1, slots, 1, latent_dim]`` for multi-head latent
-attention (``attention/cache_spec.py``); a token's slot is ``block_id * block_size + offset``. A rank caches only its pipeline stage's
+attention (``attention/cache_spec.py``); a token's slot is ``block_id * block_size + offset``.
+A rank caches only its pipeline stage's
 layers: ``gpu_cache`` maps each of them (by its index in the model) to its tensor, so the
 attention layers look their cache up by their own layer index and a stage's blocks cost
 only its share of the layers. The device cache starts zeroed (masked

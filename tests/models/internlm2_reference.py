@@ -31,7 +31,8 @@ from tests.utils.tiny_models import CACHE_DIR, VOCAB_SIZE, build_tokenizer
 
 CONFIG = {"vocab_size": VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "bias": True,
+              "hidden_act": "silu", "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+              "bias": True,
               "rope_theta": 10000.0, "rope_scaling": None, "tie_word_embeddings": False,
               "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 

@@ -18,7 +18,8 @@ Tiny seeded random checkpoints (``save_pretrained``: one tensor per expert on di
 2. The cache holds ``kv_lora_rank + qk_rope_head_dim`` values per token and layer (one latent
    "head"), not expanded K/V heads; ``--kv-cache-dtype fp8`` is refused naming the flag.
 3. Variants the checkpoints do not cover (V2 with ``q_lora_rank`` and greedy top-k; V3 with
-   neox rotary, one of two groups, two shared experts): one batched prefill's last-position log-probs equal HF
+   neox rotary, one of two groups, two shared experts): one batched prefill's last-position
+  log-probs equal HF
    (atol 1e-4), loading HF's in-memory (stacked experts) state dict.
 4. The absorbed decode equals the expanded form on random tensors (``attention/mla.py``).
 """

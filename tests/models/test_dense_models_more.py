@@ -174,7 +174,8 @@ def oracle(arch, model_path):
     if arch == "internlm2":
         from safetensors.torch import load_file
         state = load_file(f"{model_path}/model.safetensors")
-        run = lambda prompts: reference_greedy(state, prompts, MAX_TOKENS)
+        def run(prompts):
+            return reference_greedy(state, prompts, MAX_TOKENS)
     else:
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
@@ -182,7 +183,8 @@ def oracle(arch, model_path):
         model.generation_config.eos_token_id = None  # ignore EOS, as ignore_eos does
         model.generation_config.pad_token_id = 0
         model.eval()
-        run = lambda prompts: _hf_greedy(model, prompts)
+        def run(prompts):
+            return _hf_greedy(model, prompts)
     cache: dict = {}
 
     def greedy(prompts: list[list[int]]) -> list[list[int]]:
