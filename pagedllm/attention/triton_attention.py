@@ -344,7 +344,10 @@ def _load_kv_tile(kv_ptr, block_table_row_ptr, k_pos, k_valid, kv_head, offs_d, 
 #    Folding saves that launch (batch-1 decode: one per layer); it is used when the last
 #    program's [group, splits, head_dim] partials fit its registers
 #    (``PAGEDLLM_DECODE_FOLD=0``: never, for A/B runs).
-@triton.jit
+# Arguments that change from step to step are not specialized on (Triton compiles a variant for
+# each value that is 1 or a multiple of 16): the first mixed batches of a fresh server each
+# compiled new decode / prefill variants mid-run (0.8-0.9 s steps where 0.1 s was usual).
+@triton.jit(do_not_specialize=["stride_bt", "num_seqs", "sliding_window"])
 def _paged_decode_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim] (NUM_SPLITS == 1)
     part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] fp32 (NUM_SPLITS > 1)
@@ -454,7 +457,7 @@ def _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, seq, head0, stride_os, s
              mask=h_mask[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_decode_reduce_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]
     part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] fp32
@@ -585,7 +588,10 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks_per_seq: int,
     num_sms = _num_sms(device)
     if num_programs >= num_sms or max_tiles < 4:
         return 1
-    return max(1, min(triton.cdiv(2 * num_sms, num_programs), max_tiles // 2, 64))
+    splits = max(1, min(triton.cdiv(2 * num_sms, num_programs), max_tiles // 2, 64))
+    # a power of two: NUM_SPLITS is a compile-time constant, and eager decodes (mixed batches)
+    # see block tables of every width; rounding keeps the variants to seven
+    return 1 << (splits.bit_length() - 1)
 
 
 def _decode_block_n(head_dim: int, block_size: int) -> int:
@@ -613,7 +619,7 @@ def paged_attention_decode_ref(q: torch.Tensor, kv_cache: torch.Tensor,
 # Prefill: varlen causal queries over context + new keys
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "sliding_window"])
 def _paged_prefill_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
     q_ptr,  # [num_tokens, num_heads, head_dim]
