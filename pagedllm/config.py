@@ -263,11 +263,13 @@ class LoadConfig:
     """Where and how weights are loaded."""
     load_format: str = option(
         "auto", "Weight format. auto: safetensors, else .bin; pt: .bin; safetensors; dummy: "
-        "random weights of the right shapes (profiling); npcache, tensorizer, sharded_state, "
-        "gguf, bitsandbytes, mistral: other formats.",
+        "random weights of the right shapes (profiling); gguf: --model is a .gguf file (chosen "
+        "by itself for one), dequantized at load; npcache, tensorizer, sharded_state, "
+        "bitsandbytes, mistral: other formats.",
         choices=("auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "sharded_state",
                  "gguf", "bitsandbytes", "mistral"),
-        supported=("auto", "pt", "safetensors", "dummy"), planned="loader for this weight format")
+        supported=("auto", "pt", "safetensors", "dummy", "gguf"),
+        planned="loader for this weight format")
     download_dir: Optional[str] = option(None, "Directory for downloaded weights (default: the "
                                          "Hugging Face cache).")
     model_loader_extra_config: Optional[dict] = option(

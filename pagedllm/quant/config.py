@@ -25,14 +25,16 @@ from pagedllm.quant.gptq import GPTQConfig
 logger = logging.getLogger(__name__)
 
 # --quantization values that load (the Marlin names map onto their checkpoint format)
-SUPPORTED = ("gptq", "gptq_marlin", "marlin", "awq", "awq_marlin", "fp8", "compressed-tensors")
+SUPPORTED = ("gptq", "gptq_marlin", "marlin", "awq", "awq_marlin", "fp8", "compressed-tensors",
+             "gguf")
 FORMAT_OF = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
 SUPPORTED_DESC = ("None, gptq (2/4/8 bit), awq (4 bit, GEMM), fp8 (per-tensor; quantizes "
                   "unquantized checkpoints at load), compressed-tensors (pack-quantized "
-                  "W4A16/W8A16, float-quantized fp8); gptq_marlin, marlin and awq_marlin load "
+                  "W4A16/W8A16, float-quantized fp8), gguf (--model a .gguf file; dequantized at "
+                  "load); gptq_marlin, marlin and awq_marlin load "
                   "gptq/awq checkpoints with the same implementation")
 NOT_BUILT = ("tpu_int8 and neuron_quant need TPU / Neuron hardware; aqlm, deepspeedfp, "
-             "fbgemm_fp8, modelopt, gguf, gptq_marlin_24, bitsandbytes, qqq and experts_int8 "
+             "fbgemm_fp8, modelopt, gptq_marlin_24, bitsandbytes, qqq and experts_int8 "
              "are not built yet (quantization issue)")
 
 
@@ -118,9 +120,12 @@ def _unsupported(what: str, method: str) -> ValueError:
 def resolve_quant_config(flag: str | None, hf_config: Any, model_path: str | None,
                          model: str) -> QuantConfig | None:
     """The quant config of ``--quantization flag`` on this checkpoint (None: unquantized)."""
+    if flag == "gguf":  # a .gguf --model is resolved before this (pagedllm.quant.gguf)
+        raise ValueError(f"--quantization gguf needs --model to be a local .gguf file; "
+                         f"{model!r} is not one")
     quant = read_checkpoint_quant(hf_config, model_path)
     ckpt = checkpoint_method(quant) if quant else None
-    if ckpt is not None and (ckpt not in SUPPORTED or ckpt == "marlin"):
+    if ckpt is not None and (ckpt not in SUPPORTED or ckpt in ("marlin", "gguf")):
         raise _unsupported(f"--model {model}: the checkpoint's quantization_config.quant_method",
                            ckpt)
     if flag is not None and flag not in SUPPORTED:
