@@ -323,7 +323,9 @@ def _resolve_model(v: dict[str, Any]) -> dict[str, Any]:
     else:
         hf_config = load_hf_config(model_path, v)
         quant_config = resolve_quant_config(v["quantization"], hf_config, model_path,
-                                            v["model"])
+                                            v["model"], v["load_format"])
+    if v["qlora_adapter_name_or_path"]:
+        _apply_qlora_adapter(v, quant_config)
     apply_rope_overrides(hf_config, v["rope_scaling"], v["rope_theta"])
     return {
         "quant_config": quant_config,
@@ -334,6 +336,20 @@ def _resolve_model(v: dict[str, Any]) -> dict[str, Any]:
         "max_model_len": derive_max_model_len(hf_config, v["max_model_len"],
                                                          v["disable_sliding_window"]),
     }
+
+
+def _apply_qlora_adapter(v: dict[str, Any], quant_config: Any) -> None:
+    """--qlora-adapter-name-or-path: bitsandbytes quantization at load of the adapter's
+    target modules (both bitsandbytes flags are required, as in vLLM 0.6.3)."""
+    from pagedllm.quant.bitsandbytes import apply_qlora_targets
+    if v["quantization"] != "bitsandbytes" or v["load_format"] != "bitsandbytes":
+        raise ValueError("--qlora-adapter-name-or-path needs --quantization bitsandbytes and "
+                         "--load-format bitsandbytes (got --quantization "
+                         f"{v['quantization']}, --load-format {v['load_format']})")
+    name = v["qlora_adapter_name_or_path"]
+    adapter_dir = _snapshot_dir(name, "--qlora-adapter-name-or-path", revision=None,
+                                cache_dir=v["download_dir"], ignore=[], extra=[], weights=[])
+    apply_qlora_targets(quant_config, adapter_dir, name)
 
 
 def _resolve_scheduler(v: dict[str, Any]) -> dict[str, Any]:

@@ -264,11 +264,12 @@ class LoadConfig:
     load_format: str = option(
         "auto", "Weight format. auto: safetensors, else .bin; pt: .bin; safetensors; dummy: "
         "random weights of the right shapes (profiling); gguf: --model is a .gguf file (chosen "
-        "by itself for one), dequantized at load; npcache, tensorizer, sharded_state, "
-        "bitsandbytes, mistral: other formats.",
+        "by itself for one), dequantized at load; bitsandbytes: safetensors / .bin quantized "
+        "with bitsandbytes (with --quantization bitsandbytes); npcache, tensorizer, "
+        "sharded_state, mistral: other formats.",
         choices=("auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "sharded_state",
                  "gguf", "bitsandbytes", "mistral"),
-        supported=("auto", "pt", "safetensors", "dummy", "gguf"),
+        supported=("auto", "pt", "safetensors", "dummy", "gguf", "bitsandbytes"),
         planned="loader for this weight format")
     download_dir: Optional[str] = option(None, "Directory for downloaded weights (default: the "
                                          "Hugging Face cache).")
@@ -390,8 +391,10 @@ class LoRAConfig:
                                        "ranks.", supported=DEFAULT_ONLY,
                                        planned="LoRA with tensor parallelism")
     qlora_adapter_name_or_path: Optional[str] = option(
-        None, "QLoRA adapter on a bitsandbytes-quantized base model.", supported=DEFAULT_ONLY,
-        planned="QLoRA (bitsandbytes quantization)")
+        None, "QLoRA adapter (PEFT directory or repo) on a bitsandbytes base: with "
+        "--quantization bitsandbytes --load-format bitsandbytes only the adapter's "
+        "target_modules are quantized at load (vLLM 0.6.3); serve the adapter itself with "
+        "--enable-lora and a LoRA request.")
 
 
 @dataclass(frozen=True)

@@ -120,9 +120,13 @@ def _checkpoint_weights(model_config, load_config) -> Iterator[tuple[str, torch.
     if load_config.load_format == "gguf":
         from pagedllm.quant.gguf import iterate_gguf_weights
         return iterate_gguf_weights(model_config.model_path, model_config.hf_config)
-    files, fmt = find_weight_files(model_config.model_path, load_config.load_format,
+    load_format = "auto" if load_config.load_format == "bitsandbytes" else \
+        load_config.load_format
+    files, fmt = find_weight_files(model_config.model_path, load_format,
                                    load_config.ignore_patterns)
-    return iterate_weights(files, fmt)
+    quant_config = getattr(model_config, "quant_config", None)
+    weights = iterate_weights(files, fmt)
+    return quant_config.checkpoint_stream(weights) if quant_config is not None else weights
 
 
 def load_model(model_config, load_config, device: torch.device) -> nn.Module:

@@ -16,6 +16,7 @@ import logging
 import os
 from typing import Any
 
+from pagedllm.quant import bitsandbytes
 from pagedllm.quant.awq import AWQConfig
 from pagedllm.quant.base import QuantConfig
 from pagedllm.quant.compressed_tensors import CompressedTensorsConfig
@@ -26,15 +27,16 @@ logger = logging.getLogger(__name__)
 
 # --quantization values that load (the Marlin names map onto their checkpoint format)
 SUPPORTED = ("gptq", "gptq_marlin", "marlin", "awq", "awq_marlin", "fp8", "compressed-tensors",
-             "gguf")
+             "gguf", "bitsandbytes")
 FORMAT_OF = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
 SUPPORTED_DESC = ("None, gptq (2/4/8 bit), awq (4 bit, GEMM), fp8 (per-tensor; quantizes "
                   "unquantized checkpoints at load), compressed-tensors (pack-quantized "
                   "W4A16/W8A16, float-quantized fp8), gguf (--model a .gguf file; dequantized at "
-                  "load); gptq_marlin, marlin and awq_marlin load "
+                  "load), bitsandbytes (4-bit nf4/fp4 and 8-bit checkpoints; nf4 at load with "
+                  "--load-format bitsandbytes); gptq_marlin, marlin and awq_marlin load "
                   "gptq/awq checkpoints with the same implementation")
 NOT_BUILT = ("tpu_int8 and neuron_quant need TPU / Neuron hardware; aqlm, deepspeedfp, "
-             "fbgemm_fp8, modelopt, gptq_marlin_24, bitsandbytes, qqq and experts_int8 "
+             "fbgemm_fp8, modelopt, gptq_marlin_24, qqq and experts_int8 "
              "are not built yet (quantization issue)")
 
 
@@ -109,7 +111,8 @@ def _fp8(quant: dict) -> Fp8Config:
 
 
 _BUILDERS = {"gptq": _gptq, "awq": _awq, "fp8": _fp8,
-             "compressed-tensors": CompressedTensorsConfig}
+             "compressed-tensors": CompressedTensorsConfig,
+             "bitsandbytes": bitsandbytes.from_checkpoint}
 
 
 def _unsupported(what: str, method: str) -> ValueError:
@@ -118,8 +121,18 @@ def _unsupported(what: str, method: str) -> ValueError:
 
 
 def resolve_quant_config(flag: str | None, hf_config: Any, model_path: str | None,
-                         model: str) -> QuantConfig | None:
+                         model: str, load_format: str = "auto") -> QuantConfig | None:
     """The quant config of ``--quantization flag`` on this checkpoint (None: unquantized)."""
+    config = _resolve(flag, hf_config, model_path, model, load_format)
+    if load_format == "bitsandbytes" and (config is None or config.name != "bitsandbytes"):
+        raise ValueError(f"--load-format bitsandbytes quantizes with bitsandbytes: it needs "
+                         f"--quantization bitsandbytes (or a bitsandbytes checkpoint); --model "
+                         f"{model} has {config.name if config else 'no quantization'}")
+    return config
+
+
+def _resolve(flag: str | None, hf_config: Any, model_path: str | None, model: str,
+             load_format: str) -> QuantConfig | None:
     if flag == "gguf":  # a .gguf --model is resolved before this (pagedllm.quant.gguf)
         raise ValueError(f"--quantization gguf needs --model to be a local .gguf file; "
                          f"{model!r} is not one")
@@ -138,15 +151,27 @@ def resolve_quant_config(flag: str | None, hf_config: Any, model_path: str | Non
                          f"checkpoint (quantization_config.quant_method); drop the flag or "
                          f"pass --quantization {ckpt}")
     if ckpt is None:
-        if fmt != "fp8":
-            raise ValueError(f"--quantization {flag} needs a {fmt} checkpoint, and --model "
-                             f"{model} has no quantization_config; only --quantization fp8 "
-                             "quantizes an unquantized checkpoint at load")
-        config = Fp8Config(checkpoint_fp8=False, activation_scheme="dynamic")
+        config = _quantize_at_load(fmt, flag, model, load_format)
     else:
         config = _BUILDERS[fmt](quant)
     _log_choice(flag, ckpt, config)
     return config
+
+
+def _quantize_at_load(fmt: str, flag: str, model: str, load_format: str) -> QuantConfig:
+    """``--quantization`` on an unquantized checkpoint: fp8, or bitsandbytes NF4 with
+    ``--load-format bitsandbytes`` (vLLM 0.6.3 asks for both flags)."""
+    if fmt == "fp8":
+        return Fp8Config(checkpoint_fp8=False, activation_scheme="dynamic")
+    if fmt == "bitsandbytes":
+        if load_format != "bitsandbytes":
+            raise ValueError(f"--quantization bitsandbytes on --model {model}, an unquantized "
+                             "checkpoint, quantizes it at load: pass --load-format "
+                             "bitsandbytes too")
+        return bitsandbytes.BitsAndBytesConfig(4, "nf4", prequantized=False)
+    raise ValueError(f"--quantization {flag} needs a {fmt} checkpoint, and --model {model} has "
+                     "no quantization_config; only --quantization fp8 and bitsandbytes (with "
+                     "--load-format bitsandbytes) quantize an unquantized checkpoint at load")
 
 
 def _log_choice(flag: str | None, ckpt: str | None, config: QuantConfig) -> None:

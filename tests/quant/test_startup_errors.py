@@ -32,7 +32,7 @@ def test_unbuilt_flag_fails_naming_it_and_listing_the_supported(method):
         _config(build_tiny_model("llama"), quantization=method)
 
 
-@pytest.mark.parametrize("method", ["bitsandbytes", "gguf", "aqlm", "marlin"])
+@pytest.mark.parametrize("method", ["gguf", "aqlm", "marlin", "qqq"])
 def test_unbuilt_checkpoint_method_fails_naming_quant_method(method, tmp_path):
     path, _ = quantized_checkpoint("llama", "gptq", tmp_path / "m", {"quant_method": method},
                                    dict(bits=4, group_size=32))
