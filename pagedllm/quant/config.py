@@ -21,23 +21,25 @@ from pagedllm.quant.awq import AWQConfig
 from pagedllm.quant.base import QuantConfig
 from pagedllm.quant.compressed_tensors import CompressedTensorsConfig
 from pagedllm.quant.fp8 import Fp8Config
+from pagedllm.quant.fp8_formats import fbgemm_from_checkpoint, modelopt_from_checkpoint
 from pagedllm.quant.gptq import GPTQConfig
 
 logger = logging.getLogger(__name__)
 
 # --quantization values that load (the Marlin names map onto their checkpoint format)
 SUPPORTED = ("gptq", "gptq_marlin", "marlin", "awq", "awq_marlin", "fp8", "compressed-tensors",
-             "gguf", "bitsandbytes")
+             "gguf", "bitsandbytes", "fbgemm_fp8", "modelopt")
 FORMAT_OF = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
 SUPPORTED_DESC = ("None, gptq (2/4/8 bit), awq (4 bit, GEMM), fp8 (per-tensor; quantizes "
                   "unquantized checkpoints at load), compressed-tensors (pack-quantized "
                   "W4A16/W8A16, float-quantized fp8, int-quantized int8 W8A8), gguf (--model a .gguf file; dequantized at "
                   "load), bitsandbytes (4-bit nf4/fp4 and 8-bit checkpoints; nf4 at load with "
-                  "--load-format bitsandbytes); gptq_marlin, marlin and awq_marlin load "
+                  "--load-format bitsandbytes), fbgemm_fp8 (per-channel fp8, dynamic per-token "
+                  "activations), modelopt (fp8, static activation scales); gptq_marlin, marlin and awq_marlin load "
                   "gptq/awq checkpoints with the same implementation")
-NOT_BUILT = ("tpu_int8 and neuron_quant need TPU / Neuron hardware; aqlm, deepspeedfp, "
-             "fbgemm_fp8, modelopt, gptq_marlin_24, qqq and experts_int8 "
-             "are not built yet (quantization issue)")
+NOT_BUILT = ("tpu_int8 and neuron_quant need TPU / Neuron hardware; experts_int8 needs MoE "
+             "layers with quantized experts; aqlm, deepspeedfp, gptq_marlin_24 (2:4 sparse "
+             "Marlin layout) and qqq are not built yet (quantization issue)")
 
 
 def read_checkpoint_quant(hf_config: Any, model_path: str | None) -> dict | None:
@@ -47,7 +49,7 @@ def read_checkpoint_quant(hf_config: Any, model_path: str | None) -> dict | None
         quant = quant.to_dict()
     if quant:
         return dict(quant)
-    for name in ("quant_config.json", "quantize_config.json"):
+    for name in ("quant_config.json", "quantize_config.json", "hf_quant_config.json"):
         path = os.path.join(model_path or "", name)
         if model_path and os.path.isfile(path):
             with open(path) as f:
@@ -64,6 +66,8 @@ def checkpoint_method(quant: dict) -> str:
         return "awq"
     if "bits" in quant:
         return "gptq"
+    if isinstance(quant.get("quantization"), dict) and "quant_algo" in quant["quantization"]:
+        return "modelopt"  # hf_quant_config.json
     raise ValueError("the checkpoint's quantization config has no quant_method (and is neither "
                      "an AutoGPTQ nor an AutoAWQ file); pass --quantization")
 
@@ -80,6 +84,10 @@ def _gptq(quant: dict) -> GPTQConfig:
     if quant.get("is_marlin_format") or fmt == "marlin":
         raise ValueError("GPTQ checkpoints saved in the Marlin layout (checkpoint_format marlin)"
                          " are not supported; supported: checkpoint_format gptq, gptq_v2")
+    if fmt == "marlin_24":
+        raise ValueError("GPTQ checkpoints in the 2:4 sparse Marlin layout (checkpoint_format "
+                         "marlin_24, vLLM's gptq_marlin_24) are not supported; supported: "
+                         "checkpoint_format gptq, gptq_v2")
     if fmt not in ("gptq", "gptq_v2"):
         raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported; supported: gptq, "
                          "gptq_v2")
@@ -112,7 +120,8 @@ def _fp8(quant: dict) -> Fp8Config:
 
 _BUILDERS = {"gptq": _gptq, "awq": _awq, "fp8": _fp8,
              "compressed-tensors": CompressedTensorsConfig,
-             "bitsandbytes": bitsandbytes.from_checkpoint}
+             "bitsandbytes": bitsandbytes.from_checkpoint,
+             "fbgemm_fp8": fbgemm_from_checkpoint, "modelopt": modelopt_from_checkpoint}
 
 
 def _unsupported(what: str, method: str) -> ValueError:
