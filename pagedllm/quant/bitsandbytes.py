@@ -311,26 +311,39 @@ def _eight_bit_stream(weights: Iterable[tuple[str, torch.Tensor]]
         yield name, tensor
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor,
-                threshold: float) -> torch.Tensor:
-    """x @ W^T the LLM.int8 way (module docstring); ``weight`` int8 [out, in]."""
-    rows = x.reshape(-1, x.shape[-1])
-    inlier, outlier_cols = rows, None
-    if threshold > 0 and bool((rows.abs() >= threshold).any()):
-        # the outlier values leave the int8 part (and its row scales); their whole columns
-        # go through the dequantized weight in full precision
-        inlier = rows.masked_fill(rows.abs() >= threshold, 0)
-        outlier_cols = (rows.abs() >= threshold).any(dim=0)
+def _int8_part(inlier: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor,
+               outlier_cols: torch.Tensor | None) -> torch.Tensor:
+    """The int8 x int8 product of the rows (outlier values already zeroed), per-row absmax
+    scales; the outlier columns' codes are zeroed. fp32 holds the int8 sums exactly up to
+    2**24 / 127**2 = 1040 inputs; past that the float matmul rounds them (a reference)."""
     row_max = inlier.abs().amax(dim=1, keepdim=True).float()
     q = torch.round(inlier.float() * (127.0 / row_max)).nan_to_num(0.0)
     if outlier_cols is not None:
         q = q.masked_fill(outlier_cols, 0)
-    # the int8 x int8 sums are exact in fp32 up to 2**24 / 127**2 = 1040 inputs; beyond, the
-    # float matmul rounds them (a reference; the CUDA path has its own kernel)
-    out = (q @ weight.float().t()) * (row_max * scb.float().unsqueeze(0)) * INV_127_SQ
-    if outlier_cols is not None:
-        dequant = weight[:, outlier_cols].float() * scb.float().unsqueeze(1) * INV_127
-        out = out.addmm(rows[:, outlier_cols].float(), dequant.t())
+    return (q @ weight.float().t()) * (row_max * scb.float().unsqueeze(0)) * INV_127_SQ
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor,
+                threshold: float) -> torch.Tensor:
+    """x @ W^T the LLM.int8 way (module docstring); ``weight`` int8 [out, in]. The outlier
+    values leave the int8 part (and its row scales); their whole columns go through the
+    dequantized weight in full precision."""
+    rows = x.reshape(-1, x.shape[-1])
+    outliers = rows.abs() >= threshold if threshold > 0 else None
+    if outliers is None:
+        out = _int8_part(rows, weight, scb, None)
+    elif rows.is_cuda:  # no host sync (CUDA graphs): the outlier product over masked columns
+        cols = outliers.any(dim=0)
+        out = _int8_part(rows.masked_fill(outliers, 0), weight, scb, cols)
+        dequant = weight.float() * scb.float().unsqueeze(1) * INV_127
+        out = out.addmm(rows.float().masked_fill(~cols, 0), dequant.t())
+    elif bool(outliers.any()):  # CPU: only the outlier columns, as bitsandbytes does
+        cols = outliers.any(dim=0)
+        out = _int8_part(rows.masked_fill(outliers, 0), weight, scb, cols)
+        dequant = weight[:, cols].float() * scb.float().unsqueeze(1) * INV_127
+        out = out.addmm(rows[:, cols].float(), dequant.t())
+    else:
+        out = _int8_part(rows, weight, scb, None)
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -286,3 +286,29 @@ def test_qlora_flag_errors(tmp_path):
         from pagedllm import LLM
         LLM(model=str(src), dtype="float32", quantization="bitsandbytes",
             load_format="bitsandbytes", qlora_adapter_name_or_path=adapter)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+def test_int8_matmul_and_4bit_dequantize_in_a_cuda_graph():
+    """The CUDA branch of LLM.int8 (no host sync) captures in a CUDA graph and matches the
+    CPU path; the 4-bit dequantization gives the same weights on CUDA."""
+    from pagedllm.quant.bitsandbytes import dequantize_4bit, int8_matmul
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randint(-127, 128, (256, 512), dtype=torch.int8, generator=generator)
+    scb = torch.rand(256, generator=generator) + 0.1
+    x = torch.randn(4, 512, generator=generator)
+    x[:, 7] *= 30
+    expected = int8_matmul(x, weight, scb, 6.0)
+    xc, wc, sc = x.cuda(), weight.cuda(), scb.cuda()
+    int8_matmul(xc, wc, sc, 6.0)  # warm up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = int8_matmul(xc, wc, sc, 6.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(out.cpu(), expected, rtol=1e-4, atol=1e-3)
+    packed = torch.randint(0, 256, (64, 256), dtype=torch.uint8, generator=generator)
+    absmax = torch.rand(64, 8, generator=generator)
+    code = torch.linspace(-1, 1, 16)
+    assert torch.equal(dequantize_4bit(packed.cuda(), absmax.cuda(), code.cuda()).cpu(),
+                       dequantize_4bit(packed, absmax, code))

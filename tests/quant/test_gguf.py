@@ -149,3 +149,14 @@ def test_unsupported_tensor_type_names_the_tensor(tmp_path):
         files.quantize = original
     with pytest.raises(ValueError, match=r"blk\.0\.ffn_up\.weight.*GGML type 35.*supported: "):
         LLM(model=str(path), dtype="float32")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", [k for k in KINDS if not k.startswith(("F", "BF"))])
+def test_dequantize_on_cuda_equals_cpu(kind):
+    from pagedllm.quant.gguf_dequant import dequantize
+    qtype = gguf.GGMLQuantizationType[kind]
+    weight = np.random.default_rng(4).normal(0, 0.15, (16, 512)).astype(np.float32)
+    raw = torch.from_numpy(_blocks(weight, kind).view(np.uint8).copy())
+    assert torch.equal(dequantize(raw.cuda(), int(qtype), weight.shape).cpu(),
+                       dequantize(raw, int(qtype), weight.shape))
