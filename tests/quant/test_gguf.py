@@ -123,6 +123,7 @@ def test_flags_that_contradict_a_gguf_file(tmp_path):
     with pytest.raises(ValueError, match="GGUF file; --quantization awq"):
         _config(path, quantization="awq")
     assert _config(path, load_format="gguf", quantization="gguf").load.load_format == "gguf"
+    assert _config(path, tokenizer=str(path)).model.tokenizer_path == str(path.resolve())
     with pytest.raises(ValueError, match="--load-format gguf needs --model to be a local .gguf"):
         _config(build_tiny_model("llama"), load_format="gguf")
     with pytest.raises(ValueError, match="--quantization gguf needs --model to be a local"):
