@@ -158,7 +158,7 @@ def _state_of(tensors: dict[str, torch.Tensor]) -> dict | None:
     return None
 
 
-def _absmax(module: str, state: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def _absmax(state: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Each block's float32 scale (double quantization decoded)."""
     absmax = tensors[".absmax"].reshape(-1)
     if "nested_blocksize" not in state:
@@ -188,7 +188,7 @@ def _unpack_4bit(module: str, tensors: dict[str, torch.Tensor], quant_type: str
                          f"{state['shape']}; supported: the config's {quant_type}, blocksize "
                          f"{BLOCKSIZE}, rows a multiple of {BLOCKSIZE}")
     packed = tensors[""].reshape(out, inp // 2)
-    absmax = _absmax(module, state, tensors).reshape(out, inp // BLOCKSIZE)
+    absmax = _absmax(state, tensors).reshape(out, inp // BLOCKSIZE)
     return [(module + ".weight", packed), (module + ".weight_absmax", absmax),
             (module + ".weight_code", tensors[".quant_map"].float().reshape(16))]
 
