@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from pagedllm.quant.config import resolve_quant_config
-from pagedllm.quant.gguf import is_gguf_file, load_gguf_config, resolve_gguf_flags
+from pagedllm.quant.gguf import GGUFConfig, is_gguf_file, load_gguf_config, resolve_gguf_flags
 from pagedllm.tracing import check_tracing_flags
 from pagedllm.config import (ENGINE_CONFIG_CLASSES, EngineConfig, LoRAConfig, ModelConfig,
                              cuda_backend_available, check_options, engine_option_fields,
@@ -319,7 +319,8 @@ def _resolve_model(v: dict[str, Any]) -> dict[str, Any]:
     tokenizer_path = None if v["skip_tokenizer_init"] else resolve_tokenizer_dir(
         v, model_path)
     if gguf_file:
-        hf_config, quant_config = load_gguf_config(gguf_file, v["model"]), None
+        hf_config = load_gguf_config(gguf_file, v["model"])
+        quant_config = GGUFConfig.from_file(gguf_file)
     else:
         hf_config = load_hf_config(model_path, v)
         quant_config = resolve_quant_config(v["quantization"], hf_config, model_path,

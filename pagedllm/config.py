@@ -264,7 +264,7 @@ class LoadConfig:
     load_format: str = option(
         "auto", "Weight format. auto: safetensors, else .bin; pt: .bin; safetensors; dummy: "
         "random weights of the right shapes (profiling); gguf: --model is a .gguf file (chosen "
-        "by itself for one), dequantized at load; bitsandbytes: safetensors / .bin quantized "
+        "by itself for one); bitsandbytes: safetensors / .bin quantized "
         "with bitsandbytes (with --quantization bitsandbytes); npcache, tensorizer, "
         "sharded_state, mistral: other formats.",
         choices=("auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "sharded_state",

@@ -119,7 +119,8 @@ def _checkpoint_weights(model_config, load_config) -> Iterator[tuple[str, torch.
     safetensors / .bin files of the model directory."""
     if load_config.load_format == "gguf":
         from pagedllm.quant.gguf import iterate_gguf_weights
-        return iterate_gguf_weights(model_config.model_path, model_config.hf_config)
+        return iterate_gguf_weights(model_config.model_path, model_config.hf_config,
+                                    getattr(model_config, "quant_config", None))
     load_format = "auto" if load_config.load_format == "bitsandbytes" else \
         load_config.load_format
     files, fmt = find_weight_files(model_config.model_path, load_format,

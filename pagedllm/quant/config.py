@@ -32,8 +32,8 @@ SUPPORTED = ("gptq", "gptq_marlin", "marlin", "awq", "awq_marlin", "fp8", "compr
 FORMAT_OF = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
 SUPPORTED_DESC = ("None, gptq (2/4/8 bit), awq (4 bit, GEMM), fp8 (per-tensor; quantizes "
                   "unquantized checkpoints at load), compressed-tensors (pack-quantized "
-                  "W4A16/W8A16, float-quantized fp8, int-quantized int8 W8A8), gguf (--model a .gguf file; dequantized at "
-                  "load), bitsandbytes (4-bit nf4/fp4 and 8-bit checkpoints; nf4 at load with "
+                  "W4A16/W8A16, float-quantized fp8, int-quantized int8 W8A8), gguf (--model a .gguf file; layers of one "
+                  "block type keep their blocks), bitsandbytes (4-bit nf4/fp4 and 8-bit checkpoints; nf4 at load with "
                   "--load-format bitsandbytes), fbgemm_fp8 (per-channel fp8, dynamic per-token "
                   "activations), modelopt (fp8, static activation scales); gptq_marlin, marlin and awq_marlin load "
                   "gptq/awq checkpoints with the same implementation")

@@ -5,10 +5,13 @@ As in vLLM 0.6.3, a ``--model`` that is a local ``.gguf`` file (or a file starti
 config and tokenizer come from the file's metadata through transformers' GGUF support
 (``from_pretrained(dir, gguf_file=name)``); the tensors are read with the ``gguf`` package's
 ``GGUFReader`` (memory-mapped), renamed to the Hugging Face names the models load, and
-dequantized at load by ``gguf_dequant`` (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K, F16/BF16/F32)
-into the model's dtype: the weights then run on the dense path, so a GGUF model takes the
-memory of its ``--dtype``, not of its quantized file. llama.cpp stores Llama's q/k rows
-permuted for its rotary layout; they are put back in Hugging Face order here.
+handled by ``gguf_dequant`` (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, Q2_K..Q6_K, F16/BF16/F32). A linear
+layer whose checkpoint parts (q/k/v, gate/up) all have one block type keeps its blocks as
+they are (``GGUFLinearMethod``: uint8 [out, blocks per row, block bytes], dequantized per
+call by the torch reference), so it takes the file's memory; a layer mixing types (a
+Q4_K_M q/k/v: Q4_K and Q6_K), F16/BF16/F32 tensors and the embeddings / LM head are
+dequantized at load into the model's dtype. llama.cpp stores Llama's q/k rows permuted for
+its rotary layout; they are put back in Hugging Face order here (rows are whole blocks).
 
 Architectures: llama (and Mistral, which llama.cpp writes as llama), qwen2.
 """
@@ -21,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from pagedllm.quant.base import FUSED_PARTS, LinearMethod, QuantConfig, make_param
 from pagedllm.quant.gguf_dequant import TYPES, dequantize
+from pagedllm.quant.gptq import matmul_dequantized
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +107,22 @@ def _torch_shape(tensor: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in reversed(tensor.shape.tolist()))
 
 
-def _tensor(tensor: Any) -> torch.Tensor:
-    """The float32 values of one ``ReaderTensor``."""
+def _tensor(tensor: Any, keep: bool) -> torch.Tensor:
+    """One ``ReaderTensor``: float32 values, or with ``keep`` its blocks as uint8 [rows,
+    blocks per row, block bytes]."""
     type_id = int(tensor.tensor_type)
     raw = torch.from_numpy(tensor.data.reshape(-1).view("uint8").copy())
-    return dequantize(raw, type_id, _torch_shape(tensor), tensor.name)
+    shape = _torch_shape(tensor)
+    if keep:
+        _, elements, size = TYPES[type_id]
+        return raw.reshape(shape[0], shape[-1] // elements, size)
+    return dequantize(raw, type_id, shape, tensor.name)
 
 
-def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, float32 tensor) of every tensor of the GGUF file."""
+def iterate_gguf_weights(path: str, hf_config: Any, quant_config: QuantConfig | None = None
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) of every tensor of the GGUF file: float32, or raw blocks
+    for the modules ``quant_config`` (a ``GGUFConfig``) keeps quantized."""
     from gguf import GGUFReader
     _require_gguf_package()
     reader = GGUFReader(path)
@@ -123,12 +136,95 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
                 continue
             raise ValueError(f"GGUF tensor {tensor.name!r} of {path} has no counterpart in "
                              f"{hf_config.model_type} models; this file cannot be loaded")
-        weight = _tensor(tensor)
+        keep = isinstance(quant_config, GGUFConfig) and quant_config.kept(name)
+        weight = _tensor(tensor, keep)
         if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = hf_config.num_attention_heads if "q_proj" in name \
                 else hf_config.num_key_value_heads
             weight = unpermute_rotary(weight, heads)
         yield name, weight
+
+
+# block types a linear layer keeps as they are (the float types are dequantized at load)
+_BLOCK_TYPES = {k for k, (_, elements, _) in TYPES.items() if elements > 1}
+
+
+class GGUFConfig(QuantConfig):
+    """Which linear layers keep their GGUF blocks: ``types`` maps each 2-D weight's module
+    name (Hugging Face) to its GGML type."""
+    name = "gguf"
+
+    def __init__(self, types: dict[str, int]) -> None:
+        super().__init__()
+        self.types = types
+
+    @classmethod
+    def from_file(cls, path: str) -> GGUFConfig:
+        from gguf import GGUFReader
+        types = {}
+        for tensor in GGUFReader(path).tensors:
+            name = hf_name(tensor.name)
+            if name is not None and name.endswith(".weight") and len(tensor.shape) == 2:
+                types[name[:-len(".weight")]] = int(tensor.tensor_type)
+        return cls(types)
+
+    def _type_of(self, prefix: str) -> int | None:
+        """The block type every checkpoint part of decoder module ``prefix`` shares, else
+        None (the embeddings and LM head are not linear layers here: dequantized)."""
+        if ".layers." not in prefix:
+            return None
+        head, _, leaf = prefix.rpartition(".")
+        names = [f"{head}.{p}" for p in FUSED_PARTS[leaf]] if leaf in FUSED_PARTS else [prefix]
+        found = {self.types.get(n) for n in names}
+        kind = found.pop() if len(found) == 1 else None
+        return kind if kind in _BLOCK_TYPES else None
+
+    def kept(self, tensor_name: str) -> bool:
+        """Whether the checkpoint weight ``tensor_name`` loads as raw blocks."""
+        if not tensor_name.endswith(".weight"):
+            return False
+        module = tensor_name[:-len(".weight")]
+        head, _, leaf = module.rpartition(".")
+        fused = next((f for f, parts in FUSED_PARTS.items() if leaf in parts), None)
+        return self._type_of(f"{head}.{fused}" if fused else module) is not None
+
+    def method_for(self, prefix: str) -> LinearMethod:
+        from pagedllm.quant.unquantized import UNQUANTIZED
+        kind = self._type_of(prefix)
+        return UNQUANTIZED if kind is None else GGUFLinearMethod(kind)
+
+    def quantized_method(self) -> LinearMethod:
+        raise NotImplementedError("GGUF picks a method per module (method_for)")
+
+    def describe(self) -> str:
+        kept = sum(1 for k in self.types.values() if k in _BLOCK_TYPES)
+        return f"gguf ({kept} block-quantized weights; mixed-type fused layers dequantized)"
+
+
+class GGUFLinearMethod(LinearMethod):
+    """A linear layer holding GGML blocks of one type, dequantized per call (torch)."""
+    name = "gguf"
+
+    def __init__(self, type_id: int) -> None:
+        self.type_id = type_id
+        self.kind, self.elements, self.size = TYPES[type_id]
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       dtype: torch.dtype) -> None:
+        if input_size % self.elements:
+            raise ValueError(f"GGUF layer {layer.prefix!r} ({self.kind}): this rank's input size "
+                             f"{input_size} does not fill whole blocks of {self.elements} "
+                             "(--tensor-parallel-size)")
+        layer.weight = make_param(
+            torch.empty(sum(output_sizes), input_size // self.elements, self.size,
+                        dtype=torch.uint8),
+            output_dim=0, input_dim=1, input_div=self.elements)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+              gated_silu: bool = False) -> torch.Tensor:
+        rows, blocks, _ = layer.weight.shape
+        weight = dequantize(layer.weight, self.type_id, (rows, blocks * self.elements))
+        return matmul_dequantized(x, weight.t(), bias, gated_silu)
 
 
 def type_summary(path: str) -> str:

@@ -32,6 +32,12 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=1)
 
 
+def _steps(count: int, step: int, device: torch.device) -> torch.Tensor:
+    """Shifts 0, step, 2*step, ... as a [1, 1, count, 1] uint8 tensor, made on the device by
+    a kernel (no host copy, so dequantizing inside a CUDA graph capture works)."""
+    return torch.arange(0, count * step, step, device=device).to(torch.uint8).view(1, 1, -1, 1)
+
+
 def _bits(raw: torch.Tensor) -> torch.Tensor:
     """[n, k] bytes -> [n, 8k] bits, bit j of byte i at 8i + j (little-endian bit order)."""
     shifts = torch.arange(8, device=raw.device, dtype=torch.uint8)
@@ -65,7 +71,7 @@ def _crumbs(qs: torch.Tensor) -> torch.Tensor:
     0 of its bytes first, then shift 2, 4, 6 (the K-quants' 2-bit plane order)."""
     n = qs.shape[0]
     chunks = qs.reshape(n, -1, 1, 32)
-    shifts = torch.tensor([0, 2, 4, 6], device=qs.device, dtype=torch.uint8).view(1, 1, 4, 1)
+    shifts = _steps(4, 2, qs.device)
     return ((chunks >> shifts) & 3).reshape(n, -1)
 
 
@@ -112,7 +118,7 @@ def _k4_planes(qs: torch.Tensor) -> torch.Tensor:
     """[n, 128] bytes -> [n, 256] 4-bit codes: each 32 bytes give 64 elements, low nibbles
     then high nibbles."""
     chunks = qs.reshape(qs.shape[0], 4, 1, 32)
-    shifts = torch.tensor([0, 4], device=qs.device, dtype=torch.uint8).view(1, 1, 2, 1)
+    shifts = _steps(2, 4, qs.device)
     return ((chunks >> shifts) & 0x0F).reshape(qs.shape[0], 256)
 
 
@@ -142,10 +148,10 @@ def q6_k(b: torch.Tensor) -> torch.Tensor:
     bytes (bit pairs 0, 1, 2, 3 for the four runs of 32)."""
     n = b.shape[0]
     ql = b[:, :128].reshape(n, 2, 1, 64)
-    low = ((ql >> torch.tensor([0, 4], device=b.device, dtype=torch.uint8).view(1, 1, 2, 1))
+    low = ((ql >> _steps(2, 4, b.device))
            & 0x0F).reshape(n, 2, 128)
     qh = b[:, 128:192].reshape(n, 2, 1, 32)
-    pairs = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8).view(1, 1, 4, 1)
+    pairs = _steps(4, 2, b.device)
     high = ((qh >> pairs) & 3).reshape(n, 2, 128)
     q = (low | (high << 4)).reshape(n, 256).float() - 32
     scales = b[:, 192:208].contiguous().view(torch.int8).float()

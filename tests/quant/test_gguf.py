@@ -75,6 +75,9 @@ CASES = {
                                  "ffn": "Q3_K", "*": "Q5_K"}),
     "qwen2-mixed": ("qwen2", {"attn_q": "Q4_0", "attn_k": "Q8_0", "ffn_up": "Q4_K",
                               "*": "Q6_K"}),
+    # every decoder layer keeps its blocks (one type per fused layer)
+    "llama-q4_0-kept": ("llama", {"token_embd": "Q8_0", "*": "Q4_0"}),
+    "qwen2-q5_k-kept": ("qwen2", {"ffn_down": "Q6_K", "*": "Q5_K"}),
 }
 
 
@@ -83,6 +86,23 @@ def test_greedy_matches_hf_on_the_same_file(case, tmp_path):
     arch, types = CASES[case]
     path = write_gguf(arch, tmp_path / f"{case}.gguf", types)
     assert _engine_greedy(path) == hf_greedy(_hf_model(path), _prompts(), MAX_TOKENS)
+
+
+def test_layers_keep_their_blocks(tmp_path):
+    """A layer whose parts share one block type holds the file's bytes (uint8 blocks, not a
+    dense weight); one mixing types (q/k Q4_K, v Q6_K) and F16 layers are dense."""
+    from pagedllm.arg_utils import EngineArgs
+    from pagedllm.models.loader import load_model
+    path = write_gguf("llama", tmp_path / "m.gguf", {"attn_v": "Q6_K", "ffn_up": "F16",
+                                                     "*": "Q4_K"})
+    config = EngineArgs(model=str(path), dtype="float32").create_engine_config()
+    model = load_model(config.model, config.load, torch.device("cpu"))
+    layer = model.model.layers[0]
+    assert layer.self_attn.o_proj.weight.dtype == torch.uint8
+    assert tuple(layer.self_attn.o_proj.weight.shape) == (256, 1, 144)     # Q4_K blocks
+    assert layer.mlp.down_proj.weight.dtype == torch.uint8
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float32          # Q4_K + Q6_K
+    assert layer.mlp.gate_up_proj.weight.dtype == torch.float32            # Q4_K + F16
 
 
 def test_gguf_file_is_detected_and_its_tokenizer_used(tmp_path):
@@ -154,10 +174,17 @@ def test_unsupported_tensor_type_names_the_tensor(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", [k for k in KINDS if not k.startswith(("F", "BF"))])
-def test_dequantize_on_cuda_equals_cpu(kind):
+def test_dequantize_on_cuda_equals_cpu_and_captures(kind):
     from pagedllm.quant.gguf_dequant import dequantize
     qtype = gguf.GGMLQuantizationType[kind]
     weight = np.random.default_rng(4).normal(0, 0.15, (16, 512)).astype(np.float32)
     raw = torch.from_numpy(_blocks(weight, kind).view(np.uint8).copy())
-    assert torch.equal(dequantize(raw.cuda(), int(qtype), weight.shape).cpu(),
-                       dequantize(raw, int(qtype), weight.shape))
+    expected = dequantize(raw, int(qtype), weight.shape)
+    device_raw = raw.cuda()
+    assert torch.equal(dequantize(device_raw, int(qtype), weight.shape).cpu(), expected)
+    graph = torch.cuda.CUDAGraph()  # kept GGUF layers dequantize inside captured steps
+    with torch.cuda.graph(graph):
+        out = dequantize(device_raw, int(qtype), weight.shape)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), expected)

@@ -53,10 +53,13 @@ def test_tp2_compressed_tensors_asym_pack_quantized(tmp_path):
 
 
 def test_tp2_gguf(tmp_path):
-    """A GGUF file (dequantized at load) splits like a dense checkpoint."""
+    """GGUF blocks split by rows (column-parallel) and by whole 32-element blocks
+    (row-parallel o/down, Q4_0 / Q8_0 kept as blocks); q/k/v mixes types: dequantized at
+    load, split like a dense weight."""
     pytest.importorskip("gguf")
     from tests.quant.gguf_files import write_gguf
-    path = write_gguf("llama", tmp_path / "m.gguf", {"attn_v": "Q6_K", "*": "Q4_K"})
+    path = write_gguf("llama", tmp_path / "m.gguf", {"attn_v": "Q5_1", "ffn_down": "Q8_0",
+                                                     "*": "Q4_0"})
     assert _tokens(path, 2) == _tokens(path, 1)
 
 
