@@ -11,6 +11,7 @@ format), and the choice is logged.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -177,6 +178,9 @@ def _quantize_at_load(fmt: str, flag: str, model: str, load_format: str) -> Quan
             raise ValueError(f"--quantization bitsandbytes on --model {model}, an unquantized "
                              "checkpoint, quantizes it at load: pass --load-format "
                              "bitsandbytes too")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("--quantization bitsandbytes --load-format bitsandbytes quantizes "
+                             "with the bitsandbytes package: pip install bitsandbytes")
         return bitsandbytes.BitsAndBytesConfig(4, "nf4", prequantized=False)
     raise ValueError(f"--quantization {flag} needs a {fmt} checkpoint, and --model {model} has "
                      "no quantization_config; only --quantization fp8 and bitsandbytes (with "
