@@ -166,7 +166,10 @@ class GGUFConfig(QuantConfig):
             name = hf_name(tensor.name)
             if name is not None and name.endswith(".weight") and len(tensor.shape) == 2:
                 types[name[:-len(".weight")]] = int(tensor.tensor_type)
-        return cls(types)
+        config = cls(types)
+        logger.info("quantization: gguf %s (%s): %s", path, type_summary(path),
+                    config.describe())
+        return config
 
     def _type_of(self, prefix: str) -> int | None:
         """The block type every checkpoint part of decoder module ``prefix`` shares, else
