@@ -67,6 +67,9 @@ FOUR_BIT = {
     "llama-nf4-double-quant": ("llama", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                              bnb_4bit_use_double_quant=True)),
     "qwen2-fp4": ("qwen2", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
+    "gpt2-nf4-conv1d": ("gpt2", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
+    "phi3-nf4-fused-checkpoint": ("phi3", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True)),
     "llama-nf4-skip-down-proj": ("llama", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                llm_int8_skip_modules=["down_proj", "lm_head"])),
 }
@@ -82,7 +85,12 @@ def test_4bit_checkpoint_greedy_matches_bnb_dequantization(case, tmp_path):
     state = _state(path)
     if "skip" in case:
         assert state["model.layers.0.mlp.down_proj.weight"].dtype == torch.float32
-    oracle = hf_oracle(arch, _bnb_dequantized(state))
+    dense = _bnb_dequantized(state)
+    if arch == "gpt2":  # transformers quantized the Conv1D weights as [out, in]
+        conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+        dense = {k: v.t().contiguous() if k.endswith(conv1d) and ".h." in k else v
+                 for k, v in dense.items()}
+    oracle = hf_oracle(arch, dense)
     assert _engine_greedy(path) == hf_greedy(oracle, _prompts(), MAX_TOKENS)
 
 
