@@ -132,7 +132,10 @@ class _Int8Reference(nn.Module):
 
 
 def _int8_oracle(arch: str, state: dict[str, torch.Tensor], threshold: float):
-    dense = {k: v for k, v in state.items() if not k.endswith(("SCB", "weight_format"))}
+    from safetensors.torch import load_file
+    base = load_file(str(build_tiny_model(arch) / "model.safetensors"))  # placeholders
+    dense = {**base, **{k: v for k, v in state.items()
+                        if v.dtype != torch.int8 and not k.endswith(("SCB", "weight_format"))}}
     model = hf_oracle(arch, dense)  # the int8 modules are replaced below
     for key in [k for k in state if k.endswith(".SCB")]:
         module = key[:-len(".SCB")]
@@ -142,13 +145,13 @@ def _int8_oracle(arch: str, state: dict[str, torch.Tensor], threshold: float):
     return model
 
 
-@pytest.mark.parametrize("threshold", [6.0, 0.0])
-def test_8bit_checkpoint_greedy_matches_bnb_int8_ops(threshold, tmp_path):
-    path = bnb_checkpoint("llama", tmp_path / "m", load_in_8bit=True,
+@pytest.mark.parametrize("arch,threshold", [("llama", 6.0), ("llama", 0.0), ("gpt2", 6.0)])
+def test_8bit_checkpoint_greedy_matches_bnb_int8_ops(arch, threshold, tmp_path):
+    path = bnb_checkpoint(arch, tmp_path / "m", load_in_8bit=True,
                           llm_int8_threshold=threshold)
     state = _state(path)
-    assert state["model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8
-    oracle = _int8_oracle("llama", state, threshold)
+    assert sum(v.dtype == torch.int8 for v in state.values()) >= 8
+    oracle = _int8_oracle(arch, state, threshold)
     # one prompt at a time: a batch shares LLM.int8's outlier columns (as in bitsandbytes)
     assert _engine_greedy(path, one_at_a_time=True) == hf_greedy(oracle, _prompts(),
                                                                  MAX_TOKENS)
