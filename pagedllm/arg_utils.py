@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional, Self
 import torch
 
 from pagedllm.quant.config import resolve_quant_config
+from pagedllm.quant.gguf import GGUFConfig, is_gguf_file, load_gguf_config, resolve_gguf_flags
 from pagedllm.tracing import check_tracing_flags
 from pagedllm.config import (ENGINE_CONFIG_CLASSES, EngineConfig, LoRAConfig, ModelConfig,
                              cuda_backend_available, check_options, engine_option_fields,
@@ -322,11 +323,19 @@ def _resolve_ignore_patterns(patterns: Any) -> list[str]:
 
 def _resolve_model(v: dict[str, Any]) -> dict[str, Any]:
     """Local paths, HF config (with RoPE overrides), dtype and context length of the model."""
-    model_path = resolve_model_dir(v)
+    gguf_file = resolve_gguf_flags(v)  # a .gguf --model: its config, tokenizer, weights
+    model_path = gguf_file or resolve_model_dir(v)
     tokenizer_path = None if v["skip_tokenizer_init"] else resolve_tokenizer_dir(
         v, model_path)
-    hf_config = load_hf_config(model_path, v)
-    quant_config = resolve_quant_config(v["quantization"], hf_config, model_path, v["model"])
+    if gguf_file:
+        hf_config = load_gguf_config(gguf_file, v["model"])
+        quant_config = GGUFConfig.from_file(gguf_file)
+    else:
+        hf_config = load_hf_config(model_path, v)
+        quant_config = resolve_quant_config(v["quantization"], hf_config, model_path,
+                                            v["model"], v["load_format"])
+    if v["qlora_adapter_name_or_path"]:
+        _apply_qlora_adapter(v, quant_config)
     apply_rope_overrides(hf_config, v["rope_scaling"], v["rope_theta"])
     return {
         "quant_config": quant_config,
@@ -337,6 +346,20 @@ def _resolve_model(v: dict[str, Any]) -> dict[str, Any]:
         "max_model_len": derive_max_model_len(hf_config, v["max_model_len"],
                                                          v["disable_sliding_window"]),
     }
+
+
+def _apply_qlora_adapter(v: dict[str, Any], quant_config: Any) -> None:
+    """--qlora-adapter-name-or-path: bitsandbytes quantization at load of the adapter's
+    target modules (both bitsandbytes flags are required, as in vLLM 0.6.3)."""
+    from pagedllm.quant.bitsandbytes import apply_qlora_targets
+    if v["quantization"] != "bitsandbytes" or v["load_format"] != "bitsandbytes":
+        raise ValueError("--qlora-adapter-name-or-path needs --quantization bitsandbytes and "
+                         "--load-format bitsandbytes (got --quantization "
+                         f"{v['quantization']}, --load-format {v['load_format']})")
+    name = v["qlora_adapter_name_or_path"]
+    adapter_dir = _snapshot_dir(name, "--qlora-adapter-name-or-path", revision=None,
+                                cache_dir=v["download_dir"], ignore=[], extra=[], weights=[])
+    apply_qlora_targets(quant_config, adapter_dir, name)
 
 
 def _resolve_scheduler(v: dict[str, Any]) -> dict[str, Any]:
@@ -439,6 +462,8 @@ def resolve_tokenizer_dir(v: dict[str, Any], model_path: str) -> str:
     revision = v["tokenizer_revision"]
     if v["tokenizer"] is None and revision in (None, v["revision"]):
         return model_path
+    if is_gguf_file(v["tokenizer"]):  # the tokenizer in a GGUF file's metadata
+        return str(Path(v["tokenizer"]).expanduser().resolve())
     name = v["tokenizer"] or v["model"]
     flag = "--tokenizer" if v["tokenizer"] else "--tokenizer-revision"
     return _snapshot_dir(name, flag, revision=revision, cache_dir=v["download_dir"],

@@ -280,11 +280,14 @@ class LoadConfig:
     """Where and how weights are loaded."""
     load_format: str = option(
         "auto", "Weight format. auto: safetensors, else .bin; pt: .bin; safetensors; dummy: "
-        "random weights of the right shapes (profiling); npcache, tensorizer, sharded_state, "
-        "gguf, bitsandbytes, mistral: other formats.",
+        "random weights of the right shapes (profiling); gguf: --model is a .gguf file (chosen "
+        "by itself for one); bitsandbytes: safetensors / .bin quantized "
+        "with bitsandbytes (with --quantization bitsandbytes); npcache, tensorizer, "
+        "sharded_state, mistral: other formats.",
         choices=("auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "sharded_state",
                  "gguf", "bitsandbytes", "mistral"),
-        supported=("auto", "pt", "safetensors", "dummy"), planned="loader for this weight format")
+        supported=("auto", "pt", "safetensors", "dummy", "gguf", "bitsandbytes"),
+        planned="loader for this weight format")
     download_dir: Optional[str] = option(None, "Directory for downloaded weights (default: the "
                                          "Hugging Face cache).")
     model_loader_extra_config: Optional[dict] = option(
@@ -405,8 +408,10 @@ class LoRAConfig:
                                        "ranks.", supported=DEFAULT_ONLY,
                                        planned="LoRA with tensor parallelism")
     qlora_adapter_name_or_path: Optional[str] = option(
-        None, "QLoRA adapter on a bitsandbytes-quantized base model.", supported=DEFAULT_ONLY,
-        planned="QLoRA (bitsandbytes quantization)")
+        None, "QLoRA adapter (PEFT directory or repo) on a bitsandbytes base: with "
+        "--quantization bitsandbytes --load-format bitsandbytes only the adapter's "
+        "target_modules are quantized at load (vLLM 0.6.3); serve the adapter itself with "
+        "--enable-lora and a LoRA request.")
 
 
 @dataclass(frozen=True)

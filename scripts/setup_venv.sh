@@ -29,3 +29,8 @@ fi
 # Python; the torch already installed satisfies it)
 .venv/bin/python -c "import compressed_tensors" 2>/dev/null || \
   .venv/bin/pip install -q "compressed-tensors>=0.20,<0.21"
+# gguf reads .gguf files (--load-format gguf) and writes the files of tests/quant/test_gguf.py
+.venv/bin/python -c "import gguf" 2>/dev/null || .venv/bin/pip install -q "gguf>=0.10"
+# bitsandbytes quantizes at load (--quantization bitsandbytes --load-format bitsandbytes) and
+# writes the checkpoints of tests/quant/test_bitsandbytes.py (its CPU backend runs here)
+.venv/bin/python -c "import bitsandbytes" 2>/dev/null || .venv/bin/pip install -q "bitsandbytes>=0.45"

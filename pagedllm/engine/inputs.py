@@ -20,11 +20,14 @@ PromptInputs = Union[str, list[int], dict]
 
 def load_tokenizer(model_config: ModelConfig):
     from transformers import AutoTokenizer
+    path, kwargs = model_config.tokenizer_path, {}
+    if os.path.isfile(path):  # a GGUF file: its metadata
+        path, kwargs["gguf_file"] = os.path.dirname(path), os.path.basename(path)
     try:
         return AutoTokenizer.from_pretrained(
-            model_config.tokenizer_path, use_fast=model_config.tokenizer_mode != "slow",
+            path, use_fast=model_config.tokenizer_mode != "slow",
             trust_remote_code=model_config.trust_remote_code,
-            revision=model_config.tokenizer_revision)
+            revision=model_config.tokenizer_revision, **kwargs)
     except Exception as exc:  # noqa: BLE001 - re-raised with the flag to fix
         raise ValueError(f"could not load the tokenizer from {model_config.tokenizer_path!r} "
                          f"(--tokenizer / --tokenizer-mode): {exc}") from exc

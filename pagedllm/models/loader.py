@@ -133,6 +133,22 @@ def process_after_loading(model: nn.Module) -> None:
             method.process_after_loading(module)
 
 
+def _checkpoint_weights(model_config, load_config) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the checkpoint: a GGUF file's dequantized tensors, else the
+    safetensors / .bin files of the model directory."""
+    if load_config.load_format == "gguf":
+        from pagedllm.quant.gguf import iterate_gguf_weights
+        return iterate_gguf_weights(model_config.model_path, model_config.hf_config,
+                                    getattr(model_config, "quant_config", None))
+    load_format = "auto" if load_config.load_format == "bitsandbytes" else \
+        load_config.load_format
+    files, fmt = find_weight_files(model_config.model_path, load_format,
+                                   load_config.ignore_patterns)
+    quant_config = getattr(model_config, "quant_config", None)
+    weights = iterate_weights(files, fmt)
+    return quant_config.checkpoint_stream(weights) if quant_config is not None else weights
+
+
 def load_model(model_config, load_config, device: torch.device) -> nn.Module:
     hf_config = model_config.hf_config
     model_class = resolve_model_class(getattr(hf_config, "architectures", None))
@@ -148,9 +164,7 @@ def load_model(model_config, load_config, device: torch.device) -> nn.Module:
     if load_config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
     else:
-        files, fmt = find_weight_files(model_config.model_path, load_config.load_format,
-                                       load_config.ignore_patterns)
-        loaded = model.load_weights(iterate_weights(files, fmt))
+        loaded = model.load_weights(_checkpoint_weights(model_config, load_config))
         required = {n for n, p in model.named_parameters() if not getattr(p, "optional", False)}
         missing = sorted(required - loaded)
         if not missing:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -173,6 +174,12 @@ class QuantConfig(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def checkpoint_stream(self, weights: Iterable[tuple[str, torch.Tensor]]
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's (name, tensor) stream as the layers load it: formats whose
+        tensors do not map one to one onto parameters (bitsandbytes) regroup them here."""
+        return iter(weights)
 
 
 def get_linear_method(quant_config: QuantConfig | None, prefix: str) -> LinearMethod:
