@@ -198,9 +198,9 @@ def _quantize_at_load(fmt: str, flag: str, model: str, load_format: str) -> Quan
                              "with the bitsandbytes package: pip install bitsandbytes")
         return bitsandbytes.BitsAndBytesConfig(4, "nf4", prequantized=False)
     raise ValueError(f"--quantization {flag} needs a {fmt} checkpoint, and --model {model} has "
-                     "no quantization_config; only --quantization fp8, experts_int8 and bitsandbytes "
-                     "(with --load-format bitsandbytes) quantize an unquantized checkpoint at "
-                     "load")
+                     "no quantization_config; only --quantization fp8, experts_int8 and "
+                     "bitsandbytes (with --load-format bitsandbytes) quantize an unquantized "
+                     "checkpoint at load")
 
 
 def _log_choice(flag: str | None, ckpt: str | None, config: QuantConfig) -> None:

@@ -18,7 +18,7 @@ from tests.quant.test_quantized_models import MAX_TOKENS, _engine_greedy, _promp
 
 gguf = pytest.importorskip("gguf")
 
-from tests.quant.gguf_files import pack_k, write_gguf
+from tests.quant.gguf_files import pack_k, write_gguf  # noqa: E402 - needs the gguf package
 
 KINDS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
          "F16", "BF16", "F32"]
