@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional, Self
 
 import torch
 
+from pagedllm.quant.base import QuantConfig
 from pagedllm.quant.config import resolve_quant_config
 from pagedllm.quant.gguf import GGUFConfig, is_gguf_file, load_gguf_config, resolve_gguf_flags
 from pagedllm.tracing import check_tracing_flags
@@ -327,6 +328,7 @@ def _resolve_model(v: dict[str, Any]) -> dict[str, Any]:
     model_path = gguf_file or resolve_model_dir(v)
     tokenizer_path = None if v["skip_tokenizer_init"] else resolve_tokenizer_dir(
         v, model_path)
+    quant_config: QuantConfig | None
     if gguf_file:
         hf_config = load_gguf_config(gguf_file, v["model"])
         quant_config = GGUFConfig.from_file(gguf_file)
