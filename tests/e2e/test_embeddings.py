@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import numpy as np
-import openai
 import pytest
 import torch
 
@@ -146,6 +145,7 @@ def client(embed_path, request):
     if request.param == "in-process":
         args.append("--disable-frontend-multiprocessing")
     with RemoteServer(embed_path, args) as server:
+        openai = pytest.importorskip("openai")
         yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
 
 
@@ -204,6 +204,7 @@ def test_server_rejections(client):
     "dimensions is currently not supported")``; unknown fields are 400 (extra="forbid");
     ``user`` and ``additional_data`` are accepted; a completion on an embedding model is a
     400 naming the Embeddings API."""
+    import openai
     with pytest.raises(openai.BadRequestError, match="dimensions is currently not supported"):
         client.embeddings.create(model="embed", input="Hello", dimensions=8)
     with pytest.raises(openai.BadRequestError, match="nonsense"):

@@ -79,13 +79,21 @@ def _cohere(**kwargs):
 
 
 def _exaone(**kwargs):
-    from transformers import ExaoneConfig
+    """None where transformers has no ExaoneConfig (before 5.2x): those cases drop out."""
+    try:
+        from transformers import ExaoneConfig
+    except ImportError:
+        return None
     return ExaoneConfig(**{**_BASE, "intermediate_size": 128, "num_key_value_heads": 2,
                            **kwargs})
 
 
+def _present(configs: dict) -> dict:
+    return {name: config for name, config in configs.items() if config is not None}
+
+
 def _configs() -> dict:
-    return {
+    return _present({
         # Falcon-40B layout: grouped query_key_value, ln_attn + ln_mlp, biases
         "falcon": _falcon(new_decoder_architecture=True, num_kv_heads=2, bias=True),
         # interleaved rotary on half of each head (rotary_dim 8 of 16), LM head bias
@@ -102,11 +110,11 @@ def _configs() -> dict:
                                            "factor": 8.0, "low_freq_factor": 1.0,
                                            "high_freq_factor": 4.0,
                                            "original_max_position_embeddings": 64}),
-    }
+    })
 
 
 def _variant_configs() -> dict:
-    return {
+    return _present({
         # falcon-7b: multi-query, one shared LayerNorm, parallel attention
         "falcon-multi-query-parallel": _falcon(multi_query=True, parallel_attn=True,
                                                tie_word_embeddings=False),
@@ -124,7 +132,7 @@ def _variant_configs() -> dict:
         # one KV head: replicated on both ranks at tp=2 (see test_tp2_replicated_kv_head)
         "olmo2-one-kv-head": _olmo2(num_key_value_heads=1),
         "cohere-one-kv-head": _cohere(num_key_value_heads=1, use_qk_norm=True),
-    }
+    })
 
 
 # the architecture name of a hub checkpoint where transformers loads another class
