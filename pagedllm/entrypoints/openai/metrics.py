@@ -168,6 +168,10 @@ class ServerMetrics:
             metric.labels(model_name)  # export zero-valued samples from the start
         for reason in ("stop", "length"):
             self.request_success.labels(model_name, reason)
+        # the children updated per token, looked up once (labels() takes a lock and a dict)
+        self._prompt_tokens = self.prompt_tokens.labels(model_name)
+        self._generation_tokens = self.generation_tokens.labels(model_name)
+        self._tpot = self.tpot.labels(model_name)
         self._add_gauges(engine, label)
         # pagedllm's own: requests per served model (the base model or a LoRA adapter's name),
         # counted when their first token came and when they ended (finished or aborted)
@@ -205,10 +209,10 @@ class ServerMetrics:
         # the prompt has been processed: a first token, or a pooling request's output
         if (num_new and stats.num_generation_tokens == num_new) or \
                 isinstance(output, EmbeddingRequestOutput):
-            self.prompt_tokens.labels(name).inc(stats.num_prompt_tokens)
+            self._prompt_tokens.inc(stats.num_prompt_tokens)
             self.prompt_rate.add(stats.num_prompt_tokens)
         if num_new:
-            self.generation_tokens.labels(name).inc(num_new)
+            self._generation_tokens.inc(num_new)
             self.generation_rate.add(num_new)
             self._observe_tpot(stats, output)
         if output is None or output.finished:
@@ -248,7 +252,7 @@ class ServerMetrics:
             seen = (1, first if first is not None else (stats.first_token_time or now))
         num_tokens, span = longest - seen[0], now - seen[1]
         self._decode_seen[stats.request_id] = (longest, now)
-        histogram = self.tpot.labels(self.model_name)
+        histogram = self._tpot
         for _ in range(max(num_tokens, 0)):
             histogram.observe(max(span, 0.0) / num_tokens)
 
