@@ -4,7 +4,9 @@ Tensors per linear layer: ``qweight`` int32 [in, out/8] and ``qzeros`` int32 [in
 (both packed along the output in AWQ's interleaved order, see ``packing.py``) and ``scales``
 [in/group, out]. W = (q - z) * s. The GEMV layout (``version: gemv``) and checkpoints without
 zero points are refused at start-up. Column-parallel layers split by packed output words,
-row-parallel layers by input rows and groups. The torch reference runs on every device.
+row-parallel layers by input rows and groups. On CUDA the Triton kernels of
+``triton_wna16`` read this layout as it is; on CPU the torch reference runs (the kernels'
+oracle).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch
 from torch import nn
 
 from pagedllm.quant.base import LinearMethod, QuantConfig, make_param
-from pagedllm.quant.gptq import _check_sizes, matmul_dequantized
+from pagedllm.quant.gptq import _check_sizes, epilogue, matmul_dequantized
+from pagedllm.quant.kernels import wna16_apply
 from pagedllm.quant.packing import awq_dequantize
 
 PACK = 8  # 4-bit values per int32
@@ -68,4 +71,9 @@ class AWQLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
+        """Triton kernels on CUDA, else the torch reference."""
+        out = wna16_apply(layer, x, layer.qweight, lambda module: module.awq_weight(
+            layer.qweight, layer.qzeros, layer.scales, self.group_size), "AWQ")
+        if out is not None:
+            return epilogue(out, bias, gated_silu)
         return matmul_dequantized(x, self.dequantize(layer), bias, gated_silu)

@@ -11,7 +11,8 @@ i*bits, stored as q + 2**(bits-1)), ``weight_scale`` [out, in/group] (``channel`
 ``weight_zero_point`` int32 [out*bits/32, in/group] (asymmetric only, packed along the
 output), ``weight_g_idx`` [in] (``actorder: group``, older llm-compressor saves) and
 ``weight_shape`` (implied by the layer, dropped).
-W [out, in] = (q - zp) * scale.
+W [out, in] = (q - zp) * scale. On CUDA the Triton kernels of ``triton_wna16`` read these
+tensors as they are (transposed views); on CPU the torch reference runs (their oracle).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from torch import nn
 from pagedllm.quant.base import (FUSED_PARTS, LinearMethod, QuantConfig, make_param,
                                  module_skipped, rule_matches)
 from pagedllm.quant.fp8 import Fp8LinearMethod
-from pagedllm.quant.gptq import _check_sizes, matmul_dequantized
+from pagedllm.quant.gptq import _check_sizes, epilogue, matmul_dequantized
+from pagedllm.quant.kernels import wna16_apply
 from pagedllm.quant.packing import unpack_int32
 from pagedllm.quant.unquantized import UNQUANTIZED
 
@@ -118,7 +120,8 @@ class CompressedTensorsConfig(QuantConfig):
 
 
 class PackedLinearMethod(LinearMethod):
-    """pack-quantized int4 / int8 weights (module docstring), torch reference apply."""
+    """pack-quantized int4 / int8 weights (module docstring): Triton kernels on CUDA, the
+    torch reference elsewhere."""
     name = "compressed-tensors-pack"
 
     def __init__(self, bits: int, group_size: int | None, symmetric: bool,
@@ -165,6 +168,16 @@ class PackedLinearMethod(LinearMethod):
             index = torch.arange(q.shape[1], device=q.device) // (self.group_size or q.shape[1])
         return (q - zp[:, index]).to(scale.dtype) * scale[:, index]
 
+    def _kernel_weight(self, module, layer: nn.Module):
+        return module.compressed_weight(
+            layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
+            layer.weight_g_idx if self.actorder else None, self.bits, self.group_size)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
+        out = wna16_apply(layer, x, layer.weight_packed,
+                          lambda module: self._kernel_weight(module, layer),
+                          "compressed-tensors pack-quantized")
+        if out is not None:
+            return epilogue(out, bias, gated_silu)
         return matmul_dequantized(x, self.dequantize(layer).t(), bias, gated_silu)
