@@ -7,6 +7,11 @@
 # configs against cuBLAS; `... leads` the open questions of issue #5's batch-1 goal (graph
 # replay with and without PDL, the decode profile, GEMV configs for the Qwen3-0.6B shape);
 # `... serve` pagedllm serve vs the in-process engine vs LLM.generate (issue 19);
+# `... kerneltests` the quantized-matmul and fused-MoE kernel tests (issues 22, 23; ~3 min);
+# `... quant` benchmarks/quant_bench.py (W4A16 GPTQ/AWQ and fp8 kernels and engine vs bf16,
+# Llama-3-8B shape; ~6 min); `... moe` benchmarks/moe_bench.py (MoE layer vs copy bandwidth,
+# Qwen3-30B-A3B decode vs roofline, offline vs the 8B dense shape; ~6 min);
+# `... moetune` / `quanttune` the tile-config sweeps of both;
 # no argument: tests, bench1, bench2. (tests/e2e/test_lora.py needs peft, which the GPU image
 # lacks: carry its wheel and accelerate's as .whl, see the device README, or it is skipped.)
 set -uo pipefail
@@ -49,6 +54,25 @@ for part in $parts; do
         --compare-offline --compare-inproc --client-processes 4 --rates 4 8 16 32 \
         --sweep-prompts 200 --engine-flags --max-model-len 4096 2>&1 | grep -v Warning \
         | tee -a "$OUT_DIR/serving.txt" ;;
+    kerneltests)
+      python -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py \
+        tests/kernels/test_wna16.py tests/kernels/test_fp8_scaled_mm.py 2>&1 \
+        | tee -a "$OUT_DIR/kernel_tests.txt" | tail -15 ;;
+    quant)
+      python benchmarks/quant_bench.py --out "$OUT_DIR" 2>&1 | grep -v Warning \
+        | tee -a "$OUT_DIR/quant_bench.txt" ;;
+    quanttune)
+      python benchmarks/quant_bench.py --only kernels --tune --out "$OUT_DIR" 2>&1 \
+        | grep -v Warning | tee -a "$OUT_DIR/quant_tune.txt" ;;
+    moe)
+      python benchmarks/moe_bench.py --offline --out "$OUT_DIR" 2>&1 | grep -v Warning \
+        | tee -a "$OUT_DIR/moe_bench.txt" ;;
+    moetune)
+      python benchmarks/moe_bench.py --only layer --tune --out "$OUT_DIR" 2>&1 \
+        | grep -v Warning | tee -a "$OUT_DIR/moe_tune.txt" ;;
+    smoke)  # every script of the quant / moe modes on tiny shapes (minutes on CPU)
+      python benchmarks/moe_bench.py --smoke --tune --offline --out "$OUT_DIR" 2>&1 | tail -3
+      python benchmarks/quant_bench.py --smoke --tune --out "$OUT_DIR" 2>&1 | tail -3 ;;
     bench2)
       python benchmarks/gpu_workloads.py --only throughput nano 2>&1 | grep -v Warning \
         | tee -a "$OUT_DIR/gpu_workloads.txt" ;;

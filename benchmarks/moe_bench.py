@@ -268,8 +268,8 @@ def bench_offline(args, dev) -> None:
     emit(bench="offline moe / dense", ratio=round(rates[models[0]] / rates[models[1]], 3))
 
 
-def table() -> None:
-    print("\n== moe_bench summary")
+def table(title: str = "moe_bench") -> None:
+    print(f"\n== {title} summary")
     for row in ROWS:
         print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
 
