@@ -2,7 +2,8 @@
 against pagedllm bf16 measured in the same run:
 
 1. ``kernels``: each projection of a decode step (qkv, o_proj, gate_up, down) at 1/16/64
-   rows: the Triton W4A16 kernels (``triton_wna16``, GPTQ and AWQ layouts, group 128) and fp8
+   rows: the Triton W4A16 kernels (``triton_wna16``, GPTQ and AWQ layouts, group 128; AWQ
+   repacked at load as its method does on CUDA) and fp8
    W8A8 (``torch._scaled_mm`` with dynamic activation scales) against bf16 ``F.linear``, in
    CUDA-graph replay over enough weight copies that L2 holds none between uses: microseconds,
    GB/s of the bytes the weight occupies, speed-up. ``--tune`` sweeps the GEMV / GEMM tile
@@ -78,9 +79,10 @@ def make_weight(kind: str, n: int, k: int, dtype, dev):
     if kind == "gptq":
         qw, qz = random_words((k // 8, n), dev), random_words((groups, n // 8), dev)
         weight = wq.gptq_weight(qw, qz, scales, None, 4, GROUP, False, 1)
-    else:
-        qw, qz = random_words((k, n // 8), dev), random_words((groups, n // 8), dev)
-        weight = wq.awq_weight(qw, qz, scales, GROUP)
+    else:  # AWQ's checkpoint layout, repacked at load as the AWQ method does on CUDA
+        qw, qz = wq.repack_awq(random_words((k, n // 8), dev),
+                               random_words((groups, n // 8), dev))
+        weight = wq.gptq_weight(qw, qz, scales, None, 4, GROUP, False, 0)
     nbytes = (qw.numel() + qz.numel()) * 4 + scales.numel() * scales.element_size()
     return (lambda x, cfg=None: wq.wna16_matmul(x, weight, config=cfg)), nbytes
 

@@ -35,8 +35,18 @@ def triton_wna16():
     return module
 
 
+def _on_cuda(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda
+
+
 def _serves(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return _on_cuda(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def wna16_for(tensor: torch.Tensor):
+    """``triton_wna16`` when its kernels will serve this layer's tensors (CUDA, Triton,
+    fused ops enabled): a method may repack its weight for them at load. Else None."""
+    return triton_wna16() if _on_cuda(tensor) else None
 
 
 def wna16_apply(layer: nn.Module, x: torch.Tensor, key: torch.Tensor,

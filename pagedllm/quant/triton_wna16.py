@@ -13,11 +13,13 @@ Layouts (``WNA16Weight`` holds strided views, no copies):
   group_size`` or, with act-order, ``g_idx[k]``.
 W[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n].
 
-Kernels: a GEMV for one-row inputs (batch-1 decode: each program dequantizes a
-[BLOCK_K, BLOCK_N] tile and multiplies it by x elementwise, the K range split over programs
-so the SMs fill, partial sums added after) and a ``tl.dot`` GEMM for more rows. Words are
-loaded once each and unpacked in registers; without act-order a K tile lies inside one group,
-so its zeros and scales are one row. The torch dequantize-then-matmul references of
+Kernels: a GEMV for one-row inputs of the K-packed layouts (batch-1 decode: each program
+loads a [BLOCK_K / pack, BLOCK_N] tile of words with 16-byte loads, and for each of the pack
+values in a word multiplies the dequantized rows by x elementwise; the K range is split over
+programs so the SMs fill, fp32 partial sums added after), and a ``tl.dot`` GEMM for more
+rows (split-K too while the batch is memory-bound) that also reads AWQ's own layout. The AWQ
+method repacks its weight at load on CUDA (``repack_awq``) so that decode takes the GEMV.
+Without act-order a K tile lies inside one group, so its zeros and scales are one row. The torch dequantize-then-matmul references of
 ``packing.py`` / the quant methods are the oracle (tests/kernels/test_wna16.py).
 """
 from __future__ import annotations
@@ -99,42 +101,84 @@ def _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, n0, N, K, group_size, zero_o
 
 
 @triton.jit
-def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, k_split,
-                       group_size, zero_offset, stride_qk, stride_qn, stride_zg, stride_zn,
-                       stride_sg, stride_sn, stride_os, BITS: tl.constexpr,
-                       AWQ: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # out[split, n] = sum over this split's K range of x[k] * W[k, n]
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n0 = pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    k_start = pid_s * k_split
-    for k0 in range(k_start, k_start + k_split, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, n0, N, K, group_size,
-                          zero_offset, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg,
-                          stride_sn, BITS, AWQ, ACT_ORDER, HAS_ZEROS, BLOCK_K, BLOCK_N)
-        acc += w * x[:, None]
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + pid_s * stride_os + offs_n,
-             tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=offs_n < N)
+def _group_rows(qz_ptr, s_ptr, g, g_ok, offs_n, n_ok, zero_offset, stride_zg, stride_zn,
+                stride_sg, stride_sn, BITS: tl.constexpr, AWQ: tl.constexpr,
+                HAS_ZEROS: tl.constexpr):
+    """fp32 (zeros, scales) [R, BLOCK_N] of groups ``g`` [R] for columns ``offs_n`` (each
+    column's zero word loaded directly: one row per K tile, so the repeats cost little)."""
+    PACK: tl.constexpr = 32 // BITS
+    ok = g_ok[:, None] & n_ok[None, :]
+    s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=ok,
+                other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        if AWQ:
+            slot = (offs_n % 2) * 4 + (offs_n % 8) // 2
+        else:
+            slot = offs_n % PACK
+        zw = tl.load(qz_ptr + g[:, None] * stride_zg + (offs_n // PACK)[None, :] * stride_zn,
+                     mask=ok, other=0)
+        z = ((zw >> (slot * BITS)[None, :]) & ((1 << BITS) - 1)) + zero_offset
+    else:
+        z = tl.zeros((1, 1), dtype=tl.int32) + zero_offset
+    return z.to(tl.float32), s
 
 
 @triton.jit
-def _wna16_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, M, N, K, group_size,
-                       zero_offset, stride_xm, stride_om, stride_qk, stride_qn, stride_zg,
-                       stride_zn, stride_sg, stride_sn, BITS: tl.constexpr,
-                       AWQ: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, k_split,
+                       group_size, zero_offset, stride_qk, stride_qn, stride_zg, stride_zn,
+                       stride_sg, stride_sn, stride_os, BITS: tl.constexpr,
+                       ACT_ORDER: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Weights packed along K (GPTQ, compressed-tensors): out[split, n] = sum over this
+    # split's K range of x[k] W[k, n]. The [BLOCK_K / PACK, BLOCK_N] words are loaded once;
+    # value j of every word (rows k = word_row * PACK + j) is one unrolled step.
+    PACK: tl.constexpr = 32 // BITS
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = tl.arange(0, BLOCK_K // PACK)
+    acc = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
+    k_start = pid_s * k_split
+    for k0 in range(k_start, k_start + k_split, BLOCK_K):
+        word_rows = k0 // PACK + rows
+        words = tl.load(qw_ptr + word_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                        mask=(word_rows * PACK < K)[:, None] & n_ok[None, :], other=0)
+        if not ACT_ORDER:  # the tile lies in one group
+            g = k0 // group_size + tl.zeros((1,), dtype=tl.int32)
+            z, s = _group_rows(qz_ptr, s_ptr, g, g < (K + group_size - 1) // group_size,
+                               offs_n, n_ok, zero_offset, stride_zg, stride_zn, stride_sg,
+                               stride_sn, BITS, False, HAS_ZEROS)
+        for j in tl.static_range(PACK):
+            k = word_rows * PACK + j
+            xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            if ACT_ORDER:
+                g = tl.load(g_ptr + k, mask=k < K, other=0)
+                z, s = _group_rows(qz_ptr, s_ptr, g, k < K, offs_n, n_ok, zero_offset,
+                                   stride_zg, stride_zn, stride_sg, stride_sn, BITS, False,
+                                   HAS_ZEROS)
+            q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+            acc += (q - z) * s * xj[:, None]
+    tl.store(out_ptr + pid_s * stride_os + offs_n,
+             tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _wna16_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, M, N, K, k_split,
+                       group_size, zero_offset, stride_xm, stride_om, stride_os, stride_qk,
+                       stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+                       BITS: tl.constexpr, AWQ: tl.constexpr, ACT_ORDER: tl.constexpr,
+                       HAS_ZEROS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[split, m, n] = x[m, split's K range] @ W[split's K range, n]
     pid_n = tl.program_id(0)  # neighbouring programs share the x rows
     pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n0 = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_s * k_split
+    for k0 in range(k_start, k_start + k_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k < K)[None, :], other=0.0)
@@ -146,8 +190,9 @@ def _wna16_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, M, N, K, gr
         else:
             acc += tl.dot(x, w.to(x.dtype))
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n < N)[None, :])
+    tl.store(out_ptr + pid_s * stride_os + offs_m[:, None].to(tl.int64) * stride_om
+             + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n < N)[None, :])
 
 
 @dataclass
@@ -176,9 +221,22 @@ def gptq_weight(qweight, qzeros, scales, g_idx, bits: int, group_size: int, desc
 
 
 def awq_weight(qweight, qzeros, scales, group_size: int) -> WNA16Weight:
-    """AWQ GEMM layout: qweight [K, N/8], qzeros [G, N/8] (interleaved), scales [G, N]."""
+    """AWQ GEMM layout as stored: qweight [K, N/8], qzeros [G, N/8] (interleaved), scales
+    [G, N]. Only the GEMM kernel reads it (one-row inputs too): ``repack_awq`` gives the
+    K-packed layout that the GEMV reads with 16-byte loads."""
     return WNA16Weight(qweight, qzeros, scales, None, 4, True, group_size, 0,
                        qweight.shape[0], scales.shape[1])
+
+
+def repack_awq(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tensor,
+                                                                       torch.Tensor]:
+    """AWQ (qweight [K, N/8], qzeros [G, N/8], interleaved) -> GPTQ's layout (qweight
+    [K/8, N] packed along K, qzeros [G, N/8] in natural order, zero offset 0): the same
+    weight, read by every kernel here (``gptq_weight(..., zero_offset=0)``)."""
+    from pagedllm.quant.packing import AWQ_ORDER, pack_int32, unpack_int32
+    codes = unpack_int32(qweight, 4, 1, AWQ_ORDER)                   # [K, N]
+    zeros = unpack_int32(qzeros, 4, 1, AWQ_ORDER)                    # [G, N]
+    return pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1)
 
 
 def compressed_weight(weight_packed, weight_scale, zero_point, g_idx, bits: int,
@@ -197,7 +255,7 @@ _SM_COUNT: dict[int, int] = {}
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 4  # the interpreter: a few splits still exercise the partial sums
+        return 4  # the interpreter (tests cap the split size to exercise the partial sums)
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
@@ -230,27 +288,45 @@ def _launch_args(w: WNA16Weight, act_order: bool) -> tuple:
         w.scales.stride(0), w.scales.stride(1))
 
 
-def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor:
-    block_n, block_k, warps = config or (64, 128, 4)
-    block_k, act_order = _block_k(w, block_k)
-    n_tiles = triton.cdiv(w.n, block_n)
-    k_tiles = triton.cdiv(w.k, block_k)
-    splits = max(1, min(k_tiles, triton.cdiv(2 * _sm_count(x.device), n_tiles)))
+def _splits(programs: int, k: int, block_k: int, target: int,
+            rows: int = 1) -> tuple[int, int]:
+    """(splits, K per split) so that about ``target`` programs run (split-K: the SMs fill
+    even when N gives few column tiles); each split a whole number of K tiles. The fp32
+    partial sums (written and read once more) stay small next to the weight: a split covers
+    at least max(SPLIT_MIN_K, SPLIT_K_PER_ROW * rows) of K."""
+    k_tiles = triton.cdiv(k, block_k)
+    most = max(1, k // max(SPLIT_MIN_K, SPLIT_K_PER_ROW * rows))
+    splits = max(1, min(k_tiles, triton.cdiv(target, programs), most))
     k_split = triton.cdiv(k_tiles, splits) * block_k
-    splits = triton.cdiv(w.k, k_split)
+    return triton.cdiv(k, k_split), k_split
+
+
+def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor:
+    block_n, block_k, warps = config or GEMV_CONFIG
+    block_k, act_order = _block_k(w, block_k)
+    if w.awq:  # AWQ's own layout has no GEMV (``repack_awq`` makes it K-packed): GEMM
+        return _gemm(x, w, None)
+    n_tiles = triton.cdiv(w.n, block_n)
+    splits, k_split = _splits(n_tiles, w.k, block_k, GEMV_WAVES * _sm_count(x.device))
     out = torch.empty(splits, w.n, device=x.device,
                       dtype=x.dtype if splits == 1 else torch.float32)
     tensors, strides = _launch_args(w, act_order)
     _wna16_gemv_kernel[(n_tiles, splits)](
         x, *tensors, out, w.n, w.k, k_split, w.group_size, w.zero_offset, *strides,
-        out.stride(0), BITS=w.bits, AWQ=w.awq, ACT_ORDER=act_order,
-        HAS_ZEROS=w.qzeros is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        out.stride(0), BITS=w.bits, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out if splits == 1 else out.sum(0, keepdim=True).to(x.dtype)
 
 
-# (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMM, first match
-GEMM_CONFIGS = [(16, 16, 64, 128, 4, 3), (32, 32, 64, 128, 4, 3), (64, 64, 64, 64, 4, 3),
+SPLIT_MIN_K, SPLIT_K_PER_ROW = 512, 64
+# GEMV (BLOCK_N, BLOCK_K, num_warps), and the programs it aims for per SM (split-K)
+GEMV_CONFIG = (64, 128, 4)
+GEMV_WAVES = 8
+# (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMM, first match;
+# batches up to 64 rows are memory-bound: split-K fills the SMs when the tiles are few
+GEMM_CONFIGS = [(16, 16, 32, 128, 4, 3), (32, 32, 32, 128, 4, 3), (64, 64, 64, 64, 4, 3),
                 (1 << 62, 64, 128, 64, 8, 3)]
+GEMM_SPLIT_MAX_ROWS = 64
 
 
 def _gemm(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor:
@@ -259,15 +335,19 @@ def _gemm(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor
         config = next(c[1:] for c in GEMM_CONFIGS if m <= c[0])
     block_m, block_n, block_k, warps, stages = config
     block_k, act_order = _block_k(w, block_k)
-    out = torch.empty(m, w.n, device=x.device, dtype=x.dtype)
+    tiles = triton.cdiv(w.n, block_n) * triton.cdiv(m, block_m)
+    target = 2 * _sm_count(x.device) if m <= GEMM_SPLIT_MAX_ROWS else 0
+    splits, k_split = _splits(tiles, w.k, block_k, target, m)
+    out = torch.empty(splits, m, w.n, device=x.device,
+                      dtype=x.dtype if splits == 1 else torch.float32)
     tensors, strides = _launch_args(w, act_order)
-    grid = (triton.cdiv(w.n, block_n), triton.cdiv(m, block_m))
+    grid = (triton.cdiv(w.n, block_n), triton.cdiv(m, block_m), splits)
     _wna16_gemm_kernel[grid](
-        x, *tensors, out, m, w.n, w.k, w.group_size, w.zero_offset, x.stride(0),
-        out.stride(0), *strides, BITS=w.bits, AWQ=w.awq, ACT_ORDER=act_order,
+        x, *tensors, out, m, w.n, w.k, k_split, w.group_size, w.zero_offset, x.stride(0),
+        out.stride(1), out.stride(0), *strides, BITS=w.bits, AWQ=w.awq, ACT_ORDER=act_order,
         HAS_ZEROS=w.qzeros is not None, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    return out
+    return out[0] if splits == 1 else out.sum(0).to(x.dtype)
 
 
 def wna16_matmul(x: torch.Tensor, w: WNA16Weight, *, gemv: bool | None = None,

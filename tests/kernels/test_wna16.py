@@ -22,6 +22,15 @@ from pagedllm.quant.packing import awq_dequantize, gptq_dequantize  # noqa: E402
 gpu = pytest.mark.skipif(not ON_GPU, reason="large shapes and the engine need a GPU")
 
 
+@pytest.fixture(autouse=True, params=["default-split-k", "small-split-k"])
+def split_k(request, monkeypatch):
+    """Each case twice: with the split-K sizes of the real shapes, and with splits small
+    enough that tiny shapes split K too (the partial sums are exercised)."""
+    if request.param == "small-split-k":
+        monkeypatch.setattr(wq, "SPLIT_MIN_K", 32)
+        monkeypatch.setattr(wq, "SPLIT_K_PER_ROW", 1)
+
+
 def _words(shape, g):
     return torch.randint(-2**31, 2**31 - 1, shape, generator=g, dtype=torch.int64).to(
         torch.int32).to(DEVICE)
@@ -205,7 +214,13 @@ def test_quant_methods_run_the_kernels(name, monkeypatch):
         method.create_weights(layer, 128, [64, 64], torch.float32)
     g = torch.Generator().manual_seed(len(name))
     _fill(layer, g)
-    method.process_after_loading(layer)
+    monkeypatch.setattr(kernels, "_on_cuda", lambda t: True)  # CPU: as if on CUDA
+    before = method.dequantize(layer)
+    method.process_after_loading(layer)  # AWQ repacks into the K-packed layout here
+    if name == "awq":
+        assert layer.awq_repacked and layer.qweight.shape == (16, 128)
+    if not name.startswith("gptq"):  # (GPTQ without desc_act resets g_idx after loading)
+        assert torch.equal(method.dequantize(layer), before)
     bias = torch.randn(128, generator=g).to(DEVICE)
     for rows in (1, 3):
         x = torch.randn(rows, 128, generator=g).to(DEVICE)
