@@ -152,8 +152,9 @@ def tune(shape, tokens, x, gate_up, down, routes, args, dev, current_us) -> None
                 err = check_fused(x, gate_up, down, *routes[0], configs)
                 if not err < 2e-2:
                     continue
-                us = per_call_us([lambda w=w, i=i: fused_moe(x, gate_up, down, w, i, configs)
-                                  for w, i in routes], args.reps, dev)
+                calls = [lambda w=w, i=i, c=configs: fused_moe(x, gate_up, down, w, i, c)
+                         for w, i in routes]
+                us = per_call_us(calls, args.reps, dev)
             except Exception as e:  # a tile too large for shared memory or registers
                 print(f"  {cand}: {type(e).__name__}: {str(e)[:120]}")
                 continue

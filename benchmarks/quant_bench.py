@@ -29,10 +29,10 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import benchmarks.moe_bench as mb  # noqa: E402  (first: sets TRITON_INTERPRET without CUDA)
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+import benchmarks.moe_bench as mb  # noqa: E402  (before triton: sets TRITON_INTERPRET on CPU)
 
 SMOKE = mb.SMOKE
 LLAMA = "benchmarks/configs/llama-3-8b"
@@ -65,7 +65,8 @@ def random_words(shape, dev) -> torch.Tensor:
 
 def make_weight(kind: str, n: int, k: int, dtype, dev):
     """(callable x -> x @ W^T, bytes the weight occupies) for one random weight."""
-    from pagedllm.quant import fp8, triton_wna16 as wq
+    from pagedllm.quant import fp8
+    from pagedllm.quant import triton_wna16 as wq
     groups = k // GROUP
     if kind == "bf16":
         w = torch.randn(n, k, device=dev).to(dtype) / k ** 0.5

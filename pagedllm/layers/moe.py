@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed import all_reduce, get_pp_size, get_tp_size, shard_range
-from pagedllm.layers import fused
+from pagedllm.layers import fused as fused_ops
 from pagedllm.layers.activation import ActAndMul
 from pagedllm.layers.linear import Linear
 from pagedllm.layers.parallel import held_by_other_stage
@@ -133,7 +133,7 @@ def _capturing() -> bool:
 def _fused_kernel(x: torch.Tensor, act: ActAndMul):
     """``fused_moe_triton.fused_moe`` when it serves this call (CUDA, Triton, SiLU), else
     None."""
-    if not (x.is_cuda and act.is_silu and fused.ops() is not None
+    if not (x.is_cuda and act.is_silu and fused_ops.ops() is not None
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         return None
     from pagedllm.layers.fused_moe_triton import fused_moe

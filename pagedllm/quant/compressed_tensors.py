@@ -23,7 +23,7 @@ from pagedllm.quant.base import (FUSED_PARTS, LinearMethod, QuantConfig, make_pa
                                  module_skipped, rule_matches)
 from pagedllm.quant.fp8 import Fp8LinearMethod
 from pagedllm.quant.gptq import _check_sizes, epilogue, matmul_dequantized
-from pagedllm.quant.kernels import wna16_apply
+from pagedllm.quant.kernels import wna16_apply, wna16_for
 from pagedllm.quant.packing import unpack_int32
 from pagedllm.quant.unquantized import UNQUANTIZED
 
@@ -154,6 +154,17 @@ class PackedLinearMethod(LinearMethod):
         if self.actorder:
             layer.weight_g_idx = make_param(torch.empty(input_size, dtype=torch.int32),
                                             input_dim=0, same_per_shard=True)
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        """Where the Triton kernels serve the layer: the packed words, scales and zero points
+        keep their shapes but are laid out transposed in memory (GPTQ's [in/pack, out]
+        order), so the kernels read them with 16-byte loads along the output."""
+        if wna16_for(layer.weight_packed) is None:
+            return
+        for name in ("weight_packed", "weight_scale", "weight_zero_point"):
+            param = getattr(layer, name, None)
+            if param is not None:
+                setattr(layer, name, make_param(param.data.t().contiguous().t()))
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """W [out, in] = (q - zp) * scale, the scale and zero of each input's group."""

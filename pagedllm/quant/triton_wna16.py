@@ -19,8 +19,10 @@ values in a word multiplies the dequantized rows by x elementwise; the K range i
 programs so the SMs fill, fp32 partial sums added after), and a ``tl.dot`` GEMM for more
 rows (split-K too while the batch is memory-bound) that also reads AWQ's own layout. The AWQ
 method repacks its weight at load on CUDA (``repack_awq``) so that decode takes the GEMV.
-Without act-order a K tile lies inside one group, so its zeros and scales are one row. The torch dequantize-then-matmul references of
-``packing.py`` / the quant methods are the oracle (tests/kernels/test_wna16.py).
+Without act-order a K tile lies inside one group, so its zeros and scales are one row. The
+torch dequantize-then-matmul references of ``packing.py`` / the quant methods are the oracle
+(tests/kernels/test_wna16.py); ``benchmarks/triton_aot_check.py`` compiles every variant for
+sm_90 without a GPU (registers, spills, load widths).
 """
 from __future__ import annotations
 

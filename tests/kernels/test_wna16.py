@@ -219,6 +219,9 @@ def test_quant_methods_run_the_kernels(name, monkeypatch):
     method.process_after_loading(layer)  # AWQ repacks into the K-packed layout here
     if name == "awq":
         assert layer.awq_repacked and layer.qweight.shape == (16, 128)
+    if name.startswith("ct"):  # same shape, transposed in memory
+        assert layer.weight_packed.shape == (128, 128 // (32 // method.bits))
+        assert layer.weight_packed.stride() == (1, 128)
     if not name.startswith("gptq"):  # (GPTQ without desc_act resets g_idx after loading)
         assert torch.equal(method.dequantize(layer), before)
     bias = torch.randn(128, generator=g).to(DEVICE)
@@ -231,3 +234,17 @@ def test_quant_methods_run_the_kernels(name, monkeypatch):
         ref = method.apply(layer, x, bias, gated_silu=True)
         assert out.shape == (rows, 64)
         assert _rel_err(out.cpu(), ref.cpu()) < 1e-4
+
+
+@gpu
+@pytest.mark.parametrize("case", ["w4a16-group32-sym", "w4a16-group16-asym-actorder-weight",
+                                  "w8a16-channel-qwen2"])
+def test_cuda_engine_greedy_equals_cpu_compressed_tensors(case, tmp_path):
+    """pack-quantized checkpoints written by the compressed-tensors library: the CUDA engine
+    (Triton kernels) and the CPU engine (torch reference) give the same greedy tokens."""
+    pytest.importorskip("compressed_tensors")
+    from tests.quant.test_compressed_tensors import CASES, ct_checkpoint
+    from tests.quant.test_quantized_models import _engine_greedy
+    arch, scheme, fmt, ignore = CASES[case]
+    path = ct_checkpoint(arch, scheme, fmt, tmp_path / case, ignore)
+    assert _engine_greedy(path, device="cuda") == _engine_greedy(path, device="cpu")
