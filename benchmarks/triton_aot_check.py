@@ -65,7 +65,10 @@ def moe_variants() -> list[str]:
              "num_padded_ptr": "*i32", "a_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
              "topw_ptr": "*fp32"}
     lines = [compile_kernel(fm._align_kernel, types, dict(BLOCK_M=16, E_POW2=128, CHUNK=64),
-                            num_warps=4)]
+                            num_warps=4),
+             compile_kernel(fm._topk_softmax_kernel, {"logits_ptr": "*bf16", "w_ptr": "*fp32",
+                                                      "ids_ptr": "*i64", "scale": "fp32"},
+                            dict(TOP_K=8, K_POW2=8, RENORM=True, E_POW2=128), num_warps=1)]
     configs = {c for _, gate_up, down in fm.MOE_CONFIGS for c in (gate_up, down)}
     for bm, bn, bk, warps, stages in sorted(configs):
         for gated in (True, False):

@@ -15,6 +15,10 @@ captures it.
    pair's routing weight: [T*k, H].
 4. The sum over each token's k rows (torch; fp32 accumulation inside ``sum``).
 
+``topk_softmax`` is the router in one launch (softmax, top-k, renormalisation, scaling) for
+softmax routing without expert groups or a correction bias (Mixtral, Qwen-MoE), instead of
+the five or six small torch kernels of ``select_experts`` per layer and step.
+
 Programs past ``num_padded`` return at once; the grid is sized for the worst case
 ``T*k + min(T*k, E) * (BLOCK_M - 1)`` rows, known from T on the host. Tile sizes come from a
 small table by tokens per expert (``moe_config``); ``benchmarks/moe_bench.py --tune`` sweeps
@@ -110,6 +114,51 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_pa
         acc *= tl.load(topw_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, scale,
+                         TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORM: tl.constexpr,
+                         E_POW2: tl.constexpr):
+    # one token: softmax over its E logits (fp32), the TOP_K largest in descending order
+    # (ties: the lowest expert id), optionally renormalised, times ``scale``
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E_POW2)
+    valid = offs < E
+    x = tl.load(logits_ptr + t * stride_l + offs, mask=valid, other=float("-inf"))
+    x = x.to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = p / tl.sum(p, axis=0)
+    left = tl.where(valid, p, -1.0)
+    slots = tl.arange(0, K_POW2)
+    weights = tl.zeros((K_POW2,), dtype=tl.float32)
+    ids = tl.zeros((K_POW2,), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(left, axis=0)
+        idx = tl.min(tl.where(left == best, offs, E_POW2), axis=0)
+        weights = tl.where(slots == j, best, weights)
+        ids = tl.where(slots == j, idx, ids)
+        left = tl.where(offs == idx, -1.0, left)
+    if RENORM:
+        weights = weights / tl.sum(weights, axis=0)
+    tl.store(w_ptr + t * TOP_K + slots, weights * scale, mask=slots < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + slots, ids.to(tl.int64), mask=slots < TOP_K)
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_experts`` for softmax routing without groups or bias, in one launch:
+    (weights [T, k] fp32, ids [T, k] int64)."""
+    tokens, experts = router_logits.shape
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if tokens:
+        logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+        _topk_softmax_kernel[(tokens,)](
+            logits, weights, ids, experts, logits.stride(0), scale, TOP_K=top_k,
+            K_POW2=triton.next_power_of_2(top_k), RENORM=renormalize,
+            E_POW2=triton.next_power_of_2(experts), num_warps=1 if experts <= 128 else 2)
+    return weights, ids
 
 
 # (max tokens per expert on average, config) for the grouped GEMMs: the first row whose bound

@@ -63,7 +63,13 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, scoring: str = "s
     """(weights [T, k] fp32, expert ids [T, k] int64) from router logits [T, E].
 
     Scores are computed in fp32 as Hugging Face does; the correction bias only changes which
-    experts are chosen, the weights are the unbiased scores of those experts."""
+    experts are chosen, the weights are the unbiased scores of those experts. On CUDA, softmax
+    routing without groups or bias is one Triton launch (``fused_moe_triton.topk_softmax``)."""
+    if (router_logits.is_cuda and scoring == "softmax" and not num_expert_group
+            and correction_bias is None and router_logits.dim() == 2
+            and fused_ops.ops() is not None):
+        from pagedllm.layers.fused_moe_triton import topk_softmax
+        return topk_softmax(router_logits, top_k, renormalize, routed_scaling_factor)
     logits = router_logits.float()
     if scoring == "softmax":
         scores = logits.softmax(dim=-1)

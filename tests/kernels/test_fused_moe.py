@@ -80,6 +80,29 @@ def test_align_block_size_pads_each_expert_to_whole_blocks(tokens, top_k, expert
         assert rows.tolist() == sorted(rows.tolist())  # stable: pairs keep their order
 
 
+@pytest.mark.parametrize("tokens,experts,top_k,renorm,scale", [
+    (1, 8, 2, True, 1.0), (7, 60, 4, False, 1.0), (5, 128, 8, True, 1.0),
+    (3, 64, 6, False, 2.5), (4, 256, 8, True, 1.0)])
+def test_topk_softmax_matches_select_experts(tokens, experts, top_k, renorm, scale):
+    """The one-launch router against ``select_experts``' torch path: fp32 logits (no ties):
+    the same experts in the same (descending) order, weights within fp32 rounding; bf16
+    logits (ties: which of two equal experts is unspecified in torch.topk): the same
+    weights."""
+    gen = torch.Generator().manual_seed(experts + top_k)
+    logits = torch.randn(tokens, experts, generator=gen)
+    ref_w, ref_ids = select_experts(logits, top_k, renormalize=renorm,
+                                    routed_scaling_factor=scale)
+    weights, ids = fm.topk_softmax(logits.to(DEVICE), top_k, renorm, scale)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-6)
+    logits = logits.to(torch.bfloat16)
+    ref_w, _ = select_experts(logits, top_k, renormalize=renorm, routed_scaling_factor=scale)
+    weights, ids = fm.topk_softmax(logits.to(DEVICE), top_k, renorm, scale)
+    torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-6)
+    assert all(len(set(row)) == top_k for row in ids.tolist())
+
+
 gpu = pytest.mark.skipif(not ON_GPU, reason="large shapes and CUDA graphs need a GPU")
 
 
