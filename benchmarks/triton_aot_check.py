@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pagedllm.layers import fused_moe_triton as fm  # noqa: E402
+from pagedllm.quant import triton_fp8 as tf  # noqa: E402
 from pagedllm.quant import triton_wna16 as wq  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -83,7 +84,9 @@ def wna16_variants() -> list[str]:
     types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16",
              "g_ptr": "*i32", "out_ptr": "*fp32"}
     unit = ("stride_qn", "stride_sn", "stride_zn")  # GPTQ / repacked AWQ layouts
-    lines = []
+    lines = [compile_kernel(tf._quant_fp8_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv",
+                                                   "scale_ptr": "*fp32"},
+                            dict(BLOCK=2048), num_warps=4)]
     block_n, block_k, warps = wq.GEMV_CONFIG
     for bits, act, zeros in [(4, False, True), (4, True, True), (8, False, False)]:
         lines.append(compile_kernel(

@@ -7,7 +7,8 @@ Checkpoint tensors per linear layer: ``weight`` float8_e4m3fn [out, in], ``weigh
 activation feeds them). ``dynamic`` computes the activation scale per call (max |x| / 448).
 
 On CUDA with fp8 tensor cores (compute capability >= 8.9) W8A8 layers run ``torch._scaled_mm``:
-activations are quantized to e4m3 with their scale (static, dynamic per tensor, or per token),
+activations are quantized to e4m3 with their scale (static, dynamic per tensor, or per token;
+dynamic scales and the cast in one Triton launch, ``triton_fp8``),
 the product accumulates in fp32 and is scaled on the way out, per tensor when the weight has
 one scale and the activation scale is a scalar, else per row and column (bf16 activations;
 fp16 ones then take the reference, logged once). Elsewhere ``apply`` runs the torch emulation
@@ -68,13 +69,28 @@ def _scaled_mm_mode(layer: nn.Module, x: torch.Tensor, activations: str) -> str 
     return None
 
 
+def _quantize_fused(x2: torch.Tensor, per_token: bool):
+    """(x in fp8, scale) from the one-launch Triton quantizer on CUDA, else None."""
+    if not x2.is_cuda:
+        return None
+    from pagedllm.layers import fused
+    if fused.ops() is None:
+        return None
+    from pagedllm.quant.triton_fp8 import quantize_fp8_dynamic
+    return quantize_fp8_dynamic(x2, per_token, FP8)
+
+
 def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor,
                   x_scale: torch.Tensor | None, per_token: bool, mode: str) -> torch.Tensor:
     """x [..., K] @ (weight [N, K] fp8 * row_scale[:, None])^T with x quantized to fp8 by
     ``x_scale`` (None: dynamic), through ``torch._scaled_mm`` (fp32 accumulation)."""
     x2 = x.reshape(-1, x.shape[-1])
-    scale_a = activation_scale(x2, x_scale, per_token)
-    xq = quantize_fp8(x2, scale_a)
+    fused = _quantize_fused(x2, per_token) if x_scale is None else None
+    if fused is not None:
+        xq, scale_a = fused
+    else:
+        scale_a = activation_scale(x2, x_scale, per_token)
+        xq = quantize_fp8(x2, scale_a)
     if mode == "tensor":
         scale_a, scale_b = scale_a.reshape(()), row_scale[0].reshape(())
     else:
