@@ -86,7 +86,11 @@ def wna16_variants() -> list[str]:
     unit = ("stride_qn", "stride_sn", "stride_zn")  # GPTQ / repacked AWQ layouts
     lines = [compile_kernel(tf._quant_fp8_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv",
                                                    "scale_ptr": "*fp32"},
-                            dict(BLOCK=2048), num_warps=4)]
+                            dict(BLOCK=2048), num_warps=4),
+             compile_kernel(wq._splitk_reduce_kernel, {"part_ptr": "*fp32", "bias_ptr": "*bf16",
+                                                       "out_ptr": "*bf16"},
+                            dict(HAS_BIAS=False, GATED=True, BLOCK=1024), ("stride_om",),
+                            num_warps=4)]
     block_n, block_k, warps = wq.GEMV_CONFIG
     for bits, act, zeros in [(4, False, True), (4, True, True), (8, False, False)]:
         lines.append(compile_kernel(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pagedllm.quant.base import LinearMethod, QuantConfig, make_param
-from pagedllm.quant.gptq import _check_sizes, epilogue, matmul_dequantized
+from pagedllm.quant.gptq import _check_sizes, matmul_dequantized
 from pagedllm.quant.kernels import wna16_apply, wna16_for
 from pagedllm.quant.packing import awq_dequantize, gptq_dequantize
 
@@ -96,7 +96,8 @@ class AWQLinearMethod(LinearMethod):
               gated_silu: bool = False) -> torch.Tensor:
         """Triton kernels on CUDA, else the torch reference."""
         out = wna16_apply(layer, x, layer.qweight,
-                          lambda module: self._kernel_weight(module, layer), "AWQ")
+                          lambda module: self._kernel_weight(module, layer), "AWQ", bias,
+                          gated_silu)
         if out is not None:
-            return epilogue(out, bias, gated_silu)
+            return out
         return matmul_dequantized(x, self.dequantize(layer), bias, gated_silu)

@@ -22,7 +22,7 @@ from torch import nn
 from pagedllm.quant.base import (FUSED_PARTS, LinearMethod, QuantConfig, make_param,
                                  module_skipped, rule_matches)
 from pagedllm.quant.fp8 import Fp8LinearMethod
-from pagedllm.quant.gptq import _check_sizes, epilogue, matmul_dequantized
+from pagedllm.quant.gptq import _check_sizes, matmul_dequantized
 from pagedllm.quant.kernels import wna16_apply, wna16_for
 from pagedllm.quant.packing import unpack_int32
 from pagedllm.quant.unquantized import UNQUANTIZED
@@ -188,7 +188,7 @@ class PackedLinearMethod(LinearMethod):
               gated_silu: bool = False) -> torch.Tensor:
         out = wna16_apply(layer, x, layer.weight_packed,
                           lambda module: self._kernel_weight(module, layer),
-                          "compressed-tensors pack-quantized")
+                          "compressed-tensors pack-quantized", bias, gated_silu)
         if out is not None:
-            return epilogue(out, bias, gated_silu)
+            return out
         return matmul_dequantized(x, self.dequantize(layer).t(), bias, gated_silu)

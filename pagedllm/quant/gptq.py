@@ -125,9 +125,10 @@ class GPTQLinearMethod(LinearMethod):
         """Triton kernels on CUDA (4 and 8 bit), else the torch reference."""
         if self.config.bits in (4, 8):
             out = wna16_apply(layer, x, layer.qweight,
-                              lambda module: self._kernel_weight(module, layer), "GPTQ")
+                              lambda module: self._kernel_weight(module, layer), "GPTQ",
+                              bias, gated_silu)
             if out is not None:
-                return epilogue(out, bias, gated_silu)
+                return out
         elif x.is_cuda:
             log_once(f"GPTQ {self.config.bits}-bit: no Triton kernel, the torch "
                      "dequantize-then-matmul reference runs")

@@ -50,8 +50,10 @@ def wna16_for(tensor: torch.Tensor):
 
 
 def wna16_apply(layer: nn.Module, x: torch.Tensor, key: torch.Tensor,
-                build: Callable[[object], object], what: str) -> torch.Tensor | None:
-    """x @ W through the Triton kernels, or None where they do not serve (CPU, no Triton).
+                build: Callable[[object], object], what: str,
+                bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor | None:
+    """x @ W (+ bias, then the gated SiLU) through the Triton kernels, or None where they do
+    not serve (CPU, no Triton).
     ``build(module)`` makes the layer's ``WNA16Weight``; ``key`` is a tensor of the layer
     whose storage identifies the cached one."""
     if not _serves(x):
@@ -65,7 +67,7 @@ def wna16_apply(layer: nn.Module, x: torch.Tensor, key: torch.Tensor,
         layer._wna16 = cached
         log_once(f"{what}: Triton W{cached[1].bits}A16 kernels (GEMV at one row, GEMM above, "
                  "dequantization fused)")
-    return module.wna16_matmul(x, cached[1])
+    return module.wna16_matmul(x, cached[1], bias=bias, gated=gated)
 
 
 def fp8_scaled_mm_supported(device: torch.device) -> bool:

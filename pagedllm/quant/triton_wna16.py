@@ -317,7 +317,7 @@ def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor
         x, *tensors, out, w.n, w.k, k_split, w.group_size, w.zero_offset, *strides,
         out.stride(0), BITS=w.bits, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    return out if splits == 1 else out.sum(0, keepdim=True).to(x.dtype)
+    return (out, False) if splits == 1 else (out.unsqueeze(1), True)
 
 
 SPLIT_MIN_K, SPLIT_K_PER_ROW = 512, 64
@@ -349,21 +349,76 @@ def _gemm(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor
         out.stride(1), out.stride(0), *strides, BITS=w.bits, AWQ=w.awq, ACT_ORDER=act_order,
         HAS_ZEROS=w.qzeros is not None, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    return out[0] if splits == 1 else out.sum(0).to(x.dtype)
+    return (out[0], False) if splits == 1 else (out, True)
 
 
-def wna16_matmul(x: torch.Tensor, w: WNA16Weight, *, gemv: bool | None = None,
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, splits, n_out, half, stride_ps,
+                          stride_pm, stride_om, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    # out[m, n] = epilogue(sum over splits of part[s, m, n]): + bias, then silu(gate) * up
+    # with the up column ``half`` to the right (GATED)
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_out
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        row = part_ptr + s * stride_ps + m * stride_pm
+        acc += tl.load(row + offs, mask=ok, other=0.0)
+        if GATED:
+            acc_up += tl.load(row + half + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if GATED:
+            acc_up += tl.load(bias_ptr + half + offs, mask=ok, other=0.0).to(tl.float32)
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _reduce(part: torch.Tensor, bias: torch.Tensor | None, gated: bool,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The split-K partial sums [S, M, N] (fp32) -> [M, N or N/2] with the epilogue, in one
+    launch (instead of sum, cast, bias add and the gated SiLU)."""
+    _, m, n = part.shape
+    n_out = n // 2 if gated else n
+    out = torch.empty(m, n_out, dtype=dtype, device=part.device)
+    block = min(1024, triton.next_power_of_2(n_out))
+    _splitk_reduce_kernel[(m, triton.cdiv(n_out, block))](
+        part, bias if bias is not None else part, out, part.shape[0], n_out, n_out,
+        part.stride(0), part.stride(1), out.stride(0), HAS_BIAS=bias is not None,
+        GATED=gated, BLOCK=block, num_warps=4)
+    return out
+
+
+def _epilogue(out: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    if bias is not None:
+        out = out + bias
+    if gated:
+        from pagedllm.layers import fused
+        out = fused.silu_and_mul(out)
+    return out
+
+
+def wna16_matmul(x: torch.Tensor, w: WNA16Weight, *, bias: torch.Tensor | None = None,
+                 gated: bool = False, gemv: bool | None = None,
                  config: tuple | None = None) -> torch.Tensor:
-    """x [..., K] @ W [K, N] -> [..., N] in x's dtype. One row: the split-K GEMV (``gemv``
-    forces either kernel; ``config`` overrides the tile choice, for tuning)."""
+    """x [..., K] @ W [K, N] (+ bias) -> [..., N] in x's dtype; ``gated``: then
+    silu(first half) * second half -> [..., N/2]. One row: the split-K GEMV (``gemv`` forces
+    either kernel; ``config`` overrides the tile choice, for tuning). Split-K partial sums
+    are reduced with the epilogue in one launch."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if x2.shape[1] != w.k:
         raise ValueError(f"wna16_matmul: x has {x2.shape[1]} features, the weight {w.k}")
+    n_out = w.n // 2 if gated else w.n
     if x2.shape[0] == 0:
-        return x.new_empty(*shape[:-1], w.n)
+        return x.new_empty(*shape[:-1], n_out)
     use_gemv = x2.shape[0] == 1 if gemv is None else gemv
-    out = _gemv(x2, w, config) if use_gemv and x2.shape[0] == 1 else _gemm(x2, w, config)
-    return out.reshape(*shape[:-1], w.n)
+    out, partial = (_gemv(x2, w, config) if use_gemv and x2.shape[0] == 1
+                    else _gemm(x2, w, config))
+    out = _reduce(out, bias, gated, x.dtype) if partial else _epilogue(out, bias, gated)
+    return out.reshape(*shape[:-1], n_out)
