@@ -155,3 +155,14 @@ def test_fused_moe_layer_cuda_matches_cpu():
     ref = block(x)
     out = block.cuda()(x.cuda())
     assert _rel_err(out.cpu(), ref) < 1e-4  # fp32: tf32-free IEEE dots
+
+
+@gpu
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_models_cuda_engine_greedy_equals_cpu(arch):
+    """Tiny MoE checkpoints (tests/models/test_moe_models.py), fp32: the CUDA engine (fused
+    router and experts, CUDA graphs on) gives the CPU engine's (torch loop) greedy tokens."""
+    from tests.models.test_moe_models import _generate, _prompts, build_tiny_moe
+    path = str(build_tiny_moe(arch))
+    prompts = _prompts()
+    assert _generate(path, prompts, device="cuda") == _generate(path, prompts, device="cpu")
