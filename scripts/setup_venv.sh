@@ -26,3 +26,8 @@ fi
 # Python; the torch already installed satisfies it)
 .venv/bin/python -c "import compressed_tensors" 2>/dev/null || \
   .venv/bin/pip install -q "compressed-tensors>=0.20,<0.21"
+# Triton for the kernel tests under the interpreter on CPU (tests/kernels: attention, fused ops,
+# fused MoE, W4A16, fp8 quantization; ~1 minute): opt-in, the wheel is large.
+if [ "${PAGEDLLM_KERNEL_TESTS:-0}" = "1" ] && ! .venv/bin/python -c "import triton" 2>/dev/null; then
+  .venv/bin/pip install -q "triton>=3.2"
+fi
