@@ -7,11 +7,13 @@
 # configs against cuBLAS; `... leads` the open questions of issue #5's batch-1 goal (graph
 # replay with and without PDL, the decode profile, GEMV configs for the Qwen3-0.6B shape);
 # `... serve` pagedllm serve vs the in-process engine vs LLM.generate (issue 19);
-# `... kerneltests` the quantized-matmul and fused-MoE kernel tests (issues 22, 23; ~3 min);
-# `... quant` benchmarks/quant_bench.py (W4A16 GPTQ/AWQ and fp8 kernels and engine vs bf16,
-# Llama-3-8B shape; ~6 min); `... moe` benchmarks/moe_bench.py (MoE layer vs copy bandwidth,
-# Qwen3-30B-A3B decode vs roofline, offline vs the 8B dense shape; ~6 min);
-# `... moetune` / `quanttune` the tile-config sweeps of both;
+# `... kerneltests` the quantized-matmul and fused-MoE kernel tests (issues 22, 23; ~5 min);
+# `... quant` / `quantoffline` benchmarks/quant_bench.py (W4A16 GPTQ/AWQ and fp8 kernels and
+# engine decode vs bf16, Llama-3-8B shape / fp8 offline 1000 x 256/256 vs bf16); `... moe` /
+# `moeoffline` benchmarks/moe_bench.py (MoE layer vs copy bandwidth and Qwen3-30B-A3B decode
+# vs roofline / offline vs the 8B dense shape); `... moetune` / `quanttune` the tile-config
+# sweeps; `... smoke` both scripts on tiny shapes (CPU too). One mode per device call keeps
+# each under 10 minutes;
 # no argument: tests, bench1, bench2. (tests/e2e/test_lora.py needs peft, which the GPU image
 # lacks: carry its wheel and accelerate's as .whl, see the device README, or it is skipped.)
 set -uo pipefail
@@ -58,14 +60,20 @@ for part in $parts; do
       python -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py \
         tests/kernels/test_wna16.py tests/kernels/test_fp8_scaled_mm.py 2>&1 \
         | tee -a "$OUT_DIR/kernel_tests.txt" | tail -15 ;;
-    quant)
-      python benchmarks/quant_bench.py --out "$OUT_DIR" 2>&1 | grep -v Warning \
+    quant)  # kernels + decode b1/16/64 of bf16, GPTQ, AWQ, fp8 (~7 min)
+      python benchmarks/quant_bench.py --no-offline --out "$OUT_DIR" 2>&1 | grep -v Warning \
         | tee -a "$OUT_DIR/quant_bench.txt" ;;
+    quantoffline)  # fp8 vs bf16, 1000 x 256/256 (and batch 1 again; ~4 min)
+      python benchmarks/quant_bench.py --only engine --formats bf16 fp8 --batches 1 \
+        --out "$OUT_DIR" 2>&1 | grep -v Warning | tee -a "$OUT_DIR/quant_bench.txt" ;;
     quanttune)
       python benchmarks/quant_bench.py --only kernels --tune --out "$OUT_DIR" 2>&1 \
         | grep -v Warning | tee -a "$OUT_DIR/quant_tune.txt" ;;
-    moe)
-      python benchmarks/moe_bench.py --offline --out "$OUT_DIR" 2>&1 | grep -v Warning \
+    moe)  # the MoE layer alone, Qwen3-30B-A3B batch-1 decode vs roofline (~4 min)
+      python benchmarks/moe_bench.py --out "$OUT_DIR" 2>&1 | grep -v Warning \
+        | tee -a "$OUT_DIR/moe_bench.txt" ;;
+    moeoffline)  # Qwen3-30B-A3B vs Llama-3-8B shape, 1000 x 256/256 (~5 min)
+      python benchmarks/moe_bench.py --only offline --out "$OUT_DIR" 2>&1 | grep -v Warning \
         | tee -a "$OUT_DIR/moe_bench.txt" ;;
     moetune)
       python benchmarks/moe_bench.py --only layer --tune --out "$OUT_DIR" 2>&1 \

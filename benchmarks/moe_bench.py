@@ -16,7 +16,7 @@
 
     python benchmarks/moe_bench.py                    # layer + decode (one H100: ~3 min)
     python benchmarks/moe_bench.py --only layer --tune
-    python benchmarks/moe_bench.py --offline          # + the 1000 x 256/256 comparison
+    python benchmarks/moe_bench.py --only offline     # the 1000 x 256/256 comparison
     python benchmarks/moe_bench.py --smoke            # tiny shapes, CPU (interpreter) or GPU
 
 Prints one JSON line per result, the table last; ``--out DIR`` also writes them to
@@ -278,7 +278,7 @@ def table(title: str = "moe_bench") -> None:
 def main() -> None:
     global OUT_FILE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="+", choices=["layer", "decode"],
+    parser.add_argument("--only", nargs="+", choices=["layer", "decode", "offline"],
                         default=["layer", "decode"])
     parser.add_argument("--tokens", type=int, nargs="+", default=None)
     parser.add_argument("--tune", action="store_true", help="sweep the layer's tile configs")
@@ -304,7 +304,7 @@ def main() -> None:
         bench_layer(args, dev, copy_gbs)
     if "decode" in args.only:
         bench_decode(args, dev, copy_gbs)
-    if args.offline:
+    if args.offline or "offline" in args.only:
         bench_offline(args, dev)
     table()
 

@@ -15,6 +15,7 @@ against pagedllm bf16 measured in the same run:
 
     python benchmarks/quant_bench.py                  # kernels + engine (one H100: ~6 min)
     python benchmarks/quant_bench.py --only kernels --tune
+    python benchmarks/quant_bench.py --only engine --formats bf16 fp8 --batches 1  # + offline
     python benchmarks/quant_bench.py --smoke          # tiny shapes, CPU (interpreter) or GPU
 
 Prints one JSON line per result and a summary table last; ``--out DIR`` (default $OUT) also
@@ -182,10 +183,11 @@ def randomize_packed(llm) -> int:
     return filled
 
 
-def engine_formats(dev) -> list[str]:
+def engine_formats(dev, wanted: list[str]) -> list[str]:
+    """``wanted`` in run order (bf16 first: the ratios' base), fp8 only where it runs."""
     from pagedllm.quant.kernels import fp8_scaled_mm_supported
-    fmts = ["bf16", "gptq", "awq"]
-    return fmts + (["fp8"] if dev.type == "cpu" or fp8_scaled_mm_supported(dev) else [])
+    fp8_ok = dev.type == "cpu" or fp8_scaled_mm_supported(dev)
+    return [f for f in ("bf16", "gptq", "awq", "fp8") if f in wanted and (f != "fp8" or fp8_ok)]
 
 
 def bench_engine(args, dev) -> None:
@@ -193,7 +195,7 @@ def bench_engine(args, dev) -> None:
     base = TINY if SMOKE else LLAMA
     out_len, in_len = (4, 8) if SMOKE else (256, 128)
     rates: dict[tuple[str, str], float] = {}
-    for fmt in engine_formats(dev):
+    for fmt in engine_formats(dev, args.formats):
         model = model_dir(fmt, base) if fmt in FORMATS else base
         flags = dict(quantization="fp8") if fmt == "fp8" else {}
         llm = mb.make_llm(model, 1024, dev, gpu_memory_utilization=0.9, max_num_seqs=256,
@@ -231,6 +233,9 @@ def main() -> None:
                         default=["kernels", "engine"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--formats", nargs="+", choices=["bf16", "gptq", "awq", "fp8"],
+                        default=["bf16", "gptq", "awq", "fp8"],
+                        help="engine formats (bf16 always runs first: the ratios' base)")
     parser.add_argument("--tune", action="store_true", help="sweep the W4A16 tile configs")
     parser.add_argument("--no-offline", dest="offline", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: a quick end-to-end "
