@@ -27,7 +27,8 @@ fi
 .venv/bin/python -c "import compressed_tensors" 2>/dev/null || \
   .venv/bin/pip install -q "compressed-tensors>=0.20,<0.21"
 # Triton for the kernel tests under the interpreter on CPU (tests/kernels: attention, fused ops,
-# fused MoE, W4A16, fp8 quantization; ~1 minute): opt-in, the wheel is large.
+# fused MoE, W4A16, fp8 quantization; ~1 minute): opt-in, the wheel is large. 3.6.0 is the GPU
+# image's version (Triton 3.9's interpreter fails tests/kernels/test_triton_attention.py).
 if [ "${PAGEDLLM_KERNEL_TESTS:-0}" = "1" ] && ! .venv/bin/python -c "import triton" 2>/dev/null; then
-  .venv/bin/pip install -q "triton==3.6.0"  # the GPU image's version (Triton 3.9's interpreter fails tests/kernels/test_triton_attention.py)
+  .venv/bin/pip install -q "triton==3.6.0"
 fi
