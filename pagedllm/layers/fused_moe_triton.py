@@ -2,7 +2,8 @@
 (plus one reduction), with no host sync and shapes fixed by the token count, so a CUDA graph
 captures it.
 
-1. ``_align_kernel`` (one program): the T*k (token, slot) pairs sorted by expert, each
+1. ``_align_kernel`` (one program; prefill-sized batches use device-wide torch ops
+   instead): the T*k (token, slot) pairs sorted by expert, each
    expert's run padded to a multiple of ``BLOCK_M`` rows so that a row block holds one
    expert: ``sorted_ids`` (pair index ``t * k + j``, or the sentinel T*k in padding),
    ``block_expert`` (expert of each row block, -1 past the end) and ``num_padded`` (rows in
@@ -182,6 +183,31 @@ def moe_config(tokens: int, top_k: int, num_experts: int) -> tuple[tuple, tuple]
     raise AssertionError("unreachable: the last bound is inf")
 
 
+# pairs (T * k) up to which the one-program align kernel runs (decode batches); above, a few
+# device-wide torch ops (prefill: the single program would loop over thousands of chunks)
+ALIGN_KERNEL_MAX_PAIRS = 4096
+
+
+def _align_torch(flat: torch.Tensor, num_experts: int, block_m: int, sorted_ids,
+                 block_expert, num_padded) -> None:
+    """``_align_kernel``'s result with device-wide torch ops (stable sort; no host sync)."""
+    n = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    order = torch.sort(flat, stable=True).indices
+    experts = flat[order]
+    first = counts.cumsum(0) - counts  # each expert's first position among the sorted pairs
+    dest = ends[experts] - padded[experts] + torch.arange(n, device=flat.device) - first[experts]
+    sorted_ids.fill_(n)
+    sorted_ids[dest] = order.to(torch.int32)
+    rows = torch.arange(block_expert.numel(), device=flat.device) * block_m
+    expert = torch.searchsorted(ends, rows, right=True)
+    block_expert.copy_(torch.where(rows < ends[-1], expert, -1))
+    num_padded.copy_(ends[-1:])
+
+
 def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int):
     """(sorted_ids [R] int32, block_expert [R / block_m] int32, num_padded [1] int32) for
     the flattened ``ids`` (module docstring, step 1). R is the worst case, from ids' shape."""
@@ -192,6 +218,10 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int):
     sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=dev)
     block_expert = torch.empty(max_rows // block_m, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    if n > ALIGN_KERNEL_MAX_PAIRS:
+        _align_torch(ids.reshape(-1).long(), num_experts, block_m, sorted_ids, block_expert,
+                     num_padded)
+        return sorted_ids, block_expert, num_padded
     e_pow2 = triton.next_power_of_2(num_experts)
     chunk = max(16, min(128, 8192 // e_pow2))
     _align_kernel[(1,)](ids.reshape(-1), sorted_ids, block_expert, num_padded, n, max_rows,

@@ -50,7 +50,9 @@ def _check(tokens, experts, hidden, inter, top_k, dtype, seed, **kw):
 @pytest.mark.parametrize("tokens,experts,top_k,renorm", [(1, 4, 2, True), (5, 8, 2, False),
                                                          (33, 8, 3, True), (7, 6, 1, False),
                                                          (90, 8, 2, True)])
-def test_fused_moe_small(tokens, experts, top_k, renorm, dtype):
+def test_fused_moe_small(tokens, experts, top_k, renorm, dtype, monkeypatch):
+    if tokens == 90:  # prefill-sized: the torch align path
+        monkeypatch.setattr(fm, "ALIGN_KERNEL_MAX_PAIRS", 64)
     _check(tokens, experts, 32, 48, top_k, dtype, tokens * 31 + experts, renormalize=renorm)
 
 
@@ -59,10 +61,15 @@ def test_fused_moe_grouped_topk_routing():
     _check(9, 16, 64, 32, 4, torch.float32, 5, groups=4)
 
 
+@pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("tokens,top_k,experts,block", [(11, 3, 6, 4), (300, 2, 6, 16),
                                                          (150, 4, 64, 16), (3, 8, 256, 64)])
-def test_align_block_size_pads_each_expert_to_whole_blocks(tokens, top_k, experts, block):
-    """Several chunks of pairs (the running counts), empty experts, more experts than pairs."""
+def test_align_block_size_pads_each_expert_to_whole_blocks(tokens, top_k, experts, block,
+                                                           path, monkeypatch):
+    """Several chunks of pairs (the running counts), empty experts, more experts than pairs;
+    the one-program kernel (decode) and the torch ops (prefill-sized batches)."""
+    if path == "torch":
+        monkeypatch.setattr(fm, "ALIGN_KERNEL_MAX_PAIRS", 0)
     gen = torch.Generator().manual_seed(tokens)
     ids = torch.randint(0, experts, (tokens, top_k), generator=gen).to(DEVICE)
     sorted_ids, block_expert, num_padded = fm.align_block_size(ids, experts, block)
