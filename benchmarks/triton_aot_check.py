@@ -91,6 +91,10 @@ def wna16_variants() -> list[str]:
                                                        "out_ptr": "*bf16"},
                             dict(HAS_BIAS=False, GATED=True, BLOCK=1024), ("stride_om",),
                             num_warps=4)]
+    lines.append(compile_kernel(
+        wq._dequant_kernel, {**types, "out_ptr": "*bf16"},
+        dict(BITS=4, AWQ=False, ACT_ORDER=False, HAS_ZEROS=True, BLOCK_K=64, BLOCK_N=64),
+        unit, num_warps=4))
     block_n, block_k, warps = wq.GEMV_CONFIG
     for bits, act, zeros in [(4, False, True), (4, True, True), (8, False, False)]:
         lines.append(compile_kernel(

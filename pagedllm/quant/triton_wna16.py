@@ -17,8 +17,10 @@ Kernels: a GEMV for one-row inputs of the K-packed layouts (batch-1 decode: each
 loads a [BLOCK_K / pack, BLOCK_N] tile of words with 16-byte loads, and for each of the pack
 values in a word multiplies the dequantized rows by x elementwise; the K range is split over
 programs so the SMs fill, fp32 partial sums added after), and a ``tl.dot`` GEMM for more
-rows (split-K too while the batch is memory-bound) that also reads AWQ's own layout. The AWQ
-method repacks its weight at load on CUDA (``repack_awq``) so that decode takes the GEMV.
+rows (split-K too while the batch is memory-bound) that also reads AWQ's own layout; from
+``DEQUANT_MIN_ROWS`` rows (prefill) one kernel dequantizes the weight and cuBLAS multiplies.
+The AWQ method repacks its weight at load on CUDA (``repack_awq``) so that decode takes the
+GEMV.
 Without act-order a K tile lies inside one group, so its zeros and scales are one row. The
 torch dequantize-then-matmul references of ``packing.py`` / the quant methods are the oracle
 (tests/kernels/test_wna16.py); ``benchmarks/triton_aot_check.py`` compiles every variant for
@@ -195,6 +197,23 @@ def _wna16_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, M, N, K, k_
     tl.store(out_ptr + pid_s * stride_os + offs_m[:, None].to(tl.int64) * stride_om
              + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, group_size, zero_offset,
+                    stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, stride_o,
+                    BITS: tl.constexpr, AWQ: tl.constexpr, ACT_ORDER: tl.constexpr,
+                    HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # W[k0:k0+BLOCK_K, n0:n0+BLOCK_N] in the output dtype (large batches: cuBLAS after)
+    k0 = tl.program_id(0) * BLOCK_K
+    n0 = tl.program_id(1) * BLOCK_N
+    w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, n0, N, K, group_size, zero_offset,
+                      stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, BITS,
+                      AWQ, ACT_ORDER, HAS_ZEROS, BLOCK_K, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + offs_k[:, None].to(tl.int64) * stride_o + offs_n[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=(offs_k < K)[:, None] & (offs_n < N)[None, :])
 
 
 @dataclass
@@ -401,13 +420,31 @@ def _epilogue(out: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torc
     return out
 
 
+# rows from which the weight is dequantized once (one kernel) and multiplied by cuBLAS: the
+# fused GEMM would dequantize every tile once per BLOCK_M rows (prefill)
+DEQUANT_MIN_ROWS = 512
+
+
+def dequantize(w: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The [K, N] weight in ``dtype``, one launch."""
+    block_k, act_order = _block_k(w, 64)
+    out = torch.empty(w.k, w.n, dtype=dtype, device=w.qweight.device)
+    tensors, strides = _launch_args(w, act_order)
+    _dequant_kernel[(triton.cdiv(w.k, block_k), triton.cdiv(w.n, 64))](
+        *tensors, out, w.n, w.k, w.group_size, w.zero_offset, *strides, out.stride(0),
+        BITS=w.bits, AWQ=w.awq, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None,
+        BLOCK_K=block_k, BLOCK_N=64, num_warps=4)
+    return out
+
+
 def wna16_matmul(x: torch.Tensor, w: WNA16Weight, *, bias: torch.Tensor | None = None,
                  gated: bool = False, gemv: bool | None = None,
                  config: tuple | None = None) -> torch.Tensor:
     """x [..., K] @ W [K, N] (+ bias) -> [..., N] in x's dtype; ``gated``: then
     silu(first half) * second half -> [..., N/2]. One row: the split-K GEMV (``gemv`` forces
-    either kernel; ``config`` overrides the tile choice, for tuning). Split-K partial sums
-    are reduced with the epilogue in one launch."""
+    either kernel; ``config`` overrides the tile choice, for tuning); up to
+    ``DEQUANT_MIN_ROWS`` rows the fused GEMM; more: dequantize once, then cuBLAS. Split-K
+    partial sums are reduced with the epilogue in one launch."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -418,7 +455,10 @@ def wna16_matmul(x: torch.Tensor, w: WNA16Weight, *, bias: torch.Tensor | None =
     if x2.shape[0] == 0:
         return x.new_empty(*shape[:-1], n_out)
     use_gemv = x2.shape[0] == 1 if gemv is None else gemv
-    out, partial = (_gemv(x2, w, config) if use_gemv and x2.shape[0] == 1
-                    else _gemm(x2, w, config))
+    if x2.shape[0] >= DEQUANT_MIN_ROWS and config is None:
+        out, partial = torch.matmul(x2, dequantize(w, x2.dtype)), False
+    else:
+        out, partial = (_gemv(x2, w, config) if use_gemv and x2.shape[0] == 1
+                        else _gemm(x2, w, config))
     out = _reduce(out, bias, gated, x.dtype) if partial else _epilogue(out, bias, gated)
     return out.reshape(*shape[:-1], n_out)

@@ -110,6 +110,18 @@ def test_gptq_v2_zero_offset():
     gptq_case(3, 128, 64, 32, False, 4, torch.float32, zero_offset=0)
 
 
+@pytest.mark.parametrize("layout", ["gptq-act-order", "awq", "ct-8bit"])
+def test_large_batches_dequantize_then_matmul(layout, monkeypatch):
+    """From ``DEQUANT_MIN_ROWS`` rows the weight is dequantized by one kernel, then cuBLAS."""
+    monkeypatch.setattr(wq, "DEQUANT_MIN_ROWS", 4)
+    if layout == "gptq-act-order":
+        gptq_case(6, 128, 64, 32, True, 4, torch.float32)
+    elif layout == "awq":
+        awq_case(6, 128, 64, 32, torch.float32)
+    else:
+        compressed_case(6, 128, 64, 8, 32, False, False, torch.float32)
+
+
 @pytest.mark.parametrize("gemv", [True, False])
 @pytest.mark.parametrize("m,dtype", [(1, torch.float32), (6, torch.bfloat16)])
 @pytest.mark.parametrize("k,n,group", [(256, 96, 32), (128, 64, 128)])
