@@ -29,6 +29,7 @@ def split_k(request, monkeypatch):
     if request.param == "small-split-k":
         monkeypatch.setattr(wq, "SPLIT_MIN_K", 32)
         monkeypatch.setattr(wq, "SPLIT_K_PER_ROW", 1)
+    return request.param
 
 
 def _words(shape, g):
@@ -260,3 +261,31 @@ def test_cuda_engine_greedy_equals_cpu_compressed_tensors(case, tmp_path):
     arch, scheme, fmt, ignore = CASES[case]
     path = ct_checkpoint(arch, scheme, fmt, tmp_path / case, ignore)
     assert _engine_greedy(path, device="cuda") == _engine_greedy(path, device="cpu")
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CUDA variant is test_cuda_engine_greedy_equals_cpu")
+@pytest.mark.parametrize("method", ["awq"])  # (GPTQ act-order: test_quant_methods_run_...)
+def test_cpu_engine_through_the_kernels_equals_reference(method, tmp_path, monkeypatch,
+                                                         split_k):
+    """The whole CPU engine with its quantized layers sent through the Triton kernels (the
+    interpreter standing in for CUDA: AWQ repacked at load, fused epilogues, split-K) gives
+    the greedy tokens of the same engine on the torch reference."""
+    from pagedllm.quant import kernels
+    from tests.quant.checkpoints import quantized_checkpoint
+    from tests.quant.test_quantized_models import _engine_greedy
+    if split_k != "small-split-k":
+        pytest.skip("one split setting is enough here (the engine run takes ~10 s)")
+    if method == "gptq":
+        config = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
+                  "sym": False}
+        options = {"bits": 4, "group_size": 32, "desc_act": True, "sym": False}
+    else:
+        config = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                  "version": "gemm"}
+        options = {"group_size": 32}
+    path, _ = quantized_checkpoint("llama", method, tmp_path / method, config, options)
+    # one prompt at a time: decode steps of one row take the GEMV, prefills the GEMM
+    reference = _engine_greedy(path, one_at_a_time=True, device="cpu")
+    monkeypatch.setattr(kernels, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(kernels, "_serves", lambda x: x.dtype == torch.float32)
+    assert _engine_greedy(path, one_at_a_time=True, device="cpu") == reference
