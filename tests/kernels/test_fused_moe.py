@@ -173,3 +173,16 @@ def test_moe_models_cuda_engine_greedy_equals_cpu(arch):
     path = str(build_tiny_moe(arch))
     prompts = _prompts()
     assert _generate(path, prompts, device="cuda") == _generate(path, prompts, device="cpu")
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CUDA variant is test_moe_models_cuda_engine_...")
+def test_cpu_engine_through_the_fused_kernels_equals_reference(monkeypatch):
+    """A tiny Qwen3-MoE through the whole CPU engine with its experts sent through the fused
+    kernels (the interpreter standing in for CUDA) gives the torch loop's greedy tokens."""
+    from pagedllm.layers import moe
+    from tests.models.test_moe_models import _generate, _prompts, build_tiny_moe
+    path = str(build_tiny_moe("qwen3_moe"))
+    prompts = _prompts()[:2]
+    reference = _generate(path, prompts, device="cpu")
+    monkeypatch.setattr(moe, "_fused_kernel", lambda x, act: fm.fused_moe)
+    assert _generate(path, prompts, device="cpu") == reference
