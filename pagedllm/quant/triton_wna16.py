@@ -148,21 +148,31 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, k_spl
         word_rows = k0 // PACK + rows
         words = tl.load(qw_ptr + word_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                         mask=(word_rows * PACK < K)[:, None] & n_ok[None, :], other=0)
-        if not ACT_ORDER:  # the tile lies in one group
-            g = k0 // group_size + tl.zeros((1,), dtype=tl.int32)
-            z, s = _group_rows(qz_ptr, s_ptr, g, g < (K + group_size - 1) // group_size,
-                               offs_n, n_ok, zero_offset, stride_zg, stride_zn, stride_sg,
-                               stride_sn, BITS, False, HAS_ZEROS)
-        for j in tl.static_range(PACK):
-            k = word_rows * PACK + j
-            xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            if ACT_ORDER:
+        if ACT_ORDER:  # each row its own group: zeros and scales per value
+            for j in tl.static_range(PACK):
+                k = word_rows * PACK + j
+                xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
                 g = tl.load(g_ptr + k, mask=k < K, other=0)
                 z, s = _group_rows(qz_ptr, s_ptr, g, k < K, offs_n, n_ok, zero_offset,
                                    stride_zg, stride_zn, stride_sg, stride_sn, BITS, False,
                                    HAS_ZEROS)
-            q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-            acc += (q - z) * s * xj[:, None]
+                q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                acc += (q - z) * s * xj[:, None]
+        else:  # the tile lies in one group: sum_j (q - z) s x = s (sum_j q x - z sum_j x),
+            # one FMA per weight, the zero and scale once per word
+            g = k0 // group_size + tl.zeros((1,), dtype=tl.int32)
+            z, s = _group_rows(qz_ptr, s_ptr, g, g < (K + group_size - 1) // group_size,
+                               offs_n, n_ok, zero_offset, stride_zg, stride_zn, stride_sg,
+                               stride_sn, BITS, False, HAS_ZEROS)
+            qx = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_K // PACK,), dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                k = word_rows * PACK + j
+                xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+                q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                qx += q * xj[:, None]
+                x_sum += xj
+            acc += (qx - z * x_sum[:, None]) * s
     tl.store(out_ptr + pid_s * stride_os + offs_n,
              tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
 
