@@ -36,6 +36,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _to_float(codes):
+    """Non-negative int32 codes below 2**23 to fp32 without I2F (a quarter-rate instruction
+    on Hopper: the GEMV would be bound by it): 2**23 + code read as a float, minus 2**23."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _unpack_rows(words, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
     """[R, C] words packed along rows -> [R * PACK, C] codes (value j -> row r*PACK + j)."""
     PACK: tl.constexpr = 32 // BITS
@@ -101,7 +108,7 @@ def _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, n0, N, K, group_size, zero_o
             z = _unpack_cols(zw, AWQ, BITS, 1, BLOCK_N // PACK) + zero_offset
         else:
             z = zero_offset
-    return (q - z).to(tl.float32) * s.to(tl.float32)
+    return (_to_float(q) - z.to(tl.float32)) * s.to(tl.float32)
 
 
 @triton.jit
@@ -156,7 +163,7 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, k_spl
                 z, s = _group_rows(qz_ptr, s_ptr, g, k < K, offs_n, n_ok, zero_offset,
                                    stride_zg, stride_zn, stride_sg, stride_sn, BITS, False,
                                    HAS_ZEROS)
-                q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                q = _to_float((words >> (j * BITS)) & ((1 << BITS) - 1))
                 acc += (q - z) * s * xj[:, None]
         else:  # the tile lies in one group: sum_j (q - z) s x = s (sum_j q x - z sum_j x),
             # one FMA per weight, the zero and scale once per word
@@ -169,7 +176,7 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, k_spl
             for j in tl.static_range(PACK):
                 k = word_rows * PACK + j
                 xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-                q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                q = _to_float((words >> (j * BITS)) & ((1 << BITS) - 1))
                 qx += q * xj[:, None]
                 x_sum += xj
             acc += (qx - z * x_sum[:, None]) * s
