@@ -6,7 +6,8 @@
 # throughput (1000 x 256/256) and the nano-vllm workload; `... gemv` the one-row GEMV
 # configs against cuBLAS; `... leads` the open questions of issue #5's batch-1 goal (graph
 # replay with and without PDL, the decode profile, GEMV configs for the Qwen3-0.6B shape);
-# `... serve` pagedllm serve vs the in-process engine vs LLM.generate (issue 19);
+# `... serve` pagedllm serve vs the in-process engine vs LLM.generate (issue 19); `...
+# serve-probe` the same with per-step timelines (where the server loses time) and start-ups;
 # `... kerneltests` the quantized-matmul and fused-MoE kernel tests (issues 22, 23; ~5 min);
 # `... quant` / `quantoffline` benchmarks/quant_bench.py (W4A16 GPTQ/AWQ and fp8 kernels and
 # engine decode vs bf16, Llama-3-8B shape / fp8 offline 1000 x 256/256 vs bf16); `... moe` /
@@ -56,6 +57,20 @@ for part in $parts; do
         --compare-offline --compare-inproc --client-processes 4 --rates 4 8 16 32 \
         --sweep-prompts 200 --engine-flags --max-model-len 4096 2>&1 | grep -v Warning \
         | tee -a "$OUT_DIR/serving.txt" ;;
+    serve-probe)
+      # issue 19: where the server loses time against offline (per-step timelines of the
+      # core and the front end, benchmarks/timeline.py), then warm and cold start-up splits
+      if [ -d .whl-serve ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+          --target /tmp/site-serve .whl-serve/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site-serve"
+      fi
+      PYTHONUNBUFFERED=1 python benchmarks/serving.py --model benchmarks/configs/llama-3-8b \
+        --num-prompts 1000 --input-len 256 --output-len 256 --range-ratio 0 \
+        --compare-offline --compare-inproc --client-processes 4 --timeline "$OUT_DIR/timeline" \
+        --engine-flags --max-model-len 4096 2>&1 | grep -v Warning | tee -a "$OUT_DIR/probe.txt"
+      python benchmarks/serve_startup.py --model benchmarks/configs/llama-3-8b --repeat 2 -- \
+        --load-format dummy --skip-tokenizer-init --max-model-len 4096 2>&1 \
+        | grep -v Warning | tee -a "$OUT_DIR/startup.txt" ;;
     kerneltests)
       python -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py \
         tests/kernels/test_wna16.py tests/kernels/test_fp8_scaled_mm.py 2>&1 \

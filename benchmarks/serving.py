@@ -9,6 +9,9 @@ model directory). ``--compare-offline`` then runs the same workload through ``LL
 with the same engine flags, after the server has stopped, and prints server/offline tokens/s.
 ``--compare-inproc`` also serves the workload with ``--disable-frontend-multiprocessing``
 (the engine in the server's process) in the same run; ``--rates 4 8 16`` adds a Poisson sweep.
+``--timeline DIR`` records per-step timelines of each run's engine core and front end
+(``PAGEDLLM_STEP_TIMELINE``) and the main run's client times under ``DIR/<run>/``, then
+prints ``benchmarks/timeline.py``'s comparison (where the server loses time against offline).
 
 The load generator reports its own CPU seconds (all its processes) and warns when one of them
 was busy most of the run: then it, not the server, may be the bottleneck, and
@@ -79,6 +82,8 @@ def _parse_args(argv=None):
                         help="prompts of each --rates run (default: --num-prompts)")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="load-generator processes (use >1 when one is saturated)")
+    parser.add_argument("--timeline", default=None, metavar="DIR",
+                        help="write per-step timelines of every run under DIR and compare them")
     parser.add_argument("--no-dummy", dest="dummy", action="store_false",
                         help="load real weights and the tokenizer (default: dummy weights)")
     parser.add_argument("--engine-flags", nargs=argparse.REMAINDER, default=[],
@@ -94,10 +99,28 @@ def _vocab_size(args) -> int:
         return json.load(f)["vocab_size"]
 
 
-def serve_and_load(args, workload, extra_flags: list[str], rates=()) -> dict:
+def _timeline_to(args, run: str) -> str | None:
+    """Point PAGEDLLM_STEP_TIMELINE (read by processes started from now) at DIR/<run>."""
+    if args.timeline is None:
+        return None
+    path = os.path.join(args.timeline, run)
+    os.makedirs(path, exist_ok=True)
+    os.environ["PAGEDLLM_STEP_TIMELINE"] = path
+    return path
+
+
+def _save_client(path: str | None, results) -> None:
+    if path is not None:
+        with open(os.path.join(path, "client.json"), "w") as f:
+            json.dump([(r.sent_at, r.done_at, r.output_tokens) for r in results], f)
+
+
+def serve_and_load(args, workload, extra_flags: list[str], rates=(), run: str = "server"
+                   ) -> dict:
     """Start a server (or use --base-url), run the workload (and the --rates sweep): a dict
     of summaries by run name, with the start-up seconds to a healthy /health."""
     server, out = None, {}
+    timeline = _timeline_to(args, run)
     if args.base_url is None:
         from tests.utils.server import RemoteServer
         start = time.perf_counter()
@@ -112,6 +135,7 @@ def serve_and_load(args, workload, extra_flags: list[str], rates=()) -> dict:
         results, elapsed, cpu = run_load_processes(url, model, workload, args.request_rate,
                                                    args.seed, args.client_processes)
         out[f"rate_{args.request_rate}"] = summarize(results, elapsed, cpu)
+        _save_client(timeline, results)
         print(json.dumps(out, indent=2), flush=True)
         for rate in rates:
             results, elapsed, cpu = run_load_processes(
@@ -134,19 +158,28 @@ def main(argv=None) -> None:
     workload = make_workload(args.num_prompts, args.input_len, args.output_len,
                              args.range_ratio, _vocab_size(args), args.seed)
     main_key = f"rate_{args.request_rate}"
+    if args.timeline is not None:
+        os.makedirs(args.timeline, exist_ok=True)
+        with open(os.path.join(args.timeline, "meta.json"), "w") as f:
+            json.dump({"num_prompts": len(workload)}, f)
     runs = {"server": serve_and_load(args, workload, [], args.rates)}
     if args.compare_inproc:
         runs["server_inproc"] = serve_and_load(
-            args, workload, ["--disable-frontend-multiprocessing"])
+            args, workload, ["--disable-frontend-multiprocessing"], run="inproc")
     print(json.dumps(runs, indent=2), flush=True)
     if args.compare_offline:
         from pagedllm import LLM
+        _timeline_to(args, "offline")
         llm = LLM.from_engine_args(_engine_args(args))
         offline = run_offline(llm, workload)
+        llm.llm_engine.shutdown()  # writes its timeline
         ratios = {f"{name}_over_offline": round(run[main_key]["output_tokens_per_s"] /
                                                 offline, 3) for name, run in runs.items()}
         print(json.dumps({"offline_output_tokens_per_s": round(offline, 1), **ratios}),
               flush=True)
+    if args.timeline is not None:
+        from benchmarks.timeline import compare
+        compare(args.timeline)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """pagedllm: an LLM inference and serving engine with a paged KV cache."""
-from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob,
+                              RequestOutput)
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
@@ -23,4 +25,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput",
-           "Logprob", "RequestOutputKind", "PromptAdapterRequest", "LoRARequest"]
+           "Logprob", "RequestOutputKind", "PromptAdapterRequest", "LoRARequest",
+           "PoolingParams", "EmbeddingOutput", "EmbeddingRequestOutput"]

@@ -25,11 +25,13 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Self
 
 import torch
 
+from pagedllm.quant.base import QuantConfig
 from pagedllm.quant.config import resolve_quant_config
+from pagedllm.quant.gguf import GGUFConfig, is_gguf_file, load_gguf_config, resolve_gguf_flags
 from pagedllm.tracing import check_tracing_flags
 from pagedllm.config import (ENGINE_CONFIG_CLASSES, EngineConfig, LoRAConfig, ModelConfig,
                              cuda_backend_available, check_options, engine_option_fields,
@@ -110,7 +112,9 @@ def _default_text(f: dataclasses.Field) -> str:
     default = field_default(f)
     if f.name == "ignore_patterns":
         return "None (= original/**/*)"
-    return "None" if default is None else repr(default) if isinstance(default, str) else str(default)
+    if default is None:
+        return "None"
+    return repr(default) if isinstance(default, str) else str(default)
 
 
 def _help_text(f: dataclasses.Field) -> str:
@@ -167,6 +171,8 @@ class UnknownArgumentError(TypeError, ValueError):
 class _EngineArgsMethods:
     """Methods of the generated `EngineArgs` dataclass."""
 
+    _deprecated_given: frozenset[str] = frozenset()  # deprecated flags seen on the CLI
+
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         for name, config_cls in ENGINE_CONFIG_CLASSES.items():
@@ -174,7 +180,7 @@ class _EngineArgsMethods:
         return parser
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+    def from_cli_args(cls, args: argparse.Namespace) -> Self:
         engine_args = cls(**{n: getattr(args, n) for n in _FIELD_NAMES if hasattr(args, n)})
         engine_args._deprecated_given = frozenset(getattr(args, _GIVEN_KEY, ()))
         return engine_args
@@ -207,6 +213,8 @@ class _EngineArgsMethods:
             raise ValueError("--enable-prompt-adapter needs --max-prompt-adapter-token, the most "
                              "virtual tokens of one adapter (e.g. 32)")
         _check_lora(values)
+        _check_pooling(values, derived["hf_config"])
+        _check_model_features(values, derived["hf_config"])
         if values["quantization_param_path"] and values["kv_cache_dtype"] == "auto":
             raise ValueError("--quantization-param-path holds fp8 KV-cache scales; it needs "
                              "--kv-cache-dtype fp8, fp8_e4m3 or fp8_e5m2")
@@ -261,8 +269,11 @@ def _engine_args_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     return out
 
 
-EngineArgs = dataclasses.make_dataclass("EngineArgs", _engine_args_fields(),
-                                        bases=(_EngineArgsMethods,))
+if TYPE_CHECKING:  # the generated fields as a class (scripts/gen_engine_args_stub.py)
+    from pagedllm._engine_args import EngineArgs
+else:
+    EngineArgs = dataclasses.make_dataclass("EngineArgs", _engine_args_fields(),
+                                            bases=(_EngineArgsMethods,))
 EngineArgs.__module__ = __name__
 EngineArgs.__doc__ = ("Every engine option as a keyword argument (generated from the fields of "
                       "pagedllm.config); `create_engine_config()` validates and resolves them.")
@@ -280,8 +291,8 @@ def _engine_args_init(self, *args: Any, **kwargs: Any) -> None:
     _generated_init(self, *args, **kwargs)
 
 
-_engine_args_init.__signature__ = inspect.signature(_generated_init)
-EngineArgs.__init__ = _engine_args_init
+_engine_args_init.__signature__ = inspect.signature(_generated_init)  # type: ignore[attr-defined]
+EngineArgs.__init__ = _engine_args_init  # type: ignore[method-assign]
 
 
 # ---- derived values ----------------------------------------------------------------------------
@@ -313,11 +324,20 @@ def _resolve_ignore_patterns(patterns: Any) -> list[str]:
 
 def _resolve_model(v: dict[str, Any]) -> dict[str, Any]:
     """Local paths, HF config (with RoPE overrides), dtype and context length of the model."""
-    model_path = resolve_model_dir(v)
+    gguf_file = resolve_gguf_flags(v)  # a .gguf --model: its config, tokenizer, weights
+    model_path = gguf_file or resolve_model_dir(v)
     tokenizer_path = None if v["skip_tokenizer_init"] else resolve_tokenizer_dir(
         v, model_path)
-    hf_config = load_hf_config(model_path, v)
-    quant_config = resolve_quant_config(v["quantization"], hf_config, model_path, v["model"])
+    quant_config: QuantConfig | None
+    if gguf_file:
+        hf_config = load_gguf_config(gguf_file, v["model"])
+        quant_config = GGUFConfig.from_file(gguf_file)
+    else:
+        hf_config = load_hf_config(model_path, v)
+        quant_config = resolve_quant_config(v["quantization"], hf_config, model_path,
+                                            v["model"], v["load_format"])
+    if v["qlora_adapter_name_or_path"]:
+        _apply_qlora_adapter(v, quant_config)
     apply_rope_overrides(hf_config, v["rope_scaling"], v["rope_theta"])
     return {
         "quant_config": quant_config,
@@ -328,6 +348,20 @@ def _resolve_model(v: dict[str, Any]) -> dict[str, Any]:
         "max_model_len": derive_max_model_len(hf_config, v["max_model_len"],
                                                          v["disable_sliding_window"]),
     }
+
+
+def _apply_qlora_adapter(v: dict[str, Any], quant_config: Any) -> None:
+    """--qlora-adapter-name-or-path: bitsandbytes quantization at load of the adapter's
+    target modules (both bitsandbytes flags are required, as in vLLM 0.6.3)."""
+    from pagedllm.quant.bitsandbytes import apply_qlora_targets
+    if v["quantization"] != "bitsandbytes" or v["load_format"] != "bitsandbytes":
+        raise ValueError("--qlora-adapter-name-or-path needs --quantization bitsandbytes and "
+                         "--load-format bitsandbytes (got --quantization "
+                         f"{v['quantization']}, --load-format {v['load_format']})")
+    name = v["qlora_adapter_name_or_path"]
+    adapter_dir = _snapshot_dir(name, "--qlora-adapter-name-or-path", revision=None,
+                                cache_dir=v["download_dir"], ignore=[], extra=[], weights=[])
+    apply_qlora_targets(quant_config, adapter_dir, name)
 
 
 def _resolve_scheduler(v: dict[str, Any]) -> dict[str, Any]:
@@ -363,7 +397,8 @@ _WEIGHT_PATTERNS = {"safetensors": ["*.safetensors"], "pt": ["*.bin", "*.pt"]}
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
 
 
 def _has_files(path: str, patterns: list[str]) -> bool:
@@ -429,6 +464,8 @@ def resolve_tokenizer_dir(v: dict[str, Any], model_path: str) -> str:
     revision = v["tokenizer_revision"]
     if v["tokenizer"] is None and revision in (None, v["revision"]):
         return model_path
+    if is_gguf_file(v["tokenizer"]):  # the tokenizer in a GGUF file's metadata
+        return str(Path(v["tokenizer"]).expanduser().resolve())
     name = v["tokenizer"] or v["model"]
     flag = "--tokenizer" if v["tokenizer"] else "--tokenizer-revision"
     return _snapshot_dir(name, flag, revision=revision, cache_dir=v["download_dir"],
@@ -553,9 +590,9 @@ def derive_max_model_len(hf_config: Any, user_value: Optional[int],
                          disable_sliding_window: bool) -> int:
     """Context length: the smallest length key of the config, times the RoPE factor where the
     rope type extends the context, capped by the sliding window if that is disabled."""
-    found = {k: getattr(hf_config, k, None) for k in _MAX_LEN_KEYS}
-    found = {k: val for k, val in found.items() if isinstance(val, int) and val > 0}
-    source = min(found, key=found.get) if found else None
+    given = {k: getattr(hf_config, k, None) for k in _MAX_LEN_KEYS}
+    found: dict[str, int] = {k: v for k, v in given.items() if isinstance(v, int) and v > 0}
+    source = min(found, key=found.__getitem__) if found else None
     derived = found[source] if source else None
     if derived is None:
         derived = user_value or 2048
@@ -606,6 +643,38 @@ def flags_markdown_table() -> str:
         rows.append(f"| {_cell(names)} | `{_cell(_default_text(f))}` | {_cell(status_text(f))} "
                     f"| {_cell(first)} |")
     return "\n".join(rows) + "\n"
+
+
+def _check_pooling(values: dict, hf_config) -> None:
+    """Embedding / reward models run prompts only: the generation-side features that need
+    sampled tokens, and prefix caching where every prompt row is pooled (a cached block's
+    rows are never computed), fail here naming the flag."""
+    from pagedllm.models.registry import model_pooler
+    pooler = model_pooler(getattr(hf_config, "architectures", None))
+    if pooler is None:
+        return
+    arch = hf_config.architectures[0]
+    for flag, key in (("--speculative-model", "speculative_model"),
+                      ("--enable-lora", "enable_lora"),
+                      ("--enable-prompt-adapter", "enable_prompt_adapter")):
+        if values[key]:
+            raise ValueError(f"{flag} is not supported with the embedding model {arch} "
+                             "(its requests pool the prompt and generate nothing)")
+    if values["enable_prefix_caching"] and pooler.keeps_all_rows:
+        raise ValueError(f"--enable-prefix-caching is not supported with {arch}: it pools "
+                         "every prompt token, and cached blocks' rows are not recomputed")
+
+
+def _check_model_features(v: dict[str, Any], hf_config: Any) -> None:
+    """What the architecture must support for the flags given, checked before any weight is
+    loaded (prompt adapters: the model class's ``supports_prompt_adapters``; LoRA: its layers,
+    built on the meta device, have every projection LoRA adapts)."""
+    if v["enable_prompt_adapter"]:
+        from pagedllm.prompt_adapter import check_prompt_adapter_support
+        check_prompt_adapter_support(hf_config)
+    if v["enable_lora"]:
+        from pagedllm.lora import check_lora_architecture
+        check_lora_architecture(hf_config, v["max_model_len"])
 
 
 def _check_lora(values: dict) -> None:

@@ -35,12 +35,15 @@ _SAMPLING_FLAGS = {
 
 
 def _add_model_tag(parser: argparse.ArgumentParser) -> None:
-    """Positional MODEL_TAG; call after the engine flags so the --model default is replaced."""
+    """Positional MODEL_TAG; call after the engine flags so the --model default is replaced.
+    Its help lists the registered architectures (the registry imports no model code)."""
+    from pagedllm.models.registry import supported_architectures
     parser.add_argument(
         "model_tag", nargs="?", default=None, metavar="MODEL_TAG",
         help="Model directory or Hugging Face repo id; overrides --model. Default when neither "
         f"is given: the bundled demo model ({DEMO_MODEL_DIR}), since --model's own default "
-        "(facebook/opt-125m) needs the network.")
+        "(facebook/opt-125m) needs the network. Supported architectures (config.json "
+        f"\"architectures\"): {', '.join(supported_architectures())}.")
     parser.set_defaults(model=None)
 
 
@@ -72,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 metavar="{serve,run-batch,generate,chat,bench}")
     commands = [
         ("serve", "Run the OpenAI-compatible HTTP server.", make_arg_parser, _serve),
-        ("run-batch", "Run an OpenAI batch file (JSON lines of /v1/completions and "
-         "/v1/chat/completions requests) offline.", _add_run_batch_args, _run_batch),
+        ("run-batch", "Run an OpenAI batch file (JSON lines of /v1/completions, "
+         "/v1/chat/completions and /v1/embeddings requests) offline.", _add_run_batch_args,
+         _run_batch),
         ("generate", "Generate completions for prompts offline.", _add_generate_args, _generate),
         ("chat", "Chat with the model in the terminal (/quit or Ctrl-D ends).", _add_chat_args,
          _chat),

@@ -8,7 +8,8 @@ The field's metadata carries everything else that is derived from it:
                           ``nargs`` / ``action``;
 * ``valid``               ``(predicate, "what a valid value is")`` for range checks;
 * the flag's STATUS       ``supported`` (a tuple of supported values, a predicate, or
-                          ``DEFAULT_ONLY``) and ``planned`` (what is missing and where it is tracked);
+                          ``DEFAULT_ONLY``) and ``planned`` (what is missing and where it is
+                          tracked);
 * ``deprecated``          a deprecation note (the alias maps to its replacement in arg_utils).
 
 `check_options()` applies choices, validity and status generically, so a flag either works or
@@ -21,11 +22,15 @@ are computed once in `EngineArgs.create_engine_config`; the configs stay frozen 
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional
+from functools import cached_property
+from typing import Any, Callable, Iterator, Mapping, Optional, cast
 
 import torch
 
+from pagedllm.core.spec_propose import SpecSettings
 from pagedllm.quant import config as quant_formats
+from pagedllm.switches import Switches
+from pagedllm.tracing import check_tracing_flags
 
 DEFAULT_ONLY = "default-only"  # `supported` marker: any non-default value is not built yet
 
@@ -133,7 +138,8 @@ class ModelConfig:
                                valid=NON_NEGATIVE)
     quantization: Optional[str] = option(
         None, "Weight quantization method; default: the checkpoint's quantization_config. "
-        "fp8 on an unquantized checkpoint quantizes its weights at load.",
+        "fp8 on an unquantized checkpoint quantizes its weights at load; experts_int8 "
+        "quantizes a MoE model's expert weights to int8 at load.",
         aliases=("-q",), choices=QUANTIZATION_METHODS, cli_type="nullable",
         supported=(None, *quant_formats.SUPPORTED), supported_desc=quant_formats.SUPPORTED_DESC,
         planned=quant_formats.NOT_BUILT)
@@ -213,6 +219,17 @@ class ModelConfig:
             names = [names]
         return list(names) if names else [self.model]
 
+    @property
+    def pooler(self):
+        """The ``Pooler`` of an embedding / reward model (vLLM's ``embedding_mode``): its
+        requests pool the prompt's hidden states and never generate. None otherwise."""
+        from pagedllm.models.registry import model_pooler
+        return model_pooler(self._hf("architectures"))
+
+    @property
+    def embedding_mode(self) -> bool:
+        return self.pooler is not None
+
     def get_max_logprobs(self) -> int:
         return self.max_logprobs
 
@@ -263,11 +280,14 @@ class LoadConfig:
     """Where and how weights are loaded."""
     load_format: str = option(
         "auto", "Weight format. auto: safetensors, else .bin; pt: .bin; safetensors; dummy: "
-        "random weights of the right shapes (profiling); npcache, tensorizer, sharded_state, "
-        "gguf, bitsandbytes, mistral: other formats.",
+        "random weights of the right shapes (profiling); gguf: --model is a .gguf file (chosen "
+        "by itself for one); bitsandbytes: safetensors / .bin quantized "
+        "with bitsandbytes (with --quantization bitsandbytes); npcache, tensorizer, "
+        "sharded_state, mistral: other formats.",
         choices=("auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "sharded_state",
                  "gguf", "bitsandbytes", "mistral"),
-        supported=("auto", "pt", "safetensors", "dummy"), planned="loader for this weight format")
+        supported=("auto", "pt", "safetensors", "dummy", "gguf", "bitsandbytes"),
+        planned="loader for this weight format")
     download_dir: Optional[str] = option(None, "Directory for downloaded weights (default: the "
                                          "Hugging Face cache).")
     model_loader_extra_config: Optional[dict] = option(
@@ -388,8 +408,10 @@ class LoRAConfig:
                                        "ranks.", supported=DEFAULT_ONLY,
                                        planned="LoRA with tensor parallelism")
     qlora_adapter_name_or_path: Optional[str] = option(
-        None, "QLoRA adapter on a bitsandbytes-quantized base model.", supported=DEFAULT_ONLY,
-        planned="QLoRA (bitsandbytes quantization)")
+        None, "QLoRA adapter (PEFT directory or repo) on a bitsandbytes base: with "
+        "--quantization bitsandbytes --load-format bitsandbytes only the adapter's "
+        "target_modules are quantized at load (vLLM 0.6.3); serve the adapter itself with "
+        "--enable-lora and a LoRA request.")
 
 
 @dataclass(frozen=True)
@@ -513,8 +535,52 @@ class EngineConfig:
     tokenizer_pool: TokenizerPoolConfig
     multimodal: MultiModalConfig
 
+    # ---- derived values: computed once here (cached on the instance; a pickled config
+    # carries those computed before it was sent), never again by the components ----------
+    @cached_property
+    def spec(self) -> SpecSettings | None:
+        """What the scheduler and the runner need of the speculative flags; None when off."""
+        return SpecSettings.from_config(self.speculative)
 
-ENGINE_CONFIG_CLASSES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
+    @cached_property
+    def detailed_traces(self) -> tuple[bool, bool]:
+        """--collect-detailed-traces: (collect the model forward time, the execute time)."""
+        obs = self.observability
+        return check_tracing_flags(obs.otlp_traces_endpoint, obs.collect_detailed_traces)
+
+    @cached_property
+    def async_output_proc(self) -> bool:
+        """Async output processing: on by default on CUDA (the forward runs on the device
+        while the host is free); off on CPU, where the forward's OpenMP threads would compete
+        with the output work for the same cores. ``PAGEDLLM_ASYNC_OUTPUT_PROC=1`` turns it on
+        anywhere (tests, CPU runs). With pipeline parallelism the micro-batches in flight take
+        its place."""
+        if self.scheduler.disable_async_output_proc or \
+                self.parallel.pipeline_parallel_size > 1:  # micro-batches overlap instead
+            return False
+        return Switches.from_env().async_output_proc or \
+            torch.device(self.device.device).type == "cuda"
+
+    @cached_property
+    def lookahead(self) -> bool:
+        """Async output by launching the next batch ahead (the engine's ``_step_lookahead``
+        and the scheduler's ``schedule_lookahead``); speculative decoding and detailed traces
+        take the executor thread instead (batches in flight together would count the same
+        seconds in each request's forward / execute times)."""
+        return self.async_output_proc and self.speculative.speculative_model is None and \
+            not self.observability.collect_detailed_traces
+
+    @cached_property
+    def kv_heads_per_rank(self) -> int:
+        """KV heads each tensor-parallel rank holds and caches (one when tp exceeds them:
+        the heads are replicated)."""
+        tp, heads = self.parallel.tensor_parallel_size, self.model.num_kv_heads
+        return heads // tp if heads >= tp else 1
+
+
+# the field types are classes: this module has no string annotations
+ENGINE_CONFIG_CLASSES: dict[str, type] = {
+    f.name: cast(type, f.type) for f in dataclasses.fields(EngineConfig)}
 
 
 def option_fields(config_cls: type) -> list[dataclasses.Field]:

@@ -60,7 +60,8 @@ VARIABLES: dict[str, EnvVar] = {
     }),
     **_vars(IGNORED, {
         "ENGINE_ITERATION_TIMEOUT_S": "engine step timeout", "RPC_TIMEOUT": "front end to "
-        "engine RPC timeout", "CONFIGURE_LOGGING": "vLLM's logging setup", "LOGGING_CONFIG_PATH": "a "
+        "engine RPC timeout", "CONFIGURE_LOGGING": "vLLM's logging setup",
+        "LOGGING_CONFIG_PATH": "a "
         "logging config file", "LOGGING_LEVEL": "vLLM's log level", "TRACE_FUNCTION":
         "function-call tracing", "ATTENTION_BACKEND": "attention kernel choice",
         "USE_TRITON_FLASH_ATTN": "attention kernel choice", "USE_FLASHINFER_SAMPLER":

@@ -35,6 +35,7 @@ import re
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -101,6 +102,24 @@ def load_lora(request: LoRARequest, max_rank: int, num_layers: int,
     if request.long_lora_max_len is not None:
         raise ValueError(f"LoRA {name!r}: long_lora_max_len (long-context LoRA) is not "
                          "supported yet")
+    rank, scale = _read_adapter_config(name, path, max_rank)
+    pairs = _pair_tensors(name, _read_tensors(path, name), num_layers)
+    weights = {}
+    for where, ab in pairs.items():
+        n_in, n_out = shapes[where[1]]
+        if set(ab) != {"A", "B"} or tuple(ab["A"].shape) != (rank, n_in) or \
+                tuple(ab["B"].shape) != (n_out, rank):
+            raise ValueError(f"LoRA {name!r}: layer {where[0]} {where[1]} needs lora_A "
+                             f"[{rank}, {n_in}] and lora_B [{n_out}, {rank}] (is it an "
+                             "adapter of this model?)")
+        weights[where] = (ab["A"], ab["B"])
+    if not weights:
+        raise ValueError(f"LoRA {name!r}: no LoRA weights in {path!r}")
+    return LoadedLoRA(request.lora_int_id, name, rank, float(scale), weights)
+
+
+def _read_adapter_config(name: str, path: str, max_rank: int) -> tuple[int, float]:
+    """(rank, scale) from ``adapter_config.json``; ValueError for what LoRA here cannot run."""
     config_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"LoRA {name!r}: no adapter_config.json in {path!r}")
@@ -122,8 +141,13 @@ def load_lora(request: LoRARequest, max_rank: int, num_layers: int,
         if not ok(config.get(key)):
             raise ValueError(f"LoRA {name!r}: {what} ({key}={config.get(key)!r}) are not "
                              "supported")
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    tensors = _read_tensors(path, name)
+    return rank, alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _pair_tensors(name: str, tensors: dict[str, torch.Tensor], num_layers: int,
+                  ) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """(layer, module) -> {"A": lora_A, "B": lora_B} (float32); ValueError for a tensor of
+    a module or layer LoRA cannot adapt here, or a duplicate."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.search(key)
@@ -139,18 +163,7 @@ def load_lora(request: LoRARequest, max_rank: int, num_layers: int,
             raise ValueError(f"LoRA {name!r}: more than one lora_{match.group(3)} for layer "
                              f"{layer} {match.group(2)} (tensor {key!r})")
         ab[match.group(3)] = tensor.float()
-    weights = {}
-    for where, ab in pairs.items():
-        n_in, n_out = shapes[where[1]]
-        if set(ab) != {"A", "B"} or tuple(ab["A"].shape) != (rank, n_in) or \
-                tuple(ab["B"].shape) != (n_out, rank):
-            raise ValueError(f"LoRA {name!r}: layer {where[0]} {where[1]} needs lora_A "
-                             f"[{rank}, {n_in}] and lora_B [{n_out}, {rank}] (is it an "
-                             "adapter of this model?)")
-        weights[where] = (ab["A"], ab["B"])
-    if not weights:
-        raise ValueError(f"LoRA {name!r}: no LoRA weights in {path!r}")
-    return LoadedLoRA(request.lora_int_id, name, rank, float(scale), weights)
+    return pairs
 
 
 def _read_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
@@ -278,6 +291,17 @@ def check_lora_support(model: torch.nn.Module, architecture: str) -> None:
     if not lora_modules(model):
         raise ValueError(f"--enable-lora: {architecture} is not supported yet (LoRA serves the "
                          "Llama-family models: Llama, Mistral, Qwen2/3, Gemma and the like)")
+
+
+def check_lora_architecture(hf_config: Any, max_model_len: int) -> None:
+    """``check_lora_support`` before any weight is read (``create_engine_config``): the
+    architecture's layers are built on the meta device (no memory, no weights) and must have
+    every projection LoRA adapts."""
+    from pagedllm.models.registry import resolve_model_class
+    model_class = resolve_model_class(getattr(hf_config, "architectures", None))
+    with torch.device("meta"):
+        model = model_class(hf_config, max_model_len)
+    check_lora_support(model, hf_config.architectures[0])
 
 
 class LoRASlotTable:

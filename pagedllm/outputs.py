@@ -60,6 +60,27 @@ class RequestOutput:
     num_cached_tokens: int | None = None
 
 
+@dataclass
+class EmbeddingOutput:
+    """The pooled hidden state of one prompt (vLLM 0.6.3's shape): a vector, or for a
+    per-token pooler (``Qwen2ForRewardModel``) one row per prompt token."""
+
+    embedding: list[float] | list[list[float]]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What ``LLM.encode`` returns per prompt and the server's embedding requests get: one
+    output, once the prompt has been run."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    metrics: RequestMetrics | None = None
+    prompt: str | None = None
+
+
 def merge_delta_outputs(outputs: list[RequestOutput]) -> RequestOutput:
     """Several DELTA outputs of one request as one (a stream whose reader fell behind gets
     its pending tokens in one chunk): texts, ids and logprobs concatenated per completion,

@@ -11,6 +11,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # test + ray (the Ray executor's tests; ray without extras, ~80 MB)
 .venv/bin/pip install -q -e ".[test,ray]"
+# the static guards of scripts/lint.sh (rule sets in pyproject.toml; pinned to a minor version
+# so a new release's rules cannot fail CI on unchanged code)
+.venv/bin/pip install -q "ruff>=0.17,<0.18" "mypy>=2.4,<2.5"
 # Structured output backends (the `guided` extra): xgrammar runs on CPU without triton, which
 # its metadata would pull, so it comes without deps plus its one real dependency.
 if ! .venv/bin/python -c "import xgrammar" 2>/dev/null; then
@@ -26,6 +29,11 @@ fi
 # Python; the torch already installed satisfies it)
 .venv/bin/python -c "import compressed_tensors" 2>/dev/null || \
   .venv/bin/pip install -q "compressed-tensors>=0.20,<0.21"
+# gguf reads .gguf files (--load-format gguf) and writes the files of tests/quant/test_gguf.py
+.venv/bin/python -c "import gguf" 2>/dev/null || .venv/bin/pip install -q "gguf>=0.10"
+# bitsandbytes quantizes at load (--quantization bitsandbytes --load-format bitsandbytes) and
+# writes the checkpoints of tests/quant/test_bitsandbytes.py (its CPU backend runs here)
+.venv/bin/python -c "import bitsandbytes" 2>/dev/null || .venv/bin/pip install -q "bitsandbytes>=0.45"
 # Triton for the kernel tests under the interpreter on CPU (tests/kernels: attention, fused ops,
 # fused MoE, W4A16, fp8 quantization; ~1 minute): opt-in, the wheel is large. 3.6.0 is the GPU
 # image's version (Triton 3.9's interpreter fails tests/kernels/test_triton_attention.py).

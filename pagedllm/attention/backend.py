@@ -116,8 +116,9 @@ class ForwardContext:
     """What a forward pass needs besides token ids and positions; passed down explicitly."""
 
     attn_metadata: AttentionMetadata
-    # layer index -> [2, num_blocks * block_size, num_kv_heads, head_dim]: this pipeline
-    # stage's layers (a dict), or a list of every layer
+    # layer index -> [2, num_blocks * block_size, num_kv_heads, head_dim] (an MLA model's:
+    # [1, slots, 1, latent_dim], see cache_spec.py): this pipeline stage's layers (a dict),
+    # or a list of every layer
     kv_caches: dict[int, torch.Tensor] | list[torch.Tensor]
     backend: AttentionBackend | None = None  # None: the PyTorch reference
     kv_scales: list[tuple[float, float]] | None = None  # per layer (k, v) of an fp8 cache

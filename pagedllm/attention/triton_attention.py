@@ -19,7 +19,6 @@ loop bounds come from ``seq_lens`` / ``query_start_loc`` read inside the kernels
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -30,6 +29,7 @@ from pagedllm.attention.kv_quant import is_fp8
 from pagedllm.attention.torch_ref import paged_attention as _paged_attention_ref
 from pagedllm.attention.torch_ref import write_kv_cache as _write_kv_cache_ref
 from pagedllm.layers import pdl
+from pagedllm.switches import switches
 
 _LOG2E = 1.4426950408889634
 
@@ -328,7 +328,26 @@ def _load_kv_tile(kv_ptr, block_table_row_ptr, k_pos, k_valid, kv_head, offs_d, 
 # Decode: one query token per sequence, split-KV
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
+# The decode algorithm (``paged_attention_decode``):
+# 1. grid (num_seqs, num_kv_heads, num_splits): a program takes one sequence, one KV head
+#    and all ``group`` query heads on it (rows of a [16+, head_dim] query tile);
+# 2. the visible keys [max(0, seq_len - window), seq_len) are cut into BLOCK_N-key tiles, and
+#    split ``s`` takes the s-th equal share of those tiles (no work past seq_len);
+# 3. per tile: gather K/V rows through the block table (slot = block_id * block_size + off),
+#    scores = tl.dot(q, K^T) * scale (soft-capped), masked, online softmax in fp32 (exp2),
+#    acc += tl.dot(p, V);
+# 4. one split: write acc / l. Several: write (m, l, acc) partials, which are rescaled by
+#    exp2(m_s - max m) and combined into sum(acc) / sum(l) (``_combine_splits``) either
+#    by the last split program of each (sequence, KV head) to finish (``fold_reduce``: a
+#    per-(sequence, KV head) counter, incremented by every split after its partials are
+#    stored, tells it; it resets the counter) or by a second kernel per (sequence, head).
+#    Folding saves that launch (batch-1 decode: one per layer); it is used when the last
+#    program's [group, splits, head_dim] partials fit its registers
+#    (``PAGEDLLM_DECODE_FOLD=0``: never, for A/B runs).
+# Arguments that change from step to step are not specialized on (Triton compiles a variant for
+# each value that is 1 or a multiple of 16): the first mixed batches of a fresh server each
+# compiled new decode / prefill variants mid-run (0.8-0.9 s steps where 0.1 s was usual).
+@triton.jit(do_not_specialize=["stride_bt", "num_seqs", "sliding_window"])
 def _paged_decode_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim] (NUM_SPLITS == 1)
     part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] fp32 (NUM_SPLITS > 1)
@@ -438,7 +457,7 @@ def _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, seq, head0, stride_os, s
              mask=h_mask[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_decode_reduce_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]
     part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] fp32
@@ -466,32 +485,14 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
     block_table [num_seqs, max_blocks_per_seq] int32; seq_lens [num_seqs] int32 (0 = padding
     row: its output is zeros) -> out [num_seqs, num_heads, head_dim] (q's dtype).
 
-    1. grid (num_seqs, num_kv_heads, num_splits): a program takes one sequence, one KV head
-       and all ``group`` query heads on it (rows of a [16+, head_dim] query tile);
-    2. the visible keys [max(0, seq_len - window), seq_len) are cut into BLOCK_N-key tiles, and
-       split ``s`` takes the s-th equal share of those tiles (no work past seq_len);
-    3. per tile: gather K/V rows through the block table (slot = block_id * block_size + off),
-       scores = tl.dot(q, K^T) * scale (soft-capped), masked, online softmax in fp32 (exp2),
-       acc += tl.dot(p, V);
-    4. one split: write acc / l. Several: write (m, l, acc) partials, which are rescaled by
-       exp2(m_s - max m) and combined into sum(acc) / sum(l) (``_combine_splits``) either
-       by the last split program of each (sequence, KV head) to finish (``fold_reduce``: a
-       per-(sequence, KV head) counter, incremented by every split after its partials are
-       stored, tells it; it resets the counter) or by a second kernel per (sequence, head).
-       Folding saves that launch (batch-1 decode: one per layer); it is used when the last
-       program's [group, splits, head_dim] partials fit its registers
-       (``PAGEDLLM_DECODE_FOLD=0``: never, for A/B runs).
+    The algorithm (grid, splits, tiles, the fold of the partials): the comment above
+    ``_paged_decode_kernel``.
 
     ``num_splits`` None picks a count from the grid size, SM count and the longest context the
     block table can hold (shapes only, so it is fixed under a CUDA graph).
     """
-    _check_cache(kv_cache)
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[2]
-    _check_heads(num_heads, num_kv_heads, head_dim, kv_cache)
-    if block_table.dim() != 2 or block_table.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
-        raise ValueError(f"block_table {tuple(block_table.shape)} / seq_lens "
-                         f"{tuple(seq_lens.shape)} must be [{num_seqs}, max_blocks] / [{num_seqs}]")
+    num_seqs, num_heads, head_dim, num_kv_heads = _decode_shapes(q, kv_cache, block_table,
+                                                                 seq_lens)
     out = _out_like(q, out)
     if num_seqs == 0:
         return out
@@ -506,12 +507,7 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     qk_scale, cap_scale = _score_scales(scale, soft_cap)
-    part_acc = part_ml = out  # unused placeholders when there is one split
-    if num_splits > 1:
-        part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim,
-                               dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(2, num_seqs, num_heads, num_splits,
-                              dtype=torch.float32, device=q.device)
+    part_acc, part_ml = _split_partials(out, num_splits)
     group_p2, splits_p2 = triton.next_power_of_2(group), triton.next_power_of_2(num_splits)
     if fold_reduce is None:
         fold_reduce = FOLD_ENV and group_p2 * splits_p2 * block_d <= FOLD_MAX_ELEMENTS
@@ -537,7 +533,34 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
     return out
 
 
-FOLD_ENV = os.environ.get("PAGEDLLM_DECODE_FOLD", "1") != "0"
+def _decode_shapes(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor) -> tuple[int, int, int, int]:
+    """(num_seqs, num_heads, head_dim, num_kv_heads) of a decode call; ValueError for
+    inconsistent shapes."""
+    _check_cache(kv_cache)
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[2]
+    _check_heads(num_heads, num_kv_heads, head_dim, kv_cache)
+    if block_table.dim() != 2 or block_table.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
+        raise ValueError(f"block_table {tuple(block_table.shape)} / seq_lens "
+                         f"{tuple(seq_lens.shape)} must be [{num_seqs}, max_blocks] / [{num_seqs}]")
+    return num_seqs, num_heads, head_dim, num_kv_heads
+
+
+def _split_partials(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (acc [num_seqs, num_heads, splits, head_dim], (m, l) [2, num_seqs, num_heads,
+    splits]) for a split decode; ``out`` twice (unused placeholders) for one split."""
+    if num_splits == 1:
+        return out, out
+    num_seqs, num_heads, head_dim = out.shape
+    part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim,
+                           dtype=torch.float32, device=out.device)
+    part_ml = torch.empty(2, num_seqs, num_heads, num_splits,
+                          dtype=torch.float32, device=out.device)
+    return part_acc, part_ml
+
+
+FOLD_ENV = switches().decode_fold  # PAGEDLLM_DECODE_FOLD
 FOLD_MAX_ELEMENTS = 4096  # fp32 partials the folding program holds: 32 registers a thread
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
@@ -565,7 +588,10 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks_per_seq: int,
     num_sms = _num_sms(device)
     if num_programs >= num_sms or max_tiles < 4:
         return 1
-    return max(1, min(triton.cdiv(2 * num_sms, num_programs), max_tiles // 2, 64))
+    splits = max(1, min(triton.cdiv(2 * num_sms, num_programs), max_tiles // 2, 64))
+    # a power of two: NUM_SPLITS is a compile-time constant, and eager decodes (mixed batches)
+    # see block tables of every width; rounding keeps the variants to seven
+    return 1 << (splits.bit_length() - 1)
 
 
 def _decode_block_n(head_dim: int, block_size: int) -> int:
@@ -593,7 +619,7 @@ def paged_attention_decode_ref(q: torch.Tensor, kv_cache: torch.Tensor,
 # Prefill: varlen causal queries over context + new keys
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "sliding_window"])
 def _paged_prefill_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
     q_ptr,  # [num_tokens, num_heads, head_dim]

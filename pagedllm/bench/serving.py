@@ -25,6 +25,8 @@ class RequestResult:
     output_tokens: int = 0
     error: str = ""
     start: float = 0.0  # perf_counter() at send: the chart's time axis
+    sent_at: float = 0.0  # wall clock at send and at the last byte (lines up across processes)
+    done_at: float = 0.0
 
     @property
     def tpot(self) -> float | None:
@@ -48,7 +50,7 @@ async def send_one(client: httpx.AsyncClient, url: str, model: str, prompt: list
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     result, start = RequestResult(), time.perf_counter()
-    result.start = start
+    result.start, result.sent_at = start, time.time()
     tail = b""
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
@@ -60,6 +62,7 @@ async def send_one(client: httpx.AsyncClient, url: str, model: str, prompt: list
                     result.ttft = time.perf_counter() - start
                 tail = (tail + data)[-4096:]
         result.latency = time.perf_counter() - start
+        result.done_at = time.time()
         events = [e for e in tail.split(b"\n\n") if e.startswith(b"data: {")]
         usage = json.loads(events[-1][6:]).get("usage") if events else None
         result.output_tokens = usage["completion_tokens"] if usage else 0

@@ -114,23 +114,7 @@ def weight_bytes_per_step(model) -> int:
 def script_main(argv=None) -> None:
     """``benchmarks/throughput.py``: pagedllm vs Hugging Face on dummy weights (its flags and
     printed lines are the ones docs/benchmarks.md quotes)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="benchmarks/configs/tiny-llama")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--input-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-hf", action="store_true", help="measure pagedllm only")
-    parser.add_argument("--mixed-sampling", action="store_true",
-                        help="also run the mixed-sampling workload; print its overhead")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="interleaved runs of each arm for --mixed-sampling (best is kept)")
-    parser.add_argument("--logit-scale", type=float, default=None,
-                        help="multiply the LM head by this (peaked logits with dummy weights)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
-                        help="pagedllm's share of GPU memory (HF's model shares the card)")
-    args = parser.parse_args(argv)
+    args = _script_parser().parse_args(argv)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pagedllm import LLM
@@ -154,32 +138,57 @@ def script_main(argv=None) -> None:
     print(f"model {args.model} ({args.dtype}) on {name}: {step_bytes / 1e6:.1f} MB of weights "
           f"per decode step; copy bandwidth {bandwidth:.1f} GB/s -> roofline {roofline:.1f} "
           f"tokens/s at batch 1; torch {torch.__version__}")
-    results = []
-    for batch in args.batch_sizes:
-        prompts = make_prompts(batch, args.input_len, hf_config.vocab_size, args.seed)
-        ours = bench_pagedllm(llm, prompts, args.output_len)
-        row = {"batch": batch, "pagedllm_tok_s": round(ours, 1),
-               "roofline_share": round(ours / (roofline * batch), 3) if batch == 1 else None}
-        if args.mixed_sampling:  # interleaved best-of-N runs: robust to a busy machine
-            # Both arms get the same number of interleaved runs (the greedy run above is not
-            # one of them: counting it gave greedy one more chance at its best time).
-            mixed_params = mixed_sampling_params(batch, args.output_len)
-            mixed = greedy = 0.0
-            for _ in range(args.repeats):
-                mixed = max(mixed, bench_pagedllm(llm, prompts, args.output_len, mixed_params))
-                greedy = max(greedy, bench_pagedllm(llm, prompts, args.output_len))
-            ours = max(ours, greedy)
-            row.update(pagedllm_tok_s=round(ours, 1), greedy_tok_s=round(greedy, 1),
-                       mixed_tok_s=round(mixed, 1),
-                       sampling_overhead=f"{(greedy / mixed - 1) * 100:.1f}%")
-        if hf_model is not None:
-            theirs = bench_hf(hf_model, prompts, args.output_len)
-            row.update(hf_tok_s=round(theirs, 1), ratio=round(ours / theirs, 2))
-        results.append(row)
-        print(json.dumps(row), flush=True)
+    results = [_script_row(args, llm, hf_model, hf_config.vocab_size, batch, roofline)
+               for batch in args.batch_sizes]
     if len(results) > 1:
         print(f"batch {results[-1]['batch']} / batch {results[0]['batch']} throughput: "
               f"{results[-1]['pagedllm_tok_s'] / results[0]['pagedllm_tok_s']:.2f}x")
+
+
+def _script_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="benchmarks/configs/tiny-llama")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-hf", action="store_true", help="measure pagedllm only")
+    parser.add_argument("--mixed-sampling", action="store_true",
+                        help="also run the mixed-sampling workload; print its overhead")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved runs of each arm for --mixed-sampling (best is kept)")
+    parser.add_argument("--logit-scale", type=float, default=None,
+                        help="multiply the LM head by this (peaked logits with dummy weights)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                        help="pagedllm's share of GPU memory (HF's model shares the card)")
+    return parser
+
+
+def _script_row(args: argparse.Namespace, llm, hf_model, vocab_size: int, batch: int,
+                roofline: float) -> dict:
+    """One batch size's JSON row (printed as it comes)."""
+    prompts = make_prompts(batch, args.input_len, vocab_size, args.seed)
+    ours = bench_pagedllm(llm, prompts, args.output_len)
+    row = {"batch": batch, "pagedllm_tok_s": round(ours, 1),
+           "roofline_share": round(ours / (roofline * batch), 3) if batch == 1 else None}
+    if args.mixed_sampling:  # interleaved best-of-N runs: robust to a busy machine
+        # Both arms get the same number of interleaved runs (the greedy run above is not
+        # one of them: counting it gave greedy one more chance at its best time).
+        mixed_params = mixed_sampling_params(batch, args.output_len)
+        mixed = greedy = 0.0
+        for _ in range(args.repeats):
+            mixed = max(mixed, bench_pagedllm(llm, prompts, args.output_len, mixed_params))
+            greedy = max(greedy, bench_pagedllm(llm, prompts, args.output_len))
+        ours = max(ours, greedy)
+        row.update(pagedllm_tok_s=round(ours, 1), greedy_tok_s=round(greedy, 1),
+                   mixed_tok_s=round(mixed, 1),
+                   sampling_overhead=f"{(greedy / mixed - 1) * 100:.1f}%")
+    if hf_model is not None:
+        theirs = bench_hf(hf_model, prompts, args.output_len)
+        row.update(hf_tok_s=round(theirs, 1), ratio=round(ours / theirs, 2))
+    print(json.dumps(row), flush=True)
+    return row
 
 
 

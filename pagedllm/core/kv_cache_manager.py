@@ -7,6 +7,7 @@ ids (and swap copies) through ``SchedulerOutput``.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 from pagedllm.core.block_hash import BlockHash, hash_request_blocks
 from pagedllm.core.block_pool import BlockPool, KVCacheBlock
@@ -91,7 +92,8 @@ class KVCacheManager:
             len(self.req_to_blocks.get(request.req_id, ())) - num_hit_blocks
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[KVCacheBlock] = ()) -> list[KVCacheBlock] | None:
+                       new_computed_blocks: Sequence[KVCacheBlock] = (),
+                       ) -> list[KVCacheBlock] | None:
         """Make room for ``num_new_tokens`` more tokens (plus lookahead slots).
 
         ``new_computed_blocks`` are prefix-cache hits found for a waiting request; they are

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -63,6 +64,10 @@ class Request:
         self.first_token_time: float | None = None
         self.prompt_adapter = None  # LoadedPromptAdapter: its placeholders start the prompt
         self.lora = None  # LoadedLoRA (--enable-lora)
+        # PoolingParams of a pooling request: prefill only; it finishes (stopped) when its
+        # prompt is computed, with the pooled output instead of a token (``sampling_params``
+        # is then a one-token placeholder the sampler never sees)
+        self.pooling_params: PoolingParams | None = None
         # seconds spent in schedule() calls that scheduled it, and (--collect-detailed-traces)
         # in the model forward / execution of its steps
         self.scheduler_time = 0.0
@@ -72,9 +77,11 @@ class Request:
     def samples_without_host_state(self) -> bool:
         """False when sampling its next token needs host work that depends on the tokens
         before it (penalties, logits processors, guided decoding, min_tokens not yet
-        reached): such a request decodes one token a step (no multi-step, no drafts)."""
+        reached): such a request decodes one token a step (no multi-step, no drafts).
+        A pooling request never decodes: its last prompt token is pooled, not fed on."""
         p = self.sampling_params
-        return (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+        return (self.pooling_params is None
+                and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
                 and p.repetition_penalty == 1.0 and not p.logits_processors
                 and p.guided_decoding is None and self.num_output_tokens >= p.min_tokens)
 

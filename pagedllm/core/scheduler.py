@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 
 from pagedllm.core.kv_cache_manager import KVCacheManager, cdiv
 from pagedllm.core.scheduler_output import (CachedRequestData, ModelRunnerOutput,
@@ -68,7 +69,8 @@ class Scheduler:
                  delay_factor: float, max_model_len: int,
                  kv_cache_manager: KVCacheManager, num_scheduler_steps: int = 1,
                  pipeline_depth: int = 1, spec: SpecSettings | None = None,
-                 max_prompt_adapters: int = 1, max_loras: int = 1) -> None:
+                 max_prompt_adapters: int = 1, max_loras: int = 1,
+                 lookahead: bool = False) -> None:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -78,10 +80,10 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.kv = kv_cache_manager
         self.num_scheduler_steps = num_scheduler_steps
-        # set by the engine when it schedules ahead (async output processing): decode-only
-        # batches then run as multi-step batches even of one step, so that the next one
-        # can be launched before their ids reach the host
-        self.lookahead = False
+        # the engine schedules ahead (async output processing, ``EngineConfig.lookahead``):
+        # decode-only batches then run as multi-step batches even of one step, so that the
+        # next one can be launched before their ids reach the host
+        self.lookahead = lookahead
         self.pipeline_depth = pipeline_depth
         self.spec = spec
         self.max_prompt_adapters = max_prompt_adapters
@@ -113,7 +115,7 @@ class Scheduler:
         self._last_prompt_latency = 0.0
 
     # ---- queue management ----------------------------------------------------------------
-    def add_request(self, request: Request, fork_children: list[Request] = ()) -> None:
+    def add_request(self, request: Request, fork_children: Sequence[Request] = ()) -> None:
         """Queue ``request``; ``fork_children`` (best_of > 1) are forked from it after its
         prefill, see the module docstring."""
         if request.req_id in self.in_flight or request.req_id in self._free_after_step:
@@ -439,7 +441,7 @@ class Scheduler:
             request.req_id, list(request.all_token_ids), request.num_prompt_tokens,
             request.sampling_params, self.kv.get_block_ids(request.req_id),
             request.num_computed_tokens, request.num_output_tokens, request.prompt_adapter,
-            request.lora)
+            request.lora, request.pooling_params)
 
     def _adapter_fits(self, request: Request, out: SchedulerOutput) -> bool:
         """--max-prompt-adapters / --max-loras: a request whose prompt adapter or LoRA would
@@ -520,11 +522,15 @@ class Scheduler:
                 # multi-step batch computes the token sampled by step k - 1
                 request.num_computed_tokens += num_scheduled[req_id] + \
                     max(len(token_ids) - 1, 0)
+            if req_id in runner_output.pooled:
+                self._finish_pooled(request, now)
+                updated.append((request, 0))
+                continue
             if not token_ids:
                 continue
             if request.first_token_time is None:
                 request.first_token_time = now
-            for num_appended, token_id in enumerate(token_ids, start=1):
+            for num_appended, token_id in enumerate(token_ids, start=1):  # noqa: B007 - read below
                 request.append_output_token(token_id)
                 if request.check_stop():
                     break
@@ -535,6 +541,14 @@ class Scheduler:
                 self._release(request)
             updated.append((request, num_appended))
         return updated
+
+    def _finish_pooled(self, request: Request, now: float) -> None:
+        """A pooling request's prompt is computed: its answer (the runner's pooled output)
+        is complete, so it ends here, without an output token."""
+        request.first_token_time = request.first_token_time or now
+        request.status = RequestStatus.FINISHED_STOPPED
+        self.running.remove(request)
+        self._release(request)
 
 
 def _add_step_times(output: ModelRunnerOutput, requests: list[Request]) -> None:

@@ -24,6 +24,8 @@ class NewRequestData:
     # num_virtual_tokens (placeholder) tokens
     prompt_adapter: object = None  # LoadedPromptAdapter | None
     lora: object = None  # LoadedLoRA | None (--enable-lora)
+    # a pooling request (PoolingParams): prefill only, its pooled hidden state is the answer
+    pooling_params: object = None
 
 
 @dataclass
@@ -87,3 +89,6 @@ class ModelRunnerOutput:
     # --collect-detailed-traces: seconds of this step in the model forward / execution
     model_forward_time: float | None = None
     model_execute_time: float | None = None
+    # pooling requests whose prompt was completed this step: req_id -> the pooled output (a
+    # host float32 tensor: [hidden] or one row per prompt token); they sample nothing
+    pooled: dict[str, object] = field(default_factory=dict)

@@ -35,7 +35,8 @@ import torch
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.inputs import PromptInputs
 from pagedllm.engine.tokenizer_pool import pretokenize
-from pagedllm.outputs import RequestOutput, merge_delta_outputs
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput, merge_delta_outputs
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("pagedllm.engine.async")
@@ -60,12 +61,13 @@ class RequestStats:
     """What the asyncio side knows of one request, for metrics listeners."""
     request_id: str
     arrival_time: float
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
+    lora_name: str | None = None  # the LoRA adapter it runs with (its served model name)
     _seen: dict[int, int] = field(default_factory=dict)  # completion index -> tokens counted
 
     @property
@@ -74,7 +76,10 @@ class RequestStats:
         return max(self._seen.values(), default=0)
 
     def count_new_tokens(self, output: RequestOutput) -> int:
-        """Tokens generated since the last output, for DELTA and cumulative outputs alike."""
+        """Tokens generated since the last output, for DELTA and cumulative outputs alike
+        (none for a pooling request's output)."""
+        if isinstance(output, EmbeddingRequestOutput) or isinstance(self.params, PoolingParams):
+            return 0
         delta = self.params.output_kind == RequestOutputKind.DELTA
         num_new = 0
         for completion in output.outputs:
@@ -115,7 +120,8 @@ class RequestStream:
         if isinstance(item, BaseException):
             self.finished = True
             raise item
-        if not self._queue.empty() and self.stats.params.output_kind == RequestOutputKind.DELTA:
+        if not self._queue.empty() and \
+                getattr(self.stats.params, "output_kind", None) == RequestOutputKind.DELTA:
             item = self._coalesce(item)  # the reader fell behind: one chunk for all pending
         if item.finished:
             self.finished = True
@@ -126,7 +132,7 @@ class RequestStream:
         stays queued for the next call."""
         pending = [first]
         while not self._queue.empty() and not pending[-1].finished:
-            item = self._queue._queue[0]  # peek: only outputs are merged
+            item = self._queue._queue[0]  # type: ignore[attr-defined]  # peek at the deque
             if not isinstance(item, RequestOutput):
                 break
             pending.append(self._queue.get_nowait())
@@ -203,7 +209,8 @@ class AsyncLLMEngine:
         return "the engine was shut down"
 
     # ---- asyncio side --------------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
+    async def add_request(self, request_id: str, prompt: PromptInputs,
+                          params: SamplingParams | PoolingParams,
                           arrival_time: float | None = None, priority: int = 0,
                           prompt_adapter_request=None,
                           trace_headers: dict[str, str] | None = None,
@@ -216,8 +223,11 @@ class AsyncLLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         arrival_time = time.time() if arrival_time is None else arrival_time
         # with --tokenizer-pool-size, text is tokenized here by the pool, not by the engine
-        prompt = await pretokenize(self._tokenizer_pool, prompt)
-        stream = RequestStream(request_id, RequestStats(request_id, arrival_time, params))
+        if lora_request is None:  # an adapter's text may need its own tokenizer
+            prompt = await pretokenize(self._tokenizer_pool, prompt)
+        stream = RequestStream(request_id, RequestStats(
+            request_id, arrival_time, params,
+            lora_name=lora_request.lora_name if lora_request is not None else None))
         self._streams[request_id] = stream
         done = self._loop.create_future()
         self._commands.put(("add", request_id, prompt, params, arrival_time, priority, done,
@@ -244,6 +254,20 @@ class AsyncLLMEngine:
         try:
             async for output in stream:
                 yield output
+        finally:
+            if not stream.finished:
+                self.abort(request_id)
+
+    async def encode(self, prompt: PromptInputs, params: PoolingParams, request_id: str,
+                     lora_request=None, trace_headers: dict[str, str] | None = None,
+                     priority: int = 0) -> AsyncIterator[EmbeddingRequestOutput]:
+        """vLLM 0.6.3's ``encode``: a pooling request's one output (embedding models);
+        leaving early (or a disconnect) aborts it."""
+        stream = await self.add_request(request_id, prompt, params, priority=priority,
+                                        trace_headers=trace_headers, lora_request=lora_request)
+        try:
+            async for output in stream:
+                yield output  # type: ignore[misc]  # a pooling stream's one output
         finally:
             if not stream.finished:
                 self.abort(request_id)
@@ -281,7 +305,8 @@ class AsyncLLMEngine:
         """Runs on the loop: end every open stream with ``exc`` (the engine is gone)."""
         self._fail(list(self._streams), exc)
 
-    def _log_received(self, request_id: str, prompt: PromptInputs, params: SamplingParams):
+    def _log_received(self, request_id: str, prompt: PromptInputs,
+                      params: SamplingParams | PoolingParams):
         text, ids = prompt, None
         if isinstance(prompt, dict):
             text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
@@ -311,7 +336,9 @@ class AsyncLLMEngine:
         if num_new:
             stats.first_token_time = stats.first_token_time or now
             stats.last_token_time = now
-        if output is not None and output.finished:
+        if isinstance(output, EmbeddingRequestOutput):
+            stats.finish_reasons = ["stop"]  # its prompt ran: the request is complete
+        elif output is not None and output.finished:
             stats.finish_reasons = [c.finish_reason or "abort" for c in output.outputs]
         for listener in self.stat_listeners:
             try:

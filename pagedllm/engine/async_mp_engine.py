@@ -16,6 +16,8 @@ False; the server's watchdog then answers /health with 500 and exits.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 import logging
 import time
@@ -26,8 +28,13 @@ from pagedllm.engine.core_client import MPCoreClient
 from pagedllm.engine.engine import make_tracer
 from pagedllm.engine.inputs import PromptInputs, PromptProcessor
 from pagedllm.engine.output_processor import OutputProcessor, prepare_request
+from pagedllm.engine.timeline import Timeline
 from pagedllm.engine.tokenizer_pool import pretokenize
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 logger = logging.getLogger("pagedllm.engine.async_mp")
 
@@ -37,15 +44,21 @@ _WATCH_MS = 200  # the reader checks that the core process lives at least this o
 class AsyncMPLLMEngine(AsyncLLMEngine):
     """Same interface as ``AsyncLLMEngine``; the core runs in a child process."""
 
-    def __init__(self, config, log_requests: bool = True, max_log_len: int | None = None,
-                 log_stats: bool | None = None, wait: bool = True) -> None:
-        """Starts the core process first, so that the model loads there while this process
-        loads its tokenizer; ``wait=False`` leaves ``wait_ready()`` to the caller (the server
+    def __init__(self, config: EngineConfig, log_requests: bool = True,
+                 max_log_len: int | None = None,
+                 log_stats: bool | None = None, wait: bool = True,
+                 client: MPCoreClient | None = None) -> None:
+        """Starts the core process first (or takes ``client``, started before the
+        configuration was resolved), so that the model loads there while this process loads
+        its tokenizer; ``wait=False`` leaves ``wait_ready()`` to the caller (the server
         builds its app meanwhile)."""
         self._init_front(log_requests, max_log_len)
         self._config = config
         self._start_time = time.perf_counter()
-        self.client = MPCoreClient(config, log_stats)
+        if client is None:
+            client = MPCoreClient()
+        self.client = client
+        client.configure(config, log_stats)
         try:
             self.inputs = PromptProcessor(config.model, config.tokenizer_pool)
         except BaseException:
@@ -53,7 +66,8 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
             raise
         self._tokenizer_pool = self.inputs.pool
         self.output_processor = OutputProcessor(self.inputs.tokenizer,
-                                                config.model.max_model_len, make_tracer(config))
+                                                config.model.max_model_len, make_tracer(config),
+                                                self.inputs.lora_tokenizers)
         self._per_token = config.scheduler.multi_step_stream_outputs
         self._acks: dict[str, tuple[asyncio.Future, RequestStats]] = {}
         self._calls: dict[int, asyncio.Future] = {}  # call_core() answers still to come
@@ -64,6 +78,7 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         self._stop = False
         self.num_steps = 0
         self.output_time_s = 0.0  # front end: turning the core's deltas into outputs
+        self.timeline = Timeline.create("front")  # PAGEDLLM_STEP_TIMELINE
         if wait:
             self.wait_ready()
 
@@ -71,10 +86,19 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
     def from_engine_args(cls, engine_args, log_requests: bool | None = None,
                          max_log_len: int | None = None,
                          wait: bool = True) -> "AsyncMPLLMEngine":
-        config = engine_args.create_engine_config()
+        client = MPCoreClient()  # imports the engine while this process resolves the config
+        try:
+            start = time.perf_counter()
+            config = engine_args.create_engine_config()
+            logger.info("start-up: engine configuration resolved in %.1f s",
+                        time.perf_counter() - start)
+        except BaseException:
+            client.shutdown()
+            raise
         if log_requests is None:
             log_requests = not config.observability.disable_log_requests
-        return cls(config, log_requests=log_requests, max_log_len=max_log_len, wait=wait)
+        return cls(config, log_requests=log_requests, max_log_len=max_log_len, wait=wait,
+                   client=client)
 
     def wait_ready(self) -> None:
         """Block until the core process has loaded the model (RuntimeError if it failed)."""
@@ -106,6 +130,8 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         if self._reader is not None:
             self._reader.cancel()
         self.client.shutdown(timeout)
+        if self.timeline is not None:
+            logger.info("front-end timeline written to %s", self.timeline.save())
         logger.info("front end: %d steps, %.2f s making outputs, %.2f s unpickling",
                     self.num_steps, self.output_time_s, self.client.recv_s)
 
@@ -121,7 +147,8 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         return "the engine was shut down"
 
     # ---- requests ------------------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
+    async def add_request(self, request_id: str, prompt: PromptInputs,
+                          params: SamplingParams | PoolingParams,
                           arrival_time: float | None = None, priority: int = 0,
                           prompt_adapter_request=None,
                           trace_headers: dict[str, str] | None = None,
@@ -129,15 +156,19 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         """Queue a request and return its output stream; ValueError if it is rejected (here
         or by the core)."""
         self.start()
+        if self.timeline is not None:
+            self.timeline.add("add_called")
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self.dead_cause()}")
         if request_id in self._streams or request_id in self.output_processor.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        prompt = await pretokenize(self._tokenizer_pool, prompt)
+        if lora_request is None:  # an adapter's text may need its own tokenizer
+            prompt = await pretokenize(self._tokenizer_pool, prompt)
         text, core_request = prepare_request(
             self._config, self.inputs, request_id, prompt, params, arrival_time, priority,
             prompt_adapter_request, lora_request)
-        stats = RequestStats(request_id, core_request.arrival_time, params)
+        stats = RequestStats(request_id, core_request.arrival_time, params,
+                             lora_name=lora_request.lora_name if lora_request else None)
         self.output_processor.add(text, core_request, trace_headers)
         stream = RequestStream(request_id, stats)
         self._streams[request_id] = stream
@@ -145,6 +176,8 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         self._acks[request_id] = (done, stats)
         try:
             self.client.add_request(core_request)
+            if self.timeline is not None:
+                self.timeline.add("add_sent")
             await done
         except BaseException:
             self._acks.pop(request_id, None)
@@ -194,7 +227,7 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "step":
-            self._on_step(message[1], message[2])
+            self._on_step(message[1], message[2], message[3])
         elif kind == "stats":
             self._core_stats = message[1]
         elif kind == "result":
@@ -212,14 +245,17 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         elif kind == "fatal":
             self._engine_died(f"the engine core failed:\n{message[1]}")
 
-    def _on_step(self, deltas, stats: dict) -> None:
+    def _on_step(self, deltas, stats: dict, sent: float) -> None:
         start = time.perf_counter()
         self._core_stats = stats
         self.num_steps += 1
         outputs, stopped = self.output_processor.process(deltas, self._per_token)
         self.client.abort(stopped)  # stop strings: the core must not run these further
         self._dispatch(outputs)
-        self.output_time_s += time.perf_counter() - start
+        spent = time.perf_counter() - start
+        self.output_time_s += spent
+        if self.timeline is not None:  # (time handled, time the core sent it, seconds, deltas)
+            self.timeline.add("step", sent, spent, len(deltas))
 
     def _on_ack(self, request_id: str, error: str | None, prompt_ids) -> None:
         done, stats = self._acks.pop(request_id, (None, None))

@@ -3,10 +3,12 @@
 The core owns every ``Request`` (scheduler, KV-cache manager, LoRA / prompt-adapter weights,
 compiled guided-decoding constraints) and never detokenizes. Its whole interface is messages:
 
-* in: ``CoreRequest`` (a prepared request: token ids, cloned and checked sampling params) and
-  aborts by sequence id;
+* in: ``CoreRequest`` (a prepared request: token ids, cloned and checked sampling params, or
+  the ``PoolingParams`` of an embedding model's prefill-only request) and aborts by sequence
+  id;
 * out: one ``CoreOutputs`` per ``step()``: a ``SeqDelta`` for every sequence that received
-  tokens (or prompt logprobs), its finish status, and the step's scheduler stats.
+  tokens (or prompt logprobs, or its pooled output), its finish status, and the step's
+  scheduler stats.
 
 The front end (``engine/output_processor.py``) turns deltas into text, stop strings and
 ``RequestOutput``s; a stop string it finds comes back as an abort. ``LLMEngine`` runs both in
@@ -40,6 +42,7 @@ stage 0 runs batch k+1 while stage 1 runs batch k; see ``_step_micro_batches``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
@@ -49,30 +52,34 @@ from typing import Any, NamedTuple
 
 import torch
 
+from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import SchedulerOutput, TokenLogprobs
 from pagedllm.engine.stats import StatLogger
+from pagedllm.engine.timeline import Timeline
 from pagedllm.executor import make_executor
+from pagedllm.gc_tuning import tune_gc
 from pagedllm.guided.service import GuideService
 from pagedllm.lora import LoRACache, LoRARequest, projection_shapes
 from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
                                      check_prompt_adapter_support, load_prompt_adapter)
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.spec_decode import SpecSettings
+
+logger = logging.getLogger(__name__)
 
 
-def use_async_output_proc(config) -> bool:
-    """On by default on CUDA (where the forward runs on the device while the host is free);
-    off on CPU, where the forward's OpenMP threads would compete with the output work for
-    the same cores. ``PAGEDLLM_ASYNC_OUTPUT_PROC=1`` turns it on anywhere (tests, CPU runs).
-    With pipeline parallelism the micro-batches in flight take its place."""
-    if config.scheduler.disable_async_output_proc or \
-            config.parallel.pipeline_parallel_size > 1:  # micro-batches overlap instead
-        return False
-    return os.environ.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1" or \
-        torch.device(config.device.device).type == "cuda"
+def _prefill_only_params() -> SamplingParams:
+    """The scheduler-side params of a pooling request: one token at most, greedy, no stops;
+    the request finishes when its prompt is computed, before anything could be sampled."""
+    return SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+
+
+def use_async_output_proc(config: EngineConfig) -> bool:
+    """``EngineConfig.async_output_proc`` (decided there, once)."""
+    return config.async_output_proc
 
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -95,7 +102,7 @@ class CoreRequest:
     checked and completed with the generation config's EOS ids."""
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     arrival_time: float
     priority: int = 0
     prompt_adapter_request: PromptAdapterRequest | None = None
@@ -115,6 +122,7 @@ class SeqDelta(NamedTuple):
     # finished only: (scheduler_time, model_forward_time, model_execute_time)
     trace_times: tuple[float, float | None, float | None] | None = None
     multi_step: bool = False  # from a multi-step batch (--multi-step-stream-outputs)
+    pooled: Any = None  # a pooling request's output (host float32 tensor) when it finished
 
 
 @dataclass
@@ -124,7 +132,7 @@ class CoreOutputs:
 
 
 class EngineCore:
-    def __init__(self, config, log_stats: bool | None = None, inputs=None) -> None:
+    def __init__(self, config: EngineConfig, log_stats: bool | None = None, inputs=None) -> None:
         """``inputs``: the front end's ``PromptProcessor`` when both run in one process (its
         tokenizer serves guided decoding); a core process loads its own on first need."""
         self.config = config
@@ -149,11 +157,14 @@ class EngineCore:
         if log_stats is None:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None
-        self.guided_compiler = None  # built on the first guided request (needs a tokenizer)
+        self.timeline = Timeline.create("core")  # PAGEDLLM_STEP_TIMELINE: where time goes
+        # built on the first guided request (needs a tokenizer)
+        self.guided_compiler: GuideService | None = None
         self._pending: dict[str, tuple[CoreRequest, Future]] = {}  # compiling constraints
         self._setup_overlap(config)
+        tune_gc()  # the model is loaded: freeze it out of the collector's way
 
-    def _make_scheduler(self, config) -> Scheduler:
+    def _make_scheduler(self, config: EngineConfig) -> Scheduler:
         mc, sc = config.model, config.scheduler
         return Scheduler(
             max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
@@ -162,11 +173,11 @@ class EngineCore:
             delay_factor=sc.scheduler_delay_factor, max_model_len=mc.max_model_len,
             kv_cache_manager=self.kv_cache_manager, num_scheduler_steps=sc.num_scheduler_steps,
             pipeline_depth=self.pipeline_depth,
-            spec=SpecSettings.from_config(config.speculative),
+            spec=config.spec,
             max_prompt_adapters=config.prompt_adapter.max_prompt_adapters,
-            max_loras=config.lora.max_loras)
+            max_loras=config.lora.max_loras, lookahead=config.lookahead)
 
-    def _setup_overlap(self, config) -> None:
+    def _setup_overlap(self, config: EngineConfig) -> None:
         """Async output processing by launching ahead (``_step_lookahead``); the executor
         thread where that is unavailable (speculative decoding) or with
         --collect-detailed-traces: batches in flight together would count the same seconds
@@ -174,11 +185,8 @@ class EngineCore:
         self._future: tuple[SchedulerOutput, Future] | None = None
         self._exec_thread: ThreadPoolExecutor | None = None
         self._runner = self.worker.runner
-        self._lookahead = use_async_output_proc(config) and \
-            config.speculative.speculative_model is None and \
-            not config.observability.collect_detailed_traces
-        self.scheduler.lookahead = self._lookahead
-        if use_async_output_proc(config) and not self._lookahead:
+        self._lookahead = config.lookahead
+        if config.async_output_proc and not self._lookahead:
             threads = torch.get_num_threads()
             self._exec_thread = ThreadPoolExecutor(
                 1, "pagedllm-execute", initializer=torch.set_num_threads, initargs=(threads,))
@@ -190,9 +198,10 @@ class EngineCore:
         A constraint not compiled yet is compiled here, waiting at most the compile budget
         (``guided/service.py``); the core process uses ``submit_request`` instead."""
         self._check_id(req)
-        if req.params.guided_decoding is not None:
-            req.params.compiled_guide = self._guided_compiler().compile(
-                req.params.guided_decoding)
+        params = req.params
+        if isinstance(params, SamplingParams) and params.guided_decoding is not None:
+            params.compiled_guide = self._guided_compiler().compile(
+                params.guided_decoding)  # type: ignore[arg-type]  # no dict after __post_init__
         return self._enqueue(req)
 
     def submit_request(self, req: CoreRequest) -> Request | None:
@@ -200,11 +209,13 @@ class EngineCore:
         constraint compiles off this thread (the request waits outside the scheduler;
         ``finish_pending`` adds it, or gives its error, once the compile is done)."""
         self._check_id(req)
-        if req.params.guided_decoding is None:
+        params = req.params
+        if not isinstance(params, SamplingParams) or params.guided_decoding is None:
             return self._enqueue(req)
-        future = self._guided_compiler().submit(req.params.guided_decoding)
+        # ignored: SamplingParams.__post_init__ made a dict a GuidedDecodingParams
+        future = self._guided_compiler().submit(params.guided_decoding)  # type: ignore[arg-type]
         if future.done():
-            req.params.compiled_guide = future.result()
+            params.compiled_guide = future.result()
             return self._enqueue(req)
         self._pending[req.request_id] = (req, future)
         return None
@@ -217,10 +228,11 @@ class EngineCore:
         """Add the pending requests whose compile is done: (request, added, None) or
         (request, None, the error)."""
         done = [rid for rid, (_, future) in self._pending.items() if future.done()]
-        results = []
+        results: list[tuple[CoreRequest, Request | None, Exception | None]] = []
         for request_id in done:
             req, future = self._pending.pop(request_id)
             try:
+                assert isinstance(req.params, SamplingParams)  # only those are compiled
                 req.params.compiled_guide = future.result()
                 results.append((req, self._enqueue(req), None))
             except Exception as exc:  # noqa: BLE001 - the add's rejection, for its caller
@@ -236,7 +248,11 @@ class EngineCore:
         scheduler; its constraint, if any, is compiled already."""
         adapter = self._prompt_adapter(req.prompt_adapter_request)
         lora = self._lora(req.lora_request)
-        params = req.params
+        pooling: PoolingParams | None = None
+        if isinstance(req.params, PoolingParams):  # prefill only: the placeholder never samples
+            params, pooling = _prefill_only_params(), req.params
+        else:
+            params = req.params
         token_ids = req.prompt_token_ids
         if adapter is not None:  # placeholders whose embeddings the soft prompt replaces
             token_ids = [0] * adapter.num_virtual_tokens + list(token_ids)
@@ -249,7 +265,10 @@ class EngineCore:
                             max_model_len=max_model_len) for i, seq_id in enumerate(ids)]
         for request in requests:
             request.prompt_adapter, request.lora = adapter, lora
+            request.pooling_params = pooling
         self.scheduler.add_request(requests[0], requests[1:])
+        if self.timeline is not None:
+            self.timeline.add("add", len(token_ids))
         return requests[0]
 
     def _guided_compiler(self) -> GuideService:
@@ -408,9 +427,15 @@ class EngineCore:
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         if self.stat_logger is not None:
             self.stat_logger.record(scheduler_output, updated)
+        if self.timeline is not None:  # (time, requests, tokens, new prefills, waiting)
+            self.timeline.add("step", len(scheduler_output.num_scheduled_tokens),
+                              scheduler_output.total_num_scheduled_tokens,
+                              len(scheduler_output.scheduled_new_reqs),
+                              len(self.scheduler.waiting))
         prompt_logprobs, multi = runner_output.prompt_logprobs, scheduler_output.num_steps > 1
         deltas = [_delta(request, num_new, runner_output.logprobs.get(request.req_id),
-                         prompt_logprobs.get(request.req_id), multi)
+                         prompt_logprobs.get(request.req_id), multi,
+                         runner_output.pooled.get(request.req_id))
                   for request, num_new in updated]
         seen = {request.req_id for request, _ in updated}
         for seq_id, entries in prompt_logprobs.items():  # prompt chunks without a token
@@ -446,6 +471,9 @@ class EngineCore:
                 "num_cpu_blocks": self.kv_cache_manager.num_cpu_blocks}
 
     def shutdown(self) -> None:
+        if self.timeline is not None:
+            logger.info("step timeline written to %s", self.timeline.save())
+            self.timeline = None
         if self.guided_compiler is not None:  # kills a compile in progress
             self.guided_compiler.close()
         if self._exec_thread is not None:
@@ -495,7 +523,7 @@ class EngineCore:
 
 
 def _delta(request: Request, num_new: int, logprobs, prompt_logprobs,
-           multi_step: bool) -> SeqDelta:
+           multi_step: bool, pooled=None) -> SeqDelta:
     new_ids = request.output_token_ids[len(request.output_token_ids) - num_new:] \
         if num_new else []
     trace_times = None
@@ -505,4 +533,4 @@ def _delta(request: Request, num_new: int, logprobs, prompt_logprobs,
     return SeqDelta(request.req_id, new_ids, int(request.status), request.stop_reason,
                     logprobs, prompt_logprobs,
                     (request.first_scheduled_time, request.first_token_time,
-                     request.num_cached_tokens), trace_times, multi_step)
+                     request.num_cached_tokens), trace_times, multi_step, pooled)

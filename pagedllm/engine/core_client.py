@@ -8,11 +8,14 @@ Two ZeroMQ sockets over ipc, both bound by the front end: requests and aborts go
          ("call", call id, EngineCore method name, args)
     out: ("result", call id, error text or None, result)
          ("acks", [(request_id, error or None, final prompt ids or None), ...])
-         ("step", [SeqDelta, ...], stats) | ("stats", stats) (an idle core after aborts)
+         ("step", [SeqDelta, ...], stats, time sent) | ("stats", stats) (an idle core after
+         aborts)
          ("failed", [seq ids], text) | ("fatal", text)
 
-Start-up goes over a pipe: the core answers ("ready", cache_info) once the model is loaded
-and profiled, or ("init_error", traceback).
+Start-up goes over a pipe. The front end starts the process first and resolves the engine
+configuration meanwhile (the child imports torch and the engine in parallel), then sends
+("config", EngineConfig, log_stats); the core answers ("ready", cache_info) once the model is
+loaded and profiled, or ("init_error", traceback).
 
 The core process is a busy loop with no asyncio: drain the input socket (blocking only while
 it has nothing to run), answer the adds of this round, ``step()``, send the step's deltas
@@ -23,6 +26,7 @@ loop goes on, as in one process.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -31,7 +35,10 @@ import tempfile
 import time
 import traceback
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 logger = logging.getLogger("pagedllm.engine.core_client")
 
@@ -45,26 +52,34 @@ def _dumps(message) -> bytes:
 
 
 # ---- the core process ----------------------------------------------------------------------
-def run_engine_core(config, in_addr: str, out_addr: str, parent_pid: int,
-                    log_stats: bool | None, ready_conn) -> None:
-    """Process target: build the core, then serve it until told to stop."""
+def run_engine_core(in_addr: str, out_addr: str, parent_pid: int, conn,
+                    spawned_at: float) -> None:
+    """Process target: import the engine while the front end resolves the configuration,
+    take the configuration from ``conn``, build the core, then serve it until told to stop."""
     import zmq
     from pagedllm.logging_setup import configure_logging
     configure_logging()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the front end, which stops us
     signal.signal(signal.SIGTERM, _raise_exit)
+    from pagedllm.engine.core import EngineCore  # the heavy imports (torch, the models)
+    import transformers.configuration_utils  # noqa: F401 - the config's HF part unpickles
+    logger.info("start-up: engine core process up in %.1f s (spawn and imports)",
+                time.time() - spawned_at)
+    configured = _wait_config(conn, parent_pid)
+    if configured is None:
+        return
+    config, log_stats = configured
     ctx = zmq.Context()
     inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     inbox.connect(in_addr)
     outbox.connect(out_addr)
     core = None
     try:
-        from pagedllm.engine.core import EngineCore
         start = time.perf_counter()
         core = EngineCore(config, log_stats)
         logger.info("engine core ready in %.1f s (pid %d)", time.perf_counter() - start,
                     os.getpid())
-        ready_conn.send(("ready", core.cache_info()))
+        conn.send(("ready", core.cache_info()))
         CoreLoop(core, inbox, outbox, parent_pid).run()
     except SystemExit:
         pass
@@ -72,7 +87,7 @@ def run_engine_core(config, in_addr: str, out_addr: str, parent_pid: int,
         text = traceback.format_exc()
         logger.error("engine core failed:\n%s", text)
         if core is None:
-            ready_conn.send(("init_error", text))
+            conn.send(("init_error", text))
         else:
             outbox.send(_dumps(("fatal", text)))
         raise
@@ -82,6 +97,19 @@ def run_engine_core(config, in_addr: str, out_addr: str, parent_pid: int,
         outbox.close(linger=1000)
         inbox.close(linger=0)
         ctx.term()
+
+
+def _wait_config(conn, parent_pid: int):
+    """(config, log_stats) from the front end, or None when it gave up or is gone."""
+    while True:
+        if conn.poll(_IDLE_POLL_MS / 1000):
+            try:
+                message = conn.recv()
+            except EOFError:
+                return None
+            return message[1:] if message[0] == "config" else None
+        if os.getppid() != parent_pid:
+            return None
 
 
 def _raise_exit(*_) -> None:
@@ -191,16 +219,46 @@ class CoreLoop:
             self.num_steps += 1
             self.step_s += time.perf_counter() - start
         sent = time.perf_counter()
-        self.outbox.send(_dumps(("step", deltas, self.core.get_stats())), copy=False)
+        self.outbox.send(_dumps(("step", deltas, self.core.get_stats(), time.time())),
+                         copy=False)
         self.send_s += time.perf_counter() - sent
 
 
 # ---- the front end's side ------------------------------------------------------------------
+def core_environment() -> dict[str, str]:
+    """Variables the core process starts with. Its OpenMP threads (the CPU backend's compute;
+    small host-side ops on a GPU) must not spin-wait: they share the cores with the API
+    process (and the load), and a spinning thread that waits at a barrier for a preempted
+    peer turns a 20 ms CPU step into 400 ms or more (measured on 2 cores: a 1-token request
+    took 700 ms through the server instead of 85 ms). Passive waiting costs the core little
+    and leaves the front end its CPU. A user's own setting wins."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@contextlib.contextmanager
+def _environment(overrides: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class MPCoreClient:
     """Starts the core process and talks to it. ``send`` is synchronous (ZeroMQ queues it);
     ``recv`` is awaited by the front end's reader task."""
 
-    def __init__(self, config, log_stats: bool | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, log_stats: bool | None = None) -> None:
+        """Starts the core process at once: it imports the engine meanwhile. Without
+        ``config`` here, ``configure`` must follow (the front end resolves the engine
+        configuration while the child starts: start-up runs both in parallel)."""
         import multiprocessing
 
         import zmq
@@ -215,15 +273,24 @@ class MPCoreClient:
         # spawn: CUDA cannot be used in a forked child; not a daemon: the core may start
         # tp/pp worker processes of its own
         mp = multiprocessing.get_context("spawn")
-        self._ready, child_conn = mp.Pipe(duplex=False)
+        self._ready, child_conn = mp.Pipe(duplex=True)
         self.proc = mp.Process(target=run_engine_core, name="pagedllm-engine-core",
-                               args=(config, self.in_addr, self.out_addr, os.getpid(),
-                                     log_stats, child_conn), daemon=False)
-        self.proc.start()
+                               args=(self.in_addr, self.out_addr, os.getpid(), child_conn,
+                                     time.time()), daemon=False)
+        with _environment(core_environment()):  # the child reads it at its start
+            self.proc.start()
         child_conn.close()
         self.cache_info: dict[str, Any] = {}
         self.recv_s = 0.0  # front end: receiving and unpickling the core's messages
         self._closed = False
+        self._configured = False
+        if config is not None:
+            self.configure(config, log_stats)
+
+    def configure(self, config, log_stats: bool | None = None) -> None:
+        """Hand the core process its engine configuration (it builds the engine then)."""
+        self._ready.send(("config", config, log_stats))
+        self._configured = True
 
     def wait_ready(self) -> None:
         """Block until the core has loaded the model (or raise with its error)."""
@@ -262,8 +329,7 @@ class MPCoreClient:
 
     async def recv(self, timeout_ms: int):
         """The core's next message, or None when nothing came within ``timeout_ms``."""
-        import zmq
-        if not await self._outbox.poll(timeout_ms, zmq.POLLIN):
+        if not await self._outbox.poll(timeout_ms):  # flags default to POLLIN
             return None
         data = await self._outbox.recv(copy=False)
         start = time.perf_counter()
@@ -292,8 +358,8 @@ class MPCoreClient:
             return
         self._closed = True
         if self.proc.is_alive():
-            try:
-                self.send(("stop",))
+            try:  # a core still waiting for its configuration listens on the pipe
+                self._ready.send(("stop",)) if not self._configured else self.send(("stop",))
             except Exception:  # noqa: BLE001 - the socket may be gone already
                 pass
             self.proc.join(timeout)

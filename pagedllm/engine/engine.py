@@ -10,6 +10,8 @@ front end's output work on its deltas (detokenize, stop strings, outputs;
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.engine.core import EngineCore, use_async_output_proc  # noqa: F401 (re-export)
 from pagedllm.engine.inputs import PromptInputs, PromptProcessor
@@ -17,12 +19,16 @@ from pagedllm.engine.output_processor import (OutputProcessor, check_request_par
                                               prepare_request)
 from pagedllm.lora import LoRARequest
 from pagedllm.outputs import RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.prompt_adapter import PromptAdapterRequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tracing import RequestTracer
 
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
-def make_tracer(config) -> RequestTracer | None:
+
+def make_tracer(config: EngineConfig) -> RequestTracer | None:
     """--otlp-traces-endpoint: the front end ends one span per finished request."""
     endpoint = config.observability.otlp_traces_endpoint
     return None if endpoint is None else \
@@ -30,13 +36,14 @@ def make_tracer(config) -> RequestTracer | None:
 
 
 class LLMEngine:
-    def __init__(self, config, log_stats: bool | None = None) -> None:
+    def __init__(self, config: EngineConfig, log_stats: bool | None = None) -> None:
         self.config = config
         self.inputs = PromptProcessor(config.model, config.tokenizer_pool)
         self.tokenizer = self.inputs.tokenizer
         self.core = EngineCore(config, log_stats, inputs=self.inputs)
         self.output_processor = OutputProcessor(self.tokenizer, config.model.max_model_len,
-                                                make_tracer(config))
+                                                make_tracer(config),
+                                                self.inputs.lora_tokenizers)
         self._per_token = config.scheduler.multi_step_stream_outputs
 
     @classmethod
@@ -52,12 +59,14 @@ class LLMEngine:
     tracer = property(lambda self: self.output_processor.tracer)
 
     # ---- requests ------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams,
+    def add_request(self, request_id: str, prompt: PromptInputs,
+                    params: SamplingParams | PoolingParams,
                     arrival_time: float | None = None, priority: int = 0,
                     prompt_adapter_request: PromptAdapterRequest | None = None,
                     trace_headers: dict[str, str] | None = None,
                     lora_request: LoRARequest | None = None) -> Request:
-        """Validate and queue a request; raises ValueError naming the bad field.
+        """Validate and queue a request; raises ValueError naming the bad field. ``params``:
+        SamplingParams, or PoolingParams for an embedding model (prefill only).
         ``trace_headers``: the caller's W3C trace context (traceparent / tracestate) that
         the request's span continues (--otlp-traces-endpoint). A guided-decoding constraint
         is compiled here (within the compile budget)."""
@@ -86,7 +95,8 @@ class LLMEngine:
     def has_pending(self) -> bool:
         return self.core.has_pending()
 
-    def _add(self, enqueue, request_id: str, prompt: PromptInputs, params: SamplingParams,
+    def _add(self, enqueue, request_id: str, prompt: PromptInputs,
+             params: SamplingParams | PoolingParams,
              arrival_time: float | None = None, priority: int = 0,
              prompt_adapter_request: PromptAdapterRequest | None = None,
              trace_headers: dict[str, str] | None = None,

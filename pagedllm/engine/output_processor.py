@@ -10,14 +10,20 @@ beside the core, or in the API-server process with the core in its own process.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import time
 
 from pagedllm.core.request import RequestStatus
 from pagedllm.engine.core import CoreRequest, SeqDelta, seq_ids
-from pagedllm.engine.inputs import PromptInputs, PromptProcessor
-from pagedllm.engine.sequence_group import Sequence, SequenceGroup, TokenDecoder
+from pagedllm.engine.inputs import LoRATokenizers, PromptInputs, PromptProcessor
+from pagedllm.engine.sequence_group import PoolingGroup, Sequence, SequenceGroup, TokenDecoder
 from pagedllm.outputs import RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 
 def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: int) -> None:
@@ -45,21 +51,25 @@ def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: 
         params.allowed_token_ids = [int(t) for t in params.allowed_token_ids]
 
 
-def prepare_request(config, inputs: PromptProcessor, request_id: str, prompt: PromptInputs,
-                    params: SamplingParams, arrival_time: float | None = None,
+def prepare_request(config: EngineConfig, inputs: PromptProcessor, request_id: str,
+                    prompt: PromptInputs,
+                    params: SamplingParams | PoolingParams, arrival_time: float | None = None,
                     priority: int = 0, prompt_adapter_request=None,
                     lora_request=None) -> tuple[str | None, CoreRequest]:
     """Validate a request (ValueError naming the bad field) and tokenize its prompt:
-    (prompt text, the ``CoreRequest``)."""
-    if not isinstance(params, SamplingParams):
-        raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    (prompt text, the ``CoreRequest``). ``params``: SamplingParams for a generative model,
+    PoolingParams for an embedding model (``check_request_kind``)."""
+    check_request_kind(config.model, params)
+    if isinstance(params, PoolingParams):
+        return _prepare_pooling(config, inputs, request_id, prompt, params, arrival_time,
+                                priority, prompt_adapter_request, lora_request)
     unsupported = params.unsupported_fields()
     if unsupported:
         raise ValueError(f"SamplingParams field(s) {', '.join(unsupported)} are not supported "
                          "yet")
     if priority != 0 and config.scheduler.scheduling_policy != "priority":
         raise ValueError(f"priority={priority} needs --scheduling-policy priority")
-    text, token_ids = inputs.process(prompt)
+    text, token_ids = inputs.process(prompt, lora_request)
     params = params.clone()
     check_request_params(params, config.model.vocab_size, config.model.max_logprobs)
     if params.truncate_prompt_tokens is not None:
@@ -70,22 +80,78 @@ def prepare_request(config, inputs: PromptProcessor, request_id: str, prompt: Pr
                              prompt_adapter_request, lora_request)
 
 
+def check_request_kind(model_config, params) -> None:
+    """Generative models take SamplingParams, embedding (pooling) models PoolingParams;
+    the other kind is a ValueError that names what the model does support."""
+    arch = model_config.architecture
+    if isinstance(params, PoolingParams):
+        if not model_config.embedding_mode:
+            raise ValueError(f"the model ({arch}) does not support the Embeddings API: it is a "
+                             "generative model; embeddings need an embedding model (e.g. "
+                             "MistralModel, LlamaModel, Gemma2Model, Qwen2ForRewardModel)")
+        return
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    if model_config.embedding_mode:
+        raise ValueError(f"the model ({arch}) is an embedding model: it does not generate "
+                         "text; use the Embeddings API (/v1/embeddings, LLM.encode)")
+
+
+def _prepare_pooling(config, inputs: PromptProcessor, request_id: str, prompt: PromptInputs,
+                     params: PoolingParams, arrival_time: float | None, priority: int,
+                     prompt_adapter_request, lora_request) -> tuple[str | None, CoreRequest]:
+    """A pooling request: the prompt is tokenized and checked as for generation; it needs
+    no room for output (a prompt of max_model_len tokens fits). The core gets PoolingParams
+    without ``additional_data``: no pooler reads it, and a client's arbitrarily nested JSON
+    must not have to cross to the core process."""
+    if priority != 0 and config.scheduler.scheduling_policy != "priority":
+        raise ValueError(f"priority={priority} needs --scheduling-policy priority")
+    if prompt_adapter_request is not None or lora_request is not None:
+        raise ValueError("embedding requests take no prompt adapter or LoRA")
+    text, token_ids = inputs.process(prompt)
+    arrival_time = time.time() if arrival_time is None else arrival_time
+    return text, CoreRequest(request_id, list(token_ids), PoolingParams(), arrival_time,
+                             priority)
+
+
 class OutputProcessor:
-    def __init__(self, tokenizer, max_model_len: int, tracer=None) -> None:
+    def __init__(self, tokenizer, max_model_len: int, tracer=None,
+                 lora_tokenizers: LoRATokenizers | None = None) -> None:
+        """``lora_tokenizers``: a LoRA request whose adapter ships a tokenizer is
+        detokenized with it (vLLM 0.6.3's ``get_lora_tokenizer``)."""
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.tracer = tracer  # --otlp-traces-endpoint: one span per finished request
+        self.lora_tokenizers = lora_tokenizers
         self.groups: dict[str, SequenceGroup] = {}  # user request id -> its sequences
         self._seqs: dict[str, tuple[SequenceGroup, Sequence]] = {}  # sequence id -> seq
-        self._decoder = TokenDecoder(tokenizer)
+        self._decoders: dict[int, TokenDecoder] = {id(tokenizer): TokenDecoder(tokenizer)}
+
+    def _tokenizer_for(self, req: CoreRequest):
+        if self.lora_tokenizers is None or req.lora_request is None:
+            return self.tokenizer
+        return self.lora_tokenizers.get(req.lora_request)
+
+    def _decoder(self, group: SequenceGroup) -> TokenDecoder:
+        """Logprobs' ``decoded_token`` texts, by the group's tokenizer (cached per id)."""
+        decoder = self._decoders.get(id(group.tokenizer))
+        if decoder is None:
+            decoder = self._decoders[id(group.tokenizer)] = TokenDecoder(group.tokenizer)
+        return decoder
 
     def add(self, text: str | None, req: CoreRequest,
             trace_headers: dict[str, str] | None = None) -> SequenceGroup:
         if req.request_id in self.groups:
             raise ValueError(f"request_id {req.request_id!r} is already in use")
-        group = SequenceGroup(req.request_id, req.params, text, req.prompt_token_ids,
-                              seq_ids(req.request_id, req.params.best_of), req.arrival_time,
-                              self.max_model_len, self.tokenizer)
+        group: SequenceGroup
+        if isinstance(req.params, PoolingParams):
+            group = PoolingGroup(req.request_id, req.params, text, req.prompt_token_ids,
+                                 req.arrival_time, self.max_model_len, self.tokenizer)
+        else:
+            group = SequenceGroup(req.request_id, req.params, text, req.prompt_token_ids,
+                                  seq_ids(req.request_id, req.params.best_of),
+                                  req.arrival_time, self.max_model_len,
+                                  self._tokenizer_for(req))
         group.trace_headers = trace_headers
         self.groups[req.request_id] = group
         for seq in group.seqs:
@@ -143,7 +209,10 @@ class OutputProcessor:
             state.scheduler_time, state.model_forward_time, state.model_execute_time = \
                 delta.trace_times
         if delta.prompt_logprobs is not None:
-            group.add_prompt_logprobs(*delta.prompt_logprobs, self._decoder)
+            group.add_prompt_logprobs(*delta.prompt_logprobs, self._decoder(group))
+        if delta.pooled is not None and isinstance(group, PoolingGroup):  # it has finished
+            group.pooled, state.status = delta.pooled, RequestStatus(delta.status)
+            return True
         new_ids = delta.new_token_ids
         if not new_ids:
             return False
@@ -152,7 +221,7 @@ class OutputProcessor:
         state.output_token_ids += new_ids
         for i in range(len(new_ids)):
             if delta.logprobs is not None:
-                group.add_logprobs(seq, delta.logprobs[i], self._decoder)
+                group.add_logprobs(seq, delta.logprobs[i], self._decoder(group))
             if self._detokenize(seq, first + i, stopped):
                 break
             if per_token and i < len(new_ids) - 1:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pagedllm.core.request import RequestStatus
 from pagedllm.core.scheduler_output import TokenLogprobs
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
-from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedllm.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput,
+                              Logprob, RequestMetrics, RequestOutput)
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -150,6 +151,15 @@ class SequenceGroup:
             seq.logprobs.append(decoder.to_dict(entry, self.params))
 
     # ---- outputs -------------------------------------------------------------------------
+    def _metrics(self, finished: bool) -> RequestMetrics:
+        parent, now = self.parent, time.time()
+        return RequestMetrics(
+            arrival_time=parent.arrival_time, last_token_time=now,
+            first_scheduled_time=parent.first_scheduled_time,
+            first_token_time=parent.first_token_time,
+            time_in_queue=(parent.first_scheduled_time or now) - parent.arrival_time,
+            finished_time=now if finished else None)
+
     def make_output(self) -> RequestOutput | None:
         finished = self.is_finished()
         kind = self.params.output_kind
@@ -160,13 +170,7 @@ class SequenceGroup:
         if ranked:
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:self.params.n]
         outputs = [self._completion(i, s, kind) for i, s in enumerate(seqs)]
-        parent, now = self.parent, time.time()
-        metrics = RequestMetrics(
-            arrival_time=parent.arrival_time, last_token_time=now,
-            first_scheduled_time=parent.first_scheduled_time,
-            first_token_time=parent.first_token_time,
-            time_in_queue=(parent.first_scheduled_time or now) - parent.arrival_time,
-            finished_time=now if finished else None)
+        parent, metrics = self.parent, self._metrics(finished)
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=self.prompt_logprobs,
@@ -200,3 +204,28 @@ class SequenceGroup:
             logprobs=list(logprobs) if has_logprobs else None,
             finish_reason=request.status.finish_reason if done else None,
             stop_reason=request.stop_reason if done else None)
+
+
+class PoolingGroup(SequenceGroup):
+    """A pooling request (``PoolingParams``): one sequence that runs its prompt only; its one
+    output is an ``EmbeddingRequestOutput`` once the core sends the pooled data. The
+    sequence's params are the core's prefill-only placeholder (nothing is detokenized)."""
+
+    def __init__(self, request_id: str, pooling_params, prompt: str | None,
+                 prompt_token_ids: list[int], arrival_time: float, max_model_len: int | None,
+                 tokenizer) -> None:
+        super().__init__(request_id, SamplingParams(max_tokens=1, temperature=0.0,
+                                                    detokenize=False),
+                         prompt, prompt_token_ids, [request_id], arrival_time, max_model_len,
+                         tokenizer)
+        self.pooling_params = pooling_params
+        self.pooled = None  # host float32 tensor from the core, once the prompt has run
+
+    def make_output(self) -> EmbeddingRequestOutput | None:  # type: ignore[override]
+        # a pooling group's one output is an embedding, not a RequestOutput
+        if self.pooled is None:
+            return None
+        return EmbeddingRequestOutput(
+            request_id=self.request_id, outputs=EmbeddingOutput(self.pooled.tolist()),
+            prompt_token_ids=self.parent.prompt_token_ids, finished=True,
+            metrics=self._metrics(True), prompt=self.prompt)

@@ -4,7 +4,8 @@ Each of the N actors loads its own copy of the tokenizer (``load_tokenizer``, so
 files and flags as the in-process one) and encodes prompts. ``encode`` is the blocking call
 used by ``PromptProcessor`` (``LLM.generate``); ``encode_async`` awaits the actor from the
 asyncio loop, so the server's front end tokenizes concurrently in N processes and the engine
-thread never tokenizes text. Each call goes to the actor with the fewest calls in flight (ties: fewest calls so far).
+thread never tokenizes text. Each call goes to the actor with the fewest calls in flight (ties:
+fewest calls so far).
 ``--tokenizer-pool-extra-config`` holds Ray actor options (default ``{"num_cpus": 0}``: the
 actors reserve no CPU from the cluster's placement groups).
 """
@@ -12,13 +13,16 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pagedllm.config import ModelConfig, TokenizerPoolConfig
 
 
 class TokenizerActor:
     """One tokenizer in a Ray actor (wrapped with ``ray.remote`` by the pool)."""
 
-    def __init__(self, model_config) -> None:
+    def __init__(self, model_config: ModelConfig) -> None:
         from pagedllm.engine.inputs import load_tokenizer
         self.tokenizer = load_tokenizer(model_config)
 
@@ -26,7 +30,8 @@ class TokenizerActor:
         return self.tokenizer.encode(text)
 
 
-def make_tokenizer_pool(model_config, pool_config) -> "RayTokenizerPool | None":
+def make_tokenizer_pool(model_config: ModelConfig, pool_config: TokenizerPoolConfig,
+                        ) -> "RayTokenizerPool | None":
     """The pool the flags ask for, or None (tokenize in process)."""
     size, extra = pool_config.tokenizer_pool_size, pool_config.tokenizer_pool_extra_config
     if size == 0:
@@ -51,7 +56,7 @@ def _kill(actors) -> None:
 
 
 class RayTokenizerPool:
-    def __init__(self, model_config, size: int, actor_options: dict | None) -> None:
+    def __init__(self, model_config: ModelConfig, size: int, actor_options: dict | None) -> None:
         try:
             import ray
         except ImportError as exc:
@@ -66,7 +71,7 @@ class RayTokenizerPool:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"--tokenizer-pool-extra-config {actor_options!r} is not a valid "
                              f"set of Ray actor options: {exc}") from exc
-        self.actors = [actor_class.remote(model_config) for _ in range(size)]
+        self.actors: list[Any] = [actor_class.remote(model_config) for _ in range(size)]
         self._finalizer = weakref.finalize(self, _kill, list(self.actors))
         self._in_flight = [0] * size
         self.num_calls = [0] * size  # per actor, for tests and stats

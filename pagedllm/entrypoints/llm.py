@@ -6,13 +6,15 @@ from typing import Sequence
 
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.inputs import PromptInputs
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.prompt_adapter import PromptAdapterRequest
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
-    """Load a model once, then ``generate`` / ``chat`` over batches of prompts.
+    """Load a model once, then ``generate`` / ``chat`` over batches of prompts (``encode``
+    for an embedding model).
 
     ``LLM(model="path/or/repo", **engine_args)`` takes every engine argument by its
     vLLM name (``block_size=8``, ``enable_prefix_caching=True``, ...).
@@ -46,14 +48,11 @@ class LLM:
         ``prompt_adapter_request``: one soft prompt for every prompt (--enable-prompt-adapter).
         ``lora_request``: a ``LoRARequest`` for every prompt, or a list with one (or None)
         per prompt (--enable-lora)."""
-        if prompts is None:
-            if prompt_token_ids is None:
-                raise ValueError("either prompts or prompt_token_ids must be given")
-            prompts = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                 and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        if self.llm_engine.config.model.embedding_mode:
+            raise ValueError("LLM.generate() is only supported for (conditional) generation "
+                             "models (XForCausalLM, XForConditionalGeneration); this is an "
+                             "embedding model: use LLM.encode()")
+        prompts = _as_prompt_list(prompts, prompt_token_ids)
         params = _final_only(self._per_prompt(sampling_params or SamplingParams(), len(prompts)))
         priorities = priority if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
@@ -62,18 +61,50 @@ class LLM:
             [lora_request] * len(prompts)
         if len(loras) != len(prompts):
             raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
+        return self._run_engine(self._add_requests(
+            [dict(prompt=prompt, params=p, priority=prio, lora_request=lora,
+                  prompt_adapter_request=prompt_adapter_request)
+             for prompt, p, prio, lora in zip(prompts, params, priorities, loras)]), use_tqdm)
+
+    def encode(self, prompts: PromptInputs | Sequence[PromptInputs] | None = None,
+               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+               prompt_token_ids: list[list[int]] | None = None,
+               use_tqdm: bool = True, lora_request=None,
+               prompt_adapter_request: PromptAdapterRequest | None = None,
+               ) -> list[EmbeddingRequestOutput]:
+        """vLLM 0.6.3's ``LLM.encode``: the pooled output of every prompt (an embedding
+        model's ``outputs.embedding``), in prompt order. Each prompt runs once, prefill only,
+        through the same engine as ``generate``. ``lora_request`` / ``prompt_adapter_request``
+        (vLLM's signature) are refused: embedding requests run the base model."""
+        if not self.llm_engine.config.model.embedding_mode:
+            raise ValueError("LLM.encode() is only supported for embedding models (XModel); "
+                             "this model is generative: use LLM.generate()")
+        prompts = _as_prompt_list(prompts, prompt_token_ids)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params = [pooling_params or PoolingParams()] * len(prompts)
+        else:
+            params = list(pooling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} pooling_params for {len(prompts)} "
+                                 "prompts; pass one, or one per prompt")
+        return self._run_engine(self._add_requests(
+            [dict(prompt=prompt, params=p, lora_request=lora_request,
+                  prompt_adapter_request=prompt_adapter_request)
+             for prompt, p in zip(prompts, params)]), use_tqdm)
+
+    def _add_requests(self, requests: list[dict]) -> list[str]:
+        """Add every request (keyword arguments of ``add_request``) under fresh ids; if one
+        is refused, the ones added so far are aborted and the error raised."""
         req_ids = []
         try:
-            for prompt, p, prio, lora in zip(prompts, params, priorities, loras):
+            for request in requests:
                 req_id = str(next(self._counter))
-                self.llm_engine.add_request(req_id, prompt, p, priority=prio,
-                                            prompt_adapter_request=prompt_adapter_request,
-                                            lora_request=lora)
+                self.llm_engine.add_request(req_id, **request)
                 req_ids.append(req_id)
         except Exception:
             self.llm_engine.abort_request(req_ids)
             raise
-        return self._run_engine(req_ids, use_tqdm)
+        return req_ids
 
     @staticmethod
     def _per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
@@ -126,6 +157,18 @@ class LLM:
                 token_ids = token_ids["input_ids"]
             prompts.append({"prompt_token_ids": list(token_ids)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def _as_prompt_list(prompts, prompt_token_ids) -> list:
+    """One prompt or many (strings, token-id lists, prompt dicts) as a list."""
+    if prompts is None:
+        if prompt_token_ids is None:
+            raise ValueError("either prompts or prompt_token_ids must be given")
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                             and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    return list(prompts)
 
 
 def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:

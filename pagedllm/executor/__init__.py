@@ -7,14 +7,22 @@
   ``--worker-use-ray``): rank 0 in the engine process, ranks 1.. in Ray actors.
 
 Ranks are ``tensor_parallel_size x pipeline_parallel_size``, laid out as documented in
-``pagedllm.distributed``. All offer ``driver_worker``, ``num_gpu_blocks``, ``num_cpu_blocks``,
-``healthy``, ``execute_model(scheduler_output)``, ``collective_rpc(fn)`` and ``shutdown()``.
+``pagedllm.distributed``. All implement ``base.Executor`` (``driver_worker``,
+``num_gpu_blocks``, ``num_cpu_blocks``, ``healthy``, ``execute_model``, ``launch`` /
+``finish``, ``collective_rpc`` and ``shutdown``); the two parallel ones share
+``parallel.ParallelExecutor`` and the helpers beside it.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import importlib.util
 
 from pagedllm.ray_utils import check_nsight
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
+    from pagedllm.executor.base import Executor
 
 
 def resolve_backend(pc) -> str:
@@ -44,7 +52,7 @@ def _backend_name(pc) -> str:
     return backend
 
 
-def make_executor(config):
+def make_executor(config: EngineConfig) -> Executor:
     pc = config.parallel
     backend = resolve_backend(pc)
     if backend == "ray":

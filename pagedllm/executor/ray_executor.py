@@ -34,6 +34,8 @@ naming the rank, the actors are killed, and every later step raises too.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 import pickle
 import threading
@@ -47,10 +49,13 @@ from ray.util.placement_group import placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pagedllm.distributed import free_port, init_distributed, pid_alive
-from pagedllm.executor.multiproc import (ParallelExecutor, _backend, _threads_per_rank,
-                                         release_rank0, shm_files)
+from pagedllm.executor.parallel import (ParallelExecutor, collective_backend, release_rank0,
+                                        shm_files, threads_per_rank)
 from pagedllm.ray_utils import (connect_ray, driver_device_index, rank_bundle,
                                  ray_worker_options)
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 _STARTUP_TIMEOUT_S = 300.0
 _PLACEMENT_TIMEOUT_S = 60.0
@@ -67,11 +72,12 @@ class RayWorker:
     def where(self) -> tuple[str, int]:
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    def init_worker(self, config, rank: int, world: int, init_method: str, shm_paths) -> None:
+    def init_worker(self, config: EngineConfig, rank: int, world: int, init_method: str,
+                    shm_paths) -> None:
         from pagedllm.worker.worker import Worker
         try:
-            torch.set_num_threads(_threads_per_rank(world))
-            init_distributed(world, rank, init_method, _backend(config),
+            torch.set_num_threads(threads_per_rank(world))
+            init_distributed(world, rank, init_method, collective_backend(config),
                              timeout_s=_STARTUP_TIMEOUT_S, shm_paths=shm_paths,
                              pp_size=config.parallel.pipeline_parallel_size)
             self.worker = Worker(config)
@@ -156,7 +162,7 @@ def _shutdown(actors, pg, threads: int, shm_paths) -> None:
 class RayExecutor(ParallelExecutor):
     workers = "Ray workers"
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         from pagedllm.worker.worker import Worker
         world = self._start(config)  # fail before starting actors
         self._pending: list = []  # [(rank, ObjectRef)] step replies not yet checked
@@ -193,7 +199,7 @@ class RayExecutor(ParallelExecutor):
         self.num_gpu_blocks = self.driver_worker.num_gpu_blocks
         self.num_cpu_blocks = self.driver_worker.num_cpu_blocks
 
-    def _start_workers(self, config, worker_class) -> None:
+    def _start_workers(self, config: EngineConfig, worker_class) -> None:
         one_node = all(node == self._node_id for node, _ in self.places)
         host = "127.0.0.1" if one_node else ray.util.get_node_ip_address()
         init_method = f"tcp://{host}:{free_port()}"
@@ -203,8 +209,8 @@ class RayExecutor(ParallelExecutor):
         self._pending = [(rank, actor.init_worker.remote(config, rank, self.world, init_method,
                                                          shm_paths))
                          for rank, actor in enumerate(self.actors, start=1)]
-        torch.set_num_threads(_threads_per_rank(self.world))
-        init_distributed(self.world, 0, init_method, _backend(config),
+        torch.set_num_threads(threads_per_rank(self.world))
+        init_distributed(self.world, 0, init_method, collective_backend(config),
                          timeout_s=_STARTUP_TIMEOUT_S, shm_paths=shm_paths,
                          pp_size=config.parallel.pipeline_parallel_size,
                          device_index=self._bundle0_gpu() if self._use_gpu else None)

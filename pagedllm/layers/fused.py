@@ -5,10 +5,11 @@ config (``triton_ops.GEMV_CONFIGS``) to the Triton GEMV; ``PAGEDLLM_GEMV=off`` k
 shape on cuBLAS, ``PAGEDLLM_GEMV=all`` sends every shape to the GEMV (A/B runs, tests)."""
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
+
+from pagedllm.switches import switches
 
 _OPS = None
 _CHECKED = False
@@ -18,7 +19,7 @@ def ops():
     global _OPS, _CHECKED
     if not _CHECKED:
         _CHECKED = True
-        if not os.environ.get("PAGEDLLM_DISABLE_FUSED_OPS"):
+        if switches().fused_ops:
             try:
                 from pagedllm.layers import triton_ops
                 _OPS = triton_ops
@@ -37,7 +38,7 @@ _GEMV: str | None = None
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     global _GEMV
     if _GEMV is None:
-        _GEMV = os.environ.get("PAGEDLLM_GEMV", "tuned")
+        _GEMV = switches().gemv
     if _GEMV == "off" or not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1
                               and x.dtype in (torch.bfloat16, torch.float16)
                               and weight.dtype == x.dtype and weight.is_cuda

@@ -22,9 +22,16 @@ def compute_logits(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor,
 
 
 def pipeline_logits(hidden_states: torch.Tensor, head: torch.nn.Module | None, vocab_size: int,
-                    soft_cap: float | None = None) -> torch.Tensor:
+                    soft_cap: float | None = None, scale: float = 1.0,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """Logits on every pipeline stage: the last computes them with ``head`` (its LM head or
-    tied embedding; None on other stages) and broadcasts them to the others."""
-    logits = compute_logits(hidden_states, head.weight, soft_cap) if is_last_stage() else None
+    tied embedding; None on other stages) and broadcasts them to the others. ``scale``
+    multiplies them (Cohere's ``logit_scale``); ``bias`` (GPT-J's LM head bias, the whole
+    vocabulary on every rank) is added after the tensor-parallel gather."""
+    logits = None
+    if is_last_stage():
+        logits = compute_logits(hidden_states, head.weight, soft_cap, scale)
+        if bias is not None:
+            logits = logits + bias.float()
     return broadcast_from_last_stage(logits, (hidden_states.shape[0], vocab_size),
                                      torch.float32, hidden_states.device)

@@ -10,6 +10,9 @@
   — the names and layout transformers 5 keeps in memory, so its state dicts load whole. Its
   loader also takes hub checkpoints' per-expert tensors (``experts.<e>.gate_proj.weight``,
   Mixtral's ``w1``/``w3``/``w2``) given an ``expert_id`` and a shard id gate/up/down.
+  How the stacked weights are stored is its ``quant_method`` (``pagedllm/quant``: dense, or
+  int8 per output channel with ``--quantization experts_int8``): the loaders hand it this
+  rank's full-precision rows, the forward asks it for indexable expert weights.
   Tensor parallelism splits every expert's intermediate dimension like a dense MLP
   (gate/up column-parallel, down row-parallel): each rank computes a partial sum of the
   weighted expert outputs and one all-reduce completes it.
@@ -40,6 +43,7 @@ from pagedllm.layers.activation import ActAndMul
 from pagedllm.layers.linear import Linear
 from pagedllm.layers.parallel import held_by_other_stage
 from pagedllm.models.utils import StackedMapping, load_weights
+from pagedllm.quant.base import get_moe_method
 
 
 def _group_mask(choice: torch.Tensor, num_groups: int, topk_group: int,
@@ -148,10 +152,12 @@ def _fused_kernel(x: torch.Tensor, act: ActAndMul):
 
 class FusedMoE(nn.Module):
     """The routed experts of one layer, stacked; this rank's slice of every expert's
-    intermediate dimension (all of it at tensor-parallel size 1)."""
+    intermediate dimension (all of it at tensor-parallel size 1). How the stacked weights
+    are stored (dense, or int8 with ``--quantization experts_int8``) is the layer's
+    ``quant_method`` (``pagedllm/quant``, chosen from ``quant_config`` and ``prefix``)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 act: str = "silu") -> None:
+                 act: str = "silu", *, quant_config=None, prefix: str = "") -> None:
         super().__init__()
         tp = get_tp_size()
         if intermediate_size % tp:
@@ -160,9 +166,9 @@ class FusedMoE(nn.Module):
         self.num_experts, self.hidden_size = num_experts, hidden_size
         self.full_intermediate = intermediate_size
         self.intermediate = intermediate_size // tp
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate,
-                                                     hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate))
+        self.quant_method = get_moe_method(quant_config, prefix)
+        self.quant_method.create_weights(self, num_experts, hidden_size, self.intermediate,
+                                         torch.get_default_dtype())
         self.gate_up_proj.weight_loader = self._load_gate_up
         self.down_proj.weight_loader = self._load_down
         self.act_fn = ActAndMul(act)
@@ -184,14 +190,15 @@ class FusedMoE(nn.Module):
         if expert_id is None:
             self._check(loaded, (E, 2 * I, H), name)
             gate, up = loaded.split(I, dim=1)
-            param.data.copy_(torch.cat([self._rank_slice(gate, 1), self._rank_slice(up, 1)], 1))
+            self.quant_method.store(self, "gate_up_proj", None, 0, torch.cat(
+                [self._rank_slice(gate, 1), self._rank_slice(up, 1)], 1))
             return
         if shard_id not in ("gate", "up"):
             raise ValueError(f"checkpoint tensor {name!r}: shard {shard_id!r} is not gate/up")
         self._check(loaded, (I, H), name)
         offset = 0 if shard_id == "gate" else self.intermediate
-        param.data[expert_id].narrow(0, offset, self.intermediate).copy_(
-            self._rank_slice(loaded, 0))
+        self.quant_method.store(self, "gate_up_proj", expert_id, offset,
+                                self._rank_slice(loaded, 0))
 
     def _load_down(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "",
                    shard_id: str | None = None, expert_id: int | None = None) -> None:
@@ -199,21 +206,23 @@ class FusedMoE(nn.Module):
         E, I, H = self.num_experts, self.full_intermediate, self.hidden_size
         if expert_id is None:
             self._check(loaded, (E, H, I), name)
-            param.data.copy_(self._rank_slice(loaded, 2))
+            self.quant_method.store(self, "down_proj", None, 0, self._rank_slice(loaded, 2))
             return
         self._check(loaded, (H, I), name)
-        param.data[expert_id].copy_(self._rank_slice(loaded, 1))
+        self.quant_method.store(self, "down_proj", expert_id, 0, self._rank_slice(loaded, 1))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 reduce: bool = True) -> torch.Tensor:
         """x [T, H]; weights, ids [T, k] -> [T, H]. ``reduce=False`` leaves this rank's
         partial sum (the caller all-reduces it with other partials)."""
+        gate_up, down = self.quant_method.expert_weights(self)  # int8 ones dequantize
         kernel = _fused_kernel(x, self.act_fn)
-        if kernel is not None:
-            out = kernel(x, self.gate_up_proj, self.down_proj, weights, ids)
+        if kernel is not None and all(isinstance(w, torch.Tensor) and w.dtype == x.dtype
+                                      for w in (gate_up, down)):
+            out = kernel(x, gate_up, down, weights, ids)
         else:
             run = moe_static if _capturing() else moe_reference
-            out = run(x, self.gate_up_proj, self.down_proj, weights, ids, self.act_fn)
+            out = run(x, gate_up, down, weights, ids, self.act_fn)
         return all_reduce(out) if reduce and get_tp_size() > 1 else out
 
 
@@ -225,11 +234,12 @@ class MoEBlock(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
                  act: str = "silu", renormalize: bool = False,
                  shared_expert: nn.Module | None = None, shared_expert_gate: bool = False,
-                 **router_kwargs) -> None:
+                 quant_config=None, prefix: str = "", **router_kwargs) -> None:
         super().__init__()
         self.top_k, self.renormalize, self.router_kwargs = top_k, renormalize, router_kwargs
         self.gate = Linear(hidden_size, num_experts)
-        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, act)
+        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size, act,
+                                quant_config=quant_config, prefix=f"{prefix}.experts")
         self.shared_expert = shared_expert
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_gate else None
 

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.switches import switches
+
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     _HAVE_GDC = True
@@ -36,7 +38,7 @@ except ImportError:  # older Triton: PDL stays off
     _HAVE_GDC = False
     gdc_launch_dependents = gdc_wait = None
 
-ENV = os.environ.get("PAGEDLLM_PDL", "1") != "0"
+ENV = switches().pdl  # PAGEDLLM_PDL
 
 
 @functools.cache

@@ -45,19 +45,35 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, out)
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction ``0.1 * mscale * ln(factor) + 1`` (1 without scaling)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def _yarn_attention_factor(p: dict, factor: float) -> float:
+    """The cos/sin scale: ``attention_factor`` if given; DeepSeek's configs give ``mscale``
+    and ``mscale_all_dim`` instead (their ratio; the all-dim part moves into the softmax
+    scale, see ``mla_softmax_scale``)."""
+    if p.get("attention_factor") is not None:
+        return p["attention_factor"]
+    if p.get("mscale") and p.get("mscale_all_dim"):
+        return yarn_mscale(factor, p["mscale"]) / yarn_mscale(factor, p["mscale_all_dim"])
+    return yarn_mscale(factor)
+
+
 def _yarn(base: float, dim: int, p: dict, max_position: int) -> tuple[torch.Tensor, float]:
-    factor = p["factor"]
     old_len = p.get("original_max_position_embeddings") or max_position
-    mscale = p.get("attention_factor")
-    if mscale is None:
-        mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-    beta_fast, beta_slow = p.get("beta_fast", 32), p.get("beta_slow", 1)
+    factor = p["factor"]
+    mscale = _yarn_attention_factor(p, factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
 
     def correction_dim(num_rotations: float) -> float:
         return dim * math.log(old_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     ramp = (torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
     extrapolation = 1 - ramp.clamp(0, 1)
     pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)

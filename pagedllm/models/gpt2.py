@@ -35,9 +35,11 @@ from pagedllm.models.utils import load_weights
 def _conv1d(layer: Linear) -> Linear:
     """Mark ``layer``'s weight as stored transposed in checkpoints: HF Conv1D stores
     ``[in, out]``, Linear keeps ``[out, in]``; the layer's own (sharding) loader follows.
-    A quantized layer without a dense ``weight`` (GPTQ ``qweight``) is left as it is: those
-    formats store Conv1D layers in their own layout already."""
-    if not isinstance(getattr(layer, "weight", None), nn.Parameter):
+    A quantized layer without a dense ``weight`` (GPTQ ``qweight``) or with an integer one
+    (bitsandbytes 4-bit codes, 8-bit int8: transformers quantizes Conv1D weights as
+    ``[out, in]``) is left as it is: those formats store Conv1D layers in their own layout."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dtype in (torch.uint8, torch.int8):
         return layer
     inner = getattr(layer.weight, "weight_loader", default_weight_loader)
 

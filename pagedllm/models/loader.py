@@ -17,7 +17,8 @@ from torch import nn
 
 from pagedllm.distributed import get_tp_size
 from pagedllm.layers.linear import MergedLinear
-from pagedllm.models.registry import require_support, resolve_model_class
+from pagedllm.models.registry import (architectures_supporting, require_support,
+                                      resolve_model_class, supported_architectures)
 
 
 def _matches(path: str, root: str, patterns: list[str]) -> bool:
@@ -82,16 +83,34 @@ def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3,
             param.data.uniform_(low, high, generator=generators[device])
 
 
+def require_expert_quantization(model_class, method: str) -> None:
+    """``--quantization <method>`` quantizes MoE expert weights only: a model without experts
+    would run unquantized, so it is refused, naming the flag and the MoE architectures."""
+    if not getattr(model_class, "supports_expert_quantization", False):
+        raise ValueError(f"--quantization {method} quantizes mixture-of-experts expert weights "
+                         f"and {model_class.__name__} has no experts; supported: "
+                         f"{', '.join(architectures_supporting('expert_quantization'))}")
+
+
+def _quantizable_architectures() -> list[str]:
+    """Architectures whose class declares ``supports_quantization`` in its own body."""
+    return [arch for arch in supported_architectures()
+            if resolve_model_class([arch]).__dict__.get("supports_quantization", False)]
+
+
 def _build(model_class, model_config) -> nn.Module:
     """The model, with the quant config for classes that declare quantization support (in
-    their own body: a subclass adding e.g. MoE experts has layers no quant method covers)."""
+    their own body: a subclass adding e.g. MoE experts has layers no quant method covers);
+    a method that quantizes only MoE experts (experts_int8) needs a class with experts."""
     quant_config = getattr(model_config, "quant_config", None)
     if quant_config is None:
         return model_class(model_config.hf_config, model_config.max_model_len)
-    if not model_class.__dict__.get("supports_quantization", False):
+    if quant_config.moe_only:
+        require_expert_quantization(model_class, quant_config.name)
+    elif not model_class.__dict__.get("supports_quantization", False):
         raise ValueError(f"{model_class.__name__} does not support --quantization "
-                         f"{quant_config.name} yet; quantized checkpoints load for the Llama, "
-                         "Mistral, Qwen2/3, Gemma/Gemma 2, Phi-3, OPT and GPT-2 families")
+                         f"{quant_config.name} yet; quantized checkpoints load for "
+                         f"{', '.join(_quantizable_architectures())}")
     return model_class(model_config.hf_config, model_config.max_model_len,
                        quant_config=quant_config)
 
@@ -114,6 +133,22 @@ def process_after_loading(model: nn.Module) -> None:
             method.process_after_loading(module)
 
 
+def _checkpoint_weights(model_config, load_config) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the checkpoint: a GGUF file's dequantized tensors, else the
+    safetensors / .bin files of the model directory."""
+    if load_config.load_format == "gguf":
+        from pagedllm.quant.gguf import iterate_gguf_weights
+        return iterate_gguf_weights(model_config.model_path, model_config.hf_config,
+                                    getattr(model_config, "quant_config", None))
+    load_format = "auto" if load_config.load_format == "bitsandbytes" else \
+        load_config.load_format
+    files, fmt = find_weight_files(model_config.model_path, load_format,
+                                   load_config.ignore_patterns)
+    quant_config = getattr(model_config, "quant_config", None)
+    weights = iterate_weights(files, fmt)
+    return quant_config.checkpoint_stream(weights) if quant_config is not None else weights
+
+
 def load_model(model_config, load_config, device: torch.device) -> nn.Module:
     hf_config = model_config.hf_config
     model_class = resolve_model_class(getattr(hf_config, "architectures", None))
@@ -129,9 +164,7 @@ def load_model(model_config, load_config, device: torch.device) -> nn.Module:
     if load_config.load_format == "dummy":
         init_dummy_weights(model, model_config.seed)
     else:
-        files, fmt = find_weight_files(model_config.model_path, load_config.load_format,
-                                       load_config.ignore_patterns)
-        loaded = model.load_weights(iterate_weights(files, fmt))
+        loaded = model.load_weights(_checkpoint_weights(model_config, load_config))
         required = {n for n, p in model.named_parameters() if not getattr(p, "optional", False)}
         missing = sorted(required - loaded)
         if not missing:

@@ -58,15 +58,21 @@ def _hub_to_model_name(name: str) -> str:
 
 class MoECausalLM(LlamaForCausalLM):
     """Llama's causal LM (tensor and pipeline parallel) whose layers' feed-forward comes from
-    ``make_mlp``; loads per-expert and stacked expert checkpoints."""
+    ``make_mlp``; loads per-expert and stacked expert checkpoints. Of the quantization
+    methods only ``experts_int8`` applies (``supports_quantization`` is not declared here)."""
+    supports_expert_quantization = True  # --quantization experts_int8
 
     def make_model(self, config, max_position: int) -> nn.Module:
-        return MoEModel(config, max_position, self.tie_word_embeddings,
+        return MoEModel(config, max_position, self.tie_word_embeddings, self.quant_config,
                         qkv_bias=self._qkv_bias(config), qk_norm=self.qk_norm,
                         make_mlp=self.make_mlp)
 
     def make_mlp(self, config, layer_idx: int) -> nn.Module:
         raise NotImplementedError  # each MoE architecture builds its own
+
+    def moe_kwargs(self, layer_idx: int) -> dict:
+        """What a ``MoEBlock`` needs to pick its experts' quant method."""
+        return {"quant_config": self.quant_config, "prefix": f"model.layers.{layer_idx}.mlp"}
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_moe_weights(self, weights, STACKED, tie_or_skip(self.tie_word_embeddings),
@@ -77,4 +83,4 @@ class MixtralForCausalLM(MoECausalLM):
     def make_mlp(self, config, layer_idx: int) -> nn.Module:
         return MoEBlock(config.hidden_size, config.num_local_experts,
                         config.num_experts_per_tok, config.intermediate_size,
-                        config.hidden_act, renormalize=True)
+                        config.hidden_act, renormalize=True, **self.moe_kwargs(layer_idx))

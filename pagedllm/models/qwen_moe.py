@@ -45,7 +45,8 @@ class Qwen2MoeForCausalLM(MoECausalLM):
         return MoEBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
                         config.moe_intermediate_size, config.hidden_act,
                         renormalize=bool(getattr(config, "norm_topk_prob", False)),
-                        shared_expert=shared, shared_expert_gate=shared is not None)
+                        shared_expert=shared, shared_expert_gate=shared is not None,
+                        **self.moe_kwargs(layer_idx))
 
 
 class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):

@@ -16,9 +16,23 @@ _MODELS = {
     "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("qwen_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("qwen_moe", "Qwen3MoeForCausalLM"),
+    "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
+    "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
     "GPTNeoXForCausalLM": ("gpt_neox", "GPTNeoXForCausalLM"),
     "Starcoder2ForCausalLM": ("starcoder2", "Starcoder2ForCausalLM"),
     "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
+    "FalconForCausalLM": ("falcon", "FalconForCausalLM"),
+    "GPTJForCausalLM": ("gptj", "GPTJForCausalLM"),
+    "OlmoForCausalLM": ("olmo", "OlmoForCausalLM"),
+    "Olmo2ForCausalLM": ("olmo", "Olmo2ForCausalLM"),
+    "InternLM2ForCausalLM": ("internlm2", "InternLM2ForCausalLM"),
+    "CohereForCausalLM": ("cohere", "CohereForCausalLM"),
+    "ExaoneForCausalLM": ("exaone", "ExaoneForCausalLM"),
+    # pooling models (LLM.encode, /v1/embeddings): pagedllm/models/embedding.py
+    "MistralModel": ("embedding", "LlamaEmbeddingModel"),
+    "LlamaModel": ("embedding", "LlamaEmbeddingModel"),
+    "Gemma2Model": ("embedding", "Gemma2EmbeddingModel"),
+    "Qwen2ForRewardModel": ("embedding", "Qwen2ForRewardModel"),
 }
 
 
@@ -47,6 +61,13 @@ def require_support(model_class, capability: str, flag: str) -> None:
     if not getattr(model_class, f"supports_{capability}", False):
         raise ValueError(f"{model_class.__name__} does not support {flag} > 1 yet (issue #7); "
                          f"supported: {', '.join(architectures_supporting(capability))}")
+
+
+def model_pooler(architectures: list[str] | None):
+    """The ``Pooler`` of an embedding / reward model (whose requests pool, never generate),
+    None for a generative model."""
+    known = [a for a in architectures or [] if a in _MODELS]
+    return getattr(_model_class(known[0]), "pooler", None) if known else None
 
 
 def resolve_model_class(architectures: list[str] | None):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -77,6 +78,38 @@ class LinearMethod(ABC):
         """x @ W^T (+ bias), then silu(gate) * up when ``gated_silu``."""
 
 
+class MoEMethod(ABC):
+    """How one ``FusedMoE`` layer stores its stacked expert weights and hands them to the
+    expert computation (the MoE counterpart of ``LinearMethod``).
+
+    ``create_weights`` registers ``gate_up_proj`` ``[E, 2I, H]`` and ``down_proj``
+    ``[E, H, I]`` (this rank's I) and whatever they need (scales); the layer's loaders cut
+    each checkpoint tensor to this rank's full-precision rows and call ``store``;
+    ``expert_weights`` returns what the expert loop indexes by expert id (``w[e]``,
+    ``w[ids]``) to get full-precision ``[rows, cols]`` matrices.
+    """
+    name = "base"
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size: int, dtype: torch.dtype) -> None:
+        """Register the stacked parameters for this rank's ``intermediate_size``."""
+
+    @abstractmethod
+    def store(self, layer: nn.Module, name: str, expert: int | None, row_offset: int,
+              value: torch.Tensor) -> None:
+        """Write full-precision rows ``value`` ([rows, cols] of expert ``expert``, or
+        [E, rows, cols] of every expert when None) into ``name`` (``gate_up_proj`` /
+        ``down_proj``) from row ``row_offset``."""
+
+    @abstractmethod
+    def expert_weights(self, layer: nn.Module):
+        """(gate_up, down): indexable by expert id or id tensor, with ``.shape``."""
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        return None
+
+
 # fused module name -> the checkpoint modules it holds (for per-module rules)
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                "gate_up_proj": ("gate_proj", "up_proj")}
@@ -117,6 +150,7 @@ class QuantConfig(ABC):
     ``skip_rules`` name modules left unquantized (``substring`` matching for HF's
     ``modules_to_not_convert``, exact / ``re:`` for ignore lists)."""
     name = "base"
+    moe_only = False  # quantizes only mixture-of-experts experts (experts_int8)
 
     def __init__(self, skip_rules: list[str] | None = None, substring: bool = False) -> None:
         self.skip_rules = list(skip_rules or [])
@@ -132,11 +166,29 @@ class QuantConfig(ABC):
     def quantized_method(self) -> LinearMethod:
         """The method of every module the skip rules leave quantized."""
 
+    def moe_method_for(self, prefix: str) -> MoEMethod:
+        """The method of the ``FusedMoE`` layer named ``prefix``. Formats whose expert
+        weights are not built say so (their model classes are refused before this)."""
+        raise ValueError(f"--quantization {self.name} does not cover mixture-of-experts "
+                         f"expert weights ({prefix}); supported for MoE models: experts_int8")
+
     def describe(self) -> str:
         return self.name
+
+    def checkpoint_stream(self, weights: Iterable[tuple[str, torch.Tensor]]
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's (name, tensor) stream as the layers load it: formats whose
+        tensors do not map one to one onto parameters (bitsandbytes) regroup them here."""
+        return iter(weights)
 
 
 def get_linear_method(quant_config: QuantConfig | None, prefix: str) -> LinearMethod:
     """The method of the linear layer named ``prefix``: dense without a quant config."""
     from pagedllm.quant.unquantized import UNQUANTIZED
     return UNQUANTIZED if quant_config is None else quant_config.method_for(prefix)
+
+
+def get_moe_method(quant_config: QuantConfig | None, prefix: str) -> MoEMethod:
+    """The method of the ``FusedMoE`` layer named ``prefix``: dense without a quant config."""
+    from pagedllm.quant.unquantized import UNQUANTIZED_MOE
+    return UNQUANTIZED_MOE if quant_config is None else quant_config.moe_method_for(prefix)

@@ -1,10 +1,11 @@
 """compressed-tensors checkpoints (llm-compressor's format): ``pack-quantized`` int weights
-(W4A16 / W8A16) and ``float-quantized`` fp8 weights (W8A16, or W8A8 with static or dynamic
-activations).
+(W4A16 / W8A16), ``float-quantized`` fp8 weights (W8A16, or W8A8 with static or dynamic
+activations) and ``int-quantized`` int8 W8A8 (``int8.py``).
 
 ``config_groups`` map ``targets`` (``Linear``, exact names, ``re:`` prefixes) to a scheme;
 ``ignore`` keeps modules dense. A fused layer (q/k/v, gate/up) needs one scheme for all its
-parts. Sparse (2:4) checkpoints, int8 activations and other formats fail at start-up.
+parts. Sparse (2:4) checkpoints, asymmetric int8 activations and other formats fail at
+start-up.
 
 pack-quantized tensors: ``weight_packed`` int32 [out, in*bits/32] (element i of a row at bits
 i*bits, stored as q + 2**(bits-1)), ``weight_scale`` [out, in/group] (``channel``: [out, 1]),
@@ -64,6 +65,28 @@ def _float_method(group: str, weights: dict, inputs: dict | None) -> LinearMetho
     return Fp8LinearMethod(activations, per_channel=strategy == "channel")
 
 
+def _int8_method(group: str, weights: dict, inputs: dict | None) -> LinearMethod:
+    """int-quantized W8A8: symmetric int8 weights (channel or tensor scales), symmetric int8
+    activations (static per tensor or dynamic per token)."""
+    from pagedllm.quant.int8 import Int8LinearMethod
+    strategy = weights.get("strategy")
+    if int(weights.get("num_bits", 0)) != 8 or strategy not in ("tensor", "channel") or \
+            not weights.get("symmetric", True):
+        raise ValueError(f"compressed-tensors {KEY}.{group}: int-quantized weights must be "
+                         f"symmetric int8 with strategy tensor or channel (got {weights})")
+    if not inputs or inputs.get("type", "int") != "int" or \
+            int(inputs.get("num_bits", 0)) != 8 or not inputs.get("symmetric", True):
+        raise ValueError(f"compressed-tensors {KEY}.{group}.input_activations: int-quantized "
+                         "checkpoints are served as W8A8 with symmetric int8 activations "
+                         f"(got {inputs}); weight-only int8 is pack-quantized")
+    dynamic = bool(inputs.get("dynamic"))
+    if dynamic and inputs.get("strategy") != "token" or \
+            not dynamic and inputs.get("strategy") != "tensor":
+        raise ValueError(f"compressed-tensors {KEY}.{group}.input_activations: supported: "
+                         "dynamic per-token or static per-tensor int8 scales")
+    return Int8LinearMethod(per_channel=strategy == "channel", static=not dynamic)
+
+
 def _group_method(group: str, scheme: dict, default_format: str | None) -> LinearMethod:
     fmt = scheme.get("format") or default_format
     weights, inputs = scheme.get("weights") or {}, scheme.get("input_activations")
@@ -71,9 +94,11 @@ def _group_method(group: str, scheme: dict, default_format: str | None) -> Linea
         return _pack_method(group, weights, inputs)
     if fmt in ("float-quantized", "naive-quantized") and weights.get("type") == "float":
         return _float_method(group, weights, inputs)
+    if fmt in ("int-quantized", "naive-quantized") and weights.get("type", "int") == "int":
+        return _int8_method(group, weights, inputs)
     raise ValueError(f"compressed-tensors format {fmt!r} with {weights.get('type')} weights "
                      f"({KEY}.{group}) is not supported; supported: pack-quantized int "
-                     "(W4A16/W8A16), float-quantized fp8")
+                     "(W4A16/W8A16), float-quantized fp8, int-quantized int8 W8A8")
 
 
 class CompressedTensorsConfig(QuantConfig):

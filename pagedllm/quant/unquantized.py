@@ -1,4 +1,5 @@
-"""The dense method: today's weight layout and kernel choice, unchanged.
+"""The dense methods: today's weight layout and kernel choice, unchanged (linear layers and
+the stacked experts of ``FusedMoE``).
 
 On CPU the [out, in] weight is stored as a transposed view of an [in, out] buffer, and
 ``fused.linear`` picks the Triton GEMV for tuned one-row CUDA shapes, else cuBLAS/PyTorch.
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from pagedllm.layers import fused
-from pagedllm.quant.base import LinearMethod
+from pagedllm.quant.base import LinearMethod, MoEMethod
 
 
 def new_weight(output_size: int, input_size: int) -> nn.Parameter:
@@ -41,3 +42,32 @@ class UnquantizedLinearMethod(LinearMethod):
 
 
 UNQUANTIZED = UnquantizedLinearMethod()
+
+
+def stored_rows(target: torch.Tensor, expert: int | None, row_offset: int, rows: int,
+                row_dim: int = -2) -> torch.Tensor:
+    """The view of a stacked ``[E, rows, ...]`` tensor that ``MoEMethod.store`` writes."""
+    if expert is not None:
+        target = target[expert]
+    return target.narrow(row_dim, row_offset, rows)
+
+
+class UnquantizedMoEMethod(MoEMethod):
+    name = "unquantized"
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size: int, dtype: torch.dtype) -> None:
+        layer.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size,
+                                                      hidden_size, dtype=dtype))
+        layer.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
+                                                   dtype=dtype))
+
+    def store(self, layer: nn.Module, name: str, expert: int | None, row_offset: int,
+              value: torch.Tensor) -> None:
+        stored_rows(getattr(layer, name).data, expert, row_offset, value.shape[-2]).copy_(value)
+
+    def expert_weights(self, layer: nn.Module):
+        return layer.gate_up_proj, layer.down_proj
+
+
+UNQUANTIZED_MOE = UnquantizedMoEMethod()

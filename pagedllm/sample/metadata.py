@@ -156,18 +156,10 @@ class _Plan:
         self.vocab_size, self.device = vocab_size, device
         num_logprobs = [_num_logprobs(s.sampling_params) for s in states]
         paths = [self._path(s.sampling_params, n) for s, n in zip(states, num_logprobs)]
-        order = None
-        if permute:
-            # stable; rows at temperature 1 last within their path: they need no scaling
-            order = sorted(range(len(states)), key=lambda i: (
-                paths[i], states[i].sampling_params.temperature == 1.0))
-            if order == list(range(len(states))):
-                order = None
-            else:
-                states, paths = [states[i] for i in order], [paths[i] for i in order]
+        order = self._order(states, paths) if permute else None
+        if order is not None:
+            states, paths = [states[i] for i in order], [paths[i] for i in order]
         params: list[SamplingParams] = [s.sampling_params for s in states]
-        n = len(params)
-        tensor = lambda v, dt=torch.float32: to_device(v, dt, device)  # noqa
         greedy = [path == _GREEDY for path in paths]
         temps = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
         top_k = np.array([p.top_k if not g and 0 < p.top_k < vocab_size else vocab_size
@@ -176,10 +168,42 @@ class _Plan:
         min_p = np.array([p.min_p if not g and p.min_p > _EPS else 0.0
                           for g, p in zip(greedy, params)])
         meta = SamplingMetadata(
-            temperature=tensor(temps), is_greedy=tensor(greedy, torch.bool),
+            temperature=self._tensor(temps), is_greedy=self._tensor(greedy, torch.bool),
             all_greedy=all(greedy), seeded=None, generator=generator,
             num_logprobs=num_logprobs, max_num_logprobs=max(num_logprobs, default=-1),
             top_k_host=top_k, top_p_host=top_p, min_p_host=min_p)
+        self._set_order_and_filters(meta, order, greedy, top_k, top_p, min_p)
+        self._split_paths(meta, paths, temps, top_k, top_p, min_p)
+        self._set_seeds_and_penalties(meta, states, params, greedy)
+        allowed = [(i, p.allowed_token_ids) for i, p in enumerate(params)
+                   if p.allowed_token_ids is not None]
+        biases = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+        if allowed or biases:
+            meta.bias = build_bias(vocab_size, allowed, biases, device)
+        self.min_tokens = [(i, s) for i, s in enumerate(states)
+                           if s.sampling_params.min_tokens > 0
+                           and s.sampling_params.all_stop_token_ids]
+        self.processors = [(i, s) for i, s in enumerate(states)
+                           if s.sampling_params.logits_processors]
+        self.meta = meta
+
+    def _tensor(self, values, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return to_device(values, dtype, self.device)
+
+    @staticmethod
+    def _order(states: list, paths: list[int]) -> list[int] | None:
+        """Rows grouped by sampling path (stable; rows at temperature 1 last within their
+        path: they need no scaling), or None where the batch is in that order already."""
+        order = sorted(range(len(states)), key=lambda i: (
+            paths[i], states[i].sampling_params.temperature == 1.0))
+        return None if order == list(range(len(states))) else order
+
+    def _set_order_and_filters(self, meta: SamplingMetadata, order: list[int] | None,
+                               greedy: list[bool], top_k: np.ndarray, top_p: np.ndarray,
+                               min_p: np.ndarray) -> None:
+        """The permutation, the greedy rows of a mixed batch, and the sort-based view of the
+        filters (apply_filters, non-CPU devices)."""
+        n, tensor = len(greedy), self._tensor
         if order is not None:
             inverse = [0] * n
             for pos, i in enumerate(order):
@@ -188,10 +212,9 @@ class _Plan:
         if any(greedy) and not meta.all_greedy:
             rows = [i for i in range(n) if greedy[i]]
             meta.greedy_rows, meta.greedy_span = np.array(rows, dtype=np.int64), _span(rows)
-        # the sort-based view of the filters (apply_filters, non-CPU devices)
-        filt = [i for i in range(n) if top_k[i] < vocab_size or top_p[i] < 1.0]
+        filt = [i for i in range(n) if top_k[i] < self.vocab_size or top_p[i] < 1.0]
         if filt:
-            use_k = top_k[filt] < vocab_size
+            use_k = top_k[filt] < self.vocab_size
             meta.filters = FilterInputs(
                 tensor(filt, torch.long), tensor(top_k[filt], torch.long) if use_k.any() else None,
                 tensor(top_p[filt]) if (top_p[filt] < 1.0).any() else None,
@@ -199,8 +222,11 @@ class _Plan:
         mp_rows = [i for i in range(n) if min_p[i] > 0]
         if mp_rows:
             meta.min_p_rows, meta.min_p = tensor(mp_rows, torch.long), tensor(min_p[mp_rows])
-        self._split_paths(meta, paths, temps, top_k, top_p, min_p)
-        seeded = [i for i in range(n) if not greedy[i] and params[i].seed is not None]
+
+    def _set_seeds_and_penalties(self, meta: SamplingMetadata, states: list,
+                                 params: list[SamplingParams], greedy: list[bool]) -> None:
+        """Per-request generators of the seeded rows; the penalised rows' token history."""
+        seeded = [i for i in range(len(params)) if not greedy[i] and params[i].seed is not None]
         self.seeded_states = [states[i] for i in seeded]
         if seeded:
             meta.seeded = SeededRows(np.array(seeded, dtype=np.int64),
@@ -217,18 +243,7 @@ class _Plan:
                 [s.token_ids[:s.num_prompt_tokens] for s in chosen], np.array(pen),
                 np.array([params[i].presence_penalty for i in pen]),
                 np.array([params[i].frequency_penalty for i in pen]),
-                np.array([params[i].repetition_penalty for i in pen]), vocab_size)
-        allowed = [(i, p.allowed_token_ids) for i, p in enumerate(params)
-                   if p.allowed_token_ids is not None]
-        biases = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
-        if allowed or biases:
-            meta.bias = build_bias(vocab_size, allowed, biases, device)
-        self.min_tokens = [(i, s) for i, s in enumerate(states)
-                           if s.sampling_params.min_tokens > 0
-                           and s.sampling_params.all_stop_token_ids]
-        self.processors = [(i, s) for i, s in enumerate(states)
-                           if s.sampling_params.logits_processors]
-        self.meta = meta
+                np.array([params[i].repetition_penalty for i in pen]), self.vocab_size)
 
     def _path(self, p: SamplingParams, num_logprobs: int) -> int:
         if p.temperature < _EPS:

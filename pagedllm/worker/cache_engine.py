@@ -1,7 +1,9 @@
 """The KV-cache tensors: the device cache the model reads and the CPU swap space.
 
-Layout per layer: ``[2, num_blocks * block_size, num_kv_heads, head_dim]`` (K then V); a
-token's slot is ``block_id * block_size + offset``. A rank caches only its pipeline stage's
+Layout per layer: ``spec.shape(num_blocks * block_size)`` — ``[2, slots, num_kv_heads,
+head_dim]`` (K then V) for most models, ``[1, slots, 1, latent_dim]`` for multi-head latent
+attention (``attention/cache_spec.py``); a token's slot is ``block_id * block_size + offset``.
+A rank caches only its pipeline stage's
 layers: ``gpu_cache`` maps each of them (by its index in the model) to its tensor, so the
 attention layers look their cache up by their own layer index and a stage's blocks cost
 only its share of the layers. The device cache starts zeroed (masked
@@ -14,37 +16,33 @@ from typing import Sequence
 
 import torch
 
+from pagedllm.attention.cache_spec import KVCacheSpec
 from pagedllm.attention.kv_quant import is_fp8
 
 
-def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                       dtype: torch.dtype) -> int:
-    element_size = dtype.itemsize
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
-
-
 class CacheEngine:
-    def __init__(self, layer_ids: Sequence[int], num_kv_heads: int, head_dim: int,
-                 block_size: int, num_gpu_blocks: int, num_cpu_blocks: int, dtype: torch.dtype,
+    def __init__(self, layer_ids: Sequence[int], spec: KVCacheSpec, block_size: int,
+                 num_gpu_blocks: int, num_cpu_blocks: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.block_size = block_size
         self.num_cpu_blocks = num_cpu_blocks
         self.layer_ids = list(layer_ids)  # the layers this rank caches (its pipeline stage's)
-        self._shape = (num_kv_heads, head_dim)
+        self.spec = spec
         self._dtype = dtype
         self._pin = torch.device(device).type == "cuda"
-        # layer index -> [2, num_gpu_blocks * block_size, num_kv_heads, head_dim]
+        # layer index -> spec.shape(num_gpu_blocks * block_size)
         self.gpu_cache: dict[int, torch.Tensor] = {
-            i: torch.zeros(2, num_gpu_blocks * block_size, num_kv_heads, head_dim, dtype=dtype,
-                           device=device) for i in self.layer_ids}
+            i: torch.zeros(spec.shape(num_gpu_blocks * block_size), dtype=dtype, device=device)
+            for i in self.layer_ids}
         self._cpu_cache: dict[int, torch.Tensor] | None = None
 
     @property
     def cpu_cache(self) -> dict[int, torch.Tensor]:
         if self._cpu_cache is None:
-            self._cpu_cache = {i: torch.empty(2, self.num_cpu_blocks * self.block_size,
-                                              *self._shape, dtype=self._dtype,
-                                              pin_memory=self._pin) for i in self.layer_ids}
+            self._cpu_cache = {i: torch.empty(self.spec.shape(self.num_cpu_blocks
+                                                              * self.block_size),
+                                              dtype=self._dtype, pin_memory=self._pin)
+                               for i in self.layer_ids}
         return self._cpu_cache
 
     def _slot_index(self, block_ids: list[int], device: torch.device) -> torch.Tensor:

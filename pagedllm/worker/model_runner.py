@@ -9,6 +9,9 @@ computed counts. Each step:
 4. run the model, compute logits only for requests whose scheduled tokens reach the end of
    their known tokens (mid-prompt chunks of chunked prefill do not sample);
 5. sample and copy the sampled ids to the host once.
+A pooling model (``model.pooler``: embedding / reward models) samples nothing: step 5 pools
+the final hidden states of each request whose prompt is complete (``_pool``) and returns
+them instead of tokens; with chunked prefill an ALL pooler's earlier chunks' rows are kept.
 A multi-step batch (``SchedulerOutput.multi_step``, decodes only) repeats 4-5 on the
 device: each step's sampled ids, positions + 1, sequence lengths + 1 and the slots read from
 the block table become the next step's inputs, and the host sees all steps' ids at the end.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +63,7 @@ class CachedRequestState:
     num_prompt_tokens: int
     prompt_adapter: object = None  # LoadedPromptAdapter | None
     lora: object = None  # LoadedLoRA | None
+    pooling_params: object = None  # PoolingParams of a pooling request
 
 
 @dataclass
@@ -98,7 +103,12 @@ class ModelRunner:
                  vocab_size: int, seed: int,
                  kv_scales: list[tuple[float, float]] | None = None,
                  spec_typical: tuple[float, float] | None = None,
-                 collect_times: tuple[bool, bool] = (False, False)) -> None:
+                 collect_times: tuple[bool, bool] = (False, False),
+                 lora_table: LoRASlotTable | None = None,
+                 graph_sizes: tuple[int, int] | None = None) -> None:
+        """``lora_table``: the --enable-lora slots. ``graph_sizes``: (max_num_seqs,
+        max_seq_len_to_capture) where the worker wants CUDA graphs (CUDA, eager not forced,
+        no LoRA, one pipeline stage); they are captured here, with the triton backend."""
         self.model = model
         self.kv_scales = kv_scales  # per layer (k, v) scales of an fp8 cache
         self.spec_typical = spec_typical  # typical acceptance (threshold, alpha), or None
@@ -113,17 +123,28 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.guided = GuidedMatchers(vocab_size, device)  # grammar matchers of guided requests
         self.backend = get_attn_backend(device)
-        self.graphs: CUDAGraphRunner | None = None  # set by the worker when graphs are on
-        self.lora_table: LoRASlotTable | None = None  # set by the worker with --enable-lora
-        self.on_launch = None  # called once a step's forward is queued (async output proc)
+        self.lora_table = lora_table
+        # called once a step's forward is queued (async output proc; set per step by the core)
+        self.on_launch: Callable[[], None] | None = None
+        self.pooler = getattr(model, "pooler", None)  # a pooling model's (layers/pooler.py)
+        # ALL pooling with chunked prefill: req_id -> the rows of its chunks so far, in
+        # prompt order (kept across a swap preemption, which resumes mid-prompt)
+        self._pool_rows: dict[str, list[torch.Tensor]] = {}
         self._launched_steps: deque[_Launched] = deque()  # launched, not finished, in order
         # req_id -> (ids sampled by the last step of a launched multi-step batch, its row):
         # the request's newest token, not on the host until that batch finishes
         self._late_inputs: dict[str, tuple[torch.Tensor, int]] = {}
+        self.graphs: CUDAGraphRunner | None = None
+        if graph_sizes is not None and self.backend.name == "triton":
+            self.graphs = CUDAGraphRunner(model, cache.gpu_cache, self.backend, self.block_size,
+                                          *graph_sizes, device, kv_scales)
+            self.graphs.capture()  # every size now: capturing mid-run stalls the batch
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
+            if req_id not in so.preempted_req_ids:
+                self._pool_rows.pop(req_id, None)
             self._late_inputs.pop(req_id, None)
             self.guided.remove(req_id)
         if so.blocks_to_copy:  # first: the source must not yet be overwritten by a swap-in
@@ -136,7 +157,9 @@ class ModelRunner:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids),
                 new.num_computed_tokens, new.num_output_tokens, new.num_prompt_tokens,
-                new.prompt_adapter, new.lora)
+                new.prompt_adapter, new.lora, new.pooling_params)
+            if new.req_id in self._pool_rows:
+                self._resume_pool_rows(new.req_id, new.num_computed_tokens)
             guide = new.sampling_params.compiled_guide
             if guide is not None:  # after a recompute preemption: replay the outputs so far
                 self.guided.add(new.req_id, guide, new.token_ids[new.num_prompt_tokens:])
@@ -344,6 +367,8 @@ class ModelRunner:
             output = self._finish_steps(step, batch, so.num_steps)
             wait_sends(take_pending_sends())
             return output
+        if self.pooler is not None:
+            return self._pool(step)
         states = [self.requests[r] for r in batch.sampling_req_ids]
         prompt_rows = prompt_logprob_rows(batch.req_ids, so.num_scheduled_tokens, self.requests)
         pending = step.pending_masks
@@ -375,6 +400,44 @@ class ModelRunner:
             logprobs.update(spec_logprobs)
         return ModelRunnerOutput(batch.req_ids, [sampled.get(r, []) for r in batch.req_ids],
                                  logprobs, samples.prompt_logprobs)
+
+    def _pool(self, step: _Launched) -> ModelRunnerOutput:
+        """A pooling model's step: advance every request by its scheduled tokens and pool
+        those whose prompt is now complete (``ModelRunnerOutput.pooled``); nothing is
+        sampled. Rows are in ``batch.req_ids`` order (single-token chunks first)."""
+        so, batch = step.so, step.batch
+        wait_sends(step.sends)
+        done_ids, done_rows = [], []
+        start = 0
+        for req_id in batch.req_ids:
+            state, num = self.requests[req_id], so.num_scheduled_tokens[req_id]
+            rows = step.hidden[start:start + num]  # [num, dim]
+            start += num
+            state.num_computed_tokens += num
+            if self.pooler.keeps_all_rows:
+                self._pool_rows.setdefault(req_id, []).append(rows)
+            if state.num_computed_tokens >= len(state.token_ids):
+                if self.pooler.keeps_all_rows:
+                    rows = torch.cat(self._pool_rows.pop(req_id))
+                done_ids.append(req_id)
+                done_rows.append(rows)
+        pooled = dict(zip(done_ids, self.pooler.pool(done_rows))) if done_ids else {}
+        return ModelRunnerOutput(batch.req_ids, [[] for _ in batch.req_ids], pooled=pooled)
+
+    def _resume_pool_rows(self, req_id: str, num_computed_tokens: int) -> None:
+        """A preempted ALL-pooling request is back: keep its chunks' rows up to where it
+        resumes (none after a recompute, all after a swap)."""
+        kept, total = [], 0
+        for rows in self._pool_rows.pop(req_id):
+            if total + len(rows) > num_computed_tokens:
+                break
+            kept.append(rows)
+            total += len(rows)
+        if total != num_computed_tokens:
+            raise RuntimeError(f"pooling request {req_id}: {num_computed_tokens} prompt tokens "
+                               f"were computed but the rows of only {total} are kept")
+        if kept:
+            self._pool_rows[req_id] = kept
 
     def _launch_steps(self, launched: _Launched, batch: _Batch, num_steps: int) -> None:
         """Queue ``num_steps`` decode steps back to back (see the module docstring) and the

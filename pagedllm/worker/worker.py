@@ -21,6 +21,8 @@ Swap space: ``--swap-space`` GiB of CPU memory, in blocks of the same size.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import time
 
@@ -33,12 +35,14 @@ from pagedllm.models.cpu_offload import offload_linear_weights
 from pagedllm.distributed import (get_pp_size, get_tp_rank, get_tp_size, in_turns, stage_layers,
                                   world_min)
 from pagedllm.models.loader import load_model
-from pagedllm.worker.cache_engine import CacheEngine, kv_bytes_per_block
-from pagedllm.worker.cuda_graph import CUDAGraphRunner
+from pagedllm.attention.cache_spec import check_cache_dtype, kv_cache_spec_for
+from pagedllm.worker.cache_engine import CacheEngine
+from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.spec_decode import SpecSettings
-from pagedllm.tracing import check_tracing_flags
 from pagedllm.worker.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 _GiB = 1 << 30
@@ -56,7 +60,7 @@ def _available_ram_bytes() -> int:
 
 
 class Worker:
-    def __init__(self, config) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         mc, cc = config.model, config.cache
         self.device = torch.device(config.device.device)
@@ -71,45 +75,31 @@ class Worker:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()
                                 if p.device.type == self.device.type)  # on the device
         self.activation_bytes = 0
-        tp = get_tp_size()  # each rank caches its KV heads only (one when tp exceeds them)
-        self.num_kv_heads = num_kv_heads = mc.num_kv_heads // tp if mc.num_kv_heads >= tp else 1
+        # what a token costs per layer on this rank: its K/V heads, or an MLA latent
+        self.cache_spec = kv_cache_spec_for(self.model, mc, get_tp_size())
         self.cache_dtype = kv_cache_torch_dtype(cc.kv_cache_dtype, mc.torch_dtype)
+        check_cache_dtype(self.cache_spec, cc.kv_cache_dtype)
         self.kv_scales = load_kv_scales(cc.quantization_param_path, mc.num_hidden_layers,
                                         get_tp_rank(), self.cache_dtype) \
             if is_fp8(self.cache_dtype) else None  # per layer (k, v) of an fp8 cache
         # a pipeline stage caches only its own layers, so its blocks cost that share
         self.layer_ids = stage_layers(mc.num_hidden_layers)
-        self.block_bytes = kv_bytes_per_block(len(self.layer_ids), cc.block_size,
-                                              num_kv_heads, mc.head_dim, self.cache_dtype)
+        self.block_bytes = self.cache_spec.bytes_per_block(len(self.layer_ids), cc.block_size,
+                                                           self.cache_dtype)
         loaded = time.perf_counter()
         # every rank must agree on the block count: take the smallest
         self.num_gpu_blocks = world_min(self._num_gpu_blocks())
         sized = time.perf_counter()
         # stages of unequal layer counts fit different swap block counts: take the smallest
         self.num_cpu_blocks = world_min(int(cc.swap_space * _GiB) // self.block_bytes)
-        cache = CacheEngine(self.layer_ids, num_kv_heads, mc.head_dim, cc.block_size,
-                            self.num_gpu_blocks, self.num_cpu_blocks, self.cache_dtype, self.device)
-        spec = SpecSettings.from_config(self.config.speculative)
-        obs = self.config.observability
+        cache = CacheEngine(self.layer_ids, self.cache_spec, cc.block_size,
+                            self.num_gpu_blocks, self.num_cpu_blocks, self.cache_dtype,
+                            self.device)
+        spec = config.spec
         self.runner = ModelRunner(
             self.model, cache, self.device, mc.vocab_size, mc.seed, self.kv_scales,
-            spec.typical if spec else None,
-            check_tracing_flags(obs.otlp_traces_endpoint, obs.collect_detailed_traces))
-        self.runner.lora_table = self.lora_table
-        if self.device.type == "cuda" and self.lora_table is not None and not mc.enforce_eager:
-            logger.info("CUDA graphs are off with --enable-lora (each batch's adapter rows "
-                        "change the work); steps run eagerly")
-        elif self.device.type == "cuda" and get_pp_size() > 1 and not mc.enforce_eager:
-            logger.info("CUDA graphs are off with pipeline parallelism (the sends between "
-                        "stages are not captured); steps run eagerly")
-        elif self.device.type == "cuda" and not mc.enforce_eager and \
-                self.runner.backend.name == "triton":
-            graphs = CUDAGraphRunner(self.model, cache.gpu_cache, self.runner.backend,
-                                     cc.block_size, config.scheduler.max_num_seqs,
-                                     mc.max_seq_len_to_capture, self.device,
-                                     self.runner.kv_scales)
-            graphs.capture()  # every size now: capturing mid-run stalls the batch
-            self.runner.graphs = graphs
+            spec.typical if spec else None, config.detailed_traces, self.lora_table,
+            self._graph_sizes())
         logger.info("start-up: weights loaded in %.2f s, KV cache sized (memory profile) in "
                     "%.2f s, cache allocated and graphs captured in %.2f s", loaded - started,
                     sized - loaded, time.perf_counter() - sized)
@@ -120,6 +110,29 @@ class Worker:
                     self.num_gpu_blocks * self.block_bytes / _GiB, self.num_cpu_blocks,
                     mc.max_model_len,
                     self.num_gpu_blocks * cc.block_size / mc.max_model_len)
+
+    def _graph_sizes(self) -> tuple[int, int] | None:
+        """(max_num_seqs, max_seq_len_to_capture) for the runner's CUDA graphs, or None
+        where they cannot run (CPU, --enforce-eager, --enable-lora, pipeline stages)."""
+        mc = self.config.model
+        if self.device.type != "cuda" or mc.enforce_eager:
+            return None
+        if self.lora_table is not None:
+            logger.info("CUDA graphs are off with --enable-lora (each batch's adapter rows "
+                        "change the work); steps run eagerly")
+            return None
+        if get_pp_size() > 1:
+            logger.info("CUDA graphs are off with pipeline parallelism (the sends between "
+                        "stages are not captured); steps run eagerly")
+            return None
+        if not getattr(self.model, "supports_cuda_graphs", True):
+            logger.info("CUDA graphs are off for %s (its attention runs the PyTorch path, "
+                        "which graphs do not capture yet); steps run eagerly",
+                        type(self.model).__name__)
+            return None
+        if getattr(self.model, "pooler", None) is not None:
+            return None  # pooling models run prompts only: no decode steps to capture
+        return self.config.scheduler.max_num_seqs, mc.max_seq_len_to_capture
 
     def _lora_slots(self):
         """--enable-lora: the runner's slot buffers on every LoRA-capable projection."""
@@ -164,11 +177,10 @@ class Worker:
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         lens = [n for n in lens if n > 0]
         num_blocks = sum(cdiv(n, bs) for n in lens)
-        cache = CacheEngine(self.layer_ids, self.num_kv_heads, mc.head_dim, bs,
-                            num_blocks, 0, self.cache_dtype, self.device)
+        cache = CacheEngine(self.layer_ids, self.cache_spec, bs, num_blocks, 0,
+                            self.cache_dtype, self.device)
         runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
-                             self.kv_scales)
-        runner.lora_table = self.lora_table
+                             self.kv_scales, lora_table=self.lora_table)
         # --enable-lora: rows split over up to two (all-zero) adapters, so the peak holds the
         # deltas' gathers too
         loras = [None]
@@ -179,13 +191,14 @@ class Worker:
         gen = torch.Generator().manual_seed(0)
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
         params.update_from_generation_config([])
+        pooling = PoolingParams() if runner.pooler is not None else None
         reqs, first_block = [], 0
         for i, n in enumerate(lens):
             ids = torch.randint(0, mc.vocab_size, (n,), generator=gen).tolist()
             blocks = list(range(first_block, first_block + cdiv(n, bs)))
             first_block += len(blocks)
             reqs.append(NewRequestData(f"profile-{i}", ids, n, params, blocks, 0, 0,
-                                       lora=loras[i % len(loras)]))
+                                       lora=loras[i % len(loras)], pooling_params=pooling))
         so = SchedulerOutput(reqs, [], {r.req_id: len(r.token_ids) for r in reqs}, num_tokens)
         runner.execute_model(so)  # warm-up: kernels compile, library workspaces are created
         torch.cuda.synchronize(self.device)

@@ -118,7 +118,8 @@ def test_errors_are_per_line(results):
     """vLLM 0.6.3 run_batch.py: a stream body answers ``error_msg="Request must not be sent in
     stream mode"`` with ``status_code=HTTPStatus.BAD_REQUEST``; an ``ErrorResponse`` becomes
     ``BatchResponseData(status_code=response.code, ...)`` with ``error=response``; an unknown
-    url is an error line, not the end of the run. Embeddings: pagedllm's per-line 400."""
+    url is an error line, not the end of the run. Embeddings on a generative model: the
+    route's ``ErrorResponse`` (0.6.3: ``create_embedding`` answers "Embedding API disabled")."""
     stream = results["stream"]
     assert stream["response"]["status_code"] == 400 and stream["response"]["body"] is None
     assert stream["error"] == "Request must not be sent in stream mode"
@@ -131,7 +132,9 @@ def test_errors_are_per_line(results):
     assert typo["error"]["type"] == "BadRequestError"
     embed = results["embed"]
     assert embed["response"]["status_code"] == 400
-    assert "does not support the Embeddings API" in embed["error"]
+    assert embed["error"]["code"] == 400
+    assert "Embedding API disabled" in embed["error"]["message"]
+    assert "does not support the Embeddings API" in embed["error"]["message"]
     assert "/v1/moderations" in results["other-url"]["error"]
 
 

@@ -36,7 +36,8 @@ def async_llm(model_path):
     finally:
         mp.undo()
     engine = llm.llm_engine
-    assert engine.core._lookahead and engine.scheduler.lookahead and engine.core._exec_thread is None
+    assert engine.core._lookahead and engine.scheduler.lookahead
+    assert engine.core._exec_thread is None
     return llm
 
 

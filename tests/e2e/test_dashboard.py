@@ -123,6 +123,11 @@ def test_dashboard_in_headless_chromium(server, tmp_path):
         _wait_update(browser, _updates(browser))
         _wait_update(browser, _updates(browser))  # a poll that started after the load ended
         assert _page_value(browser, COUNTER) == final
+        # the per-model table (one row: the base model) matches the per-model counters
+        cells = browser.execute_script(
+            "return [...document.querySelectorAll('#per-model tr td')].map(td => td.textContent)")
+        started = server.metrics()["pagedllm:model_requests_started_total"]
+        assert len(cells) == 4 and float(cells[1]) == started > 0, (cells, started)
         assert browser.find_element("id", "model").text.strip("· ")
         shot = tmp_path / "dashboard.png"
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

@@ -155,7 +155,8 @@ def test_first_authorization_header_counts(server):
     assert ok.status_code == 200, ok.text
     refused = httpx.get(server.url + "/v1/models", headers=[bad, good], timeout=10)
     assert _assert_openai_error(refused, 401)["type"] == "AuthenticationError"
-    for value in (f"Basic {API_KEY}", API_KEY, f"Bearer {API_KEY}x", "Bearer", f"Bearer  {API_KEY}"):
+    for value in (f"Basic {API_KEY}", API_KEY, f"Bearer {API_KEY}x", "Bearer",
+                  f"Bearer  {API_KEY}"):
         resp = httpx.get(server.url + "/v1/models", headers={"Authorization": value},
                          timeout=10)
         _assert_openai_error(resp, 401)

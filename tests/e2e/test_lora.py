@@ -180,6 +180,17 @@ def test_bad_requests_and_flags(model_path, loras, tmp_path):
             EngineArgs(model=model_path, **kwargs).create_engine_config()
 
 
+def _per_model_metrics(text: str) -> dict:
+    """(started | ended, served_model_name) -> count, from pagedllm's per-model counters."""
+    import re
+    found = {}
+    for kind, served, value in re.findall(
+            r'^pagedllm:model_requests_(started|ended)_total\{[^}]*served_model_name="([^"]*)"'
+            r'[^}]*\} (\S+)$', text, re.M):
+        found[(kind, served)] = float(value)
+    return found
+
+
 def test_server_lora_modules(model_path, loras):
     """--lora-modules: /v1/models lists the adapter under the base model; a completion
     naming it gets the offline engine's LoRA text (that engine is checked against PEFT)."""
@@ -207,6 +218,11 @@ def test_server_lora_modules(model_path, loras):
         models = httpx.get(f"{server.url}/v1/models").json()["data"]
         assert [(m["id"], m["parent"]) for m in models] == [(model_path, None),
                                                              ("all", model_path)]
+        # per served model counts (the dashboard's table): one request each, both ended
+        client.completions.create(model="all", prompt="x", max_tokens=2, temperature=0)
+        per_model = _per_model_metrics(httpx.get(f"{server.url}/metrics").text)
+        assert per_model == {("started", model_path): 1, ("ended", model_path): 1,
+                             ("started", "all"): 2, ("ended", "all"): 2}, per_model
     with pytest.raises(ValueError, match="needs --enable-lora"):
         lora_module_requests([("all", loras[0].lora_path)], LoRAConfig(), None)
     from transformers import AutoConfig

@@ -284,3 +284,14 @@ def test_sse_wire_format(server):
     events = [e for e in raw.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+def test_embeddings_on_generative_model(client):
+    """vLLM 0.6.3 ``OpenAIServingEmbedding.create_embedding`` on a model that is not an
+    embedding model: ``return self.create_error_response("Embedding API disabled")`` (a 400);
+    pagedllm's message also says the model does not support the Embeddings API."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=MODEL, input="Hello")
+    message = info.value.body["message"]
+    assert "Embedding API disabled" in message
+    assert "does not support the Embeddings API" in message

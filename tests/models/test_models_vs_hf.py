@@ -122,7 +122,7 @@ def test_last_position_logits_match_hf(model_path, prompts, hf_model):
         for i, ids in enumerate(prompts):
             theirs = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, -1].float(), -1)
             torch.testing.assert_close(ours[i], theirs, atol=1e-4, rtol=0,
-                                       msg=lambda m: f"prompt {i}: {m}")
+                                       msg=lambda m, i=i: f"prompt {i}: {m}")
 
 
 def _variant_configs():

@@ -61,7 +61,8 @@ def test_uneven_stages_and_a_stage_cache(monkeypatch):
     CacheEngine holds, copies and swaps only its layers, found by their model index."""
     import torch
     from pagedllm import distributed
-    from pagedllm.worker.cache_engine import CacheEngine, kv_bytes_per_block
+    from pagedllm.attention.cache_spec import KVCacheSpec
+    from pagedllm.worker.cache_engine import CacheEngine
     monkeypatch.setattr(distributed.STATE, "pp_size", 3)
     ranges = []
     for rank in range(3):
@@ -69,11 +70,12 @@ def test_uneven_stages_and_a_stage_cache(monkeypatch):
         ranges.append(distributed.stage_layers(8))
     assert ranges == [range(0, 3), range(3, 6), range(6, 8)]
     block_size, num_kv_heads, head_dim = 4, 2, 8
-    cache = CacheEngine(ranges[1], num_kv_heads, head_dim, block_size, num_gpu_blocks=4,
+    spec = KVCacheSpec(2, num_kv_heads, head_dim)
+    cache = CacheEngine(ranges[1], spec, block_size, num_gpu_blocks=4,
                         num_cpu_blocks=2, dtype=torch.float32, device=torch.device("cpu"))
     assert sorted(cache.gpu_cache) == [3, 4, 5]
     assert sum(t.numel() * 4 for t in cache.gpu_cache.values()) == \
-        4 * kv_bytes_per_block(3, block_size, num_kv_heads, head_dim, torch.float32)
+        4 * spec.bytes_per_block(3, block_size, torch.float32)
     for i, t in cache.gpu_cache.items():
         t[:, :block_size] = i  # block 0 of layer i holds i
     cache.swap_out([(0, 1)])

@@ -112,7 +112,7 @@ def test_more_ranks_than_gpus_fails_at_start_up_naming_the_flags(monkeypatch):
         multiproc.check_gpu_per_rank(2, 2, 3)
     multiproc.check_gpu_per_rank(2, 2, 4)
     # the mp executor runs the check before it starts a process (here: NCCL and one GPU faked)
-    monkeypatch.setattr(multiproc, "_backend", lambda config: "nccl")
+    monkeypatch.setattr(multiproc, "collective_backend", lambda config: "nccl")
     monkeypatch.setattr(multiproc.torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="2 ranks need 2 CUDA devices"):
         LLM(model=str(build_tiny_model("llama")), tensor_parallel_size=2, **ENGINE)

@@ -112,13 +112,17 @@ def awq_quantize(weight: torch.Tensor, group_size: int = 32) -> tuple[dict, torc
     return tensors, deq
 
 
-def fp8_quantize(weight: torch.Tensor, input_scale: float | None = None
-                 ) -> tuple[dict, torch.Tensor]:
-    """Per-tensor e4m3 weight and scale (max |w| / 448); the dequantized weight is the fp8
-    value times the scale in fp32."""
-    scale = weight.float().abs().max() / 448.0
+def fp8_quantize(weight: torch.Tensor, input_scale: float | None = None,
+                 per_channel: bool = False) -> tuple[dict, torch.Tensor]:
+    """Per-tensor e4m3 weight and scale (max |w| / 448), or with ``per_channel`` one scale
+    per output row ([out, 1], fbgemm_fp8); the dequantized weight is the fp8 value times the
+    scale in fp32."""
+    if per_channel:
+        scale = weight.float().abs().amax(1, keepdim=True) / 448.0
+    else:
+        scale = weight.float().abs().max() / 448.0
     q = (weight.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
-    tensors = {"weight": q, "weight_scale": scale.reshape(())}
+    tensors = {"weight": q, "weight_scale": scale if per_channel else scale.reshape(())}
     if input_scale is not None:
         tensors["input_scale"] = torch.tensor(float(input_scale))
     return tensors, q.float() * scale

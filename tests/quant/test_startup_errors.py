@@ -32,7 +32,7 @@ def test_unbuilt_flag_fails_naming_it_and_listing_the_supported(method):
         _config(build_tiny_model("llama"), quantization=method)
 
 
-@pytest.mark.parametrize("method", ["bitsandbytes", "gguf", "aqlm", "marlin"])
+@pytest.mark.parametrize("method", ["gguf", "aqlm", "marlin", "qqq"])
 def test_unbuilt_checkpoint_method_fails_naming_quant_method(method, tmp_path):
     path, _ = quantized_checkpoint("llama", "gptq", tmp_path / "m", {"quant_method": method},
                                    dict(bits=4, group_size=32))
@@ -57,6 +57,7 @@ def test_weight_only_flag_needs_a_quantized_checkpoint():
     (dict(GPTQ, bits=3), "bits=3 .*supported: 2, 4, 8"),
     (dict(GPTQ, lm_head=True), "quantized LM head"),
     (dict(GPTQ, checkpoint_format="marlin"), "Marlin layout"),
+    (dict(GPTQ, checkpoint_format="marlin_24"), "2:4 sparse Marlin layout .*gptq_marlin_24"),
     ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}, "version 'gemv'"),
     ({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]},
      "weight_block_size"),

@@ -128,6 +128,16 @@ def test_serve_help_lists_every_flag(capsys):
     assert "demo_model" in out and "not yet: LoRA adapters" in out
 
 
+def test_serve_help_lists_every_architecture(capsys):
+    from pagedllm.models.registry import supported_architectures
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at spaces
+    assert "Supported architectures" in out
+    for architecture in supported_architectures():
+        assert architecture in out, architecture
+
+
 def test_python_dash_m_runs():
     result = subprocess.run([sys.executable, "-m", "pagedllm", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)

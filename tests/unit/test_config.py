@@ -284,9 +284,9 @@ def test_remote_code_needs_trust(tmp_path):
 
 def test_unbuilt_quantized_checkpoint_is_rejected(tmp_path):
     """Quantization methods that are not built yet fail at start-up naming the method."""
-    model = _llama_dir(tmp_path, quantization_config={"quant_method": "bitsandbytes",
-                                                      "load_in_4bit": True})
-    with pytest.raises(ValueError, match="quant_method 'bitsandbytes' is not supported"):
+    model = _llama_dir(tmp_path, quantization_config={"quant_method": "aqlm",
+                                                      "in_group_size": 8})
+    with pytest.raises(ValueError, match="quant_method 'aqlm' is not supported"):
         _engine(model)
 
 

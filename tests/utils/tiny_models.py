@@ -57,6 +57,10 @@ def _configs():
     return {
         "llama": LlamaConfig(**llama_like, tie_word_embeddings=False),
         "mistral": MistralConfig(**llama_like, sliding_window=None),
+        # embedding rows past the tokenizer (as padded vocabularies have): room for a LoRA
+        # adapter's added tokens
+        "llama-vocab576": LlamaConfig(**{**llama_like, "vocab_size": 576},
+                                      tie_word_embeddings=False),
         "qwen2": Qwen2Config(**llama_like, tie_word_embeddings=True),
         "qwen3": Qwen3Config(**llama_like, head_dim=32, tie_word_embeddings=True),
         "gemma": GemmaConfig(**llama_like, head_dim=32),
@@ -102,4 +106,52 @@ def build_tiny_model(name: str, root: Path = CACHE_DIR, init_std: float = 0.15) 
         os.rename(staging, path)  # atomic: concurrent builders never see half a model
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # another process won the race
+    return path
+
+
+# pooling models (LLM.encode, /v1/embeddings): name -> (base config, architecture)
+EMBEDDING_MODELS = {"mistral-embed": ("mistral", "MistralModel"),
+                    "llama-embed": ("llama", "LlamaModel"),
+                    "gemma2-embed": ("gemma2", "Gemma2Model"),
+                    "qwen2-reward": ("qwen2", "Qwen2ForRewardModel")}
+
+
+def build_tiny_embedding_model(name: str, root: Path = CACHE_DIR, init_std: float = 0.15) -> Path:
+    """Save (once) a tiny random pooling model: the bare decoder stack as Hugging Face's
+    ``AutoModel`` saves it (e5-mistral's layout, no ``model.`` prefix); for
+    ``Qwen2ForRewardModel`` the stack under ``model.`` plus Qwen2.5-Math-RM's score head
+    (``score.0`` Linear, ReLU, ``score.2`` Linear to one reward)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModel
+    base, arch = EMBEDDING_MODELS[name]
+    config = _configs()[base]
+    config.initializer_range = init_std
+    config.architectures = [arch]
+    recipe = f"{config.to_json_string()}|{init_std}|{VOCAB_SIZE}|{_TOKENIZER_VERSION}"
+    path = root / f"{name}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
+    if (path / "tokenizer.json").exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config, dtype=torch.float32)
+    score = torch.nn.Sequential(torch.nn.Linear(config.hidden_size, config.hidden_size),
+                                torch.nn.ReLU(), torch.nn.Linear(config.hidden_size, 1))
+    with torch.no_grad():
+        for param in [*model.parameters(), *score.parameters()]:
+            if param.dim() >= 2:
+                param.normal_(0.0, init_std)
+    if arch == "Qwen2ForRewardModel":
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors.update({f"score.{k}": v for k, v in score.state_dict().items()})
+        config.save_pretrained(staging)
+        save_file({k: v.contiguous() for k, v in tensors.items()},
+                  str(staging / "model.safetensors"))
+    else:
+        model.save_pretrained(staging)
+    build_tokenizer(staging)
+    try:
+        os.rename(staging, path)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
     return path

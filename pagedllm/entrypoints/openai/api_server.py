@@ -31,8 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagedllm
 from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.gc_tuning import tune_gc
 from pagedllm.logging_setup import configure_logging
-from pagedllm.engine.inputs import load_tokenizer
+from pagedllm.engine.inputs import LoRATokenizers, load_tokenizer
 from pagedllm.entrypoints.openai.cli_args import ServerConfig, server_config_from_args
 from pagedllm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
@@ -40,6 +41,8 @@ from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest, Complet
                                                   TokenizeCompletionRequest)
 from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.serving_embedding import (EmbeddingRequest,
+                                                           OpenAIServingEmbedding)
 from pagedllm.entrypoints.openai.serving_engine import (ClientDisconnected, OpenAIError,
                                                         ServingContext, error_body)
 from pagedllm.entrypoints.openai.serving_misc import (OpenAIServingModels,
@@ -234,7 +237,8 @@ def _serving_context(engine: AsyncLLMEngine, server: ServerConfig) -> ServingCon
         prompt_adapters=prompt_adapter_requests(server.prompt_adapters,
                                                 engine.config.prompt_adapter),
         lora_modules=lora_module_requests(server.lora_modules, engine.config.lora,
-                                          config.hf_config))
+                                          config.hf_config),
+        lora_tokenizers=LoRATokenizers(config, tokenizer))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -287,6 +291,7 @@ def build_app(engine: AsyncLLMEngine, server: ServerConfig) -> FastAPI:
     ctx = _serving_context(engine, server)
     completion, chat = OpenAIServingCompletion(ctx), OpenAIServingChat(ctx)
     models, tokenization = OpenAIServingModels(ctx), OpenAIServingTokenization(ctx, chat)
+    embedding = OpenAIServingEmbedding(ctx)
     metrics = ServerMetrics(engine, ctx.model_name, ctx.max_model_len)
 
     @asynccontextmanager
@@ -303,6 +308,7 @@ def build_app(engine: AsyncLLMEngine, server: ServerConfig) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(_BodyLimitMiddleware, max_bytes=max_request_body_bytes())
     _add_routes(app, ctx, completion, chat, models, tokenization, metrics)
+    _add_embedding_route(app, embedding)
     from pagedllm.entrypoints.openai.dashboard import add_dashboard_routes
     add_dashboard_routes(app, metrics, server.api_key)  # /dashboard: the live page (issue 25)
     app.add_middleware(CORSMiddleware, allow_origins=server.allowed_origins,
@@ -379,6 +385,12 @@ def _add_routes(app: FastAPI, ctx: ServingContext, completion, chat, models, tok
     add_development_routes(app, ctx)  # /start_profile, /v1/load_lora_adapter, ... when enabled
 
 
+def _add_embedding_route(app: FastAPI, embedding: OpenAIServingEmbedding) -> None:
+    @app.post("/v1/embeddings")
+    async def create_embedding(request: EmbeddingRequest, raw_request: Request):
+        return JSONResponse(await embedding.create_embedding(request, raw_request))
+
+
 def run_server(args: argparse.Namespace) -> None:
     """Load the model, build the app and serve until interrupted (called by `pagedllm serve`,
     which has resolved ``args.model`` and checked the engine flags)."""
@@ -396,6 +408,7 @@ def run_server(args: argparse.Namespace) -> None:
         engine.shutdown()
         raise
     logger.info("engine and front end ready in %.1f s", time.perf_counter() - start)
+    tune_gc()  # this process streams every token: keep collector pauses short
     host = server.host if server.host is not None else "0.0.0.0"
     logger.info("serving %s on http://%s:%d", engine.config.model.served_model_names[0],
                 host, server.port)

@@ -18,7 +18,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, RequestStats
-from pagedllm.outputs import RequestOutput
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -169,6 +169,16 @@ class ServerMetrics:
         for reason in ("stop", "length"):
             self.request_success.labels(model_name, reason)
         self._add_gauges(engine, label)
+        # pagedllm's own: requests per served model (the base model or a LoRA adapter's name),
+        # counted when their first token came and when they ended (finished or aborted)
+        per_model = ["model_name", "served_model_name"]
+        self.model_started = Counter("pagedllm:model_requests_started", "Requests that "
+                                     "produced a first token, per served model (base or "
+                                     "LoRA adapter).", per_model, registry=reg)
+        self.model_ended = Counter("pagedllm:model_requests_ended", "Requests that finished "
+                                   "or were aborted, per served model.", per_model,
+                                   registry=reg)
+        self._started: set[str] = set()
         # request id -> (longest choice's tokens, engine time of its last token), for TPOT
         self._decode_seen: dict[str, tuple[int, float]] = {}
         engine.stat_listeners.append(self.on_output)
@@ -191,7 +201,10 @@ class ServerMetrics:
 
     def on_output(self, stats: RequestStats, output: RequestOutput | None, num_new: int):
         name = self.model_name
-        if num_new and stats.num_generation_tokens == num_new:  # the prompt has been processed
+        self._count_per_model(stats, output, num_new)
+        # the prompt has been processed: a first token, or a pooling request's output
+        if (num_new and stats.num_generation_tokens == num_new) or \
+                isinstance(output, EmbeddingRequestOutput):
             self.prompt_tokens.labels(name).inc(stats.num_prompt_tokens)
             self.prompt_rate.add(stats.num_prompt_tokens)
         if num_new:
@@ -209,9 +222,19 @@ class ServerMetrics:
             self.e2e.labels(name).observe(end - metrics.arrival_time)
         self.request_prompt_tokens.labels(name).observe(stats.num_prompt_tokens)
         self.request_generation_tokens.labels(name).observe(stats.num_generation_tokens)
-        self.request_params_n.labels(name).observe(stats.params.n)
+        self.request_params_n.labels(name).observe(getattr(stats.params, "n", 1))
         for reason in stats.finish_reasons:
             self.request_success.labels(name, reason).inc()
+
+    def _count_per_model(self, stats: RequestStats, output: RequestOutput | None,
+                         num_new: int) -> None:
+        served = stats.lora_name or self.model_name
+        if num_new and stats.request_id not in self._started:
+            self._started.add(stats.request_id)
+            self.model_started.labels(self.model_name, served).inc()
+        if (output is None or output.finished) and stats.request_id in self._started:
+            self._started.discard(stats.request_id)
+            self.model_ended.labels(self.model_name, served).inc()
 
     def _observe_tpot(self, stats: RequestStats, output: RequestOutput | None) -> None:
         """One TPOT sample per token after the first of the longest choice (see the class

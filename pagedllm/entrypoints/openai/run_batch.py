@@ -13,7 +13,8 @@ Where it differs from vLLM 0.6.3 (on purpose, and only by answering more):
 * ``/v1/completions`` is served too (0.6.3 answers it with a per-line error);
 * a body that fails validation is that line's 400 error, not the end of the whole run (0.6.3
   validates every body while reading the file and stops at the first bad one);
-* ``/v1/embeddings`` is a per-line 400 error: pagedllm serves no embedding models here.
+* ``/v1/embeddings`` lines are answered as the server's ``/v1/embeddings`` (0.6.3 runs them
+  too); on a generative model each is that route's 400.
 A line that is not a batch request at all (not JSON, no ``custom_id``/``url``/``body``) stops
 the run before the model loads, naming the line. Input and output are local files (vLLM also
 takes http(s) URLs; those are refused with a message).
@@ -107,12 +108,15 @@ class BatchRunner:
     def __init__(self, ctx) -> None:
         from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
         from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+        from pagedllm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
         self.completion, self.chat = OpenAIServingCompletion(ctx), OpenAIServingChat(ctx)
+        self.embedding = OpenAIServingEmbedding(ctx)
 
     def _route(self, line: BatchLine):
         """(request model class, handler) for the line's URL, or an error message."""
         from pagedllm.entrypoints.openai.protocol import (ChatCompletionRequest,
                                                           CompletionRequest)
+        from pagedllm.entrypoints.openai.serving_embedding import EmbeddingRequest
         if line.method.upper() != "POST":
             return f"method must be POST, got {line.method!r}"
         if line.url == COMPLETIONS_URL:
@@ -120,11 +124,9 @@ class BatchRunner:
         if line.url == CHAT_URL:
             return ChatCompletionRequest, self.chat.create_chat_completion
         if line.url == EMBEDDINGS_URL:
-            return ("url /v1/embeddings: this model does not support the Embeddings API "
-                    "(pagedllm's batch runner serves /v1/completions and "
-                    "/v1/chat/completions)")
-        return (f"url {line.url!r} is not supported: only /v1/completions and "
-                "/v1/chat/completions are supported in the batch runner")
+            return EmbeddingRequest, self.embedding.create_embedding
+        return (f"url {line.url!r} is not supported: only /v1/completions, "
+                "/v1/chat/completions and /v1/embeddings are supported in the batch runner")
 
     async def run_line(self, line: BatchLine) -> dict:
         """The line's output: 200 with the response body, else the error as the server
@@ -138,7 +140,8 @@ class BatchRunner:
         model, handler = route
         try:
             request = model.model_validate(line.body)
-            if request.stream:  # vLLM's run_request: a stream is not a batch answer
+            # vLLM's run_request: a stream is not a batch answer (embeddings have no stream)
+            if getattr(request, "stream", False):
                 return _output(line.custom_id, HTTPStatus.BAD_REQUEST, None,
                                "Request must not be sent in stream mode")
             body = await handler(request, None)

@@ -109,7 +109,7 @@ class OpenAIServingChat(OpenAIServing):
         try:
             return await self._sandbox().render(*args)
         except Exception as exc:  # noqa: BLE001 - mapped as in apply_chat_template
-            return _template_errors(lambda: _reraise(exc))
+            return _template_errors(lambda err=exc: _reraise(err))  # bound: `exc` is unset after
 
     def _template_args(self, messages, add_generation_prompt, continue_final_message,
                        chat_template, chat_template_kwargs, documents, tools) -> tuple:
@@ -134,8 +134,12 @@ class OpenAIServingChat(OpenAIServing):
         return sandbox
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request):
-        """A ``ChatCompletionResponse``, or an async iterator of SSE strings when streaming."""
+        """A ``ChatCompletionResponse``, or an async iterator of SSE strings when streaming;
+        with a LoRA adapter's own tokenizer when it ships one (``for_adapter``)."""
         adapter = self.check_model(request.model)
+        return await self.for_adapter(adapter)._create(request, raw_request, adapter)
+
+    async def _create(self, request: ChatCompletionRequest, raw_request, adapter):
         virtual = self.num_virtual_tokens(adapter)
         self.check_logprobs("top_logprobs", request.num_logprobs)
         self.check_logprobs("prompt_logprobs", request.prompt_logprobs)

@@ -26,8 +26,12 @@ _Prompt = tuple[Optional[str], list[int]]
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request):
-        """A ``CompletionResponse``, or an async iterator of SSE strings when streaming."""
+        """A ``CompletionResponse``, or an async iterator of SSE strings when streaming;
+        with a LoRA adapter's own tokenizer when it ships one (``for_adapter``)."""
         adapter = self.check_model(request.model)
+        return await self.for_adapter(adapter)._create(request, raw_request, adapter)
+
+    async def _create(self, request: CompletionRequest, raw_request, adapter):
         virtual = self.num_virtual_tokens(adapter)
         if request.suffix is not None:
             raise OpenAIError("suffix is not currently supported")

@@ -17,6 +17,7 @@ from http import HTTPStatus
 from typing import Any, AsyncIterator, Awaitable, Optional
 
 from pagedllm.engine.async_engine import AsyncLLMEngine, RequestStream
+from pagedllm.engine.inputs import LoRATokenizers
 from pagedllm.entrypoints.openai.protocol import (ChatCompletionLogProb,
                                                   ChatCompletionLogProbs,
                                                   ChatCompletionLogProbsContent,
@@ -88,6 +89,8 @@ class ServingContext:
     prompt_adapters: dict = field(default_factory=dict)
     # --lora-modules: model name -> LoRARequest (likewise)
     lora_modules: dict = field(default_factory=dict)
+    # engine.inputs.LoRATokenizers over ``tokenizer``: an adapter's own tokenizer, if any
+    lora_tokenizers: Any = None
 
     @property
     def model_name(self) -> str:
@@ -99,6 +102,29 @@ class OpenAIServing:
         self.ctx = ctx
         self.engine = ctx.engine
         self.tokenizer = ctx.tokenizer
+        self._adapter_views: dict[int, "OpenAIServing"] = {}
+
+    def for_adapter(self, adapter) -> "OpenAIServing":
+        """This serving object as a request of ``adapter`` sees it: a LoRA adapter that
+        ships its own tokenizer (added tokens; vLLM 0.6.3's ``get_lora_tokenizer``) gets a
+        view that tokenizes, renders templates and decodes with it (made once per adapter,
+        with its own caches); otherwise ``self``."""
+        from pagedllm.lora import LoRARequest
+        if not isinstance(adapter, LoRARequest) or self.ctx.lora_tokenizers is None:
+            return self
+        tokenizer = self.ctx.lora_tokenizers.get(adapter)
+        if tokenizer is self.tokenizer:
+            return self
+        view = self._adapter_views.get(adapter.lora_int_id)
+        if view is None:
+            view = copy.copy(self)
+            for cached in ("_chars_per_token", "_template_sandbox"):
+                view.__dict__.pop(cached, None)
+            view.tokenizer, view._adapter_views = tokenizer, {}
+            if len(self._adapter_views) >= LoRATokenizers.MAX_CACHED:  # oldest view first
+                del self._adapter_views[next(iter(self._adapter_views))]
+            self._adapter_views[adapter.lora_int_id] = view
+        return view
 
     # ---- checks --------------------------------------------------------------------------
     def check_model(self, model: Optional[str]):

@@ -45,26 +45,27 @@ class OpenAIServingTokenization(OpenAIServing):
 
     async def tokenize_request(self, request: TokenizeRequest) -> dict:
         """Templates and long prompts are rendered / tokenized off the event loop (bounded,
-        as for chat completions): /tokenize needs no key and must not freeze the server."""
-        self.check_model(request.model)
+        as for chat completions): /tokenize needs no key and must not freeze the server.
+        A LoRA adapter's ``model`` name tokenizes with the adapter's own tokenizer (vLLM
+        0.6.3's ``get_tokenizer(lora_request)``), when it ships one."""
+        adapter = self.check_model(request.model)
         if isinstance(request, TokenizeChatRequest):
             if request.continue_final_message and request.add_generation_prompt:
                 raise OpenAIError("Cannot set both `continue_final_message` and "
                                   "`add_generation_prompt` to True.")
-            prompt = await self.chat.render_chat_template(
+            prompt = await self.chat.for_adapter(adapter).render_chat_template(
                 request.messages, add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
                 chat_template=request.chat_template,
                 chat_template_kwargs=request.chat_template_kwargs)
         else:
             prompt = request.prompt
-        ids = await self.tokenize_async(prompt, request.add_special_tokens)
+        ids = await self.for_adapter(adapter).tokenize_async(prompt, request.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids),
                                 max_model_len=self.ctx.max_model_len).model_dump()
 
     def detokenize_request(self, request: DetokenizeRequest) -> dict:
-        self.check_model(request.model)
-        tokenizer = self.require_tokenizer()
+        tokenizer = self.for_adapter(self.check_model(request.model)).require_tokenizer()
         vocab = len(tokenizer)
         bad = [t for t in request.tokens if not 0 <= t < vocab]
         if bad:

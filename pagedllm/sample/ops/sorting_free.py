@@ -128,12 +128,7 @@ def sample_full(z: torch.Tensor,  # [n, V] logits after temperature (contiguous 
     num_filtered = max(num_top_p, min_p_rows[1] if min_p_rows is not None else 0)
     split = num_filtered if overwrite else z.shape[0]
     row_max = z.amax(-1, keepdim=True)
-    # the probabilities, into scratch where the logits are still needed, else in place. Only
-    # ratios of weights matter below (draws, masses against top_p * total). torch's softmax
-    # kernel, not sub + exp_: exp_ takes a slow path on -inf (masked tokens: guided rows,
-    # allowed_token_ids), ~2 ms against 0.3 ms for [32, 32000] on this CPU
-    weights = torch._softmax(z[:split], -1, False,
-                             out=_scratch(workspace, "weights", z[:split].shape, z))
+    weights = _softmax_rows(z, split, workspace)
     parts = [weights]
     if split < z.shape[0]:
         rest = z[split:]
@@ -151,14 +146,36 @@ def sample_full(z: torch.Tensor,  # [n, V] logits after temperature (contiguous 
         rejected[a:b] = chosen[a:b] < threshold
         floor = np.full(num_filtered, _NEG_INF, dtype=np.float32)
         floor[a:b] = np.nextafter(threshold, np.float32(_NEG_INF))
-    masked = masked_sums = None
+    top_p_test = None
     if num_top_p:
         limit = top_p * total[:num_top_p]
         masked = _scratch(workspace, "mask", (num_top_p, z.shape[1]), z)
         mass, masked_sums = mass_above(z[:num_top_p], weights[:num_top_p], chosen[:num_top_p],
                                        masked)
         rejected[:num_top_p] |= mass >= limit
-    active = np.flatnonzero(rejected)
+        top_p_test = (limit, masked, masked_sums)
+    active = _redraw(z, weights, ids, chosen, np.flatnonzero(rejected), floor, num_top_p,
+                     top_p_test, u, num_rounds)
+    return ids, active, z[:num_filtered]
+
+
+def _softmax_rows(z: torch.Tensor, split: int, workspace: Workspace | None) -> torch.Tensor:
+    """The probabilities of rows [0, split), into scratch (their logits are still needed).
+    Only ratios of weights matter (draws, masses against top_p * total). torch's softmax
+    kernel, not sub + exp_: exp_ takes a slow path on -inf (masked tokens: guided rows,
+    allowed_token_ids), ~2 ms against 0.3 ms for [32, 32000] on this CPU."""
+    return torch._softmax(z[:split], -1, False,
+                          out=_scratch(workspace, "weights", z[:split].shape, z))
+
+
+def _redraw(z: torch.Tensor, weights: torch.Tensor, ids: np.ndarray, chosen: np.ndarray,
+            active: np.ndarray, floor: np.ndarray | None, num_top_p: int,
+            top_p_test: tuple[np.ndarray, torch.Tensor, np.ndarray] | None,
+            u: np.ndarray, num_rounds: int) -> np.ndarray:
+    """Rounds 1.. of rejection sampling: redraw the ``active`` (rejected) rows among the
+    tokens above their rejected draw, updating ``ids`` and ``chosen`` in place; the local
+    indices of the rows still rejected after ``num_rounds``. ``top_p_test``: (limit, the
+    first test's masked weights, their sums) when rows [0, num_top_p) use top-p."""
     for r in range(1, num_rounds):
         if active.size == 0:
             break
@@ -167,6 +184,7 @@ def sample_full(z: torch.Tensor,  # [n, V] logits after temperature (contiguous 
         bound = chosen[active] if floor is None else np.maximum(chosen[active], floor[active])
         if r == 1 and floor is None and active[-1] < num_top_p:
             # the top-p test left exactly these weights (above the rejected token) in masked
+            _, masked, masked_sums = top_p_test
             new_ids, _ = draw_cpu(masked.index_select(0, index), u[active, r],
                                   masked_sums[active])
         else:
@@ -180,5 +198,5 @@ def sample_full(z: torch.Tensor,  # [n, V] logits after temperature (contiguous 
             active, za, pa, new = active[top], za[keep], pa[keep], new[top]
         if active.size == 0:
             break
-        active = active[mass_above(za, pa, new)[0] >= limit[active]]
-    return ids, active, z[:num_filtered]
+        active = active[mass_above(za, pa, new)[0] >= top_p_test[0][active]]
+    return active

@@ -106,7 +106,28 @@ function render(snap) {
     row.append(el("td", {}, snap.model_name), el("td", {}, labels.finished_reason), el("td", {}, value.toFixed(0)));
     table.append(row);
   }
+  drawPerModel(snap);
   previous = m;
+}
+
+function drawPerModel(snap) {
+  // requests per served model (the base model or a LoRA adapter): started, ended, in flight
+  const rows = {};
+  for (const [key, field] of [["pagedllm:model_requests_started_total", "started"],
+                              ["pagedllm:model_requests_ended_total", "ended"]]) {
+    for (const [labels, value] of snap.labelled[key] || []) {
+      const row = rows[labels.served_model_name] || (rows[labels.served_model_name] = {started: 0, ended: 0});
+      row[field] = value;
+    }
+  }
+  const table = document.getElementById("per-model");
+  table.textContent = "";
+  for (const [name, row] of Object.entries(rows).sort()) {
+    const tr = el("tr", {"data-model": name});
+    tr.append(el("td", {}, name), el("td", {}, row.started.toFixed(0)),
+              el("td", {}, row.ended.toFixed(0)), el("td", {}, (row.started - row.ended).toFixed(0)));
+    table.append(tr);
+  }
 }
 
 async function poll() {
