@@ -8,6 +8,13 @@
 # replay with and without PDL, the decode profile, GEMV configs for the Qwen3-0.6B shape);
 # `... serve` pagedllm serve vs the in-process engine vs LLM.generate (issue 19); `...
 # serve-probe` the same with per-step timelines (where the server loses time) and start-ups;
+# `... kerneltests` the quantized-matmul and fused-MoE kernel tests (issues 22, 23; ~5 min);
+# `... quant` / `quantoffline` benchmarks/quant_bench.py (W4A16 GPTQ/AWQ and fp8 kernels and
+# engine decode vs bf16, Llama-3-8B shape / fp8 offline 1000 x 256/256 vs bf16); `... moe` /
+# `moeoffline` benchmarks/moe_bench.py (MoE layer vs copy bandwidth and Qwen3-30B-A3B decode
+# vs roofline / offline vs the 8B dense shape); `... moetune` / `quanttune` the tile-config
+# sweeps; `... smoke` both scripts on tiny shapes (CPU too). One mode per device call keeps
+# each under 10 minutes;
 # no argument: tests, bench1, bench2. (tests/e2e/test_lora.py needs peft, which the GPU image
 # lacks: carry its wheel and accelerate's as .whl, see the device README, or it is skipped.)
 set -uo pipefail
@@ -64,6 +71,31 @@ for part in $parts; do
       python benchmarks/serve_startup.py --model benchmarks/configs/llama-3-8b --repeat 2 -- \
         --load-format dummy --skip-tokenizer-init --max-model-len 4096 2>&1 \
         | grep -v Warning | tee -a "$OUT_DIR/startup.txt" ;;
+    kerneltests)
+      python -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py \
+        tests/kernels/test_wna16.py tests/kernels/test_fp8_scaled_mm.py 2>&1 \
+        | tee -a "$OUT_DIR/kernel_tests.txt" | tail -15 ;;
+    quant)  # kernels + decode b1/16/64 of bf16, GPTQ, AWQ, fp8 (~7 min)
+      python benchmarks/quant_bench.py --no-offline --out "$OUT_DIR" 2>&1 | grep -v Warning \
+        | tee -a "$OUT_DIR/quant_bench.txt" ;;
+    quantoffline)  # fp8 vs bf16, 1000 x 256/256 (and batch 1 again; ~4 min)
+      python benchmarks/quant_bench.py --only engine --formats bf16 fp8 --batches 1 \
+        --out "$OUT_DIR" 2>&1 | grep -v Warning | tee -a "$OUT_DIR/quant_bench.txt" ;;
+    quanttune)
+      python benchmarks/quant_bench.py --only kernels --tune --out "$OUT_DIR" 2>&1 \
+        | grep -v Warning | tee -a "$OUT_DIR/quant_tune.txt" ;;
+    moe)  # the MoE layer alone, Qwen3-30B-A3B batch-1 decode vs roofline (~4 min)
+      python benchmarks/moe_bench.py --out "$OUT_DIR" 2>&1 | grep -v Warning \
+        | tee -a "$OUT_DIR/moe_bench.txt" ;;
+    moeoffline)  # Qwen3-30B-A3B vs Llama-3-8B shape, 1000 x 256/256 (~5 min)
+      python benchmarks/moe_bench.py --only offline --out "$OUT_DIR" 2>&1 | grep -v Warning \
+        | tee -a "$OUT_DIR/moe_bench.txt" ;;
+    moetune)
+      python benchmarks/moe_bench.py --only layer --tune --out "$OUT_DIR" 2>&1 \
+        | grep -v Warning | tee -a "$OUT_DIR/moe_tune.txt" ;;
+    smoke)  # every script of the quant / moe modes on tiny shapes (minutes on CPU)
+      python benchmarks/moe_bench.py --smoke --tune --offline --out "$OUT_DIR" 2>&1 | tail -3
+      python benchmarks/quant_bench.py --smoke --tune --out "$OUT_DIR" 2>&1 | tail -3 ;;
     bench2)
       python benchmarks/gpu_workloads.py --only throughput nano 2>&1 | grep -v Warning \
         | tee -a "$OUT_DIR/gpu_workloads.txt" ;;

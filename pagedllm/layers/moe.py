@@ -20,9 +20,13 @@
   its sigmoid ``shared_expert_gate``), module names as in Hugging Face.
 - ``load_moe_weights``: ``models.utils.load_weights`` that first routes per-expert tensors.
 
-The forward is a torch loop over the experts that received tokens (the oracle; CUDA runs it
-too until a grouped-GEMM kernel serves it). While a CUDA graph is being captured it switches
-to ``moe_static`` (same result, static shapes, no host sync).
+On CUDA (Triton importable, ``PAGEDLLM_DISABLE_FUSED_OPS`` unset, SiLU experts) the experts
+run as the fused grouped GEMMs of ``fused_moe_triton`` (tokens sorted by expert, gate/up with
+SiLU*mul fused, down with the routing weights fused, the top-k sum; no host sync, so CUDA
+graphs capture it). Elsewhere the forward is a torch loop over the experts that received
+tokens (``moe_reference``: the CPU path and the oracle); while a CUDA graph is being captured
+without the fused kernels it switches to ``moe_static`` (same result, static shapes, no host
+sync).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed import all_reduce, get_pp_size, get_tp_size, shard_range
+from pagedllm.layers import fused as fused_ops
 from pagedllm.layers.activation import ActAndMul
 from pagedllm.layers.linear import Linear
 from pagedllm.layers.parallel import held_by_other_stage
@@ -62,7 +67,13 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, scoring: str = "s
     """(weights [T, k] fp32, expert ids [T, k] int64) from router logits [T, E].
 
     Scores are computed in fp32 as Hugging Face does; the correction bias only changes which
-    experts are chosen, the weights are the unbiased scores of those experts."""
+    experts are chosen, the weights are the unbiased scores of those experts. On CUDA, softmax
+    routing without groups or bias is one Triton launch (``fused_moe_triton.topk_softmax``)."""
+    if (router_logits.is_cuda and scoring == "softmax" and not num_expert_group
+            and correction_bias is None and router_logits.dim() == 2
+            and fused_ops.ops() is not None):
+        from pagedllm.layers.fused_moe_triton import topk_softmax
+        return topk_softmax(router_logits, top_k, renormalize, routed_scaling_factor)
     logits = router_logits.float()
     if scoring == "softmax":
         scores = logits.softmax(dim=-1)
@@ -127,6 +138,16 @@ def moe_static(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _fused_kernel(x: torch.Tensor, act: ActAndMul):
+    """``fused_moe_triton.fused_moe`` when it serves this call (CUDA, Triton, SiLU), else
+    None."""
+    if not (x.is_cuda and act.is_silu and fused_ops.ops() is not None
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return None
+    from pagedllm.layers.fused_moe_triton import fused_moe
+    return fused_moe
 
 
 class FusedMoE(nn.Module):
@@ -194,9 +215,14 @@ class FusedMoE(nn.Module):
                 reduce: bool = True) -> torch.Tensor:
         """x [T, H]; weights, ids [T, k] -> [T, H]. ``reduce=False`` leaves this rank's
         partial sum (the caller all-reduces it with other partials)."""
-        run = moe_static if _capturing() else moe_reference
         gate_up, down = self.quant_method.expert_weights(self)  # int8 ones dequantize
-        out = run(x, gate_up, down, weights, ids, self.act_fn)
+        kernel = _fused_kernel(x, self.act_fn)
+        if kernel is not None and all(isinstance(w, torch.Tensor) and w.dtype == x.dtype
+                                      for w in (gate_up, down)):
+            out = kernel(x, gate_up, down, weights, ids)
+        else:
+            run = moe_static if _capturing() else moe_reference
+            out = run(x, gate_up, down, weights, ids, self.act_fn)
         return all_reduce(out) if reduce and get_tp_size() > 1 else out
 
 

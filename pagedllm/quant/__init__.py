@@ -3,9 +3,10 @@
 ``base`` declares the strategy (create parameters with their sharding metadata, post-process
 after loading, apply) and ``QuantConfig`` (which method a module with a given checkpoint
 ``prefix`` gets). ``unquantized`` is today's dense path; ``gptq``, ``awq``, ``fp8`` and
-``compressed_tensors`` read their checkpoint formats and run a torch dequantize-then-matmul
-reference (``packing``); ``triton_w4a16`` is a fused int4 kernel for CUDA (tested
-against it, not yet wired into ``apply``). ``config`` turns
+``compressed_tensors`` read their checkpoint formats; on CPU they run a torch
+dequantize-then-matmul reference (``packing``), on CUDA ``kernels`` picks the fast path:
+``triton_wna16`` (fused-dequantization int4 / int8 GEMV and GEMM for the GPTQ, AWQ and
+pack-quantized layouts) and ``torch._scaled_mm`` for fp8 W8A8. ``config`` turns
 ``--quantization`` and the checkpoint's ``quantization_config`` into a ``QuantConfig`` at
 start-up, before any weight loads.
 

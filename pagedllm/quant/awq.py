@@ -4,7 +4,10 @@ Tensors per linear layer: ``qweight`` int32 [in, out/8] and ``qzeros`` int32 [in
 (both packed along the output in AWQ's interleaved order, see ``packing.py``) and ``scales``
 [in/group, out]. W = (q - z) * s. The GEMV layout (``version: gemv``) and checkpoints without
 zero points are refused at start-up. Column-parallel layers split by packed output words,
-row-parallel layers by input rows and groups. The torch reference runs on every device.
+row-parallel layers by input rows and groups. On CUDA the weight is repacked once after
+loading into GPTQ's layout (packed along the input, zeros in natural order: the same W),
+which the Triton kernels of ``triton_wna16`` read with 16-byte loads; on CPU the torch
+reference runs on the checkpoint's layout (the kernels' oracle).
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from torch import nn
 
 from pagedllm.quant.base import LinearMethod, QuantConfig, make_param
 from pagedllm.quant.gptq import _check_sizes, matmul_dequantized
-from pagedllm.quant.packing import awq_dequantize
+from pagedllm.quant.kernels import wna16_apply, wna16_for
+from pagedllm.quant.packing import awq_dequantize, gptq_dequantize
 
 PACK = 8  # 4-bit values per int32
 
@@ -63,9 +67,37 @@ class AWQLinearMethod(LinearMethod):
         layer.scales = make_param(torch.empty(input_size // group, out, dtype=dtype),
                                   input_dim=0, input_div=group, output_dim=1)
 
+    def process_after_loading(self, layer: nn.Module) -> None:
+        """Where the Triton kernels serve the layer: repack into GPTQ's layout."""
+        module = wna16_for(layer.qweight)
+        if module is None:
+            return
+        qweight, qzeros = module.repack_awq(layer.qweight.data, layer.qzeros.data)
+        layer.qweight, layer.qzeros = make_param(qweight), make_param(qzeros)
+        layer.awq_repacked = True
+
+    def _g_idx(self, layer: nn.Module) -> torch.Tensor:
+        rows = layer.scales.shape[0] * self.group_size
+        return torch.arange(rows, device=layer.scales.device) // self.group_size
+
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        if getattr(layer, "awq_repacked", False):
+            return gptq_dequantize(layer.qweight, layer.qzeros, layer.scales,
+                                   self._g_idx(layer), 4, 0)
         return awq_dequantize(layer.qweight, layer.qzeros, layer.scales, self.group_size)
+
+    def _kernel_weight(self, module, layer: nn.Module):
+        if getattr(layer, "awq_repacked", False):
+            return module.gptq_weight(layer.qweight, layer.qzeros, layer.scales, None, 4,
+                                      self.group_size, False, 0)
+        return module.awq_weight(layer.qweight, layer.qzeros, layer.scales, self.group_size)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
+        """Triton kernels on CUDA, else the torch reference."""
+        out = wna16_apply(layer, x, layer.qweight,
+                          lambda module: self._kernel_weight(module, layer), "AWQ", bias,
+                          gated_silu)
+        if out is not None:
+            return out
         return matmul_dequantized(x, self.dequantize(layer), bias, gated_silu)

@@ -12,7 +12,8 @@ i*bits, stored as q + 2**(bits-1)), ``weight_scale`` [out, in/group] (``channel`
 ``weight_zero_point`` int32 [out*bits/32, in/group] (asymmetric only, packed along the
 output), ``weight_g_idx`` [in] (``actorder: group``, older llm-compressor saves) and
 ``weight_shape`` (implied by the layer, dropped).
-W [out, in] = (q - zp) * scale.
+W [out, in] = (q - zp) * scale. On CUDA the Triton kernels of ``triton_wna16`` read these
+tensors as they are (transposed views); on CPU the torch reference runs (their oracle).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pagedllm.quant.base import (FUSED_PARTS, LinearMethod, QuantConfig, make_pa
                                  module_skipped, rule_matches)
 from pagedllm.quant.fp8 import Fp8LinearMethod
 from pagedllm.quant.gptq import _check_sizes, matmul_dequantized
+from pagedllm.quant.kernels import wna16_apply, wna16_for
 from pagedllm.quant.packing import unpack_int32
 from pagedllm.quant.unquantized import UNQUANTIZED
 
@@ -143,7 +145,8 @@ class CompressedTensorsConfig(QuantConfig):
 
 
 class PackedLinearMethod(LinearMethod):
-    """pack-quantized int4 / int8 weights (module docstring), torch reference apply."""
+    """pack-quantized int4 / int8 weights (module docstring): Triton kernels on CUDA, the
+    torch reference elsewhere."""
     name = "compressed-tensors-pack"
 
     def __init__(self, bits: int, group_size: int | None, symmetric: bool,
@@ -177,6 +180,17 @@ class PackedLinearMethod(LinearMethod):
             layer.weight_g_idx = make_param(torch.empty(input_size, dtype=torch.int32),
                                             input_dim=0, same_per_shard=True)
 
+    def process_after_loading(self, layer: nn.Module) -> None:
+        """Where the Triton kernels serve the layer: the packed words, scales and zero points
+        keep their shapes but are laid out transposed in memory (GPTQ's [in/pack, out]
+        order), so the kernels read them with 16-byte loads along the output."""
+        if wna16_for(layer.weight_packed) is None:
+            return
+        for name in ("weight_packed", "weight_scale", "weight_zero_point"):
+            param = getattr(layer, name, None)
+            if param is not None:
+                setattr(layer, name, make_param(param.data.t().contiguous().t()))
+
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """W [out, in] = (q - zp) * scale, the scale and zero of each input's group."""
         offset = 1 << (self.bits - 1)
@@ -190,6 +204,16 @@ class PackedLinearMethod(LinearMethod):
             index = torch.arange(q.shape[1], device=q.device) // (self.group_size or q.shape[1])
         return (q - zp[:, index]).to(scale.dtype) * scale[:, index]
 
+    def _kernel_weight(self, module, layer: nn.Module):
+        return module.compressed_weight(
+            layer.weight_packed, layer.weight_scale, getattr(layer, "weight_zero_point", None),
+            layer.weight_g_idx if self.actorder else None, self.bits, self.group_size)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
+        out = wna16_apply(layer, x, layer.weight_packed,
+                          lambda module: self._kernel_weight(module, layer),
+                          "compressed-tensors pack-quantized", bias, gated_silu)
+        if out is not None:
+            return out
         return matmul_dequantized(x, self.dequantize(layer).t(), bias, gated_silu)

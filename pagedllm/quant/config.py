@@ -6,8 +6,8 @@ flag or the config key. The config comes from ``config.json``'s ``quantization_c
 ``quant_config.json`` / ``quantize_config.json`` beside it (older AutoGPTQ / AutoAWQ saves).
 
 The Marlin names select the same implementation as their format (vLLM picks ``*_marlin`` by
-itself where its kernels run; here one torch dequantize-then-matmul reference serves each
-format), and the choice is logged.
+itself where its kernels run; here the Triton kernels of ``triton_wna16`` serve each format on
+CUDA and the torch dequantize-then-matmul reference on CPU), and the choice is logged.
 """
 from __future__ import annotations
 

@@ -6,10 +6,15 @@ Checkpoint tensors per linear layer: ``weight`` float8_e4m3fn [out, in], ``weigh
 ``activation_scheme: static``, ``input_scale`` (fused parts take the largest, as one
 activation feeds them). ``dynamic`` computes the activation scale per call (max |x| / 448).
 
-``apply`` is the torch emulation and reference for an fp8 kernel: activations are rounded
-through fp8 with their scale, weights are dequantized (fp8 value x its tensor's scale) and the
-product runs in the activation dtype. A layer quantized at load gets one scale for its whole
-(rank-local, fused) weight.
+On CUDA with fp8 tensor cores (compute capability >= 8.9) W8A8 layers run ``torch._scaled_mm``:
+activations are quantized to e4m3 with their scale (static, dynamic per tensor, or per token;
+dynamic scales and the cast in one Triton launch, ``triton_fp8``),
+the product accumulates in fp32 and is scaled on the way out, per tensor when the weight has
+one scale and the activation scale is a scalar, else per row and column (bf16 activations;
+fp16 ones then take the reference, logged once). Elsewhere ``apply`` runs the torch emulation
+and reference: activations are rounded through fp8 with their scale, weights are dequantized
+(fp8 value x its tensor's scale) and the product runs in the activation dtype. A layer
+quantized at load gets one scale for its whole (rank-local, fused) weight.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import torch
 from torch import nn
 
 from pagedllm.quant.base import LinearMethod, QuantConfig, make_param
-from pagedllm.quant.gptq import matmul_dequantized
+from pagedllm.quant.gptq import epilogue, matmul_dequantized
+from pagedllm.quant.kernels import fp8_scaled_mm_supported, log_once
 from pagedllm.quant.unquantized import new_weight, tag_dense
 
 FP8 = torch.float8_e4m3fn
@@ -29,15 +35,81 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def activation_scale(x: torch.Tensor, scale: torch.Tensor | None,
+                     per_token: bool = False) -> torch.Tensor:
+    """The given static scale, or the dynamic one: max|x| / 448 of the tensor or of each row
+    (computed on the device: no host sync)."""
+    if scale is not None:
+        return scale.float()
+    peak = x.detach().abs().amax(-1, keepdim=True) if per_token else x.detach().abs().max()
+    return (peak.float() / FP8_MAX).clamp(min=1e-12)
+
+
 def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None,
                       per_token: bool = False) -> torch.Tensor:
     """x through fp8 and back; ``scale`` None: the dynamic scale max|x| / 448 of the whole
     tensor, or of each row (token) with ``per_token``."""
-    if scale is None:
-        peak = (x.detach().abs().amax(-1, keepdim=True) if per_token
-                else x.detach().abs().max())
-        scale = (peak.float() / FP8_MAX).clamp(min=1e-12)
+    scale = activation_scale(x, scale, per_token)
     return (quantize_fp8(x, scale).float() * scale.float()).to(x.dtype)
+
+
+def _scaled_mm_mode(layer: nn.Module, x: torch.Tensor, activations: str) -> str | None:
+    """"tensor" or "row" (``torch._scaled_mm``'s scaling) for this call, or None: the
+    reference runs (CPU, no fp8 tensor cores, weight-only, shapes or dtypes it cannot take)."""
+    if activations == "none" or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if not getattr(layer, "fp8_scaled_mm", False) or x.device != layer.weight.device:
+        return None
+    if activations != "token" and layer.fp8_uniform:
+        return "tensor"
+    if x.dtype == torch.bfloat16:
+        return "row"
+    log_once("fp8 W8A8 with fp16 activations and per-row scales: torch._scaled_mm's row-wise "
+             "scaling takes bf16 only, the torch reference runs")
+    return None
+
+
+def _quantize_fused(x2: torch.Tensor, per_token: bool):
+    """(x in fp8, scale) from the one-launch Triton quantizer on CUDA, else None."""
+    if not x2.is_cuda:
+        return None
+    from pagedllm.layers import fused
+    if fused.ops() is None:
+        return None
+    from pagedllm.quant.triton_fp8 import quantize_fp8_dynamic
+    return quantize_fp8_dynamic(x2, per_token, FP8)
+
+
+def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor,
+                  x_scale: torch.Tensor | None, per_token: bool, mode: str) -> torch.Tensor:
+    """x [..., K] @ (weight [N, K] fp8 * row_scale[:, None])^T with x quantized to fp8 by
+    ``x_scale`` (None: dynamic), through ``torch._scaled_mm`` (fp32 accumulation)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    fused = _quantize_fused(x2, per_token) if x_scale is None else None
+    if fused is not None:
+        xq, scale_a = fused
+    else:
+        scale_a = activation_scale(x2, x_scale, per_token)
+        xq = quantize_fp8(x2, scale_a)
+    if mode == "tensor":
+        scale_a, scale_b = scale_a.reshape(()), row_scale[0].reshape(())
+    else:
+        scale_a = scale_a.reshape(-1, 1).expand(x2.shape[0], 1).contiguous()
+        scale_b = row_scale.reshape(1, -1)
+    out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b,
+                           out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _enable_scaled_mm(layer: nn.Module) -> None:
+    """After loading: whether this layer's W8A8 product can use ``torch._scaled_mm`` (fp8
+    tensor cores, K and N multiples of 16), and whether its weight has a single scale."""
+    n, k = layer.weight.shape
+    layer.fp8_scaled_mm = (fp8_scaled_mm_supported(layer.weight.device)
+                           and n % 16 == 0 and k % 16 == 0)
+    if layer.fp8_scaled_mm:
+        layer.fp8_uniform = bool(layer.row_scale.min() == layer.row_scale.max())
+        log_once("fp8 W8A8: torch._scaled_mm (fp8 tensor cores)")
 
 
 class Fp8Config(QuantConfig):
@@ -103,9 +175,17 @@ class Fp8LinearMethod(LinearMethod):
             layer.row_scale = make_param(layer.weight_scale.data.repeat_interleave(sizes))
         if self.static_input:
             layer.input_scale.data = layer.input_scale.data.max().reshape(1)
+        if self.activations != "none":
+            _enable_scaled_mm(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
+        mode = _scaled_mm_mode(layer, x, self.activations)
+        if mode is not None:
+            scale = layer.input_scale[0] if self.static_input else None
+            out = scaled_mm_fp8(x, layer.weight, layer.row_scale, scale,
+                                self.activations == "token", mode)
+            return epilogue(out, bias, gated_silu)
         if self.activations != "none":
             scale = layer.input_scale[0] if self.static_input else None
             x = fake_quantize_fp8(x, scale, per_token=self.activations == "token")
@@ -129,3 +209,4 @@ class Fp8OnLoadLinearMethod(Fp8LinearMethod):
         scale = (weight.abs().max().float() / FP8_MAX).clamp(min=1e-12)
         layer.weight = make_param(quantize_fp8(weight, scale).contiguous())
         layer.row_scale = make_param(scale.repeat(weight.shape[0]))
+        _enable_scaled_mm(layer)

@@ -4,9 +4,10 @@ Tensors per linear layer: ``qweight`` int32 [in/pack, out] (packed along the inp
 ``qzeros`` int32 [groups, out/pack] (packed along the output), ``scales`` [groups, out] and
 ``g_idx`` int32 [in] (each input's group; arbitrary with ``desc_act``, else i // group_size).
 ``group_size`` -1 is one group per column. The ``gptq`` checkpoint format stores zero points
-minus one; ``gptq_v2`` stores them as they are. The matmul is the torch reference (dequantize
-to the activation dtype, then multiply), on CPU and CUDA; ``triton_w4a16.py`` holds the fused
-4-bit kernel and its test, not yet wired in (it has not run on a GPU).
+minus one; ``gptq_v2`` stores them as they are. On CUDA, 4- and 8-bit layers run the Triton
+kernels of ``triton_wna16`` (dequantization fused, act-order ``g_idx`` gathered per row);
+2-bit layers and CPU run the torch reference (dequantize to the activation dtype, then
+multiply), which is also the kernels' oracle.
 
 Tensor parallelism: column-parallel layers split qweight/scales by output column and qzeros
 by packed output words; row-parallel layers split qweight by packed input rows and
@@ -22,6 +23,7 @@ from torch import nn
 
 from pagedllm.layers import fused
 from pagedllm.quant.base import LinearMethod, QuantConfig, make_param
+from pagedllm.quant.kernels import log_once, wna16_apply
 from pagedllm.quant.packing import gptq_dequantize
 
 logger = logging.getLogger(__name__)
@@ -113,10 +115,23 @@ class GPTQLinearMethod(LinearMethod):
         return gptq_dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
                                cfg.bits, cfg.zero_offset)
 
+    def _kernel_weight(self, module, layer: nn.Module):
+        cfg = self.config
+        return module.gptq_weight(layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
+                                  cfg.bits, cfg.group_size, cfg.desc_act, cfg.zero_offset)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
-        """The torch reference on every device: the Triton kernel (``triton_w4a16``) takes
-        over on CUDA once its test has run on a GPU."""
+        """Triton kernels on CUDA (4 and 8 bit), else the torch reference."""
+        if self.config.bits in (4, 8):
+            out = wna16_apply(layer, x, layer.qweight,
+                              lambda module: self._kernel_weight(module, layer), "GPTQ",
+                              bias, gated_silu)
+            if out is not None:
+                return out
+        elif x.is_cuda:
+            log_once(f"GPTQ {self.config.bits}-bit: no Triton kernel, the torch "
+                     "dequantize-then-matmul reference runs")
         return matmul_dequantized(x, self.dequantize(layer), bias, gated_silu)
 
 

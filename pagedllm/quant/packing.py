@@ -29,6 +29,19 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int,
     return values.reshape(shape)
 
 
+def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """``unpack_int32``'s inverse (natural order): 32/bits values along ``dim`` per int32
+    word, value k of a word in bits [k*bits, (k+1)*bits)."""
+    per = 32 // bits
+    moved = values.movedim(dim, -1)
+    shape = moved.shape
+    groups = moved.reshape(*shape[:-1], shape[-1] // per, per).to(torch.int64)
+    shifts = torch.arange(per, device=values.device, dtype=torch.int64) * bits
+    words = ((groups & ((1 << bits) - 1)) << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.movedim(-1, dim).contiguous()
+
+
 def gptq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     g_idx: torch.Tensor, bits: int, zero_offset: int) -> torch.Tensor:
     """W [in, out] = (q - z[g]) * s[g] with g = g_idx[in]; ``zero_offset`` is 1 for the

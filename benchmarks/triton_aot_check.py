@@ -1,0 +1,126 @@
+"""Compile the quantized-matmul and fused-MoE Triton kernels for sm_90 (H100 / H200) without
+a GPU, and print each variant's resource report: registers, stack (spills), shared memory,
+and the SASS instruction mix that matters (HGMMA / HMMA matrix instructions, LDL / STL local
+memory, global-load widths, cp.async LDGSTS, barriers). Costs no device time: run it before
+a device call to catch compile errors and spills.
+
+Arguments are specialised as the JIT does at run time: pointers and the strides / sizes
+named below 16-divisible, the unit strides of the usual layouts constant 1.
+
+    python benchmarks/triton_aot_check.py            # every kernel variant in use
+    python benchmarks/triton_aot_check.py --only moe
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pagedllm.layers import fused_moe_triton as fm  # noqa: E402
+from pagedllm.quant import triton_fp8 as tf  # noqa: E402
+from pagedllm.quant import triton_wna16 as wq  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+DIVISIBLE = ("N", "K", "k_split", "group_size")
+OPS = r"\b(HGMMA|HMMA|LDL|STL|LDGSTS[.\w]*|LDG[.\w]*|STG[.\w]*|BAR)\b"
+
+
+def compile_kernel(jit_fn, types: dict, constexprs: dict, unit=(), **options) -> str:
+    """One line: the variant, its registers / stack / shared memory and SASS mix."""
+    names = list(inspect.signature(jit_fn.fn).parameters)
+    constexprs = {**{n: 1 for n in unit}, **constexprs}
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in constexprs and (n.endswith("_ptr") or n.startswith("stride")
+                                         or n in DIVISIBLE)}
+    src = ASTSource(fn=jit_fn, signature=signature, attrs=attrs,
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=TARGET, options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                           capture_output=True, text=True).stdout
+    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name],
+                          capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+    mix = dict(collections.Counter(re.findall(OPS, sass)).most_common())
+    shown = {k: v for k, v in constexprs.items() if k not in unit}
+    return (f"{jit_fn.fn.__name__} {shown} {options}: REG {res[1]} STACK {res[2]} "
+            f"SHARED {kernel.metadata.shared} {mix}")
+
+
+def moe_variants() -> list[str]:
+    types = {"ids_ptr": "*i64", "sorted_ptr": "*i32", "block_expert_ptr": "*i32",
+             "num_padded_ptr": "*i32", "a_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+             "topw_ptr": "*fp32"}
+    lines = [compile_kernel(fm._align_kernel, types, dict(BLOCK_M=16, E_POW2=128, CHUNK=64),
+                            num_warps=4),
+             compile_kernel(fm._topk_softmax_kernel, {"logits_ptr": "*bf16", "w_ptr": "*fp32",
+                                                      "ids_ptr": "*i64", "scale": "fp32"},
+                            dict(TOP_K=8, K_POW2=8, RENORM=True, E_POW2=128), num_warps=1)]
+    configs = {c for _, gate_up, down in fm.MOE_CONFIGS for c in (gate_up, down)}
+    for bm, bn, bk, warps, stages in sorted(configs):
+        for gated in (True, False):
+            lines.append(compile_kernel(
+                fm._moe_gemm_kernel, types,
+                dict(A_ROW_DIV=8 if gated else 1, GATED=gated, WEIGHTED=not gated, IEEE=False,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages))
+    return lines
+
+
+def wna16_variants() -> list[str]:
+    types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16",
+             "g_ptr": "*i32", "out_ptr": "*fp32"}
+    unit = ("stride_qn", "stride_sn", "stride_zn")  # GPTQ / repacked AWQ layouts
+    lines = [compile_kernel(tf._quant_fp8_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv",
+                                                   "scale_ptr": "*fp32"},
+                            dict(BLOCK=2048), num_warps=4),
+             compile_kernel(wq._splitk_reduce_kernel, {"part_ptr": "*fp32", "bias_ptr": "*bf16",
+                                                       "out_ptr": "*bf16"},
+                            dict(HAS_BIAS=False, GATED=True, BLOCK=1024), ("stride_om",),
+                            num_warps=4)]
+    lines.append(compile_kernel(
+        wq._dequant_kernel, {**types, "out_ptr": "*bf16"},
+        dict(BITS=4, AWQ=False, ACT_ORDER=False, HAS_ZEROS=True, BLOCK_K=64, BLOCK_N=64),
+        unit, num_warps=4))
+    block_n, block_k, warps = wq.GEMV_CONFIG
+    for bits, act, zeros in [(4, False, True), (4, True, True), (8, False, False)]:
+        lines.append(compile_kernel(
+            wq._wna16_gemv_kernel, types, dict(BITS=bits, ACT_ORDER=act, HAS_ZEROS=zeros,
+                                               BLOCK_N=block_n, BLOCK_K=block_k),
+            unit, num_warps=warps))
+    for _, bm, bn, bk, warps, stages in wq.GEMM_CONFIGS:
+        for bits, awq, act, zeros in [(4, False, False, True), (4, True, False, True),
+                                      (4, False, True, True), (8, False, False, False)]:
+            lines.append(compile_kernel(
+                wq._wna16_gemm_kernel, {**types, "out_ptr": "*bf16"},
+                dict(BITS=bits, AWQ=awq, ACT_ORDER=act, HAS_ZEROS=zeros, IEEE=False,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                unit, num_warps=warps, num_stages=stages))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["moe", "wna16"], nargs="+",
+                        default=["moe", "wna16"])
+    args = parser.parse_args()
+    for part in args.only:
+        for line in (moe_variants if part == "moe" else wna16_variants)():
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

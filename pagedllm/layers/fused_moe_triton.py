@@ -1,0 +1,275 @@
+"""Fused mixture-of-experts on CUDA: the routed experts of a layer in three Triton launches
+(plus one reduction), with no host sync and shapes fixed by the token count, so a CUDA graph
+captures it.
+
+1. ``_align_kernel`` (one program; prefill-sized batches use device-wide torch ops
+   instead): the T*k (token, slot) pairs sorted by expert, each
+   expert's run padded to a multiple of ``BLOCK_M`` rows so that a row block holds one
+   expert: ``sorted_ids`` (pair index ``t * k + j``, or the sentinel T*k in padding),
+   ``block_expert`` (expert of each row block, -1 past the end) and ``num_padded`` (rows in
+   use). Counting and ranking are a one-hot matrix per chunk of pairs with a running
+   cumulative sum: deterministic, no atomics, stable (pairs of one expert keep their order).
+2. ``_moe_gemm_kernel`` with ``GATED``: per (row block, column tile) it gathers the block's
+   token rows of x, multiplies them by the block's expert's gate rows and up rows (two
+   accumulators over the same A tile) and stores silu(gate) * up: [T*k, I] in x's dtype.
+3. ``_moe_gemm_kernel`` with ``WEIGHTED``: the down projection of those rows, times each
+   pair's routing weight: [T*k, H].
+4. The sum over each token's k rows (torch; fp32 accumulation inside ``sum``).
+
+``topk_softmax`` is the router in one launch (softmax, top-k, renormalisation, scaling) for
+softmax routing without expert groups or a correction bias (Mixtral, Qwen-MoE), instead of
+the five or six small torch kernels of ``select_experts`` per layer and step.
+
+Programs past ``num_padded`` return at once; the grid is sized for the worst case
+``T*k + min(T*k, E) * (BLOCK_M - 1)`` rows, known from T on the host. Tile sizes come from a
+small table by tokens per expert (``moe_config``); ``benchmarks/moe_bench.py --tune`` sweeps
+the candidates on a GPU. The torch loop of ``layers/moe.py`` (``moe_reference``) is the
+oracle (tests/kernels/test_fused_moe.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, n, max_rows,
+                  num_blocks, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    experts = tl.arange(0, E_POW2)
+    lane = tl.arange(0, CHUNK)
+    for start in range(0, max_rows, CHUNK):  # padding rows point at the sentinel n
+        tl.store(sorted_ptr + start + lane, n + lane * 0, mask=start + lane < max_rows)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for start in range(0, n, CHUNK):
+        e = tl.load(ids_ptr + start + lane, mask=start + lane < n, other=E_POW2).to(tl.int32)
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    total = tl.sum(padded, axis=0)
+    tl.store(num_padded_ptr, total)
+    for start in range(0, num_blocks, CHUNK):
+        row = (start + lane) * BLOCK_M
+        # a block's expert: how many experts' padded runs end at or before its first row
+        expert = tl.sum((row[:, None] >= ends[None, :]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + start + lane, tl.where(row < total, expert, -1),
+                 mask=start + lane < num_blocks)
+    tl.debug_barrier()  # the sentinel stores above land before the scatter below
+    seen = tl.zeros((E_POW2,), dtype=tl.int32)
+    for start in range(0, n, CHUNK):
+        pair = start + lane
+        e = tl.load(ids_ptr + pair, mask=pair < n, other=E_POW2).to(tl.int32)
+        onehot = (e[:, None] == experts[None, :]).to(tl.int32)
+        slot = tl.cumsum(onehot, axis=0) - 1 + seen[None, :] + starts[None, :]
+        dest = tl.sum(onehot * slot, axis=1)
+        tl.store(sorted_ptr + dest, pair, mask=pair < n)
+        seen += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
+                     topw_ptr, N, K, n_pairs, stride_am, stride_we, stride_wn, stride_om,
+                     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr,
+                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    # axis 0: column tiles (neighbouring programs share the A rows and the expert)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < n_pairs
+    a_rows = (pairs // A_ROW_DIV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    # W[e] is [rows, K] row-major: the [BLOCK_K, BLOCK_N] tile of W^T
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn \
+        + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(a, w, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w)
+        if GATED:  # the up rows sit N rows below the gate rows
+            w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
+                           other=0.0)
+            if IEEE:
+                acc_up += tl.dot(a, w_up, input_precision="ieee")
+            else:
+                acc_up += tl.dot(a, w_up)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if WEIGHTED:
+        acc *= tl.load(topw_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, scale,
+                         TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORM: tl.constexpr,
+                         E_POW2: tl.constexpr):
+    # one token: softmax over its E logits (fp32), the TOP_K largest in descending order
+    # (ties: the lowest expert id), optionally renormalised, times ``scale``
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E_POW2)
+    valid = offs < E
+    x = tl.load(logits_ptr + t * stride_l + offs, mask=valid, other=float("-inf"))
+    x = x.to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = p / tl.sum(p, axis=0)
+    left = tl.where(valid, p, -1.0)
+    slots = tl.arange(0, K_POW2)
+    weights = tl.zeros((K_POW2,), dtype=tl.float32)
+    ids = tl.zeros((K_POW2,), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(left, axis=0)
+        idx = tl.min(tl.where(left == best, offs, E_POW2), axis=0)
+        weights = tl.where(slots == j, best, weights)
+        ids = tl.where(slots == j, idx, ids)
+        left = tl.where(offs == idx, -1.0, left)
+    if RENORM:
+        weights = weights / tl.sum(weights, axis=0)
+    tl.store(w_ptr + t * TOP_K + slots, weights * scale, mask=slots < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + slots, ids.to(tl.int64), mask=slots < TOP_K)
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_experts`` for softmax routing without groups or bias, in one launch:
+    (weights [T, k] fp32, ids [T, k] int64)."""
+    tokens, experts = router_logits.shape
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if tokens:
+        logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+        _topk_softmax_kernel[(tokens,)](
+            logits, weights, ids, experts, logits.stride(0), scale, TOP_K=top_k,
+            K_POW2=triton.next_power_of_2(top_k), RENORM=renormalize,
+            E_POW2=triton.next_power_of_2(experts), num_warps=1 if experts <= 128 else 2)
+    return weights, ids
+
+
+# (max tokens per expert on average, config) for the grouped GEMMs: the first row whose bound
+# is >= T*k/E. A config is (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the
+# gate/up launch and for the down launch. Small batches are memory-bound: narrow column
+# tiles give the SMs enough programs; large ones reuse each weight tile over more rows.
+MOE_CONFIGS: list[tuple[float, tuple, tuple]] = [
+    (1.0, (16, 32, 128, 4, 4), (16, 64, 128, 4, 4)),
+    (8.0, (16, 64, 128, 4, 4), (16, 64, 128, 4, 4)),
+    (32.0, (32, 64, 64, 4, 4), (32, 64, 64, 4, 4)),
+    (float("inf"), (64, 128, 64, 8, 3), (64, 128, 64, 8, 3)),
+]
+
+
+def moe_config(tokens: int, top_k: int, num_experts: int) -> tuple[tuple, tuple]:
+    """(gate/up config, down config) for this batch (``MOE_CONFIGS``)."""
+    per_expert = tokens * top_k / num_experts
+    for bound, gate_up, down in MOE_CONFIGS:
+        if per_expert <= bound:
+            return gate_up, down
+    raise AssertionError("unreachable: the last bound is inf")
+
+
+# pairs (T * k) up to which the one-program align kernel runs (decode batches); above, a few
+# device-wide torch ops (prefill: the single program would loop over thousands of chunks)
+ALIGN_KERNEL_MAX_PAIRS = 4096
+
+
+def _align_torch(flat: torch.Tensor, num_experts: int, block_m: int, sorted_ids,
+                 block_expert, num_padded) -> None:
+    """``_align_kernel``'s result with device-wide torch ops (stable sort; no host sync)."""
+    n = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    order = torch.sort(flat, stable=True).indices
+    experts = flat[order]
+    first = counts.cumsum(0) - counts  # each expert's first position among the sorted pairs
+    dest = ends[experts] - padded[experts] + torch.arange(n, device=flat.device) - first[experts]
+    sorted_ids.fill_(n)
+    sorted_ids[dest] = order.to(torch.int32)
+    rows = torch.arange(block_expert.numel(), device=flat.device) * block_m
+    expert = torch.searchsorted(ends, rows, right=True)
+    block_expert.copy_(torch.where(rows < ends[-1], expert, -1))
+    num_padded.copy_(ends[-1:])
+
+
+def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int):
+    """(sorted_ids [R] int32, block_expert [R / block_m] int32, num_padded [1] int32) for
+    the flattened ``ids`` (module docstring, step 1). R is the worst case, from ids' shape."""
+    n = ids.numel()
+    max_rows = n + min(n, num_experts) * (block_m - 1)
+    max_rows = triton.cdiv(max_rows, block_m) * block_m
+    dev = ids.device
+    sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_rows // block_m, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    if n > ALIGN_KERNEL_MAX_PAIRS:
+        _align_torch(ids.reshape(-1).long(), num_experts, block_m, sorted_ids, block_expert,
+                     num_padded)
+        return sorted_ids, block_expert, num_padded
+    e_pow2 = triton.next_power_of_2(num_experts)
+    chunk = max(16, min(128, 8192 // e_pow2))
+    _align_kernel[(1,)](ids.reshape(-1), sorted_ids, block_expert, num_padded, n, max_rows,
+                        max_rows // block_m, BLOCK_M=block_m, E_POW2=e_pow2, CHUNK=chunk,
+                        num_warps=4)
+    return sorted_ids, block_expert, num_padded
+
+
+def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, routing, n_cols: int,
+                  config: tuple, a_row_div: int, gated: bool,
+                  topw: torch.Tensor | None) -> None:
+    """One launch of ``_moe_gemm_kernel`` over every row block and ``n_cols`` columns."""
+    sorted_ids, block_expert, num_padded = routing
+    block_m, block_n, block_k, warps, stages = config
+    grid = (triton.cdiv(n_cols, block_n), block_expert.numel())
+    _moe_gemm_kernel[grid](
+        a, w, out, sorted_ids, block_expert, num_padded, topw if topw is not None else a,
+        n_cols, w.shape[2], out.shape[0], a.stride(0), w.stride(0), w.stride(1),
+        out.stride(0), A_ROW_DIV=a_row_div, GATED=gated, WEIGHTED=topw is not None,
+        IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
+
+
+def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+              weights: torch.Tensor, ids: torch.Tensor,
+              configs: tuple[tuple, tuple] | None = None) -> torch.Tensor:
+    """sum_k weights[t, k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = ids[t, k].
+
+    x [T, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I]; weights [T, k] (any
+    float dtype); ids [T, k] (any int dtype). Returns [T, H] in x's dtype. ``configs``
+    overrides the table (tuning)."""
+    tokens, top_k = ids.shape
+    num_experts, two_i, hidden = gate_up.shape
+    inter = two_i // 2
+    if x.shape != (tokens, hidden) or down.shape != (num_experts, hidden, inter):
+        raise ValueError(f"fused_moe shapes disagree: x {tuple(x.shape)}, ids "
+                         f"{tuple(ids.shape)}, gate_up {tuple(gate_up.shape)}, down "
+                         f"{tuple(down.shape)}")
+    if tokens == 0:
+        return torch.zeros_like(x)
+    gate_up_cfg, down_cfg = configs or moe_config(tokens, top_k, num_experts)
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    topw = weights.reshape(-1).float().contiguous()
+    act = torch.empty(tokens * top_k, inter, dtype=x.dtype, device=x.device)
+    routing = align_block_size(ids, num_experts, gate_up_cfg[0])
+    _grouped_gemm(x, gate_up, act, routing, inter, gate_up_cfg, top_k, True, None)
+    if down_cfg[0] != gate_up_cfg[0]:
+        routing = align_block_size(ids, num_experts, down_cfg[0])
+    y = torch.empty(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
+    _grouped_gemm(act, down, y, routing, hidden, down_cfg, 1, False, topw)
+    return y.view(tokens, top_k, hidden).sum(dim=1)

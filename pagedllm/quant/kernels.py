@@ -1,0 +1,77 @@
+"""Which quantized matmul runs: the Triton kernels on CUDA, the torch references elsewhere.
+
+- ``wna16_apply``: GPTQ / AWQ / compressed-tensors int4 and int8 weights on CUDA go through
+  ``triton_wna16`` (Triton importable and ``PAGEDLLM_DISABLE_FUSED_OPS`` unset, as for the
+  other fused ops). The kernel's view of a layer's tensors is cached on the layer and rebuilt
+  when the tensors move (``--cpu-offload-gb`` streams them per call).
+- ``fp8_scaled_mm_supported``: whether ``torch._scaled_mm`` can run fp8 W8A8 on a device
+  (CUDA compute capability >= 8.9).
+Each method logs its choice once.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+_LOGGED: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.info(message)
+
+
+def triton_wna16():
+    """The ``triton_wna16`` module when fused CUDA kernels are enabled, else None."""
+    from pagedllm.layers import fused
+    if fused.ops() is None:
+        return None
+    from pagedllm.quant import triton_wna16 as module
+    return module
+
+
+def _on_cuda(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda
+
+
+def _serves(x: torch.Tensor) -> bool:
+    return _on_cuda(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def wna16_for(tensor: torch.Tensor):
+    """``triton_wna16`` when its kernels will serve this layer's tensors (CUDA, Triton,
+    fused ops enabled): a method may repack its weight for them at load. Else None."""
+    return triton_wna16() if _on_cuda(tensor) else None
+
+
+def wna16_apply(layer: nn.Module, x: torch.Tensor, key: torch.Tensor,
+                build: Callable[[object], object], what: str,
+                bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor | None:
+    """x @ W (+ bias, then the gated SiLU) through the Triton kernels, or None where they do
+    not serve (CPU, no Triton).
+    ``build(module)`` makes the layer's ``WNA16Weight``; ``key`` is a tensor of the layer
+    whose storage identifies the cached one."""
+    if not _serves(x):
+        return None
+    module = triton_wna16()
+    if module is None:
+        return None
+    cached = getattr(layer, "_wna16", None)
+    if cached is None or cached[0] != key.data_ptr():
+        cached = (key.data_ptr(), build(module))
+        layer._wna16 = cached
+        log_once(f"{what}: Triton W{cached[1].bits}A16 kernels (GEMV at one row, GEMM above, "
+                 "dequantization fused)")
+    return module.wna16_matmul(x, cached[1], bias=bias, gated=gated)
+
+
+def fp8_scaled_mm_supported(device: torch.device) -> bool:
+    """fp8 tensor-core matmuls (``torch._scaled_mm``) need compute capability >= 8.9."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)

@@ -1,0 +1,481 @@
+"""Triton weight-only int4 / int8 matmuls (W4A16, W8A16) with the dequantization fused: one
+kernel family for the GPTQ, AWQ and compressed-tensors pack-quantized layouts, x [M, K]
+(fp16 / bf16 / fp32) times the quantized [K, N] weight, fp32 accumulation.
+
+Layouts (``WNA16Weight`` holds strided views, no copies):
+- packed along K (GPTQ ``qweight`` [K/pack, N]; compressed-tensors ``weight_packed``
+  [N, K/pack] seen transposed): value j of a word is row ``k = word_row * pack + j``;
+- packed along N (AWQ ``qweight`` [K, N/8], in the interleaved order 0 2 4 6 1 3 5 7: column
+  n sits in slot (n%2)*4 + (n%8)//2);
+- zero points packed along N in every layout ([G, N/pack], AWQ interleaved), or none
+  (symmetric compressed-tensors: the constant ``zero_offset``, 2**(bits-1)); GPTQ v1 adds
+  ``zero_offset`` 1 to each stored zero; scales [G, N]; each row's group is ``k //
+  group_size`` or, with act-order, ``g_idx[k]``.
+W[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n].
+
+Kernels: a GEMV for one-row inputs of the K-packed layouts (batch-1 decode: each program
+loads a [BLOCK_K / pack, BLOCK_N] tile of words with 16-byte loads, and for each of the pack
+values in a word multiplies the dequantized rows by x elementwise; the K range is split over
+programs so the SMs fill, fp32 partial sums added after), and a ``tl.dot`` GEMM for more
+rows (split-K too while the batch is memory-bound) that also reads AWQ's own layout; from
+``DEQUANT_MIN_ROWS`` rows (prefill) one kernel dequantizes the weight and cuBLAS multiplies.
+The AWQ method repacks its weight at load on CUDA (``repack_awq``) so that decode takes the
+GEMV.
+Without act-order a K tile lies inside one group, so its zeros and scales are one row. The
+torch dequantize-then-matmul references of ``packing.py`` / the quant methods are the oracle
+(tests/kernels/test_wna16.py); ``benchmarks/triton_aot_check.py`` compiles every variant for
+sm_90 without a GPU (registers, spills, load widths).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _to_float(codes):
+    """Non-negative int32 codes below 2**23 to fp32 without I2F (a quarter-rate instruction
+    on Hopper: the GEMV would be bound by it): 2**23 + code read as a float, minus 2**23."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _unpack_rows(words, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """[R, C] words packed along rows -> [R * PACK, C] codes (value j -> row r*PACK + j)."""
+    PACK: tl.constexpr = 32 // BITS
+    shifts = tl.arange(0, PACK) * BITS
+    codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (R * PACK, C))
+
+
+@triton.jit
+def _unpack_cols(words, AWQ: tl.constexpr, BITS: tl.constexpr, R: tl.constexpr,
+                 C: tl.constexpr):
+    """[R, C] words packed along columns -> [R, C * PACK] codes (AWQ: interleaved slots)."""
+    PACK: tl.constexpr = 32 // BITS
+    pos = tl.arange(0, PACK)
+    if AWQ:
+        slot = (pos % 2) * 4 + pos // 2
+    else:
+        slot = pos
+    codes = (words[:, :, None] >> (slot * BITS)[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (R, C * PACK))
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, n0, N, K, group_size, zero_offset,
+                  stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+                  BITS: tl.constexpr, AWQ: tl.constexpr, ACT_ORDER: tl.constexpr,
+                  HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fp32 weight tile W[k0:k0+BLOCK_K, n0:n0+BLOCK_N] (zeros outside [K, N])."""
+    PACK: tl.constexpr = 32 // BITS
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    words_n = n0 // PACK + tl.arange(0, BLOCK_N // PACK)  # packed-along-N word columns
+    n_ok = offs_n < N
+    wn_ok = words_n * PACK < N
+    if AWQ:
+        words = tl.load(qw_ptr + offs_k[:, None] * stride_qk + words_n[None, :] * stride_qn,
+                        mask=(offs_k < K)[:, None] & wn_ok[None, :], other=0)
+        q = _unpack_cols(words, AWQ, BITS, BLOCK_K, BLOCK_N // PACK)
+    else:
+        words_k = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        words = tl.load(qw_ptr + words_k[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                        mask=(words_k * PACK < K)[:, None] & n_ok[None, :], other=0)
+        q = _unpack_rows(words, BITS, BLOCK_K // PACK, BLOCK_N)
+    if ACT_ORDER:  # any group per row: gather a row of zeros and scales for each k
+        g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
+        row_ok = (offs_k < K)[:, None]
+        s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn,
+                    mask=row_ok & n_ok[None, :], other=0.0)
+        if HAS_ZEROS:
+            zw = tl.load(qz_ptr + g[:, None] * stride_zg + words_n[None, :] * stride_zn,
+                         mask=row_ok & wn_ok[None, :], other=0)
+            z = _unpack_cols(zw, AWQ, BITS, BLOCK_K, BLOCK_N // PACK) + zero_offset
+        else:
+            z = zero_offset
+    else:  # the tile lies inside group k0 // group_size: one row of zeros and scales
+        g = k0 // group_size + tl.zeros((1,), dtype=tl.int32)
+        row_ok = (g * group_size < K)[:, None]
+        s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn,
+                    mask=row_ok & n_ok[None, :], other=0.0)
+        if HAS_ZEROS:
+            zw = tl.load(qz_ptr + g[:, None] * stride_zg + words_n[None, :] * stride_zn,
+                         mask=row_ok & wn_ok[None, :], other=0)
+            z = _unpack_cols(zw, AWQ, BITS, 1, BLOCK_N // PACK) + zero_offset
+        else:
+            z = zero_offset
+    return (_to_float(q) - z.to(tl.float32)) * s.to(tl.float32)
+
+
+@triton.jit
+def _group_rows(qz_ptr, s_ptr, g, g_ok, offs_n, n_ok, zero_offset, stride_zg, stride_zn,
+                stride_sg, stride_sn, BITS: tl.constexpr, AWQ: tl.constexpr,
+                HAS_ZEROS: tl.constexpr):
+    """fp32 (zeros, scales) [R, BLOCK_N] of groups ``g`` [R] for columns ``offs_n`` (each
+    column's zero word loaded directly: one row per K tile, so the repeats cost little)."""
+    PACK: tl.constexpr = 32 // BITS
+    ok = g_ok[:, None] & n_ok[None, :]
+    s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=ok,
+                other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        if AWQ:
+            slot = (offs_n % 2) * 4 + (offs_n % 8) // 2
+        else:
+            slot = offs_n % PACK
+        zw = tl.load(qz_ptr + g[:, None] * stride_zg + (offs_n // PACK)[None, :] * stride_zn,
+                     mask=ok, other=0)
+        z = ((zw >> (slot * BITS)[None, :]) & ((1 << BITS) - 1)) + zero_offset
+    else:
+        z = tl.zeros((1, 1), dtype=tl.int32) + zero_offset
+    return z.to(tl.float32), s
+
+
+@triton.jit
+def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, k_split,
+                       group_size, zero_offset, stride_qk, stride_qn, stride_zg, stride_zn,
+                       stride_sg, stride_sn, stride_os, BITS: tl.constexpr,
+                       ACT_ORDER: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Weights packed along K (GPTQ, compressed-tensors): out[split, n] = sum over this
+    # split's K range of x[k] W[k, n]. The [BLOCK_K / PACK, BLOCK_N] words are loaded once;
+    # value j of every word (rows k = word_row * PACK + j) is one unrolled step.
+    PACK: tl.constexpr = 32 // BITS
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = tl.arange(0, BLOCK_K // PACK)
+    acc = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
+    k_start = pid_s * k_split
+    for k0 in range(k_start, k_start + k_split, BLOCK_K):
+        word_rows = k0 // PACK + rows
+        words = tl.load(qw_ptr + word_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                        mask=(word_rows * PACK < K)[:, None] & n_ok[None, :], other=0)
+        if ACT_ORDER:  # each row its own group: zeros and scales per value
+            for j in tl.static_range(PACK):
+                k = word_rows * PACK + j
+                xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + k, mask=k < K, other=0)
+                z, s = _group_rows(qz_ptr, s_ptr, g, k < K, offs_n, n_ok, zero_offset,
+                                   stride_zg, stride_zn, stride_sg, stride_sn, BITS, False,
+                                   HAS_ZEROS)
+                q = _to_float((words >> (j * BITS)) & ((1 << BITS) - 1))
+                acc += (q - z) * s * xj[:, None]
+        else:  # the tile lies in one group: sum_j (q - z) s x = s (sum_j q x - z sum_j x),
+            # one FMA per weight, the zero and scale once per word
+            g = k0 // group_size + tl.zeros((1,), dtype=tl.int32)
+            z, s = _group_rows(qz_ptr, s_ptr, g, g < (K + group_size - 1) // group_size,
+                               offs_n, n_ok, zero_offset, stride_zg, stride_zn, stride_sg,
+                               stride_sn, BITS, False, HAS_ZEROS)
+            qx = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_K // PACK,), dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                k = word_rows * PACK + j
+                xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+                q = _to_float((words >> (j * BITS)) & ((1 << BITS) - 1))
+                qx += q * xj[:, None]
+                x_sum += xj
+            acc += (qx - z * x_sum[:, None]) * s
+    tl.store(out_ptr + pid_s * stride_os + offs_n,
+             tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _wna16_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, M, N, K, k_split,
+                       group_size, zero_offset, stride_xm, stride_om, stride_os, stride_qk,
+                       stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+                       BITS: tl.constexpr, AWQ: tl.constexpr, ACT_ORDER: tl.constexpr,
+                       HAS_ZEROS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[split, m, n] = x[m, split's K range] @ W[split's K range, n]
+    pid_n = tl.program_id(0)  # neighbouring programs share the x rows
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_s * k_split
+    for k0 in range(k_start, k_start + k_split, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k < K)[None, :], other=0.0)
+        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, n0, N, K, group_size,
+                          zero_offset, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg,
+                          stride_sn, BITS, AWQ, ACT_ORDER, HAS_ZEROS, BLOCK_K, BLOCK_N)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + pid_s * stride_os + offs_m[:, None].to(tl.int64) * stride_om
+             + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, group_size, zero_offset,
+                    stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, stride_o,
+                    BITS: tl.constexpr, AWQ: tl.constexpr, ACT_ORDER: tl.constexpr,
+                    HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # W[k0:k0+BLOCK_K, n0:n0+BLOCK_N] in the output dtype (large batches: cuBLAS after)
+    k0 = tl.program_id(0) * BLOCK_K
+    n0 = tl.program_id(1) * BLOCK_N
+    w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, n0, N, K, group_size, zero_offset,
+                      stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, BITS,
+                      AWQ, ACT_ORDER, HAS_ZEROS, BLOCK_K, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + offs_k[:, None].to(tl.int64) * stride_o + offs_n[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=(offs_k < K)[:, None] & (offs_n < N)[None, :])
+
+
+@dataclass
+class WNA16Weight:
+    """A quantized [K, N] weight as the kernels read it (module docstring): strided views of
+    the checkpoint's tensors. ``qzeros`` None: the constant zero ``zero_offset``. ``g_idx``
+    None: row k is in group k // group_size."""
+    qweight: torch.Tensor
+    qzeros: torch.Tensor | None
+    scales: torch.Tensor
+    g_idx: torch.Tensor | None
+    bits: int
+    awq: bool
+    group_size: int
+    zero_offset: int
+    k: int
+    n: int
+
+
+def gptq_weight(qweight, qzeros, scales, g_idx, bits: int, group_size: int, desc_act: bool,
+                zero_offset: int) -> WNA16Weight:
+    """GPTQ: qweight [K/pack, N], qzeros [G, N/pack], scales [G, N], g_idx [K]."""
+    k = qweight.shape[0] * (32 // bits)
+    return WNA16Weight(qweight, qzeros, scales, g_idx if desc_act else None, bits, False,
+                       group_size if group_size > 0 else k, zero_offset, k, scales.shape[1])
+
+
+def awq_weight(qweight, qzeros, scales, group_size: int) -> WNA16Weight:
+    """AWQ GEMM layout as stored: qweight [K, N/8], qzeros [G, N/8] (interleaved), scales
+    [G, N]. Only the GEMM kernel reads it (one-row inputs too): ``repack_awq`` gives the
+    K-packed layout that the GEMV reads with 16-byte loads."""
+    return WNA16Weight(qweight, qzeros, scales, None, 4, True, group_size, 0,
+                       qweight.shape[0], scales.shape[1])
+
+
+def repack_awq(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tensor,
+                                                                       torch.Tensor]:
+    """AWQ (qweight [K, N/8], qzeros [G, N/8], interleaved) -> GPTQ's layout (qweight
+    [K/8, N] packed along K, qzeros [G, N/8] in natural order, zero offset 0): the same
+    weight, read by every kernel here (``gptq_weight(..., zero_offset=0)``)."""
+    from pagedllm.quant.packing import AWQ_ORDER, pack_int32, unpack_int32
+    codes = unpack_int32(qweight, 4, 1, AWQ_ORDER)                   # [K, N]
+    zeros = unpack_int32(qzeros, 4, 1, AWQ_ORDER)                    # [G, N]
+    return pack_int32(codes, 4, 0), pack_int32(zeros, 4, 1)
+
+
+def compressed_weight(weight_packed, weight_scale, zero_point, g_idx, bits: int,
+                      group_size: int | None) -> WNA16Weight:
+    """compressed-tensors pack-quantized: weight_packed [N, K/pack] (codes q + 2**(bits-1)),
+    weight_scale [N, G], zero_point [N/pack, G] (stored zp + 2**(bits-1)) or None."""
+    k = weight_packed.shape[1] * (32 // bits)
+    zeros = zero_point.t() if zero_point is not None else None
+    offset = 0 if zero_point is not None else 1 << (bits - 1)
+    return WNA16Weight(weight_packed.t(), zeros, weight_scale.t(), g_idx, bits, False,
+                       group_size or k, offset, k, weight_packed.shape[0])
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter (tests cap the split size to exercise the partial sums)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _block_k(w: WNA16Weight, want: int) -> tuple[int, bool]:
+    """(BLOCK_K, act-order path): a K tile must lie in one group unless rows are gathered."""
+    pack = 32 // w.bits
+    block_k = max(min(want, triton.next_power_of_2(w.k)), pack)
+    if w.g_idx is not None:
+        return block_k, True
+    while block_k > pack and w.group_size % block_k:
+        block_k //= 2
+    return block_k, w.group_size % block_k != 0
+
+
+def _row_groups(w: WNA16Weight) -> torch.Tensor:
+    """g_idx for a group size no tile divides (rows gathered one by one)."""
+    if w.g_idx is None:
+        w.g_idx = (torch.arange(w.k, device=w.qweight.device) // w.group_size).int()
+    return w.g_idx
+
+
+def _launch_args(w: WNA16Weight, act_order: bool) -> tuple:
+    zeros = w.qzeros if w.qzeros is not None else w.scales
+    g_idx = _row_groups(w) if act_order else w.scales
+    return (w.qweight, zeros, w.scales, g_idx), (
+        w.qweight.stride(0), w.qweight.stride(1), zeros.stride(0), zeros.stride(1),
+        w.scales.stride(0), w.scales.stride(1))
+
+
+def _splits(programs: int, k: int, block_k: int, target: int,
+            rows: int = 1) -> tuple[int, int]:
+    """(splits, K per split) so that about ``target`` programs run (split-K: the SMs fill
+    even when N gives few column tiles); each split a whole number of K tiles. The fp32
+    partial sums (written and read once more) stay small next to the weight: a split covers
+    at least max(SPLIT_MIN_K, SPLIT_K_PER_ROW * rows) of K."""
+    k_tiles = triton.cdiv(k, block_k)
+    most = max(1, k // max(SPLIT_MIN_K, SPLIT_K_PER_ROW * rows))
+    splits = max(1, min(k_tiles, triton.cdiv(target, programs), most))
+    k_split = triton.cdiv(k_tiles, splits) * block_k
+    return triton.cdiv(k, k_split), k_split
+
+
+def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor:
+    block_n, block_k, warps = config or GEMV_CONFIG
+    block_k, act_order = _block_k(w, block_k)
+    if w.awq:  # AWQ's own layout has no GEMV (``repack_awq`` makes it K-packed): GEMM
+        return _gemm(x, w, None)
+    n_tiles = triton.cdiv(w.n, block_n)
+    splits, k_split = _splits(n_tiles, w.k, block_k, GEMV_WAVES * _sm_count(x.device))
+    out = torch.empty(splits, w.n, device=x.device,
+                      dtype=x.dtype if splits == 1 else torch.float32)
+    tensors, strides = _launch_args(w, act_order)
+    _wna16_gemv_kernel[(n_tiles, splits)](
+        x, *tensors, out, w.n, w.k, k_split, w.group_size, w.zero_offset, *strides,
+        out.stride(0), BITS=w.bits, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return (out, False) if splits == 1 else (out.unsqueeze(1), True)
+
+
+SPLIT_MIN_K, SPLIT_K_PER_ROW = 512, 64
+# GEMV (BLOCK_N, BLOCK_K, num_warps), and the programs it aims for per SM (split-K)
+GEMV_CONFIG = (64, 128, 4)
+GEMV_WAVES = 8
+# (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMM, first match;
+# batches up to 64 rows are memory-bound: split-K fills the SMs when the tiles are few
+GEMM_CONFIGS = [(16, 16, 32, 128, 4, 3), (32, 32, 32, 128, 4, 3), (64, 64, 64, 64, 4, 3),
+                (1 << 62, 64, 128, 64, 8, 3)]
+GEMM_SPLIT_MAX_ROWS = 64
+
+
+def _gemm(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor:
+    m = x.shape[0]
+    if config is None:
+        config = next(c[1:] for c in GEMM_CONFIGS if m <= c[0])
+    block_m, block_n, block_k, warps, stages = config
+    block_k, act_order = _block_k(w, block_k)
+    tiles = triton.cdiv(w.n, block_n) * triton.cdiv(m, block_m)
+    target = 2 * _sm_count(x.device) if m <= GEMM_SPLIT_MAX_ROWS else 0
+    splits, k_split = _splits(tiles, w.k, block_k, target, m)
+    out = torch.empty(splits, m, w.n, device=x.device,
+                      dtype=x.dtype if splits == 1 else torch.float32)
+    tensors, strides = _launch_args(w, act_order)
+    grid = (triton.cdiv(w.n, block_n), triton.cdiv(m, block_m), splits)
+    _wna16_gemm_kernel[grid](
+        x, *tensors, out, m, w.n, w.k, k_split, w.group_size, w.zero_offset, x.stride(0),
+        out.stride(1), out.stride(0), *strides, BITS=w.bits, AWQ=w.awq, ACT_ORDER=act_order,
+        HAS_ZEROS=w.qzeros is not None, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return (out[0], False) if splits == 1 else (out, True)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, splits, n_out, half, stride_ps,
+                          stride_pm, stride_om, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    # out[m, n] = epilogue(sum over splits of part[s, m, n]): + bias, then silu(gate) * up
+    # with the up column ``half`` to the right (GATED)
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_out
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        row = part_ptr + s * stride_ps + m * stride_pm
+        acc += tl.load(row + offs, mask=ok, other=0.0)
+        if GATED:
+            acc_up += tl.load(row + half + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if GATED:
+            acc_up += tl.load(bias_ptr + half + offs, mask=ok, other=0.0).to(tl.float32)
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _reduce(part: torch.Tensor, bias: torch.Tensor | None, gated: bool,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The split-K partial sums [S, M, N] (fp32) -> [M, N or N/2] with the epilogue, in one
+    launch (instead of sum, cast, bias add and the gated SiLU)."""
+    _, m, n = part.shape
+    n_out = n // 2 if gated else n
+    out = torch.empty(m, n_out, dtype=dtype, device=part.device)
+    block = min(1024, triton.next_power_of_2(n_out))
+    _splitk_reduce_kernel[(m, triton.cdiv(n_out, block))](
+        part, bias if bias is not None else part, out, part.shape[0], n_out, n_out,
+        part.stride(0), part.stride(1), out.stride(0), HAS_BIAS=bias is not None,
+        GATED=gated, BLOCK=block, num_warps=4)
+    return out
+
+
+def _epilogue(out: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    if bias is not None:
+        out = out + bias
+    if gated:
+        from pagedllm.layers import fused
+        out = fused.silu_and_mul(out)
+    return out
+
+
+# rows from which the weight is dequantized once (one kernel) and multiplied by cuBLAS: the
+# fused GEMM would dequantize every tile once per BLOCK_M rows (prefill)
+DEQUANT_MIN_ROWS = 512
+
+
+def dequantize(w: WNA16Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The [K, N] weight in ``dtype``, one launch."""
+    block_k, act_order = _block_k(w, 64)
+    out = torch.empty(w.k, w.n, dtype=dtype, device=w.qweight.device)
+    tensors, strides = _launch_args(w, act_order)
+    _dequant_kernel[(triton.cdiv(w.k, block_k), triton.cdiv(w.n, 64))](
+        *tensors, out, w.n, w.k, w.group_size, w.zero_offset, *strides, out.stride(0),
+        BITS=w.bits, AWQ=w.awq, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None,
+        BLOCK_K=block_k, BLOCK_N=64, num_warps=4)
+    return out
+
+
+def wna16_matmul(x: torch.Tensor, w: WNA16Weight, *, bias: torch.Tensor | None = None,
+                 gated: bool = False, gemv: bool | None = None,
+                 config: tuple | None = None) -> torch.Tensor:
+    """x [..., K] @ W [K, N] (+ bias) -> [..., N] in x's dtype; ``gated``: then
+    silu(first half) * second half -> [..., N/2]. One row: the split-K GEMV (``gemv`` forces
+    either kernel; ``config`` overrides the tile choice, for tuning); up to
+    ``DEQUANT_MIN_ROWS`` rows the fused GEMM; more: dequantize once, then cuBLAS. Split-K
+    partial sums are reduced with the epilogue in one launch."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[1] != w.k:
+        raise ValueError(f"wna16_matmul: x has {x2.shape[1]} features, the weight {w.k}")
+    n_out = w.n // 2 if gated else w.n
+    if x2.shape[0] == 0:
+        return x.new_empty(*shape[:-1], n_out)
+    use_gemv = x2.shape[0] == 1 if gemv is None else gemv
+    if x2.shape[0] >= DEQUANT_MIN_ROWS and config is None:
+        out, partial = torch.matmul(x2, dequantize(w, x2.dtype)), False
+    else:
+        out, partial = (_gemv(x2, w, config) if use_gemv and x2.shape[0] == 1
+                        else _gemm(x2, w, config))
+    out = _reduce(out, bias, gated, x.dtype) if partial else _epilogue(out, bias, gated)
+    return out.reshape(*shape[:-1], n_out)

@@ -1,0 +1,188 @@
+"""The fused-MoE Triton kernels (``pagedllm/layers/fused_moe_triton.py``) against the torch
+expert loop (``layers/moe.py``'s ``moe_reference``, run in float64 on upcast inputs), on
+random inputs and routings from ``select_experts`` (softmax, with and without
+renormalisation, grouped top-k). Without a GPU the kernels run under Triton's interpreter on
+tiny shapes (the CPU cases take a few seconds); on a GPU also the Qwen3-30B-A3B and Mixtral
+expert shapes, CUDA-graph capture, and ``FusedMoE``'s CUDA path against its CPU path.
+Outputs are poisoned first (NaN), so an unwritten row fails."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.test_triton_attention import DEVICE, ON_GPU, TOL, _rel_err
+
+fm = pytest.importorskip("pagedllm.layers.fused_moe_triton")
+
+from pagedllm.layers.activation import ActAndMul  # noqa: E402
+from pagedllm.layers.moe import moe_reference, select_experts  # noqa: E402
+
+
+def _problem(tokens, experts, hidden, inter, top_k, dtype, seed, renormalize=True,
+             groups=None):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5
+    down = torch.randn(experts, hidden, inter, generator=gen) / inter ** 0.5
+    logits = torch.randn(tokens, experts, generator=gen)
+    kwargs = dict(num_expert_group=groups, topk_group=2) if groups else {}
+    weights, ids = select_experts(logits, top_k, renormalize=renormalize, **kwargs)
+    cast = [t.to(dtype).to(DEVICE) for t in (x, gate_up, down)]
+    return (*cast, weights.to(DEVICE), ids.to(DEVICE))
+
+
+def _reference(x, gate_up, down, weights, ids):
+    act = ActAndMul("silu")
+    return moe_reference(x.double().cpu(), gate_up.double().cpu(), down.double().cpu(),
+                         weights.double().cpu(), ids.cpu(), act)
+
+
+def _check(tokens, experts, hidden, inter, top_k, dtype, seed, **kw):
+    x, gate_up, down, weights, ids = _problem(tokens, experts, hidden, inter, top_k, dtype,
+                                              seed, **kw)
+    out = fm.fused_moe(x, gate_up, down, weights, ids)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert _rel_err(out.cpu(), _reference(x, gate_up, down, weights, ids)) < TOL[dtype]
+
+
+# tiny shapes: interpreter on CPU (seconds), compiled on a GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,experts,top_k,renorm", [(1, 4, 2, True), (5, 8, 2, False),
+                                                         (33, 8, 3, True), (7, 6, 1, False),
+                                                         (90, 8, 2, True)])
+def test_fused_moe_small(tokens, experts, top_k, renorm, dtype, monkeypatch):
+    if tokens == 90:  # prefill-sized: the torch align path
+        monkeypatch.setattr(fm, "ALIGN_KERNEL_MAX_PAIRS", 64)
+    _check(tokens, experts, 32, 48, top_k, dtype, tokens * 31 + experts, renormalize=renorm)
+
+
+def test_fused_moe_grouped_topk_routing():
+    """DeepSeek-style grouped top-k routing (4 groups, best 2) feeds the same kernels."""
+    _check(9, 16, 64, 32, 4, torch.float32, 5, groups=4)
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("tokens,top_k,experts,block", [(11, 3, 6, 4), (300, 2, 6, 16),
+                                                         (150, 4, 64, 16), (3, 8, 256, 64)])
+def test_align_block_size_pads_each_expert_to_whole_blocks(tokens, top_k, experts, block,
+                                                           path, monkeypatch):
+    """Several chunks of pairs (the running counts), empty experts, more experts than pairs;
+    the one-program kernel (decode) and the torch ops (prefill-sized batches)."""
+    if path == "torch":
+        monkeypatch.setattr(fm, "ALIGN_KERNEL_MAX_PAIRS", 0)
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, experts, (tokens, top_k), generator=gen).to(DEVICE)
+    sorted_ids, block_expert, num_padded = fm.align_block_size(ids, experts, block)
+    sorted_ids, block_expert, flat = sorted_ids.cpu(), block_expert.cpu(), ids.reshape(-1).cpu()
+    total = int(num_padded)
+    counts = torch.bincount(flat, minlength=experts)
+    assert total == int(((counts + block - 1) // block * block).sum())
+    assert (block_expert[total // block:] == -1).all()
+    assert sorted(sorted_ids[sorted_ids < flat.numel()].tolist()) == list(range(flat.numel()))
+    assert (sorted_ids[total:] == flat.numel()).all()
+    for b in range(total // block):
+        rows = sorted_ids[block * b:block * b + block]
+        rows = rows[rows < flat.numel()]
+        assert (flat[rows] == block_expert[b]).all()
+        assert rows.tolist() == sorted(rows.tolist())  # stable: pairs keep their order
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,renorm,scale", [
+    (1, 8, 2, True, 1.0), (7, 60, 4, False, 1.0), (5, 128, 8, True, 1.0),
+    (3, 64, 6, False, 2.5), (4, 256, 8, True, 1.0)])
+def test_topk_softmax_matches_select_experts(tokens, experts, top_k, renorm, scale):
+    """The one-launch router against ``select_experts``' torch path: fp32 logits (no ties):
+    the same experts in the same (descending) order, weights within fp32 rounding; bf16
+    logits (ties: which of two equal experts is unspecified in torch.topk): the same
+    weights."""
+    gen = torch.Generator().manual_seed(experts + top_k)
+    logits = torch.randn(tokens, experts, generator=gen)
+    ref_w, ref_ids = select_experts(logits, top_k, renormalize=renorm,
+                                    routed_scaling_factor=scale)
+    weights, ids = fm.topk_softmax(logits.to(DEVICE), top_k, renorm, scale)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-6)
+    logits = logits.to(torch.bfloat16)
+    ref_w, _ = select_experts(logits, top_k, renormalize=renorm, routed_scaling_factor=scale)
+    weights, ids = fm.topk_softmax(logits.to(DEVICE), top_k, renorm, scale)
+    torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-6)
+    assert all(len(set(row)) == top_k for row in ids.tolist())
+
+
+gpu = pytest.mark.skipif(not ON_GPU, reason="large shapes and CUDA graphs need a GPU")
+
+
+@gpu
+@pytest.mark.parametrize("tokens", [1, 16, 64, 256, 1000])
+@pytest.mark.parametrize("shape", [(128, 2048, 768, 8), (8, 4096, 14336 // 8, 2)],
+                         ids=["qwen3-30b-a3b", "mixtral-narrow"])
+def test_fused_moe_model_shapes(tokens, shape):
+    experts, hidden, inter, top_k = shape
+    _check(tokens, experts, hidden, inter, top_k, torch.bfloat16, tokens + experts)
+
+
+@gpu
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_every_config_of_the_table(tokens):
+    """Each row of ``MOE_CONFIGS`` computes the same function (the table only tunes)."""
+    x, gate_up, down, weights, ids = _problem(tokens, 32, 256, 192, 4, torch.bfloat16, 3)
+    ref = _reference(x, gate_up, down, weights, ids)
+    for _, gate_up_cfg, down_cfg in fm.MOE_CONFIGS:
+        out = fm.fused_moe(x, gate_up, down, weights, ids, configs=(gate_up_cfg, down_cfg))
+        assert _rel_err(out.cpu(), ref) < TOL[torch.bfloat16], (gate_up_cfg, down_cfg)
+
+
+@gpu
+def test_fused_moe_cuda_graph_replays_new_routings():
+    """Captured once, replayed on new inputs and routings: the same result as eager."""
+    x, gate_up, down, weights, ids = _problem(4, 16, 128, 64, 4, torch.bfloat16, 11)
+    fm.fused_moe(x, gate_up, down, weights, ids)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fm.fused_moe(x, gate_up, down, weights, ids)
+    for seed in range(3):
+        x2, _, _, w2, i2 = _problem(4, 16, 128, 64, 4, torch.bfloat16, 100 + seed)
+        x.copy_(x2), weights.copy_(w2), ids.copy_(i2)
+        out.fill_(float("nan"))
+        graph.replay()
+        assert _rel_err(out.cpu(), _reference(x, gate_up, down, weights, ids)) < 1e-2
+
+
+@gpu
+def test_fused_moe_layer_cuda_matches_cpu():
+    """``MoEBlock`` on CUDA (fused kernels) against the same block on CPU (the torch loop)."""
+    from pagedllm.layers.moe import MoEBlock
+    torch.manual_seed(0)
+    block = MoEBlock(256, 16, 4, 128, renormalize=True)
+    for p in block.parameters():
+        p.data.normal_(0, 0.05)
+    x = torch.randn(37, 256)
+    ref = block(x)
+    out = block.cuda()(x.cuda())
+    assert _rel_err(out.cpu(), ref) < 1e-4  # fp32: tf32-free IEEE dots
+
+
+@gpu
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_models_cuda_engine_greedy_equals_cpu(arch):
+    """Tiny MoE checkpoints (tests/models/test_moe_models.py), fp32: the CUDA engine (fused
+    router and experts, CUDA graphs on) gives the CPU engine's (torch loop) greedy tokens."""
+    from tests.models.test_moe_models import _generate, _prompts, build_tiny_moe
+    path = str(build_tiny_moe(arch))
+    prompts = _prompts()
+    assert _generate(path, prompts, device="cuda") == _generate(path, prompts, device="cpu")
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CUDA variant is test_moe_models_cuda_engine_...")
+def test_cpu_engine_through_the_fused_kernels_equals_reference(monkeypatch):
+    """A tiny Qwen3-MoE through the whole CPU engine with its experts sent through the fused
+    kernels (the interpreter standing in for CUDA) gives the torch loop's greedy tokens."""
+    from pagedllm.layers import moe
+    from tests.models.test_moe_models import _generate, _prompts, build_tiny_moe
+    path = str(build_tiny_moe("qwen3_moe"))
+    prompts = _prompts()[:2]
+    reference = _generate(path, prompts, device="cpu")
+    monkeypatch.setattr(moe, "_fused_kernel", lambda x, act: fm.fused_moe)
+    assert _generate(path, prompts, device="cpu") == reference
