@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import statistics
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -43,49 +45,62 @@ def make_workload(num_prompts: int, input_len: int, output_len: int, range_ratio
              output_len) for _ in range(num_prompts)]
 
 
-async def send_one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int],
-                   max_tokens: int) -> RequestResult:
-    """One streaming request. The client shares the CPU with the server on a small machine,
-    so it stays light: it times raw byte chunks and parses JSON only for the usage chunk."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+async def send_one(url: str, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
+    """One streaming request over its own HTTP/1.1 connection (``Connection: close``).
+
+    The load generator must not be the bottleneck, and it shares the machine with the
+    server: it writes the request and reads raw bytes, times the first chunk with a choice
+    and parses JSON only for the usage event at the end. (httpx's connection pool was: with
+    250 streams per process, every stream that ended scanned the pool, so the last wave of
+    completions reached the clients 1.4 s after the engine's last step on the H100.)"""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                       "temperature": 0, "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     result, start = RequestResult(), time.perf_counter()
     result.start, result.sent_at = start, time.time()
-    tail = b""
+    parts = urlsplit(url)
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                result.error = (await resp.aread()).decode()[:200]
-                return result
-            async for data in resp.aiter_raw():
-                if result.ttft == 0.0 and b'"choices":[{' in data:
-                    result.ttft = time.perf_counter() - start
-                tail = (tail + data)[-4096:]
-        result.latency = time.perf_counter() - start
-        result.done_at = time.time()
-        events = [e for e in tail.split(b"\n\n") if e.startswith(b"data: {")]
-        usage = json.loads(events[-1][6:]).get("usage") if events else None
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+    except OSError as exc:
+        result.error = repr(exc)
+        return result
+    try:
+        writer.write(b"POST %s/v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                     % (parts.path.rstrip("/").encode(), parts.netloc.encode(), len(body)) + body)
+        status = await reader.readline()
+        tail = b""
+        while data := await reader.read(65536):
+            if result.ttft == 0.0 and b'"choices":[{' in data:
+                result.ttft = time.perf_counter() - start
+            tail = (tail + data)[-8192:]
+        result.latency, result.done_at = time.perf_counter() - start, time.time()
+        if b" 200 " not in status:
+            result.error = (status + tail)[-300:].decode(errors="replace")
+            return result
+        events = re.findall(rb"data: (\{.*?\})\r?\n\r?\n", tail)
+        usage = json.loads(events[-1]).get("usage") if events else None
         result.output_tokens = usage["completion_tokens"] if usage else 0
         result.ok = usage is not None
         if not result.ok:
             result.error = tail[-200:].decode(errors="replace")
-    except httpx.HTTPError as exc:
+    except (OSError, ValueError) as exc:
         result.error = repr(exc)
+    finally:
+        writer.close()
     return result
 
 
 async def run_load(url: str, model: str, workload, request_rate: float,
                    seed: int) -> tuple[list[RequestResult], float]:
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        tasks, start = [], time.perf_counter()
-        for prompt, max_tokens in workload:
-            tasks.append(asyncio.create_task(send_one(client, url, model, prompt, max_tokens)))
-            if request_rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(request_rate))
-        results = await asyncio.gather(*tasks)
-        return results, time.perf_counter() - start
+    tasks, start = [], time.perf_counter()
+    for prompt, max_tokens in workload:
+        tasks.append(asyncio.create_task(send_one(url, model, prompt, max_tokens)))
+        if request_rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(request_rate))
+    results = await asyncio.gather(*tasks)
+    return results, time.perf_counter() - start
 
 
 def _load_process(url, model, workload, request_rate, seed, start_at, queue) -> None:
