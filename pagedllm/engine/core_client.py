@@ -62,7 +62,7 @@ def run_engine_core(in_addr: str, out_addr: str, parent_pid: int, conn,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the front end, which stops us
     signal.signal(signal.SIGTERM, _raise_exit)
     from pagedllm.engine.core import EngineCore  # the heavy imports (torch, the models)
-    import transformers.configuration_utils  # noqa: F401 - the config's HF part unpickles
+    _preimport_config_modules()
     logger.info("start-up: engine core process up in %.1f s (spawn and imports)",
                 time.time() - spawned_at)
     configured = _wait_config(conn, parent_pid)
@@ -97,6 +97,19 @@ def run_engine_core(in_addr: str, out_addr: str, parent_pid: int, conn,
         outbox.close(linger=1000)
         inbox.close(linger=0)
         ctx.term()
+
+
+def _preimport_config_modules() -> None:
+    """What unpickling the configuration imports (its Hugging Face config class pulls
+    transformers' validators, activations and loading code: 1-2 s), while the front end
+    still resolves the configuration, instead of after it arrives."""
+    import importlib
+    for name in ("transformers.configuration_utils", "transformers.utils.type_validators",
+                 "transformers.modeling_rope_utils"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # other transformers versions lay their modules out differently
+            pass
 
 
 def _wait_config(conn, parent_pid: int):
