@@ -563,7 +563,7 @@ class EngineConfig:
 
     @cached_property
     def lookahead(self) -> bool:
-        """Async output by launching the next batch ahead (the engine's ``_step_lookahead``
+        """Async output by launching the next batch ahead (the engine core's ``step``
         and the scheduler's ``schedule_lookahead``); speculative decoding and detailed traces
         take the executor thread instead (batches in flight together would count the same
         seconds in each request's forward / execute times)."""

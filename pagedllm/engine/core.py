@@ -16,7 +16,7 @@ one process (``LLM``, tests, ``--disable-frontend-multiprocessing``); ``pagedllm
 the core in its own process (``engine/core_client.py``). The same code steps in both.
 
 A step is schedule (control plane) -> execute (compute plane) -> update. Async output processing
-(on CUDA unless ``--disable-async-output-proc``; ``_step_lookahead``): the device never waits
+(on CUDA unless ``--disable-async-output-proc``; ``step`` with ``_ahead``): the device never waits
 for the host's output work.
 1. After step t is finished (its ids on the host, ``update_from_output`` applied: tokens, stop
    ids and max_tokens), the next step is scheduled and launched before step t's deltas are
@@ -38,7 +38,7 @@ thread while the front end makes step t's outputs (``_step_threaded``; the runne
 
 Pipeline parallelism (``-pp N``): up to N micro-batches of disjoint requests are in flight, each
 launched on every rank (``executor.launch``) and finished in order (``executor.finish``), so
-stage 0 runs batch k+1 while stage 1 runs batch k; see ``_step_micro_batches``.
+stage 0 runs batch k+1 while stage 1 runs batch k; see ``step`` (``_depth`` batches in flight).
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ class EngineCore:
             max_loras=config.lora.max_loras, lookahead=config.lookahead)
 
     def _setup_overlap(self, config: EngineConfig) -> None:
-        """Async output processing by launching ahead (``_step_lookahead``); the executor
+        """Async output processing by launching ahead (``step`` with ``_ahead``); the executor
         thread where that is unavailable (speculative decoding) or with
         --collect-detailed-traces: batches in flight together would count the same seconds
         in each request's model forward / execute times."""
@@ -186,7 +186,10 @@ class EngineCore:
         self._exec_thread: ThreadPoolExecutor | None = None
         self._runner = self.worker.runner
         self._lookahead = config.lookahead
-        if config.async_output_proc and not self._lookahead:
+        # batches in flight at most: the pipeline's stages, 2 with the lookahead, else 1
+        self._ahead = self._lookahead and self.pipeline_depth == 1
+        self._depth = self.pipeline_depth if self.pipeline_depth > 1 else 1 + self._ahead
+        if config.async_output_proc and not self._lookahead and self.pipeline_depth == 1:
             threads = torch.get_num_threads()
             self._exec_thread = ThreadPoolExecutor(
                 1, "pagedllm-execute", initializer=torch.set_num_threads, initargs=(threads,))
@@ -337,17 +340,51 @@ class EngineCore:
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[SeqDelta]:
-        if self.pipeline_depth > 1:
-            return self._step_micro_batches()
-        if self._lookahead:
-            return self._step_lookahead()
+        """One step: launch batches until ``_depth`` are in flight (1 plain, 2 with the
+        lookahead, the pipeline's stage count with ``-pp``), finish the oldest and return its
+        deltas; with the lookahead, the next batch is launched before returning when nothing
+        is left in flight, so the device runs it while the caller makes outputs (module
+        docstring). Speculative decoding and detailed traces use the executor thread
+        (``_step_threaded``). No batch is left in flight when this raises."""
         if self._exec_thread is not None:
             return self._step_threaded()
-        if not self.scheduler.has_unfinished_requests():
-            return []
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
-        return self._apply(scheduler_output, runner_output)
+        try:
+            deltas = self._launch_ready()
+            if self._in_flight:
+                deltas += self._finish_step()
+            if self._ahead and not self._in_flight and self.scheduler.has_unfinished_requests():
+                self._launch(self.scheduler.schedule())
+        except BaseException:
+            self._in_flight.clear()  # the executor has failed for good
+            raise
+        return deltas
+
+    def _launch_ready(self) -> list[SeqDelta]:
+        """Launch the batches the scheduler has until ``_depth`` are in flight. With pipeline
+        stages a multi-step batch runs alone: the batches ahead of it finish first (their
+        deltas are returned)."""
+        deltas: list[SeqDelta] = []
+        while len(self._in_flight) < self._depth:
+            scheduler_output = self._next_batch()
+            if scheduler_output is None:
+                break
+            alone = self.pipeline_depth > 1 and scheduler_output.num_steps > 1
+            while alone and self._in_flight:
+                deltas += self._finish_step()
+            self._launch(scheduler_output)
+            if scheduler_output.is_empty or alone:
+                break
+        return deltas
+
+    def _next_batch(self) -> SchedulerOutput | None:
+        """The next batch to launch, or None: behind a running batch the lookahead's
+        continuation of it, or with pipeline stages a batch of requests not in flight."""
+        sched = self.scheduler
+        if self._in_flight and self._ahead:
+            return sched.schedule_lookahead(self._in_flight[-1])
+        if self.pipeline_depth > 1:
+            return sched.schedule() if sched.has_schedulable_requests() else None
+        return sched.schedule() if sched.has_unfinished_requests() else None
 
     def _step_threaded(self) -> list[SeqDelta]:
         """Async output processing on the executor thread: finish step t, then schedule and
@@ -367,50 +404,6 @@ class EngineCore:
             # caller takes the GIL for output work (else the launch waits on it)
             launched.wait()
             self._future = (scheduler_output, future)
-        return deltas
-
-    def _step_micro_batches(self) -> list[SeqDelta]:
-        """Pipeline parallelism: launch batches of requests not in flight until
-        ``pipeline_depth`` are in flight (stage 0 starts the next while later stages still
-        work on earlier ones), then finish the oldest and return its deltas. A multi-step
-        batch runs alone: the batches ahead of it finish first."""
-        deltas: list[SeqDelta] = []
-        try:
-            while len(self._in_flight) < self.pipeline_depth and \
-                    self.scheduler.has_schedulable_requests():
-                scheduler_output = self.scheduler.schedule()
-                if scheduler_output.num_steps > 1:
-                    while self._in_flight:
-                        deltas += self._finish_step()
-                self._launch(scheduler_output)
-                if scheduler_output.is_empty or scheduler_output.num_steps > 1:
-                    break
-            if self._in_flight:
-                deltas += self._finish_step()
-        except BaseException:
-            self._in_flight.clear()  # the executor has failed for good
-            raise
-        return deltas
-
-    def _step_lookahead(self) -> list[SeqDelta]:
-        """Async output processing (module docstring): launch a batch if none is in flight,
-        then its lookahead successor if the scheduler has one; finish the oldest, and when
-        nothing is left in flight, schedule and launch the next batch before returning the
-        oldest's deltas, so that the device runs it meanwhile."""
-        try:
-            if not self._in_flight:
-                if not self.scheduler.has_unfinished_requests():
-                    return []
-                self._launch(self.scheduler.schedule())
-            ahead = self.scheduler.schedule_lookahead(self._in_flight[-1])
-            if ahead is not None:
-                self._launch(ahead)
-            deltas = self._finish_step()
-            if not self._in_flight and self.scheduler.has_unfinished_requests():
-                self._launch(self.scheduler.schedule())
-        except BaseException:
-            self._in_flight.clear()  # the executor has failed for good
-            raise
         return deltas
 
     def _launch(self, scheduler_output: SchedulerOutput) -> None:
