@@ -70,7 +70,11 @@ def prepare_request(config: EngineConfig, inputs: PromptProcessor, request_id: s
     if priority != 0 and config.scheduler.scheduling_policy != "priority":
         raise ValueError(f"priority={priority} needs --scheduling-policy priority")
     text, token_ids = inputs.process(prompt, lora_request)
-    params = params.clone()
+    try:
+        params = params.clone()
+    except RecursionError:  # e.g. a guided_json schema nested hundreds of levels deep
+        raise ValueError("the request's parameters are nested too deeply to copy "
+                         "(guided_json / guided_choice / logit_bias)") from None
     check_request_params(params, config.model.vocab_size, config.model.max_logprobs)
     if params.truncate_prompt_tokens is not None:
         token_ids = token_ids[-params.truncate_prompt_tokens:]

@@ -142,3 +142,17 @@ def test_request_chat_template_still_renders(server):
     detok = httpx.post(server.url + "/detokenize",
                        json={"model": MODEL, "tokens": resp.json()["tokens"]}, timeout=60)
     assert "<user>hello" in detok.json()["prompt"].replace(" ", "")
+
+
+def test_deeply_nested_guided_json_is_a_400_in_both_modes(server):
+    """A schema nested 300 objects deep made copying the request's parameters overflow the
+    stack: a 500 with the core in its own process (found by the embeddings work), now a 400
+    naming the nesting in both modes; the server goes on serving."""
+    schema: dict = {"type": "string"}
+    for _ in range(300):
+        schema = {"type": "object", "properties": {"a": schema}}
+    resp = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "x", "max_tokens": 4, "guided_json": schema})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["object"] == "error"
+    assert _greedy(server)[0]
