@@ -8,6 +8,7 @@
 # replay with and without PDL, the decode profile, GEMV configs for the Qwen3-0.6B shape);
 # `... serve` pagedllm serve vs the in-process engine vs LLM.generate (issue 19); `...
 # serve-probe` the same with per-step timelines (where the server loses time) and start-ups;
+# `... final-probe` kernel tests, server vs offline, W4A16 batch-1 and the MoE layer in one call;
 # `... kerneltests` the quantized-matmul and fused-MoE kernel tests (issues 22, 23; ~5 min);
 # `... quant` / `quantoffline` benchmarks/quant_bench.py (W4A16 GPTQ/AWQ and fp8 kernels and
 # engine decode vs bf16, Llama-3-8B shape / fp8 offline 1000 x 256/256 vs bf16); `... moe` /
@@ -18,6 +19,14 @@
 # no argument: tests, bench1, bench2. (tests/e2e/test_lora.py needs peft, which the GPU image
 # lacks: carry its wheel and accelerate's as .whl, see the device README, or it is skipped.)
 set -uo pipefail
+# the server's wheels, carried as .whl-serve (fastapi, starlette, uvicorn, pydantic, pyzmq):
+# the GPU image has none of them
+use_serve_wheels() {
+  if [ -d .whl-serve ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site-serve .whl-serve/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site-serve"
+  fi
+}
 export PYTHONPATH="$PWD" PAGEDLLM_TEST_MODELS=/tmp/pagedllm-test-models
 OUT_DIR=${OUT:-/tmp}
 parts=${1:-"tests bench1 bench2"}
@@ -48,10 +57,7 @@ for part in $parts; do
       # issue 19: pagedllm serve (engine core in its own process) vs the in-process engine vs
       # LLM.generate, 8B shape, 1000 x 256/256 at rate inf, then a Poisson sweep; carries
       # the server's wheels (.whl-serve: fastapi, starlette, uvicorn, pydantic, pyzmq)
-      if [ -d .whl-serve ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-          --target /tmp/site-serve .whl-serve/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site-serve"
-      fi
+      use_serve_wheels
       PYTHONUNBUFFERED=1 python benchmarks/serving.py --model benchmarks/configs/llama-3-8b \
         --num-prompts 1000 --input-len 256 --output-len 256 --range-ratio 0 \
         --compare-offline --compare-inproc --client-processes 4 --rates 4 8 16 32 \
@@ -60,10 +66,7 @@ for part in $parts; do
     serve-probe)
       # issue 19: where the server loses time against offline (per-step timelines of the
       # core and the front end, benchmarks/timeline.py), then warm and cold start-up splits
-      if [ -d .whl-serve ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-          --target /tmp/site-serve .whl-serve/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site-serve"
-      fi
+      use_serve_wheels
       PYTHONUNBUFFERED=1 python benchmarks/serving.py --model benchmarks/configs/llama-3-8b \
         --num-prompts 1000 --input-len 256 --output-len 256 --range-ratio 0 \
         --compare-offline --compare-inproc --client-processes 4 --timeline "$OUT_DIR/timeline" \
@@ -71,6 +74,26 @@ for part in $parts; do
       python benchmarks/serve_startup.py --model benchmarks/configs/llama-3-8b --repeat 2 -- \
         --load-format dummy --skip-tokenizer-init --max-model-len 4096 2>&1 \
         | grep -v Warning | tee -a "$OUT_DIR/startup.txt" ;;
+    final-probe)
+      # issue 19 / 22 / 23 in one call (the last H100 figures of 2026-12-07): the new kernel
+      # tests, the server vs offline with timelines, batch-1 W4A16 decode vs bf16, the MoE
+      # layer vs copy bandwidth; each part under its own time limit
+      use_serve_wheels
+      echo "== kernel tests"; timeout 120 python -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_fused_moe.py tests/kernels/test_wna16.py \
+        tests/kernels/test_fp8_scaled_mm.py tests/kernels/test_triton_attention.py 2>&1 | tail -6
+      echo "== serve"; PYTHONUNBUFFERED=1 timeout 190 python benchmarks/serving.py \
+        --model benchmarks/configs/llama-3-8b --num-prompts 1000 --input-len 256 \
+        --output-len 256 --range-ratio 0 --compare-offline --client-processes 4 \
+        --timeline "$OUT_DIR/timeline" --engine-flags --max-model-len 4096 \
+        > "$OUT_DIR/serve.txt" 2>&1
+      grep -E "over_offline|wall_s|tail_s|front_lag|full_batch|tpot|ttft|median" \
+        "$OUT_DIR/serve.txt" | head -40
+      echo "== quant b1"; timeout 130 python benchmarks/quant_bench.py --only engine \
+        --formats bf16 gptq awq --batches 1 --no-offline --out "$OUT_DIR" 2>&1 \
+        | grep -v Warning | tail -12
+      echo "== moe layer"; timeout 80 python benchmarks/moe_bench.py --only layer \
+        --out "$OUT_DIR" 2>&1 | grep -v Warning | tail -12 ;;
     kerneltests)
       python -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py \
         tests/kernels/test_wna16.py tests/kernels/test_fp8_scaled_mm.py 2>&1 \
