@@ -157,8 +157,6 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         """Queue a request and return its output stream; ValueError if it is rejected (here
         or by the core)."""
         self.start()
-        if self.timeline is not None:
-            self.timeline.add("add_called")
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self.dead_cause()}")
         if request_id in self._streams or request_id in self.output_processor.groups:
@@ -177,8 +175,6 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         self._acks[request_id] = (done, stats)
         try:
             self.client.add_request(core_request)
-            if self.timeline is not None:
-                self.timeline.add("add_sent")
             await done
         except BaseException:
             self._acks.pop(request_id, None)

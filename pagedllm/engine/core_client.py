@@ -268,10 +268,9 @@ class MPCoreClient:
     """Starts the core process and talks to it. ``send`` is synchronous (ZeroMQ queues it);
     ``recv`` is awaited by the front end's reader task."""
 
-    def __init__(self, config: EngineConfig | None = None, log_stats: bool | None = None) -> None:
-        """Starts the core process at once: it imports the engine meanwhile. Without
-        ``config`` here, ``configure`` must follow (the front end resolves the engine
-        configuration while the child starts: start-up runs both in parallel)."""
+    def __init__(self) -> None:
+        """Starts the core process at once: it imports the engine while the front end
+        resolves the engine configuration; ``configure`` hands it over."""
         import multiprocessing
 
         import zmq
@@ -297,10 +296,8 @@ class MPCoreClient:
         self.recv_s = 0.0  # front end: receiving and unpickling the core's messages
         self._closed = False
         self._configured = False
-        if config is not None:
-            self.configure(config, log_stats)
 
-    def configure(self, config, log_stats: bool | None = None) -> None:
+    def configure(self, config: EngineConfig, log_stats: bool | None = None) -> None:
         """Hand the core process its engine configuration (it builds the engine then)."""
         self._ready.send(("config", config, log_stats))
         self._configured = True
@@ -344,20 +341,19 @@ class MPCoreClient:
         """The core's next message, or None when nothing came within ``timeout_ms``."""
         if not await self._outbox.poll(timeout_ms):  # flags default to POLLIN
             return None
-        data = await self._outbox.recv(copy=False)
-        start = time.perf_counter()
-        message = pickle.loads(data.buffer)
-        self.recv_s += time.perf_counter() - start
-        return message
+        return self._decode(await self._outbox.recv(copy=False))
 
     def recv_nowait(self):
         """The core's next message if one is queued already, else None (never waits)."""
         import zmq
         try:
-            data = self._outbox.recv(zmq.NOBLOCK, copy=False)  # a future already settled
-            data = data.result()
+            data = self._outbox.recv(zmq.NOBLOCK, copy=False).result()  # settled at once
         except zmq.Again:
             return None
+        return self._decode(data)
+
+    def _decode(self, data):
+        """Unpickle one message of the core (timed: the front end's share of the IPC)."""
         start = time.perf_counter()
         message = pickle.loads(data.buffer)
         self.recv_s += time.perf_counter() - start
