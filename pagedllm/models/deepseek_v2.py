@@ -50,7 +50,7 @@ from pagedllm.layers.moe import FusedMoE, load_moe_weights, select_experts
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.parallel import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters, yarn_mscale
-from pagedllm.models.llama import LlamaForCausalLM, LlamaMLP, LlamaModel
+from pagedllm.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
 from pagedllm.models.utils import tie_or_skip
 from pagedllm.quant.unquantized import UnquantizedLinearMethod
 
@@ -220,11 +220,7 @@ class DeepseekDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, ctx: ForwardContext):
-        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    forward = LlamaDecoderLayer.forward  # the same pre-norm block around its own parts
 
 
 class DeepseekModel(LlamaModel):

@@ -18,10 +18,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from pagedllm.attention.backend import ForwardContext
 from pagedllm.layers.moe import MoEBlock, load_moe_weights
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.models.llama import STACKED, LlamaAttention, LlamaForCausalLM, LlamaModel
+from pagedllm.models.llama import (STACKED, LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM,
+                                   LlamaModel)
 from pagedllm.models.utils import tie_or_skip
 
 
@@ -36,11 +36,7 @@ class MoEDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, ctx: ForwardContext):
-        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    forward = LlamaDecoderLayer.forward  # the same pre-norm block around its own parts
 
 
 class MoEModel(LlamaModel):

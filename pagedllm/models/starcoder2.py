@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.attention.backend import ForwardContext
 from pagedllm.layers.activation import get_act_fn
 from pagedllm.layers.parallel import ColumnParallelLinear, RowParallelLinear
-from pagedllm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaModel
+from pagedllm.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 
 class ResidualLayerNorm(nn.LayerNorm):
@@ -65,11 +64,7 @@ class Starcoder2DecoderLayer(nn.Module):
         self.input_layernorm = _norm(config)
         self.post_attention_layernorm = _norm(config)
 
-    def forward(self, positions, hidden, residual, ctx: ForwardContext):
-        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    forward = LlamaDecoderLayer.forward  # the same pre-norm block around its own parts
 
 
 class Starcoder2Model(LlamaModel):
