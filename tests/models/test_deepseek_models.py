@@ -25,10 +25,7 @@ Tiny seeded random checkpoints (``save_pretrained``: one tensor per expert on di
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,8 +34,9 @@ import torch
 
 from tests.models.test_models_vs_hf import PROMPT_LENS, _prompts
 from tests.models.test_moe_models import (MAX_TOKENS, _generate, _hf_from_config, _hf_greedy,
+                                          build_tiny_checkpoint,
                                           _shared_prefix_prompts)
-from tests.utils.tiny_models import CACHE_DIR, VOCAB_SIZE, build_tokenizer
+from tests.utils.tiny_models import CACHE_DIR, VOCAB_SIZE
 
 _COMMON = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=512, bos_token_id=1,
                eos_token_id=2, pad_token_id=0, hidden_size=64, num_attention_heads=4,
@@ -95,22 +93,9 @@ def _hf_model(config):
 
 
 def build_tiny_deepseek(name: str, root: Path = CACHE_DIR) -> Path:
-    """Save (once) the tiny checkpoint ``name`` with the tiny tokenizer (the directory name
-    carries a digest of the config and recipe)."""
-    config = _configs()[name]
-    recipe = f"{config.to_json_string()}|deepseek-v1|{VOCAB_SIZE}"
-    path = root / f"{name}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
-    if (path / "tokenizer.json").exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    _hf_model(config).save_pretrained(staging)
-    build_tokenizer(staging)
-    try:
-        os.rename(staging, path)  # atomic: concurrent builders never see half a model
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    """Save (once) the tiny checkpoint ``name`` (with its random router bias) and the tiny
+    tokenizer."""
+    return build_tiny_checkpoint(name, _configs()[name], root, _hf_model, "deepseek-v1")
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)

@@ -89,17 +89,18 @@ def _hf_from_config(config, init_std: float = 0.15):
     return model.eval()
 
 
-def build_tiny_checkpoint(name: str, config, root: Path = CACHE_DIR) -> Path:
-    """Save (once) a tiny random checkpoint of ``config`` with the tiny tokenizer; the
-    directory name carries a digest of the config and recipe, so a changed config never
-    reuses a stale one."""
-    recipe = f"{config.to_json_string()}|moe-v1|{VOCAB_SIZE}"
+def build_tiny_checkpoint(name: str, config, root: Path = CACHE_DIR, make_model=None,
+                          tag: str = "moe-v1") -> Path:
+    """Save (once) a tiny random checkpoint of ``config`` (``make_model(config)``, default
+    ``_hf_from_config``) with the tiny tokenizer; the directory name carries a digest of the
+    config and the recipe ``tag``, so a changed config never reuses a stale one."""
+    recipe = f"{config.to_json_string()}|{tag}|{VOCAB_SIZE}"
     path = root / f"{name}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
     if (path / "tokenizer.json").exists():
         return path
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    _hf_from_config(config).save_pretrained(staging)
+    (make_model or _hf_from_config)(config).save_pretrained(staging)
     build_tokenizer(staging)
     try:
         os.rename(staging, path)  # atomic: concurrent builders never see half a model
