@@ -16,18 +16,14 @@ defines) and an ``auto_map``, as the hub repos do, so it loads with ``--trust-re
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tests.utils.tiny_models import CACHE_DIR, VOCAB_SIZE, build_tokenizer
+from tests.utils.tiny_models import CACHE_DIR, VOCAB_SIZE, cached_checkpoint
 
 CONFIG = {"vocab_size": VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -98,24 +94,17 @@ def random_state(config: dict = CONFIG, init_std: float = 0.15) -> dict[str, tor
 
 def build_tiny_internlm2(root: Path = CACHE_DIR) -> Path:
     """The checkpoint directory (built once; the name carries a digest of the recipe)."""
-    from safetensors.torch import save_file
     recipe = json.dumps(CONFIG, sort_keys=True) + CONFIG_SOURCE + "|internlm2-v1"
-    path = root / f"internlm2-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
-    if (path / "tokenizer.json").exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".internlm2-", dir=root))
+    return cached_checkpoint(root, "internlm2", recipe, _write_checkpoint)
+
+
+def _write_checkpoint(staging: Path) -> None:
+    from safetensors.torch import save_file
     save_file(random_state(), str(staging / "model.safetensors"))
     (staging / "configuration_internlm2.py").write_text(CONFIG_SOURCE)
     config = {**CONFIG, "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
               "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"}}
     (staging / "config.json").write_text(json.dumps(config, indent=1))
-    build_tokenizer(staging)
-    try:
-        os.rename(staging, path)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -20,17 +20,14 @@ top-2 of 8, a tied LM head.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.models.test_models_vs_hf import PROMPT_LENS, _prefill_context, _prompts
-from tests.utils.tiny_models import CACHE_DIR, VOCAB_SIZE, build_tokenizer
+from tests.utils.tiny_models import CACHE_DIR, VOCAB_SIZE, cached_checkpoint
 
 MAX_TOKENS = 16
 _COMMON = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=512, bos_token_id=1,
@@ -95,18 +92,8 @@ def build_tiny_checkpoint(name: str, config, root: Path = CACHE_DIR, make_model=
     ``_hf_from_config``) with the tiny tokenizer; the directory name carries a digest of the
     config and the recipe ``tag``, so a changed config never reuses a stale one."""
     recipe = f"{config.to_json_string()}|{tag}|{VOCAB_SIZE}"
-    path = root / f"{name}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
-    if (path / "tokenizer.json").exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    (make_model or _hf_from_config)(config).save_pretrained(staging)
-    build_tokenizer(staging)
-    try:
-        os.rename(staging, path)  # atomic: concurrent builders never see half a model
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return cached_checkpoint(root, name, recipe, lambda staging: (
+        make_model or _hf_from_config)(config).save_pretrained(staging))
 
 
 def build_tiny_moe(name: str) -> Path:

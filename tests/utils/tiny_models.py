@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,32 +82,43 @@ def _configs():
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "gpt2"]
 
 
-def build_tiny_model(name: str, root: Path = CACHE_DIR, init_std: float = 0.15) -> Path:
-    """Save (once) a tiny random model of architecture ``name``; return its directory."""
-    from transformers import AutoModelForCausalLM
-    config = _configs()[name]
-    config.initializer_range = init_std
-    # The directory name carries a digest of everything that defines the model, so a changed
-    # config never reuses a stale cached checkpoint.
-    recipe = f"{config.to_json_string()}|{init_std}|{VOCAB_SIZE}|{_TOKENIZER_VERSION}"
+def cached_checkpoint(root: Path, name: str, recipe: str,
+                      write: Callable[[Path], None]) -> Path:
+    """``root/<name>-<digest of recipe>``: built once by ``write(directory)`` plus the tiny
+    tokenizer, in a staging directory renamed into place (atomic: concurrent builders never
+    see half a model). The digest covers everything that defines the model, so a changed
+    config never reuses a stale checkpoint."""
     path = root / f"{name}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
     if (path / "tokenizer.json").exists():
         return path
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, init_std)
-    model.save_pretrained(staging)
+    write(staging)
     build_tokenizer(staging)
     try:
-        os.rename(staging, path)  # atomic: concurrent builders never see half a model
+        os.rename(staging, path)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # another process won the race
     return path
+
+
+def build_tiny_model(name: str, root: Path = CACHE_DIR, init_std: float = 0.15) -> Path:
+    """Save (once) a tiny random model of architecture ``name``; return its directory."""
+    from transformers import AutoModelForCausalLM
+    config = _configs()[name]
+    config.initializer_range = init_std
+
+    def write(staging: Path) -> None:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, init_std)
+        model.save_pretrained(staging)
+
+    recipe = f"{config.to_json_string()}|{init_std}|{VOCAB_SIZE}|{_TOKENIZER_VERSION}"
+    return cached_checkpoint(root, name, recipe, write)
 
 
 # pooling models (LLM.encode, /v1/embeddings): name -> (base config, architecture)
@@ -121,18 +133,18 @@ def build_tiny_embedding_model(name: str, root: Path = CACHE_DIR, init_std: floa
     ``AutoModel`` saves it (e5-mistral's layout, no ``model.`` prefix); for
     ``Qwen2ForRewardModel`` the stack under ``model.`` plus Qwen2.5-Math-RM's score head
     (``score.0`` Linear, ReLU, ``score.2`` Linear to one reward)."""
-    from safetensors.torch import save_file
-    from transformers import AutoModel
     base, arch = EMBEDDING_MODELS[name]
     config = _configs()[base]
     config.initializer_range = init_std
     config.architectures = [arch]
     recipe = f"{config.to_json_string()}|{init_std}|{VOCAB_SIZE}|{_TOKENIZER_VERSION}"
-    path = root / f"{name}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
-    if (path / "tokenizer.json").exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    return cached_checkpoint(root, name, recipe,
+                             lambda staging: _write_embedding_model(config, init_std, staging))
+
+
+def _write_embedding_model(config, init_std: float, staging: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModel
     torch.manual_seed(0)
     model = AutoModel.from_config(config, dtype=torch.float32)
     score = torch.nn.Sequential(torch.nn.Linear(config.hidden_size, config.hidden_size),
@@ -141,7 +153,7 @@ def build_tiny_embedding_model(name: str, root: Path = CACHE_DIR, init_std: floa
         for param in [*model.parameters(), *score.parameters()]:
             if param.dim() >= 2:
                 param.normal_(0.0, init_std)
-    if arch == "Qwen2ForRewardModel":
+    if config.architectures == ["Qwen2ForRewardModel"]:
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update({f"score.{k}": v for k, v in score.state_dict().items()})
         config.save_pretrained(staging)
@@ -149,9 +161,3 @@ def build_tiny_embedding_model(name: str, root: Path = CACHE_DIR, init_std: floa
                   str(staging / "model.safetensors"))
     else:
         model.save_pretrained(staging)
-    build_tokenizer(staging)
-    try:
-        os.rename(staging, path)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
