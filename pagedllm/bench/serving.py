@@ -149,7 +149,7 @@ def summarize(results: list[RequestResult], elapsed: float,
     output_tokens = sum(r.output_tokens for r in done)
     summary = {
         "completed": len(done), "failed": len(results) - len(done),
-        "duration_s": round(elapsed, 3),
+        "duration_s": round(elapsed, 6),  # runs of a few ms: 2-3 significant digits else
         "request_throughput": round(len(done) / elapsed, 3),
         "output_tokens_per_s": round(output_tokens / elapsed, 1),
         "ttft_ms": {k: round(v, 2) for k, v in _stats([r.ttft for r in done]).items()},
