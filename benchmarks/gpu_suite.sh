@@ -94,6 +94,24 @@ for part in $parts; do
         | grep -v Warning | tail -12
       echo "== moe layer"; timeout 80 python benchmarks/moe_bench.py --only layer \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | tail -12 ;;
+    probe3)
+      # third session: the server with the raw-socket load generator (8 load processes),
+      # start-up splits, the W4A16 kernels per projection and a profile of GPTQ batch-1 decode
+      use_serve_wheels
+      echo "== serve"; PYTHONUNBUFFERED=1 timeout 200 python benchmarks/serving.py \
+        --model benchmarks/configs/llama-3-8b --num-prompts 1000 --input-len 256 \
+        --output-len 256 --range-ratio 0 --compare-offline --client-processes 8 \
+        --timeline "$OUT_DIR/timeline" --engine-flags --max-model-len 4096 \
+        > "$OUT_DIR/serve.txt" 2>&1
+      grep -E "over_offline|wall_s|tail_s|front_lag|full_batch|tpot|ttft|median|client" \
+        "$OUT_DIR/serve.txt" | head -40
+      echo "== start-up"; timeout 120 python benchmarks/serve_startup.py \
+        --model benchmarks/configs/llama-3-8b --repeat 2 -- --load-format dummy \
+        --skip-tokenizer-init --max-model-len 4096 2>&1 | grep -v Warning | tail -40
+      echo "== wna16 kernels"; timeout 100 python benchmarks/quant_bench.py --only kernels \
+        --rows 1 16 --out "$OUT_DIR" 2>&1 | grep -v Warning | tail -30
+      echo "== gptq decode profile"; timeout 90 python benchmarks/profile_decode.py --graphs \
+        --quant gptq --tokens 32 --rows 20 2>&1 | grep -v Warning | tail -45 ;;
     kerneltests)
       python -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py \
         tests/kernels/test_wna16.py tests/kernels/test_fp8_scaled_mm.py 2>&1 \

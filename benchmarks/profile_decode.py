@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--quant", choices=["gptq", "awq"],
+                        help="the model with a W4A16 g128 quantization_config (random packed "
+                        "words, as benchmarks/quant_bench.py makes them)")
     parser.add_argument("--stacks", action="store_true",
                         help="record Python stacks; list host<->device copies by call site "
                         "(slows the host: the idle table is then not representative)")
@@ -100,10 +103,18 @@ def main() -> None:
     prompt = [{"prompt_token_ids": make_prompts(1, 128, 128256, 0)[0]}]
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     start = time.perf_counter()
-    llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True,
+    model = args.model
+    if args.quant:
+        from benchmarks.quant_bench import model_dir
+        model = model_dir(args.quant, args.model)
+    llm = LLM(model=model, load_format="dummy", skip_tokenizer_init=True,
               dtype="bfloat16", max_model_len=1024, max_num_seqs=8,
               enforce_eager=not args.graphs, num_scheduler_steps=args.steps)
-    mode = f"{'graphs' if args.graphs else 'eager'}, {args.steps} step(s)"
+    if args.quant:
+        from benchmarks.quant_bench import randomize_packed
+        randomize_packed(llm)
+    mode = (f"{'graphs' if args.graphs else 'eager'}, {args.steps} step(s), "
+            f"{args.quant or 'bf16'}")
     print(f"start-up ({mode}, dummy weights): {time.perf_counter() - start:.1f} s")
     llm.generate(prompt, params, use_tqdm=False)
     torch.cuda.synchronize()
