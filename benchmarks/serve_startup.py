@@ -20,7 +20,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-_MARKERS = ("start-up:", "ready in", "engine core starting", "CUDA graphs", "captured",
+_MARKERS = ("start-up:", "ready in", "CUDA graphs", "captured",
             "weights ", "serving ")
 
 

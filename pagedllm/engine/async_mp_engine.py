@@ -49,9 +49,9 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
                  max_log_len: int | None = None,
                  log_stats: bool | None = None, wait: bool = True,
                  client: MPCoreClient | None = None) -> None:
-        """Starts the core process first (or takes ``client``, started before the
-        configuration was resolved), so that the model loads there while this process loads
-        its tokenizer; ``wait=False`` leaves ``wait_ready()`` to the caller (the server
+        """Starts the core process first (or takes ``client``, started and configured before
+        this process resolved ``config``), so that the model loads there while this process
+        loads its tokenizer; ``wait=False`` leaves ``wait_ready()`` to the caller (the server
         builds its app meanwhile)."""
         self._init_front(log_requests, max_log_len)
         self._config = config
@@ -59,7 +59,8 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         if client is None:
             client = MPCoreClient()
         self.client = client
-        client.configure(config, log_stats)
+        if not client.configured:
+            client.configure(config, log_stats)
         try:
             self.inputs = PromptProcessor(config.model, config.tokenizer_pool)
         except BaseException:
@@ -87,14 +88,15 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
     def from_engine_args(cls, engine_args, log_requests: bool | None = None,
                          max_log_len: int | None = None,
                          wait: bool = True) -> "AsyncMPLLMEngine":
-        client = MPCoreClient()  # imports the engine while this process resolves the config
+        client = MPCoreClient()
+        client.configure_args(engine_args)  # it resolves them too, and loads the model
         try:
             start = time.perf_counter()
             config = engine_args.create_engine_config()
             logger.info("start-up: engine configuration resolved in %.1f s",
                         time.perf_counter() - start)
         except BaseException:
-            client.shutdown()
+            client.shutdown(timeout=0.5)  # it may be busy resolving or loading: no wait
             raise
         if log_requests is None:
             log_requests = not config.observability.disable_log_requests

@@ -12,9 +12,12 @@ Two ZeroMQ sockets over ipc, both bound by the front end: requests and aborts go
          aborts)
          ("failed", [seq ids], text) | ("fatal", text)
 
-Start-up goes over a pipe. The front end starts the process first and resolves the engine
-configuration meanwhile (the child imports torch and the engine in parallel), then sends
-("config", EngineConfig, log_stats); the core answers ("ready", cache_info) once the model is
+Start-up goes over a pipe. The front end starts the process first and sends it the engine
+arguments, ("args", EngineArgs, log_stats): the child imports torch and the engine, resolves
+its own copy of the configuration and loads the model while the front end resolves the same
+configuration for itself and loads its tokenizer (the two resolutions are the same function
+of the same arguments and environment). ("config", EngineConfig, log_stats) hands over a
+resolved configuration instead. The core answers ("ready", cache_info) once the model is
 loaded and profiled, or ("init_error", traceback).
 
 The core process is a busy loop with no asyncio: drain the input socket (blocking only while
@@ -44,6 +47,7 @@ logger = logging.getLogger("pagedllm.engine.core_client")
 
 _IDLE_POLL_MS = 500  # an idle core checks that its parent is alive this often
 _PENDING_POLL_MS = 5  # ... and whether a guided compile is done, while one is pending
+_NOBLOCK = 1  # zmq.NOBLOCK: a PUSH with no peer connected would block
 _READY_TIMEOUT_S = float(os.environ.get("PAGEDLLM_ENGINE_READY_TIMEOUT_S", "1800"))
 
 
@@ -68,7 +72,12 @@ def run_engine_core(in_addr: str, out_addr: str, parent_pid: int, conn,
     configured = _wait_config(conn, parent_pid)
     if configured is None:
         return
-    config, log_stats = configured
+    kind, payload, log_stats = configured
+    try:
+        config = payload if kind == "config" else _resolve_quietly(payload)
+    except Exception:  # noqa: BLE001 - the front end resolved the same arguments: it reports
+        conn.send(("init_error", traceback.format_exc()))
+        return
     ctx = zmq.Context()
     inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     inbox.connect(in_addr)
@@ -113,16 +122,36 @@ def _preimport_config_modules() -> None:
 
 
 def _wait_config(conn, parent_pid: int):
-    """(config, log_stats) from the front end, or None when it gave up or is gone."""
+    """("config" | "args", payload, log_stats) from the front end, or None when it gave up
+    or is gone."""
     while True:
         if conn.poll(_IDLE_POLL_MS / 1000):
             try:
                 message = conn.recv()
             except EOFError:
                 return None
-            return message[1:] if message[0] == "config" else None
+            return message if message[0] in ("config", "args") else None
         if os.getppid() != parent_pid:
             return None
+
+
+def _resolve_quietly(engine_args) -> "EngineConfig":
+    """The engine configuration from the front end's arguments. The front end resolves the
+    same arguments and reports their warnings and errors; here they stay below ERROR (an
+    error still reaches the front end, as the init_error's traceback)."""
+    start = time.perf_counter()
+    noisy = [logging.getLogger(name) for name in ("pagedllm", "transformers")]
+    levels = [log.level for log in noisy]
+    for log in noisy:
+        log.setLevel(logging.ERROR)
+    try:
+        config = engine_args.create_engine_config()
+    finally:
+        for log, level in zip(noisy, levels):
+            log.setLevel(level)
+    logger.info("start-up: engine core resolved the configuration in %.1f s",
+                time.perf_counter() - start)
+    return config
 
 
 def _raise_exit(*_) -> None:
@@ -289,18 +318,27 @@ class MPCoreClient:
         self.proc = mp.Process(target=run_engine_core, name="pagedllm-engine-core",
                                args=(self.in_addr, self.out_addr, os.getpid(), child_conn,
                                      time.time()), daemon=False)
+        from pagedllm.logging_setup import process_age_s
+        self.spawned_at_age_s = process_age_s()  # the front end's imports before the spawn
         with _environment(core_environment()):  # the child reads it at its start
             self.proc.start()
         child_conn.close()
         self.cache_info: dict[str, Any] = {}
+        self.ready = False  # the core answered "ready": it reads its input socket now
         self.recv_s = 0.0  # front end: receiving and unpickling the core's messages
         self._closed = False
-        self._configured = False
+        self.configured = False
 
     def configure(self, config: EngineConfig, log_stats: bool | None = None) -> None:
         """Hand the core process its engine configuration (it builds the engine then)."""
         self._ready.send(("config", config, log_stats))
-        self._configured = True
+        self.configured = True
+
+    def configure_args(self, engine_args, log_stats: bool | None = None) -> None:
+        """Hand the core process the engine arguments: it resolves the configuration itself
+        (in parallel with the front end's own resolution) and builds the engine."""
+        self._ready.send(("args", engine_args, log_stats))
+        self.configured = True
 
     def wait_ready(self) -> None:
         """Block until the core has loaded the model (or raise with its error)."""
@@ -312,7 +350,7 @@ class MPCoreClient:
                 except EOFError:  # it died before answering; the exit code says how
                     break
                 if kind == "ready":
-                    self.cache_info = payload
+                    self.cache_info, self.ready = payload, True
                     return
                 raise RuntimeError(f"the engine core failed to start:\n{payload}")
             if not self.proc.is_alive():
@@ -380,13 +418,17 @@ class MPCoreClient:
             return
         self._closed = True
         if self.proc.is_alive():
-            try:  # a core still waiting for its configuration listens on the pipe
-                self._ready.send(("stop",)) if not self._configured else self.send(("stop",))
-            except Exception:  # noqa: BLE001 - the socket may be gone already
+            try:  # a core not ready yet listens on the pipe (or not at all: terminated below)
+                if self.ready:
+                    self._inbox.send(_dumps(("stop",)), flags=_NOBLOCK)
+                else:
+                    self._ready.send(("stop",))
+            except Exception:  # noqa: BLE001 - the socket or pipe may be gone already
                 pass
             self.proc.join(timeout)
         if self.proc.is_alive():
-            logger.warning("engine core did not stop in %.0f s; terminating it", timeout)
+            if self.ready:  # one still starting is stopped this way on purpose
+                logger.warning("engine core did not stop in %.0f s; terminating it", timeout)
             self.proc.terminate()
             self.proc.join(5)
         if self.proc.is_alive():

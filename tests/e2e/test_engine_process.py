@@ -39,7 +39,7 @@ def model_path():
 
 
 def _core_pid(server: RemoteServer) -> int:
-    match = re.search(r"engine core starting in process (\d+)", server.log())
+    match = re.search(r"engine core process (\d+) spawned", server.log())
     assert match, server.log()
     return int(match.group(1))
 
@@ -165,3 +165,31 @@ def test_disconnected_stream_frees_blocks_in_the_core(model_path):
             assert time.monotonic() < deadline, server.metrics()
             time.sleep(0.1)
         assert server.metrics()["vllm:num_requests_running"] == 0
+
+
+def test_config_error_after_the_core_started_exits_at_once(model_path):
+    """The core process starts (and resolves the same arguments) before the front end has
+    checked them against the model: a --max-model-len the model cannot take still ends
+    `pagedllm serve` with the flag's error, exit code 2, within seconds, and no process of
+    its tree is left (the core is stopped while it is still starting)."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "pagedllm", "serve", model_path, "--device", "cpu",
+           "--max-model-len", "999999"]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    tree = set()
+    while proc.poll() is None and time.monotonic() - start < 60:
+        tree |= _children(proc.pid)
+        time.sleep(0.05)
+    out = proc.communicate(timeout=5)[0]
+    assert proc.returncode == 2, out
+    assert "--max-model-len 999999 is larger than the model supports" in out
+    assert "Traceback" not in out, out
+    assert time.monotonic() - start < 30
+    assert tree, "the engine core process was never started"
+    deadline = time.monotonic() + 10
+    while _alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(tree)

@@ -434,7 +434,8 @@ def make_async_engine(engine_args, server: ServerConfig):
     from pagedllm.engine.async_mp_engine import AsyncMPLLMEngine
     engine = AsyncMPLLMEngine.from_engine_args(engine_args, max_log_len=server.max_log_len,
                                                wait=False)
-    logger.info("engine core starting in process %d", engine.client.proc.pid)
+    logger.info("start-up: engine core process %d spawned %.1f s after this process started",
+                engine.client.proc.pid, engine.client.spawned_at_age_s or 0.0)
     return engine
 
 
