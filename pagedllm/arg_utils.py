@@ -9,8 +9,8 @@ arguments, and `flags_markdown_table` renders the same metadata for the README.
 1. generic checks of every option (choices, ranges, "not supported yet" statuses);
 2. deprecated aliases warn once and map to their replacement;
 3. the device is resolved (auto -> cuda if usable, else cpu);
-4. model and tokenizer are resolved to local directories (`resolve_repo`), the HF
-   config is loaded, RoPE overrides applied, dtype and context length derived;
+4. the model is resolved (`pagedllm.models.resolve`): model and tokenizer to local
+   directories, the HF config loaded, RoPE overrides applied, dtype and context length derived;
 5. the scheduler budget is derived; then the frozen configs are built.
 """
 
@@ -20,18 +20,12 @@ import difflib
 import inspect
 import json
 import logging
-import os
 import re
 import types
 import typing
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Self
 
-import torch
-
-from pagedllm.quant.base import QuantConfig
-from pagedllm.quant.config import resolve_quant_config
-from pagedllm.quant.gguf import GGUFConfig, is_gguf_file, load_gguf_config, resolve_gguf_flags
+from pagedllm.models.resolve import ResolvedModel, resolve_model
 from pagedllm.tracing import check_tracing_flags
 from pagedllm.config import (ENGINE_CONFIG_CLASSES, EngineConfig, LoRAConfig, ModelConfig,
                              cuda_backend_available, check_options, engine_option_fields,
@@ -193,67 +187,34 @@ class _EngineArgsMethods:
         check_options(self.to_dict())
 
     def create_engine_config(self) -> EngineConfig:
+        """Check every option, resolve the device and the model, derive the scheduler budget,
+        run the cross-field checks, then build the frozen configs (steps 1-5 of the module
+        doc); nothing here loads a weight."""
         values = self.to_dict()
         check_options(values)
-        _apply_deprecations(values, getattr(self, "_deprecated_given", frozenset()))
+        _apply_deprecations(values, self._deprecated_given)
         values["device"] = _resolve_device(values["device"])
-        if values["cpu_offload_gb"] and values["device"] != "cuda":
-            raise ValueError(f"--cpu-offload-gb {values['cpu_offload_gb']} streams weights from "
-                             "CPU memory to a CUDA device; with --device cpu every weight is "
-                             "in CPU memory already: drop the flag")
+        _check_cpu_offload(values)
         values["ignore_patterns"] = _resolve_ignore_patterns(values["ignore_patterns"])
-        derived = _resolve_model(values)
-        values["max_model_len"] = derived.pop("max_model_len")
+        model = resolve_model(values)
+        values["max_model_len"] = model.max_model_len
         values["max_seq_len_to_capture"] = min(values["max_seq_len_to_capture"],
                                                values["max_model_len"])
         values.update(_resolve_scheduler(values))
-        _check_speculative(values)
-        check_tracing_flags(values["otlp_traces_endpoint"], values["collect_detailed_traces"])
-        if values["enable_prompt_adapter"] and values["max_prompt_adapter_token"] < 1:
-            raise ValueError("--enable-prompt-adapter needs --max-prompt-adapter-token, the most "
-                             "virtual tokens of one adapter (e.g. 32)")
-        _check_lora(values)
-        _check_pooling(values, derived["hf_config"])
-        _check_model_features(values, derived["hf_config"])
-        if values["quantization_param_path"] and values["kv_cache_dtype"] == "auto":
-            raise ValueError("--quantization-param-path holds fp8 KV-cache scales; it needs "
-                             "--kv-cache-dtype fp8, fp8_e4m3 or fp8_e5m2")
-        configs = {}
-        for name, config_cls in ENGINE_CONFIG_CLASSES.items():
-            kwargs = {f.name: values[f.name] for f in option_fields(config_cls)}
-            if config_cls is ModelConfig:
-                kwargs.update(derived)
-            configs[name] = config_cls(**kwargs)
-        return EngineConfig(**configs)
+        _check_cross_fields(values, model.hf_config)
+        return _build_engine_config(values, model)
 
 
-def _check_speculative(v: dict[str, Any]) -> None:
-    """The speculative flags that only make sense together, and what [ngram] runs with."""
-    spec_only = ["num_speculative_tokens", "ngram_prompt_lookup_max", "ngram_prompt_lookup_min",
-                 "speculative_max_model_len", "speculative_disable_by_batch_size",
-                 "typical_acceptance_sampler_posterior_threshold",
-                 "typical_acceptance_sampler_posterior_alpha"]
-    if v["speculative_model"] is None:
-        given = [n for n in spec_only if v[n] is not None]
-        if v["spec_decoding_acceptance_method"] != "rejection_sampler":
-            given.append("spec_decoding_acceptance_method")
-        if given:
-            raise ValueError(f"{flag_name(given[0])} needs --speculative-model [ngram]")
-        return
-    if v["num_speculative_tokens"] is None or v["ngram_prompt_lookup_max"] is None:
-        raise ValueError("--speculative-model [ngram] needs --num-speculative-tokens and "
-                         "--ngram-prompt-lookup-max")
-    if (v["ngram_prompt_lookup_min"] or 1) > v["ngram_prompt_lookup_max"]:
-        raise ValueError(f"--ngram-prompt-lookup-min {v['ngram_prompt_lookup_min']} is larger "
-                         f"than --ngram-prompt-lookup-max {v['ngram_prompt_lookup_max']}")
-    typical = [n for n in spec_only[-2:] if v[n] is not None]
-    if typical and v["spec_decoding_acceptance_method"] != "typical_acceptance_sampler":
-        raise ValueError(f"{flag_name(typical[0])} needs --spec-decoding-acceptance-method "
-                         "typical_acceptance_sampler")
-    for name, value in (("num_scheduler_steps", 1), ("pipeline_parallel_size", 1)):
-        if v[name] != value:
-            raise ValueError(f"--speculative-model does not combine with {flag_name(name)} "
-                             f"{v[name]} yet; use {value}")
+def _build_engine_config(values: dict[str, Any], model: ResolvedModel) -> EngineConfig:
+    """The frozen per-concern configs of the checked values; `ModelConfig` also gets what
+    model resolution derived."""
+    configs = {}
+    for name, config_cls in ENGINE_CONFIG_CLASSES.items():
+        kwargs = {f.name: values[f.name] for f in option_fields(config_cls)}
+        if config_cls is ModelConfig:
+            kwargs.update(model.model_config_fields())
+        configs[name] = config_cls(**kwargs)
+    return EngineConfig(**configs)
 
 
 def _engine_args_fields() -> list[tuple[str, Any, dataclasses.Field]]:
@@ -322,48 +283,6 @@ def _resolve_ignore_patterns(patterns: Any) -> list[str]:
     return list(patterns) if patterns else ["original/**/*"]
 
 
-def _resolve_model(v: dict[str, Any]) -> dict[str, Any]:
-    """Local paths, HF config (with RoPE overrides), dtype and context length of the model."""
-    gguf_file = resolve_gguf_flags(v)  # a .gguf --model: its config, tokenizer, weights
-    model_path = gguf_file or resolve_model_dir(v)
-    tokenizer_path = None if v["skip_tokenizer_init"] else resolve_tokenizer_dir(
-        v, model_path)
-    quant_config: QuantConfig | None
-    if gguf_file:
-        hf_config = load_gguf_config(gguf_file, v["model"])
-        quant_config = GGUFConfig.from_file(gguf_file)
-    else:
-        hf_config = load_hf_config(model_path, v)
-        quant_config = resolve_quant_config(v["quantization"], hf_config, model_path,
-                                            v["model"], v["load_format"])
-    if v["qlora_adapter_name_or_path"]:
-        _apply_qlora_adapter(v, quant_config)
-    apply_rope_overrides(hf_config, v["rope_scaling"], v["rope_theta"])
-    return {
-        "quant_config": quant_config,
-        "model_path": model_path,
-        "tokenizer_path": tokenizer_path,
-        "hf_config": hf_config,
-        "torch_dtype": resolve_torch_dtype(v["dtype"], hf_config, v["device"]),
-        "max_model_len": derive_max_model_len(hf_config, v["max_model_len"],
-                                                         v["disable_sliding_window"]),
-    }
-
-
-def _apply_qlora_adapter(v: dict[str, Any], quant_config: Any) -> None:
-    """--qlora-adapter-name-or-path: bitsandbytes quantization at load of the adapter's
-    target modules (both bitsandbytes flags are required, as in vLLM 0.6.3)."""
-    from pagedllm.quant.bitsandbytes import apply_qlora_targets
-    if v["quantization"] != "bitsandbytes" or v["load_format"] != "bitsandbytes":
-        raise ValueError("--qlora-adapter-name-or-path needs --quantization bitsandbytes and "
-                         "--load-format bitsandbytes (got --quantization "
-                         f"{v['quantization']}, --load-format {v['load_format']})")
-    name = v["qlora_adapter_name_or_path"]
-    adapter_dir = _snapshot_dir(name, "--qlora-adapter-name-or-path", revision=None,
-                                cache_dir=v["download_dir"], ignore=[], extra=[], weights=[])
-    apply_qlora_targets(quant_config, adapter_dir, name)
-
-
 def _resolve_scheduler(v: dict[str, Any]) -> dict[str, Any]:
     """Token budget and defaults of the scheduler (needs the resolved max_model_len, device).
 
@@ -390,262 +309,62 @@ def _resolve_scheduler(v: dict[str, Any]) -> dict[str, Any]:
             "preemption_mode": v["preemption_mode"] or "recompute"}
 
 
-# ---- model resolution (Hugging Face) -----------------------------------------------------------
+# ---- cross-field checks ------------------------------------------------------------------------
 
-_CONFIG_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
-_WEIGHT_PATTERNS = {"safetensors": ["*.safetensors"], "pt": ["*.bin", "*.pt"]}
-
-
-def _looks_like_path(name: str) -> bool:
-    return (name.startswith(("/", ".", "~")) or name.count("/") > 1
-            or (os.sep != "/" and os.sep in name))
-
-
-def _has_files(path: str, patterns: list[str]) -> bool:
-    return any(next(Path(path).rglob(p), None) is not None for p in patterns)
+def _check_cpu_offload(v: dict[str, Any]) -> None:
+    """--cpu-offload-gb needs the resolved device to be CUDA (checked before the model)."""
+    if v["cpu_offload_gb"] and v["device"] != "cuda":
+        raise ValueError(f"--cpu-offload-gb {v['cpu_offload_gb']} streams weights from "
+                         "CPU memory to a CUDA device; with --device cpu every weight is "
+                         "in CPU memory already: drop the flag")
 
 
-def _weight_alternatives(load_format: str) -> list[list[str]]:
-    """Weight file patterns to try in order; [] when no weights are needed."""
-    if load_format == "dummy":
-        return []
-    if load_format in _WEIGHT_PATTERNS:
-        return [_WEIGHT_PATTERNS[load_format]]
-    return [_WEIGHT_PATTERNS["safetensors"], _WEIGHT_PATTERNS["pt"]]  # auto
+def _check_cross_fields(v: dict[str, Any], hf_config: Any) -> None:
+    """Every rule between options (and between options and the architecture), in the order
+    their errors are reported, after the model and the scheduler budget are resolved."""
+    _check_speculative(v)
+    check_tracing_flags(v["otlp_traces_endpoint"], v["collect_detailed_traces"])
+    if v["enable_prompt_adapter"] and v["max_prompt_adapter_token"] < 1:
+        raise ValueError("--enable-prompt-adapter needs --max-prompt-adapter-token, the most "
+                         "virtual tokens of one adapter (e.g. 32)")
+    _check_lora(v)
+    _check_pooling(v, hf_config)
+    _check_model_features(v, hf_config)
+    if v["quantization_param_path"] and v["kv_cache_dtype"] == "auto":
+        raise ValueError("--quantization-param-path holds fp8 KV-cache scales; it needs "
+                         "--kv-cache-dtype fp8, fp8_e4m3 or fp8_e5m2")
 
 
-def _snapshot_dir(name: str, flag: str, *, revision: Optional[str], cache_dir: Optional[str],
-                  ignore: list[str], extra: list[str], weights: list[list[str]]) -> str:
-    """A local directory for `name`: the directory itself, else the HF cache, else a download.
-
-    Each alternative of `weights` (e.g. safetensors, then .bin) is tried against the cache
-    first, then online, so a cached checkpoint never touches the network.
-    """
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return str(local.resolve())
-    if _looks_like_path(name):
-        raise ValueError(f"{flag} {name!r}: no such directory; pass an existing model directory "
-                         "or a Hugging Face repo id")
-    from huggingface_hub import constants, snapshot_download
-    attempts = [_CONFIG_PATTERNS + extra + w for w in weights] or [_CONFIG_PATTERNS + extra]
-    needed = weights or [["*.json"]]
-    reason = "no usable files"
-    for local_only in (True, False):
-        if not local_only and constants.HF_HUB_OFFLINE:
-            reason = "HF_HUB_OFFLINE is set"
-            break
-        for allow, need in zip(attempts, needed):
-            try:
-                path = snapshot_download(name, revision=revision, cache_dir=cache_dir,
-                                         allow_patterns=allow, ignore_patterns=ignore,
-                                         local_files_only=local_only)
-            except Exception as exc:  # hub errors vary (offline, HTTP, validation): report them
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                continue
-            if _has_files(path, need):
-                return path
-    raise ValueError(
-        f"{flag} {name!r} was not found locally (not a directory, not in the Hugging Face cache"
-        f"{' at ' + cache_dir if cache_dir else ''}) and could not be downloaded: the network is "
-        f"unavailable or the repo has no matching files ({reason}). Pass a local model directory "
-        f"instead, e.g. {flag} /path/to/model")
-
-
-def resolve_model_dir(v: dict[str, Any]) -> str:
-    extra = ["*.py"] if v["trust_remote_code"] else []
-    return _snapshot_dir(v["model"], "--model", revision=v["revision"], cache_dir=v["download_dir"],
-                         ignore=v["ignore_patterns"], extra=extra,
-                         weights=_weight_alternatives(v["load_format"]))
-
-
-def resolve_tokenizer_dir(v: dict[str, Any], model_path: str) -> str:
-    """The model directory, unless another tokenizer repo or revision is asked for."""
-    revision = v["tokenizer_revision"]
-    if v["tokenizer"] is None and revision in (None, v["revision"]):
-        return model_path
-    if is_gguf_file(v["tokenizer"]):  # the tokenizer in a GGUF file's metadata
-        return str(Path(v["tokenizer"]).expanduser().resolve())
-    name = v["tokenizer"] or v["model"]
-    flag = "--tokenizer" if v["tokenizer"] else "--tokenizer-revision"
-    return _snapshot_dir(name, flag, revision=revision, cache_dir=v["download_dir"],
-                         ignore=v["ignore_patterns"], extra=[], weights=[])
-
-
-def load_hf_config(model_path: str, v: dict[str, Any]) -> Any:
-    """The transformers config of the model; remote code only with --trust-remote-code."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    config_file, model = Path(model_path) / "config.json", v["model"]
-    if not config_file.is_file():
-        if (Path(model_path) / "params.json").is_file():
-            raise ValueError(f"--model {model}: only a Mistral params.json was found; "
-                             "--config-format mistral is not supported yet; supported: hf "
-                             "(config.json)")
-        raise ValueError(f"--model {model}: no config.json in {model_path}; point --model at a "
-                         "Hugging Face model directory")
-    raw = json.loads(config_file.read_text())
-    trust = v["trust_remote_code"]
-    if raw.get("auto_map") and not trust:
-        raise ValueError(f"--model {model} ships its own model code (auto_map in config.json); "
-                         "pass --trust-remote-code if you trust that code")
-    kwargs = {"code_revision": v["code_revision"]} if v["code_revision"] else {}
-    try:
-        return transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust,
-                                                       revision=v["revision"], **kwargs)
-    except (ValueError, KeyError, OSError) as exc:
-        model_type = raw.get("model_type")
-        if model_type not in CONFIG_MAPPING and not trust:
-            raise ValueError(
-                f"--model {model}: model_type {model_type!r} is unknown to transformers "
-                f"{transformers.__version__}; if the repo ships its own code, pass "
-                "--trust-remote-code") from exc
-        raise ValueError(f"--model {model}: could not load its config ({exc})") from exc
-
-
-def _normalize_rope(scaling: Optional[dict]) -> Optional[dict]:
-    if scaling is None:
-        return None
-    scaling = dict(scaling)
-    if "type" in scaling:
-        scaling.setdefault("rope_type", scaling.pop("type"))
-    return scaling
-
-
-def _override_rope_parameters(params: dict, scaling: Optional[dict],
-                              theta: Optional[float]) -> dict:
-    if params and all(isinstance(sub, dict) for sub in params.values()):  # per layer type
-        return {k: _override_rope_parameters(sub, scaling, theta) for k, sub in params.items()}
-    new = dict(params)
-    if scaling is not None:
-        new = {k: params[k] for k in ("rope_theta", "partial_rotary_factor") if k in params}
-        new.update(scaling)
-    if theta is not None:
-        new["rope_theta"] = theta
-    new.setdefault("rope_type", "default")
-    return new
-
-
-def apply_rope_overrides(hf_config: Any, rope_scaling: Optional[dict],
-                         rope_theta: Optional[float]) -> None:
-    """Apply --rope-scaling / --rope-theta to the HF config.
-
-    transformers 5 keeps RoPE settings in ``rope_parameters`` (rope_type, rope_theta, factor,
-    ...) and converts old ``rope_theta``/``rope_scaling`` keys into it on load; configs without
-    that attribute get the old-style attributes.
-    """
-    scaling = _normalize_rope(rope_scaling)
-    if scaling is None and rope_theta is None:
+def _check_speculative(v: dict[str, Any]) -> None:
+    """The speculative flags that only make sense together, and what [ngram] runs with."""
+    spec_only = ["num_speculative_tokens", "ngram_prompt_lookup_max", "ngram_prompt_lookup_min",
+                 "speculative_max_model_len", "speculative_disable_by_batch_size",
+                 "typical_acceptance_sampler_posterior_threshold",
+                 "typical_acceptance_sampler_posterior_alpha"]
+    if v["speculative_model"] is None:
+        given = [n for n in spec_only if v[n] is not None]
+        if v["spec_decoding_acceptance_method"] != "rejection_sampler":
+            given.append("spec_decoding_acceptance_method")
+        if given:
+            raise ValueError(f"{flag_name(given[0])} needs --speculative-model [ngram]")
         return
-    params = getattr(hf_config, "rope_parameters", None)
-    if isinstance(params, dict):
-        hf_config.rope_parameters = _override_rope_parameters(params, scaling, rope_theta)
-        return
-    if not any(hasattr(hf_config, key) for key in ("rope_theta", "rope_scaling")):
-        flag = "--rope-scaling" if scaling is not None else "--rope-theta"
-        raise ValueError(f"{flag}: model type {getattr(hf_config, 'model_type', '?')!r} has no "
-                         "rotary position embedding to override; drop the flag")
-    if scaling is not None:
-        hf_config.rope_scaling = scaling
-    if rope_theta is not None:
-        hf_config.rope_theta = rope_theta
+    if v["num_speculative_tokens"] is None or v["ngram_prompt_lookup_max"] is None:
+        raise ValueError("--speculative-model [ngram] needs --num-speculative-tokens and "
+                         "--ngram-prompt-lookup-max")
+    if (v["ngram_prompt_lookup_min"] or 1) > v["ngram_prompt_lookup_max"]:
+        raise ValueError(f"--ngram-prompt-lookup-min {v['ngram_prompt_lookup_min']} is larger "
+                         f"than --ngram-prompt-lookup-max {v['ngram_prompt_lookup_max']}")
+    typical = [n for n in spec_only[-2:] if v[n] is not None]
+    if typical and v["spec_decoding_acceptance_method"] != "typical_acceptance_sampler":
+        raise ValueError(f"{flag_name(typical[0])} needs --spec-decoding-acceptance-method "
+                         "typical_acceptance_sampler")
+    for name, value in (("num_scheduler_steps", 1), ("pipeline_parallel_size", 1)):
+        if v[name] != value:
+            raise ValueError(f"--speculative-model does not combine with {flag_name(name)} "
+                             f"{v[name]} yet; use {value}")
 
 
-_DTYPES = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float": torch.float32, "float32": torch.float32}
-
-
-def resolve_torch_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:
-    """Explicit dtypes map directly. auto: float32 on CPU (bf16 matmuls are ~300x slower than
-    fp32 on AVX2 CPUs, fp16 slower still); elsewhere the checkpoint dtype, fp32 -> fp16 (vLLM)."""
-    if dtype != "auto":
-        return _DTYPES[dtype]
-    if device == "cpu":
-        return torch.float32
-    checkpoint = getattr(hf_config, "dtype", None)  # transformers 5 name of torch_dtype
-    if isinstance(checkpoint, str):
-        checkpoint = getattr(torch, checkpoint, None)
-    if not isinstance(checkpoint, torch.dtype) or checkpoint == torch.float32:
-        return torch.float16
-    return checkpoint
-
-
-_MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
-                 "model_max_length", "max_sequence_length", "max_seq_length", "seq_len")
-_NON_EXTENDING_ROPE = ("default", "su", "longrope", "llama3", "mrope")
-
-
-def _rope_scaling_of(hf_config: Any) -> Optional[dict]:
-    params = getattr(hf_config, "rope_parameters", None)
-    if not isinstance(params, dict):
-        params = getattr(hf_config, "rope_scaling", None)
-    if not isinstance(params, dict) or not params:
-        return None
-    if all(isinstance(sub, dict) for sub in params.values()):
-        params = params.get("full_attention") or next(iter(params.values()))
-    return _normalize_rope(params)
-
-
-def derive_max_model_len(hf_config: Any, user_value: Optional[int],
-                         disable_sliding_window: bool) -> int:
-    """Context length: the smallest length key of the config, times the RoPE factor where the
-    rope type extends the context, capped by the sliding window if that is disabled."""
-    given = {k: getattr(hf_config, k, None) for k in _MAX_LEN_KEYS}
-    found: dict[str, int] = {k: v for k, v in given.items() if isinstance(v, int) and v > 0}
-    source = min(found, key=found.__getitem__) if found else None
-    derived = found[source] if source else None
-    if derived is None:
-        derived = user_value or 2048
-        logger.warning("the model config gives no context length; using %d", derived)
-    scaling = _rope_scaling_of(hf_config)
-    if scaling and scaling.get("rope_type", "default") not in _NON_EXTENDING_ROPE:
-        if scaling["rope_type"] == "yarn":
-            derived = scaling.get("original_max_position_embeddings", derived)
-        derived = int(derived * scaling.get("factor", 1.0))
-    window = getattr(hf_config, "sliding_window", None)
-    if disable_sliding_window and isinstance(window, int) and window > 0:
-        derived = min(derived, window)
-    if user_value is None:
-        return derived
-    if user_value > derived:
-        notes = [f"{source} in config.json" if source else "no length key in config.json"]
-        notes += ["RoPE scaling applied"] if scaling else []
-        notes += ["capped by the sliding window"] if disable_sliding_window and window else []
-        from pagedllm import envs
-        if envs.allow_long_max_model_len():  # vLLM 0.6.3: a warning instead of the error
-            logger.warning("--max-model-len %d is larger than the model supports (%d: %s); "
-                           "allowed by VLLM_ALLOW_LONG_MAX_MODEL_LEN: outputs past %d tokens "
-                           "may be wrong", user_value, derived, ", ".join(notes), derived)
-            return user_value
-        raise ValueError(
-            f"--max-model-len {user_value} is larger than the model supports ({derived}: "
-            f"{', '.join(notes)}); use --max-model-len <= {derived}, or extend the context with "
-            "--rope-scaling")
-    return user_value
-
-
-# ---- README table ------------------------------------------------------------------------------
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def flags_markdown_table() -> str:
-    """Markdown table of every engine flag: flag, default, status, one-line description."""
-    rows = ["| flag | default | status | description |", "|---|---|---|---|"]
-    for f in engine_option_fields():
-        names = ", ".join(f"`{n}`" for n in (flag_name(f.name), *f.metadata.get("aliases", ())))
-        choices = f.metadata.get("choices")
-        if choices:
-            names += " `{" + ",".join(map(str, choices)) + "}`"
-        help_text = f.metadata.get("help", "")
-        first = re.split(r"(?<=\.)\s+(?=[A-Z])", help_text)[0]
-        rows.append(f"| {_cell(names)} | `{_cell(_default_text(f))}` | {_cell(status_text(f))} "
-                    f"| {_cell(first)} |")
-    return "\n".join(rows) + "\n"
-
-
-def _check_pooling(values: dict, hf_config) -> None:
+def _check_pooling(values: dict[str, Any], hf_config: Any) -> None:
     """Embedding / reward models run prompts only: the generation-side features that need
     sampled tokens, and prefix caching where every prompt row is pooled (a cached block's
     rows are never computed), fail here naming the flag."""
@@ -677,7 +396,7 @@ def _check_model_features(v: dict[str, Any], hf_config: Any) -> None:
         check_lora_architecture(hf_config, v["max_model_len"])
 
 
-def _check_lora(values: dict) -> None:
+def _check_lora(values: dict[str, Any]) -> None:
     """--enable-lora's cross-field rules (pagedllm/lora.py)."""
     if not values["enable_lora"]:
         for f in option_fields(LoRAConfig):
@@ -693,3 +412,24 @@ def _check_lora(values: dict) -> None:
         if values[key] > 1:
             raise ValueError(f"--enable-lora works with {flag} 1 only for now (got "
                              f"{values[key]})")
+
+
+# ---- README table ------------------------------------------------------------------------------
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def flags_markdown_table() -> str:
+    """Markdown table of every engine flag: flag, default, status, one-line description."""
+    rows = ["| flag | default | status | description |", "|---|---|---|---|"]
+    for f in engine_option_fields():
+        names = ", ".join(f"`{n}`" for n in (flag_name(f.name), *f.metadata.get("aliases", ())))
+        choices = f.metadata.get("choices")
+        if choices:
+            names += " `{" + ",".join(map(str, choices)) + "}`"
+        help_text = f.metadata.get("help", "")
+        first = re.split(r"(?<=\.)\s+(?=[A-Z])", help_text)[0]
+        rows.append(f"| {_cell(names)} | `{_cell(_default_text(f))}` | {_cell(status_text(f))} "
+                    f"| {_cell(first)} |")
+    return "\n".join(rows) + "\n"

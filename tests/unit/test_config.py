@@ -9,9 +9,10 @@ import torch
 from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig
 
 from pagedllm import arg_utils, config
-from pagedllm.arg_utils import EngineArgs, resolve_torch_dtype
+from pagedllm.arg_utils import EngineArgs
 from pagedllm.config import (DEFAULT_ONLY, EngineConfig, engine_option_fields, field_default,
                              flag_name)
+from pagedllm.models.hf_config import resolve_torch_dtype
 
 # vLLM 0.6.3 EngineArgs / AsyncEngineArgs defaults (enforce_eager: the CLI's False).
 VLLM_DEFAULTS = {

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from pagedllm import cli, envs
-from pagedllm.arg_utils import derive_max_model_len
 from pagedllm.entrypoints.openai.cli_args import add_server_args, server_config_from_args
+from pagedllm.models.hf_config import derive_max_model_len
 from tests.utils.tiny_models import build_tiny_model
 
 
