@@ -20,7 +20,6 @@ from pagedllm.quant.base import QuantConfig
 from pagedllm.quant.config import resolve_quant_config
 from pagedllm.quant.gguf import GGUFConfig, is_gguf_file, load_gguf_config, resolve_gguf_flags
 
-
 _CONFIG_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 _WEIGHT_PATTERNS = {"safetensors": ["*.safetensors"], "pt": ["*.bin", "*.pt"]}
 

@@ -81,3 +81,19 @@ def test_kv_heads_per_rank_replicates_when_tp_exceeds_them(tmp_path):
     for tp, want in ((1, 2), (2, 1), (4, 1)):
         parallel = dataclasses.replace(engine_config.parallel, tensor_parallel_size=tp)
         assert dataclasses.replace(engine_config, parallel=parallel).kv_heads_per_rank == want
+
+
+def test_importing_the_option_handling_loads_no_transformers():
+    """transformers (and huggingface_hub) are the slowest imports of start-up (issue 19): the
+    option modules import them only inside the functions that load a Hugging Face config or
+    download a snapshot. Oracle: a fresh interpreter's ``sys.modules``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, pagedllm.config, pagedllm.arg_utils, pagedllm.models.resolve\n"
+            "print(sorted({n.split('.')[0] for n in sys.modules} & "
+            "{'transformers', 'huggingface_hub'}))\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=root, check=True)
+    assert out.stdout.strip() == "[]"
