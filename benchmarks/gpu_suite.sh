@@ -112,6 +112,16 @@ for part in $parts; do
         --rows 1 16 --out "$OUT_DIR" 2>&1 | grep -v Warning | tail -30
       echo "== gptq decode profile"; timeout 90 python benchmarks/profile_decode.py --graphs \
         --quant gptq --tokens 32 --rows 20 2>&1 | grep -v Warning | tail -45 ;;
+    probe4)
+      # third session, second call: W4A16 GEMV / GEMM tile and split-K sweep at 1 and 16 rows,
+      # Qwen3-30B-A3B batch-1 decode vs its roofline, the fused-MoE / W4A16 kernel tests
+      echo "== tune"; timeout 330 python benchmarks/quant_bench.py --only kernels --tune \
+        --rows 1 16 --out "$OUT_DIR" 2>&1 | grep -v Warning | grep -E "tune|bench=kernel" \
+        | tail -40
+      echo "== moe decode"; timeout 150 python benchmarks/moe_bench.py --only decode \
+        --out "$OUT_DIR" 2>&1 | grep -v Warning | tail -6
+      echo "== kernel tests"; timeout 100 python -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_fused_moe.py tests/kernels/test_wna16.py 2>&1 | tail -6 ;;
     kerneltests)
       python -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py \
         tests/kernels/test_wna16.py tests/kernels/test_fp8_scaled_mm.py 2>&1 \

@@ -340,12 +340,14 @@ def _splits(programs: int, k: int, block_k: int, target: int,
 
 
 def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor:
-    block_n, block_k, warps = config or GEMV_CONFIG
+    """``config``: (BLOCK_N, BLOCK_K, num_warps[, programs per SM aimed for by split-K])."""
+    block_n, block_k, warps, *rest = config or GEMV_CONFIG
+    waves = rest[0] if rest else GEMV_WAVES
     block_k, act_order = _block_k(w, block_k)
     if w.awq:  # AWQ's own layout has no GEMV (``repack_awq`` makes it K-packed): GEMM
         return _gemm(x, w, None)
     n_tiles = triton.cdiv(w.n, block_n)
-    splits, k_split = _splits(n_tiles, w.k, block_k, GEMV_WAVES * _sm_count(x.device))
+    splits, k_split = _splits(n_tiles, w.k, block_k, waves * _sm_count(x.device))
     out = torch.empty(splits, w.n, device=x.device,
                       dtype=x.dtype if splits == 1 else torch.float32)
     tensors, strides = _launch_args(w, act_order)
@@ -365,16 +367,20 @@ GEMV_WAVES = 8
 GEMM_CONFIGS = [(16, 16, 32, 128, 4, 3), (32, 32, 32, 128, 4, 3), (64, 64, 64, 64, 4, 3),
                 (1 << 62, 64, 128, 64, 8, 3)]
 GEMM_SPLIT_MAX_ROWS = 64
+GEMM_WAVES = 2
 
 
 def _gemm(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor:
+    """``config``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM
+    aimed for by split-K])."""
     m = x.shape[0]
     if config is None:
         config = next(c[1:] for c in GEMM_CONFIGS if m <= c[0])
-    block_m, block_n, block_k, warps, stages = config
+    block_m, block_n, block_k, warps, stages, *rest = config
+    waves = rest[0] if rest else GEMM_WAVES
     block_k, act_order = _block_k(w, block_k)
     tiles = triton.cdiv(w.n, block_n) * triton.cdiv(m, block_m)
-    target = 2 * _sm_count(x.device) if m <= GEMM_SPLIT_MAX_ROWS else 0
+    target = waves * _sm_count(x.device) if m <= GEMM_SPLIT_MAX_ROWS else 0
     splits, k_split = _splits(tiles, w.k, block_k, target, m)
     out = torch.empty(splits, m, w.n, device=x.device,
                       dtype=x.dtype if splits == 1 else torch.float32)
