@@ -1,4 +1,6 @@
 """Start-up of ``pagedllm serve`` to a healthy /health, and where the seconds go (issue 19).
+The command is ``python -m pagedllm serve`` (what the ``pagedllm`` script runs): it starts
+the engine core process before its own imports.
 
 Starts the server ``--repeat`` times with the same flags (the first start pays the cold
 caches: Triton kernel compiles, the page cache of the Python packages), then prints each
@@ -28,7 +30,7 @@ def one_start(model: str, flags: list[str]) -> dict:
     from tests.utils.server import RemoteServer
     start = time.perf_counter()
     server = RemoteServer(model, ["--uvicorn-log-level", "warning", *flags],
-                          startup_timeout=900)
+                          startup_timeout=900, entry=("-m", "pagedllm", "serve"))
     healthy = time.perf_counter() - start
     server.stop()
     lines = [line for line in server.log_path.read_text().splitlines()

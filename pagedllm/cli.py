@@ -8,17 +8,19 @@ Every subcommand takes an optional positional MODEL_TAG (it overrides --model, a
 ``--help`` stays fast.
 """
 
+from __future__ import annotations
+
 import argparse
 import asyncio
 import importlib
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from pagedllm.arg_utils import EngineArgs
-from pagedllm.bench.cli import add_bench_parser
-from pagedllm.entrypoints.openai.cli_args import make_arg_parser, server_config_from_args
+if TYPE_CHECKING:  # torch comes with them: imported once the command is known
+    from pagedllm.arg_utils import EngineArgs
+    from pagedllm.engine.core_client import MPCoreClient
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 DEFAULT_PROMPT = "Hello, my name is"
@@ -58,6 +60,7 @@ def _add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                         help=f"Prompt to complete; repeatable (default: {DEFAULT_PROMPT!r}).")
     _add_sampling_args(parser)
+    from pagedllm.arg_utils import EngineArgs
     EngineArgs.add_cli_args(parser)
 
 
@@ -65,10 +68,13 @@ def _add_chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-prompt", default=None, metavar="TEXT",
                         help="System message at the start of the conversation.")
     _add_sampling_args(parser)
+    from pagedllm.arg_utils import EngineArgs
     EngineArgs.add_cli_args(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pagedllm.bench.cli import add_bench_parser
+    from pagedllm.entrypoints.openai.cli_args import make_arg_parser
     parser = argparse.ArgumentParser(prog="pagedllm", description="pagedllm: an LLM inference "
                                      "engine with a paged KV cache and vLLM-compatible flags.")
     sub = parser.add_subparsers(dest="subcommand",
@@ -93,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _engine_args(args: argparse.Namespace) -> EngineArgs:
     """EngineArgs of a parsed subcommand, with MODEL_TAG / --model / the demo model applied."""
+    from pagedllm.arg_utils import EngineArgs
     args.model = args.model_tag or args.model or str(DEMO_MODEL_DIR)
     engine_args = EngineArgs.from_cli_args(args)
     engine_args.check_flags()
@@ -110,7 +117,9 @@ def _make_llm(engine_args: EngineArgs) -> Any:
     return LLM.from_engine_args(engine_args)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, core: MPCoreClient | None = None) -> int:
+    """``core``: the engine core process ``main`` started before the imports, or None."""
+    from pagedllm.entrypoints.openai.cli_args import server_config_from_args
     _engine_args(args)
     server_config_from_args(args)
     try:
@@ -126,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("pagedllm serve: the OpenAI server is not built yet (issue #4); use "
               "`pagedllm generate`", file=sys.stderr)
         return 1
-    result = api_server.run_server(args)
+    result = api_server.run_server(args, core_client=core)
     if inspect.iscoroutine(result):
         asyncio.run(result)
     return 0
@@ -173,14 +182,38 @@ def _chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": text})
 
 
+def _prestart_core(argv: list[str]) -> MPCoreClient | None:
+    """`pagedllm serve` with the engine core in its own process (the default): start that
+    process before this one imports torch, transformers and the server (seconds on a GPU
+    host), so that the two import in parallel; it waits for the engine arguments. Not for
+    --help or --disable-frontend-multiprocessing (an abbreviation of it that slips through
+    is handled by ``make_async_engine``, which stops the unused process)."""
+    if not argv or argv[0] != "serve":
+        return None
+    if {"-h", "--help", "--disable-frontend-multiprocessing"} & set(argv):
+        return None
+    from pagedllm.engine.core_client import MPCoreClient
+    return MPCoreClient()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    core = _prestart_core(argv)
+    try:
+        return _run(argv, core)
+    finally:  # a flag error or a failed start before the core got its arguments
+        if core is not None and not core.configured:
+            core.shutdown(timeout=0)
+
+
+def _run(argv: list[str], core: MPCoreClient | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        return args.func(args, core) if args.func is _serve else args.func(args)
     except ValueError as exc:  # start-up validation: flags, model resolution, config checks
         print(f"pagedllm {args.subcommand}: error: {exc}", file=sys.stderr)
         return 2

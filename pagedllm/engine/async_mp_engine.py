@@ -86,9 +86,11 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
 
     @classmethod
     def from_engine_args(cls, engine_args, log_requests: bool | None = None,
-                         max_log_len: int | None = None,
-                         wait: bool = True) -> "AsyncMPLLMEngine":
-        client = MPCoreClient()
+                         max_log_len: int | None = None, wait: bool = True,
+                         client: MPCoreClient | None = None) -> "AsyncMPLLMEngine":
+        """``client``: a core process started earlier and not configured yet (``pagedllm
+        serve`` starts it before its own imports)."""
+        client = client or MPCoreClient()
         client.configure_args(engine_args)  # it resolves them too, and loads the model
         try:
             start = time.perf_counter()

@@ -153,11 +153,22 @@ def test_serve_without_server_module(monkeypatch, capsys, tmp_path):
 def test_serve_calls_run_server_with_model_tag(monkeypatch):
     calls = []
     fake = types.ModuleType("fake_api_server")
-    fake.run_server = lambda args: calls.append(args)
+    fake.run_server = lambda args, core_client=None: calls.append((args, core_client))
     monkeypatch.setitem(sys.modules, "fake_api_server", fake)
     monkeypatch.setattr(cli, "SERVER_MODULE", "fake_api_server")
     assert cli.main(["serve", "my/model", "--model", "other", "--port", "9000"]) == 0
-    assert calls[0].model == "my/model" and calls[0].port == 9000
+    args, core = calls[0]
+    assert args.model == "my/model" and args.port == 9000
+    # the engine core process was started before the imports, handed to the server, and
+    # stopped by main since nothing configured it
+    assert core is not None and not core.configured
+    assert not core.proc.is_alive()
+
+
+def test_serve_starts_no_core_process_for_the_thread_engine_or_help(monkeypatch):
+    assert cli._prestart_core(["serve", "--disable-frontend-multiprocessing"]) is None
+    assert cli._prestart_core(["serve", "--help"]) is None
+    assert cli._prestart_core(["generate", "--prompt", "x"]) is None
 
 
 def test_serve_rejects_not_built_flags(capsys):

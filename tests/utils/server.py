@@ -23,7 +23,11 @@ def free_port() -> int:
 class RemoteServer:
     """``with RemoteServer(model, args) as server:`` ... ``server.url``; stops on exit."""
 
-    def __init__(self, model: str, args: list[str] = (), startup_timeout: float = 120.0) -> None:
+    def __init__(self, model: str, args: list[str] = (), startup_timeout: float = 120.0,
+                 entry: tuple[str, ...] = ("-m", "pagedllm.entrypoints.openai.api_server")
+                 ) -> None:
+        """``entry``: how the server is started (vLLM's module by default; ("-m", "pagedllm",
+        "serve") is the `pagedllm serve` command)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -31,7 +35,7 @@ class RemoteServer:
         self.log_path = Path(f"/tmp/pagedllm-server-{self.port}.log")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pagedllm.entrypoints.openai.api_server", "--model", model,
+            [sys.executable, *entry, "--model", model,
              "--host", "127.0.0.1", "--port", str(self.port), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         self._wait_healthy(startup_timeout)

@@ -391,15 +391,16 @@ def _add_embedding_route(app: FastAPI, embedding: OpenAIServingEmbedding) -> Non
         return JSONResponse(await embedding.create_embedding(request, raw_request))
 
 
-def run_server(args: argparse.Namespace) -> None:
+def run_server(args: argparse.Namespace, core_client=None) -> None:
     """Load the model, build the app and serve until interrupted (called by `pagedllm serve`,
-    which has resolved ``args.model`` and checked the engine flags)."""
+    which has resolved ``args.model`` and checked the engine flags, and may have started the
+    engine core process already: ``core_client``)."""
     from pagedllm.arg_utils import EngineArgs
     configure_logging()
     server = server_config_from_args(args)
     engine_args = EngineArgs.from_cli_args(args)
     start = time.perf_counter()
-    engine = make_async_engine(engine_args, server)
+    engine = make_async_engine(engine_args, server, core_client)
     try:  # the core process loads the model while this one builds the app
         app = build_app(engine, server)
         if hasattr(engine, "wait_ready"):
@@ -424,16 +425,19 @@ def run_server(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def make_async_engine(engine_args, server: ServerConfig):
-    """The engine core in its own process (the default), or in a thread of this one with
-    --disable-frontend-multiprocessing (vLLM's flag); the same interface either way."""
+def make_async_engine(engine_args, server: ServerConfig, core_client=None):
+    """The engine core in its own process (the default; ``core_client``: that process if
+    started already), or in a thread of this one with --disable-frontend-multiprocessing
+    (vLLM's flag); the same interface either way."""
     if server.disable_frontend_multiprocessing:
+        if core_client is not None:
+            core_client.shutdown(timeout=0)
         engine = AsyncLLMEngine.from_engine_args(engine_args, max_log_len=server.max_log_len)
         logger.info("engine in this process (--disable-frontend-multiprocessing)")
         return engine
     from pagedllm.engine.async_mp_engine import AsyncMPLLMEngine
     engine = AsyncMPLLMEngine.from_engine_args(engine_args, max_log_len=server.max_log_len,
-                                               wait=False)
+                                               wait=False, client=core_client)
     logger.info("start-up: engine core process %d spawned %.1f s after this process started",
                 engine.client.proc.pid, engine.client.spawned_at_age_s or 0.0)
     return engine
