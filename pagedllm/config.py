@@ -563,10 +563,12 @@ class EngineConfig:
 
     @cached_property
     def lookahead(self) -> bool:
-        """Async output by launching the next batch ahead (the engine core's ``step``
-        and the scheduler's ``schedule_lookahead``); speculative decoding and detailed traces
-        take the executor thread instead (batches in flight together would count the same
-        seconds in each request's forward / execute times)."""
+        """Async output processing with the lookahead: a decode batch is scheduled
+        (``schedule_lookahead``) and launched while the one before it runs, 2 batches in flight
+        (the engine core's ``step``). Not with speculative decoding (a step's drafts come from
+        the tokens the previous step accepted) nor detailed traces (batches in flight together
+        would count the same seconds in each request's forward / execute times): those run
+        one batch at a time, the next launched before the outputs are made."""
         return self.async_output_proc and self.speculative.speculative_model is None and \
             not self.observability.collect_detailed_traces
 

@@ -15,9 +15,14 @@ The front end (``engine/output_processor.py``) turns deltas into text, stop stri
 one process (``LLM``, tests, ``--disable-frontend-multiprocessing``); ``pagedllm serve`` runs
 the core in its own process (``engine/core_client.py``). The same code steps in both.
 
-A step is schedule (control plane) -> execute (compute plane) -> update. Async output processing
-(on CUDA unless ``--disable-async-output-proc``; ``step`` with ``_ahead``): the device never waits
-for the host's output work.
+A step is schedule (control plane) -> execute (compute plane) -> update, run as one in-flight
+queue of launched batches (``step``): a batch is launched (``executor.launch``: the forward is
+queued) and later finished in launch order (``executor.finish``: sampled, then applied to the
+scheduler), with up to ``_depth`` batches in flight: 1 plain, 2 with the lookahead, N with
+``-pp N``.
+
+Async output processing (on CUDA unless ``--disable-async-output-proc``; ``_ahead``): the device
+never waits for the host's output work.
 1. After step t is finished (its ids on the host, ``update_from_output`` applied: tokens, stop
    ids and max_tokens), the next step is scheduled and launched before step t's deltas are
    returned, so the device runs it while the front end makes step t's outputs. Only a stop
@@ -31,22 +36,23 @@ for the host's output work.
    are one-step batches (``SchedulerOutput.multi_step``), so decode steps are launched back to
    back. A request that stopped inside batch t ran in batch t+1 for nothing; its late tokens
    are dropped.
-Speculative decoding and ``--collect-detailed-traces`` (whose per-request model times would
-count overlapping batches twice) keep the older form: the executor runs step t+1 on a helper
-thread while the front end makes step t's outputs (``_step_threaded``; the runner's
-``on_launch`` tells when the forward is queued).
+Speculative decoding and ``--collect-detailed-traces`` get 1 but not 2, at depth 1: a step's
+drafts are proposed from the tokens the previous step accepted, so it cannot be scheduled
+before that step is finished; and a batch's model forward / execute times are taken by the
+runner from its launch to its finish (``ModelRunner.launch`` / ``finish``), which batches in
+flight together would count twice. At depth 1 a batch's execute time therefore includes the
+front end's output work made while it ran (as vLLM 0.6.3's includes its output callback).
 
 Pipeline parallelism (``-pp N``): up to N micro-batches of disjoint requests are in flight, each
-launched on every rank (``executor.launch``) and finished in order (``executor.finish``), so
-stage 0 runs batch k+1 while stage 1 runs batch k; see ``step`` (``_depth`` batches in flight).
+launched on every rank and finished in order, so stage 0 runs batch k+1 while stage 1 runs
+batch k.
 """
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -158,6 +164,7 @@ class EngineCore:
             log_stats = not config.observability.disable_log_stats
         self.stat_logger = StatLogger(self) if log_stats else None
         self.timeline = Timeline.create("core")  # PAGEDLLM_STEP_TIMELINE: where time goes
+        self._profiler: torch.profiler.profile | None = None  # between /start_profile and /stop
         # built on the first guided request (needs a tokenizer)
         self.guided_compiler: GuideService | None = None
         self._pending: dict[str, tuple[CoreRequest, Future]] = {}  # compiling constraints
@@ -178,21 +185,12 @@ class EngineCore:
             max_loras=config.lora.max_loras, lookahead=config.lookahead)
 
     def _setup_overlap(self, config: EngineConfig) -> None:
-        """Async output processing by launching ahead (``step`` with ``_ahead``); the executor
-        thread where that is unavailable (speculative decoding) or with
-        --collect-detailed-traces: batches in flight together would count the same seconds
-        in each request's model forward / execute times."""
-        self._future: tuple[SchedulerOutput, Future] | None = None
-        self._exec_thread: ThreadPoolExecutor | None = None
-        self._runner = self.worker.runner
-        self._lookahead = config.lookahead
-        # batches in flight at most: the pipeline's stages, 2 with the lookahead, else 1
-        self._ahead = self._lookahead and self.pipeline_depth == 1
-        self._depth = self.pipeline_depth if self.pipeline_depth > 1 else 1 + self._ahead
-        if config.async_output_proc and not self._lookahead and self.pipeline_depth == 1:
-            threads = torch.get_num_threads()
-            self._exec_thread = ThreadPoolExecutor(
-                1, "pagedllm-execute", initializer=torch.set_num_threads, initargs=(threads,))
+        """The in-flight queue's shape (module docstring): ``_depth`` batches in flight at
+        most (the pipeline's stages, 2 with the lookahead, else 1); ``_ahead``: async output
+        processing, the next batch is launched before a step's deltas are returned."""
+        self._lookahead = config.lookahead  # off for speculative decoding, detailed traces
+        self._ahead = config.async_output_proc  # off with -pp: the micro-batches overlap
+        self._depth = self.pipeline_depth if self.pipeline_depth > 1 else 1 + self._lookahead
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, req: CoreRequest) -> Request:
@@ -325,29 +323,25 @@ class EngineCore:
         """After a step raised: drop the batches in flight and abort every request (their
         blocks are freed). Returns the ids of the sequences that were aborted."""
         self._in_flight.clear()
-        self._future = None
         self.scheduler.drop_in_flight()
         seq_ids = list(self.scheduler.requests)
         self.abort(seq_ids)
         return seq_ids
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._future is not None or \
-            bool(self._in_flight)
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def get_num_unfinished_requests(self) -> int:
         return self.scheduler.get_num_unfinished_requests()
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[SeqDelta]:
-        """One step: launch batches until ``_depth`` are in flight (1 plain, 2 with the
-        lookahead, the pipeline's stage count with ``-pp``), finish the oldest and return its
-        deltas; with the lookahead, the next batch is launched before returning when nothing
-        is left in flight, so the device runs it while the caller makes outputs (module
-        docstring). Speculative decoding and detailed traces use the executor thread
-        (``_step_threaded``). No batch is left in flight when this raises."""
-        if self._exec_thread is not None:
-            return self._step_threaded()
+        """One step: launch batches until ``_depth`` are in flight (1 plain, speculative
+        decoding and detailed traces; 2 with the lookahead; the pipeline's stage count with
+        ``-pp``), finish the oldest and return its deltas; with async output processing, the
+        next batch is launched before returning when nothing is left in flight, so the device
+        runs it while the caller makes outputs (module docstring). No batch is left in flight
+        when this raises."""
         try:
             deltas = self._launch_ready()
             if self._in_flight:
@@ -380,31 +374,11 @@ class EngineCore:
         """The next batch to launch, or None: behind a running batch the lookahead's
         continuation of it, or with pipeline stages a batch of requests not in flight."""
         sched = self.scheduler
-        if self._in_flight and self._ahead:
+        if self._in_flight and self._lookahead:
             return sched.schedule_lookahead(self._in_flight[-1])
         if self.pipeline_depth > 1:
             return sched.schedule() if sched.has_schedulable_requests() else None
         return sched.schedule() if sched.has_unfinished_requests() else None
-
-    def _step_threaded(self) -> list[SeqDelta]:
-        """Async output processing on the executor thread: finish step t, then schedule and
-        submit step t+1 before returning t's deltas, so that the front end makes t's outputs
-        while t+1 runs. No step is left running when this raises."""
-        deltas: list[SeqDelta] = []
-        if self._future is not None:
-            (scheduler_output, future), self._future = self._future, None
-            deltas = self._apply(scheduler_output, future.result())
-        if self.scheduler.has_unfinished_requests():
-            scheduler_output = self.scheduler.schedule()
-            launched = threading.Event()
-            self._runner.on_launch = launched.set
-            future = self._exec_thread.submit(self.executor.execute_model, scheduler_output)
-            future.add_done_callback(lambda _: launched.set())
-            # let the executor thread build the batch and queue the forward before the
-            # caller takes the GIL for output work (else the launch waits on it)
-            launched.wait()
-            self._future = (scheduler_output, future)
-        return deltas
 
     def _launch(self, scheduler_output: SchedulerOutput) -> None:
         self.executor.launch(scheduler_output)
@@ -469,18 +443,14 @@ class EngineCore:
             self.timeline = None
         if self.guided_compiler is not None:  # kills a compile in progress
             self.guided_compiler.close()
-        if self._exec_thread is not None:
-            self._exec_thread.shutdown(wait=True)
-        shutdown = getattr(self.executor, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        self.executor.shutdown()
 
     # ---- utility calls (``call_core``: /start_profile, /stop_profile, runtime LoRA) ---
     def start_profile(self, trace_dir: str) -> str:
         """/start_profile: a torch profiler over the core's steps from now on (CPU, plus CUDA
         when there is a GPU; with stacks), as vLLM 0.6.3's worker builds it. The core runs the
         steps, so its process is the one to profile. Returns the directory."""
-        if getattr(self, "_profiler", None) is not None:
+        if self._profiler is not None:
             raise RuntimeError("the profiler is already running; call /stop_profile first")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
@@ -496,7 +466,7 @@ class EngineCore:
     def stop_profile(self) -> None:
         """/stop_profile: stop the profiler; its trace handler writes
         ``<host>_<pid>.<time>.pt.trace.json.gz`` into the directory given at start."""
-        profiler = getattr(self, "_profiler", None)
+        profiler = self._profiler
         if profiler is None:
             raise RuntimeError("the profiler is not running; call /start_profile first")
         self._profiler = None

@@ -8,8 +8,8 @@
 
 Ranks are ``tensor_parallel_size x pipeline_parallel_size``, laid out as documented in
 ``pagedllm.distributed``. All implement ``base.Executor`` (``driver_worker``,
-``num_gpu_blocks``, ``num_cpu_blocks``, ``healthy``, ``execute_model``, ``launch`` /
-``finish``, ``collective_rpc`` and ``shutdown``); the two parallel ones share
+``num_gpu_blocks``, ``num_cpu_blocks``, ``healthy``, ``launch`` / ``finish``,
+``collective_rpc`` and ``shutdown``); the two parallel ones share
 ``parallel.ParallelExecutor`` and the helpers beside it.
 """
 from __future__ import annotations

@@ -25,13 +25,9 @@ class Executor(ABC):
         """False once a rank died or raised (the server's /health reports it)."""
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
-        """One whole step on every rank; rank 0's output."""
-
-    @abstractmethod
     def launch(self, scheduler_output: SchedulerOutput) -> None:
         """The first half of a step on every rank: the forward is queued, nothing is waited
-        for (pipeline micro-batches and async output processing; see ModelRunner)."""
+        for (the engine core's in-flight queue of batches; see ModelRunner)."""
 
     @abstractmethod
     def finish(self) -> ModelRunnerOutput | None:

@@ -58,9 +58,7 @@ def _worker_main(config: EngineConfig, rank: int, world: int, init_method: str, 
                 kind, payload = pickle.loads(conn.recv_bytes())
             except EOFError:  # the engine process is gone
                 return
-            if kind == "step":
-                worker.execute_model(payload)
-            elif kind == "launch":
+            if kind == "launch":
                 worker.launch(payload)
             elif kind == "finish":
                 worker.finish()

@@ -134,14 +134,10 @@ class ParallelExecutor(Executor):
         if self._error is not None:
             raise RuntimeError(f"the engine's {self.workers} failed earlier: {self._error}")
 
-    # a step goes to every rank as one message: ("step", so) runs it whole; ("launch", so)
-    # and ("finish", None) run its halves (pipeline micro-batches, see ModelRunner)
-    def execute_model(self, scheduler_output):
-        return self._run(("step", scheduler_output),
-                         lambda: self.driver_worker.execute_model(scheduler_output))
-
+    # a step goes to every rank as two messages: ("launch", so) and later ("finish", None),
+    # its halves (the engine core's in-flight queue of batches, see ModelRunner)
     def launch(self, scheduler_output) -> None:
-        """First half of a step on every rank (pipeline micro-batches, see ModelRunner)."""
+        """First half of a step on every rank (see ModelRunner)."""
         self._run(("launch", scheduler_output),
                   lambda: self.driver_worker.launch(scheduler_output))
 

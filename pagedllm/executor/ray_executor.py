@@ -86,12 +86,10 @@ class RayWorker:
             raise
 
     def execute_model(self, data: bytes) -> None:
-        """One step message: ("step" | "launch", SchedulerOutput) or ("finish", None)."""
+        """One step message: ("launch", SchedulerOutput) or ("finish", None)."""
         try:
             kind, payload = pickle.loads(data)
-            if kind == "step":
-                self.worker.execute_model(payload)
-            elif kind == "launch":
+            if kind == "launch":
                 self.worker.launch(payload)
             else:
                 self.worker.finish()

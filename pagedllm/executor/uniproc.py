@@ -18,9 +18,6 @@ class UniProcExecutor(Executor):
 
     healthy = True
 
-    def execute_model(self, scheduler_output):
-        return self.driver_worker.execute_model(scheduler_output)
-
     def launch(self, scheduler_output) -> None:
         self.driver_worker.launch(scheduler_output)
 

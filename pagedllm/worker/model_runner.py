@@ -20,10 +20,12 @@ launched before that (the scheduler's lookahead) takes the last step's ids on th
 its input tokens (``_late_inputs``) and the projected counts the scheduler sent.
 
 A step runs in two halves, ``launch`` (1-3 and the forward) and ``finish`` (logits,
-sampling, state updates), so that with pipeline parallelism this stage can run the forward
-of the next micro-batch before the last stage has sent back this one's logits. The last
-stage samples at once in ``launch`` (its broadcast of the logits then waits for the other
-stages' ``finish``), so it never holds a batch's logits back behind its next forward.
+sampling, state updates), so that the engine core keeps batches in flight (async output
+processing: the device runs the next batch while the host makes outputs), and with pipeline
+parallelism this stage can run the forward of the next micro-batch before the last stage has
+sent back this one's logits. The last stage samples at once in ``launch`` (its broadcast of
+the logits then waits for the other stages' ``finish``), so it never holds a batch's logits
+back behind its next forward.
 Launched steps finish in order; ``execute_model`` is both halves at once. A multi-step
 batch does all its work in ``finish`` (the engine never launches another one around it).
 """
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,8 +125,6 @@ class ModelRunner:
         self.guided = GuidedMatchers(vocab_size, device)  # grammar matchers of guided requests
         self.backend = get_attn_backend(device)
         self.lora_table = lora_table
-        # called once a step's forward is queued (async output proc; set per step by the core)
-        self.on_launch: Callable[[], None] | None = None
         self.pooler = getattr(model, "pooler", None)  # a pooling model's (layers/pooler.py)
         # ALL pooling with chunked prefill: req_id -> the rows of its chunks so far, in
         # prompt order (kept across a swap preemption, which resumes mid-prompt)
@@ -300,12 +299,6 @@ class ModelRunner:
         return AttentionMetadata(self.block_size, slots, meta.num_decodes,
                                  meta.decode_seq_lens + 1, table, [])
 
-    def _launched(self) -> None:
-        """The forward is queued on the device (async output processing waits for this
-        before it takes the host; see pagedllm/engine/engine.py)."""
-        if self.on_launch is not None:
-            self.on_launch()
-
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self.launch(so)
         return self.finish()
@@ -329,7 +322,6 @@ class ModelRunner:
                                           batch.attn_metadata, batch.embed_overrides,
                                           batch.lora)
         step.sends = take_pending_sends()
-        self._launched()
         if get_pp_size() > 1 and is_last_stage():
             # the last stage has everything now: it computes the logits and sends them to
             # the other stages (their ``finish``) without waiting for its next forward
@@ -337,7 +329,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def finish(self) -> ModelRunnerOutput:
-        """Sample the oldest launched step and advance its requests' states."""
+        """Sample the oldest launched step and advance its requests' states. Detailed traces:
+        its forward seconds (timed in ``launch``) and its execute seconds, from its launch to
+        now (the core runs such batches one at a time, so no two spans overlap)."""
         step = self._launched_steps.popleft()
         output = step.output if step.output is not None else self._sample(step)
         if self.collect_forward:
@@ -456,7 +450,6 @@ class ModelRunner:
         sampling.start_copy()
         for row, req_id in enumerate(batch.req_ids):
             self._late_inputs[req_id] = (input_ids, row)
-        self._launched()
 
     def _finish_steps(self, launched: _Launched, batch: _Batch,
                       num_steps: int) -> ModelRunnerOutput:

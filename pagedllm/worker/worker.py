@@ -213,11 +213,8 @@ class Worker:
         torch.cuda.empty_cache()
         return peak
 
-    def execute_model(self, scheduler_output):
-        return self.runner.execute_model(scheduler_output)
-
     def launch(self, scheduler_output) -> None:
-        """First half of a step (pipeline micro-batches; see ModelRunner)."""
+        """First half of a step (the forward queued; see ModelRunner)."""
         self.runner.launch(scheduler_output)
 
     def finish(self):

@@ -37,7 +37,7 @@ def async_llm(model_path):
         mp.undo()
     engine = llm.llm_engine
     assert engine.core._lookahead and engine.scheduler.lookahead
-    assert engine.core._exec_thread is None
+    assert engine.core._ahead and engine.core._depth == 2
     return llm
 
 
@@ -62,7 +62,7 @@ def _no_leak(llm):
     kv = llm.llm_engine.kv_cache_manager
     assert kv.num_free_blocks == kv.pool.num_blocks
     assert not llm.llm_engine.has_unfinished_requests()
-    assert llm.llm_engine.core._future is None and not llm.llm_engine.core._in_flight
+    assert not llm.llm_engine.core._in_flight
 
 
 def test_default_only_on_cuda(sync_llm, monkeypatch):

@@ -144,7 +144,7 @@ def test_lookahead_with_arrivals_and_aborts(model_path, single):
     assert tokens["b"] == list(expected[PROMPTS[1]])[:len(tokens["b"])]
     kv = engine.kv_cache_manager
     assert kv.num_free_blocks == kv.pool.num_blocks
-    assert not engine.scheduler.in_flight and not engine.core._runner._late_inputs
+    assert not engine.scheduler.in_flight and not engine.core.worker.runner._late_inputs
 
 
 def test_lookahead_random_sampling_same_as_sync(model_path):

@@ -70,7 +70,7 @@ def test_derived_values_are_computed_once_on_the_config(tmp_path, monkeypatch):
     assert engine_config.kv_heads_per_rank == 2
     monkeypatch.setenv("PAGEDLLM_ASYNC_OUTPUT_PROC", "1")
     assert engine_config.async_output_proc  # on when asked for, on CPU too
-    assert not engine_config.lookahead  # speculative decoding takes the executor thread
+    assert not engine_config.lookahead  # speculative decoding: one batch in flight
     monkeypatch.delenv("PAGEDLLM_ASYNC_OUTPUT_PROC")
     assert engine_config.async_output_proc  # decided once: the switch is read at first use
 
