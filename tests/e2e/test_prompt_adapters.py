@@ -89,8 +89,8 @@ def test_adapters_share_batches_up_to_max_prompt_adapters(model_path, tmp_path):
         for o in outs:
             if o.finished:
                 done[o.request_id] = list(o.outputs[0].token_ids)
-        most = max(most, len({r.prompt_adapter.adapter_id for r in sched.running
-                              if r.prompt_adapter is not None}))
+        most = max(most, len({r.prompt_adapter_request.prompt_adapter_id
+                              for r in sched.running if r.prompt_adapter_request is not None}))
     assert [done[f"m{i}"] for i in range(8)] == alone * 2
     assert most <= 2
 
