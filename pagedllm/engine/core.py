@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.core.adapters import LoRARequest, PromptAdapterRequest
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
@@ -62,7 +63,6 @@ from pagedllm.engine.timeline import Timeline
 from pagedllm.executor import make_executor
 from pagedllm.gc_tuning import tune_gc
 from pagedllm.guided.service import GuideService
-from pagedllm.core.adapters import LoRARequest, PromptAdapterRequest
 from pagedllm.worker.prompt_adapter import check_prompt_adapter_support
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
