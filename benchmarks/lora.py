@@ -22,7 +22,7 @@ def write_lora(path: str, hf_config, rank: int, seed: int) -> str:
     import torch
     from safetensors.torch import save_file
 
-    from pagedllm.lora import projection_shapes
+    from pagedllm.worker.lora import projection_shapes
     gen = torch.Generator().manual_seed(seed)
     tensors, shapes = {}, projection_shapes(hf_config)
     for layer in range(hf_config.num_hidden_layers):

@@ -16,10 +16,10 @@ def __getattr__(name: str):
         from pagedllm.arg_utils import EngineArgs
         return EngineArgs
     if name == "LoRARequest":
-        from pagedllm.lora import LoRARequest
+        from pagedllm.core.adapters import LoRARequest
         return LoRARequest
     if name == "PromptAdapterRequest":
-        from pagedllm.prompt_adapter import PromptAdapterRequest
+        from pagedllm.core.adapters import PromptAdapterRequest
         return PromptAdapterRequest
     raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")
 

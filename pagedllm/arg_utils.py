@@ -389,15 +389,15 @@ def _check_model_features(v: dict[str, Any], hf_config: Any) -> None:
     loaded (prompt adapters: the model class's ``supports_prompt_adapters``; LoRA: its layers,
     built on the meta device, have every projection LoRA adapts)."""
     if v["enable_prompt_adapter"]:
-        from pagedllm.prompt_adapter import check_prompt_adapter_support
+        from pagedllm.worker.prompt_adapter import check_prompt_adapter_support
         check_prompt_adapter_support(hf_config)
     if v["enable_lora"]:
-        from pagedllm.lora import check_lora_architecture
+        from pagedllm.worker.lora import check_lora_architecture
         check_lora_architecture(hf_config, v["max_model_len"])
 
 
 def _check_lora(values: dict[str, Any]) -> None:
-    """--enable-lora's cross-field rules (pagedllm/lora.py)."""
+    """--enable-lora's cross-field rules (pagedllm/worker/lora.py)."""
     if not values["enable_lora"]:
         for f in option_fields(LoRAConfig):
             if f.name in ("max_loras", "max_lora_rank", "lora_dtype", "max_cpu_loras") and \

@@ -384,7 +384,7 @@ _LORA = "LoRA adapters"
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """LoRA adapters (PEFT LORA checkpoints), ``pagedllm/lora.py``."""
+    """LoRA adapters (PEFT LORA checkpoints), ``pagedllm/worker/lora.py``."""
     enable_lora: bool = option(
         False, "Serve LoRA adapters (LLM.generate(lora_request=...), the server's "
         "--lora-modules). Llama-family models, tensor-parallel size 1; CUDA graphs are off.")
@@ -416,7 +416,7 @@ class LoRAConfig:
 
 @dataclass(frozen=True)
 class PromptAdapterConfig:
-    """PEFT prompt-tuning adapters (soft prompts), ``pagedllm/prompt_adapter.py``."""
+    """PEFT prompt-tuning adapters (soft prompts), ``pagedllm/worker/prompt_adapter.py``."""
     enable_prompt_adapter: bool = option(
         False, "Serve prompt adapters (soft prompts; LLM.generate(prompt_adapter_request=...), "
         "the server's --prompt-adapters). Llama-family models.")

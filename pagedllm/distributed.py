@@ -86,26 +86,22 @@ def _global_rank(pp_rank: int) -> int:
     return pp_rank * STATE.tp_size + STATE.tp_rank
 
 
-_pending_sends: list = []  # (work, tensor) of sends not yet waited for
+# a send started and not yet waited for: its work handle and the tensor it reads (kept
+# alive until the wait)
+PendingSend = tuple[Any, torch.Tensor]
 
 
-def send_to_next_stage(x: torch.Tensor) -> None:
+def send_to_next_stage(x: torch.Tensor, sends: list[PendingSend]) -> None:
     """Start sending ``x`` to the next stage and return at once: with micro-batches in
     flight this stage may run the next batch before the next stage has received this one
-    (a blocking send could then wait on a stage that waits on us). The tensor is kept
-    until ``wait_sends`` of the step that sent it."""
+    (a blocking send could then wait on a stage that waits on us). The send goes into
+    ``sends`` (the forward's ``ForwardContext.sends``), which the runner keeps with the
+    step until ``wait_sends``."""
     x = x.contiguous()
-    _pending_sends.append((dist.isend(x, dst=_global_rank(STATE.pp_rank + 1)), x))
+    sends.append((dist.isend(x, dst=_global_rank(STATE.pp_rank + 1)), x))
 
 
-def take_pending_sends() -> list:
-    """The sends started since the last call (the runner keeps them with their step)."""
-    sends = _pending_sends[:]
-    _pending_sends.clear()
-    return sends
-
-
-def wait_sends(sends: list) -> None:
+def wait_sends(sends: list[PendingSend]) -> None:
     for work, _ in sends:
         work.wait()
 
@@ -300,7 +296,6 @@ def init_distributed(world_size: int, rank: int, init_method: str, backend: str 
 
 
 def _reset_state() -> None:
-    _pending_sends.clear()
     STATE.tp_size, STATE.tp_rank, STATE.group, STATE.shm = 1, 0, None, None
     STATE.pp_size, STATE.pp_rank, STATE.pp_group = 1, 0, None
 

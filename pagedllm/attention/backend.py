@@ -7,8 +7,13 @@ requests (prefills, chunked or not, possibly with a prefix-cached context) follo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pagedllm.distributed import PendingSend
+    from pagedllm.worker.lora import LoRABatch
 
 
 @dataclass
@@ -123,5 +128,11 @@ class ForwardContext:
     backend: AttentionBackend | None = None  # None: the PyTorch reference
     kv_scales: list[tuple[float, float]] | None = None  # per layer (k, v) of an fp8 cache
     # prompt adapters: (rows [n], embeddings [n, hidden]) that replace those rows' token
-    # embeddings (the first stage applies them; see pagedllm/prompt_adapter.py)
+    # embeddings (the first stage applies them; see pagedllm/worker/prompt_adapter.py)
     embed_overrides: tuple[torch.Tensor, torch.Tensor] | None = None
+    # --enable-lora: which rows use which LoRA slot (pagedllm/worker/lora.py); the layers
+    # pass it to their LoRA-capable projections. None: no row has an adapter
+    lora: LoRABatch | None = None
+    # out: the sends to the next pipeline stage this forward started (send_to_next_stage);
+    # the runner waits for them when the step is sampled
+    sends: list[PendingSend] = field(default_factory=list)

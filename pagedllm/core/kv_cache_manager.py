@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
+from pagedllm.core.adapters import block_hash_salt
 from pagedllm.core.block_hash import BlockHash, hash_request_blocks
 from pagedllm.core.block_pool import BlockPool, KVCacheBlock
 from pagedllm.core.request import Request
@@ -55,11 +56,9 @@ class KVCacheManager:
         known = self._req_to_hashes.get(request.req_id, [])
         if len(known) < request.num_tokens // self.block_size:
             # another soft prompt or LoRA: other KV for the same ids
-            adapter, lora = request.prompt_adapter, request.lora
-            extra = ((adapter.adapter_id,) if adapter is not None else ()) + \
-                (("lora", lora.lora_id) if lora is not None else ())
             known = hash_request_blocks(request.all_token_ids, self.block_size, known,
-                                        extra or None)
+                                        block_hash_salt(request.prompt_adapter_request,
+                                                        request.lora_request))
             self._req_to_hashes[request.req_id] = known
         return known
 

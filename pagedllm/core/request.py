@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 
+from pagedllm.core.adapters import LoRARequest, PromptAdapterRequest
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
@@ -62,8 +63,10 @@ class Request:
             self.max_tokens = room if self.max_tokens is None else min(self.max_tokens, room)
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
-        self.prompt_adapter = None  # LoadedPromptAdapter: its placeholders start the prompt
-        self.lora = None  # LoadedLoRA (--enable-lora)
+        # the soft prompt whose placeholders start the prompt (--enable-prompt-adapter) and
+        # the LoRA it runs with (--enable-lora): ids and paths only; weights are the worker's
+        self.prompt_adapter_request: PromptAdapterRequest | None = None
+        self.lora_request: LoRARequest | None = None
         # PoolingParams of a pooling request: prefill only; it finishes (stopped) when its
         # prompt is computed, with the pooled output instead of a token (``sampling_params``
         # is then a one-token placeholder the sampler never sees)

@@ -440,24 +440,24 @@ class Scheduler:
         return NewRequestData(
             request.req_id, list(request.all_token_ids), request.num_prompt_tokens,
             request.sampling_params, self.kv.get_block_ids(request.req_id),
-            request.num_computed_tokens, request.num_output_tokens, request.prompt_adapter,
-            request.lora, request.pooling_params)
+            request.num_computed_tokens, request.num_output_tokens,
+            request.prompt_adapter_request, request.lora_request, request.pooling_params)
 
     def _adapter_fits(self, request: Request, out: SchedulerOutput) -> bool:
         """--max-prompt-adapters / --max-loras: a request whose prompt adapter or LoRA would
         be one too many this step waits for a step with room."""
-        pa, lora = request.prompt_adapter, request.lora
-        return (pa is None or pa.adapter_id in self._step_adapters
+        pa, lora = request.prompt_adapter_request, request.lora_request
+        return (pa is None or pa.prompt_adapter_id in self._step_adapters
                 or len(self._step_adapters) < self.max_prompt_adapters) and \
-            (lora is None or lora.lora_id in self._step_loras
+            (lora is None or lora.lora_int_id in self._step_loras
              or len(self._step_loras) < self.max_loras)
 
     def _scheduled(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
         out.num_scheduled_tokens[request.req_id] = num_new
-        if request.prompt_adapter is not None:
-            self._step_adapters.add(request.prompt_adapter.adapter_id)
-        if request.lora is not None:
-            self._step_loras.add(request.lora.lora_id)
+        if request.prompt_adapter_request is not None:
+            self._step_adapters.add(request.prompt_adapter_request.prompt_adapter_id)
+        if request.lora_request is not None:
+            self._step_loras.add(request.lora_request.lora_int_id)
 
     def _fork(self, parent: Request) -> None:
         """Start the parent's best_of children now that its prompt KV is computed."""

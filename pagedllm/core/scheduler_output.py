@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedllm.core.adapters import LoRARequest, PromptAdapterRequest
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -21,9 +22,10 @@ class NewRequestData:
     num_computed_tokens: int
     num_output_tokens: int  # how many sampled tokens the seeded generator has already produced
     # --enable-prompt-adapter: the soft prompt whose rows replace the embeddings of the first
-    # num_virtual_tokens (placeholder) tokens
-    prompt_adapter: object = None  # LoadedPromptAdapter | None
-    lora: object = None  # LoadedLoRA | None (--enable-lora)
+    # num_virtual_tokens (placeholder) tokens; --enable-lora: the LoRA of its rows. Requests
+    # (ids, names, paths) only: the worker's AdapterStore holds the weights by id
+    prompt_adapter_request: PromptAdapterRequest | None = None
+    lora_request: LoRARequest | None = None
     # a pooling request (PoolingParams): prefill only, its pooled hidden state is the answer
     pooling_params: object = None
 

@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pagedllm.config import EngineConfig
+from pagedllm.core.adapters import LoRARequest, PromptAdapterRequest
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
@@ -68,9 +69,7 @@ from pagedllm.engine.timeline import Timeline
 from pagedllm.executor import make_executor
 from pagedllm.gc_tuning import tune_gc
 from pagedllm.guided.service import GuideService
-from pagedllm.lora import LoRACache, LoRARequest, projection_shapes
-from pagedllm.prompt_adapter import (LoadedPromptAdapter, PromptAdapterRequest,
-                                     check_prompt_adapter_support, load_prompt_adapter)
+from pagedllm.worker.prompt_adapter import check_prompt_adapter_support
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
 
@@ -153,11 +152,8 @@ class EngineCore:
             self.executor.num_gpu_blocks, self.executor.num_cpu_blocks, cc.block_size,
             cc.enable_prefix_caching, sc.num_lookahead_slots)
         self.scheduler = self._make_scheduler(config)
-        lc = config.lora  # --enable-lora: adapters loaded once per id (pagedllm/lora.py)
-        self._loras = LoRACache(lc.max_cpu_loras or lc.max_loras, lc.max_lora_rank,
-                                mc.num_hidden_layers, projection_shapes(mc.hf_config)) \
-            if lc.enable_lora else None
-        self._prompt_adapters: dict[int, tuple[PromptAdapterRequest, LoadedPromptAdapter]] = {}
+        # adapters are loaded once per id by the driver worker (pagedllm/worker/adapters.py)
+        self._adapters = self.worker.adapters
         if config.prompt_adapter.enable_prompt_adapter:
             check_prompt_adapter_support(mc.hf_config)
         if log_stats is None:
@@ -245,10 +241,11 @@ class EngineCore:
             raise ValueError(f"request_id {req.request_id!r} is already in use")
 
     def _enqueue(self, req: CoreRequest) -> Request:
-        """Load the request's adapters and hand it (and its best_of children) to the
-        scheduler; its constraint, if any, is compiled already."""
-        adapter = self._prompt_adapter(req.prompt_adapter_request)
-        lora = self._lora(req.lora_request)
+        """Load the request's adapters (the driver worker's store: ValueError on a bad one)
+        and hand it (and its best_of children) to the scheduler; its constraint, if any, is
+        compiled already. The scheduler sees only the adapters' requests (ids)."""
+        adapter = self._adapters.prompt_adapter(req.prompt_adapter_request)
+        self._adapters.lora(req.lora_request)
         pooling: PoolingParams | None = None
         if isinstance(req.params, PoolingParams):  # prefill only: the placeholder never samples
             params, pooling = _prefill_only_params(), req.params
@@ -265,7 +262,8 @@ class EngineCore:
                             arrival_time=req.arrival_time, priority=req.priority,
                             max_model_len=max_model_len) for i, seq_id in enumerate(ids)]
         for request in requests:
-            request.prompt_adapter, request.lora = adapter, lora
+            request.prompt_adapter_request = req.prompt_adapter_request
+            request.lora_request = req.lora_request
             request.pooling_params = pooling
         self.scheduler.add_request(requests[0], requests[1:])
         if self.timeline is not None:
@@ -281,34 +279,6 @@ class EngineCore:
                 inputs.tokenizer, self.config.model.vocab_size, inputs.eos_token_ids,
                 self.config.decoding.guided_decoding_backend)
         return self.guided_compiler
-
-    def _lora(self, request: LoRARequest | None):
-        """The loaded LoRA of a request, or None (ValueError on a bad one)."""
-        if request is None:
-            return None
-        if self._loras is None:
-            raise ValueError("lora_request needs --enable-lora")
-        if not isinstance(request, LoRARequest):
-            raise ValueError(f"lora_request must be a LoRARequest, got {type(request).__name__}")
-        return self._loras.get(request)
-
-    def _prompt_adapter(self, request: PromptAdapterRequest | None):
-        """The loaded adapter of a request (loaded once per id), or None."""
-        if request is None:
-            return None
-        pa = self.config.prompt_adapter
-        if not pa.enable_prompt_adapter:
-            raise ValueError("prompt_adapter_request needs --enable-prompt-adapter")
-        known = self._prompt_adapters.get(request.prompt_adapter_id)
-        if known is not None:
-            if known[0] != request:
-                raise ValueError(f"prompt_adapter_id {request.prompt_adapter_id} is already "
-                                 f"in use by {known[0].prompt_adapter_name!r}")
-            return known[1]
-        loaded = load_prompt_adapter(request, self.config.model.hf_config.hidden_size,
-                                     pa.max_prompt_adapter_token)
-        self._prompt_adapters[request.prompt_adapter_id] = (request, loaded)
-        return loaded
 
     def abort(self, seq_ids: list[str],
               status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
@@ -475,14 +445,12 @@ class EngineCore:
     def check_lora(self, request: LoRARequest) -> int:
         """/v1/load_lora_adapter: load the adapter now (ValueError for a bad directory or
         checkpoint, before any request names it). Returns its rank."""
-        return self._lora(request).rank
+        return self._adapters.lora(request).rank
 
     def remove_lora(self, lora_int_id: int) -> bool:
         """/v1/unload_lora_adapter: drop the adapter's host weights; requests that still run
         with it keep their slot. True if it was loaded. Its id is never given out again."""
-        if self._loras is None:
-            return False
-        return self._loras._loaded.pop(lora_int_id, None) is not None  # noqa: SLF001
+        return self._adapters.remove_lora(lora_int_id)
 
 
 def _delta(request: Request, num_new: int, logprobs, prompt_logprobs,

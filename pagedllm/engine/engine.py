@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pagedllm.core.adapters import LoRARequest, PromptAdapterRequest
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.engine.core import EngineCore, use_async_output_proc  # noqa: F401 (re-export)
 from pagedllm.engine.inputs import PromptInputs, PromptProcessor
 from pagedllm.engine.output_processor import (OutputProcessor, check_request_params,  # noqa
                                               prepare_request)
-from pagedllm.lora import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.pooling_params import PoolingParams
-from pagedllm.prompt_adapter import PromptAdapterRequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tracing import RequestTracer
 

@@ -8,7 +8,7 @@ from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.inputs import PromptInputs
 from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
 from pagedllm.pooling_params import PoolingParams
-from pagedllm.prompt_adapter import PromptAdapterRequest
+from pagedllm.core.adapters import PromptAdapterRequest
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 

@@ -13,14 +13,29 @@ shard and fuse along the right dims.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm import lora
 from pagedllm.layers import fused
 from pagedllm.quant.base import get_linear_method, narrow_features
 from pagedllm.quant.unquantized import new_weight  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from pagedllm.worker.lora import LoRABatch
+
+
+class NoLoRAGiven:
+    """``Linear.forward``'s ``lora`` when the caller passed none: fine for a projection
+    without LoRA slots; one with slots raises rather than lose its deltas."""
+
+    def __repr__(self) -> str:
+        return "NO_LORA_GIVEN"
+
+
+NO_LORA_GIVEN = NoLoRAGiven()
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
@@ -47,7 +62,7 @@ def _copy_whole(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
 
 
 class Linear(nn.Module):
-    lora = None  # LoRASlots with --enable-lora (pagedllm/lora.py)
+    lora = None  # LoRASlots with --enable-lora (pagedllm/worker/lora.py)
     output_sizes: dict[str, int] | None = None  # fused parts (MergedLinear)
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, *,
@@ -73,13 +88,17 @@ class Linear(nn.Module):
         """This rank's part of a full checkpoint tensor (all of it without parallelism)."""
         return loaded
 
-    def forward(self, x: torch.Tensor, gated_silu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated_silu: bool = False,
+                lora: LoRABatch | None | NoLoRAGiven = NO_LORA_GIVEN) -> torch.Tensor:
         """x @ weight^T + bias (+ the rows' LoRA deltas); ``gated_silu`` (a [gate; up]
-        projection): silu(gate) * up."""
-        batch = lora.current() if self.lora is not None else None
-        if batch is None:
+        projection): silu(gate) * up. ``lora``: the forward's ``ForwardContext.lora``,
+        which a LoRA-capable projection's caller must pass (None: no adapter rows)."""
+        if self.lora is None or lora is None:
             return self.quant_method.apply(self, x, self.bias, gated_silu)
-        out = self.lora.add_delta(x, self.quant_method.apply(self, x, self.bias), batch)
+        if isinstance(lora, NoLoRAGiven):
+            raise RuntimeError(f"{self.prefix or type(self).__name__} holds LoRA slots but its "
+                               "caller passed no LoRA batch (ForwardContext.lora)")
+        out = self.lora.add_delta(x, self.quant_method.apply(self, x, self.bias), lora)
         return fused.silu_and_mul(out) if gated_silu else out
 
 

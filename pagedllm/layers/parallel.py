@@ -23,14 +23,19 @@ group is an error naming the tensor.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed import all_reduce, get_tp_rank, get_tp_size, stage_layers
-from pagedllm.layers.linear import (Linear, MergedLinear, VocabEmbedding,
-                                    default_weight_loader)
+from pagedllm.layers.linear import (NO_LORA_GIVEN, Linear, MergedLinear, VocabEmbedding,
+                                    NoLoRAGiven, default_weight_loader)
 from pagedllm.quant.base import narrow_features
+
+if TYPE_CHECKING:
+    from pagedllm.worker.lora import LoRABatch
 
 
 def _divide(size: int, tp: int, what: str) -> int:
@@ -76,9 +81,13 @@ class RowParallelLinear(Linear):
         # the bias has no input dim: replicated, added once after the all-reduce
         return _rank_features(param, loaded, name, "input", self.input_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated_silu: bool = False,
+                lora: LoRABatch | None | NoLoRAGiven = NO_LORA_GIVEN) -> torch.Tensor:
         if get_tp_size() == 1:
-            return super().forward(x)
+            return super().forward(x, gated_silu, lora)
+        if self.lora is not None or gated_silu:
+            raise RuntimeError("a row-parallel projection runs LoRA and gated SiLU at "
+                               "tensor-parallel size 1 only")
         out = all_reduce(self.quant_method.apply(self, x, None))
         return out + self.bias if self.bias is not None else out
 

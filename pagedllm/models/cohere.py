@@ -75,10 +75,10 @@ class CohereAttention(LlamaAttention):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden, lora=ctx.lora))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(q, k, v, ctx, positions, self.rotary_emb))
+        return self.o_proj(self.attn(q, k, v, ctx, positions, self.rotary_emb), lora=ctx.lora)
 
 
 class CohereDecoderLayer(nn.Module):
@@ -93,7 +93,7 @@ class CohereDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         normed = self.input_layernorm(hidden)
-        return hidden + self.self_attn(positions, normed, ctx) + self.mlp(normed)
+        return hidden + self.self_attn(positions, normed, ctx) + self.mlp(normed, ctx.lora)
 
 
 class CohereForCausalLM(nn.Module):

@@ -79,10 +79,10 @@ class GemmaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, ctx)
         if not self.is_gemma2:
             hidden, residual = self.post_attention_layernorm(hidden, residual)
-            return self.mlp(hidden), residual
+            return self.mlp(hidden, ctx.lora), residual
         hidden = self.post_attention_layernorm(hidden)
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
-        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+        return self.post_feedforward_layernorm(self.mlp(hidden, ctx.lora)), residual
 
 
 class GemmaModel(LlamaModel):

@@ -64,11 +64,11 @@ class Gemma3Attention(LlamaAttention):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden, lora=ctx.lora))
         tokens = hidden.shape[0]
         q = self.gemma_q_norm(q.reshape(tokens, self.num_heads, self.head_dim)).flatten(1)
         k = self.gemma_k_norm(k.reshape(tokens, self.num_kv_heads, self.head_dim)).flatten(1)
-        return self.o_proj(self.attn(q, k, v, ctx, positions, self.rotary_emb))
+        return self.o_proj(self.attn(q, k, v, ctx, positions, self.rotary_emb), lora=ctx.lora)
 
 
 def _rename(name: str) -> str:

@@ -134,7 +134,7 @@ class GPT2Model(nn.Module):
         for i in self.stage_layers:
             hidden = self.h[i](hidden, ctx)
         if not is_last_stage():
-            send_to_next_stage(hidden)
+            send_to_next_stage(hidden, ctx.sends)
             return hidden
         return self.ln_f(hidden)
 

@@ -129,7 +129,7 @@ class GPTNeoXModel(nn.Module):
         for i in self.stage_layers:
             hidden = self.layers[i](positions, hidden, ctx)
         if not is_last_stage():
-            send_to_next_stage(hidden)
+            send_to_next_stage(hidden, ctx.sends)
             return hidden
         return self.final_layer_norm(hidden)
 

@@ -5,7 +5,7 @@ Module names follow Hugging Face so checkpoint keys line up; q/k/v and gate/up a
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from torch import nn
 from pagedllm.attention.backend import ForwardContext
 from pagedllm.attention.layer import Attention
 from pagedllm.layers.activation import ActAndMul
+from pagedllm.layers.linear import NO_LORA_GIVEN, NoLoRAGiven
 from pagedllm.distributed import (is_first_stage, is_last_stage, recv_from_prev_stage,
                                   send_to_next_stage)
 from pagedllm.layers.parallel import (MergedColumnParallelLinear, ParallelLMHead,
@@ -22,6 +23,9 @@ from pagedllm.layers.logits import pipeline_logits
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import get_rope
 from pagedllm.models.utils import load_weights, tie_or_skip
+
+if TYPE_CHECKING:
+    from pagedllm.worker.lora import LoRABatch
 
 STACKED = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"),
            ("qkv_proj", "v_proj", "v"), ("gate_up_proj", "gate_proj", "gate"),
@@ -62,10 +66,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden, lora=ctx.lora))
         # q/k norms and rotary happen in the attention layer (fused with the KV write on CUDA)
         return self.o_proj(self.attn(q, k, v, ctx, positions, self.rotary_emb, self.q_norm,
-                                     self.k_norm))
+                                     self.k_norm), lora=ctx.lora)
 
 
 class LlamaMLP(nn.Module):
@@ -80,10 +84,19 @@ class LlamaMLP(nn.Module):
                                            prefix=f"{prefix}.down_proj")
         self.act_fn = ActAndMul(act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                lora: LoRABatch | None | NoLoRAGiven = NO_LORA_GIVEN) -> torch.Tensor:
+        """``lora``: the forward's ``ForwardContext.lora`` (its projections are LoRA
+        targets; a caller that holds no context, e.g. a shared expert, passes nothing)."""
         if self.act_fn.is_silu:  # one kernel for gate/up and SiLU on one-token CUDA steps
-            return self.down_proj(self.gate_up_proj(x, gated_silu=True))
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+            return self.down_proj(self.gate_up_proj(x, gated_silu=True, lora=lora), lora=lora)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x, lora=lora)), lora=lora)
+
+
+def feed_forward(mlp: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """A decoder layer's ``mlp`` on ``x``: a ``LlamaMLP`` (LoRA targets) gets the forward's
+    LoRA batch; MoE blocks and other MLPs hold no LoRA slots."""
+    return mlp(x, lora=ctx.lora) if isinstance(mlp, LlamaMLP) else mlp(x)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -102,7 +115,7 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.input_layernorm.add_norm(hidden, residual)
         hidden = self.self_attn(positions, hidden, ctx)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return feed_forward(self.mlp, hidden, ctx), residual
 
 
 class LlamaModel(nn.Module):
@@ -148,7 +161,7 @@ class LlamaModel(nn.Module):
         for i in self.stage_layers:
             hidden, residual = self.layers[i](positions, hidden, residual, ctx)
         if not is_last_stage():
-            send_to_next_stage(torch.cat([hidden, residual], dim=-1))
+            send_to_next_stage(torch.cat([hidden, residual], dim=-1), ctx.sends)
             return hidden
         hidden, _ = self.norm(hidden, residual)
         return hidden

@@ -40,11 +40,11 @@ class OlmoAttention(LlamaAttention):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+        qkv = self.qkv_proj(hidden, lora=ctx.lora)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
         q, k, v = self.qkv_proj.split(qkv)
-        return self.o_proj(self.attn(q, k, v, ctx, positions, self.rotary_emb))
+        return self.o_proj(self.attn(q, k, v, ctx, positions, self.rotary_emb), lora=ctx.lora)
 
 
 class OlmoDecoderLayer(LlamaDecoderLayer):
@@ -91,9 +91,9 @@ class Olmo2Attention(LlamaAttention):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden, lora=ctx.lora))
         q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(q, k, v, ctx, positions, self.rotary_emb))
+        return self.o_proj(self.attn(q, k, v, ctx, positions, self.rotary_emb), lora=ctx.lora)
 
 
 class Olmo2DecoderLayer(nn.Module):
@@ -115,7 +115,7 @@ class Olmo2DecoderLayer(nn.Module):
         if residual is not None:
             hidden = hidden + residual
         hidden = hidden + self.post_attention_layernorm(self.self_attn(positions, hidden, ctx))
-        return self.post_feedforward_layernorm(self.mlp(hidden)), hidden
+        return self.post_feedforward_layernorm(self.mlp(hidden, ctx.lora)), hidden
 
 
 class Olmo2Model(LlamaModel):

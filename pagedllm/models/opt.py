@@ -134,7 +134,7 @@ class OPTDecoder(nn.Module):
         for i in self.stage_layers:
             hidden = self.layers[i](hidden, ctx)
         if not is_last_stage():
-            send_to_next_stage(hidden)
+            send_to_next_stage(hidden, ctx.sends)
             return hidden
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)

@@ -54,6 +54,6 @@ class HiddenStack(nn.Module):
         for i in self.stage_layers:
             hidden = layers[i](positions, hidden, ctx)
         if not is_last_stage():
-            send_to_next_stage(hidden)
+            send_to_next_stage(hidden, ctx.sends)
             return hidden
         return getattr(self, self.names[2])(hidden)

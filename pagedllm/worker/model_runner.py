@@ -40,13 +40,14 @@ import torch
 
 from pagedllm.attention.backend import (AttentionMetadata, ForwardContext, PrefillSeq,
                                         get_attn_backend)
-from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagedllm.distributed import get_pp_size, is_last_stage, take_pending_sends, wait_sends
+from pagedllm.core.scheduler_output import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from pagedllm.distributed import PendingSend, get_pp_size, is_last_stage, wait_sends
 from pagedllm.guided.matchers import GuidedMatchers
 from pagedllm.worker.step_sampler import MultiStepSampling, StepSampler, prompt_logprob_rows
 from pagedllm.sampling_params import SamplingParams
-from pagedllm import lora
-from pagedllm.lora import LoRABatch, LoRASlotTable
+from pagedllm.worker.adapters import AdapterStore
+from pagedllm.worker.lora import LoadedLoRA, LoRABatch, LoRASlotTable
+from pagedllm.worker.prompt_adapter import LoadedPromptAdapter
 from pagedllm.spec_decode import SpecRows, verify
 from pagedllm.tensors import to_device
 from pagedllm.worker.cache_engine import CacheEngine
@@ -62,8 +63,8 @@ class CachedRequestState:
     num_computed_tokens: int
     num_output_tokens: int
     num_prompt_tokens: int
-    prompt_adapter: object = None  # LoadedPromptAdapter | None
-    lora: object = None  # LoadedLoRA | None
+    prompt_adapter: LoadedPromptAdapter | None = None
+    lora: LoadedLoRA | None = None
     pooling_params: object = None  # PoolingParams of a pooling request
 
 
@@ -90,7 +91,9 @@ class _Launched:
     batch: _Batch | None = None  # None: nothing scheduled
     hidden: torch.Tensor | None = None  # None for a multi-step batch (runs in finish)
     pending_masks: object = None  # guided decoding masks being filled
-    sends: list | None = None  # hidden-state sends to the next stage, awaited in finish
+    # hidden-state sends to the next stage (each forward's ForwardContext.sends), awaited
+    # when the step is sampled
+    sends: list[PendingSend] = field(default_factory=list)
     output: ModelRunnerOutput | None = None  # set at launch on the last pipeline stage
     started: float = 0.0  # perf_counter at launch (--collect-detailed-traces)
     forward_time: float = 0.0  # seconds of forward, device synchronized (ditto)
@@ -106,10 +109,12 @@ class ModelRunner:
                  spec_typical: tuple[float, float] | None = None,
                  collect_times: tuple[bool, bool] = (False, False),
                  lora_table: LoRASlotTable | None = None,
-                 graph_sizes: tuple[int, int] | None = None) -> None:
+                 graph_sizes: tuple[int, int] | None = None,
+                 adapters: AdapterStore | None = None) -> None:
         """``lora_table``: the --enable-lora slots. ``graph_sizes``: (max_num_seqs,
         max_seq_len_to_capture) where the worker wants CUDA graphs (CUDA, eager not forced,
-        no LoRA, one pipeline stage); they are captured here, with the triton backend."""
+        no LoRA, one pipeline stage); they are captured here, with the triton backend.
+        ``adapters``: the worker's adapter weights, by the ids new requests name."""
         self.model = model
         self.kv_scales = kv_scales  # per layer (k, v) scales of an fp8 cache
         self.spec_typical = spec_typical  # typical acceptance (threshold, alpha), or None
@@ -125,6 +130,7 @@ class ModelRunner:
         self.guided = GuidedMatchers(vocab_size, device)  # grammar matchers of guided requests
         self.backend = get_attn_backend(device)
         self.lora_table = lora_table
+        self.adapters = adapters
         self.pooler = getattr(model, "pooler", None)  # a pooling model's (layers/pooler.py)
         # ALL pooling with chunked prefill: req_id -> the rows of its chunks so far, in
         # prompt order (kept across a swap preemption, which resumes mid-prompt)
@@ -156,7 +162,7 @@ class ModelRunner:
             self.requests[new.req_id] = CachedRequestState(
                 new.req_id, list(new.token_ids), new.sampling_params, list(new.block_ids),
                 new.num_computed_tokens, new.num_output_tokens, new.num_prompt_tokens,
-                new.prompt_adapter, new.lora, new.pooling_params)
+                *self._adapter_weights(new), new.pooling_params)
             if new.req_id in self._pool_rows:
                 self._resume_pool_rows(new.req_id, new.num_computed_tokens)
             guide = new.sampling_params.compiled_guide
@@ -166,6 +172,18 @@ class ModelRunner:
             state = self.requests[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+
+    def _adapter_weights(self, new: NewRequestData,
+                         ) -> tuple[LoadedPromptAdapter | None, LoadedLoRA | None]:
+        """The weights of the adapters a new request names (its prompt adapter, its LoRA),
+        from the worker's store."""
+        if new.prompt_adapter_request is None and new.lora_request is None:
+            return None, None
+        if self.adapters is None:
+            raise RuntimeError(f"request {new.req_id} names an adapter; this runner has no "
+                               "adapter store")
+        return (self.adapters.prompt_adapter(new.prompt_adapter_request),
+                self.adapters.lora(new.lora_request))
 
     def _build_batch(self, so: SchedulerOutput) -> _Batch:
         """The step's flat inputs; a multi-step batch's block table covers all its steps."""
@@ -277,17 +295,19 @@ class ModelRunner:
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata, embed_overrides=None,
-                 lora_batch: LoRABatch | None = None, advance: bool = False) -> torch.Tensor:
-        """The model's hidden states. ``advance``: the next step of a multi-step batch whose
-        last step replayed a graph: ``input_ids`` are its new ids, the graph's buffers move
-        the rest on in place."""
+                 lora_batch: LoRABatch | None = None,
+                 advance: bool = False) -> tuple[torch.Tensor, list[PendingSend]]:
+        """The model's hidden states and the sends to the next pipeline stage it started
+        (``ForwardContext.sends``; none on the last stage and in a CUDA graph). ``advance``:
+        the next step of a multi-step batch whose last step replayed a graph: ``input_ids``
+        are its new ids, the graph's buffers move the rest on in place."""
         if advance:
-            return self.graphs.advance(input_ids)
+            return self.graphs.advance(input_ids), []
         if self._graphed(meta, embed_overrides, lora_batch):
-            return self.graphs.run(input_ids, positions, meta)
-        with lora.active(lora_batch):
-            return self.model(input_ids, positions, ForwardContext(
-                meta, self.cache.gpu_cache, self.backend, self.kv_scales, embed_overrides))
+            return self.graphs.run(input_ids, positions, meta), []
+        ctx = ForwardContext(meta, self.cache.gpu_cache, self.backend, self.kv_scales,
+                             embed_overrides, lora_batch)
+        return self.model(input_ids, positions, ctx), ctx.sends
 
     def _next_decode_meta(self, meta: AttentionMetadata,
                           positions: torch.Tensor) -> AttentionMetadata:
@@ -321,7 +341,6 @@ class ModelRunner:
         step.hidden = self._timed_forward(step, batch.input_ids, batch.positions,
                                           batch.attn_metadata, batch.embed_overrides,
                                           batch.lora)
-        step.sends = take_pending_sends()
         if get_pp_size() > 1 and is_last_stage():
             # the last stage has everything now: it computes the logits and sends them to
             # the other stages (their ``finish``) without waiting for its next forward
@@ -341,11 +360,15 @@ class ModelRunner:
         return output
 
     def _timed_forward(self, step: _Launched, *args) -> torch.Tensor:
-        """``_forward``; with --collect-detailed-traces model, timed to the device's end."""
+        """``_forward``, its sends kept with ``step``; with --collect-detailed-traces model,
+        timed to the device's end."""
         if not self.collect_forward:
-            return self._forward(*args)
+            hidden, sends = self._forward(*args)
+            step.sends.extend(sends)
+            return hidden
         start = time.perf_counter()
-        hidden = self._forward(*args)
+        hidden, sends = self._forward(*args)
+        step.sends.extend(sends)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         step.forward_time += time.perf_counter() - start
@@ -359,7 +382,7 @@ class ModelRunner:
             if step.sampling is None:
                 self._launch_steps(step, batch, so.num_steps)
             output = self._finish_steps(step, batch, so.num_steps)
-            wait_sends(take_pending_sends())
+            wait_sends(step.sends)
             return output
         if self.pooler is not None:
             return self._pool(step)

@@ -36,6 +36,7 @@ from pagedllm.distributed import (get_pp_size, get_tp_rank, get_tp_size, in_turn
                                   world_min)
 from pagedllm.models.loader import load_model
 from pagedllm.attention.cache_spec import check_cache_dtype, kv_cache_spec_for
+from pagedllm.worker.adapters import AdapterStore
 from pagedllm.worker.cache_engine import CacheEngine
 from pagedllm.pooling_params import PoolingParams
 from pagedllm.sampling_params import SamplingParams
@@ -72,6 +73,8 @@ class Worker:
         if cc.cpu_offload_gb:
             offload_linear_weights(self.model, int(cc.cpu_offload_gb * _GiB), self.device)
         self.lora_table = self._lora_slots()  # before the KV cache is sized: slots take memory
+        # adapter weights by id (the engine loads a request's into the driver's at add time)
+        self.adapters = AdapterStore(mc, config.lora, config.prompt_adapter)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()
                                 if p.device.type == self.device.type)  # on the device
         self.activation_bytes = 0
@@ -99,7 +102,7 @@ class Worker:
         self.runner = ModelRunner(
             self.model, cache, self.device, mc.vocab_size, mc.seed, self.kv_scales,
             spec.typical if spec else None, config.detailed_traces, self.lora_table,
-            self._graph_sizes())
+            self._graph_sizes(), self.adapters)
         logger.info("start-up: weights loaded in %.2f s, KV cache sized (memory profile) in "
                     "%.2f s, cache allocated and graphs captured in %.2f s", loaded - started,
                     sized - loaded, time.perf_counter() - sized)
@@ -139,7 +142,7 @@ class Worker:
         lc = self.config.lora
         if not lc.enable_lora:
             return None
-        from pagedllm.lora import LoRASlotTable, check_lora_support
+        from pagedllm.worker.lora import LoRASlotTable, check_lora_support
         check_lora_support(self.model, self.config.model.hf_config.architectures[0]
                            if getattr(self.config.model.hf_config, "architectures", None)
                            else type(self.model).__name__)
@@ -180,14 +183,8 @@ class Worker:
         cache = CacheEngine(self.layer_ids, self.cache_spec, bs, num_blocks, 0,
                             self.cache_dtype, self.device)
         runner = ModelRunner(self.model, cache, self.device, mc.vocab_size, mc.seed,
-                             self.kv_scales, lora_table=self.lora_table)
-        # --enable-lora: rows split over up to two (all-zero) adapters, so the peak holds the
-        # deltas' gathers too
-        loras = [None]
-        if self.lora_table is not None:
-            from pagedllm.lora import LoadedLoRA
-            loras = [LoadedLoRA(-1 - i, "profile", 1, 0.0, {})
-                     for i in range(min(2, self.config.lora.max_loras))]
+                             self.kv_scales, lora_table=self.lora_table, adapters=self.adapters)
+        loras = self._profile_loras()
         gen = torch.Generator().manual_seed(0)
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
         params.update_from_generation_config([])
@@ -198,7 +195,8 @@ class Worker:
             blocks = list(range(first_block, first_block + cdiv(n, bs)))
             first_block += len(blocks)
             reqs.append(NewRequestData(f"profile-{i}", ids, n, params, blocks, 0, 0,
-                                       lora=loras[i % len(loras)], pooling_params=pooling))
+                                       lora_request=loras[i % len(loras)],
+                                       pooling_params=pooling))
         so = SchedulerOutput(reqs, [], {r.req_id: len(r.token_ids) for r in reqs}, num_tokens)
         runner.execute_model(so)  # warm-up: kernels compile, library workspaces are created
         torch.cuda.synchronize(self.device)
@@ -210,8 +208,25 @@ class Worker:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         del runner, cache
+        for lora in loras:
+            if lora is not None:
+                self.adapters.remove_lora(lora.lora_int_id)
         torch.cuda.empty_cache()
         return peak
+
+    def _profile_loras(self) -> list:
+        """--enable-lora: the profile's rows split over up to two all-zero adapters (ids
+        below 0, never a user's), so the peak holds the deltas' gathers too."""
+        if self.lora_table is None or self.adapters.loras is None:
+            return [None]
+        from pagedllm.core.adapters import LoRARequest
+        from pagedllm.worker.lora import LoadedLoRA
+        requests = [LoRARequest("profile", -1 - i)
+                    for i in range(min(2, self.config.lora.max_loras))]
+        for request in requests:
+            self.adapters.loras.put(request, LoadedLoRA(request.lora_int_id, "profile", 1,
+                                                        0.0, {}))
+        return requests
 
     def launch(self, scheduler_output) -> None:
         """First half of a step (the forward queued; see ModelRunner)."""

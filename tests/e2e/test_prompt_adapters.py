@@ -89,8 +89,8 @@ def test_adapters_share_batches_up_to_max_prompt_adapters(model_path, tmp_path):
         for o in outs:
             if o.finished:
                 done[o.request_id] = list(o.outputs[0].token_ids)
-        most = max(most, len({r.prompt_adapter.adapter_id for r in sched.running
-                              if r.prompt_adapter is not None}))
+        most = max(most, len({r.prompt_adapter_request.prompt_adapter_id
+                              for r in sched.running if r.prompt_adapter_request is not None}))
     assert [done[f"m{i}"] for i in range(8)] == alone * 2
     assert most <= 2
 
@@ -152,3 +152,27 @@ def test_server_serves_prompt_adapters_by_model_name(model_path, tmp_path):
         prompt_adapter_requests([("soft", soft)], PromptAdapterConfig())
     with pytest.raises(ValueError, match="no adapter_config.json"):
         prompt_adapter_requests([("x", str(tmp_path))], PromptAdapterConfig(True, 1, 8))
+
+
+def test_pipeline_stages_read_the_soft_prompt_by_its_id(model_path, tmp_path):
+    """pp=2 (mp executor, gloo on CPU): the scheduler sends only the adapter's request (id,
+    path); each stage resolves it in its own store (the second stage's worker process reads
+    the checkpoint itself). Greedy tokens equal Hugging Face fed the soft prompt (the
+    oracle)."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    soft = _adapter(tmp_path, "pp", 4, hf.config.hidden_size, 5)
+    ids = list(range(5, 16))
+    llm = LLM(model=model_path, pipeline_parallel_size=2, device="cpu",
+              num_gpu_blocks_override=32, max_model_len=128, **ENGINE)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        plain = list(llm.generate(prompt_token_ids=[ids], sampling_params=params,
+                                  use_tqdm=False)[0].outputs[0].token_ids)
+        out = llm.generate(prompt_token_ids=[ids], sampling_params=params, use_tqdm=False,
+                           prompt_adapter_request=PromptAdapterRequest("pp", 1, soft, 4))[0]
+    finally:
+        llm.llm_engine.executor.shutdown()
+    assert plain == _hf_greedy(hf, None, ids, 8)
+    assert list(out.outputs[0].token_ids) == _hf_greedy(hf, soft, ids, 8)

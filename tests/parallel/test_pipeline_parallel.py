@@ -131,3 +131,21 @@ def test_micro_batches_in_flight_give_the_same_outputs():
     assert got == want
     assert any(c[2] == "stop" for c in got[2])
     assert max(depths) == 2  # two non-empty batches were in flight at once
+
+
+def test_multi_step_batches_over_stages():
+    """--num-scheduler-steps 4 at pp=2: each of a batch's steps sends its hidden states on
+    (the forward's ForwardContext.sends, kept with the step and awaited when it is sampled);
+    greedy tokens equal one stage's."""
+    path = str(build_tiny_model("llama"))
+    engine = dict(ENGINE, num_scheduler_steps=4, enable_chunked_prefill=False,
+                  max_num_batched_tokens=256)
+    tokens = []
+    for pp in (1, 2):
+        llm = LLM(model=path, pipeline_parallel_size=pp, **engine)
+        try:
+            tokens.append([o.outputs[0].token_ids
+                           for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)])
+        finally:
+            llm.llm_engine.executor.shutdown()
+    assert tokens[0] == tokens[1]

@@ -197,7 +197,8 @@ def _load_chat_template(value: Optional[str]) -> Optional[str]:
 def prompt_adapter_requests(modules, config) -> dict:
     """--prompt-adapters NAME=PATH ...: one PromptAdapterRequest per name, ids from 1, with
     the checkpoint's num_virtual_tokens (read now: a bad directory fails at start-up)."""
-    from pagedllm.prompt_adapter import PromptAdapterRequest, read_num_virtual_tokens
+    from pagedllm.core.adapters import PromptAdapterRequest
+    from pagedllm.worker.prompt_adapter import read_num_virtual_tokens
     if not modules:
         return {}
     if not config.enable_prompt_adapter:
@@ -210,7 +211,8 @@ def lora_module_requests(modules, config, hf_config) -> dict:
     """--lora-modules NAME=PATH or JSON ...: one LoRARequest per name, ids from 1, with the
     JSON form's base_model_name (each checkpoint is read now: a bad directory fails at
     start-up)."""
-    from pagedllm.lora import LoRARequest, load_lora, projection_shapes
+    from pagedllm.core.adapters import LoRARequest
+    from pagedllm.worker.lora import load_lora, projection_shapes
     if not modules:
         return {}
     if not config.enable_lora:

@@ -109,7 +109,7 @@ class OpenAIServing:
         ships its own tokenizer (added tokens; vLLM 0.6.3's ``get_lora_tokenizer``) gets a
         view that tokenizes, renders templates and decodes with it (made once per adapter,
         with its own caches); otherwise ``self``."""
-        from pagedllm.lora import LoRARequest
+        from pagedllm.core.adapters import LoRARequest
         if not isinstance(adapter, LoRARequest) or self.ctx.lora_tokenizers is None:
             return self
         tokenizer = self.ctx.lora_tokenizers.get(adapter)
@@ -243,7 +243,7 @@ class OpenAIServing:
     async def add(self, request_id: str, prompt: dict, params, priority: int,
                   prompt_adapter=None, raw_request=None) -> RequestStream:
         headers = trace_headers(raw_request.headers) if raw_request is not None else None
-        from pagedllm.lora import LoRARequest
+        from pagedllm.core.adapters import LoRARequest
         lora = prompt_adapter if isinstance(prompt_adapter, LoRARequest) else None
         try:
             return await self.engine.add_request(
@@ -259,7 +259,7 @@ class OpenAIServing:
         (what ``LLM.beam_search`` runs offline), for one prompt. The ``n`` best sequences as
         (text, generated token ids, finish_reason: "stop" at EOS, else "length")."""
         from pagedllm.beam_search import beam_search_async, check_beam_width
-        from pagedllm.lora import LoRARequest
+        from pagedllm.core.adapters import LoRARequest
         eos_id = self.require_tokenizer().eos_token_id
         virtual = self.num_virtual_tokens(adapter)
         try:

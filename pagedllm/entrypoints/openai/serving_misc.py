@@ -111,7 +111,7 @@ class OpenAIServingDevelopment(OpenAIServing):
     async def load_lora_adapter(self, request: LoadLoraAdapterRequest) -> str:
         """vLLM 0.6.3's checks (both fields, a new name), then the adapter is loaded in the
         core at once, so a bad directory is this request's 400 rather than a later one's."""
-        from pagedllm.lora import LoRARequest
+        from pagedllm.core.adapters import LoRARequest
         if not request.lora_name or not request.lora_path:
             raise OpenAIError("Both 'lora_name' and 'lora_path' must be provided.",
                               "InvalidUserInput")

@@ -8,6 +8,11 @@ passes them in ``ForwardContext.embed_overrides``), so the model sees
 adapter's id salts the request's prefix-cache block hashes: the same prompt under another
 adapter (or none) never shares KV blocks.
 
+A request names its adapter by ``PromptAdapterRequest`` (``pagedllm/core/adapters.py``); the
+worker reads the embeddings once per id into its ``AdapterStore``
+(``pagedllm/worker/adapters.py``); the engine asks the driver worker's store at
+``add_request``, so a bad directory is a ValueError there.
+
 Checkpoints are PEFT's: ``adapter_config.json`` with ``"peft_type": "PROMPT_TUNING"`` and
 ``num_virtual_tokens``, and ``adapter_model.safetensors`` (or ``adapter_model.bin``) holding
 ``prompt_embeddings`` [num_virtual_tokens, hidden_size].
@@ -20,15 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class PromptAdapterRequest:
-    """vLLM's ``PromptAdapterRequest``: a name, a positive id, a local PEFT directory and
-    its number of virtual tokens."""
-    prompt_adapter_name: str
-    prompt_adapter_id: int
-    prompt_adapter_local_path: str
-    prompt_adapter_num_virtual_tokens: int
+from pagedllm.core.adapters import PromptAdapterRequest
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,20 @@ buffers for ``--max-loras`` adapters:
   block of rows and its B in its own block of columns (zero elsewhere), so one pair of
   matmuls gives every part's delta, and an adapter that leaves a part out leaves zeros;
 - the scale is folded into B when an adapter is copied into a slot;
-- in the forward, ``LoRABatch`` (set by the runner with ``active(...)``) says which rows
+- in the forward, ``LoRABatch`` (built by the runner for each batch and carried to the
+  projections in ``ForwardContext.lora``, which the layers pass on) says which rows
   (tokens) use which slot: per slot in use, ``out[rows] += (x[rows] @ A^T) @ B^T``, rows
-  without an adapter get nothing. With one adapter for every row no gather is needed.
+  without an adapter get nothing. With one adapter for every row no gather is needed. A
+  projection that holds slots but is called without the batch raises (its deltas would
+  otherwise be lost without a word).
 
-The engine loads a request's adapter once per ``lora_int_id`` (``LoRACache``, at most
-``--max-cpu-loras`` kept on the host), so a bad path or checkpoint is a ValueError at
-``add_request``; the scheduler admits at most ``--max-loras`` adapters per batch, and the
-runner's ``LoRASlotTable`` copies them into slots (least recently used slots are reused).
+A request names its adapter by ``LoRARequest`` (``pagedllm/core/adapters.py``: id, name,
+path; the scheduler sees nothing else). The worker loads it once per ``lora_int_id``
+(``LoRACache`` in its ``AdapterStore``, at most ``--max-cpu-loras`` kept on the host; one
+dropped there and named again is read again): the engine asks the driver worker's store at
+``add_request``, so a bad path or checkpoint is a ValueError there. The scheduler admits at
+most ``--max-loras`` adapters per batch, and the runner's ``LoRASlotTable`` copies them into
+slots (least recently used slots are reused).
 The adapter id salts the request's prefix-cache block hashes. Batches with a LoRA request
 run without CUDA graphs (graph capture is off with ``--enable-lora``).
 
@@ -33,12 +39,12 @@ import math
 import os
 import re
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from pagedllm.core.adapters import LoRARequest
 from pagedllm.tensors import to_device
 
 # checkpoint module name -> (fused projection attribute, part index)
@@ -51,22 +57,6 @@ _PROJECTIONS = {"qkv_proj": ("self_attn", 3), "o_proj": ("self_attn", 1),
 _KEY = re.compile(r"^(?:(?:base_model\.model\.)?model\.)?layers\.(\d+)\.(?:self_attn|mlp)\."
                   r"(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 MAX_RANKS = (8, 16, 32, 64, 128, 256)  # vLLM's choices for --max-lora-rank
-
-
-@dataclass(frozen=True)
-class LoRARequest:
-    """vLLM's ``LoRARequest``: a name, a positive id unique per adapter, and the PEFT
-    directory (``lora_path``; ``lora_local_path`` is the older name)."""
-    lora_name: str
-    lora_int_id: int
-    lora_path: str = ""
-    lora_local_path: str | None = None
-    long_lora_max_len: int | None = None
-    base_model_name: str | None = None
-
-    @property
-    def path(self) -> str:
-        return self.lora_path or self.lora_local_path or ""
 
 
 @dataclass(eq=False)
@@ -179,8 +169,9 @@ def _read_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
 
 
 class LoRACache:
-    """The engine's loaded adapters by id, least recently used dropped past ``capacity``
-    (``--max-cpu-loras``); an id always names the same adapter."""
+    """A worker's loaded adapters by id, least recently used dropped past ``capacity``
+    (``--max-cpu-loras``); an id always names the same adapter (one dropped and asked for
+    again is read again from its directory)."""
 
     def __init__(self, capacity: int, max_rank: int, num_layers: int,
                  shapes: dict[str, tuple[int, int]]) -> None:
@@ -205,6 +196,15 @@ class LoRACache:
         self._loaded.move_to_end(request.lora_int_id)
         return loaded
 
+    def put(self, request: LoRARequest, loaded: LoadedLoRA) -> None:
+        """Keep ``loaded`` as ``request``'s adapter (the memory profile's all-zero ones)."""
+        self._names[request.lora_int_id] = request
+        self._loaded[request.lora_int_id] = loaded
+
+    def remove(self, lora_int_id: int) -> bool:
+        """Drop an adapter's host weights (its id keeps naming it); True if it was loaded."""
+        return self._loaded.pop(lora_int_id, None) is not None
+
 
 # ---- the model side --------------------------------------------------------------------
 
@@ -212,24 +212,6 @@ class LoRACache:
 class LoRABatch:
     """Which slot each row of this forward uses: (slot, rows tensor or None = every row)."""
     groups: list[tuple[int, torch.Tensor | None]]
-
-
-_ACTIVE: LoRABatch | None = None
-
-
-@contextmanager
-def active(batch: LoRABatch | None):
-    """Make ``batch`` the LoRA mapping of the forwards inside (None: no adapter rows)."""
-    global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, batch if batch is not None and batch.groups else None
-    try:
-        yield
-    finally:
-        _ACTIVE = previous
-
-
-def current() -> LoRABatch | None:
-    return _ACTIVE
 
 
 class LoRASlots:
