@@ -140,15 +140,13 @@ def bench_kernels(args, dev) -> None:
 
 def tune(name, n, k, rows, dtype, dev) -> None:
     """The fastest GEMV (one row) or GEMM tile config of the GPTQ layout at this shape."""
-    if rows == 1:  # (BLOCK_N, BLOCK_K, warps, split-K programs per SM[, groups per tile])
-        cands = [(bn, 128, w, waves) for bn in (64, 128, 256) for w in (4, 8)
-                 for waves in (2, 4, 8)]
-        cands += [(bn, 128, w, waves, groups) for bn in (32, 64) for w in (4, 8)
-                  for waves in (1, 2, 4) for groups in (2, 4, 8)]
+    if rows == 1:  # BLOCK_K stays within a 128 group; the last entry: split-K programs/SM
+        cands = [(bn, 128, w, waves) for bn in (32, 64, 128, 256) for w in (2, 4, 8)
+                 for waves in (1, 2, 4, 8)]
     else:
         bm = 16 if rows <= 16 else min(64, rows)
-        cands = [(bm, bn, bk, w, 3, waves) for bn in (32, 64, 128) for bk in (64, 128)
-                 for w in (4, 8) for waves in (1, 2, 4)]
+        cands = [(bm, bn, bk, w, s, waves) for bn in (32, 64, 128) for bk in (64, 128)
+                 for w in (4, 8) for s in (3, 4) for waves in (1, 2, 4)]
     if SMOKE:
         cands = cands[:2]
     results = []

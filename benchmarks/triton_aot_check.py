@@ -101,11 +101,6 @@ def wna16_variants() -> list[str]:
             wq._wna16_gemv_kernel, types, dict(BITS=bits, ACT_ORDER=act, HAS_ZEROS=zeros,
                                                BLOCK_N=block_n, BLOCK_K=block_k),
             unit, num_warps=warps))
-    for bn, warps, groups in [(64, 4, 4), (32, 4, 4), (64, 8, 8), (128, 4, 2)]:
-        lines.append(compile_kernel(
-            wq._wna16_gemv_groups_kernel, {k: v for k, v in types.items() if k != "g_ptr"},
-            dict(BITS=4, HAS_ZEROS=True, BLOCK_N=bn, GROUPS=groups, GROUP_ROWS=16),
-            unit, num_warps=warps))
     for _, bm, bn, bk, warps, stages in wq.GEMM_CONFIGS:
         for bits, awq, act, zeros in [(4, False, False, True), (4, True, False, True),
                                       (4, False, True, True), (8, False, False, False)]:

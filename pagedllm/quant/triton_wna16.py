@@ -185,46 +185,6 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, k_spl
 
 
 @triton.jit
-def _wna16_gemv_groups_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K, k_split,
-                              group_size, zero_offset, stride_qk, stride_qn, stride_zg,
-                              stride_zn, stride_sg, stride_sn, stride_os, BITS: tl.constexpr,
-                              HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr,
-                              GROUPS: tl.constexpr, GROUP_ROWS: tl.constexpr):
-    # K-packed weights without act-order, GROUPS whole groups per iteration: the words of a
-    # [GROUPS, GROUP_ROWS word rows, BLOCK_N] tile are loaded with one load (GROUPS times
-    # the bytes in flight of a one-group tile: short K splits are bound by load latency,
-    # not bandwidth), each group's zero and scale row once. Same arithmetic per weight as
-    # the one-group kernel: sum_j q x over a word, then (qx - z sum_j x) s.
-    PACK: tl.constexpr = 32 // BITS
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    grp = tl.arange(0, GROUPS)
-    rows = grp[:, None] * GROUP_ROWS + tl.arange(0, GROUP_ROWS)[None, :]  # [G, R]
-    acc = tl.zeros((GROUPS, GROUP_ROWS, BLOCK_N), dtype=tl.float32)
-    k_start = pid_s * k_split
-    for k0 in range(k_start, k_start + k_split, GROUPS * GROUP_ROWS * PACK):
-        word_rows = (k0 // PACK + rows)[:, :, None]  # [G, R, 1]
-        words = tl.load(qw_ptr + word_rows * stride_qk + offs_n[None, None, :] * stride_qn,
-                        mask=(word_rows * PACK < K) & n_ok[None, None, :], other=0)
-        g = k0 // group_size + grp
-        z, s = _group_rows(qz_ptr, s_ptr, g, g * group_size < K, offs_n, n_ok, zero_offset,
-                           stride_zg, stride_zn, stride_sg, stride_sn, BITS, False,
-                           HAS_ZEROS)
-        qx = tl.zeros((GROUPS, GROUP_ROWS, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((GROUPS, GROUP_ROWS, 1), dtype=tl.float32)
-        for j in tl.static_range(PACK):
-            k = word_rows * PACK + j
-            xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            qx += _to_float((words >> (j * BITS)) & ((1 << BITS) - 1)) * xj
-            x_sum += xj
-        acc += (qx - z[:, None, :] * x_sum) * s[:, None, :]
-    tl.store(out_ptr + pid_s * stride_os + offs_n,
-             tl.sum(tl.sum(acc, axis=1), axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
 def _wna16_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, M, N, K, k_split,
                        group_size, zero_offset, stride_xm, stride_om, stride_os, stride_qk,
                        stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
@@ -380,17 +340,12 @@ def _splits(programs: int, k: int, block_k: int, target: int,
 
 
 def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor:
-    """``config``: (BLOCK_N, BLOCK_K, num_warps[, programs per SM aimed for by split-K[,
-    groups per tile]]); more than one group per tile takes the multi-group kernel where the
-    layout allows it."""
+    """``config``: (BLOCK_N, BLOCK_K, num_warps[, programs per SM aimed for by split-K])."""
     block_n, block_k, warps, *rest = config or GEMV_CONFIG
     waves = rest[0] if rest else GEMV_WAVES
-    groups = rest[1] if len(rest) > 1 else 1
+    block_k, act_order = _block_k(w, block_k)
     if w.awq:  # AWQ's own layout has no GEMV (``repack_awq`` makes it K-packed): GEMM
         return _gemm(x, w, None)
-    if groups > 1 and _groups_ok(w):
-        return _gemv_groups(x, w, block_n, warps, waves, groups)
-    block_k, act_order = _block_k(w, block_k)
     n_tiles = triton.cdiv(w.n, block_n)
     splits, k_split = _splits(n_tiles, w.k, block_k, waves * _sm_count(x.device))
     out = torch.empty(splits, w.n, device=x.device,
@@ -400,30 +355,6 @@ def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor
         x, *tensors, out, w.n, w.k, k_split, w.group_size, w.zero_offset, *strides,
         out.stride(0), BITS=w.bits, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    return (out, False) if splits == 1 else (out.unsqueeze(1), True)
-
-
-def _groups_ok(w: WNA16Weight) -> bool:
-    """The multi-group GEMV reads whole groups of a power-of-two number of word rows."""
-    rows = w.group_size // (32 // w.bits)
-    return (w.g_idx is None and w.group_size % (32 // w.bits) == 0 and rows > 0
-            and rows & (rows - 1) == 0 and w.group_size < w.k)
-
-
-def _gemv_groups(x: torch.Tensor, w: WNA16Weight, block_n: int, warps: int, waves: int,
-                 groups: int):
-    groups = min(groups, triton.next_power_of_2(triton.cdiv(w.k, w.group_size)))
-    tile_k = groups * w.group_size
-    n_tiles = triton.cdiv(w.n, block_n)
-    splits, k_split = _splits(n_tiles, w.k, tile_k, waves * _sm_count(x.device))
-    out = torch.empty(splits, w.n, device=x.device,
-                      dtype=x.dtype if splits == 1 else torch.float32)
-    tensors, strides = _launch_args(w, False)
-    _wna16_gemv_groups_kernel[(n_tiles, splits)](
-        x, tensors[0], tensors[1], tensors[2], out, w.n, w.k, k_split, w.group_size,
-        w.zero_offset, *strides, out.stride(0), BITS=w.bits, HAS_ZEROS=w.qzeros is not None,
-        BLOCK_N=block_n, GROUPS=groups, GROUP_ROWS=w.group_size // (32 // w.bits),
-        num_warps=warps)
     return (out, False) if splits == 1 else (out.unsqueeze(1), True)
 
 

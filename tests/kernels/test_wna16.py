@@ -41,14 +41,14 @@ def _scales(shape, dtype, g):
     return (torch.rand(*shape, generator=g) * 0.02 + 0.005).to(dtype).to(DEVICE)
 
 
-def _check(x, weight, w_in_out, gemv=None, config=None):
-    out = wq.wna16_matmul(x, weight, gemv=gemv, config=config)
+def _check(x, weight, w_in_out, gemv=None):
+    out = wq.wna16_matmul(x, weight, gemv=gemv)
     ref = (x.double() @ w_in_out.double()).to(x.dtype)
     assert out.shape == ref.shape and out.dtype == x.dtype
     assert _rel_err(out.cpu(), ref.cpu()) < max(TOL[x.dtype], 1e-4)
 
 
-def gptq_case(m, k, n, group, desc_act, bits, dtype, zero_offset=1, gemv=None, config=None):
+def gptq_case(m, k, n, group, desc_act, bits, dtype, zero_offset=1, gemv=None):
     g = torch.Generator().manual_seed(k + n + m + bits)
     pack = 32 // bits
     groups = 1 if group == -1 else k // group
@@ -61,7 +61,7 @@ def gptq_case(m, k, n, group, desc_act, bits, dtype, zero_offset=1, gemv=None, c
     x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
     weight = wq.gptq_weight(qweight, qzeros, scales, g_idx, bits, group, desc_act, zero_offset)
     _check(x, weight, gptq_dequantize(qweight, qzeros, scales.double(), g_idx, bits,
-                                      zero_offset), gemv, config)
+                                      zero_offset), gemv)
 
 
 def awq_case(m, k, n, group, dtype, gemv=None):
@@ -73,8 +73,7 @@ def awq_case(m, k, n, group, dtype, gemv=None):
            awq_dequantize(qweight, qzeros, scales.double(), group), gemv)
 
 
-def compressed_case(m, k, n, bits, group, symmetric, actorder, dtype, gemv=None,
-                    config=None):
+def compressed_case(m, k, n, bits, group, symmetric, actorder, dtype, gemv=None):
     g = torch.Generator().manual_seed(k + n + m + bits + 7)
     pack = 32 // bits
     groups = 1 if group is None else k // group
@@ -91,7 +90,7 @@ def compressed_case(m, k, n, bits, group, symmetric, actorder, dtype, gemv=None,
     x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
     weight = wq.compressed_weight(layer.weight_packed, layer.weight_scale,
                                   layer.weight_zero_point, g_idx, bits, group)
-    _check(x, weight, ref, gemv, config)
+    _check(x, weight, ref, gemv)
 
 
 # tiny shapes: interpreter on CPU, compiled on a GPU
@@ -106,22 +105,6 @@ def test_gptq_layout(m, dtype, gemv, k, n, group, desc_act, bits):
     if (k, n, group) == (96, 40, 48):  # no power-of-two tile divides the group: gathered rows
         n = 48
     gptq_case(m, k, n, group, desc_act, bits, dtype, gemv=gemv)
-
-
-@pytest.mark.parametrize("groups", [2, 4])
-@pytest.mark.parametrize("k,n,group,bits,zero_offset", [(256, 96, 32, 4, 1), (512, 64, 64, 8, 0),
-                                                        (160, 64, 32, 4, 1)])
-def test_gptq_multi_group_gemv(groups, k, n, group, bits, zero_offset):
-    """The GEMV that loads several whole groups per tile (``_wna16_gemv_groups_kernel``);
-    160 rows: the last tile is part-filled (5 groups of 32, 4 per tile)."""
-    gptq_case(1, k, n, group, False, bits, torch.float32, zero_offset=zero_offset, gemv=True,
-              config=(32, 128, 4, 8, groups))
-
-
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_compressed_tensors_multi_group_gemv(symmetric):
-    compressed_case(1, 256, 64, 4, 32, symmetric, False, torch.float32, gemv=True,
-                    config=(32, 128, 4, 8, 4))
 
 
 def test_gptq_v2_zero_offset():
@@ -166,14 +149,6 @@ def test_compressed_tensors_layout(bits, group, symmetric, actorder, gemv):
     (1024, 448, 128, True, 4), (4096, 4096, -1, False, 8), (4096, 4096, 128, True, 8)])
 def test_gptq_llama_shapes(dtype, m, k, n, group, desc_act, bits):
     gptq_case(m, k, n, group, desc_act, bits, dtype)
-
-
-@gpu
-@pytest.mark.parametrize("groups", [2, 4, 8])
-@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (4096, 28672)])
-def test_gptq_multi_group_gemv_llama_shapes(groups, k, n):
-    gptq_case(1, k, n, 128, False, 4, torch.bfloat16, gemv=True,
-              config=(64, 128, 4, 4, groups))
 
 
 @gpu
