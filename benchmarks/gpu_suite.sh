@@ -122,6 +122,30 @@ for part in $parts; do
         --out "$OUT_DIR" 2>&1 | grep -v Warning | tail -6
       echo "== kernel tests"; timeout 100 python -m pytest -q -p no:cacheprovider \
         tests/kernels/test_fused_moe.py tests/kernels/test_wna16.py 2>&1 | tail -6 ;;
+    final3)
+      # third session, last call: the GPU engine tests of the issue-21 changes (one step
+      # loop, LoRA / pipeline sends in the forward context), the server vs offline, start-up
+      # (python -m pagedllm serve), bf16 vs GPTQ decode at batch 1 and 16, the W4A16 kernels
+      use_serve_wheels
+      echo "== engine tests"; timeout 170 python -m pytest -q -p no:cacheprovider -x \
+        tests/e2e/test_step_loop.py tests/e2e/test_spec_decode.py tests/e2e/test_async_output.py \
+        tests/unit/test_forward_context_lora.py tests/e2e/test_multi_step.py \
+        tests/e2e/test_prompt_adapters.py 2>&1 | tail -4
+      echo "== serve"; PYTHONUNBUFFERED=1 timeout 170 python benchmarks/serving.py \
+        --model benchmarks/configs/llama-3-8b --num-prompts 1000 --input-len 256 \
+        --output-len 256 --range-ratio 0 --compare-offline --client-processes 8 \
+        --timeline "$OUT_DIR/timeline" --engine-flags --max-model-len 4096 \
+        > "$OUT_DIR/serve.txt" 2>&1
+      grep -E "over_offline|output_tokens_per_s|wall_s|tail_s|front_lag|startup_s" \
+        "$OUT_DIR/serve.txt" | head -14
+      echo "== start-up"; timeout 80 python benchmarks/serve_startup.py \
+        --model benchmarks/configs/llama-3-8b --repeat 2 -- --load-format dummy \
+        --skip-tokenizer-init --max-model-len 4096 2>&1 | grep -E "seconds|start-up|ready in"
+      echo "== wna16 check"; timeout 60 python -c "import torch, benchmarks.quant_bench as q; \
+q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Error" | head -4
+      echo "== quant engine"; timeout 130 python benchmarks/quant_bench.py --only engine \
+        --formats bf16 gptq --batches 1 16 --no-offline --out "$OUT_DIR" 2>&1 \
+        | grep -v Warning | grep "bench=" ;;
     kerneltests)
       python -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py \
         tests/kernels/test_wna16.py tests/kernels/test_fp8_scaled_mm.py 2>&1 \

@@ -101,7 +101,7 @@ def wna16_variants() -> list[str]:
             wq._wna16_gemv_kernel, types, dict(BITS=bits, ACT_ORDER=act, HAS_ZEROS=zeros,
                                                BLOCK_N=block_n, BLOCK_K=block_k),
             unit, num_warps=warps))
-    for _, bm, bn, bk, warps, stages in wq.GEMM_CONFIGS:
+    for _, bm, bn, bk, warps, stages, *_ in wq.GEMM_CONFIGS:
         for bits, awq, act, zeros in [(4, False, False, True), (4, True, False, True),
                                       (4, False, True, True), (8, False, False, False)]:
             lines.append(compile_kernel(

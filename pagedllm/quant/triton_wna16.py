@@ -362,9 +362,11 @@ SPLIT_MIN_K, SPLIT_K_PER_ROW = 512, 64
 # GEMV (BLOCK_N, BLOCK_K, num_warps), and the programs it aims for per SM (split-K)
 GEMV_CONFIG = (64, 128, 4)
 GEMV_WAVES = 8
-# (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the GEMM, first match;
-# batches up to 64 rows are memory-bound: split-K fills the SMs when the tiles are few
-GEMM_CONFIGS = [(16, 16, 32, 128, 4, 3), (32, 32, 32, 128, 4, 3), (64, 64, 64, 64, 4, 3),
+# (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, split-K programs per SM])
+# for the GEMM, first match; batches up to 64 rows are memory-bound: split-K fills the SMs
+# when the tiles are few. Up to 16 rows: the best of the H100 sweep on the Llama-3-8B
+# projections (quant_bench --tune, 2026-12-07: 11-13% faster than (16, 32, 128, 4, 3, 2))
+GEMM_CONFIGS = [(16, 16, 64, 128, 4, 3, 4), (32, 32, 32, 128, 4, 3), (64, 64, 64, 64, 4, 3),
                 (1 << 62, 64, 128, 64, 8, 3)]
 GEMM_SPLIT_MAX_ROWS = 64
 GEMM_WAVES = 2
