@@ -57,10 +57,8 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.num_preemptions = 0
-        self.max_tokens = sampling_params.max_tokens
-        if max_model_len is not None:
-            room = max(1, max_model_len - len(prompt_token_ids))
-            self.max_tokens = room if self.max_tokens is None else min(self.max_tokens, room)
+        self.max_tokens = _max_tokens(sampling_params.max_tokens, max_model_len,
+                                      len(prompt_token_ids))
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         # the soft prompt whose placeholders start the prompt (--enable-prompt-adapter) and
@@ -122,9 +120,24 @@ class Request:
         if self.num_output_tokens >= params.min_tokens and last in params.all_stop_token_ids:
             self.status = RequestStatus.FINISHED_STOPPED
             # vLLM reports the id only for user stop_token_ids; EOS gives stop_reason None.
+            assert params.stop_token_ids is not None  # a list since SamplingParams' init
             self.stop_reason = last if last in params.stop_token_ids else None
             return True
         if self.num_output_tokens >= self.max_tokens:
             self.status = RequestStatus.FINISHED_LENGTH
             return True
         return False
+
+
+def _max_tokens(max_tokens: int | None, max_model_len: int | None, num_prompt: int) -> int:
+    """Output tokens a request may produce: its ``max_tokens``, capped by the room
+    ``max_model_len`` leaves after the prompt (at least one). ``max_tokens=None`` means "up to
+    max_model_len", so one of the two must be given (the engine always passes the context
+    length)."""
+    if max_model_len is not None:
+        room = max(1, max_model_len - num_prompt)
+        return room if max_tokens is None else min(max_tokens, room)
+    if max_tokens is None:
+        raise ValueError("a Request with max_tokens=None needs max_model_len (its output is "
+                         "bounded by the context length)")
+    return max_tokens

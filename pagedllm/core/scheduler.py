@@ -195,7 +195,7 @@ class Scheduler:
     def spec_rates(self) -> tuple[float, float]:
         """(draft acceptance rate, system efficiency: emitted tokens over the most a step's
         drafts could have emitted), as vLLM reports them; 0 before any draft."""
-        if not self.spec_draft_tokens_total:
+        if self.spec is None or not self.spec_draft_tokens_total:
             return 0.0, 0.0
         most = self.spec_steps_total * (self.spec.num_tokens + 1)
         return (self.spec_accepted_tokens_total / self.spec_draft_tokens_total,
@@ -286,7 +286,8 @@ class Scheduler:
         """Prompt-lookup draft tokens for a decoding request (``pagedllm/spec_decode.py``),
         as many as the budget, max_tokens, max_model_len and --speculative-max-model-len
         leave room for; [] when it should not speculate."""
-        spec = self.spec
+        spec, proposer = self.spec, self._proposer
+        assert spec is not None and proposer is not None  # drafts only when _speculate
         if request.req_id in self._unknown_to_runner or request.num_output_tokens == 0 or \
                 request.num_computed_tokens != request.num_tokens - 1 or \
                 not can_speculate(request, spec.with_logprobs):
@@ -294,7 +295,7 @@ class Scheduler:
         max_len = min(self.max_model_len, spec.max_model_len or self.max_model_len)
         room = min(spec.num_tokens, budget - 1, max_len - request.num_tokens - 1,
                    request.max_tokens - request.num_output_tokens - 1)
-        return self._proposer.propose(request.req_id, request.all_token_ids, room)
+        return proposer.propose(request.req_id, request.all_token_ids, room)
 
     def _plan_multi_step(self, out: SchedulerOutput) -> int:
         """How many decode steps this batch runs (see the module docstring); extends the
@@ -358,6 +359,7 @@ class Scheduler:
         self._finished_req_ids = set()
         for request in requests:
             new_blocks = self.kv.allocate_slots(request, ahead + steps)
+            assert new_blocks is not None  # num_free_blocks was checked for all of them above
             out.scheduled_cached_reqs.append(CachedRequestData(
                 request.req_id, [b.block_id for b in new_blocks],
                 request.num_computed_tokens + ahead))

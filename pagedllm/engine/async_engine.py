@@ -195,6 +195,12 @@ class AsyncLLMEngine:
         if shutdown is not None:
             shutdown()
 
+    def _bound_loop(self) -> asyncio.AbstractEventLoop:
+        """The asyncio loop ``start()`` bound the engine to: set before any request, call or
+        engine-thread callback can need it."""
+        assert self._loop is not None, "start() binds the loop first"
+        return self._loop
+
     @property
     def is_running(self) -> bool:
         return (self._thread is not None and self._thread.is_alive() and not self._stop
@@ -229,7 +235,7 @@ class AsyncLLMEngine:
             request_id, arrival_time, params,
             lora_name=lora_request.lora_name if lora_request is not None else None))
         self._streams[request_id] = stream
-        done = self._loop.create_future()
+        done = self._bound_loop().create_future()
         self._commands.put(("add", request_id, prompt, params, arrival_time, priority, done,
                             stream.stats, prompt_adapter_request, trace_headers, lora_request))
         try:
@@ -297,7 +303,7 @@ class AsyncLLMEngine:
         self.start()
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running")
-        done = self._loop.create_future()
+        done = self._bound_loop().create_future()
         self._commands.put(("call", done, method, args))
         return await done
 
@@ -307,7 +313,8 @@ class AsyncLLMEngine:
 
     def _log_received(self, request_id: str, prompt: PromptInputs,
                       params: SamplingParams | PoolingParams):
-        text, ids = prompt, None
+        text: PromptInputs | None = prompt
+        ids: list[int] | None = None
         if isinstance(prompt, dict):
             text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
         elif isinstance(prompt, list):
@@ -457,7 +464,7 @@ class AsyncLLMEngine:
 
     def _call_soon(self, fn: Callable, *args: Any) -> None:
         try:
-            self._loop.call_soon_threadsafe(fn, *args)
+            self._bound_loop().call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: the server is shutting down
             self._stop = True
 

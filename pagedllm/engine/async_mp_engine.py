@@ -68,7 +68,7 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
             raise
         self._tokenizer_pool = self.inputs.pool
         self.output_processor = OutputProcessor(self.inputs.tokenizer,
-                                                config.model.max_model_len, make_tracer(config),
+                                                self.inputs.max_model_len, make_tracer(config),
                                                 self.inputs.lora_tokenizers)
         self._per_token = config.scheduler.multi_step_stream_outputs
         self._acks: dict[str, tuple[asyncio.Future, RequestStats]] = {}
@@ -175,7 +175,7 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
         self.output_processor.add(text, core_request, trace_headers)
         stream = RequestStream(request_id, stats)
         self._streams[request_id] = stream
-        done = self._loop.create_future()
+        done = self._bound_loop().create_future()
         self._acks[request_id] = (done, stats)
         try:
             self.client.add_request(core_request)
@@ -200,7 +200,7 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
             raise EngineDeadError(f"the engine is not running: {self.dead_cause()}")
         self._num_calls += 1
         call_id = self._num_calls
-        done = self._loop.create_future()
+        done = self._bound_loop().create_future()
         self._calls[call_id] = done
         try:
             self.client.send(("call", call_id, method, args))
@@ -273,9 +273,10 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
             self.timeline.add("step", sent, spent, len(deltas))
 
     def _on_ack(self, request_id: str, error: str | None, prompt_ids) -> None:
-        done, stats = self._acks.pop(request_id, (None, None))
-        if done is None or done.done():
+        ack = self._acks.pop(request_id, None)
+        if ack is None or ack[0].done():
             return
+        done, stats = ack
         if error is not None:
             self.output_processor.remove(request_id)
             done.set_exception(ValueError(error))
@@ -291,7 +292,8 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
     def _on_failed(self, seq_ids: list[str], text: str) -> None:
         self.num_step_errors += 1
         self.last_step_error = text
-        request_ids = {self.output_processor.request_id_of(s) for s in seq_ids} - {None}
+        request_ids = {request_id for s in seq_ids
+                       if (request_id := self.output_processor.request_id_of(s)) is not None}
         for request_id in request_ids:
             self.output_processor.remove(request_id)
         self._fail(sorted(request_ids), EngineStepError(text))

@@ -169,6 +169,9 @@ class EngineCore:
 
     def _make_scheduler(self, config: EngineConfig) -> Scheduler:
         mc, sc = config.model, config.scheduler
+        # None in these flags means "derive it"; create_engine_config has derived them
+        assert mc.max_model_len is not None and sc.max_num_batched_tokens is not None
+        assert sc.enable_chunked_prefill is not None
         return Scheduler(
             max_num_batched_tokens=sc.max_num_batched_tokens, max_num_seqs=sc.max_num_seqs,
             enable_chunked_prefill=sc.enable_chunked_prefill,
@@ -255,6 +258,7 @@ class EngineCore:
         if adapter is not None:  # placeholders whose embeddings the soft prompt replaces
             token_ids = [0] * adapter.num_virtual_tokens + list(token_ids)
         max_model_len = self.config.model.max_model_len
+        assert params.best_of is not None  # SamplingParams' init sets it (to n by default)
         ids = seq_ids(req.request_id, params.best_of)
         if any(i in self.scheduler.requests for i in ids):
             raise ValueError(f"request_id {req.request_id!r} is already in use")

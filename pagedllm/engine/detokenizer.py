@@ -21,6 +21,7 @@ class IncrementalDetokenizer:
         self._prefix = 0
         self._read = len(self._ids)
         self.output_text = ""
+        assert params.stop is not None  # a list since SamplingParams' init
         self._max_stop_len = max((len(s) for s in params.stop), default=0)
 
     def _decode(self, ids: list[int]) -> str:

@@ -10,10 +10,11 @@ front end's output work on its deltas (detokenize, stop strings, outputs;
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 
 from pagedllm.core.adapters import LoRARequest, PromptAdapterRequest
 from pagedllm.core.request import Request, RequestStatus
+from pagedllm.engine.core import CoreRequest
 from pagedllm.engine.core import EngineCore, use_async_output_proc  # noqa: F401 (re-export)
 from pagedllm.engine.inputs import PromptInputs, PromptProcessor
 from pagedllm.engine.output_processor import (OutputProcessor, check_request_params,  # noqa
@@ -25,6 +26,10 @@ from pagedllm.tracing import RequestTracer
 
 if TYPE_CHECKING:
     from pagedllm.config import EngineConfig
+
+# what the core's enqueue gives back: the Request (add_request waits for a guided compile),
+# or None while the compile runs (submit_request)
+_Added = TypeVar("_Added", Request, Optional[Request])
 
 
 def make_tracer(config: EngineConfig) -> RequestTracer | None:
@@ -40,7 +45,7 @@ class LLMEngine:
         self.inputs = PromptProcessor(config.model, config.tokenizer_pool)
         self.tokenizer = self.inputs.tokenizer
         self.core = EngineCore(config, log_stats, inputs=self.inputs)
-        self.output_processor = OutputProcessor(self.tokenizer, config.model.max_model_len,
+        self.output_processor = OutputProcessor(self.tokenizer, self.inputs.max_model_len,
                                                 make_tracer(config),
                                                 self.inputs.lora_tokenizers)
         self._per_token = config.scheduler.multi_step_stream_outputs
@@ -84,7 +89,7 @@ class LLMEngine:
         results = []
         for core_request, added, error in self.core.finish_pending():
             request_id = core_request.request_id
-            if error is not None:
+            if added is None:  # rejected: ``error`` says why
                 self.output_processor.remove(request_id)
             else:
                 self._set_prompt(request_id, core_request, added)
@@ -94,12 +99,12 @@ class LLMEngine:
     def has_pending(self) -> bool:
         return self.core.has_pending()
 
-    def _add(self, enqueue, request_id: str, prompt: PromptInputs,
-             params: SamplingParams | PoolingParams,
+    def _add(self, enqueue: Callable[[CoreRequest], _Added], request_id: str,
+             prompt: PromptInputs, params: SamplingParams | PoolingParams,
              arrival_time: float | None = None, priority: int = 0,
              prompt_adapter_request: PromptAdapterRequest | None = None,
              trace_headers: dict[str, str] | None = None,
-             lora_request: LoRARequest | None = None) -> Request | None:
+             lora_request: LoRARequest | None = None) -> _Added:
         if request_id in self.output_processor.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, core_request = prepare_request(

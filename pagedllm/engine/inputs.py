@@ -21,6 +21,7 @@ PromptInputs = Union[str, list[int], dict]
 def load_tokenizer(model_config: ModelConfig):
     from transformers import AutoTokenizer
     path, kwargs = model_config.tokenizer_path, {}
+    assert path is not None  # resolved by create_engine_config; None only with no tokenizer
     if os.path.isfile(path):  # a GGUF file: its metadata
         path, kwargs["gguf_file"] = os.path.dirname(path), os.path.basename(path)
     try:
@@ -92,7 +93,9 @@ class PromptProcessor:
     def __init__(self, model_config: ModelConfig,
                  pool_config: TokenizerPoolConfig | None = None) -> None:
         from pagedllm.engine.tokenizer_pool import make_tokenizer_pool
-        self.max_model_len = model_config.max_model_len
+        # None in these fields means "derive it"; create_engine_config has derived them
+        assert model_config.max_model_len is not None and model_config.model_path is not None
+        self.max_model_len: int = model_config.max_model_len
         self.vocab_size = model_config.vocab_size
         self.tokenizer = None if model_config.skip_tokenizer_init else \
             load_tokenizer(model_config)
@@ -121,6 +124,7 @@ class PromptProcessor:
             tokenizer = self.lora_tokenizers.get(lora_request)
             encoder = self.pool if self.pool is not None and tokenizer is self.tokenizer \
                 else tokenizer
+            assert text is not None  # _split gives the text whenever it gives no ids
             token_ids = encoder.encode(text)
         self._validate(token_ids)
         return text, list(token_ids)

@@ -39,6 +39,7 @@ def check_request_params(params: SamplingParams, vocab_size: int, max_logprobs: 
         if bad:
             raise ValueError(f"SamplingParams.logit_bias has out-of-vocabulary token id(s) "
                              f"{bad[:5]}; ids must be in [0, {vocab_size})")
+    assert params.stop_token_ids is not None  # a list since SamplingParams' init
     bad = [t for t in params.stop_token_ids if not 0 <= int(t) < vocab_size]
     if bad:  # min_tokens masks them in the logits: an id past the vocabulary would crash a step
         raise ValueError(f"SamplingParams.stop_token_ids has out-of-vocabulary token id(s) "
@@ -152,6 +153,7 @@ class OutputProcessor:
             group = PoolingGroup(req.request_id, req.params, text, req.prompt_token_ids,
                                  req.arrival_time, self.max_model_len, self.tokenizer)
         else:
+            assert req.params.best_of is not None  # SamplingParams' init sets it
             group = SequenceGroup(req.request_id, req.params, text, req.prompt_token_ids,
                                   seq_ids(req.request_id, req.params.best_of),
                                   req.arrival_time, self.max_model_len,

@@ -162,8 +162,9 @@ class SequenceGroup:
 
     def make_output(self) -> RequestOutput | None:
         finished = self.is_finished()
-        kind = self.params.output_kind
-        ranked = self.params.best_of > self.params.n
+        kind, best_of = self.params.output_kind, self.params.best_of
+        assert best_of is not None  # SamplingParams' init sets it (to n by default)
+        ranked = best_of > self.params.n
         if (kind == RequestOutputKind.FINAL_ONLY or ranked) and not finished:
             return None
         seqs = self.seqs

@@ -9,7 +9,7 @@ parallelism) reads them when a request first brings the id.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 from pagedllm.core.adapters import LoRARequest, PromptAdapterRequest
 from pagedllm.worker.lora import LoadedLoRA, LoRACache, projection_shapes
@@ -32,8 +32,16 @@ class AdapterStore:
             if lora.enable_lora else None
         self._prompt_adapters: dict[int, tuple[PromptAdapterRequest, LoadedPromptAdapter]] = {}
 
+    @overload
+    def lora(self, request: LoRARequest) -> LoadedLoRA: ...
+    @overload
+    def lora(self, request: None) -> None: ...
+    @overload
+    def lora(self, request: LoRARequest | None) -> LoadedLoRA | None: ...
+
     def lora(self, request: LoRARequest | None) -> LoadedLoRA | None:
-        """The loaded LoRA of a request, or None (ValueError on a bad one)."""
+        """The loaded LoRA of a request, or None (ValueError on a bad one); a request
+        always gives its LoRA (the overloads say so to the type checker)."""
         if request is None:
             return None
         if self.loras is None:
