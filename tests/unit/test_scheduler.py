@@ -340,3 +340,16 @@ def test_an_id_still_in_flight_cannot_be_reused():
         add(sched, "a", 3)
     answer(sched, ahead)
     add(sched, "a", 3)  # free again
+
+
+def test_request_output_bound():
+    """A Request's max_tokens is always an int: max_tokens capped by the room max_model_len
+    leaves after the prompt (at least 1); unbounded output (max_tokens=None) without a
+    context length is refused at construction instead of failing at its first token."""
+    params = SamplingParams(max_tokens=None)
+    assert Request("a", [1, 2, 3], params, max_model_len=10).max_tokens == 7
+    assert Request("b", [1] * 12, params, max_model_len=10).max_tokens == 1
+    assert Request("c", [1, 2, 3], SamplingParams(max_tokens=5), max_model_len=10).max_tokens == 5
+    assert Request("d", [1, 2, 3], SamplingParams(max_tokens=5)).max_tokens == 5
+    with pytest.raises(ValueError, match="max_model_len"):
+        Request("e", [1, 2, 3], params)
