@@ -102,9 +102,10 @@ def check_request_kind(model_config, params) -> None:
                          "text; use the Embeddings API (/v1/embeddings, LLM.encode)")
 
 
-def _prepare_pooling(config, inputs: PromptProcessor, request_id: str, prompt: PromptInputs,
-                     params: PoolingParams, arrival_time: float | None, priority: int,
-                     prompt_adapter_request, lora_request) -> tuple[str | None, CoreRequest]:
+def _prepare_pooling(config: EngineConfig, inputs: PromptProcessor, request_id: str,
+                     prompt: PromptInputs, params: PoolingParams, arrival_time: float | None,
+                     priority: int, prompt_adapter_request,
+                     lora_request) -> tuple[str | None, CoreRequest]:
     """A pooling request: the prompt is tokenized and checked as for generation; it needs
     no room for output (a prompt of max_model_len tokens fits). The core gets PoolingParams
     without ``additional_data``: no pooler reads it, and a client's arbitrarily nested JSON

@@ -152,7 +152,8 @@ def check_supported(params) -> None:
 
 
 def build_parser(params, config):
-    """The lmformatenforcer parser of a constraint (``ValueError`` for what it cannot do)."""
+    """The lmformatenforcer parser of a constraint (``ValueError`` for what it cannot do);
+    ``config``: lmformatenforcer's CharacterLevelParserConfig (imported lazily: optional)."""
     from lmformatenforcer import JsonSchemaParser, RegexParser, StringParser, UnionParser
     check_supported(params)
     kind = params.kind

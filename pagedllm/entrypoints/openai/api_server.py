@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagedllm
+from pagedllm.config import LoRAConfig, PromptAdapterConfig
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.gc_tuning import tune_gc
 from pagedllm.logging_setup import configure_logging
@@ -194,7 +195,7 @@ def _load_chat_template(value: Optional[str]) -> Optional[str]:
     raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
 
 
-def prompt_adapter_requests(modules, config) -> dict:
+def prompt_adapter_requests(modules, config: PromptAdapterConfig) -> dict:
     """--prompt-adapters NAME=PATH ...: one PromptAdapterRequest per name, ids from 1, with
     the checkpoint's num_virtual_tokens (read now: a bad directory fails at start-up)."""
     from pagedllm.core.adapters import PromptAdapterRequest
@@ -207,7 +208,7 @@ def prompt_adapter_requests(modules, config) -> dict:
             for i, (name, path) in enumerate(modules, start=1)}
 
 
-def lora_module_requests(modules, config, hf_config) -> dict:
+def lora_module_requests(modules, config: LoRAConfig, hf_config) -> dict:
     """--lora-modules NAME=PATH or JSON ...: one LoRARequest per name, ids from 1, with the
     JSON form's base_model_name (each checkpoint is read now: a bad directory fails at
     start-up)."""
