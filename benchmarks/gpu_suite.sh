@@ -146,6 +146,14 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== quant engine"; timeout 130 python benchmarks/quant_bench.py --only engine \
         --formats bf16 gptq --batches 1 16 --no-offline --out "$OUT_DIR" 2>&1 \
         | grep -v Warning | grep "bench=" ;;
+    enginetests21)
+      # the GPU engine tests of the issue-21 changes (one step loop, LoRA and pipeline sends
+      # in the forward context), every file to the end
+      use_serve_wheels
+      timeout 330 python -m pytest -q -p no:cacheprovider --tb=short \
+        tests/e2e/test_step_loop.py tests/e2e/test_spec_decode.py tests/e2e/test_async_output.py \
+        tests/unit/test_forward_context_lora.py tests/e2e/test_multi_step.py \
+        tests/e2e/test_prompt_adapters.py 2>&1 | grep -v Warning | tail -40 ;;
     kerneltests)
       python -m pytest -q -p no:cacheprovider tests/kernels/test_fused_moe.py \
         tests/kernels/test_wna16.py tests/kernels/test_fp8_scaled_mm.py 2>&1 \

@@ -34,11 +34,13 @@ def _prompts() -> list[list[int]]:
 
 
 def _core(model_path: str, monkeypatch, async_output: bool, **kw) -> EngineCore:
-    """An engine core; ``async_output`` on the CPU too (the switch is read at construction)."""
+    """An engine core; ``async_output`` on the CPU too (the switch is read at construction),
+    off on CUDA too (--disable-async-output-proc: the plain path on every device)."""
     if async_output:
         monkeypatch.setenv("PAGEDLLM_ASYNC_OUTPUT_PROC", "1")
     else:
         monkeypatch.delenv("PAGEDLLM_ASYNC_OUTPUT_PROC", raising=False)
+        kw["disable_async_output_proc"] = True
     config = EngineArgs(model=model_path, dtype="float32", block_size=8,
                         disable_log_stats=True, **kw).create_engine_config()
     core = EngineCore(config)
