@@ -195,7 +195,7 @@ def test_server_lora_modules(model_path, loras):
     """--lora-modules: /v1/models lists the adapter under the base model; a completion
     naming it gets the offline engine's LoRA text (that engine is checked against PEFT)."""
     import httpx
-    import openai
+    openai = pytest.importorskip("openai")  # not in the GPU image
 
     from pagedllm.config import LoRAConfig
     from pagedllm.entrypoints.openai.api_server import lora_module_requests
