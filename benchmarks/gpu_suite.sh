@@ -29,6 +29,23 @@ use_serve_wheels() {
 }
 export PYTHONPATH="$PWD" PAGEDLLM_TEST_MODELS=/tmp/pagedllm-test-models
 OUT_DIR=${OUT:-/tmp}
+# server vs LLM.generate on the 8B shape, 1000 x 256/256 at rate inf, with per-step timelines
+# ($1: time limit in seconds, $2: load-generator processes)
+serve_vs_offline() {
+  echo "== serve"; PYTHONUNBUFFERED=1 timeout "$1" python benchmarks/serving.py \
+    --model benchmarks/configs/llama-3-8b --num-prompts 1000 --input-len 256 \
+    --output-len 256 --range-ratio 0 --compare-offline --client-processes "$2" \
+    --timeline "$OUT_DIR/timeline" --engine-flags --max-model-len 4096 \
+    > "$OUT_DIR/serve.txt" 2>&1
+  grep -E "over_offline|output_tokens_per_s|wall_s|tail_s|front_lag|full_batch|tpot|ttft|median|startup_s|client" \
+    "$OUT_DIR/serve.txt" | head -40
+}
+# two starts of python -m pagedllm serve (8B shape, dummy weights) and their log splits
+startup_split() {
+  echo "== start-up"; timeout "$1" python benchmarks/serve_startup.py \
+    --model benchmarks/configs/llama-3-8b --repeat 2 -- --load-format dummy \
+    --skip-tokenizer-init --max-model-len 4096 2>&1 | grep -E "seconds|start-up|ready in"
+}
 parts=${1:-"tests bench1 bench2"}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
@@ -82,13 +99,7 @@ for part in $parts; do
       echo "== kernel tests"; timeout 120 python -m pytest -q -p no:cacheprovider \
         tests/kernels/test_fused_moe.py tests/kernels/test_wna16.py \
         tests/kernels/test_fp8_scaled_mm.py tests/kernels/test_triton_attention.py 2>&1 | tail -6
-      echo "== serve"; PYTHONUNBUFFERED=1 timeout 190 python benchmarks/serving.py \
-        --model benchmarks/configs/llama-3-8b --num-prompts 1000 --input-len 256 \
-        --output-len 256 --range-ratio 0 --compare-offline --client-processes 4 \
-        --timeline "$OUT_DIR/timeline" --engine-flags --max-model-len 4096 \
-        > "$OUT_DIR/serve.txt" 2>&1
-      grep -E "over_offline|wall_s|tail_s|front_lag|full_batch|tpot|ttft|median" \
-        "$OUT_DIR/serve.txt" | head -40
+      serve_vs_offline 190 4
       echo "== quant b1"; timeout 130 python benchmarks/quant_bench.py --only engine \
         --formats bf16 gptq awq --batches 1 --no-offline --out "$OUT_DIR" 2>&1 \
         | grep -v Warning | tail -12
@@ -98,16 +109,8 @@ for part in $parts; do
       # third session: the server with the raw-socket load generator (8 load processes),
       # start-up splits, the W4A16 kernels per projection and a profile of GPTQ batch-1 decode
       use_serve_wheels
-      echo "== serve"; PYTHONUNBUFFERED=1 timeout 200 python benchmarks/serving.py \
-        --model benchmarks/configs/llama-3-8b --num-prompts 1000 --input-len 256 \
-        --output-len 256 --range-ratio 0 --compare-offline --client-processes 8 \
-        --timeline "$OUT_DIR/timeline" --engine-flags --max-model-len 4096 \
-        > "$OUT_DIR/serve.txt" 2>&1
-      grep -E "over_offline|wall_s|tail_s|front_lag|full_batch|tpot|ttft|median|client" \
-        "$OUT_DIR/serve.txt" | head -40
-      echo "== start-up"; timeout 120 python benchmarks/serve_startup.py \
-        --model benchmarks/configs/llama-3-8b --repeat 2 -- --load-format dummy \
-        --skip-tokenizer-init --max-model-len 4096 2>&1 | grep -v Warning | tail -40
+      serve_vs_offline 200 8
+      startup_split 120
       echo "== wna16 kernels"; timeout 100 python benchmarks/quant_bench.py --only kernels \
         --rows 1 16 --out "$OUT_DIR" 2>&1 | grep -v Warning | tail -30
       echo "== gptq decode profile"; timeout 90 python benchmarks/profile_decode.py --graphs \
@@ -131,16 +134,8 @@ for part in $parts; do
         tests/e2e/test_step_loop.py tests/e2e/test_spec_decode.py tests/e2e/test_async_output.py \
         tests/unit/test_forward_context_lora.py tests/e2e/test_multi_step.py \
         tests/e2e/test_prompt_adapters.py 2>&1 | tail -4
-      echo "== serve"; PYTHONUNBUFFERED=1 timeout 170 python benchmarks/serving.py \
-        --model benchmarks/configs/llama-3-8b --num-prompts 1000 --input-len 256 \
-        --output-len 256 --range-ratio 0 --compare-offline --client-processes 8 \
-        --timeline "$OUT_DIR/timeline" --engine-flags --max-model-len 4096 \
-        > "$OUT_DIR/serve.txt" 2>&1
-      grep -E "over_offline|output_tokens_per_s|wall_s|tail_s|front_lag|startup_s" \
-        "$OUT_DIR/serve.txt" | head -14
-      echo "== start-up"; timeout 80 python benchmarks/serve_startup.py \
-        --model benchmarks/configs/llama-3-8b --repeat 2 -- --load-format dummy \
-        --skip-tokenizer-init --max-model-len 4096 2>&1 | grep -E "seconds|start-up|ready in"
+      serve_vs_offline 170 8
+      startup_split 80
       echo "== wna16 check"; timeout 60 python -c "import torch, benchmarks.quant_bench as q; \
 q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Error" | head -4
       echo "== quant engine"; timeout 130 python benchmarks/quant_bench.py --only engine \
