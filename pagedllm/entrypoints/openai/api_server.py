@@ -10,6 +10,14 @@ input, 404 unknown model), request validation and malformed JSON as 400, the API
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # vLLM's module entry: hand over to `pagedllm serve` before the
+    # imports below (torch, transformers, FastAPI), so that it starts the engine core
+    # process first (cli._prestart_core); this file is then imported under its own name
+    import sys as _sys
+
+    from pagedllm.cli import main as _serve_main
+    _sys.exit(_serve_main(["serve", *_sys.argv[1:]]))
+
 import argparse
 import asyncio
 import hmac
@@ -444,12 +452,3 @@ def make_async_engine(engine_args, server: ServerConfig, core_client=None):
     logger.info("start-up: engine core process %d spawned %.1f s after this process started",
                 engine.client.proc.pid, engine.client.spawned_at_age_s or 0.0)
     return engine
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from pagedllm import cli
-    return cli.main(["serve", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
