@@ -37,27 +37,10 @@ SMOKE = "--smoke" in sys.argv
 if not torch.cuda.is_available():  # the kernels run under Triton's interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def patch_interpreter() -> None:
-    """Triton 3.6's interpreter holds a loaded scalar as a size-1 numpy array, and
-    ``range(scalar)`` in a kernel calls ``int()`` on it, which numpy >= 2.3 refuses: give its
-    tensors an ``__index__`` that reads the single element (tests/kernels patch the same)."""
-    from triton.runtime import interpreter
-    if getattr(interpreter, "pagedllm_patched", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patch_lang_tensor
-    interpreter.pagedllm_patched = True
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    patch_interpreter()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if os.environ.get("TRITON_INTERPRET") == "1":  # the gaps tests/kernels fill too
+    from tests.utils.triton_interpreter import patch_interpreter
+    patch_interpreter()
 
 MODEL = "benchmarks/configs/qwen3-30b-a3b"
 DENSE = "benchmarks/configs/llama-3-8b"
