@@ -362,16 +362,13 @@ class ModelRunner:
     def _timed_forward(self, step: _Launched, *args) -> torch.Tensor:
         """``_forward``, its sends kept with ``step``; with --collect-detailed-traces model,
         timed to the device's end."""
-        if not self.collect_forward:
-            hidden, sends = self._forward(*args)
-            step.sends.extend(sends)
-            return hidden
         start = time.perf_counter()
         hidden, sends = self._forward(*args)
         step.sends.extend(sends)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        step.forward_time += time.perf_counter() - start
+        if self.collect_forward:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            step.forward_time += time.perf_counter() - start
         return hidden
 
     def _sample(self, step: _Launched) -> ModelRunnerOutput:
