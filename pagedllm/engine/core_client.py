@@ -47,7 +47,6 @@ logger = logging.getLogger("pagedllm.engine.core_client")
 
 _IDLE_POLL_MS = 500  # an idle core checks that its parent is alive this often
 _PENDING_POLL_MS = 5  # ... and whether a guided compile is done, while one is pending
-_NOBLOCK = 1  # zmq.NOBLOCK: a PUSH with no peer connected would block
 _READY_TIMEOUT_S = float(os.environ.get("PAGEDLLM_ENGINE_READY_TIMEOUT_S", "1800"))
 
 
@@ -109,9 +108,10 @@ def run_engine_core(in_addr: str, out_addr: str, parent_pid: int, conn,
 
 
 def _preimport_config_modules() -> None:
-    """What unpickling the configuration imports (its Hugging Face config class pulls
-    transformers' validators, activations and loading code: 1-2 s), while the front end
-    still resolves the configuration, instead of after it arrives."""
+    """What resolving or unpickling the configuration imports (its Hugging Face config class
+    pulls transformers' validators, activations and loading code: 1-2 s), while the front end
+    has not sent it yet: with ("args", ...) the same imports would only come later, with
+    ("config", ...) they overlap the front end's own resolution."""
     import importlib
     for name in ("transformers.configuration_utils", "transformers.utils.type_validators",
                  "transformers.modeling_rope_utils"):
@@ -419,8 +419,9 @@ class MPCoreClient:
         self._closed = True
         if self.proc.is_alive():
             try:  # a core not ready yet listens on the pipe (or not at all: terminated below)
-                if self.ready:
-                    self._inbox.send(_dumps(("stop",)), flags=_NOBLOCK)
+                if self.ready:  # never block: a PUSH whose peer is gone would wait for it
+                    import zmq
+                    self._inbox.send(_dumps(("stop",)), flags=zmq.NOBLOCK)
                 else:
                     self._ready.send(("stop",))
             except Exception:  # noqa: BLE001 - the socket or pipe may be gone already
