@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 
 from pagedllm.core.adapters import LoRARequest, PromptAdapterRequest
 from pagedllm.core.request import Request, RequestStatus
-from pagedllm.engine.core import CoreRequest
-from pagedllm.engine.core import EngineCore, use_async_output_proc  # noqa: F401 (re-export)
+from pagedllm.engine.core import (CoreRequest, EngineCore,  # noqa: F401 (re-export)
+                                  use_async_output_proc)
 from pagedllm.engine.inputs import PromptInputs, PromptProcessor
 from pagedllm.engine.output_processor import (OutputProcessor, check_request_params,  # noqa
                                               prepare_request)
