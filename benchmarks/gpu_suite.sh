@@ -141,6 +141,15 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== quant engine"; timeout 130 python benchmarks/quant_bench.py --only engine \
         --formats bf16 gptq --batches 1 16 --no-offline --out "$OUT_DIR" 2>&1 \
         | grep -v Warning | grep "bench=" ;;
+    probe5)
+      # fourth session, first call: where Qwen3-30B-A3B batch-1 decode spends its time (the
+      # kernels per token inside the CUDA graphs), and fp8 vs bf16 batch-1 decode
+      echo "== moe decode profile"; timeout 260 python benchmarks/profile_decode.py --graphs \
+        --model benchmarks/configs/qwen3-30b-a3b --tokens 32 --rows 32 2>&1 \
+        | grep -v Warning | tail -52
+      echo "== fp8 b1"; timeout 150 python benchmarks/quant_bench.py --only engine \
+        --formats bf16 fp8 --batches 1 --no-offline --out "$OUT_DIR" 2>&1 \
+        | grep -v Warning | grep "bench=" ;;
     enginetests21)
       # the GPU engine tests of the issue-21 changes (one step loop, LoRA and pipeline sends
       # in the forward context), every file to the end
