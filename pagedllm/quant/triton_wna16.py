@@ -43,6 +43,34 @@ def _to_float(codes):
 
 
 @triton.jit
+def _code_at(words, hi_words, magic, J: tl.constexpr, BITS: tl.constexpr):
+    """Value ``J`` of each word, times 2**p, as fp32, in two integer-pipe instructions less
+    than shift + mask + ``_to_float``: the value is masked where it lies (p = its bit
+    position) and the mask ORed with 2**23's exponent in one LOP3; the float read from those
+    bits is 2**23 + code * 2**p, exact while the field ends below bit 23. Values above that
+    are read from ``hi_words`` (the words shifted right by FIT * BITS, once per word). The
+    caller multiplies x by 2**-p (exact) instead of scaling the code."""
+    FIT: tl.constexpr = 23 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if J < FIT:
+        bits = (words & (MASK << (J * BITS))) | magic
+    else:
+        bits = (hi_words & (MASK << ((J - FIT) * BITS))) | magic
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _code_scale(J: tl.constexpr, BITS: tl.constexpr):
+    """2**-p for ``_code_at``'s value J (a power of two: multiplying x by it is exact)."""
+    FIT: tl.constexpr = 23 // BITS
+    if J < FIT:
+        scale = 1.0 / (1 << (J * BITS))
+    else:
+        scale = 1.0 / (1 << ((J - FIT) * BITS))
+    return scale
+
+
+@triton.jit
 def _unpack_rows(words, BITS: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
     """[R, C] words packed along rows -> [R * PACK, C] codes (value j -> row r*PACK + j)."""
     PACK: tl.constexpr = 32 // BITS
@@ -136,7 +164,7 @@ def _group_rows(qz_ptr, s_ptr, g, g_ok, offs_n, n_ok, zero_offset, stride_zg, st
 
 @triton.jit
 def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, k_split,
-                       group_size, zero_offset, stride_qk, stride_qn, stride_zg, stride_zn,
+                       group_size, zero_offset, magic, stride_qk, stride_qn, stride_zg, stride_zn,
                        stride_sg, stride_sn, stride_os, BITS: tl.constexpr,
                        ACT_ORDER: tl.constexpr, HAS_ZEROS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -173,11 +201,12 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, k_spl
                                stride_sn, BITS, False, HAS_ZEROS)
             qx = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
             x_sum = tl.zeros((BLOCK_K // PACK,), dtype=tl.float32)
+            hi_words = words >> ((23 // BITS) * BITS)
             for j in tl.static_range(PACK):
                 k = word_rows * PACK + j
                 xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-                q = _to_float((words >> (j * BITS)) & ((1 << BITS) - 1))
-                qx += q * xj[:, None]
+                scaled_x = xj * _code_scale(j, BITS)
+                qx += _code_at(words, hi_words, magic, j, BITS) * scaled_x[:, None]
                 x_sum += xj
             acc += (qx - z * x_sum[:, None]) * s
     tl.store(out_ptr + pid_s * stride_os + offs_n,
@@ -352,13 +381,16 @@ def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor
                       dtype=x.dtype if splits == 1 else torch.float32)
     tensors, strides = _launch_args(w, act_order)
     _wna16_gemv_kernel[(n_tiles, splits)](
-        x, *tensors, out, w.n, w.k, k_split, w.group_size, w.zero_offset, *strides,
+        x, *tensors, out, w.n, w.k, k_split, w.group_size, w.zero_offset, MAGIC, *strides,
         out.stride(0), BITS=w.bits, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return (out, False) if splits == 1 else (out.unsqueeze(1), True)
 
 
 SPLIT_MIN_K, SPLIT_K_PER_ROW = 512, 64
+# 2**23's bits, passed as an argument: a constant would be folded into a separate OR (one
+# LOP3 more per weight); from a register, mask and OR are one LOP3 (``_code_at``)
+MAGIC = 0x4B000000
 # GEMV (BLOCK_N, BLOCK_K, num_warps), and the programs it aims for per SM (split-K)
 GEMV_CONFIG = (64, 128, 4)
 GEMV_WAVES = 8
