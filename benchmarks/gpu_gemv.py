@@ -48,17 +48,21 @@ def graph_time_us(fn, weights, x) -> float:
 
 def model_shapes(path: str) -> list[tuple[str, int, int, bool]]:
     """(name, N, K, gated) of a Llama-family config's one-token projections at tp 1:
-    qkv, o_proj, gate_up (+ SiLU), down, LM head."""
+    qkv, o_proj, gate_up (+ SiLU), down (MoE configs: the router instead), LM head."""
     from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(path)
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    return [("qkv", (heads + 2 * kv_heads) * head_dim, hidden, False),
-            ("o_proj", hidden, heads * head_dim, False),
-            ("gate_up+silu", 2 * cfg.intermediate_size, hidden, True),
-            ("down", hidden, cfg.intermediate_size, False),
-            ("lm_head", cfg.vocab_size, hidden, False)]
+    attention = [("qkv", (heads + 2 * kv_heads) * head_dim, hidden, False),
+                 ("o_proj", hidden, heads * head_dim, False)]
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if experts:  # MoE: the router is the one dense MLP-side projection (experts: moe_bench)
+        mlp = [("router", experts, hidden, False)]
+    else:
+        mlp = [("gate_up+silu", 2 * cfg.intermediate_size, hidden, True),
+               ("down", hidden, cfg.intermediate_size, False)]
+    return attention + mlp + [("lm_head", cfg.vocab_size, hidden, False)]
 
 
 def main() -> None:

@@ -150,6 +150,21 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== fp8 b1"; timeout 150 python benchmarks/quant_bench.py --only engine \
         --formats bf16 fp8 --batches 1 --no-offline --out "$OUT_DIR" 2>&1 \
         | grep -v Warning | grep "bench=" ;;
+    probe6)
+      # fourth session, second call: the fused-MoE / W4A16 kernel tests, the per-token MoE
+      # GEMV path (tuned at 1 token; both paths at 2-16 tokens), the dense GEMV sweep for the
+      # Qwen3-30B-A3B projections, the W4A16 kernels at 1 and 16 rows
+      echo "== kernel tests"; timeout 120 python -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_fused_moe.py tests/kernels/test_wna16.py 2>&1 | tail -4
+      echo "== moe gemv tune"; timeout 130 python benchmarks/moe_bench.py --only layer \
+        --tokens 1 --tune --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -4
+      echo "== moe layer"; timeout 70 python benchmarks/moe_bench.py --only layer \
+        --tokens 2 4 8 16 --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -4
+      echo "== wna16 kernels"; timeout 60 python benchmarks/quant_bench.py --only kernels \
+        --rows 1 16 --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=kernel" | tail -24
+      echo "== gemv qwen3-30b"; timeout 140 python benchmarks/gpu_gemv.py \
+        --model benchmarks/configs/qwen3-30b-a3b --rep-ms 50 --json "$OUT_DIR/gemv30b.json" \
+        2>&1 | grep -v Warning | grep -E "MB:|best|faster" ;;
     enginetests21)
       # the GPU engine tests of the issue-21 changes (one step loop, LoRA and pipeline sends
       # in the forward context), every file to the end

@@ -104,7 +104,8 @@ def check_fused(x, gate_up, down, weights, ids, configs=None) -> float:
 
 def bench_layer_at(shape: dict, tokens: int, args, dev, copy_gbs: float) -> None:
     from pagedllm.layers.activation import ActAndMul
-    from pagedllm.layers.fused_moe_triton import fused_moe, moe_config
+    from pagedllm.layers.fused_moe_triton import (MOE_GEMV_CONFIGS, MOE_GEMV_MAX_TOKENS,
+                                                  fused_moe, moe_config)
     from pagedllm.layers.moe import moe_static
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     x, gate_up, down, routes = layer_problem(shape, tokens, dtype, dev, args.routings)
@@ -117,13 +118,19 @@ def bench_layer_at(shape: dict, tokens: int, args, dev, copy_gbs: float) -> None
     torch_us = per_call_us([lambda w=w, i=i: moe_static(x, gate_up, down, w, i, act)
                             for w, i in routes[:2]], 1, dev) if tokens <= 64 else None
     gbs = read / fused_us / 1e3
+    other_us = per_call_us([lambda w=w, i=i: fused_moe(
+        x, gate_up, down, w, i, gemv=tokens > MOE_GEMV_MAX_TOKENS) for w, i in routes],
+        args.reps, dev) if tokens <= 4 * MOE_GEMV_MAX_TOKENS else None
     emit(bench="moe layer", shape=shape["name"], tokens=tokens, fused_us=round(fused_us, 2),
+         path="gemv" if tokens <= MOE_GEMV_MAX_TOKENS else "sorted",
+         other_path_us=round(other_us, 2) if other_us else None,
          expert_mb_read=round(read / 1e6, 1), gbs=round(gbs, 1),
          copy_share=round(gbs / copy_gbs, 3) if copy_gbs else None,
          torch_static_us=round(torch_us, 1) if torch_us else None,
          speedup_vs_torch=round(torch_us / fused_us, 2) if torch_us else None,
-         rel_err=f"{err:.1e}", configs=list(moe_config(tokens, shape["top_k"],
-                                                        shape["experts"])))
+         rel_err=f"{err:.1e}", configs=list(
+             MOE_GEMV_CONFIGS if tokens <= MOE_GEMV_MAX_TOKENS
+             else moe_config(tokens, shape["top_k"], shape["experts"])))
     if args.tune:
         tune(shape, tokens, x, gate_up, down, routes, args, dev, fused_us)
 
@@ -142,15 +149,26 @@ def tune_candidates(smoke: bool) -> list[tuple]:
     return out
 
 
+def gemv_candidates(smoke: bool) -> list[tuple]:
+    """(BLOCK_N, BLOCK_K, num_warps) of the per-token GEMV path."""
+    if smoke:
+        return [(1, 16, 1), (2, 32, 2)]
+    return [(bn, bk, w) for bn in (1, 2, 4) for bk in (256, 512, 1024, 2048) for w in (2, 4, 8)
+            if bn * bk <= 2048]
+
+
 def tune(shape, tokens, x, gate_up, down, routes, args, dev, current_us) -> None:
     """Each candidate tile config for the gate/up launch (down at its table config) and then
     for the down launch (gate/up at the best found): the best of each, checked for
-    correctness."""
+    correctness. Batches of the GEMV path sweep its (BLOCK_N, BLOCK_K, warps) instead."""
+    from pagedllm.layers import fused_moe_triton as fm
     from pagedllm.layers.fused_moe_triton import fused_moe, moe_config
-    best = list(moe_config(tokens, shape["top_k"], shape["experts"]))
+    gemv = tokens <= fm.MOE_GEMV_MAX_TOKENS
+    best = list(fm.MOE_GEMV_CONFIGS if gemv else
+                moe_config(tokens, shape["top_k"], shape["experts"]))
     for which in (0, 1):
         results = []
-        for cand in tune_candidates(SMOKE):
+        for cand in (gemv_candidates if gemv else tune_candidates)(SMOKE):
             configs = tuple(cand if j == which else best[j] for j in (0, 1))
             try:
                 err = check_fused(x, gate_up, down, *routes[0], configs)

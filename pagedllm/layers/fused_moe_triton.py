@@ -118,6 +118,59 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_pa
 
 
 @triton.jit
+def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stride_am, stride_we,
+                     stride_wn, stride_om, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     VEC: tl.constexpr):
+    # program (column tile, token): rows [n0, n0 + BLOCK_N) of each of the token's TOP_K
+    # experts at once, R = K_POW2 * BLOCK_N gathered weight rows (row r: slot r // BLOCK_N),
+    # walked along K in [R, BLOCK_K / VEC, VEC] tiles of 16-byte vectors, fp32 sums per
+    # vector. GATED (gate/up): a is x [T, K], every row multiplies the token's x, out[pair, n]
+    # = silu(gate) * up with the up rows N rows below. Else (down): a is the activations
+    # [T * TOP_K, K], row r multiplies its pair's, out[t, n] = sum over slots of the routing
+    # weight times the row's sum (the top-k sum fused, fp32).
+    R: tl.constexpr = K_POW2 * BLOCK_N
+    t = tl.program_id(1).to(tl.int64)
+    r = tl.arange(0, R)
+    slot = r // BLOCK_N
+    n = tl.program_id(0) * BLOCK_N + r % BLOCK_N
+    row_ok = (n < N) & (slot < TOP_K)
+    pair = t * TOP_K + slot
+    expert = tl.load(ids_ptr + pair, mask=slot < TOP_K, other=0).to(tl.int64)
+    w_rows = (w_ptr + expert * stride_we + n.to(tl.int64) * stride_wn)[:, None, None]
+    cols = (tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None]
+    if GATED:
+        a_rows = a_ptr + t * stride_am + tl.zeros((1, 1, 1), dtype=tl.int64)
+        a_ok = tl.full((1, 1, 1), True, tl.int1)
+    else:
+        a_rows = (a_ptr + pair * stride_am)[:, None, None]
+        a_ok = (slot < TOP_K)[:, None, None]
+    acc = tl.zeros((R, BLOCK_K // VEC), dtype=tl.float32)
+    acc_up = tl.zeros((R, BLOCK_K // VEC), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + cols
+        mask = row_ok[:, None, None] & (kk < K)
+        a = tl.load(a_rows + kk, mask=a_ok & (kk < K), other=0.0).to(tl.float32)
+        w = tl.load(w_rows + kk, mask=mask, other=0.0, eviction_policy="evict_first")
+        acc += tl.sum(w.to(tl.float32) * a, 2)
+        if GATED:
+            u = tl.load(w_rows + N * stride_wn + kk, mask=mask, other=0.0,
+                        eviction_policy="evict_first")
+            acc_up += tl.sum(u.to(tl.float32) * a, 2)
+    out = tl.sum(acc, 1)
+    if GATED:
+        out = out / (1.0 + tl.exp(-out)) * tl.sum(acc_up, 1)
+        tl.store(out_ptr + pair * stride_om + n, out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok)
+    else:
+        out *= tl.load(topw_ptr + pair, mask=slot < TOP_K, other=0.0).to(tl.float32)
+        out = tl.sum(tl.reshape(out, (K_POW2, BLOCK_N)), 0)
+        cols_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + t * stride_om + cols_n, out.to(out_ptr.dtype.element_ty),
+                 mask=cols_n < N)
+
+
+@triton.jit
 def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, scale,
                          TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORM: tl.constexpr,
                          E_POW2: tl.constexpr):
@@ -245,14 +298,53 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, routing, 
         num_warps=warps, num_stages=stages)
 
 
+# tokens up to which the experts run as the per-token GEMVs (``_moe_gemv_kernel``: no
+# sorting, the top-k sum fused) instead of the sorted grouped GEMMs; (BLOCK_N, BLOCK_K,
+# num_warps) of the gate/up and of the down launch
+MOE_GEMV_MAX_TOKENS = 4
+MOE_GEMV_CONFIGS = ((2, 512, 4), (1, 1024, 4))
+
+
+def _gemv_launch(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor,
+                 topw: torch.Tensor | None, n_cols: int, config: tuple) -> None:
+    tokens, top_k = ids.shape
+    block_n, block_k, warps = config
+    block_k = min(block_k, triton.next_power_of_2(w.shape[2]))
+    vec = min(16 // w.element_size(), block_k)
+    _moe_gemv_kernel[(triton.cdiv(n_cols, block_n), tokens)](
+        a, w, out, ids, topw if topw is not None else a, n_cols, w.shape[2], a.stride(0),
+        w.stride(0), w.stride(1), out.stride(0), TOP_K=top_k,
+        K_POW2=triton.next_power_of_2(top_k), GATED=topw is None, BLOCK_N=block_n,
+        BLOCK_K=block_k, VEC=vec, num_warps=warps)
+
+
+def fused_moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   topw: torch.Tensor, ids: torch.Tensor,
+                   configs: tuple[tuple, tuple] | None = None) -> torch.Tensor:
+    """``fused_moe`` for a few tokens in two launches: each token's experts' gate/up rows
+    (SiLU * up fused), then their down rows with the routing weights and the top-k sum
+    fused; reads each (token, expert) pair's weights once, no sorting."""
+    tokens, top_k = ids.shape
+    inter, hidden = down.shape[2], down.shape[1]
+    gate_up_cfg, down_cfg = configs or MOE_GEMV_CONFIGS
+    ids = ids.contiguous()
+    act = torch.empty(tokens * top_k, inter, dtype=x.dtype, device=x.device)
+    _gemv_launch(x, gate_up, act, ids, None, inter, gate_up_cfg)
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    _gemv_launch(act, down, out, ids, topw, hidden, down_cfg)
+    return out
+
+
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
               weights: torch.Tensor, ids: torch.Tensor,
-              configs: tuple[tuple, tuple] | None = None) -> torch.Tensor:
+              configs: tuple[tuple, tuple] | None = None,
+              gemv: bool | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = ids[t, k].
 
     x [T, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I]; weights [T, k] (any
-    float dtype); ids [T, k] (any int dtype). Returns [T, H] in x's dtype. ``configs``
-    overrides the table (tuning)."""
+    float dtype); ids [T, k] (any int dtype). Returns [T, H] in x's dtype. Up to
+    ``MOE_GEMV_MAX_TOKENS`` tokens the per-token GEMVs run (``gemv`` forces either path);
+    ``configs`` overrides the path's table (tuning)."""
     tokens, top_k = ids.shape
     num_experts, two_i, hidden = gate_up.shape
     inter = two_i // 2
@@ -262,9 +354,11 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                          f"{tuple(down.shape)}")
     if tokens == 0:
         return torch.zeros_like(x)
-    gate_up_cfg, down_cfg = configs or moe_config(tokens, top_k, num_experts)
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     topw = weights.reshape(-1).float().contiguous()
+    if tokens <= MOE_GEMV_MAX_TOKENS if gemv is None else gemv:
+        return fused_moe_gemv(x, gate_up, down, topw, ids, configs)
+    gate_up_cfg, down_cfg = configs or moe_config(tokens, top_k, num_experts)
     act = torch.empty(tokens * top_k, inter, dtype=x.dtype, device=x.device)
     routing = align_block_size(ids, num_experts, gate_up_cfg[0])
     _grouped_gemm(x, gate_up, act, routing, inter, gate_up_cfg, top_k, True, None)

@@ -56,6 +56,19 @@ def test_fused_moe_small(tokens, experts, top_k, renorm, dtype, monkeypatch):
     _check(tokens, experts, 32, 48, top_k, dtype, tokens * 31 + experts, renormalize=renorm)
 
 
+@pytest.mark.parametrize("gemv", [True, False])
+@pytest.mark.parametrize("tokens,experts,top_k,configs", [
+    (1, 4, 2, None), (3, 8, 3, ((1, 16, 1), (2, 8, 1))), (6, 16, 8, ((4, 64, 2), (1, 32, 1)))])
+def test_fused_moe_both_paths(tokens, experts, top_k, configs, gemv):
+    """The per-token GEMVs (top-k not a power of two: padded slots; K not a multiple of the
+    block; the top-k sum fused) and the sorted grouped GEMMs, each forced at the same small
+    batches."""
+    x, gate_up, down, weights, ids = _problem(tokens, experts, 40, 24, top_k, torch.float32,
+                                              tokens + top_k)
+    out = fm.fused_moe(x, gate_up, down, weights, ids, configs if gemv else None, gemv=gemv)
+    assert _rel_err(out.cpu(), _reference(x, gate_up, down, weights, ids)) < TOL[torch.float32]
+
+
 def test_fused_moe_grouped_topk_routing():
     """DeepSeek-style grouped top-k routing (4 groups, best 2) feeds the same kernels."""
     _check(9, 16, 64, 32, 4, torch.float32, 5, groups=4)
