@@ -503,7 +503,7 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
     block_h = max(16, triton.next_power_of_2(group))
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, num_kv_heads, block_table.shape[1], block_size,
-                                       head_dim, q.device)
+                                       head_dim, q.device, group)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     qk_scale, cap_scale = _score_scales(scale, soft_cap)
@@ -562,6 +562,7 @@ def _split_partials(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, t
 
 FOLD_ENV = switches().decode_fold  # PAGEDLLM_DECODE_FOLD
 FOLD_MAX_ELEMENTS = 4096  # fp32 partials the folding program holds: 32 registers a thread
+FOLD_SPLIT_MAX_TILES = 16  # key tiles a split may take so that the splits fold (1k keys)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -577,11 +578,16 @@ def _split_counters(n: int, device: torch.device) -> torch.Tensor:
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks_per_seq: int,
-                      block_size: int, head_dim: int, device: torch.device) -> int:
+                      block_size: int, head_dim: int, device: torch.device,
+                      group: int = 1) -> int:
     """The split count ``paged_attention_decode`` picks when given none (shapes only).
 
     Split the keys only when the (sequence, KV head) programs alone leave SMs idle: aim for
     about two programs per SM, each split keeping at least two key tiles, at most 64 splits.
+    Where that many splits' partials would not fit the folding program (``group`` query
+    heads per KV head; FOLD_MAX_ELEMENTS) but fewer splits would, each keeping at most
+    FOLD_SPLIT_MAX_TILES key tiles, take fewer: the separate reduce launch costs more than
+    the longer splits at such contexts (Qwen3-30B-A3B, 8 heads a KV head, 1k contexts).
     """
     num_programs = num_seqs * num_kv_heads
     max_tiles = triton.cdiv(max_blocks_per_seq * block_size, _decode_block_n(head_dim, block_size))
@@ -591,7 +597,13 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_blocks_per_seq: int,
     splits = max(1, min(triton.cdiv(2 * num_sms, num_programs), max_tiles // 2, 64))
     # a power of two: NUM_SPLITS is a compile-time constant, and eager decodes (mixed batches)
     # see block tables of every width; rounding keeps the variants to seven
-    return 1 << (splits.bit_length() - 1)
+    splits = 1 << (splits.bit_length() - 1)
+    per_split = triton.next_power_of_2(group) * triton.next_power_of_2(head_dim)
+    fold_splits = max(1, FOLD_MAX_ELEMENTS // per_split)
+    if (FOLD_ENV and splits > fold_splits
+            and triton.cdiv(max_tiles, fold_splits) <= FOLD_SPLIT_MAX_TILES):
+        return 1 << (fold_splits.bit_length() - 1)
+    return splits
 
 
 def _decode_block_n(head_dim: int, block_size: int) -> int:

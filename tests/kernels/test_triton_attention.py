@@ -121,6 +121,23 @@ def test_decode_split_kv_matches_single_pass():
         assert not ta._COUNTERS[folded.device].any()
 
 
+def test_decode_num_splits_keeps_the_fold_at_short_contexts(monkeypatch):
+    """Few (sequence, KV head) programs: the keys are split for occupancy; with 8 query heads
+    a KV head the usual 8 splits' partials (8 x 8 x 128) exceed what the folding program
+    holds, so up to FOLD_SPLIT_MAX_TILES tiles a split (1k keys) it takes 4 and folds;
+    longer contexts keep the occupancy split (and the separate reduce)."""
+    monkeypatch.setattr(ta, "FOLD_ENV", True)
+    dev = torch.device("cpu")  # 16 SMs in this count
+    # one sequence, 4 KV heads, 1024 keys (64 blocks of 16): 16 tiles of 64 keys
+    assert ta.decode_num_splits(1, 4, 64, 16, 128, dev, group=4) == 8  # 4 x 8 x 128 folds
+    assert ta.decode_num_splits(1, 4, 64, 16, 128, dev, group=8) == 4
+    assert ta.decode_num_splits(1, 4, 64, 16, 128, dev, group=32) == 1
+    # 8k keys: 128 tiles, 32 a split at 4 splits: the occupancy split stays
+    assert ta.decode_num_splits(1, 4, 512, 16, 128, dev, group=8) == 8
+    monkeypatch.setattr(ta, "FOLD_ENV", False)
+    assert ta.decode_num_splits(1, 4, 64, 16, 128, dev, group=8) == 8
+
+
 # (block_size, head_dim, num_kv_heads, group, sliding_window, soft_cap, dtype)
 PREFILL_CASES = [
     (16, 32, 2, 1, None, None, torch.float32),
