@@ -165,6 +165,18 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== gemv qwen3-30b"; timeout 140 python benchmarks/gpu_gemv.py \
         --model benchmarks/configs/qwen3-30b-a3b --rep-ms 50 --json "$OUT_DIR/gemv30b.json" \
         2>&1 | grep -v Warning | grep -E "MB:|best|faster" ;;
+    probe7)
+      # fourth session, third call: the kernel tests of the new paths (MoE GEMVs, W4A16
+      # decoded-in-place GEMV / GEMM, decode split counts), then batch-1 decode of the
+      # Qwen3-30B-A3B shape and of Mixtral-8x7B cut to two layers against their rooflines
+      echo "== kernel tests"; timeout 300 python -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_fused_moe.py tests/kernels/test_wna16.py \
+        tests/kernels/test_triton_attention.py 2>&1 | grep -v Warning | tail -8
+      echo "== moe decode"; timeout 150 python benchmarks/moe_bench.py --only decode \
+        --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -2
+      echo "== mixtral decode"; timeout 90 python benchmarks/moe_bench.py --only decode \
+        --model benchmarks/configs/mixtral-8x7b-2l --out "$OUT_DIR" 2>&1 | grep -v Warning \
+        | grep "bench=" | tail -2 ;;
     enginetests21)
       # the GPU engine tests of the issue-21 changes (one step loop, LoRA and pipeline sends
       # in the forward context), every file to the end

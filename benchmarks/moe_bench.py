@@ -222,7 +222,8 @@ def decode_bytes_per_token(model_dir: str) -> int:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                   if ".experts." in n)
-    unread = experts * (1 - cfg.num_experts_per_tok / cfg.num_experts)
+    num_experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts  # (Mixtral)
+    unread = experts * (1 - cfg.num_experts_per_tok / num_experts)
     return int(weight_bytes_per_step(model) - unread)
 
 
@@ -256,7 +257,7 @@ def make_llm(model: str, max_model_len: int, dev, **kw):
 
 def bench_decode(args, dev, copy_gbs: float) -> None:
     from benchmarks.throughput import make_prompts
-    model = tiny_moe_config() if SMOKE else MODEL
+    model = tiny_moe_config() if SMOKE else args.model
     out_len = 8 if SMOKE else 256
     step_bytes = decode_bytes_per_token(model)
     roofline = copy_gbs * 1e9 / step_bytes
@@ -303,6 +304,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=["layer", "decode", "offline"],
                         default=["layer", "decode"])
     parser.add_argument("--tokens", type=int, nargs="+", default=None)
+    parser.add_argument("--model", default=MODEL, help="the MoE config of the decode benchmark "
+                        "(e.g. benchmarks/configs/mixtral-8x7b-2l: Mixtral-8x7B cut to 2 layers)")
     parser.add_argument("--tune", action="store_true", help="sweep the layer's tile configs")
     parser.add_argument("--offline", action="store_true", help="also 1000 x 256/256 vs 8B")
     parser.add_argument("--num-prompts", type=int, default=1000)

@@ -16,6 +16,11 @@ captures it.
    pair's routing weight: [T*k, H].
 4. The sum over each token's k rows (torch; fp32 accumulation inside ``sum``).
 
+Decode-sized batches (up to ``MOE_GEMV_MAX_TOKENS`` tokens) skip the sort: two launches of
+``_moe_gemv_kernel``, a program per (column tile, token) that gathers the rows of the token's
+k experts into one tile (gate/up with SiLU * up fused; then down with the routing weights and
+the top-k sum fused, fp32), so the align kernel and the sum kernel are gone too.
+
 ``topk_softmax`` is the router in one launch (softmax, top-k, renormalisation, scaling) for
 softmax routing without expert groups or a correction bias (Mixtral, Qwen-MoE), instead of
 the five or six small torch kernels of ``select_experts`` per layer and step.
@@ -300,9 +305,11 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, routing, 
 
 # tokens up to which the experts run as the per-token GEMVs (``_moe_gemv_kernel``: no
 # sorting, the top-k sum fused) instead of the sorted grouped GEMMs; (BLOCK_N, BLOCK_K,
-# num_warps) of the gate/up and of the down launch
-MOE_GEMV_MAX_TOKENS = 4
-MOE_GEMV_CONFIGS = ((2, 512, 4), (1, 1024, 4))
+# num_warps) of the gate/up and of the down launch. H100, Qwen3-30B-A3B experts
+# (moe_bench --tune, 2026-12-07): one token 34.8 us (0.73 of copy) against 39.0 sorted;
+# from two tokens the sorted GEMMs were faster (61.6 vs 73.7 us, untuned GEMVs)
+MOE_GEMV_MAX_TOKENS = 1
+MOE_GEMV_CONFIGS = ((1, 256, 4), (2, 256, 8))
 
 
 def _gemv_launch(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor,
