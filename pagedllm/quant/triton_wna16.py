@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.switches import switches
+
 
 @triton.jit
 def _to_float(codes):
@@ -166,11 +168,12 @@ def _group_rows(qz_ptr, s_ptr, g, g_ok, offs_n, n_ok, zero_offset, stride_zg, st
 
 
 @triton.jit
-def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, k_split,
-                       group_size, zero_offset, magic, stride_qk, stride_qn, stride_zg, stride_zn,
-                       stride_sg, stride_sn, stride_os, BITS: tl.constexpr,
-                       ACT_ORDER: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
+                       bias_ptr, N, K, k_split, splits, half, group_size, zero_offset, magic,
+                       stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+                       stride_os, BITS: tl.constexpr, ACT_ORDER: tl.constexpr,
+                       HAS_ZEROS: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Weights packed along K (GPTQ, compressed-tensors): out[split, n] = sum over this
     # split's K range of x[k] W[k, n]. The [BLOCK_K / PACK, BLOCK_N] words are loaded once;
     # value j of every word (rows k = word_row * PACK + j) is one unrolled step.
@@ -212,8 +215,46 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K, k_spl
                 qx += _code_at(words, hi_words, magic, j, BITS) * scaled_x[:, None]
                 x_sum += xj
             acc += (qx - z * x_sum[:, None]) * s
-    tl.store(out_ptr + pid_s * stride_os + offs_n,
-             tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+    if FOLD:  # this split's sums; the last of the tile's (gate and up) splits folds them
+        tl.store(part_ptr + pid_s * stride_os + offs_n, tl.sum(acc, axis=0), mask=n_ok)
+        tl.debug_barrier()  # every thread's partials are stored before the ticket
+        if GATED:
+            tile = pid_n % (half // BLOCK_N)
+        else:
+            tile = pid_n
+        ticket = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if ticket == splits * (2 if GATED else 1) - 1:
+            _fold_splits(part_ptr, bias_ptr, out_ptr, tile * BLOCK_N, splits, half,
+                         stride_os, half if GATED else N, HAS_BIAS, GATED, BLOCK_N)
+            tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch
+    else:
+        tl.store(out_ptr + pid_s * stride_os + offs_n,
+                 tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _fold_splits(part_ptr, bias_ptr, out_ptr, n0, splits, half, stride_ps, n_out,
+                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+    """out[n0:n0+BLOCK] = epilogue(sum over splits of part[s, n]), the epilogue of
+    ``_splitk_reduce_kernel`` (+ bias, then silu(gate) * up with the up column ``half`` to
+    the right). The loads bypass L1 (.cg): other programs of this launch wrote them."""
+    offs = n0 + tl.arange(0, BLOCK)
+    ok = offs < n_out
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(part_ptr + s * stride_ps + offs, mask=ok, other=0.0,
+                       cache_modifier=".cg")
+        if GATED:
+            acc_up += tl.load(part_ptr + s * stride_ps + half + offs, mask=ok, other=0.0,
+                              cache_modifier=".cg")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if GATED:
+            acc_up += tl.load(bias_ptr + half + offs, mask=ok, other=0.0).to(tl.float32)
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -418,23 +459,53 @@ def _splits(programs: int, k: int, block_k: int, target: int,
     return triton.cdiv(k, k_split), k_split
 
 
-def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor:
-    """``config``: (BLOCK_N, BLOCK_K, num_warps[, programs per SM aimed for by split-K])."""
+def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None,
+          bias: torch.Tensor | None = None, gated: bool = False) -> tuple[torch.Tensor, str]:
+    """``config``: (BLOCK_N, BLOCK_K, num_warps[, programs per SM aimed for by split-K]).
+    Returns (out, stage): "final" when the kernel folded the splits with the epilogue
+    (``_fold_splits``: no reduce launch), "partial" for split-K sums still to reduce, "raw"
+    for the product without the epilogue."""
     block_n, block_k, warps, *rest = config or GEMV_CONFIG
     waves = rest[0] if rest else GEMV_WAVES
     block_k, act_order = _block_k(w, block_k)
     if w.awq:  # AWQ's own layout has no GEMV (``repack_awq`` makes it K-packed): GEMM
-        return _gemm(x, w, None)
+        out, partial = _gemm(x, w, None)
+        return out, "partial" if partial else "raw"
     n_tiles = triton.cdiv(w.n, block_n)
     splits, k_split = _splits(n_tiles, w.k, block_k, waves * _sm_count(x.device))
-    out = torch.empty(splits, w.n, device=x.device,
-                      dtype=x.dtype if splits == 1 else torch.float32)
+    fold = (switches().decode_fold and (splits > 1 or gated)
+            and (not gated or (w.n // 2) % block_n == 0))
     tensors, strides = _launch_args(w, act_order)
+    if fold:
+        out = torch.empty(1, w.n // 2 if gated else w.n, device=x.device, dtype=x.dtype)
+        part = torch.empty(splits, w.n, device=x.device, dtype=torch.float32)
+        counts = _fold_counters(n_tiles, x.device)
+    else:
+        out = part = counts = torch.empty(splits, w.n, device=x.device,
+                                          dtype=x.dtype if splits == 1 else torch.float32)
     _wna16_gemv_kernel[(n_tiles, splits)](
-        x, *tensors, out, w.n, w.k, k_split, w.group_size, w.zero_offset, MAGIC, *strides,
-        out.stride(0), BITS=w.bits, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    return (out, False) if splits == 1 else (out.unsqueeze(1), True)
+        x, *tensors, out, part, counts, bias if bias is not None else part, w.n, w.k, k_split,
+        splits, w.n // 2, w.group_size, w.zero_offset, MAGIC, *strides, part.stride(0),
+        BITS=w.bits, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None, FOLD=fold,
+        HAS_BIAS=bias is not None, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps)
+    if fold:
+        return out, "final"
+    return (out, "raw") if splits == 1 else (out.unsqueeze(1), "partial")
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _fold_counters(n: int, device: torch.device) -> torch.Tensor:
+    """A persistent zeroed int32 buffer of at least n tickets for the folded split-K GEMV
+    (every launch leaves it zeroed); made large at first use, so CUDA-graph captures, which
+    follow a warm-up, find it allocated."""
+    counts = _COUNTERS.get(device)
+    if counts is None or counts.numel() < n:
+        counts = _COUNTERS[device] = torch.zeros(max(n, 8192), dtype=torch.int32,
+                                                 device=device)
+    return counts
 
 
 SPLIT_MIN_K, SPLIT_K_PER_ROW = 512, 64
@@ -563,9 +634,14 @@ def wna16_matmul(x: torch.Tensor, w: WNA16Weight, *, bias: torch.Tensor | None =
         return x.new_empty(*shape[:-1], n_out)
     use_gemv = x2.shape[0] == 1 if gemv is None else gemv
     if x2.shape[0] >= DEQUANT_MIN_ROWS and config is None:
-        out, partial = torch.matmul(x2, dequantize(w, x2.dtype)), False
+        out, stage = torch.matmul(x2, dequantize(w, x2.dtype)), "raw"
+    elif use_gemv and x2.shape[0] == 1:
+        out, stage = _gemv(x2, w, config, bias, gated)
     else:
-        out, partial = (_gemv(x2, w, config) if use_gemv and x2.shape[0] == 1
-                        else _gemm(x2, w, config))
-    out = _reduce(out, bias, gated, x.dtype) if partial else _epilogue(out, bias, gated)
+        out, partial = _gemm(x2, w, config)
+        stage = "partial" if partial else "raw"
+    if stage == "partial":
+        out = _reduce(out, bias, gated, x.dtype)
+    elif stage == "raw":
+        out = _epilogue(out, bias, gated)
     return out.reshape(*shape[:-1], n_out)

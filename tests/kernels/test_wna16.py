@@ -249,6 +249,15 @@ def test_quant_methods_run_the_kernels(name, monkeypatch):
         assert _rel_err(out.cpu(), ref.cpu()) < 1e-4
 
 
+def test_gemv_reduce_launch_without_the_fold(monkeypatch):
+    """PAGEDLLM_DECODE_FOLD=0: the one-row GEMV leaves its split-K sums to the reduce launch
+    (and a plain GEMV's epilogue to torch) with the same results."""
+    from pagedllm.switches import Switches
+    monkeypatch.setattr(wq, "switches", lambda: Switches(decode_fold=False))
+    gptq_case(1, 256, 96, 32, False, 4, torch.bfloat16, gemv=True)
+    test_quant_methods_run_the_kernels("gptq-4bit", monkeypatch)
+
+
 @gpu
 @pytest.mark.parametrize("case", ["w4a16-group32-sym", "w4a16-group16-asym-actorder-weight",
                                   "w8a16-channel-qwen2"])
