@@ -13,8 +13,10 @@ variable                        default    effect
                                            ``all``: the GEMV for every shape
 ``PAGEDLLM_PDL``                ``1``      ``0``: no programmatic dependent launch on
                                            Hopper (``layers/pdl.py``)
-``PAGEDLLM_DECODE_FOLD``        ``1``      ``0``: split decode attention always reduces
-                                           in a second kernel (``attention/triton_attention``)
+``PAGEDLLM_DECODE_FOLD``        ``1``      ``0``: split decode attention and the W4A16
+                                           one-row GEMV's split-K sums always reduce in a
+                                           second kernel (``attention/triton_attention``,
+                                           ``quant/triton_wna16``)
 ``PAGEDLLM_ASYNC_OUTPUT_PROC``  unset      ``1``: async output processing on CPU too (on by
                                            default on CUDA; ``EngineConfig.async_output_proc``)
 =============================== ========== ===========================================
