@@ -177,6 +177,19 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== mixtral decode"; timeout 90 python benchmarks/moe_bench.py --only decode \
         --model benchmarks/configs/mixtral-8x7b-2l --out "$OUT_DIR" 2>&1 | grep -v Warning \
         | grep "bench=" | tail -2 ;;
+    probe8)
+      # fourth session, fourth call: the GPU-only W4A16 tests (which failed in probe7, with
+      # their reasons), GPTQ vs bf16 decode at batch 1 and 16 with the folded GEMV, and the
+      # Qwen3-30B-A3B decode profile after the MoE GEMV / dense GEMV changes
+      echo "== wna16 gpu tests"; timeout 200 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=line tests/kernels/test_wna16.py -k "llama_shapes or cuda_engine or quant_methods \
+        or fold or large_batches" 2>&1 | grep -v Warning | tail -14
+      echo "== quant engine"; timeout 130 python benchmarks/quant_bench.py --only engine \
+        --formats bf16 gptq --batches 1 16 --no-offline --out "$OUT_DIR" 2>&1 \
+        | grep -v Warning | grep "bench=" | tail -4
+      echo "== moe decode profile"; timeout 110 python benchmarks/profile_decode.py --graphs \
+        --model benchmarks/configs/qwen3-30b-a3b --tokens 32 --rows 18 2>&1 \
+        | grep -v Warning | tail -24 ;;
     enginetests21)
       # the GPU engine tests of the issue-21 changes (one step loop, LoRA and pipeline sends
       # in the forward context), every file to the end
