@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.layers import pdl
+
 FP8_MAX = 448.0
 PER_TENSOR_MAX = 1 << 18  # elements one program quantizes per tensor (decode batches)
 
@@ -30,13 +32,13 @@ def _quant_fp8_kernel(x_ptr, q_ptr, scale_ptr, rows, cols, stride_x, stride_q,
             ok = c + offs < cols
             x = tl.load(x_ptr + r * stride_x + c + offs, mask=ok, other=0.0).to(tl.float32)
             peak = tl.maximum(peak, tl.abs(x))
-    scale = tl.maximum(tl.max(peak, axis=0) / 448.0, 1e-12)
+    scale = tl.maximum(tl.div_rn(tl.max(peak, axis=0), 448.0), 1e-12)  # IEEE, as torch
     tl.store(scale_ptr + tl.program_id(0), scale)
     for r in range(first, first + rows_per_program):
         for c in range(0, cols, BLOCK):
             ok = c + offs < cols
             x = tl.load(x_ptr + r * stride_x + c + offs, mask=ok, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+            q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -448.0), 448.0)
             tl.store(q_ptr + r * stride_q + c + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
 
 
@@ -55,3 +57,158 @@ def quantize_fp8_dynamic(x: torch.Tensor, per_token: bool,
                                    1 if per_token else rows, BLOCK=block,
                                    num_warps=4 if block >= 1024 else 2)
     return q, scale.view(-1, 1) if per_token else scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch-1 GEMV on fp8 weights (``Fp8LinearMethod.apply`` at one row)
+
+ACT_MODES = {"none": 0, "static": 1, "dynamic": 2, "token": 2}  # "token" = "dynamic" at 1 row
+
+
+@triton.jit
+def _row_scale_dynamic(x_ptr, K, BLOCK: tl.constexpr):
+    # max|x| / 448 over the row, clamped at 1e-12, in fp32 with IEEE division: bit for bit
+    # ``fp8.activation_scale`` (and ``_quant_fp8_kernel``)
+    offs = tl.arange(0, BLOCK)
+    peak = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, K, BLOCK):
+        x = tl.load(x_ptr + k + offs, mask=k + offs < K, other=0.0).to(tl.float32)
+        peak = tl.maximum(peak, tl.abs(x))
+    return tl.maximum(tl.div_rn(tl.max(peak, 0), 448.0), 1e-12)
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, rs_ptr, xs_ptr, b_ptr, out_ptr, N, K, stride_wn, up_offset,
+                     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     VEC: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+    # ``triton_ops._gemv_kernel``'s structure on e4m3 weights: a [BLOCK_N, BLOCK_K // VEC,
+    # VEC] tile, a thread's 16-byte vector (16 weights) summed in registers every chunk, one
+    # fp32 partial sum a vector carried. ACT 1 / 2 (W8A8): every x element of a chunk is
+    # rounded to e4m3 with the activation scale (static: loaded; dynamic: max|x| / 448 of
+    # the row, each program reducing x first: x sits in L2) once and serves BLOCK_N rows;
+    # products of the two e4m3 values are exact in fp32. ACT 0 (W8A16): x as it is.
+    # The epilogue scales by x_scale * row_scale and rounds like ``scaled_mm_fp8`` +
+    # ``gptq.epilogue``: to x's dtype, then + bias (rounded), then silu(gate) * up
+    pdl.launch_dependents(USE_PDL)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    row_mask = row_ok[:, None, None]
+    cols = (tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None]
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
+    mask = row_mask if EVEN_K else row_mask & (cols < K)
+    w = tl.load(w_rows + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+    u = w
+    if GATED:
+        u = tl.load(w_rows + up_offset + cols, mask=mask, other=0.0,
+                    eviction_policy="evict_first")
+    scale = tl.load(rs_ptr + rows, mask=row_ok, other=0.0)  # weights: written at load
+    x_scale = 1.0
+    if ACT == 1:
+        x_scale = tl.load(xs_ptr)  # the checkpoint's input_scale: written at load
+    pdl.wait(USE_PDL)
+    if ACT == 2:
+        x_scale = _row_scale_dynamic(x_ptr, K, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        nk = k + BLOCK_K + cols
+        nmask = row_mask & (nk < K)
+        if PREFETCH:
+            w_next = tl.load(w_rows + nk, mask=nmask, other=0.0, eviction_policy="evict_first")
+            u_next = w_next
+            if GATED:
+                u_next = tl.load(w_rows + up_offset + nk, mask=nmask, other=0.0,
+                                 eviction_policy="evict_first")
+        kk = k + cols
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        if ACT != 0:  # ``fp8.quantize_fp8``: x / scale (IEEE), clamped to +-448, to e4m3
+            x = tl.minimum(tl.maximum(tl.div_rn(x, x_scale), -448.0), 448.0)
+            x = x.to(tl.float8e4nv).to(tl.float32)
+        acc += tl.sum(w.to(tl.float32) * x, 2)
+        if GATED:
+            acc_up += tl.sum(u.to(tl.float32) * x, 2)
+        if PREFETCH:
+            w = w_next
+            u = u_next
+        else:
+            w = tl.load(w_rows + nk, mask=nmask, other=0.0, eviction_policy="evict_first")
+            if GATED:
+                u = tl.load(w_rows + up_offset + nk, mask=nmask, other=0.0,
+                            eviction_policy="evict_first")
+    dtype = x_ptr.dtype.element_ty
+    out = (tl.sum(acc, 1) * (x_scale * scale)).to(dtype)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        out = (out.to(tl.float32) + bias).to(dtype)
+    if GATED:
+        up_scale = tl.load(rs_ptr + N + rows, mask=row_ok, other=0.0)
+        up = (tl.sum(acc_up, 1) * (x_scale * up_scale)).to(dtype)
+        if HAS_BIAS:
+            up_bias = tl.load(b_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
+            up = (up.to(tl.float32) + up_bias).to(dtype)
+        g = out.to(tl.float32)
+        out = (g / (1.0 + tl.exp(-g)) * up.to(tl.float32)).to(dtype)
+    tl.store(out_ptr + rows, out, mask=row_ok)
+
+
+# (block_n, block_k, num_warps, prefetch) by the weight's [N, K] (Llama-3-8B's projections;
+# starting points chosen from the sm_90 register report of benchmarks/triton_aot_check.py,
+# to be replaced by the sweep of ``benchmarks/quant_bench.py --only kernels --tune-fp8``).
+# BLOCK_N amortizes the per-element quantization of x (a division) over the rows
+FP8_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
+    (6144, 4096): (8, 2048, 4, 1), (4096, 4096): (8, 2048, 4, 1),
+    (28672, 4096): (4, 2048, 4, 1), (4096, 14336): (8, 2048, 4, 1)}
+FP8_GEMV_DEFAULT = (8, 2048, 4, 1)
+
+
+def _check_gemv_args(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor,
+                     x_scale: torch.Tensor | None, activations: str, gated: bool) -> None:
+    """ValueError for inputs ``fp8_gemv`` does not take (never a silent fallback)."""
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != weight.shape[1] or \
+            weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"fp8_gemv takes x [1, K] and a row-major weight [N, K], got x "
+                         f"{tuple(x.shape)} and weight {tuple(weight.shape)} strides "
+                         f"{weight.stride()}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"fp8_gemv takes bf16/fp16 x and float8_e4m3fn weights, got "
+                         f"{x.dtype} and {weight.dtype}")
+    if activations not in ACT_MODES:
+        raise ValueError(f"activations {activations!r}: choose from {', '.join(ACT_MODES)}")
+    if (x_scale is not None) != (activations == "static"):
+        raise ValueError("x_scale is the static activation scale: given exactly when "
+                         f"activations is 'static' (got {activations!r})")
+    if row_scale.shape != (weight.shape[0],) or row_scale.dtype != torch.float32:
+        raise ValueError(f"row_scale must be fp32 [{weight.shape[0]}], got "
+                         f"{row_scale.dtype} {tuple(row_scale.shape)}")
+    if gated and weight.shape[0] % 2:
+        raise ValueError(f"a gated weight has 2d rows, got {weight.shape[0]}")
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor,
+             x_scale: torch.Tensor | None, activations: str,
+             bias: torch.Tensor | None = None, gated: bool = False,
+             config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [1, K] @ (weight [N, K] e4m3 * row_scale[:, None])^T (+ bias) -> [1, N] in x's
+    dtype, for batch-1 decode, where ``torch._scaled_mm`` at one row is far from the
+    bandwidth limit and needs a second launch to quantize x. ``activations``: "static"
+    (``x_scale``, a one-element fp32 tensor), "dynamic" / "token" (max|x| / 448 of the row,
+    computed inside the kernel: no extra launch) or "none" (W8A16: x not quantized).
+    ``gated``: weight is a fused [gate; up] of 2d rows, result silu(gate) * up [1, d].
+    The same numbers as ``scaled_mm_fp8`` + ``gptq.epilogue`` up to fp32 summation order.
+    ``config``: (block_n, block_k, num_warps, prefetch), per shape in ``FP8_GEMV_CONFIGS``.
+    No host syncs and fixed shapes: CUDA graphs capture it."""
+    _check_gemv_args(x, weight, row_scale, x_scale, activations, gated)
+    n_rows, k = weight.shape
+    n = n_rows // 2 if gated else n_rows
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, prefetch = config or FP8_GEMV_CONFIGS.get((n_rows, k),
+                                                                       FP8_GEMV_DEFAULT)
+    block_k = min(block_k, triton.next_power_of_2(k))
+    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, row_scale, x_scale if x_scale is not None else row_scale,
+        bias if bias is not None else x, out, n, k, weight.stride(0), n * weight.stride(0),
+        ACT=ACT_MODES[activations], HAS_BIAS=bias is not None, GATED=gated,
+        EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, VEC=min(16, block_k),
+        PREFETCH=bool(prefetch), num_warps=warps, **pdl.options(x))
+    return out

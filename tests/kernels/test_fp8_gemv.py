@@ -1,0 +1,117 @@
+"""The fp8 batch-1 GEMV (``pagedllm/quant/triton_fp8.fp8_gemv``) against the torch reference
+of the W8A8 / W8A16 numerics: x rounded to e4m3 with the same scale (``fp8.activation_scale``
+and ``fp8.quantize_fp8``, what ``fake_quantize_fp8`` does before it rounds x_q * scale back to
+x's dtype: static, dynamic per tensor, per token) or not ("none"), the e4m3 weight, the
+product in float64 scaled by x's scale and each row's scale (``_scaled_mm``'s epilogue), rounded
+to x's dtype, then + bias (rounded) and silu(gate) * up as ``gptq.epilogue`` does. The only
+difference allowed is fp32 summation order: the outputs must equal the rounded reference or
+sit one unit in the last place of x's dtype from it.
+
+Without a GPU the kernel runs under Triton's interpreter, its casts made to round to
+nearest even (``round_casts_to_nearest``); on a GPU also the Llama-3-8B shapes, and
+``Fp8LinearMethod.apply`` at one row against the ``torch._scaled_mm`` path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.test_triton_attention import DEVICE, ON_GPU  # interpreter set-up first
+from tests.utils.triton_interpreter import round_casts_to_nearest
+
+from pagedllm.quant import fp8  # noqa: E402
+from pagedllm.quant import triton_fp8 as tf  # noqa: E402
+from pagedllm.quant.kernels import fp8_scaled_mm_supported  # noqa: E402
+
+if not ON_GPU:
+    round_casts_to_nearest()
+
+HAS_FP8 = ON_GPU and fp8_scaled_mm_supported(torch.device("cuda"))
+needs_fp8 = pytest.mark.skipif(not HAS_FP8, reason="needs a CUDA GPU with fp8 support "
+                               "(compute capability >= 8.9) for _scaled_mm and the compiled "
+                               "kernel at Llama-3-8B shapes")
+if ON_GPU and not HAS_FP8:
+    pytest.skip("the fp8 GEMV needs compute capability >= 8.9 (Triton's e4m3 casts)",
+                allow_module_level=True)
+
+
+def _inputs(n_rows, k, activations, bias, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, k, generator=gen) * 2).to(dtype)
+    weight = (torch.randn(n_rows, k, generator=gen) * 0.1).to(fp8.FP8)
+    row_scale = torch.rand(n_rows, generator=gen) * 0.02 + 0.001
+    x_scale = torch.rand(1, generator=gen) * 0.01 + 0.002 if activations == "static" else None
+    b = torch.randn(n_rows, generator=gen).to(dtype) if bias else None
+    move = (lambda t: t if t is None else t.to(DEVICE))
+    return tuple(move(t) for t in (x, weight, row_scale, x_scale, b))
+
+
+def reference(x, weight, row_scale, x_scale, activations, bias, gated):
+    """The W8A8 (or W8A16) numerics in float64, rounded as ``scaled_mm_fp8`` +
+    ``gptq.epilogue`` round: to x's dtype, + bias, then silu(gate) * up."""
+    x, weight, row_scale = x.cpu(), weight.cpu(), row_scale.cpu()
+    xq, scale = x.double(), torch.ones((), dtype=torch.float64)
+    if activations != "none":  # fake_quantize_fp8 without its rounding of x_q * scale to bf16
+        scale = fp8.activation_scale(x, x_scale.cpu()[0] if x_scale is not None else None,
+                                     per_token=activations == "token")
+        xq = fp8.quantize_fp8(x, scale).double()
+    out = (xq @ weight.double().t() * scale.double() * row_scale.double()).to(x.dtype)
+    if bias is not None:
+        out = out + bias.cpu()
+    if gated:
+        d = out.shape[1] // 2
+        gate, up = out[:, :d].float(), out[:, d:].float()
+        out = (gate / (1.0 + torch.exp(-gate)) * up).to(x.dtype)
+    return out
+
+
+def assert_rounded_equal(out, ref, dtype):
+    """Equal, or one ulp of ``dtype`` apart (fp32 summation order decides a rounding)."""
+    out, ref = out.cpu().double(), ref.double()
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    ulp = ref.abs().clamp_min(1e-30) * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10)
+    far = (out - ref).abs() > ulp * 1.01 + 1e-6
+    assert not far.any(), f"{int(far.sum())} of {far.numel()} outputs off by more than one ulp"
+    exact = (out == ref).double().mean().item()
+    assert exact > 0.9, f"only {exact:.3f} of the outputs equal the rounded reference"
+
+
+CASES = [  # (n_rows, k, gated, bias, config)
+    (48, 64, False, False, None),
+    (37, 100, False, True, (4, 64, 2, 1)),      # N odd, K not a multiple of the block
+    (34, 200, True, False, (4, 64, 2, 0)),      # gated, K tail, no prefetch
+    (22, 96, True, True, (8, 32, 1, 1)),        # gated + bias, N not a multiple of BLOCK_N
+    (5, 24, False, True, (2, 16, 1, 1)),        # K < 16 per tail chunk
+]
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic", "token", "none"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_fp8_gemv_matches_reference(case, activations):
+    n_rows, k, gated, bias, config = CASES[case]
+    dtype = torch.bfloat16 if case % 2 == 0 else torch.float16
+    x, weight, row_scale, x_scale, b = _inputs(n_rows, k, activations, bias, dtype,
+                                               seed=case * 7 + len(activations))
+    out = tf.fp8_gemv(x, weight, row_scale, x_scale, activations, bias=b, gated=gated,
+                      config=config)
+    assert out.dtype == dtype and out.shape == (1, n_rows // 2 if gated else n_rows)
+    ref = reference(x, weight, row_scale, x_scale, activations, b, gated)
+    assert_rounded_equal(out, ref, dtype)
+
+
+def test_dynamic_scale_clamps_an_all_zero_row():
+    """max|x| = 0: the scale is clamped at 1e-12 (as ``fp8.activation_scale``), no NaN."""
+    x, weight, row_scale, _, _ = _inputs(16, 32, "dynamic", False, torch.bfloat16, 3)
+    out = tf.fp8_gemv(torch.zeros_like(x), weight, row_scale, None, "dynamic")
+    assert torch.equal(out.cpu(), torch.zeros(1, 16, dtype=torch.bfloat16))
+
+
+def test_fp8_gemv_refuses_what_it_does_not_take():
+    x, weight, row_scale, x_scale, _ = _inputs(16, 32, "static", False, torch.bfloat16, 4)
+    with pytest.raises(ValueError, match="x_scale"):
+        tf.fp8_gemv(x, weight, row_scale, x_scale, "dynamic")
+    with pytest.raises(ValueError, match="activations"):
+        tf.fp8_gemv(x, weight, row_scale, None, "int8")
+    with pytest.raises(ValueError, match=r"x \[1, K\]"):
+        tf.fp8_gemv(x.repeat(2, 1), weight, row_scale, x_scale, "static")
+    with pytest.raises(ValueError, match="gated"):
+        tf.fp8_gemv(x, weight[:15], row_scale[:15], x_scale, "static", gated=True)
