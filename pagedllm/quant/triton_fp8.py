@@ -81,27 +81,24 @@ def _row_scale_dynamic(x_ptr, K, BLOCK: tl.constexpr):
 def _fp8_gemv_kernel(x_ptr, w_ptr, rs_ptr, xs_ptr, b_ptr, out_ptr, N, K, stride_wn, up_offset,
                      ACT: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                      EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     VEC: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
-    # ``triton_ops._gemv_kernel``'s structure on e4m3 weights: a [BLOCK_N, BLOCK_K // VEC,
-    # VEC] tile, a thread's 16-byte vector (16 weights) summed in registers every chunk, one
-    # fp32 partial sum a vector carried. ACT 1 / 2 (W8A8): every x element of a chunk is
-    # rounded to e4m3 with the activation scale (static: loaded; dynamic: max|x| / 448 of
-    # the row, each program reducing x first: x sits in L2) once and serves BLOCK_N rows;
-    # products of the two e4m3 values are exact in fp32. ACT 0 (W8A16): x as it is.
-    # The epilogue scales by x_scale * row_scale and rounds like ``scaled_mm_fp8`` +
-    # ``gptq.epilogue``: to x's dtype, then + bias (rounded), then silu(gate) * up
+                     VEC: tl.constexpr, USE_PDL: tl.constexpr):
+    # One row of x times BLOCK_N rows of W (and, GATED, the BLOCK_N up rows up_offset
+    # further). The [BLOCK_N, BLOCK_K] weight tile is contiguous along K, so each thread
+    # loads one 16-byte vector (VEC e4m3 values) of every row: the BLOCK_N rows sit in its
+    # registers and each x element it rounds to e4m3 (static scale: loaded; dynamic:
+    # max|x| / 448 of the row, each program reducing x first, x sits in L2) serves BLOCK_N
+    # rows. Products of two e4m3 values are exact in fp32; each vector's 16 products are
+    # summed in registers every chunk (the [BLOCK_N, BLOCK_K // VEC] fp32 accumulator).
+    # ACT 0 (W8A16): x as it is. No loop-carried prefetch: a weight tile carried across
+    # iterations made the compiler route every chunk of weights through shared memory to
+    # x's layout (bf16 x gets 8 values a thread); here x is the one converted.
+    # Epilogue: x_scale * row_scale, rounded like ``scaled_mm_fp8`` + ``gptq.epilogue``: to
+    # x's dtype, + bias (rounded), then silu(gate) * up
     pdl.launch_dependents(USE_PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    row_mask = row_ok[:, None, None]
-    cols = (tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None]
-    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
-    mask = row_mask if EVEN_K else row_mask & (cols < K)
-    w = tl.load(w_rows + cols, mask=mask, other=0.0, eviction_policy="evict_first")
-    u = w
-    if GATED:
-        u = tl.load(w_rows + up_offset + cols, mask=mask, other=0.0,
-                    eviction_policy="evict_first")
+    cols = tl.arange(0, BLOCK_K)[None, :]
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     scale = tl.load(rs_ptr + rows, mask=row_ok, other=0.0)  # weights: written at load
     x_scale = 1.0
     if ACT == 1:
@@ -112,30 +109,20 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, rs_ptr, xs_ptr, b_ptr, out_ptr, N, K, stride_
     acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        nk = k + BLOCK_K + cols
-        nmask = row_mask & (nk < K)
-        if PREFETCH:
-            w_next = tl.load(w_rows + nk, mask=nmask, other=0.0, eviction_policy="evict_first")
-            u_next = w_next
-            if GATED:
-                u_next = tl.load(w_rows + up_offset + nk, mask=nmask, other=0.0,
-                                 eviction_policy="evict_first")
         kk = k + cols
+        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (kk < K)
+        w = tl.load(w_rows + kk, mask=mask, other=0.0, eviction_policy="evict_first")
+        if GATED:
+            u = tl.load(w_rows + up_offset + kk, mask=mask, other=0.0,
+                        eviction_policy="evict_first")
         x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
         if ACT != 0:  # ``fp8.quantize_fp8``: x / scale (IEEE), clamped to +-448, to e4m3
             x = tl.minimum(tl.maximum(tl.div_rn(x, x_scale), -448.0), 448.0)
             x = x.to(tl.float8e4nv).to(tl.float32)
-        acc += tl.sum(w.to(tl.float32) * x, 2)
+        acc += tl.sum(tl.reshape(w.to(tl.float32) * x, [BLOCK_N, BLOCK_K // VEC, VEC]), 2)
         if GATED:
-            acc_up += tl.sum(u.to(tl.float32) * x, 2)
-        if PREFETCH:
-            w = w_next
-            u = u_next
-        else:
-            w = tl.load(w_rows + nk, mask=nmask, other=0.0, eviction_policy="evict_first")
-            if GATED:
-                u = tl.load(w_rows + up_offset + nk, mask=nmask, other=0.0,
-                            eviction_policy="evict_first")
+            acc_up += tl.sum(tl.reshape(u.to(tl.float32) * x, [BLOCK_N, BLOCK_K // VEC, VEC]),
+                             2)
     dtype = x_ptr.dtype.element_ty
     out = (tl.sum(acc, 1) * (x_scale * scale)).to(dtype)
     if HAS_BIAS:
@@ -152,14 +139,15 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, rs_ptr, xs_ptr, b_ptr, out_ptr, N, K, stride_
     tl.store(out_ptr + rows, out, mask=row_ok)
 
 
-# (block_n, block_k, num_warps, prefetch) by the weight's [N, K] (Llama-3-8B's projections;
-# starting points chosen from the sm_90 register report of benchmarks/triton_aot_check.py,
-# to be replaced by the sweep of ``benchmarks/quant_bench.py --only kernels --tune-fp8``).
-# BLOCK_N amortizes the per-element quantization of x (a division) over the rows
-FP8_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
-    (6144, 4096): (8, 2048, 4, 1), (4096, 4096): (8, 2048, 4, 1),
-    (28672, 4096): (4, 2048, 4, 1), (4096, 14336): (8, 2048, 4, 1)}
-FP8_GEMV_DEFAULT = (8, 2048, 4, 1)
+# (block_n, block_k, num_warps) by the weight's [N, K] (Llama-3-8B's projections; starting
+# points from the sm_90 register report of ``benchmarks/triton_aot_check.py --only fp8``, to be
+# replaced by the GPU sweep of ``benchmarks/quant_bench.py --only kernels --tune-fp8``).
+# BLOCK_N rows a thread amortize its rounding of x (a division an element); a gated
+# program reads 2 * BLOCK_N rows
+FP8_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
+    (6144, 4096): (8, 2048, 4), (4096, 4096): (8, 2048, 4), (28672, 4096): (4, 2048, 4),
+    (4096, 14336): (8, 2048, 4)}
+FP8_GEMV_DEFAULT = (8, 2048, 4)
 
 
 def _check_gemv_args(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor,
@@ -188,7 +176,7 @@ def _check_gemv_args(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Ten
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor,
              x_scale: torch.Tensor | None, activations: str,
              bias: torch.Tensor | None = None, gated: bool = False,
-             config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+             config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [1, K] @ (weight [N, K] e4m3 * row_scale[:, None])^T (+ bias) -> [1, N] in x's
     dtype, for batch-1 decode, where ``torch._scaled_mm`` at one row is far from the
     bandwidth limit and needs a second launch to quantize x. ``activations``: "static"
@@ -196,19 +184,18 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor,
     computed inside the kernel: no extra launch) or "none" (W8A16: x not quantized).
     ``gated``: weight is a fused [gate; up] of 2d rows, result silu(gate) * up [1, d].
     The same numbers as ``scaled_mm_fp8`` + ``gptq.epilogue`` up to fp32 summation order.
-    ``config``: (block_n, block_k, num_warps, prefetch), per shape in ``FP8_GEMV_CONFIGS``.
+    ``config``: (block_n, block_k, num_warps), per shape in ``FP8_GEMV_CONFIGS``.
     No host syncs and fixed shapes: CUDA graphs capture it."""
     _check_gemv_args(x, weight, row_scale, x_scale, activations, gated)
     n_rows, k = weight.shape
     n = n_rows // 2 if gated else n_rows
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, prefetch = config or FP8_GEMV_CONFIGS.get((n_rows, k),
-                                                                       FP8_GEMV_DEFAULT)
+    block_n, block_k, warps = config or FP8_GEMV_CONFIGS.get((n_rows, k), FP8_GEMV_DEFAULT)
     block_k = min(block_k, triton.next_power_of_2(k))
     _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, row_scale, x_scale if x_scale is not None else row_scale,
         bias if bias is not None else x, out, n, k, weight.stride(0), n * weight.stride(0),
         ACT=ACT_MODES[activations], HAS_BIAS=bias is not None, GATED=gated,
         EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, VEC=min(16, block_k),
-        PREFETCH=bool(prefetch), num_warps=warps, **pdl.options(x))
+        num_warps=warps, **pdl.options(x))
     return out

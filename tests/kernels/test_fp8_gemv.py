@@ -77,10 +77,10 @@ def assert_rounded_equal(out, ref, dtype):
 
 CASES = [  # (n_rows, k, gated, bias, config)
     (48, 64, False, False, None),
-    (37, 100, False, True, (4, 64, 2, 1)),      # N odd, K not a multiple of the block
-    (34, 200, True, False, (4, 64, 2, 0)),      # gated, K tail, no prefetch
-    (22, 96, True, True, (8, 32, 1, 1)),        # gated + bias, N not a multiple of BLOCK_N
-    (5, 24, False, True, (2, 16, 1, 1)),        # K < 16 per tail chunk
+    (37, 100, False, True, (4, 64, 2)),      # N odd, K not a multiple of the block
+    (34, 200, True, False, (4, 64, 2)),      # gated, K tail over several chunks
+    (22, 96, True, True, (8, 32, 1)),        # gated + bias, N not a multiple of BLOCK_N
+    (5, 24, False, True, (2, 16, 1)),        # a tail chunk of 8
 ]
 
 
