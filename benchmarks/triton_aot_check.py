@@ -37,8 +37,8 @@ DIVISIBLE = ("N", "K", "k_split", "group_size", "up_offset")
 OPS = r"\b(HGMMA|HMMA|LDL|STL|LDGSTS[.\w]*|LDG[.\w]*|STG[.\w]*|BAR)\b"
 
 
-def compile_kernel(jit_fn, types: dict, constexprs: dict, unit=(), **options) -> str:
-    """One line: the variant, its registers / stack / shared memory and SASS mix."""
+def build(jit_fn, types: dict, constexprs: dict, unit=(), **options):
+    """The compiled sm_90 kernel of one variant."""
     names = list(inspect.signature(jit_fn.fn).parameters)
     constexprs = {**{n: 1 for n in unit}, **constexprs}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
@@ -47,7 +47,12 @@ def compile_kernel(jit_fn, types: dict, constexprs: dict, unit=(), **options) ->
                                          or n in DIVISIBLE)}
     src = ASTSource(fn=jit_fn, signature=signature, attrs=attrs,
                     constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(src, target=TARGET, options=options)
+    return triton.compile(src, target=TARGET, options=options)
+
+
+def compile_kernel(jit_fn, types: dict, constexprs: dict, unit=(), **options) -> str:
+    """One line: the variant, its registers / stack / shared memory and SASS mix."""
+    kernel = build(jit_fn, types, constexprs, unit, **options)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name],
@@ -58,8 +63,11 @@ def compile_kernel(jit_fn, types: dict, constexprs: dict, unit=(), **options) ->
     res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
     mix = dict(collections.Counter(re.findall(OPS, sass)).most_common())
     shown = {k: v for k, v in constexprs.items() if k not in unit}
-    return (f"{jit_fn.fn.__name__} {shown} {options}: REG {res[1]} STACK {res[2]} "
+    line = (f"{jit_fn.fn.__name__} {shown} {options}: REG {res[1]} STACK {res[2]} "
             f"SHARED {kernel.metadata.shared} {mix}")
+    if re.search(r"convert_layout %\S+ : tensor<[^>]*xf8E4M3FN", kernel.asm["ttgir"]):
+        line += " FP8-TILE-THROUGH-SHARED-MEMORY"  # a layout conversion of an e4m3 tile
+    return line
 
 
 def moe_variants() -> list[str]:

@@ -8,7 +8,7 @@ difference allowed is fp32 summation order: the outputs must equal the rounded r
 sit one unit in the last place of x's dtype from it.
 
 Without a GPU the kernel runs under Triton's interpreter, its casts made to round to
-nearest even (``round_casts_to_nearest``); on a GPU also the Llama-3-8B shapes, and
+nearest even and its fma fused (``exact_float_ops``); on a GPU also the Llama-3-8B shapes, and
 ``Fp8LinearMethod.apply`` at one row against the ``torch._scaled_mm`` path."""
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from tests.kernels.test_triton_attention import DEVICE, ON_GPU  # interpreter set-up first
-from tests.utils.triton_interpreter import round_casts_to_nearest
+from tests.utils.triton_interpreter import exact_float_ops
 
 from pagedllm.quant import fp8  # noqa: E402
 from pagedllm.quant import triton_fp8 as tf  # noqa: E402
 from pagedllm.quant.kernels import fp8_scaled_mm_supported  # noqa: E402
 
 if not ON_GPU:
-    round_casts_to_nearest()
+    exact_float_ops()
 
 HAS_FP8 = ON_GPU and fp8_scaled_mm_supported(torch.device("cuda"))
 needs_fp8 = pytest.mark.skipif(not HAS_FP8, reason="needs a CUDA GPU with fp8 support "

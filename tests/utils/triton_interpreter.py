@@ -38,12 +38,14 @@ def patch_interpreter() -> None:
     interpreter.pagedllm_patched = True
 
 
-def round_casts_to_nearest() -> None:
+def exact_float_ops() -> None:
     """Make the interpreter's narrowing float casts round as the GPU does (to nearest even,
-    mantissa carries into the exponent, e4m3 saturating): fp32 -> bf16 / fp16 truncates in
-    Triton 3.6's interpreter and its fp32 -> e4m3 cast rounds ties up and drops carries
-    (127.9 -> 64). The casts go through torch's, which round like the device's. Only the
-    tests that compare bit-exact roundings call this (after ``patch_interpreter``)."""
+    mantissa carries into the exponent, e4m3 saturating), and its fp32 ``tl.fma`` fused:
+    fp32 -> bf16 / fp16 truncates in Triton 3.6's interpreter, its fp32 -> e4m3 cast rounds
+    ties up and drops carries (127.9 -> 64), and its fma rounds the product first. The casts
+    go through torch's, which round like the device's; the fma runs in float64 (the product
+    of two fp32 values is exact there). Only the tests that compare bit-exact roundings call
+    this (after ``patch_interpreter``)."""
     import numpy as np
     import torch
     import triton.language as tl
@@ -77,6 +79,14 @@ def round_casts_to_nearest() -> None:
         out = through_torch(src, dst_type)
         return original_fp_to_fp(self, src, dst_type, rounding_mode) if out is None else out
 
+    def create_fma(self, x, y, z):
+        if z.dtype.scalar != tl.float32:
+            return original_fma(self, x, y, z)
+        wide = x.data.astype(np.float64) * y.data.astype(np.float64) + z.data
+        return interpreter.TensorHandle(wide.astype(np.float32), tl.float32)
+
+    original_fma = interpreter.InterpreterBuilder.create_fma
+    interpreter.InterpreterBuilder.create_fma = create_fma
     interpreter.InterpreterBuilder.cast_impl = cast_impl
     interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
     interpreter.pagedllm_rounding = True
