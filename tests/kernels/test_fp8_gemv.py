@@ -22,8 +22,14 @@ from pagedllm.quant import fp8  # noqa: E402
 from pagedllm.quant import triton_fp8 as tf  # noqa: E402
 from pagedllm.quant.kernels import fp8_scaled_mm_supported  # noqa: E402
 
-if not ON_GPU:
-    exact_float_ops()
+
+@pytest.fixture(autouse=True, scope="module")
+def exact_interpreter():
+    """On CPU: the interpreter's casts and fma as the GPU's, for this module only."""
+    undo = None if ON_GPU else exact_float_ops()
+    yield
+    if undo is not None:
+        undo()
 
 HAS_FP8 = ON_GPU and fp8_scaled_mm_supported(torch.device("cuda"))
 needs_fp8 = pytest.mark.skipif(not HAS_FP8, reason="needs a CUDA GPU with fp8 support "
@@ -41,8 +47,7 @@ def _inputs(n_rows, k, activations, bias, dtype, seed):
     row_scale = torch.rand(n_rows, generator=gen) * 0.02 + 0.001
     x_scale = torch.rand(1, generator=gen) * 0.01 + 0.002 if activations == "static" else None
     b = torch.randn(n_rows, generator=gen).to(dtype) if bias else None
-    move = (lambda t: t if t is None else t.to(DEVICE))
-    return tuple(move(t) for t in (x, weight, row_scale, x_scale, b))
+    return tuple(t if t is None else t.to(DEVICE) for t in (x, weight, row_scale, x_scale, b))
 
 
 def reference(x, weight, row_scale, x_scale, activations, bias, gated):
@@ -115,3 +120,143 @@ def test_fp8_gemv_refuses_what_it_does_not_take():
         tf.fp8_gemv(x.repeat(2, 1), weight, row_scale, x_scale, "static")
     with pytest.raises(ValueError, match="gated"):
         tf.fp8_gemv(x, weight[:15], row_scale[:15], x_scale, "static", gated=True)
+
+
+@needs_fp8
+@pytest.mark.parametrize("shape", sorted(tf.FP8_GEMV_CONFIGS))
+@pytest.mark.parametrize("activations", ["static", "dynamic", "none"])
+def test_fp8_gemv_llama_shapes(shape, activations):
+    """The tuned configs at their own shapes (gate_up gated, as the MLP calls it)."""
+    n_rows, k = shape
+    gated = n_rows == 28672
+    x, weight, row_scale, x_scale, b = _inputs(n_rows, k, activations, False, torch.bfloat16,
+                                               seed=n_rows + k)
+    out = tf.fp8_gemv(x, weight, row_scale, x_scale, activations, gated=gated)
+    assert_rounded_equal(out, reference(x, weight, row_scale, x_scale, activations, None,
+                                        gated), torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fp8LinearMethod.apply at one row: the dispatch and the numbers
+
+from pagedllm.switches import Switches  # noqa: E402
+from tests.kernels.test_fp8_scaled_mm import CASES as LAYER_CASES, _layer  # noqa: E402
+
+W8A16 = "weight-only"
+
+
+def _method(case):
+    if case == W8A16:
+        return fp8.Fp8LinearMethod("none", per_channel=True), [96, 32]
+    make, parts = LAYER_CASES[case]
+    return make(), parts
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = tf.fp8_gemv
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("gated"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tf, "fp8_gemv", spy)
+    return calls
+
+
+def _gemv_off(monkeypatch):
+    monkeypatch.setattr(fp8, "switches", lambda: Switches(gemv="off"))
+
+
+def _exact_apply_reference(method, layer, x, bias, gated):
+    scale = layer.input_scale if method.static_input else None
+    return reference(x, layer.weight, layer.row_scale, scale, method.activations, bias, gated)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("case", [*LAYER_CASES, W8A16])
+def test_apply_at_one_row_runs_the_gemv(case, gated, monkeypatch):
+    """One row: ``apply`` calls ``fp8_gemv`` (passing the static scale, bias and the gated
+    epilogue), whose output is the exact W8A8 / W8A16 numbers; ``PAGEDLLM_GEMV=off`` keeps
+    the other path. On CPU the layer is marked GEMV- and _scaled_mm-capable by hand (the
+    kernel runs in the interpreter; the other path is then the torch reference); on an fp8
+    GPU the other path is ``torch._scaled_mm`` (W8A8) or the reference (W8A16)."""
+    gen = torch.Generator().manual_seed(len(case) + gated)
+    method, parts = _method(case)
+    layer = _layer(method, parts, 64, DEVICE, gen)
+    if not ON_GPU:
+        layer.fp8_gemv = True
+        if method.activations != "none":
+            layer.fp8_scaled_mm = True
+            layer.fp8_uniform = bool(layer.row_scale.min() == layer.row_scale.max())
+    x = (torch.randn(1, 64, generator=gen) * 2).to(torch.bfloat16).to(DEVICE)
+    bias = torch.randn(sum(parts), generator=gen).to(torch.bfloat16).to(DEVICE)
+    calls = _spy(monkeypatch)
+    out = method.apply(layer, x, bias, gated_silu=gated)
+    assert calls == [gated]
+    assert_rounded_equal(out, _exact_apply_reference(method, layer, x, bias, gated),
+                         torch.bfloat16)
+    _gemv_off(monkeypatch)
+    other = method.apply(layer, x, bias, gated_silu=gated)
+    assert calls == [gated] and other.shape == out.shape
+    err = ((out.double() - other.double()).norm() / other.double().norm()).item()
+    assert err < (2e-3 if ON_GPU else 1e-2), err  # the reference rounds x and W to bf16
+
+
+@pytest.mark.parametrize("rows", [2, 5])
+def test_apply_above_one_row_keeps_its_path(rows, monkeypatch):
+    gen = torch.Generator().manual_seed(rows)
+    method, parts = _method("per-tensor-dynamic")
+    layer = _layer(method, parts, 64, DEVICE, gen)
+    layer.fp8_gemv = True
+    calls = _spy(monkeypatch)
+    method.apply(layer, torch.randn(rows, 64, generator=gen).to(torch.bfloat16).to(DEVICE),
+                 None)
+    assert calls == []
+
+
+def test_cpu_layers_are_not_marked_for_the_gemv():
+    gen = torch.Generator().manual_seed(5)
+    method, parts = _method("per-tensor-dynamic")
+    assert not _layer(method, parts, 64, "cpu", gen).fp8_gemv
+
+
+@needs_fp8
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_apply_gemv_equals_scaled_mm(case, monkeypatch):
+    """On the device: the GEMV's output and the ``torch._scaled_mm`` path's at one row,
+    Llama-sized K, within one bf16 ulp (fp32 summation order; cuBLAS sums in its own
+    order), bias and gated epilogue included."""
+    gen = torch.Generator().manual_seed(11)
+    method, parts = _method(case)
+    layer = _layer(method, [p * 8 for p in parts], 4096, "cuda", gen)
+    x = (torch.randn(1, 4096, generator=gen) * 2).to(torch.bfloat16).cuda()
+    bias = torch.randn(sum(parts) * 8, generator=gen).to(torch.bfloat16).cuda()
+    calls = _spy(monkeypatch)
+    for gated in (False, True):
+        out = method.apply(layer, x, bias, gated_silu=gated)
+        monkeypatch.setattr(fp8, "switches", lambda: Switches(gemv="off"))
+        other = method.apply(layer, x, bias, gated_silu=gated)
+        monkeypatch.setattr(fp8, "switches", lambda: Switches())
+        assert fp8._scaled_mm_mode(layer, x, method.activations) is not None
+        assert_rounded_equal(out, other.cpu(), torch.bfloat16)
+    assert calls == [False, True]
+
+
+@needs_fp8
+def test_apply_gemv_inside_a_cuda_graph():
+    """The dynamic scale is computed inside the kernel: a captured one-row step replays new
+    inputs correctly (no host sync, fixed shapes)."""
+    gen = torch.Generator().manual_seed(0)
+    method, parts = _method("fused-parts-dynamic")
+    layer = _layer(method, parts, 256, "cuda", gen)
+    x = torch.randn(1, 256, generator=gen).to(torch.bfloat16).cuda()
+    method.apply(layer, x, None, gated_silu=True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = method.apply(layer, x, None, gated_silu=True)
+    x.copy_(torch.randn(1, 256, generator=gen).to(torch.bfloat16) * 3)
+    graph.replay()
+    assert_rounded_equal(out, _exact_apply_reference(method, layer, x, None, True),
+                         torch.bfloat16)

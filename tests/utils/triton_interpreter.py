@@ -38,26 +38,25 @@ def patch_interpreter() -> None:
     interpreter.pagedllm_patched = True
 
 
-def exact_float_ops() -> None:
+def exact_float_ops():
     """Make the interpreter's narrowing float casts round as the GPU does (to nearest even,
     mantissa carries into the exponent, e4m3 saturating), and its fp32 ``tl.fma`` fused:
     fp32 -> bf16 / fp16 truncates in Triton 3.6's interpreter, its fp32 -> e4m3 cast rounds
     ties up and drops carries (127.9 -> 64), and its fma rounds the product first. The casts
     go through torch's, which round like the device's; the fma runs in float64 (the product
     of two fp32 values is exact there). Only the tests that compare bit-exact roundings call
-    this (after ``patch_interpreter``)."""
+    this (after ``patch_interpreter``), and undo it when done: returns the undo function."""
     import numpy as np
     import torch
     import triton.language as tl
     from triton.runtime import interpreter
-    if getattr(interpreter, "pagedllm_rounding", False):
-        return
+    builder = interpreter.InterpreterBuilder
     torch_types = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16,
                    tl.float16: torch.float16, tl.float8e4nv: torch.float8_e4m3fn}
     bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16,
             torch.float8_e4m3fn: torch.uint8, torch.float32: torch.float32}
-    original_cast, original_fp_to_fp = (interpreter.InterpreterBuilder.cast_impl,
-                                        interpreter.InterpreterBuilder.create_fp_to_fp)
+    original_cast, original_fp_to_fp, original_fma = (builder.cast_impl, builder.create_fp_to_fp,
+                                                      builder.create_fma)
 
     def through_torch(src, dst_type):
         src_t, dst_t = torch_types.get(src.dtype.scalar), torch_types.get(dst_type.scalar)
@@ -85,8 +84,10 @@ def exact_float_ops() -> None:
         wide = x.data.astype(np.float64) * y.data.astype(np.float64) + z.data
         return interpreter.TensorHandle(wide.astype(np.float32), tl.float32)
 
-    original_fma = interpreter.InterpreterBuilder.create_fma
-    interpreter.InterpreterBuilder.create_fma = create_fma
-    interpreter.InterpreterBuilder.cast_impl = cast_impl
-    interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
-    interpreter.pagedllm_rounding = True
+    def undo() -> None:
+        builder.cast_impl, builder.create_fp_to_fp, builder.create_fma = (
+            original_cast, original_fp_to_fp, original_fma)
+
+    builder.cast_impl, builder.create_fp_to_fp, builder.create_fma = (
+        cast_impl, create_fp_to_fp, create_fma)
+    return undo
