@@ -103,6 +103,28 @@ def test_fp8_gemv_matches_reference(case, activations):
     assert_rounded_equal(out, ref, dtype)
 
 
+# (x, the fp32 bits of a static scale) where x * (1 / scale) and x / scale, each rounded to
+# fp32, fall either side of an e4m3 tie (100: 96 or 104): only a correctly rounded division
+# gives torch's code (searched over bf16 x in [1, 4) and scales near x / tie)
+NEAR_TIES = [(1.1328125, 1010407833), (1.140625, 1010491719), (1.2265625, 1011414466),
+             (1.421875, 1013511618), (1.515625, 1014518251), (1.5234375, 1014602137)]
+
+
+@pytest.mark.parametrize("x_value,scale_bits", NEAR_TIES)
+def test_static_quantization_divides_exactly(x_value, scale_bits):
+    """x / scale is rounded as IEEE division (torch's ``quantize_fp8``), not as x times the
+    reciprocal: each case is one where the two give different e4m3 codes."""
+    scale = torch.tensor([scale_bits], dtype=torch.int32).view(torch.float32)
+    x = torch.full((1, 16), x_value, dtype=torch.bfloat16)
+    naive = (x.float() * (1.0 / scale)).clamp(-448, 448).to(fp8.FP8).float()
+    torch_code = fp8.quantize_fp8(x, scale).float()
+    assert not torch.equal(naive, torch_code)  # the case discriminates
+    weight = torch.eye(16).to(fp8.FP8)
+    out = tf.fp8_gemv(x.to(DEVICE), weight.to(DEVICE), torch.ones(16, device=DEVICE),
+                      scale.to(DEVICE), "static")
+    assert torch.equal(out.cpu(), (torch_code * scale).to(torch.bfloat16))
+
+
 def test_dynamic_scale_clamps_an_all_zero_row():
     """max|x| = 0: the scale is clamped at 1e-12 (as ``fp8.activation_scale``), no NaN."""
     x, weight, row_scale, _, _ = _inputs(16, 32, "dynamic", False, torch.bfloat16, 3)
