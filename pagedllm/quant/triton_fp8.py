@@ -1,4 +1,5 @@
-"""Dynamic fp8 (e4m3) activation quantization in one Triton launch, for the fp8 W8A8 path.
+"""Triton kernels of the fp8 (e4m3) linear path: dynamic activation quantization in one
+launch (before ``torch._scaled_mm``), and the batch-1 GEMV (``fp8_gemv``, below).
 
 ``fp8.activation_scale`` + ``fp8.quantize_fp8`` in torch are about eight small kernels
 (abs, max, divide, clamp, cast, divide, clamp, cast) per linear layer and step: in a batch-1
@@ -7,7 +8,14 @@ Here one kernel reads x twice (max |x|, then x / scale rounded to e4m3, saturati
 - per token: one program per row, scale [M, 1];
 - per tensor: one program for the whole tensor (decode-sized inputs, ``PER_TENSOR_MAX``
   elements at most; larger ones keep the torch code), scale [1].
-The torch functions stay the reference (tests/kernels/test_fp8_scaled_mm.py).
+Divisions are IEEE (``tl.div_rn``; Triton's ``/`` on fp32 is ``div.full``, approximate), so
+scales and e4m3 codes are torch's bit for bit.
+
+At one row ``torch._scaled_mm`` is far from the bandwidth limit and needs the launch above
+first; ``fp8_gemv`` reads the weight once in 16-byte vectors, rounds x to e4m3 itself (the
+dynamic scale reduced by every program: no extra launch) and fuses bias and the SiLU gate.
+The torch functions stay the references (tests/kernels/test_fp8_scaled_mm.py,
+tests/kernels/test_fp8_gemv.py).
 """
 from __future__ import annotations
 
