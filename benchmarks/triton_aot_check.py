@@ -133,7 +133,7 @@ def fp8_gemv_variants() -> list[str]:
             lines.append(compile_kernel(
                 tf._fp8_gemv_kernel, types,
                 dict(ACT=act, HAS_BIAS=gated, GATED=gated, EVEN_K=True, BLOCK_N=block_n,
-                     BLOCK_K=block_k, VEC=16, USE_PDL=True),
+                     BLOCK_K=block_k, VEC=16, PEAK_BLOCK=2 * block_k, USE_PDL=True),
                 num_warps=warps))
     return lines
 

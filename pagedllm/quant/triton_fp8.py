@@ -105,21 +105,36 @@ def _quantize_e4m3(x, scale, inv, GUARD: tl.constexpr):
 
 
 @triton.jit
+def _accumulate(acc, acc_up, x, w, u, x_scale, x_inv, ACT: tl.constexpr, GATED: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+    # one chunk: x (fp32) rounded to e4m3 unless ACT 0, times the chunk's weights, each
+    # 16-value vector summed in registers
+    if ACT != 0:
+        x = _quantize_e4m3(x, x_scale, x_inv, ACT == 1)
+    acc += tl.sum(tl.reshape(w.to(tl.float32) * x, [BLOCK_N, BLOCK_K // VEC, VEC]), 2)
+    if GATED:
+        acc_up += tl.sum(tl.reshape(u.to(tl.float32) * x, [BLOCK_N, BLOCK_K // VEC, VEC]), 2)
+    return acc, acc_up
+
+
+@triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, rs_ptr, xs_ptr, b_ptr, out_ptr, N, K, stride_wn, up_offset,
                      ACT: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                      EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     VEC: tl.constexpr, USE_PDL: tl.constexpr):
+                     VEC: tl.constexpr, PEAK_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     # One row of x times BLOCK_N rows of W (and, GATED, the BLOCK_N up rows up_offset
     # further). The [BLOCK_N, BLOCK_K] weight tile is contiguous along K, so each thread
     # loads one 16-byte vector (VEC e4m3 values) of every row: the BLOCK_N rows sit in its
     # registers and each x element it rounds to e4m3 (static scale: loaded; dynamic:
-    # max|x| / 448 of the row, each program reducing x first, x sits in L2) serves BLOCK_N
-    # rows. Products of two e4m3 values are exact in fp32; each vector's 16 products are
-    # summed in registers every chunk (the [BLOCK_N, BLOCK_K // VEC] fp32 accumulator).
-    # ACT 0 (W8A16): x as it is. bf16 x loads 8 values a thread, the weights 16: one of the
-    # two goes through shared memory every chunk. It must be x (a weight tile carried across
-    # iterations as a prefetch, or x loaded after the weights, made the compiler move the
-    # weights; ``benchmarks/triton_aot_check.py --only fp8`` flags that).
+    # max|x| / 448 of the row, each program reducing x first in PEAK_BLOCK chunks, x sits
+    # in L2) serves BLOCK_N rows. Products of two e4m3 values are exact in fp32; each
+    # vector's 16 products are summed in registers every chunk (the [BLOCK_N, BLOCK_K //
+    # VEC] fp32 accumulator). ACT 0 (W8A16): x as it is. The first chunk's weights are
+    # loaded before waiting for x (PDL: the kernel before writes it), the rest in the loop.
+    # bf16 x loads 8 values a thread, the weights 16: one of the two goes through shared
+    # memory every chunk, and it must be x (a weight tile carried across iterations as a
+    # prefetch, or loaded after x within the loop, made the compiler move the weights;
+    # ``benchmarks/triton_aot_check.py --only fp8`` flags that).
     # Epilogue: x_scale * row_scale, rounded like ``scaled_mm_fp8`` + ``gptq.epilogue``: to
     # x's dtype, + bias (rounded), then silu(gate) * up
     pdl.launch_dependents(USE_PDL)
@@ -127,30 +142,35 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, rs_ptr, xs_ptr, b_ptr, out_ptr, N, K, stride_
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)[None, :]
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols < K)
+    w = tl.load(w_rows + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+    u = w
+    if GATED:
+        u = tl.load(w_rows + up_offset + cols, mask=mask, other=0.0,
+                    eviction_policy="evict_first")
     scale = tl.load(rs_ptr + rows, mask=row_ok, other=0.0)  # weights: written at load
     x_scale = 1.0
     if ACT == 1:
         x_scale = tl.load(xs_ptr)  # the checkpoint's input_scale: written at load
     pdl.wait(USE_PDL)
     if ACT == 2:
-        x_scale = _row_scale_dynamic(x_ptr, K, BLOCK_K)
+        x_scale = _row_scale_dynamic(x_ptr, K, PEAK_BLOCK)
     x_inv = tl.div_rn(1.0, x_scale)  # correctly rounded: see _quantize_e4m3
     acc = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        kk = k + cols  # x first: the compiler then moves x, not the weights, to the other's layout
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    acc, acc_up = _accumulate(acc, acc_up, x, w, u, x_scale, x_inv, ACT, GATED, BLOCK_N,
+                              BLOCK_K, VEC)
+    for k in range(BLOCK_K, K, BLOCK_K):
+        kk = k + cols
         x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-        if ACT != 0:
-            x = _quantize_e4m3(x, x_scale, x_inv, ACT == 1)
         mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (kk < K)
         w = tl.load(w_rows + kk, mask=mask, other=0.0, eviction_policy="evict_first")
         if GATED:
             u = tl.load(w_rows + up_offset + kk, mask=mask, other=0.0,
                         eviction_policy="evict_first")
-        acc += tl.sum(tl.reshape(w.to(tl.float32) * x, [BLOCK_N, BLOCK_K // VEC, VEC]), 2)
-        if GATED:
-            acc_up += tl.sum(tl.reshape(u.to(tl.float32) * x, [BLOCK_N, BLOCK_K // VEC, VEC]),
-                             2)
+        acc, acc_up = _accumulate(acc, acc_up, x, w, u, x_scale, x_inv, ACT, GATED, BLOCK_N,
+                                  BLOCK_K, VEC)
     dtype = x_ptr.dtype.element_ty
     out = (tl.sum(acc, 1) * (x_scale * scale)).to(dtype)
     if HAS_BIAS:
@@ -225,5 +245,6 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor,
         bias if bias is not None else x, out, n, k, weight.stride(0), n * weight.stride(0),
         ACT=ACT_MODES[activations], HAS_BIAS=bias is not None, GATED=gated,
         EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, VEC=min(16, block_k),
-        num_warps=warps, **pdl.options(x))
+        PEAK_BLOCK=min(triton.next_power_of_2(k), 2 * block_k), num_warps=warps,
+        **pdl.options(x))
     return out
