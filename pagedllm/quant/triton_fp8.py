@@ -214,6 +214,9 @@ def _check_gemv_args(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Ten
     if (x_scale is not None) != (activations == "static"):
         raise ValueError("x_scale is the static activation scale: given exactly when "
                          f"activations is 'static' (got {activations!r})")
+    if x_scale is not None and (x_scale.numel() != 1 or x_scale.dtype != torch.float32):
+        raise ValueError(f"x_scale must be one fp32 value, got {x_scale.dtype} "
+                         f"{tuple(x_scale.shape)}")
     if row_scale.shape != (weight.shape[0],) or row_scale.dtype != torch.float32:
         raise ValueError(f"row_scale must be fp32 [{weight.shape[0]}], got "
                          f"{row_scale.dtype} {tuple(row_scale.shape)}")

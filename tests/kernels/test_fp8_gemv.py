@@ -136,6 +136,8 @@ def test_fp8_gemv_refuses_what_it_does_not_take():
     x, weight, row_scale, x_scale, _ = _inputs(16, 32, "static", False, torch.bfloat16, 4)
     with pytest.raises(ValueError, match="x_scale"):
         tf.fp8_gemv(x, weight, row_scale, x_scale, "dynamic")
+    with pytest.raises(ValueError, match="one fp32 value"):
+        tf.fp8_gemv(x, weight, row_scale, x_scale.to(torch.bfloat16), "static")
     with pytest.raises(ValueError, match="activations"):
         tf.fp8_gemv(x, weight, row_scale, None, "int8")
     with pytest.raises(ValueError, match=r"x \[1, K\]"):
