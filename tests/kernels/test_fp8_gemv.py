@@ -224,7 +224,9 @@ def test_apply_at_one_row_runs_the_gemv(case, gated, monkeypatch):
     other = method.apply(layer, x, bias, gated_silu=gated)
     assert calls == [gated] and other.shape == out.shape
     err = ((out.double() - other.double()).norm() / other.double().norm()).item()
-    assert err < (2e-3 if ON_GPU else 1e-2), err  # the reference rounds x and W to bf16
+    # the reference path rounds x and W to bf16 (its ulp-level equality to _scaled_mm:
+    # test_apply_gemv_equals_scaled_mm)
+    assert err < 1e-2, err
 
 
 @pytest.mark.parametrize("rows", [2, 5])
