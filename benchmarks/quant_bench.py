@@ -4,10 +4,13 @@ against pagedllm bf16 measured in the same run:
 1. ``kernels``: each projection of a decode step (qkv, o_proj, gate_up, down) at 1/16/64
    rows: the Triton W4A16 kernels (``triton_wna16``, GPTQ and AWQ layouts, group 128; AWQ
    repacked at load as its method does on CUDA) and fp8
-   W8A8 (``torch._scaled_mm`` with dynamic activation scales) against bf16 ``F.linear``, in
+   W8A8 (``torch._scaled_mm`` with dynamic activation scales) against bf16 ``F.linear``, and
+   at one row the Triton GEMVs: bf16 (``triton_ops.gemv``) and fp8 (``triton_fp8.fp8_gemv``,
+   dynamic scale inside; gate_up with the fused SiLU epilogue), in
    CUDA-graph replay over enough weight copies that L2 holds none between uses: microseconds,
    GB/s of the bytes the weight occupies, speed-up. ``--tune`` sweeps the GEMV / GEMM tile
-   configs (candidates for ``triton_wna16``'s defaults).
+   configs (candidates for ``triton_wna16``'s defaults), ``--tune-fp8`` the fp8 GEMV's
+   (candidates for ``triton_fp8.FP8_GEMV_CONFIGS``).
 2. ``engine``: ``LLM.generate`` with dummy weights (packed words then filled with random bits,
    never zeros): bf16, GPTQ W4A16 g128, AWQ W4A16 g128 and ``--quantization fp8`` (W8A8,
    dynamic scales) at batch 1 / 16 / 64, 128 in / 256 out: output tok/s and the ratio to bf16;
@@ -15,6 +18,7 @@ against pagedllm bf16 measured in the same run:
 
     python benchmarks/quant_bench.py                  # kernels + engine (one H100: ~6 min)
     python benchmarks/quant_bench.py --only kernels --tune
+    python benchmarks/quant_bench.py --only kernels --rows 1 --tune-fp8  # fp8 GEMV vs bf16
     python benchmarks/quant_bench.py --only engine --formats bf16 fp8 --batches 1  # + offline
     python benchmarks/quant_bench.py --smoke          # tiny shapes, CPU (interpreter) or GPU
 
@@ -64,11 +68,30 @@ def random_words(shape, dev) -> torch.Tensor:
     return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int64, device=dev).to(torch.int32)
 
 
-def make_weight(kind: str, n: int, k: int, dtype, dev):
+def make_gemv(kind: str, n: int, k: int, dtype, dev, gated: bool):
+    """(callable, weight bytes) of the one-row Triton GEMVs: ``bf16_gemv``
+    (``triton_ops.gemv``, its tuned config) and ``fp8_gemv`` (``triton_fp8.fp8_gemv``,
+    dynamic activation scale computed inside, as ``--quantization fp8`` runs it); ``gated``
+    (gate_up): the fused silu(gate) * up epilogue, as the MLP calls them."""
+    from pagedllm.layers import triton_ops
+    from pagedllm.quant import fp8, triton_fp8
+    if kind == "bf16_gemv":
+        w = torch.randn(n, k, device=dev).to(dtype) / k ** 0.5
+        return (lambda x, cfg=None: triton_ops.gemv(x, w, gated=gated)), \
+            w.numel() * w.element_size()
+    w = (torch.randn(n, k, device=dev) * 0.05).to(fp8.FP8)
+    scale = torch.full((n,), 0.01, device=dev)
+    return (lambda x, cfg=None: triton_fp8.fp8_gemv(x, w, scale, None, "dynamic", gated=gated,
+                                                    config=cfg)), w.numel()
+
+
+def make_weight(kind: str, n: int, k: int, dtype, dev, gated: bool = False):
     """(callable x -> x @ W^T, bytes the weight occupies) for one random weight."""
     from pagedllm.quant import fp8
     from pagedllm.quant import triton_wna16 as wq
     groups = k // GROUP
+    if kind in ("bf16_gemv", "fp8_gemv"):
+        return make_gemv(kind, n, k, dtype, dev, gated)
     if kind == "bf16":
         w = torch.randn(n, k, device=dev).to(dtype) / k ** 0.5
         return (lambda x, cfg=None: F.linear(x, w)), w.numel() * w.element_size()
@@ -89,11 +112,11 @@ def make_weight(kind: str, n: int, k: int, dtype, dev):
     return (lambda x, cfg=None: wq.wna16_matmul(x, weight, config=cfg)), nbytes
 
 
-def time_kind(kind, n, k, rows, dtype, dev, cfg=None) -> tuple[float, int]:
+def time_kind(kind, n, k, rows, dtype, dev, cfg=None, gated=False) -> tuple[float, int]:
     """(us per call, weight bytes) over rotating copies of the weight."""
-    fn, nbytes = make_weight(kind, n, k, dtype, dev)
+    fn, nbytes = make_weight(kind, n, k, dtype, dev, gated)
     copies = 1 if dev.type == "cpu" else max(2, -(-(256 << 20) // nbytes))
-    fns = [fn] + [make_weight(kind, n, k, dtype, dev)[0] for _ in range(copies - 1)]
+    fns = [fn] + [make_weight(kind, n, k, dtype, dev, gated)[0] for _ in range(copies - 1)]
     x = torch.randn(rows, k, device=dev).to(dtype)
     us = mb.per_call_us([lambda f=f: f(x, cfg) for f in fns], 1 if SMOKE else 5, dev)
     return us, nbytes
@@ -124,11 +147,17 @@ def bench_kernels(args, dev) -> None:
     from pagedllm.quant.kernels import fp8_scaled_mm_supported
     if fp8_scaled_mm_supported(dev):
         kinds.append("fp8")
+    fp8_gemv_ok = "fp8" in kinds or dev.type == "cpu"  # CPU: the interpreter runs it
     for name, n, k in shapes(TINY if SMOKE else LLAMA):
         for rows in args.rows:
             base_us, base_bytes = time_kind("bf16", n, k, rows, dtype, dev)
-            for kind in kinds[1:]:
-                us, nbytes = time_kind(kind, n, k, rows, dtype, dev)
+            # one row: the Triton GEMVs too (gate_up with its fused SiLU epilogue; bf16 x
+            # on CPU as well, the fp8 GEMV takes bf16 / fp16)
+            gemvs = ["bf16_gemv", "fp8_gemv"] if rows == 1 and fp8_gemv_ok else []
+            for kind in kinds[1:] + gemvs:
+                gemv = kind.endswith("gemv")
+                us, nbytes = time_kind(kind, n, k, rows, torch.bfloat16 if gemv else dtype,
+                                       dev, gated=gemv and name == "gate_up")
                 mb.emit(bench="kernel", shape=name, n=n, k=k, rows=rows, kind=kind,
                         us=round(us, 2), gbs=round(nbytes / us / 1e3, 1),
                         bf16_us=round(base_us, 2),
@@ -136,6 +165,8 @@ def bench_kernels(args, dev) -> None:
                         speedup=round(base_us / us, 2))
             if args.tune:
                 tune(name, n, k, rows, dtype, dev)
+            if args.tune_fp8 and rows == 1 and gemvs:
+                tune_fp8(name, n, k, dtype, dev)
 
 
 def tune(name, n, k, rows, dtype, dev) -> None:
@@ -157,6 +188,25 @@ def tune(name, n, k, rows, dtype, dev) -> None:
             print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}")
     results.sort()
     mb.emit(bench="kernel tune", shape=name, rows=rows,
+            top=[(round(us, 2), cfg) for us, cfg in results[:3]])
+
+
+def tune_fp8(name, n, k, dtype, dev) -> None:
+    """The fastest (block_n, block_k, num_warps) of the fp8 GEMV at this shape (candidates
+    for ``triton_fp8.FP8_GEMV_CONFIGS``): one or two 16-byte vectors a thread a row."""
+    cands = [(bn, vecs * 512 * w, w) for bn in (2, 4, 8, 16) for w in (1, 2, 4, 8)
+             for vecs in (1, 2) if vecs * 512 * w <= 8192]
+    if SMOKE:
+        cands = [(2, 64, 1), (4, 32, 1)]
+    results = []
+    for cfg in cands:
+        try:
+            results.append((time_kind("fp8_gemv", n, k, 1, torch.bfloat16, dev, cfg,
+                                      gated=name == "gate_up")[0], cfg))
+        except Exception as e:  # too many registers for this tile
+            print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}")
+    results.sort()
+    mb.emit(bench="fp8 gemv tune", shape=name, n=n, k=k,
             top=[(round(us, 2), cfg) for us, cfg in results[:3]])
 
 
@@ -237,6 +287,8 @@ def main() -> None:
                         default=["bf16", "gptq", "awq", "fp8"],
                         help="engine formats (bf16 always runs first: the ratios' base)")
     parser.add_argument("--tune", action="store_true", help="sweep the W4A16 tile configs")
+    parser.add_argument("--tune-fp8", action="store_true",
+                        help="sweep the one-row fp8 GEMV's configs (triton_fp8)")
     parser.add_argument("--no-offline", dest="offline", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: a quick end-to-end "
                         "check of this script (CPU: the Triton interpreter)")

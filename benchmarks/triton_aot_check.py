@@ -9,6 +9,7 @@ named below 16-divisible, the unit strides of the usual layouts constant 1.
 
     python benchmarks/triton_aot_check.py            # every kernel variant in use
     python benchmarks/triton_aot_check.py --only moe
+    python benchmarks/triton_aot_check.py --only fp8   # the fp8 batch-1 GEMV's variants
 """
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ from pagedllm.quant import triton_wna16 as wq  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-DIVISIBLE = ("N", "K", "k_split", "group_size")
+DIVISIBLE = ("N", "K", "k_split", "group_size", "up_offset")
 OPS = r"\b(HGMMA|HMMA|LDL|STL|LDGSTS[.\w]*|LDG[.\w]*|STG[.\w]*|BAR)\b"
 
 
-def compile_kernel(jit_fn, types: dict, constexprs: dict, unit=(), **options) -> str:
-    """One line: the variant, its registers / stack / shared memory and SASS mix."""
+def build(jit_fn, types: dict, constexprs: dict, unit=(), **options):
+    """The compiled sm_90 kernel of one variant."""
     names = list(inspect.signature(jit_fn.fn).parameters)
     constexprs = {**{n: 1 for n in unit}, **constexprs}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
@@ -46,7 +47,12 @@ def compile_kernel(jit_fn, types: dict, constexprs: dict, unit=(), **options) ->
                                          or n in DIVISIBLE)}
     src = ASTSource(fn=jit_fn, signature=signature, attrs=attrs,
                     constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(src, target=TARGET, options=options)
+    return triton.compile(src, target=TARGET, options=options)
+
+
+def compile_kernel(jit_fn, types: dict, constexprs: dict, unit=(), **options) -> str:
+    """One line: the variant, its registers / stack / shared memory and SASS mix."""
+    kernel = build(jit_fn, types, constexprs, unit, **options)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name],
@@ -57,8 +63,11 @@ def compile_kernel(jit_fn, types: dict, constexprs: dict, unit=(), **options) ->
     res = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
     mix = dict(collections.Counter(re.findall(OPS, sass)).most_common())
     shown = {k: v for k, v in constexprs.items() if k not in unit}
-    return (f"{jit_fn.fn.__name__} {shown} {options}: REG {res[1]} STACK {res[2]} "
+    line = (f"{jit_fn.fn.__name__} {shown} {options}: REG {res[1]} STACK {res[2]} "
             f"SHARED {kernel.metadata.shared} {mix}")
+    if re.search(r"convert_layout %\S+ : tensor<[^>]*xf8E4M3FN", kernel.asm["ttgir"]):
+        line += " FP8-TILE-THROUGH-SHARED-MEMORY"  # a layout conversion of an e4m3 tile
+    return line
 
 
 def moe_variants() -> list[str]:
@@ -122,13 +131,32 @@ def wna16_variants() -> list[str]:
     return lines
 
 
+def fp8_gemv_variants() -> list[str]:
+    """``triton_fp8._fp8_gemv_kernel`` at each tuned config and the default: every
+    activation mode, plain and gated (+ bias), K a multiple of the block (the real shapes)."""
+    types = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "rs_ptr": "*fp32", "xs_ptr": "*fp32",
+             "b_ptr": "*bf16", "out_ptr": "*bf16"}
+    lines = []
+    configs = sorted({*tf.FP8_GEMV_CONFIGS.values(), tf.FP8_GEMV_DEFAULT})
+    for block_n, block_k, warps in configs:
+        for act, gated in [(0, False), (1, False), (2, False), (2, True)]:
+            lines.append(compile_kernel(
+                tf._fp8_gemv_kernel, types,
+                dict(ACT=act, HAS_BIAS=gated, GATED=gated, EVEN_K=True, BLOCK_N=block_n,
+                     BLOCK_K=block_k, VEC=16, PEAK_BLOCK=2 * block_k, USE_PDL=True),
+                num_warps=warps))
+    return lines
+
+
+VARIANTS = {"moe": moe_variants, "wna16": wna16_variants, "fp8": fp8_gemv_variants}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["moe", "wna16"], nargs="+",
-                        default=["moe", "wna16"])
+    parser.add_argument("--only", choices=list(VARIANTS), nargs="+", default=list(VARIANTS))
     args = parser.parse_args()
     for part in args.only:
-        for line in (moe_variants if part == "moe" else wna16_variants)():
+        for line in VARIANTS[part]():
             print(line, flush=True)
 
 

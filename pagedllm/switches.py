@@ -10,7 +10,8 @@ variable                        default    effect
                                            (``layers/fused.py``), plain PyTorch instead
 ``PAGEDLLM_GEMV``               ``tuned``  one-row projections on the Triton GEMV for the
                                            tuned shapes; ``off``: cuBLAS for every shape;
-                                           ``all``: the GEMV for every shape
+                                           ``all``: the GEMV for every shape (fp8 layers:
+                                           the fp8 GEMV for every shape unless ``off``)
 ``PAGEDLLM_PDL``                ``1``      ``0``: no programmatic dependent launch on
                                            Hopper (``layers/pdl.py``)
 ``PAGEDLLM_DECODE_FOLD``        ``1``      ``0``: split decode attention and the W4A16

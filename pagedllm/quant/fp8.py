@@ -11,7 +11,10 @@ activations are quantized to e4m3 with their scale (static, dynamic per tensor, 
 dynamic scales and the cast in one Triton launch, ``triton_fp8``),
 the product accumulates in fp32 and is scaled on the way out, per tensor when the weight has
 one scale and the activation scale is a scalar, else per row and column (bf16 activations;
-fp16 ones then take the reference, logged once). Elsewhere ``apply`` runs the torch emulation
+fp16 ones then take the reference, logged once). One-row steps (batch-1 decode) there, and
+weight-only (W8A16) ones, run the Triton fp8 GEMV instead (``triton_fp8.fp8_gemv``: x
+quantized inside it, the same numbers up to fp32 summation order; ``PAGEDLLM_GEMV=off``
+keeps the other paths). Elsewhere ``apply`` runs the torch emulation
 and reference: activations are rounded through fp8 with their scale, weights are dequantized
 (fp8 value x its tensor's scale) and the product runs in the activation dtype. A layer
 quantized at load gets one scale for its whole (rank-local, fused) weight.
@@ -25,6 +28,7 @@ from pagedllm.quant.base import LinearMethod, QuantConfig, make_param
 from pagedllm.quant.gptq import epilogue, matmul_dequantized
 from pagedllm.quant.kernels import fp8_scaled_mm_supported, log_once
 from pagedllm.quant.unquantized import new_weight, tag_dense
+from pagedllm.switches import switches
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -99,6 +103,37 @@ def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor
     out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b,
                            out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _fp8_gemv_module(layer: nn.Module, x: torch.Tensor, activations: str):
+    """``triton_fp8`` when this call runs its batch-1 GEMV, else None: one bf16/fp16 row on
+    the layer's CUDA device (compute capability >= 8.9, Triton's e4m3 casts), where the
+    layer would otherwise run ``torch._scaled_mm`` (W8A8) or the torch reference (W8A16,
+    activations "none"); under the switches the bf16 GEMV obeys (``PAGEDLLM_GEMV=off`` and
+    ``PAGEDLLM_DISABLE_FUSED_OPS`` keep the other paths). Every shape: no per-shape gate,
+    as the one-row ``_scaled_mm`` also needs a second launch to quantize x."""
+    if not (getattr(layer, "fp8_gemv", False) and x.dim() == 2 and x.shape[0] == 1
+            and x.stride(1) == 1 and x.device == layer.weight.device):
+        return None
+    if activations != "none" and _scaled_mm_mode(layer, x, activations) is None:
+        return None
+    if activations == "none" and x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    from pagedllm.layers import fused
+    if switches().gemv == "off" or fused.ops() is None:
+        return None
+    from pagedllm.quant import triton_fp8
+    return triton_fp8
+
+
+def _enable_gemv(layer: nn.Module) -> None:
+    """After loading: whether the batch-1 fp8 GEMV can serve this layer (its weight on a
+    CUDA device with e4m3 support, row-major)."""
+    layer.fp8_gemv = (fp8_scaled_mm_supported(layer.weight.device)
+                      and layer.weight.stride(1) == 1)
+    if layer.fp8_gemv:
+        log_once("fp8: one-row steps (batch-1 decode) on the Triton fp8 GEMV "
+                 "(triton_fp8.fp8_gemv)")
 
 
 def _enable_scaled_mm(layer: nn.Module) -> None:
@@ -177,9 +212,15 @@ class Fp8LinearMethod(LinearMethod):
             layer.input_scale.data = layer.input_scale.data.max().reshape(1)
         if self.activations != "none":
             _enable_scaled_mm(layer)
+        _enable_gemv(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
+        gemv = _fp8_gemv_module(layer, x, self.activations)
+        if gemv is not None:
+            return gemv.fp8_gemv(x, layer.weight, layer.row_scale,
+                                 layer.input_scale if self.static_input else None,
+                                 self.activations, bias=bias, gated=gated_silu)
         mode = _scaled_mm_mode(layer, x, self.activations)
         if mode is not None:
             scale = layer.input_scale[0] if self.static_input else None
@@ -210,3 +251,4 @@ class Fp8OnLoadLinearMethod(Fp8LinearMethod):
         layer.weight = make_param(quantize_fp8(weight, scale).contiguous())
         layer.row_scale = make_param(scale.repeat(weight.shape[0]))
         _enable_scaled_mm(layer)
+        _enable_gemv(layer)
