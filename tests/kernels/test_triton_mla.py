@@ -1,0 +1,183 @@
+"""The Triton MLA decode kernel (``attention/triton_mla.py``) against the PyTorch absorbed
+attention of ``attention/mla.py`` (``mla_decode_attention_ref``, run in float64 on upcast
+inputs), on random paged latent caches with shuffled, non-contiguous block ids.
+
+Without a GPU the kernels run under Triton's interpreter (see test_triton_attention.py for
+how ``TRITON_INTERPRET`` is set); tiny latents (rank 32 + rope 16, and the tiny model's
+32 + 8) keep that fast. With a GPU the real shapes run too (rank 512 + rope 64, 16 and 128
+heads), as does the tiny DeepSeek-V2/V3 model through the engine (eager and CUDA graphs)
+against the CPU's greedy tokens. Outputs are poisoned with NaN first; tolerances are
+||out - ref|| / ||ref||.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+from tests.utils.triton_interpreter import patch_interpreter
+
+if importlib.util.find_spec("triton") is None:  # CI installs no triton: GPU-only kernels.
+    pytest.skip("triton is not installed: GPU attention kernels are not tested here",
+                allow_module_level=True)
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before the interpreter could be enabled; run "
+                    "tests/kernels in its own pytest process (or set TRITON_INTERPRET=1)",
+                    allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+    patch_interpreter()
+
+tm = importlib.import_module("pagedllm.attention.triton_mla")
+mla = importlib.import_module("pagedllm.attention.mla")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (real MLA shapes)")
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "output has NaN/inf (unwritten or bad masking)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _latent_setup(seq_lens: list[int], block_size: int, dim: int, dtype: torch.dtype,
+                  gen: torch.Generator):
+    """A random latent cache [1, slots, 1, dim] with spare blocks and per-sequence shuffled
+    block ids (junk ids past each sequence's end); block_table [num_seqs, max_blocks] int32."""
+    need = [-(-n // block_size) for n in seq_lens]
+    max_blocks = max(max(need), 1) + 1  # one spare column: never read
+    num_blocks = 2 * sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(need):
+        table[i, :n] = perm[used:used + n]
+        table[i, n:] = perm[-1]
+        used += n
+    cache = torch.randn(1, num_blocks * block_size, 1, dim, generator=gen)
+    return cache.to(dtype).to(DEVICE), table.to(DEVICE)
+
+
+def _check(seq_lens, block_size, rank, rope, heads, dtype, num_splits, fold, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cache, table = _latent_setup(seq_lens, block_size, rank + rope, dtype, gen)
+    q = torch.randn(len(seq_lens), heads, rank + rope, generator=gen).to(dtype).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kw = dict(scale=(rank + rope) ** -0.5, block_size=block_size, kv_lora_rank=rank)
+    out = tm.mla_decode_attention(q, cache, table, lens, num_splits=num_splits,
+                                  fold_reduce=fold, **kw)
+    assert out.shape == (len(seq_lens), heads, rank) and out.dtype == dtype
+    ref = mla.mla_decode_attention_ref(q.double(), cache.double(), table, lens, **kw)
+    err = _rel_err(out, ref)
+    print(f"rel err {err:.2e}")
+    assert err < TOL[dtype]
+    for i, n in enumerate(seq_lens):
+        if n == 0:
+            assert (out[i] == 0).all()  # seq_len 0 (CUDA-graph padding): zeros
+    return out
+
+
+# (block_size, rank, rope, heads, dtype, num_splits)
+CASES = [
+    (16, 32, 16, 4, torch.float32, 1),
+    (32, 32, 16, 4, torch.bfloat16, 3),
+    (16, 32, 16, 20, torch.float32, None),  # 20 heads: one 32-row tile, 12 rows masked
+    (32, 32, 8, 40, torch.float32, 4),  # the tiny model's 32 + 8; two head tiles
+    (16, 24, 16, 3, torch.float16, 2),  # a rank that is no power of two
+]
+
+
+@pytest.mark.parametrize("fold", [None, False])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_mla_decode_attention(case, fold):
+    block_size, rank, rope, heads, dtype, num_splits = case
+    seq_lens = [1, 0, 7 * block_size + 3, 37]  # one key, padding row, many blocks, partial
+    _check(seq_lens, block_size, rank, rope, heads, dtype, num_splits, fold,
+           zlib.crc32(repr(case).encode()))
+
+
+def test_split_kv_matches_single_pass_and_fold_resets():
+    seq_lens = [300, 5, 0, 129]
+    one = _check(seq_lens, 16, 32, 16, 8, torch.float32, 1, None, 3)
+    many = _check(seq_lens, 16, 32, 16, 8, torch.float32, 7, False, 3)
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+    for _ in range(2):  # the fold's counters are left zeroed: the second launch is right too
+        folded = _check(seq_lens, 16, 32, 16, 8, torch.float32, 7, True, 3)
+        torch.testing.assert_close(folded, many, rtol=1e-6, atol=1e-7)
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_splits,fold", [(1, None), (4, True), (8, None), (16, False),
+                                             (None, None)])
+def test_mla_decode_attention_real_shapes(dtype, heads, block_size, num_splits, fold):
+    seq_lens = [1, 0, 7 * block_size + 3, 37, 2000, 513]
+    _check(seq_lens, block_size, 512, 64, heads, dtype, num_splits, fold,
+           zlib.crc32(repr((dtype, heads, block_size, num_splits)).encode()))
+
+
+def test_num_splits_depends_on_shapes_only():
+    device = torch.device(DEVICE)
+    few = tm.mla_num_splits(1, 128, 256, 16, 512, torch.bfloat16, device)
+    assert few > 1 and few & (few - 1) == 0  # batch 1: split, a power of two
+    assert tm.mla_num_splits(256, 128, 256, 16, 512, torch.bfloat16, device) == 1
+    assert tm.mla_num_splits(1, 16, 2, 16, 512, torch.bfloat16, device) == 1  # short table
+
+
+@pytest.mark.parametrize("cache_dtype,latent_dtype", [(torch.float32, torch.float32),
+                                                     (torch.bfloat16, torch.bfloat16),
+                                                     (torch.bfloat16, torch.float32)])
+def test_write_latent_skips_negative_slots(cache_dtype, latent_dtype):
+    gen = torch.Generator().manual_seed(5)
+    cache = torch.randn(1, 64, 1, 40, generator=gen).to(cache_dtype).to(DEVICE)
+    latent = torch.randn(5, 40, generator=gen).to(latent_dtype).to(DEVICE)
+    slots = torch.tensor([7, -1, 63, 0, -1], device=DEVICE)
+    expected = cache.clone()
+    keep = slots >= 0
+    expected[0].index_copy_(0, slots[keep], latent[keep].unsqueeze(1).to(cache_dtype))
+    tm.write_latent(cache, latent, slots)
+    if ON_GPU or cache_dtype == latent_dtype:
+        assert torch.equal(cache, expected)
+    else:  # the interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even
+        torch.testing.assert_close(cache, expected, rtol=2 ** -7, atol=0)
+
+
+def test_wrappers_reject_bad_shapes():
+    cache = torch.zeros(1, 32, 1, 48, device=DEVICE)
+    table = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    lens = torch.ones(2, dtype=torch.int32, device=DEVICE)
+    kw = dict(scale=1.0, block_size=16, kv_lora_rank=32)
+    with pytest.raises(ValueError, match="latent dim"):
+        tm.mla_decode_attention(torch.zeros(2, 4, 40, device=DEVICE), cache, table, lens, **kw)
+    with pytest.raises(ValueError, match="block_table"):
+        tm.mla_decode_attention(torch.zeros(3, 4, 48, device=DEVICE), cache, table, lens, **kw)
+    with pytest.raises(ValueError, match="MLA cache"):
+        tm.mla_decode_attention(torch.zeros(2, 4, 48, device=DEVICE), cache[0], table, lens,
+                                **kw)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        tm.write_latent(cache, torch.zeros(3, 48, device=DEVICE), lens)
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("eager", [True, False])
+def test_tiny_model_cuda_matches_cpu(arch, eager):
+    """The engine on CUDA (the Triton MLA decode; with CUDA graphs unless eager) gives the
+    CPU path's greedy tokens (fp32)."""
+    from tests.models.test_deepseek_models import build_tiny_deepseek
+    from tests.models.test_models_vs_hf import _prompts
+    from tests.models.test_moe_models import _generate
+    path = str(build_tiny_deepseek(arch))
+    cpu = _generate(path, _prompts(), block_size=16, device="cpu")
+    cuda = _generate(path, _prompts(), block_size=16, device="cuda", enforce_eager=eager)
+    assert cuda == cpu
