@@ -163,15 +163,19 @@ def mla_decode_config(num_heads: int, kv_lora_rank: int, dtype: torch.dtype
                       ) -> tuple[int, int, int, int]:
     """(BLOCK_H, BLOCK_N, num_warps, num_stages) of the decode kernel (shapes only).
 
-    BLOCK_H query heads share each key tile (16 at least: tl.dot); the [BLOCK_H, RANK] fp32
-    accumulator and the [BLOCK_N, RANK] latent tile bound it: the sm_90 builds of these
-    configs neither spill nor exceed shared memory (``benchmarks/triton_aot_check.py --only
-    mla``). fp32 tiles are twice the bytes, so half the keys a tile."""
+    BLOCK_H query heads share each key tile (16 at least: tl.dot; 32 where there are more
+    heads, so 128 heads read each key tile 4 times, mostly from L2); the [BLOCK_H, RANK] fp32
+    accumulator and the [BLOCK_N, RANK] latent tile bound it. At rank 512 the sm_90 builds
+    (``benchmarks/triton_aot_check.py --only mla``, ``--sweep`` for the others): bf16
+    16/32/8 warps 109-152 registers, 32/32/8 warps 141-197, fp32 16/16/4 warps 224-248, no
+    spills; BLOCK_H 64 spills at any BLOCK_N or warp count, as do 32 heads with 4 warps and
+    fp32 with 32 heads or with 8 warps."""
     block_h = 32 if num_heads > 16 else 16
-    wide = triton.next_power_of_2(kv_lora_rank) >= 256
-    block_n = 32 if not wide else 16 if dtype == torch.float32 else 32
-    num_warps = 8 if wide and block_h >= 32 else 4
-    return block_h, block_n, num_warps, 2
+    if triton.next_power_of_2(kv_lora_rank) < 256:  # small latents (tests, tiny models)
+        return block_h, 32, 4, 2
+    if dtype == torch.float32:
+        return 16, 16, 4, 2
+    return block_h, 32, 8, 2
 
 
 def mla_num_splits(num_seqs: int, num_heads: int, max_blocks_per_seq: int, block_size: int,

@@ -172,12 +172,17 @@ def test_wrappers_reject_bad_shapes():
 @pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
 @pytest.mark.parametrize("eager", [True, False])
 def test_tiny_model_cuda_matches_cpu(arch, eager):
-    """The engine on CUDA (the Triton MLA decode; with CUDA graphs unless eager) gives the
-    CPU path's greedy tokens (fp32)."""
+    """The engine on CUDA (the Triton MLA decode and latent write; decode steps replayed
+    from CUDA graphs unless eager) gives the CPU path's greedy tokens (fp32)."""
+    from pagedllm.entrypoints.llm import LLM
+    from pagedllm.sampling_params import SamplingParams
     from tests.models.test_deepseek_models import build_tiny_deepseek
     from tests.models.test_models_vs_hf import _prompts
-    from tests.models.test_moe_models import _generate
+    from tests.models.test_moe_models import MAX_TOKENS, _generate
     path = str(build_tiny_deepseek(arch))
     cpu = _generate(path, _prompts(), block_size=16, device="cpu")
-    cuda = _generate(path, _prompts(), block_size=16, device="cuda", enforce_eager=eager)
-    assert cuda == cpu
+    llm = LLM(model=path, dtype="float32", block_size=16, device="cuda", enforce_eager=eager)
+    assert (llm.llm_engine.worker.runner.graphs is None) == eager
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=_prompts(), sampling_params=params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == cpu
