@@ -146,9 +146,15 @@ def mla_variants(sweep: bool = False) -> list[str]:
                 tm._mla_decode_kernel, types if dtype == torch.bfloat16 else fp32,
                 dict(RANK=512, ROPE=64, BLOCK_R=512, BLOCK_P=64, BLOCK_H=block_h,
                      BLOCK_N=block_n, BLOCK_SIZE=16, NUM_SPLITS=splits,
-                     SPLITS_P2=splits, DOT_PRECISION="tf32" if dtype == torch.bfloat16
+                     SPLITS_P2=splits, MIN_TILES=tm.MIN_SPLIT_TILES,
+                     DOT_PRECISION="tf32" if dtype == torch.bfloat16
                      else "ieee", FOLD=fold, USE_PDL=True),
-                (), num_warps=warps, num_stages=stages))
+                num_warps=warps, num_stages=stages))
+    for splits in (16, 64):
+        lines.append(compile_kernel(
+            tm._mla_reduce_kernel, types, dict(NUM_SPLITS=splits, SPLITS_P2=splits, RANK=512,
+                                               BLOCK_R=tm.REDUCE_BLOCK_R, USE_PDL=True),
+            num_warps=4))
     lines.append(compile_kernel(tm._write_latent_kernel, {"cache_ptr": "*bf16",
                                                           "latent_ptr": "*bf16",
                                                           "slot_mapping_ptr": "*i64"},

@@ -21,8 +21,9 @@ The decode algorithm (``mla_decode_attention``):
 4. one split: write acc / l. Several: write (m, l, acc) partials; the last split program of
    each (sequence, head tile) to finish combines them (a ticket counter per tile, as the
    paged decode folds; ``_mla_combine`` walks the splits so only one [BLOCK_H, RANK] tile is
-   live), or, where that walk is long or ``PAGEDLLM_DECODE_FOLD=0``, the paged decode's
-   reduce kernel does it per (sequence, head).
+   live), or, where that walk is long or ``PAGEDLLM_DECODE_FOLD=0``, a reduce kernel does
+   it per (sequence, head, rank chunk). A split takes MIN_SPLIT_TILES key tiles at least;
+   splits past a short context's keys store no partial tile and are never read.
 A sequence of length 0 (CUDA-graph padding) gives zeros. No host syncs: the grid, split count
 and block sizes depend only on shapes, loop bounds come from ``seq_lens`` read in the kernel.
 
@@ -36,12 +37,22 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention.triton_attention import (FOLD_ENV, _LOG2E, _dot_precision, _num_sms,
-                                                 _paged_decode_reduce_kernel, _softmax_step,
-                                                 _split_counters)
+                                                 _softmax_step, _split_counters)
 from pagedllm.layers import pdl
 
 # the split walk the folding program may take (each step one [BLOCK_H, RANK] fp32 tile)
 FOLD_MAX_SPLITS = 8
+# Key tiles a split takes at least (in the kernel, from seq_len): a split's partial is a
+# [BLOCK_H, RANK] fp32 tile (64 KB at 32 heads, rank 512), a key tile 36 KB of bf16
+# latents, so shorter splits would move more partials than keys. The split count comes
+# from the block table's width (fixed under a CUDA graph: the longest capturable context),
+# so short contexts leave the splits past their keys empty; those store no partial tile.
+MIN_SPLIT_TILES = 4
+# fp32 partial bytes (nd * H * splits * RANK * 4) the split count may make: they are
+# written and read back once, and should stay well inside L2
+MAX_PARTIAL_BYTES = 4 << 20
+# ranks reduced per program of the separate reduce kernel
+REDUCE_BLOCK_R = 128
 
 
 @triton.jit
@@ -51,8 +62,8 @@ def _mla_combine(out_ptr, part_acc_ptr, part_ml_ptr, seq, heads, h_mask, offs_r,
                  BLOCK_R: tl.constexpr):
     """out[seq, heads] from the splits' (m, l, acc) partials: each split rescaled by
     exp2(m_s - max m), then sum(acc) / sum(l); the splits are walked one at a time so a
-    single [BLOCK_H, RANK] tile is live. Loads bypass L1 (.cg): the partials come from
-    other programs of the same launch."""
+    single [BLOCK_H, RANK] tile is live, and empty ones (m = -inf) are not read. Loads
+    bypass L1 (.cg): the partials come from other programs of the same launch."""
     part0 = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS  # [BLOCK_H]
     sp = tl.arange(0, SPLITS_P2)
     ml_mask = h_mask[:, None] & (sp < NUM_SPLITS)[None, :]
@@ -69,7 +80,8 @@ def _mla_combine(out_ptr, part_acc_ptr, part_ml_ptr, seq, heads, h_mask, offs_r,
     for s in range(NUM_SPLITS):
         m_s = tl.load(part_ml_ptr + part0 + s, mask=h_mask, other=float("-inf"),
                       cache_modifier=".cg")
-        a = tl.load(part_acc_ptr + (part0 + s)[:, None] * RANK + offs_r[None, :], mask=mask,
+        live = mask & (m_s > float("-inf"))[:, None]  # an empty split stored no tile
+        a = tl.load(part_acc_ptr + (part0 + s)[:, None] * RANK + offs_r[None, :], mask=live,
                     other=0.0, cache_modifier=".cg")
         acc += a * tl.math.exp2(m_s - m_max)[:, None]
     out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
@@ -92,8 +104,8 @@ def _mla_decode_kernel(
     num_seqs, num_heads, qk_scale,
     RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FOLD: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, MIN_TILES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FOLD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl.launch_dependents(USE_PDL)
     seq = tl.program_id(0)
@@ -113,9 +125,9 @@ def _mla_decode_kernel(
     q_pe = tl.load(q_row + RANK + offs_p[None, :], mask=h_mask[:, None] & p_mask[None, :],
                    other=0.0)
 
-    # This split's equal share of the key tiles covering [0, seq_len).
+    # This split's equal share of the key tiles covering [0, seq_len), MIN_TILES at least.
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), MIN_TILES)
     t_start = split * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
 
@@ -145,7 +157,8 @@ def _mla_decode_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
         part = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
-        tl.store(part_acc_ptr + part[:, None] * RANK + offs_r[None, :], acc, mask=o_mask)
+        tl.store(part_acc_ptr + part[:, None] * RANK + offs_r[None, :], acc,
+                 mask=o_mask & (t_start < num_tiles))  # empty split: m = -inf says so
         tl.store(part_ml_ptr + part, m_i, mask=h_mask)
         tl.store(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + part, l_i, mask=h_mask)
         if FOLD:  # the last split of this (sequence, head tile) to finish combines them all
@@ -157,6 +170,39 @@ def _mla_decode_kernel(
                              r_mask, stride_os, stride_oh, num_seqs, num_heads, NUM_SPLITS,
                              SPLITS_P2, RANK, BLOCK_H, BLOCK_R)
                 tl.atomic_xchg(counter, 0)  # ready for the next launch
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _mla_reduce_kernel(
+    out_ptr,  # [num_seqs, num_heads, RANK]
+    part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, RANK] fp32
+    part_ml_ptr,  # [2, num_seqs, num_heads, NUM_SPLITS] fp32
+    stride_os, stride_oh, num_seqs, num_heads,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, RANK: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """The splits of one (sequence, head) combined over BLOCK_R of its ranks, all splits at
+    once (empty ones, m = -inf, not read): grid (num_seqs, num_heads, cdiv(RANK, BLOCK_R))."""
+    pdl.launch_dependents(USE_PDL)
+    pdl.wait(USE_PDL)
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < RANK
+    sp = tl.arange(0, SPLITS_P2)
+    s_mask = sp < NUM_SPLITS
+    part = (seq * num_heads + head) * NUM_SPLITS + sp  # [SPLITS_P2]
+    m = tl.load(part_ml_ptr + part, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + part, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max)  # empty splits weigh 0
+    l_sum = tl.sum(l * w, 0)
+    live = (m > float("-inf"))[:, None] & r_mask[None, :]
+    acc = tl.load(part_acc_ptr + part[:, None] * RANK + offs_r[None, :], mask=live, other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_r,
+             out.to(out_ptr.dtype.element_ty), mask=r_mask)
 
 
 def mla_decode_config(num_heads: int, kv_lora_rank: int, dtype: torch.dtype
@@ -183,14 +229,17 @@ def mla_num_splits(num_seqs: int, num_heads: int, max_blocks_per_seq: int, block
     """The split count ``mla_decode_attention`` picks when given none (shapes only, so it
     is fixed under a CUDA graph): split the keys only when the (sequence, head tile)
     programs alone leave SMs idle, aiming at two programs a SM, each split keeping at least
-    two key tiles, at most 64 splits, a power of two (few compiled variants)."""
+    MIN_SPLIT_TILES key tiles of the longest context the block table holds, the partials
+    within MAX_PARTIAL_BYTES, at most 64 splits, a power of two (few compiled variants)."""
     block_h, block_n, _, _ = mla_decode_config(num_heads, kv_lora_rank, dtype)
     num_programs = num_seqs * triton.cdiv(num_heads, block_h)
     max_tiles = triton.cdiv(max_blocks_per_seq * block_size, block_n)
     num_sms = _num_sms(device)
-    if num_programs >= num_sms or max_tiles < 4:
+    if num_programs >= num_sms or max_tiles < 2 * MIN_SPLIT_TILES:
         return 1
-    splits = max(1, min(triton.cdiv(2 * num_sms, num_programs), max_tiles // 2, 64))
+    by_bytes = MAX_PARTIAL_BYTES // (num_seqs * num_heads * kv_lora_rank * 4)
+    splits = max(1, min(triton.cdiv(2 * num_sms, num_programs), max_tiles // MIN_SPLIT_TILES,
+                        by_bytes, 64))
     return 1 << (splits.bit_length() - 1)
 
 
@@ -211,7 +260,8 @@ def _check_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tenso
 def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
                          seq_lens: torch.Tensor, *, scale: float, block_size: int,
                          kv_lora_rank: int, num_splits: int | None = None,
-                         fold_reduce: bool | None = None) -> torch.Tensor:
+                         fold_reduce: bool | None = None,
+                         min_split_tiles: int = MIN_SPLIT_TILES) -> torch.Tensor:
     """Absorbed MLA decode attention of one query token per sequence over the latent cache.
 
     q [nd, H, kv_lora_rank + rope] (absorbed q_nope, then q_pe); cache [1, num_slots, 1,
@@ -221,7 +271,8 @@ def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torc
 
     The algorithm: this module's docstring. ``num_splits`` None picks a count from shapes
     only (``mla_num_splits``); ``fold_reduce`` None folds the splits in the decode kernel
-    when they are few (FOLD_MAX_SPLITS) and ``PAGEDLLM_DECODE_FOLD`` is not 0.
+    when they are few (FOLD_MAX_SPLITS) and ``PAGEDLLM_DECODE_FOLD`` is not 0; each split
+    takes ``min_split_tiles`` key tiles at least (tests lower it to fill every split).
     """
     _check_decode(q, cache, block_table, seq_lens, kv_lora_rank)
     nd, num_heads, dim = q.shape
@@ -251,13 +302,14 @@ def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torc
         RANK=kv_lora_rank, ROPE=dim - kv_lora_rank, BLOCK_R=block_r,
         BLOCK_P=max(16, triton.next_power_of_2(dim - kv_lora_rank)), BLOCK_H=block_h,
         BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, SPLITS_P2=splits_p2,
-        DOT_PRECISION=_dot_precision(q.dtype), FOLD=fold_reduce, num_warps=num_warps,
+        MIN_TILES=min_split_tiles, DOT_PRECISION=_dot_precision(q.dtype), FOLD=fold_reduce, num_warps=num_warps,
         num_stages=num_stages, **pdl.options(q))
     if num_splits > 1 and not fold_reduce:
-        _paged_decode_reduce_kernel[(nd, num_heads)](
-            out, part_acc, part_ml, out.stride(0), out.stride(1), nd, num_heads, 1.0,
-            NUM_SPLITS=num_splits, SPLITS_P2=splits_p2, HEAD_DIM=kv_lora_rank,
-            BLOCK_D=block_r, num_warps=4, **pdl.options(q))
+        block_rc = min(REDUCE_BLOCK_R, block_r)
+        _mla_reduce_kernel[(nd, num_heads, triton.cdiv(kv_lora_rank, block_rc))](
+            out, part_acc, part_ml, out.stride(0), out.stride(1), nd, num_heads,
+            NUM_SPLITS=num_splits, SPLITS_P2=splits_p2, RANK=kv_lora_rank, BLOCK_R=block_rc,
+            num_warps=4, **pdl.options(q))
     return out
 
 
@@ -307,4 +359,4 @@ def write_latent(cache: torch.Tensor, latent: torch.Tensor, slot_mapping: torch.
 
 
 __all__ = ["mla_decode_attention", "mla_decode_config", "mla_num_splits", "write_latent",
-           "FOLD_MAX_SPLITS"]
+           "FOLD_MAX_SPLITS", "MIN_SPLIT_TILES", "MAX_PARTIAL_BYTES"]

@@ -66,14 +66,15 @@ def _latent_setup(seq_lens: list[int], block_size: int, dim: int, dtype: torch.d
     return cache.to(dtype).to(DEVICE), table.to(DEVICE)
 
 
-def _check(seq_lens, block_size, rank, rope, heads, dtype, num_splits, fold, seed):
+def _check(seq_lens, block_size, rank, rope, heads, dtype, num_splits, fold, seed,
+           min_split_tiles=tm.MIN_SPLIT_TILES):
     gen = torch.Generator().manual_seed(seed)
     cache, table = _latent_setup(seq_lens, block_size, rank + rope, dtype, gen)
     q = torch.randn(len(seq_lens), heads, rank + rope, generator=gen).to(dtype).to(DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     kw = dict(scale=(rank + rope) ** -0.5, block_size=block_size, kv_lora_rank=rank)
     out = tm.mla_decode_attention(q, cache, table, lens, num_splits=num_splits,
-                                  fold_reduce=fold, **kw)
+                                  fold_reduce=fold, min_split_tiles=min_split_tiles, **kw)
     assert out.shape == (len(seq_lens), heads, rank) and out.dtype == dtype
     ref = mla.mla_decode_attention_ref(q.double(), cache.double(), table, lens, **kw)
     err = _rel_err(out, ref)
@@ -85,32 +86,42 @@ def _check(seq_lens, block_size, rank, rope, heads, dtype, num_splits, fold, see
     return out
 
 
-# (block_size, rank, rope, heads, dtype, num_splits)
+# (block_size, rank, rope, heads, dtype, num_splits, min_split_tiles)
 CASES = [
-    (16, 32, 16, 4, torch.float32, 1),
-    (32, 32, 16, 4, torch.bfloat16, 3),
-    (16, 32, 16, 20, torch.float32, None),  # 20 heads: one 32-row tile, 12 rows masked
-    (32, 32, 8, 40, torch.float32, 4),  # the tiny model's 32 + 8; two head tiles
-    (16, 24, 16, 3, torch.float16, 2),  # a rank that is no power of two
+    (16, 32, 16, 4, torch.float32, 1, 4),
+    (32, 32, 16, 4, torch.bfloat16, 3, 1),
+    (16, 32, 16, 20, torch.float32, None, 1),  # 20 heads: one 32-row tile, 12 rows masked
+    (32, 32, 8, 40, torch.float32, 4, 1),  # the tiny model's 32 + 8; two head tiles
+    (16, 24, 16, 3, torch.float16, 2, 1),  # a rank that is no power of two
+    (16, 32, 16, 8, torch.bfloat16, 8, 4),  # 4-tile splits: the short rows' later splits empty
 ]
 
 
 @pytest.mark.parametrize("fold", [None, False])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_mla_decode_attention(case, fold):
-    block_size, rank, rope, heads, dtype, num_splits = case
+    block_size, rank, rope, heads, dtype, num_splits, min_tiles = case
     seq_lens = [1, 0, 7 * block_size + 3, 37]  # one key, padding row, many blocks, partial
     _check(seq_lens, block_size, rank, rope, heads, dtype, num_splits, fold,
-           zlib.crc32(repr(case).encode()))
+           zlib.crc32(repr(case).encode()), min_tiles)
 
 
-def test_split_kv_matches_single_pass_and_fold_resets():
+@pytest.mark.parametrize("min_tiles", [1, 4])
+def test_split_kv_matches_single_pass_and_fold_resets(min_tiles, monkeypatch):
+    """Splits (folded or reduced) equal one pass; the partial tiles start as NaN, so a
+    combine that read an empty split's (unwritten) tile would show."""
+    make = tm._partials
+
+    def poisoned(*args):
+        acc, ml = make(*args)
+        return (acc.fill_(float("nan")), ml) if acc.dim() == 4 else (acc, ml)
+    monkeypatch.setattr(tm, "_partials", poisoned)
     seq_lens = [300, 5, 0, 129]
     one = _check(seq_lens, 16, 32, 16, 8, torch.float32, 1, None, 3)
-    many = _check(seq_lens, 16, 32, 16, 8, torch.float32, 7, False, 3)
+    many = _check(seq_lens, 16, 32, 16, 8, torch.float32, 7, False, 3, min_tiles)
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
     for _ in range(2):  # the fold's counters are left zeroed: the second launch is right too
-        folded = _check(seq_lens, 16, 32, 16, 8, torch.float32, 7, True, 3)
+        folded = _check(seq_lens, 16, 32, 16, 8, torch.float32, 7, True, 3, min_tiles)
         torch.testing.assert_close(folded, many, rtol=1e-6, atol=1e-7)
 
 
@@ -118,20 +129,25 @@ def test_split_kv_matches_single_pass_and_fold_resets():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("num_splits,fold", [(1, None), (4, True), (8, None), (16, False),
-                                             (None, None)])
-def test_mla_decode_attention_real_shapes(dtype, heads, block_size, num_splits, fold):
+@pytest.mark.parametrize("num_splits,fold,min_tiles", [(1, None, 4), (4, True, 1),
+                                                       (8, None, 4), (16, False, 1),
+                                                       (64, False, 4), (None, None, 4)])
+def test_mla_decode_attention_real_shapes(dtype, heads, block_size, num_splits, fold,
+                                          min_tiles):
     seq_lens = [1, 0, 7 * block_size + 3, 37, 2000, 513]
     _check(seq_lens, block_size, 512, 64, heads, dtype, num_splits, fold,
-           zlib.crc32(repr((dtype, heads, block_size, num_splits)).encode()))
+           zlib.crc32(repr((dtype, heads, block_size, num_splits)).encode()), min_tiles)
 
 
 def test_num_splits_depends_on_shapes_only():
     device = torch.device(DEVICE)
     few = tm.mla_num_splits(1, 128, 256, 16, 512, torch.bfloat16, device)
     assert few > 1 and few & (few - 1) == 0  # batch 1: split, a power of two
+    assert 1 * 128 * few * 512 * 4 <= tm.MAX_PARTIAL_BYTES
     assert tm.mla_num_splits(256, 128, 256, 16, 512, torch.bfloat16, device) == 1
     assert tm.mla_num_splits(1, 16, 2, 16, 512, torch.bfloat16, device) == 1  # short table
+    # a split keeps MIN_SPLIT_TILES tiles of the longest context (16 tiles of 32 keys: 4)
+    assert tm.mla_num_splits(1, 16, 32, 16, 512, torch.bfloat16, device) == 4
 
 
 @pytest.mark.parametrize("cache_dtype,latent_dtype", [(torch.float32, torch.float32),
