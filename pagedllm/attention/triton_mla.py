@@ -302,8 +302,8 @@ def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torc
         RANK=kv_lora_rank, ROPE=dim - kv_lora_rank, BLOCK_R=block_r,
         BLOCK_P=max(16, triton.next_power_of_2(dim - kv_lora_rank)), BLOCK_H=block_h,
         BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, SPLITS_P2=splits_p2,
-        MIN_TILES=min_split_tiles, DOT_PRECISION=_dot_precision(q.dtype), FOLD=fold_reduce, num_warps=num_warps,
-        num_stages=num_stages, **pdl.options(q))
+        MIN_TILES=min_split_tiles, DOT_PRECISION=_dot_precision(q.dtype), FOLD=fold_reduce,
+        num_warps=num_warps, num_stages=num_stages, **pdl.options(q))
     if num_splits > 1 and not fold_reduce:
         block_rc = min(REDUCE_BLOCK_R, block_r)
         _mla_reduce_kernel[(nd, num_heads, triton.cdiv(kv_lora_rank, block_rc))](
