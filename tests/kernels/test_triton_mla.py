@@ -6,8 +6,9 @@ Without a GPU the kernels run under Triton's interpreter (see test_triton_attent
 how ``TRITON_INTERPRET`` is set); tiny latents (rank 32 + rope 16, and the tiny model's
 32 + 8) keep that fast. With a GPU the real shapes run too (rank 512 + rope 64, 16 and 128
 heads), as does the tiny DeepSeek-V2/V3 model through the engine (eager and CUDA graphs)
-against the CPU's greedy tokens. Outputs are poisoned with NaN first; tolerances are
-||out - ref|| / ||ref||.
+against the CPU's greedy tokens. On CPU the tiny models also run through the engine with
+``mla.py`` sent to the kernels (interpreted) and give the PyTorch path's tokens. Outputs are
+poisoned with NaN first; tolerances are ||out - ref|| / ||ref||.
 """
 from __future__ import annotations
 
@@ -202,3 +203,24 @@ def test_tiny_model_cuda_matches_cpu(arch, eager):
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate(prompt_token_ids=_prompts(), sampling_params=params, use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outs] == cpu
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_tiny_model_through_the_kernels_matches_torch_path(arch, monkeypatch):
+    """The engine with ``mla.py`` dispatching to the Triton kernels (decode attention and
+    latent write; under the interpreter here, on the GPU there) gives the PyTorch path's
+    greedy tokens (fp32; splits and their fold as the engine's shapes pick them)."""
+    from tests.models.test_deepseek_models import build_tiny_deepseek
+    from tests.models.test_models_vs_hf import _prompts
+    from tests.models.test_moe_models import _generate
+    path = str(build_tiny_deepseek(arch))
+    flags = dict(block_size=16, device=DEVICE, enforce_eager=True)
+    torch_path = _generate(path, _prompts(), **{**flags, "device": "cpu"})
+    calls = []
+
+    def kernels(x):
+        calls.append(x.shape)
+        return tm
+    monkeypatch.setattr(mla, "_kernels", kernels)
+    assert _generate(path, _prompts(), **flags) == torch_path
+    assert calls  # the kernels ran
