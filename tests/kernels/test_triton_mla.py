@@ -17,6 +17,7 @@ import importlib.util
 import os
 import sys
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -224,3 +225,77 @@ def test_tiny_model_through_the_kernels_matches_torch_path(arch, monkeypatch):
     monkeypatch.setattr(mla, "_kernels", kernels)
     assert _generate(path, _prompts(), **flags) == torch_path
     assert calls  # the kernels ran
+
+
+def _prefilled_model(arch: str, lens: list[int], block_size: int):
+    """The tiny model (HF weights) with ``lens`` prompts prefilled into a fresh latent cache;
+    each sequence owns cdiv(len + 1, block_size) blocks (room for one decode token).
+    Returns (model, caches, block table rows)."""
+    from pagedllm.attention.backend import AttentionMetadata, ForwardContext, PrefillSeq
+    from pagedllm.models.registry import resolve_model_class
+    from tests.models.test_deepseek_models import _configs, _hf_model
+    hf = _hf_model(_configs()[arch])
+    model = resolve_model_class([type(hf).__name__])(hf.config, 512)
+    model.load_weights(hf.state_dict().items())
+    model = model.to(DEVICE).eval()
+    spec = model.kv_cache_spec(SimpleNamespace(hf_config=hf.config), 1)
+    gen = torch.Generator().manual_seed(11)
+    tables, prefills, slots, ids, start = [], [], [], [], 0
+    for n in lens:
+        need = -(-(n + 1) // block_size)
+        first = sum(map(len, tables))
+        tables.append(list(range(first, first + need))[::-1])  # blocks in reverse order
+        blocks = torch.tensor(tables[-1], device=DEVICE)
+        slots += [tables[-1][p // block_size] * block_size + p % block_size for p in range(n)]
+        prefills.append(PrefillSeq(start, n, n, blocks[:-(-n // block_size)]))
+        ids.append(torch.randint(3, 100, (n,), generator=gen))
+        start += n
+    caches = [torch.zeros(spec.shape(sum(map(len, tables)) * block_size), device=DEVICE)
+              for _ in range(hf.config.num_hidden_layers)]
+    meta = AttentionMetadata(block_size, torch.tensor(slots, device=DEVICE), 0, None, None,
+                             prefills)
+    positions = torch.cat([torch.arange(n) for n in lens]).to(DEVICE)
+    with torch.no_grad():
+        model(torch.cat(ids).to(DEVICE), positions, ForwardContext(meta, caches))
+    return model, caches, tables
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_padded_decode_step_as_cuda_graphs_run_it(arch, monkeypatch):
+    """A decode step padded as ``CUDAGraphRunner`` pads it (rows past the batch: slot -1,
+    seq_len 0; the block table as wide as the longest capturable context) gives the real
+    rows' hidden states of the unpadded step, finite padding rows, and the same cache: the
+    latent write skips slot -1 and the attention reads nothing for seq_len 0."""
+    from pagedllm.attention.backend import AttentionMetadata, ForwardContext
+    from pagedllm.worker.cuda_graph import CUDAGraphRunner
+    monkeypatch.setattr(mla, "_kernels", lambda x: tm)
+    lens, block_size = [5, 17, 30], 8
+    model, caches, tables = _prefilled_model(arch, lens, block_size)
+    n = len(lens)
+    ids = torch.tensor([7, 42, 99], device=DEVICE)
+    positions = torch.tensor(lens, device=DEVICE)
+    slots = torch.tensor([t[p // block_size] * block_size + p % block_size
+                          for t, p in zip(tables, lens)], device=DEVICE)
+    width = max(map(len, tables))
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                         device=DEVICE)
+    seq_lens = torch.tensor([p + 1 for p in lens], dtype=torch.int32, device=DEVICE)
+    eager_caches = [c.clone() for c in caches]
+    before_step = [c.clone() for c in caches]
+    meta = AttentionMetadata(block_size, slots, n, seq_lens, table, [])
+    with torch.no_grad():
+        eager = model(ids, positions, ForwardContext(meta, eager_caches))
+        runner = CUDAGraphRunner(model, caches, None, block_size, 8, 128, torch.device(DEVICE))
+        size = next(s for s in runner.sizes if s > n)  # padding rows: slot -1, seq_len 0
+        runner.input_ids[:n], runner.positions[:n] = ids, positions
+        runner.slot_mapping[:n], runner.seq_lens[:n] = slots, seq_lens
+        runner.block_table[:n, :width] = table
+        padded = runner._forward(size)
+    assert runner.block_table.shape[1] == 16 > width and size > n
+    torch.testing.assert_close(padded[:n], eager, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(padded).all()
+    others = torch.ones(caches[0].shape[1], dtype=torch.bool, device=DEVICE)
+    others[slots] = False
+    for ours, theirs, before in zip(caches, eager_caches, before_step):
+        assert torch.equal(ours[:, others], before[:, others])  # padding rows wrote nothing
+        torch.testing.assert_close(ours[:, slots], theirs[:, slots], rtol=1e-5, atol=1e-5)
