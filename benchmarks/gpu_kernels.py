@@ -2,7 +2,10 @@
 
 Shapes are Llama-3-8B's attention (32 query heads, 8 KV heads, head_dim 128, block 16, bf16):
 KV-cache write of 256 and 1024 tokens; decode at batch 1/64/256 and context 512/2048; prefill
-of one 1024-token prompt (and one 512-token chunk after a 1536-token cached prefix).
+of one 1024-token prompt (and one 512-token chunk after a 1536-token cached prefix). MLA
+decode (``triton_mla``) at DeepSeek-V2/V3 shapes: latent rank 512 + rope 64, 128 query heads
+(one GPU) and 16 (V2-Lite, or V3 at tensor-parallel size 8), batch 1/16/64, context 1024/8192,
+against the torch path (``mla.mla_decode_attention_ref``: SDPA over gathered latents).
 
 For each case: correctness against the reference run in fp32 on upcast inputs (||out - ref|| /
 ||ref|| under 1e-2, output poisoned with NaN first), then the median of ``--iters`` timed runs
@@ -14,6 +17,7 @@ TFLOP/s of the causal attention products.
 
     python benchmarks/gpu_kernels.py                     # all cases
     python benchmarks/gpu_kernels.py --only decode --sweep-splits 1 2 4 8 16
+    python benchmarks/gpu_kernels.py --only mla --sweep-splits 1 4 16 64
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ TOL = 1e-2
 WRITE_TOKENS = (256, 1024)
 DECODE_BATCHES, DECODE_CONTEXTS = (1, 64, 256), (512, 2048)
 PREFILL_SHAPES = ((0, 1024), (1536, 512))  # (cached context, new tokens) of one sequence
+MLA_RANK, MLA_ROPE, MLA_HEADS = 512, 64, (128, 16)
+MLA_BATCHES, MLA_CONTEXTS = (1, 16, 64), (1024, 8192)
 DEVICE = "cuda"
 
 
@@ -39,10 +45,10 @@ def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=50, help="timed runs per variant (median)")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first")
-    p.add_argument("--only", choices=["write", "decode", "prefill"], default=None,
+    p.add_argument("--only", choices=["write", "decode", "prefill", "mla"], default=None,
                    help="run one kernel's cases only")
     p.add_argument("--sweep-splits", type=int, nargs="*", default=None,
-                   help="also time decode at these explicit num_splits values")
+                   help="also time decode / mla at these explicit num_splits values")
     p.add_argument("--no-reference-timing", action="store_true",
                    help="skip timing the torch reference (correctness is still checked)")
     return p.parse_args()
@@ -209,6 +215,54 @@ def bench_prefill(ta, timer, args, gen) -> list[str]:
     return rows
 
 
+def _mla_case(heads: int, batch: int, ctx: int, gen: torch.Generator):
+    """(q, cache, block table, seq_lens) of one MLA decode case: every sequence ``ctx``
+    latents in shuffled blocks, bf16."""
+    need = -(-ctx // BLOCK_SIZE)
+    perm = torch.randperm(batch * need + 16, generator=gen, device=DEVICE)
+    table = perm[:batch * need].view(batch, need).to(torch.int32)
+    dim = MLA_RANK + MLA_ROPE
+    cache = torch.randn(1, perm.numel() * BLOCK_SIZE, 1, dim, generator=gen, device=DEVICE,
+                        dtype=DTYPE)
+    q = torch.randn(batch, heads, dim, generator=gen, device=DEVICE, dtype=DTYPE)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
+    return q, cache, table, lens
+
+
+def bench_mla(_ta, timer, args, gen) -> list[str]:
+    from pagedllm.attention import triton_mla as tm
+    from pagedllm.attention.mla import mla_decode_attention_ref
+    rows = []
+    kw = dict(scale=(192 ** -0.5), block_size=BLOCK_SIZE, kv_lora_rank=MLA_RANK)
+    for heads in MLA_HEADS:
+        for batch in MLA_BATCHES:
+            for ctx in MLA_CONTEXTS:
+                q, cache, table, lens = _mla_case(heads, batch, ctx, gen)
+                ref = mla_decode_attention_ref(q.float(), cache.float(), table, lens, **kw)
+                ref_us = None if args.no_reference_timing else \
+                    timer(lambda: mla_decode_attention_ref(q, cache, table, lens, **kw))
+                nbytes = batch * ctx * (MLA_RANK + MLA_ROPE) * cache.element_size()
+                flops = 2 * batch * ctx * heads * (2 * MLA_RANK + MLA_ROPE)
+                for splits in [None] + list(args.sweep_splits or []):
+                    def call(splits=splits):
+                        return tm.mla_decode_attention(q, cache, table, lens,
+                                                       num_splits=splits, **kw)
+                    err = _rel_err(call(), ref)
+                    us = timer(call)
+                    g_us = timer(_graph(call))
+                    auto = tm.mla_num_splits(batch, heads, table.shape[1], BLOCK_SIZE,
+                                             MLA_RANK, DTYPE, q.device)
+                    name = f"mla h={heads} b={batch} ctx={ctx}" + \
+                        (f" s={splits}" if splits else "")
+                    extra = (f"{flops / g_us / 1e6:.0f} TFLOP/s"
+                             + ("" if splits else f" splits={auto}"))
+                    rows.append(_row(name, err, us, g_us, ref_us, nbytes / g_us / 1e3,
+                                     "GB/s", extra))
+                q = cache = ref = None  # free the big cache before the next shape
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     args = _parse_args()
     if not torch.cuda.is_available():
@@ -226,7 +280,7 @@ def main() -> None:
               f"{'rate':>9} {'unit':<7} {'rel_err':>8} {'ok':<4}")
     rows = []
     for kind, fn in (("write", bench_write), ("decode", bench_decode),
-                     ("prefill", bench_prefill)):
+                     ("prefill", bench_prefill), ("mla", bench_mla)):
         if args.only in (None, kind):
             rows += fn(ta, timer, args, gen)
     print(header)

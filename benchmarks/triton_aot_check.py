@@ -10,6 +10,7 @@ named below 16-divisible, the unit strides of the usual layouts constant 1.
     python benchmarks/triton_aot_check.py            # every kernel variant in use
     python benchmarks/triton_aot_check.py --only moe
     python benchmarks/triton_aot_check.py --only fp8   # the fp8 batch-1 GEMV's variants
+    python benchmarks/triton_aot_check.py --only mla --sweep   # MLA decode tile shapes too
 """
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pagedllm.attention import triton_mla as tm  # noqa: E402
 from pagedllm.layers import fused_moe_triton as fm  # noqa: E402
 from pagedllm.quant import triton_fp8 as tf  # noqa: E402
 from pagedllm.quant import triton_wna16 as wq  # noqa: E402
@@ -148,15 +151,54 @@ def fp8_gemv_variants() -> list[str]:
     return lines
 
 
-VARIANTS = {"moe": moe_variants, "wna16": wna16_variants, "fp8": fp8_gemv_variants}
+def mla_variants(sweep: bool = False) -> list[str]:
+    """The MLA decode kernel at DeepSeek-V2/V3 shapes (rank 512 + rope 64; 16 and 128 heads
+    a rank) with the configs ``mla_decode_config`` picks (``sweep``: the other BLOCK_H /
+    BLOCK_N / warp counts too), one split, folded splits and reduced splits, and the latent
+    write."""
+    types = {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
+             "q_ptr": "*bf16", "cache_ptr": "*bf16", "block_table_ptr": "*i32",
+             "seq_lens_ptr": "*i32", "count_ptr": "*i32", "qk_scale": "fp32"}
+    fp32 = {**types, "out_ptr": "*fp32", "q_ptr": "*fp32", "cache_ptr": "*fp32"}
+    lines = []
+    configs = {(dtype, tm.mla_decode_config(heads, 512, dtype))
+               for heads in (16, 128) for dtype in (torch.bfloat16, torch.float32)}
+    if sweep:
+        configs |= {(torch.bfloat16, (bh, bn, w, 2)) for bh in (16, 32, 64)
+                    for bn in (16, 32, 64) for w in (4, 8)}
+    for dtype, (block_h, block_n, warps, stages) in sorted(configs, key=str):
+        for splits, fold in ((1, False), (8, True), (16, False)):
+            lines.append(compile_kernel(
+                tm._mla_decode_kernel, types if dtype == torch.bfloat16 else fp32,
+                dict(RANK=512, ROPE=64, BLOCK_R=512, BLOCK_P=64, BLOCK_H=block_h,
+                     BLOCK_N=block_n, BLOCK_SIZE=16, NUM_SPLITS=splits,
+                     SPLITS_P2=splits, MIN_TILES=tm.MIN_SPLIT_TILES,
+                     DOT_PRECISION="tf32" if dtype == torch.bfloat16
+                     else "ieee", FOLD=fold, USE_PDL=True),
+                num_warps=warps, num_stages=stages))
+    for splits in (16, 64):
+        lines.append(compile_kernel(
+            tm._mla_reduce_kernel, types, dict(NUM_SPLITS=splits, SPLITS_P2=splits, RANK=512,
+                                               BLOCK_R=tm.REDUCE_BLOCK_R, USE_PDL=True),
+            num_warps=4))
+    lines.append(compile_kernel(tm._write_latent_kernel, {"cache_ptr": "*bf16",
+                                                          "latent_ptr": "*bf16",
+                                                          "slot_mapping_ptr": "*i64"},
+                                dict(DIM=576, BLOCK_D=1024, USE_PDL=True), num_warps=4))
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=list(VARIANTS), nargs="+", default=list(VARIANTS))
+    parser.add_argument("--only", choices=["moe", "wna16", "fp8", "mla"], nargs="+",
+                        default=["moe", "wna16", "fp8", "mla"])
+    parser.add_argument("--sweep", action="store_true",
+                        help="mla: other tile shapes than the ones in use too")
     args = parser.parse_args()
+    parts = {"moe": moe_variants, "wna16": wna16_variants, "fp8": fp8_gemv_variants,
+             "mla": lambda: mla_variants(args.sweep)}
     for part in args.only:
-        for line in VARIANTS[part]():
+        for line in parts[part]():
             print(line, flush=True)
 
 

@@ -29,8 +29,10 @@ Hugging Face does):
   sum of their best two; renormalised when ``norm_topk_prob``; times ``routed_scaling_factor``.
 
 Checkpoints: V3's multi-token-prediction layers (``model.layers.<num_hidden_layers>...``) are
-not used and are skipped. The attention runs the PyTorch path on every device, so CUDA
-graphs stay off for these models (``supports_cuda_graphs``).
+not used and are skipped. On CUDA with the fused ops the decode attention and the latent
+write are Triton kernels (``attention/triton_mla.py``) and CUDA graphs capture decode steps;
+with ``PAGEDLLM_DISABLE_FUSED_OPS`` the PyTorch path runs and graphs stay off
+(``supports_cuda_graphs``: its ``index_copy_`` cannot skip the padding rows' slot -1).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ from torch import nn
 
 from pagedllm.attention.backend import ForwardContext
 from pagedllm.attention.cache_spec import KVCacheSpec
-from pagedllm.attention.mla import mla_decode, mla_prefill, write_latent
+from pagedllm.attention.mla import kernels_serve, mla_decode, mla_prefill, write_latent
 from pagedllm.distributed import get_tp_size
 from pagedllm.layers.linear import Linear
 from pagedllm.layers.moe import FusedMoE, load_moe_weights, select_experts
@@ -234,8 +236,14 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
     """Llama's causal LM (tensor and pipeline parallel) with DeepSeek layers; of the
     quantization methods only ``experts_int8`` applies."""
     supports_expert_quantization = True
-    supports_cuda_graphs = False  # MLA runs the PyTorch attention path
     v3 = False
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """True where the Triton MLA kernels serve CUDA (asked on CUDA only): every op of a
+        decode step is then capture-safe (no host syncs or data-dependent shapes; padding
+        rows' slot -1 skipped by the latent write, their seq_len 0 read nothing)."""
+        return kernels_serve(torch.device("cuda"))
 
     @classmethod
     def kv_cache_spec(cls, model_config, tp_size: int) -> KVCacheSpec:

@@ -251,7 +251,7 @@ def test_absorbed_decode_equals_expanded_attention():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_greedy_matches_hf(model_path, hf_tokens):
-    """The MLA torch path on the GPU (CUDA graphs off for MLA, logged)."""
+    """On the GPU: the Triton MLA decode, decode steps under CUDA graphs."""
     assert _generate(model_path, _prompts(), block_size=16, device="cuda") == hf_tokens
 
 
