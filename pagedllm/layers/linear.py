@@ -162,7 +162,8 @@ class MergedLinear(Linear):
     def _load_same(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
         """A tensor each fused part repeats (GPTQ ``g_idx``): the parts must agree."""
         first = self.loaded_once.get(id(param))
-        if first is not None and not torch.equal(param.data, loaded.to(param.dtype)):
+        if first is not None and not torch.equal(param.data,
+                                                 loaded.to(param.device, param.dtype)):
             raise ValueError(f"checkpoint tensor {name!r} differs from {first!r}; pagedllm fuses "
                              "these projections into one layer, which needs them equal")
         default_weight_loader(param, loaded, name)

@@ -16,15 +16,17 @@ W[k, n] = (q[k, n] - z[g(k), n]) * s[g(k), n].
 Kernels: a GEMV for one-row inputs of the K-packed layouts (batch-1 decode: each program
 loads a [BLOCK_K / pack, BLOCK_N] tile of words with 16-byte loads, and for each of the pack
 values in a word multiplies the decoded rows by x elementwise; the K range is split over
-programs so the SMs fill, fp32 partial sums added after), and a ``tl.dot`` GEMM for more
-rows (split-K too while the batch is memory-bound; K-packed tiles of one group run one dot
-per value position of the words) that also reads AWQ's own layout; from
+programs so the SMs fill, fp32 partial sums folded by the last program of each column tile),
+and a ``tl.dot`` GEMM for more rows (split-K too while the batch is memory-bound) that also
+reads AWQ's own layout; from
 ``DEQUANT_MIN_ROWS`` rows (prefill) one kernel dequantizes the weight and cuBLAS multiplies.
 The AWQ method repacks its weight at load on CUDA (``repack_awq``) so that decode takes the
 GEMV.
 Without act-order a K tile lies inside one group, so its zeros and scales are one row.
-Codes are decoded where they lie in the word, with 2**23's exponent ORed in (``_code_at``:
-one LOP3 and one FADD a value, no shift, no int-to-float conversion). The
+The GEMV decodes codes where they lie in the word, with 2**23's exponent ORed in
+(``_code_at``: one LOP3 and one FADD a value, no shift, no int-to-float conversion). (The
+GEMM did so too, one tl.dot per value position, for 16 rows: no faster per kernel on the
+H100, and 0.71x bf16 instead of 1.03x in 16-row engine decode: reverted.) The
 torch dequantize-then-matmul references of ``packing.py`` / the quant methods are the oracle
 (tests/kernels/test_wna16.py); ``benchmarks/triton_aot_check.py`` compiles every variant for
 sm_90 without a GPU (registers, spills, load widths).
@@ -258,51 +260,8 @@ def _fold_splits(part_ptr, bias_ptr, out_ptr, n0, splits, half, stride_ps, n_out
 
 
 @triton.jit
-def _dot_acc(acc, x, w, IEEE: tl.constexpr):
-    """acc + x @ w (fp32 weights: IEEE products; else w in x's dtype on the tensor cores)."""
-    if IEEE:
-        acc += tl.dot(x, w, input_precision="ieee")
-    else:
-        acc += tl.dot(x, w.to(x.dtype))
-    return acc
-
-
-@triton.jit
-def _packed_k_tile(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, offs_m, k0, n0, M, N, K, group_size,
-                   zero_offset, magic, stride_xm, stride_qk, stride_qn, stride_zg, stride_zn,
-                   stride_sg, stride_sn, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                   IEEE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc + x[:, k0:k0+BLOCK_K] @ W[k0:k0+BLOCK_K, n0:n0+BLOCK_N] for weights packed along K
-    in one group per tile: one tl.dot per value position j of the words, over the rows
-    k = word_row * PACK + j, so each value is decoded where it lies (``_code_at``: no
-    reshape of the unpacked codes, no per-element shift) and dequantized by one FMA,
-    code 2**p x (s 2**-p) - z s: (q - z) s rounded once, as the reference rounds it."""
-    PACK: tl.constexpr = 32 // BITS
-    R: tl.constexpr = BLOCK_K // PACK
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    word_rows = k0 // PACK + tl.arange(0, R)
-    words = tl.load(qw_ptr + word_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-                    mask=(word_rows * PACK < K)[:, None] & n_ok[None, :], other=0)
-    hi_words = words >> ((23 // BITS) * BITS)
-    g = k0 // group_size + tl.zeros((1,), dtype=tl.int32)
-    z, s = _group_rows(qz_ptr, s_ptr, g, g < (K + group_size - 1) // group_size, offs_n, n_ok,
-                       zero_offset, stride_zg, stride_zn, stride_sg, stride_sn, BITS, False,
-                       HAS_ZEROS)
-    zs = z * s  # exact: a code of BITS bits times a 16-bit float's mantissa
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    m_ok = (offs_m < M)[:, None]
-    for j in tl.static_range(PACK):
-        k = word_rows * PACK + j
-        x = tl.load(x_rows + k[None, :], mask=m_ok & (k < K)[None, :], other=0.0)
-        w = _code_at(words, hi_words, magic, j, BITS) * (s * _code_scale(j, BITS)) - zs
-        acc = _dot_acc(acc, x, w, IEEE)
-    return acc
-
-
-@triton.jit
 def _wna16_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, M, N, K, k_split,
-                       group_size, zero_offset, magic, stride_xm, stride_om, stride_os, stride_qk,
+                       group_size, zero_offset, stride_xm, stride_om, stride_os, stride_qk,
                        stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
                        BITS: tl.constexpr, AWQ: tl.constexpr, ACT_ORDER: tl.constexpr,
                        HAS_ZEROS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -316,20 +275,16 @@ def _wna16_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, M, N, K, k_
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_s * k_split
     for k0 in range(k_start, k_start + k_split, BLOCK_K):
-        if AWQ or ACT_ORDER or BLOCK_K // (32 // BITS) < 16:  # (tl.dot's K is >= 16)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                        mask=(offs_m[:, None] < M) & (offs_k < K)[None, :], other=0.0)
-            w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, n0, N, K, group_size,
-                              zero_offset, stride_qk, stride_qn, stride_zg, stride_zn,
-                              stride_sg, stride_sn, BITS, AWQ, ACT_ORDER, HAS_ZEROS, BLOCK_K,
-                              BLOCK_N)
-            acc = _dot_acc(acc, x, w, IEEE)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k < K)[None, :], other=0.0)
+        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, n0, N, K, group_size,
+                          zero_offset, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg,
+                          stride_sn, BITS, AWQ, ACT_ORDER, HAS_ZEROS, BLOCK_K, BLOCK_N)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
         else:
-            acc = _packed_k_tile(acc, x_ptr, qw_ptr, qz_ptr, s_ptr, offs_m, k0, n0, M, N, K,
-                                 group_size, zero_offset, magic, stride_xm, stride_qk,
-                                 stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, BITS,
-                                 HAS_ZEROS, IEEE, BLOCK_K, BLOCK_N)
+            acc += tl.dot(x, w.to(x.dtype))
     offs_n = n0 + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + pid_s * stride_os + offs_m[:, None].to(tl.int64) * stride_om
              + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -542,7 +497,7 @@ def _gemm(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor
     tensors, strides = _launch_args(w, act_order)
     grid = (triton.cdiv(w.n, block_n), triton.cdiv(m, block_m), splits)
     _wna16_gemm_kernel[grid](
-        x, *tensors, out, m, w.n, w.k, k_split, w.group_size, w.zero_offset, MAGIC,
+        x, *tensors, out, m, w.n, w.k, k_split, w.group_size, w.zero_offset,
         x.stride(0), out.stride(1), out.stride(0), *strides, BITS=w.bits, AWQ=w.awq,
         ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None, IEEE=x.dtype == torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
