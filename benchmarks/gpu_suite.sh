@@ -203,6 +203,15 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== quant engine"; timeout 170 python benchmarks/quant_bench.py --only engine \
         --formats bf16 gptq fp8 --batches 1 16 --no-offline --out "$OUT_DIR" 2>&1 \
         | grep -v Warning | grep "bench=" | tail -6 ;;
+    probe10)
+      # fourth session, last call (little device time left): only the GPU cases of the
+      # fp8 batch-1 GEMV, the MLA decode kernel and DeepSeek with CUDA graphs, GPTQ desc_act
+      echo "== gpu tests"; timeout 210 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=line tests/kernels/test_fp8_gemv.py tests/kernels/test_triton_mla.py \
+        tests/models/test_deepseek_models.py \
+        tests/kernels/test_wna16.py::test_cuda_engine_greedy_equals_cpu -k "llama_shapes \
+        or apply or tiny_model_cuda or cuda_greedy or 16-16-dtype0 or 16-128-dtype0 \
+        or cuda_engine_greedy_equals_cpu" 2>&1 | grep -v Warning | tail -14 ;;
     enginetests21)
       # the GPU engine tests of the issue-21 changes (one step loop, LoRA and pipeline sends
       # in the forward context), every file to the end

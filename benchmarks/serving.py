@@ -9,7 +9,9 @@ model directory). ``--compare-offline`` then runs the same workload through ``LL
 with the same engine flags, after the server has stopped, and prints server/offline tokens/s.
 ``--compare-inproc`` also serves the workload with ``--disable-frontend-multiprocessing``
 (the engine in the server's process) in the same run; ``--rates 4 8 16`` adds a Poisson sweep.
-``--timeline DIR`` records per-step timelines of each run's engine core and front end
+``--repeat N`` runs the main load N times against the one server and the offline workload N
+times through the one ``LLM``, and compares the medians (every trial listed): on a 2-core CPU
+either side of one run varies by +-15%. ``--timeline DIR`` records per-step timelines of each run's engine core and front end
 (``PAGEDLLM_STEP_TIMELINE``) and the main run's client times under ``DIR/<run>/``, then
 prints ``benchmarks/timeline.py``'s comparison (where the server loses time against offline).
 
@@ -80,6 +82,10 @@ def _parse_args(argv=None):
                         help="after the main run, a Poisson sweep at these requests/s")
     parser.add_argument("--sweep-prompts", type=int, default=None,
                         help="prompts of each --rates run (default: --num-prompts)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the main load and the offline workload this many times "
+                        "each (one server, one LLM) and compare their medians: on a small "
+                        "CPU one run of either varies by +-15%%")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="load-generator processes (use >1 when one is saturated)")
     parser.add_argument("--timeline", default=None, metavar="DIR",
@@ -115,6 +121,21 @@ def _save_client(path: str | None, results) -> None:
             json.dump([(r.sent_at, r.done_at, r.output_tokens) for r in results], f)
 
 
+def _median_trial(args, url: str, model: str, workload) -> tuple[dict, list]:
+    """The main load ``--repeat`` times against one server: the summary (and results) of
+    the median trial by output tokens/s, with every trial's tokens/s listed."""
+    trials = []
+    for _ in range(args.repeat):
+        results, elapsed, cpu = run_load_processes(url, model, workload, args.request_rate,
+                                                   args.seed, args.client_processes)
+        trials.append((summarize(results, elapsed, cpu), results))
+    trials.sort(key=lambda trial: trial[0]["output_tokens_per_s"])
+    summary, results = trials[len(trials) // 2]
+    if args.repeat > 1:
+        summary["trials_output_tokens_per_s"] = [t[0]["output_tokens_per_s"] for t in trials]
+    return summary, results
+
+
 def serve_and_load(args, workload, extra_flags: list[str], rates=(), run: str = "server"
                    ) -> dict:
     """Start a server (or use --base-url), run the workload (and the --rates sweep): a dict
@@ -132,9 +153,7 @@ def serve_and_load(args, workload, extra_flags: list[str], rates=(), run: str = 
     try:
         model = asyncio.run(_model_name(url, args.served_model_name))
         asyncio.run(run_load(url, model, workload[:2], float("inf"), args.seed))  # warm-up
-        results, elapsed, cpu = run_load_processes(url, model, workload, args.request_rate,
-                                                   args.seed, args.client_processes)
-        out[f"rate_{args.request_rate}"] = summarize(results, elapsed, cpu)
+        out[f"rate_{args.request_rate}"], results = _median_trial(args, url, model, workload)
         _save_client(timeline, results)
         print(json.dumps(out, indent=2), flush=True)
         for rate in rates:
@@ -171,8 +190,12 @@ def main(argv=None) -> None:
         from pagedllm import LLM
         _timeline_to(args, "offline")
         llm = LLM.from_engine_args(_engine_args(args))
-        offline = run_offline(llm, workload)
+        trials = sorted(run_offline(llm, workload) for _ in range(args.repeat))
+        offline = trials[len(trials) // 2]
         llm.llm_engine.shutdown()  # writes its timeline
+        if args.repeat > 1:
+            print(json.dumps({"offline_trials_output_tokens_per_s":
+                              [round(t, 1) for t in trials]}), flush=True)
         ratios = {f"{name}_over_offline": round(run[main_key]["output_tokens_per_s"] /
                                                 offline, 3) for name, run in runs.items()}
         print(json.dumps({"offline_output_tokens_per_s": round(offline, 1), **ratios}),
