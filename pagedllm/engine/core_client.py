@@ -29,7 +29,6 @@ loop goes on, as in one process.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pickle
@@ -267,32 +266,6 @@ class CoreLoop:
 
 
 # ---- the front end's side ------------------------------------------------------------------
-def core_environment() -> dict[str, str]:
-    """Variables the core process starts with. Its OpenMP threads (the CPU backend's compute;
-    small host-side ops on a GPU) must not spin-wait: they share the cores with the API
-    process (and the load), and a spinning thread that waits at a barrier for a preempted
-    peer turns a 20 ms CPU step into 400 ms or more (measured on 2 cores: a 1-token request
-    took 700 ms through the server instead of 85 ms). Passive waiting costs the core little
-    and leaves the front end its CPU. A user's own setting wins."""
-    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
-        return {}
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-@contextlib.contextmanager
-def _environment(overrides: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in overrides}
-    os.environ.update(overrides)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 class MPCoreClient:
     """Starts the core process and talks to it. ``send`` is synchronous (ZeroMQ queues it);
     ``recv`` is awaited by the front end's reader task."""
@@ -320,8 +293,11 @@ class MPCoreClient:
                                      time.time()), daemon=False)
         from pagedllm.logging_setup import process_age_s
         self.spawned_at_age_s = process_age_s()  # the front end's imports before the spawn
-        with _environment(core_environment()):  # the child reads it at its start
-            self.proc.start()
+        # (the core's OpenMP threads wait as OpenMP does by default, spinning a while at a
+        # barrier, as offline runs do: passive waiting, which the core had before, served the
+        # 2-core tiny-Llama benchmark at 0.73-0.82 of offline against 0.81-0.91, and its
+        # 1-token TTFT was 10 ms against 12 ms: docs/benchmarks.md, fourth part)
+        self.proc.start()
         child_conn.close()
         self.cache_info: dict[str, Any] = {}
         self.ready = False  # the core answered "ready": it reads its input socket now
