@@ -250,14 +250,17 @@ def test_cpu_layers_are_not_marked_for_the_gemv():
 @needs_fp8
 @pytest.mark.parametrize("case", list(LAYER_CASES))
 def test_apply_gemv_equals_scaled_mm(case, monkeypatch):
-    """On the device: the GEMV's output and the ``torch._scaled_mm`` path's at one row,
-    Llama-sized K, within one bf16 ulp (fp32 summation order; cuBLAS sums in its own
-    order), bias and gated epilogue included."""
+    """On the device, Llama-sized K, bias and gated epilogue included: the GEMV's output at
+    one row is the exact W8A8 result rounded (``assert_rounded_equal`` against the float64
+    reference), and close to the ``torch._scaled_mm`` path's. Not within one ulp of that:
+    cuBLASLt's fp8 GEMM accumulates with less precision than fp32, and on the H100 1 to 28
+    of 2048 of its outputs were more than one bf16 ulp from the GEMV's (2026-12-07)."""
     gen = torch.Generator().manual_seed(11)
     method, parts = _method(case)
     layer = _layer(method, [p * 8 for p in parts], 4096, "cuda", gen)
     x = (torch.randn(1, 4096, generator=gen) * 2).to(torch.bfloat16).cuda()
     bias = torch.randn(sum(parts) * 8, generator=gen).to(torch.bfloat16).cuda()
+    x_scale = layer.input_scale if method.static_input else None
     calls = _spy(monkeypatch)
     for gated in (False, True):
         out = method.apply(layer, x, bias, gated_silu=gated)
@@ -265,7 +268,11 @@ def test_apply_gemv_equals_scaled_mm(case, monkeypatch):
         other = method.apply(layer, x, bias, gated_silu=gated)
         monkeypatch.setattr(fp8, "switches", lambda: Switches())
         assert fp8._scaled_mm_mode(layer, x, method.activations) is not None
-        assert_rounded_equal(out, other.cpu(), torch.bfloat16)
+        ref = reference(x, layer.weight, layer.row_scale, x_scale, method.activations, bias,
+                        gated)
+        assert_rounded_equal(out, ref, torch.bfloat16)
+        diff = (out.cpu().double() - other.cpu().double()).norm() / ref.double().norm()
+        assert diff < 1e-2, f"GEMV vs _scaled_mm: relative difference {diff:.2e}"
     assert calls == [False, True]
 
 
