@@ -237,9 +237,9 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
 @triton.jit
 def _fold_splits(part_ptr, bias_ptr, out_ptr, n0, splits, half, stride_ps, n_out,
                  HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
-    """out[n0:n0+BLOCK] = epilogue(sum over splits of part[s, n]), the epilogue of
-    ``_splitk_reduce_kernel`` (+ bias, then silu(gate) * up with the up column ``half`` to
-    the right). The loads bypass L1 (.cg): other programs of this launch wrote them."""
+    """out[n0:n0+BLOCK] = epilogue(sum over splits of part[s, n]): + bias, then, GATED,
+    silu(gate) * up with the up column ``half`` to the right. The loads bypass L1 (.cg):
+    when the GEMV folds, other programs of the same launch wrote them."""
     offs = n0 + tl.arange(0, BLOCK)
     ok = offs < n_out
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -508,25 +508,11 @@ def _gemm(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, splits, n_out, half, stride_ps,
                           stride_pm, stride_om, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                           BLOCK: tl.constexpr):
-    # out[m, n] = epilogue(sum over splits of part[s, m, n]): + bias, then silu(gate) * up
-    # with the up column ``half`` to the right (GATED)
+    # out[m, n] = epilogue(sum over splits of part[s, m, n]) (``_fold_splits``, row m)
     m = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n_out
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, splits):
-        row = part_ptr + s * stride_ps + m * stride_pm
-        acc += tl.load(row + offs, mask=ok, other=0.0)
-        if GATED:
-            acc_up += tl.load(row + half + offs, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if GATED:
-            acc_up += tl.load(bias_ptr + half + offs, mask=ok, other=0.0).to(tl.float32)
-    if GATED:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    _fold_splits(part_ptr + m * stride_pm, bias_ptr, out_ptr + m * stride_om,
+                 tl.program_id(1) * BLOCK, splits, half, stride_ps, n_out, HAS_BIAS, GATED,
+                 BLOCK)
 
 
 def _reduce(part: torch.Tensor, bias: torch.Tensor | None, gated: bool,

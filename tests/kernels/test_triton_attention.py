@@ -47,10 +47,10 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def _paged_setup(seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, gen: torch.Generator):
-    """A random cache with spare blocks and per-sequence shuffled, non-contiguous block ids.
-    Returns kv_cache [2, slots, h, d], block_table [num_seqs, max_blocks] int32."""
+def shuffled_block_table(seq_lens: list[int], block_size: int,
+                         gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """(block_table [num_seqs, max_blocks] int32 on DEVICE, number of blocks): spare blocks,
+    per-sequence shuffled, non-contiguous block ids, junk ids past each sequence's end."""
     need = [-(-n // block_size) for n in seq_lens]
     max_blocks = max(max(need), 1) + 1  # one spare column: never read
     num_blocks = 2 * sum(need) + 3
@@ -61,8 +61,16 @@ def _paged_setup(seq_lens: list[int], block_size: int, num_kv_heads: int, head_d
         table[i, :n] = perm[used:used + n]
         table[i, n:] = perm[-1]  # junk ids past the sequence's end
         used += n
+    return table.to(DEVICE), num_blocks
+
+
+def _paged_setup(seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, gen: torch.Generator):
+    """A random cache over ``shuffled_block_table``'s blocks. Returns kv_cache [2, slots, h,
+    d], block_table [num_seqs, max_blocks] int32."""
+    table, num_blocks = shuffled_block_table(seq_lens, block_size, gen)
     kv = torch.randn(2, num_blocks * block_size, num_kv_heads, head_dim, generator=gen)
-    return kv.to(dtype).to(DEVICE), table.to(DEVICE)
+    return kv.to(dtype).to(DEVICE), table
 
 
 # (block_size, head_dim, num_kv_heads, group, sliding_window, soft_cap, dtype, num_splits)

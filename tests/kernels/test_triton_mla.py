@@ -14,58 +14,28 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import sys
 import zlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.utils.triton_interpreter import patch_interpreter
-
-if importlib.util.find_spec("triton") is None:  # CI installs no triton: GPU-only kernels.
-    pytest.skip("triton is not installed: GPU attention kernels are not tested here",
-                allow_module_level=True)
-
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU:
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before the interpreter could be enabled; run "
-                    "tests/kernels in its own pytest process (or set TRITON_INTERPRET=1)",
-                    allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
-    patch_interpreter()
+from tests.kernels.test_triton_attention import (  # noqa: E402  (sets the interpreter up)
+    DEVICE, ON_GPU, TOL, _rel_err, shuffled_block_table)
 
 tm = importlib.import_module("pagedllm.attention.triton_mla")
 mla = importlib.import_module("pagedllm.attention.mla")
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (real MLA shapes)")
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "output has NaN/inf (unwritten or bad masking)"
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def _latent_setup(seq_lens: list[int], block_size: int, dim: int, dtype: torch.dtype,
                   gen: torch.Generator):
-    """A random latent cache [1, slots, 1, dim] with spare blocks and per-sequence shuffled
-    block ids (junk ids past each sequence's end); block_table [num_seqs, max_blocks] int32."""
-    need = [-(-n // block_size) for n in seq_lens]
-    max_blocks = max(max(need), 1) + 1  # one spare column: never read
-    num_blocks = 2 * sum(need) + 3
-    perm = torch.randperm(num_blocks, generator=gen)
-    table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(need):
-        table[i, :n] = perm[used:used + n]
-        table[i, n:] = perm[-1]
-        used += n
+    """A random latent cache [1, slots, 1, dim] over ``shuffled_block_table``'s blocks;
+    block_table [num_seqs, max_blocks] int32."""
+    table, num_blocks = shuffled_block_table(seq_lens, block_size, gen)
     cache = torch.randn(1, num_blocks * block_size, 1, dim, generator=gen)
-    return cache.to(dtype).to(DEVICE), table.to(DEVICE)
+    return cache.to(dtype).to(DEVICE), table
 
 
 def _check(seq_lens, block_size, rank, rope, heads, dtype, num_splits, fold, seed,
