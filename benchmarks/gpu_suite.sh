@@ -193,15 +193,17 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
     pending4)
       # what the fourth session's device time did not cover: bf16 / GPTQ / fp8 decode at
       # batch 1 and 16 (the fp8 batch-1 GEMV; GPTQ 16 rows after the GEMM revert), the
-      # fp8 GEMV's layer test against _scaled_mm (rewritten after probe10), and Qwen3-30B-A3B
-      # vs the 8B shape offline (1000 x 256/256)
+      # fp8 GEMV's layer test against _scaled_mm (rewritten after probe10), Qwen3-30B-A3B
+      # vs the 8B shape offline (1000 x 256/256), and serve start-up (issue 19: <= 12 s)
       echo "== fp8 apply test"; timeout 90 python -m pytest -q -p no:cacheprovider -rf \
         --tb=line tests/kernels/test_fp8_gemv.py -k apply 2>&1 | tail -4
       echo "== quant engine"; timeout 170 python benchmarks/quant_bench.py --only engine \
         --formats bf16 gptq fp8 --batches 1 16 --no-offline --out "$OUT_DIR" 2>&1 \
         | grep -v Warning | grep "bench=" | tail -6
-      echo "== moe offline"; timeout 320 python benchmarks/moe_bench.py --only offline \
-        --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3 ;;
+      echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
+        --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
+      use_serve_wheels
+      startup_split 70 ;;
     probe10)
       # fourth session, last call (little device time left): only the GPU cases of the
       # fp8 batch-1 GEMV, the MLA decode kernel and DeepSeek with CUDA graphs, GPTQ desc_act
