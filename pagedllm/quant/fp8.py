@@ -13,8 +13,9 @@ the product accumulates in fp32 and is scaled on the way out, per tensor when th
 one scale and the activation scale is a scalar, else per row and column (bf16 activations;
 fp16 ones then take the reference, logged once). One-row steps (batch-1 decode) there, and
 weight-only (W8A16) ones, run the Triton fp8 GEMV instead (``triton_fp8.fp8_gemv``: x
-quantized inside it, the same numbers up to fp32 summation order; ``PAGEDLLM_GEMV=off``
-keeps the other paths). Elsewhere ``apply`` runs the torch emulation
+quantized inside it as here, fp32 sums: the float64 W8A8 result rounded, within one ulp,
+where cuBLASLt's coarser fp8 accumulation can differ by more; ``PAGEDLLM_GEMV=off`` keeps
+the other paths). Elsewhere ``apply`` runs the torch emulation
 and reference: activations are rounded through fp8 with their scale, weights are dequantized
 (fp8 value x its tensor's scale) and the product runs in the activation dtype. A layer
 quantized at load gets one scale for its whole (rank-local, fused) weight.

@@ -234,7 +234,9 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor,
     (``x_scale``, a one-element fp32 tensor), "dynamic" / "token" (max|x| / 448 of the row,
     computed inside the kernel: no extra launch) or "none" (W8A16: x not quantized).
     ``gated``: weight is a fused [gate; up] of 2d rows, result silu(gate) * up [1, d].
-    The same numbers as ``scaled_mm_fp8`` + ``gptq.epilogue`` up to fp32 summation order.
+    ``scaled_mm_fp8`` + ``gptq.epilogue``'s quantization and rounding with fp32 sums: the
+    float64 result rounded, within one ulp (cuBLASLt's fp8 accumulation is coarser: on the
+    H100 up to 1.4% of its outputs were further from the GEMV's).
     ``config``: (block_n, block_k, num_warps), per shape in ``FP8_GEMV_CONFIGS``.
     No host syncs and fixed shapes: CUDA graphs capture it."""
     _check_gemv_args(x, weight, row_scale, x_scale, activations, gated)
