@@ -104,8 +104,7 @@ def check_fused(x, gate_up, down, weights, ids, configs=None) -> float:
 
 def bench_layer_at(shape: dict, tokens: int, args, dev, copy_gbs: float) -> None:
     from pagedllm.layers.activation import ActAndMul
-    from pagedllm.layers.fused_moe_triton import (MOE_GEMV_CONFIGS, MOE_GEMV_MAX_TOKENS,
-                                                  fused_moe, moe_config)
+    from pagedllm.layers.fused_moe_triton import MOE_GEMV_MAX_TOKENS, fused_moe, moe_path
     from pagedllm.layers.moe import moe_static
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     x, gate_up, down, routes = layer_problem(shape, tokens, dtype, dev, args.routings)
@@ -118,19 +117,18 @@ def bench_layer_at(shape: dict, tokens: int, args, dev, copy_gbs: float) -> None
     torch_us = per_call_us([lambda w=w, i=i: moe_static(x, gate_up, down, w, i, act)
                             for w, i in routes[:2]], 1, dev) if tokens <= 64 else None
     gbs = read / fused_us / 1e3
-    other_us = per_call_us([lambda w=w, i=i: fused_moe(
-        x, gate_up, down, w, i, gemv=tokens > MOE_GEMV_MAX_TOKENS) for w, i in routes],
-        args.reps, dev) if tokens <= 4 * MOE_GEMV_MAX_TOKENS else None
+    gemv, table = moe_path(tokens, shape["top_k"], shape["experts"])
+    other_us = per_call_us([lambda w=w, i=i: fused_moe(x, gate_up, down, w, i, gemv=not gemv)
+                            for w, i in routes],
+                           args.reps, dev) if tokens <= 4 * MOE_GEMV_MAX_TOKENS else None
     emit(bench="moe layer", shape=shape["name"], tokens=tokens, fused_us=round(fused_us, 2),
-         path="gemv" if tokens <= MOE_GEMV_MAX_TOKENS else "sorted",
+         path="gemv" if gemv else "sorted",
          other_path_us=round(other_us, 2) if other_us else None,
          expert_mb_read=round(read / 1e6, 1), gbs=round(gbs, 1),
          copy_share=round(gbs / copy_gbs, 3) if copy_gbs else None,
          torch_static_us=round(torch_us, 1) if torch_us else None,
          speedup_vs_torch=round(torch_us / fused_us, 2) if torch_us else None,
-         rel_err=f"{err:.1e}", configs=list(
-             MOE_GEMV_CONFIGS if tokens <= MOE_GEMV_MAX_TOKENS
-             else moe_config(tokens, shape["top_k"], shape["experts"])))
+         rel_err=f"{err:.1e}", configs=list(table))
     if args.tune:
         tune(shape, tokens, x, gate_up, down, routes, args, dev, fused_us)
 
@@ -161,11 +159,9 @@ def tune(shape, tokens, x, gate_up, down, routes, args, dev, current_us) -> None
     """Each candidate tile config for the gate/up launch (down at its table config) and then
     for the down launch (gate/up at the best found): the best of each, checked for
     correctness. Batches of the GEMV path sweep its (BLOCK_N, BLOCK_K, warps) instead."""
-    from pagedllm.layers import fused_moe_triton as fm
-    from pagedllm.layers.fused_moe_triton import fused_moe, moe_config
-    gemv = tokens <= fm.MOE_GEMV_MAX_TOKENS
-    best = list(fm.MOE_GEMV_CONFIGS if gemv else
-                moe_config(tokens, shape["top_k"], shape["experts"]))
+    from pagedllm.layers.fused_moe_triton import fused_moe, moe_path
+    gemv, table = moe_path(tokens, shape["top_k"], shape["experts"])
+    best = list(table)
     for which in (0, 1):
         results = []
         for cand in (gemv_candidates if gemv else tune_candidates)(SMOKE):

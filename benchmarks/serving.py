@@ -11,9 +11,10 @@ with the same engine flags, after the server has stopped, and prints server/offl
 (the engine in the server's process) in the same run; ``--rates 4 8 16`` adds a Poisson sweep.
 ``--repeat N`` runs the main load N times against the one server and the offline workload N
 times through the one ``LLM``, and compares the medians (every trial listed): on a 2-core CPU
-either side of one run varies by +-15%. ``--timeline DIR`` records per-step timelines of each run's engine core and front end
-(``PAGEDLLM_STEP_TIMELINE``) and the main run's client times under ``DIR/<run>/``, then
-prints ``benchmarks/timeline.py``'s comparison (where the server loses time against offline).
+either side of one run varies by +-15%. ``--timeline DIR`` records per-step timelines of
+each run's engine core and front end (``PAGEDLLM_STEP_TIMELINE``) and the main run's client
+times under ``DIR/<run>/``, then prints ``benchmarks/timeline.py``'s comparison (where the
+server loses time against offline).
 
 The load generator reports its own CPU seconds (all its processes) and warns when one of them
 was busy most of the run: then it, not the server, may be the bottleneck, and

@@ -283,6 +283,15 @@ def _fp8_max(dtype: torch.dtype) -> float:
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _split_tiles(tile_lo, tile_hi, split, NUM_SPLITS: tl.constexpr, MIN_TILES: tl.constexpr):
+    """[t_start, t_end): split ``split``'s equal share of the key tiles [tile_lo, tile_hi),
+    MIN_TILES at least (splits past the end get an empty range)."""
+    tiles_per_split = tl.maximum(tl.cdiv(tile_hi - tile_lo, NUM_SPLITS), MIN_TILES)
+    t_start = tile_lo + split * tiles_per_split
+    return t_start, tl.minimum(t_start + tiles_per_split, tile_hi)
+
+
+@triton.jit
 def _scores(q, k, qk_scale, cap_scale,
             USE_SOFT_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """q [M, D] x k^T [D, N] -> fp32 scores [M, N] in log2 units, soft-capped when asked."""
@@ -386,11 +395,7 @@ def _paged_decode_kernel(
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(seq_len - sliding_window, 0)
-    tile_lo = lo // BLOCK_N
-    num_tiles = tl.cdiv(seq_len, BLOCK_N) - tile_lo
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    t_start = tile_lo + split * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, tile_lo + num_tiles)
+    t_start, t_end = _split_tiles(lo // BLOCK_N, tl.cdiv(seq_len, BLOCK_N), split, NUM_SPLITS, 1)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)

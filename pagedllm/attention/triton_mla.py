@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention.triton_attention import (FOLD_ENV, _LOG2E, _dot_precision, _num_sms,
-                                                 _softmax_step, _split_counters)
+                                                 _softmax_step, _split_counters,
+                                                 _split_tiles)
 from pagedllm.layers import pdl
 
 # the split walk the folding program may take (each step one [BLOCK_H, RANK] fp32 tile)
@@ -127,9 +128,7 @@ def _mla_decode_kernel(
 
     # This split's equal share of the key tiles covering [0, seq_len), MIN_TILES at least.
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), MIN_TILES)
-    t_start = split * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
+    t_start, t_end = _split_tiles(0, num_tiles, split, NUM_SPLITS, MIN_TILES)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)

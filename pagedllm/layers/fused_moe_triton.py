@@ -312,6 +312,15 @@ MOE_GEMV_MAX_TOKENS = 1
 MOE_GEMV_CONFIGS = ((1, 256, 4), (2, 256, 8))
 
 
+def moe_path(tokens: int, top_k: int, num_experts: int,
+             gemv: bool | None = None) -> tuple[bool, tuple[tuple, tuple]]:
+    """(whether the per-token GEMVs run, that path's (gate/up, down) configs) for this batch:
+    the GEMVs up to ``MOE_GEMV_MAX_TOKENS`` tokens (``gemv`` forces either path) with
+    ``MOE_GEMV_CONFIGS``, else the sorted GEMMs with ``moe_config``'s row."""
+    use_gemv = tokens <= MOE_GEMV_MAX_TOKENS if gemv is None else gemv
+    return use_gemv, MOE_GEMV_CONFIGS if use_gemv else moe_config(tokens, top_k, num_experts)
+
+
 def _gemv_launch(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor,
                  topw: torch.Tensor | None, n_cols: int, config: tuple) -> None:
     tokens, top_k = ids.shape
@@ -363,9 +372,10 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         return torch.zeros_like(x)
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     topw = weights.reshape(-1).float().contiguous()
-    if tokens <= MOE_GEMV_MAX_TOKENS if gemv is None else gemv:
-        return fused_moe_gemv(x, gate_up, down, topw, ids, configs)
-    gate_up_cfg, down_cfg = configs or moe_config(tokens, top_k, num_experts)
+    use_gemv, table = moe_path(tokens, top_k, num_experts, gemv)
+    if use_gemv:
+        return fused_moe_gemv(x, gate_up, down, topw, ids, configs or table)
+    gate_up_cfg, down_cfg = configs or table
     act = torch.empty(tokens * top_k, inter, dtype=x.dtype, device=x.device)
     routing = align_block_size(ids, num_experts, gate_up_cfg[0])
     _grouped_gemm(x, gate_up, act, routing, inter, gate_up_cfg, top_k, True, None)

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.attention.triton_attention import _split_counters
 from pagedllm.switches import switches
 
 
@@ -434,7 +435,7 @@ def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None,
     if fold:
         out = torch.empty(1, w.n // 2 if gated else w.n, device=x.device, dtype=x.dtype)
         part = torch.empty(splits, w.n, device=x.device, dtype=torch.float32)
-        counts = _fold_counters(n_tiles, x.device)
+        counts = _split_counters(n_tiles, x.device)  # the decode kernels' tickets
     else:
         out = part = counts = torch.empty(splits, w.n, device=x.device,
                                           dtype=x.dtype if splits == 1 else torch.float32)
@@ -447,20 +448,6 @@ def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None,
     if fold:
         return out, "final"
     return (out, "raw") if splits == 1 else (out.unsqueeze(1), "partial")
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _fold_counters(n: int, device: torch.device) -> torch.Tensor:
-    """A persistent zeroed int32 buffer of at least n tickets for the folded split-K GEMV
-    (every launch leaves it zeroed); made large at first use, so CUDA-graph captures, which
-    follow a warm-up, find it allocated."""
-    counts = _COUNTERS.get(device)
-    if counts is None or counts.numel() < n:
-        counts = _COUNTERS[device] = torch.zeros(max(n, 8192), dtype=torch.int32,
-                                                 device=device)
-    return counts
 
 
 SPLIT_MIN_K, SPLIT_K_PER_ROW = 512, 64
