@@ -204,6 +204,14 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       use_serve_wheels
       startup_split 70 ;;
+    probe11)
+      # fifth session: why the W4A16 GEMV reads int4 at 0.8-1.5 TB/s (load-only bounds of
+      # both layouts, prefetch), and where Qwen3-30B-A3B decode spends its time now
+      echo "== wna16 probe"; timeout 240 python benchmarks/wna16_probe.py --out "$OUT_DIR" \
+        2>&1 | grep -v Warning | tail -60
+      echo "== moe decode profile"; timeout 260 python benchmarks/profile_decode.py --graphs \
+        --model benchmarks/configs/qwen3-30b-a3b --tokens 32 --rows 40 2>&1 \
+        | grep -v Warning | tail -60 ;;
     probe10)
       # fourth session, last call (little device time left): only the GPU cases of the
       # fp8 batch-1 GEMV, the MLA decode kernel and DeepSeek with CUDA graphs, GPTQ desc_act
