@@ -204,6 +204,20 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       use_serve_wheels
       startup_split 70 ;;
+    s5a)
+      # fifth session's one call (machine starts kept failing): bf16 / GPTQ / fp8 decode at
+      # batch 1 and 16 (the fp8 batch-1 GEMV's first timing), the W4A16 probe, serve
+      # start-up, the Qwen3-30B-A3B decode profile
+      echo "== quant engine"; timeout 170 python benchmarks/quant_bench.py --only engine \
+        --formats bf16 gptq fp8 --batches 1 16 --no-offline --out "$OUT_DIR" 2>&1 \
+        | grep -v Warning | grep "bench=" | tail -6
+      echo "== wna16 probe"; timeout 150 python benchmarks/wna16_probe.py --out "$OUT_DIR" \
+        2>&1 | grep -v Warning | tail -60
+      use_serve_wheels
+      startup_split 70
+      echo "== moe decode profile"; timeout 180 python benchmarks/profile_decode.py --graphs \
+        --model benchmarks/configs/qwen3-30b-a3b --tokens 32 --rows 40 2>&1 \
+        | grep -v Warning | tail -60 ;;
     probe11)
       # fifth session: why the W4A16 GEMV reads int4 at 0.8-1.5 TB/s (load-only bounds of
       # both layouts, prefetch), and where Qwen3-30B-A3B decode spends its time now
