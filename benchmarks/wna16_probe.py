@@ -3,8 +3,10 @@ same Llama-3-8B projections timed as (a) the shipped GEMV (``triton_wna16._gemv`
 kernel that only loads the same [BLOCK_K / 8, BLOCK_N] word tiles of GPTQ's [K/8, N] layout
 and adds them up (the bound of that access pattern), with and without issuing the next
 tile's load before using this one, (c) the same load-only kernel on a repacked [N, K/8]
-layout (long contiguous rows, as the bf16 GEMV reads), and (d) the shipped GEMV's math with
-the next tile prefetched. CUDA-graph replay over rotating weight copies (L2 holds none);
+layout (long contiguous rows, as the bf16 GEMV reads), (d) the shipped GEMV's math with
+the next tile prefetched, (e) the shipped GEMV on words stored [N, K/8] (compressed-tensors'
+layout, read through strides), and (f) a GEMV written for that [N, K/8] layout (a tile of
+whole groups along each row, as the bf16 GEMV reads W). CUDA-graph replay over rotating weight copies (L2 holds none);
 prints microseconds and GB/s of the int4 words, and the copy bandwidth of the same run.
 
     python benchmarks/wna16_probe.py [--out DIR]
@@ -101,6 +103,40 @@ def _gemv_prefetch_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, part_ptr, N, k_split, gr
     tl.store(part_ptr + pid_s * N + offs_n, tl.sum(acc, axis=0))
 
 
+@triton.jit
+def _row_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, part_ptr, N, kw_split, magic, stride_qn,
+                     stride_zg, stride_sg, GW: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_KW: tl.constexpr):
+    # words stored [N, K/8] (row n's K contiguous, as the bf16 GEMV reads W): a [BLOCK_N,
+    # BLOCK_KW] tile of words, BLOCK_KW // GW whole groups a row; 4-bit, GPTQ zeros (+1)
+    NG: tl.constexpr = BLOCK_KW // GW
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_KW)
+    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    kw0 = pid_s * kw_split
+    zshift = ((offs_n % 8) * 4)[:, None]
+    for c0 in range(kw0, kw0 + kw_split, BLOCK_KW):
+        words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (c0 + offs_c)[None, :],
+                        eviction_policy="evict_first")
+        hi_words = words >> 20
+        qx = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+        xs = tl.zeros((BLOCK_KW,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + (c0 + offs_c) * 8 + j).to(tl.float32)
+            qx += wq._code_at(words, hi_words, magic, j, 4) * (xj * wq._code_scale(j, 4))[None, :]
+            xs += xj
+        qg = tl.sum(tl.reshape(qx, (BLOCK_N, NG, GW)), axis=2)
+        xg = tl.sum(tl.reshape(xs, (NG, GW)), axis=1)
+        g = c0 // GW + tl.arange(0, NG)
+        sc = tl.load(s_ptr + g[None, :] * stride_sg + offs_n[:, None]).to(tl.float32)
+        zw = tl.load(qz_ptr + g[None, :] * stride_zg + (offs_n // 8)[:, None])
+        z = (((zw >> zshift) & 15) + 1).to(tl.float32)
+        acc += sc * (qg - z * xg[None, :])
+    tl.store(part_ptr + pid_s * N + offs_n, tl.sum(acc, axis=1))
+
+
 def random_words(shape, dev) -> torch.Tensor:
     return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int64, device=dev).to(torch.int32)
 
@@ -124,9 +160,12 @@ def load_only(n: int, k: int, dev, transposed: bool, prefetch: bool, block_n: in
     return make, n * kw * 4
 
 
-def gptq_problem(n: int, k: int, dev):
+def gptq_problem(n: int, k: int, dev, transposed: bool = False):
+    """A random GPTQ weight; ``transposed``: its words stored [N, K/8] (the [K/8, N] view the
+    kernels get has strides (1, K/8), as compressed-tensors' ``weight_packed``)."""
     scales = (torch.rand(k // GROUP, n, device=dev) * 0.02 + 0.005).to(torch.bfloat16)
-    qw, qz = random_words((k // 8, n), dev), random_words((k // GROUP, n // 8), dev)
+    qw = random_words((n, k // 8), dev).t() if transposed else random_words((k // 8, n), dev)
+    qz = random_words((k // GROUP, n // 8), dev)
     return wq.gptq_weight(qw, qz, scales, None, 4, GROUP, False, 1)
 
 
@@ -138,6 +177,21 @@ def prefetch_gemv(w, x, block_n: int, block_k: int, waves: int):
         x, w.qweight, w.qzeros, w.scales, part, w.n, k_split, GROUP, wq.MAGIC,
         w.qweight.stride(0), w.qzeros.stride(0), w.scales.stride(0), BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=4)
+    return part
+
+
+def row_gemv(w, x, block_n: int, block_kw: int, waves: int):
+    """The [N, K/8] GEMV on a ``gptq_problem(..., transposed=True)`` weight (fp32 split sums)."""
+    tiles, kw = w.n // block_n, w.k // 8
+    splits = max(1, min(kw // block_kw, triton.cdiv(waves * 132, tiles)))
+    while (kw // block_kw) % splits:
+        splits -= 1
+    part = torch.empty(splits, w.n, dtype=torch.float32, device=x.device)
+    words = w.qweight.t()
+    _row_gemv_kernel[(tiles, splits)](
+        x, words, w.qzeros, w.scales, part, w.n, kw // splits, wq.MAGIC, words.stride(0),
+        w.qzeros.stride(0), w.scales.stride(0), GW=GROUP // 8, BLOCK_N=block_n,
+        BLOCK_KW=block_kw, num_warps=4)
     return part
 
 
@@ -161,6 +215,19 @@ def probe_shape(name: str, n: int, k: int, dev, rows: list) -> None:
     for cfg in [(64, 128, 8), (128, 128, 8), (256, 128, 4)]:
         us = per_call_us([lambda w=w: prefetch_gemv(w, x, *cfg) for w in weights], 5, dev)
         rows.append((name, f"prefetch {cfg} (rel err {err:.1e})", us, nbytes / us / 1e3))
+    del weights
+    weights = [gptq_problem(n, k, dev, True) for _ in range(max(2, -(-(256 << 20) // nbytes)))]
+    for cfg in [(16, 128, 4, 8), (32, 128, 4, 8), (64, 128, 4, 8), (128, 128, 8, 4)]:
+        us = per_call_us([lambda w=w: wq.wna16_matmul(x, w, config=cfg) for w in weights], 5,
+                         dev)
+        rows.append((name, f"shipped on [N,K/8] words {cfg}", us, nbytes / us / 1e3))
+    ref = wq.wna16_matmul(x, weights[0]).float()
+    got = row_gemv(weights[0], x, 8, 64, 4).sum(0)
+    err = (got - ref[0]).abs().max().item() / ref.abs().max().item()
+    for cfg in [(4, 128, 4), (8, 64, 4), (8, 128, 2), (16, 64, 2), (4, 256, 2), (8, 256, 1)]:
+        us = per_call_us([lambda w=w: row_gemv(w, x, *cfg) for w in weights], 5, dev)
+        rows.append((name, f"row GEMV [N,K/8] {cfg} (rel err {err:.1e})", us,
+                     nbytes / us / 1e3))
     del weights
     for transposed, prefetch, bn, bkw, waves in [
             (False, False, 64, 16, 8), (False, True, 64, 16, 8), (False, False, 256, 16, 4),
