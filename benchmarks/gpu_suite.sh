@@ -204,6 +204,23 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       use_serve_wheels
       startup_split 70 ;;
+    s5b)
+      # the W4A16 GEMV and the MoE GEMV with the next tile prefetched: GPU kernel tests,
+      # GPTQ vs bf16 batch-1 decode, the MoE GEMV sweep (prefetch on/off) and Qwen3-30B-A3B
+      # decode with the best found
+      echo "== kernel tests"; timeout 150 python -m pytest -q -p no:cacheprovider -x \
+        tests/kernels/test_wna16.py tests/kernels/test_fused_moe.py 2>&1 | tail -3
+      echo "== quant engine"; timeout 120 python benchmarks/quant_bench.py --only engine \
+        --formats bf16 gptq --batches 1 --no-offline --out "$OUT_DIR" 2>&1 \
+        | grep -v Warning | grep "bench=" | tail -3
+      echo "== moe"; timeout 200 python benchmarks/moe_bench.py --only layer decode \
+        --tokens 1 --tune --apply-tuned --out "$OUT_DIR" 2>&1 | grep -v Warning \
+        | grep "bench=" | tail -4 ;;
+    s5c)
+      # the fp8 GEMV's first GPU sweep, and fp8 vs bf16 batch-1 decode with its best configs
+      echo "== fp8"; timeout 330 python benchmarks/quant_bench.py --only kernels engine \
+        --rows 1 --tune-fp8 --apply-tuned --formats bf16 fp8 --batches 1 --no-offline \
+        --out "$OUT_DIR" 2>&1 | grep -v Warning | grep -E "bench=(fp8 gemv tune|decode)" ;;
     s5a)
       # fifth session's one call (machine starts kept failing): bf16 / GPTQ / fp8 decode at
       # batch 1 and 16 (the fp8 batch-1 GEMV's first timing), the W4A16 probe, serve

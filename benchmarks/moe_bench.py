@@ -148,11 +148,11 @@ def tune_candidates(smoke: bool) -> list[tuple]:
 
 
 def gemv_candidates(smoke: bool) -> list[tuple]:
-    """(BLOCK_N, BLOCK_K, num_warps) of the per-token GEMV path."""
+    """(BLOCK_N, BLOCK_K, num_warps, prefetch) of the per-token GEMV path."""
     if smoke:
-        return [(1, 16, 1), (2, 32, 2)]
-    return [(bn, bk, w) for bn in (1, 2, 4) for bk in (256, 512, 1024, 2048) for w in (2, 4, 8)
-            if bn * bk <= 2048]
+        return [(1, 16, 1, 0), (2, 32, 2, 1)]
+    return [(bn, bk, w, pf) for bn in (1, 2) for bk in (128, 256, 512) for w in (4, 8)
+            for pf in (0, 1)]
 
 
 def tune(shape, tokens, x, gate_up, down, routes, args, dev, current_us) -> None:
@@ -184,6 +184,9 @@ def tune(shape, tokens, x, gate_up, down, routes, args, dev, current_us) -> None
                       for w, i in routes], args.reps, dev)
     emit(bench="moe layer tune", shape=shape["name"], tokens=tokens, best_gate_up=best[0],
          best_down=best[1], best_us=round(us, 2), table_us=round(current_us, 2))
+    if args.apply_tuned and gemv and us < current_us:  # the decode runs below use them
+        import pagedllm.layers.fused_moe_triton as fm
+        fm.MOE_GEMV_CONFIGS = tuple(best)
 
 
 def bench_layer(args, dev, copy_gbs: float) -> None:
@@ -257,6 +260,7 @@ def bench_decode(args, dev, copy_gbs: float) -> None:
     out_len = 8 if SMOKE else 256
     step_bytes = decode_bytes_per_token(model)
     roofline = copy_gbs * 1e9 / step_bytes
+    import pagedllm.layers.fused_moe_triton as fm
     llm = make_llm(model, 1024, dev, max_num_seqs=8)
     prompt = make_prompts(1, 16 if SMOKE else 128, 500, 0)
     generate(llm, prompt, [4])  # warm-up
@@ -264,7 +268,8 @@ def bench_decode(args, dev, copy_gbs: float) -> None:
     emit(bench="moe decode b=1", model=os.path.basename(model.rstrip("/")),
          tok_s=round(out_len / best, 1), roofline_tok_s=round(roofline, 1),
          roofline_share=round(out_len / best / roofline, 3),
-         gb_read_per_token=round(step_bytes / 1e9, 3), copy_gbs=round(copy_gbs, 1))
+         gb_read_per_token=round(step_bytes / 1e9, 3), copy_gbs=round(copy_gbs, 1),
+         gemv_configs=fm.MOE_GEMV_CONFIGS)
     del llm
     release_memory()
 
@@ -303,6 +308,10 @@ def main() -> None:
     parser.add_argument("--model", default=MODEL, help="the MoE config of the decode benchmark "
                         "(e.g. benchmarks/configs/mixtral-8x7b-2l: Mixtral-8x7B cut to 2 layers)")
     parser.add_argument("--tune", action="store_true", help="sweep the layer's tile configs")
+    parser.add_argument("--apply-tuned", action="store_true",
+                        help="the decode runs of this process use the per-token GEMV configs "
+                        "the --tune sweep found, where faster (as if committed to "
+                        "MOE_GEMV_CONFIGS)")
     parser.add_argument("--offline", action="store_true", help="also 1000 x 256/256 vs 8B")
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--routings", type=int, default=8)

@@ -166,7 +166,10 @@ def bench_kernels(args, dev) -> None:
             if args.tune:
                 tune(name, n, k, rows, dtype, dev)
             if args.tune_fp8 and rows == 1 and gemvs:
-                tune_fp8(name, n, k, dtype, dev)
+                best = tune_fp8(name, n, k, dtype, dev)
+                if args.apply_tuned and best is not None:  # the engine runs below use it
+                    from pagedllm.quant import triton_fp8
+                    triton_fp8.FP8_GEMV_CONFIGS[(n, k)] = best
 
 
 def tune(name, n, k, rows, dtype, dev) -> None:
@@ -191,10 +194,10 @@ def tune(name, n, k, rows, dtype, dev) -> None:
             top=[(round(us, 2), cfg) for us, cfg in results[:3]])
 
 
-def tune_fp8(name, n, k, dtype, dev) -> None:
+def tune_fp8(name, n, k, dtype, dev) -> tuple | None:
     """The fastest (block_n, block_k, num_warps) of the fp8 GEMV at this shape (candidates
     for ``triton_fp8.FP8_GEMV_CONFIGS``): one or two 16-byte vectors a thread a row."""
-    cands = [(bn, vecs * 512 * w, w) for bn in (2, 4, 8, 16) for w in (1, 2, 4, 8)
+    cands = [(bn, vecs * 512 * w, w) for bn in (4, 8, 16) for w in (2, 4, 8)
              for vecs in (1, 2) if vecs * 512 * w <= 8192]
     if SMOKE:
         cands = [(2, 64, 1), (4, 32, 1)]
@@ -207,7 +210,14 @@ def tune_fp8(name, n, k, dtype, dev) -> None:
             print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}")
     results.sort()
     mb.emit(bench="fp8 gemv tune", shape=name, n=n, k=k,
-            top=[(round(us, 2), cfg) for us, cfg in results[:3]])
+            top=[(round(us, 2), cfg) for us, cfg in results[:3]],
+            table=triton_fp8_config(n, k))
+    return results[0][1] if results else None
+
+
+def triton_fp8_config(n: int, k: int) -> tuple:
+    from pagedllm.quant import triton_fp8
+    return triton_fp8.FP8_GEMV_CONFIGS.get((n, k), triton_fp8.FP8_GEMV_DEFAULT)
 
 
 def model_dir(fmt: str, base: str) -> str:
@@ -289,6 +299,9 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="sweep the W4A16 tile configs")
     parser.add_argument("--tune-fp8", action="store_true",
                         help="sweep the one-row fp8 GEMV's configs (triton_fp8)")
+    parser.add_argument("--apply-tuned", action="store_true",
+                        help="the engine runs of this process use the fp8 GEMV configs the "
+                        "--tune-fp8 sweep found (as if committed to FP8_GEMV_CONFIGS)")
     parser.add_argument("--no-offline", dest="offline", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: a quick end-to-end "
                         "check of this script (CPU: the Triton interpreter)")

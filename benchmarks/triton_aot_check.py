@@ -82,10 +82,12 @@ def moe_variants() -> list[str]:
              compile_kernel(fm._topk_softmax_kernel, {"logits_ptr": "*bf16", "w_ptr": "*fp32",
                                                       "ids_ptr": "*i64", "scale": "fp32"},
                             dict(TOP_K=8, K_POW2=8, RENORM=True, E_POW2=128), num_warps=1)]
-    for gated, (bn, bk, warps) in zip((True, False), fm.MOE_GEMV_CONFIGS):
-        lines.append(compile_kernel(
-            fm._moe_gemv_kernel, types, dict(TOP_K=8, K_POW2=8, GATED=gated, BLOCK_N=bn,
-                                             BLOCK_K=bk, VEC=8), num_warps=warps))
+    for gated, (bn, bk, warps, *pf) in zip((True, False), fm.MOE_GEMV_CONFIGS):
+        for prefetch in (False, True):
+            lines.append(compile_kernel(
+                fm._moe_gemv_kernel, types, dict(TOP_K=8, K_POW2=8, GATED=gated, BLOCK_N=bn,
+                                                 BLOCK_K=bk, VEC=8, PREFETCH=prefetch),
+                num_warps=warps))
     configs = {c for _, gate_up, down in fm.MOE_CONFIGS for c in (gate_up, down)}
     for bm, bn, bk, warps, stages in sorted(configs):
         for gated in (True, False):

@@ -188,10 +188,20 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
     rows = tl.arange(0, BLOCK_K // PACK)
     acc = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
     k_start = pid_s * k_split
+    k_end = tl.minimum(k_start + k_split, K)
+    col_ptrs = qw_ptr + offs_n[None, :] * stride_qn
+    words = tl.load(col_ptrs + (k_start // PACK + rows)[:, None] * stride_qk,
+                    mask=((k_start // PACK + rows) * PACK < k_end)[:, None] & n_ok[None, :],
+                    other=0, eviction_policy="evict_first")
     for k0 in range(k_start, k_start + k_split, BLOCK_K):
         word_rows = k0 // PACK + rows
-        words = tl.load(qw_ptr + word_rows[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-                        mask=(word_rows * PACK < K)[:, None] & n_ok[None, :], other=0)
+        # the next tile's words are requested before this tile's products (the loop is
+        # bound by their latency, not by its instructions: 9-25% faster on the H100,
+        # benchmarks/wna16_probe.py)
+        next_rows = word_rows + BLOCK_K // PACK
+        next_words = tl.load(col_ptrs + next_rows[:, None] * stride_qk,
+                             mask=(next_rows * PACK < k_end)[:, None] & n_ok[None, :],
+                             other=0, eviction_policy="evict_first")
         if ACT_ORDER:  # each row its own group: zeros and scales per value
             for j in tl.static_range(PACK):
                 k = word_rows * PACK + j
@@ -218,6 +228,7 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
                 qx += _code_at(words, hi_words, magic, j, BITS) * scaled_x[:, None]
                 x_sum += xj
             acc += (qx - z * x_sum[:, None]) * s
+        words = next_words
     if FOLD:  # this split's sums; the last of the tile's (gate and up) splits folds them
         tl.store(part_ptr + pid_s * stride_os + offs_n, tl.sum(acc, axis=0), mask=n_ok)
         tl.debug_barrier()  # every thread's partials are stored before the ticket
