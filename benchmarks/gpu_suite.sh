@@ -207,7 +207,7 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
     s5b)
       # the W4A16 GEMV and the MoE GEMV with the next tile prefetched: GPU kernel tests,
       # GPTQ vs bf16 batch-1 decode, the MoE GEMV sweep (prefetch on/off) and Qwen3-30B-A3B
-      # decode with the best found
+      # decode with the best found; serve start-up with the core's collector off while it imports
       echo "== kernel tests"; timeout 150 python -m pytest -q -p no:cacheprovider -x \
         tests/kernels/test_wna16.py tests/kernels/test_fused_moe.py 2>&1 | tail -3
       echo "== quant engine"; timeout 120 python benchmarks/quant_bench.py --only engine \
@@ -215,7 +215,9 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         | grep -v Warning | grep "bench=" | tail -3
       echo "== moe"; timeout 200 python benchmarks/moe_bench.py --only layer decode \
         --tokens 1 --tune --apply-tuned --out "$OUT_DIR" 2>&1 | grep -v Warning \
-        | grep "bench=" | tail -4 ;;
+        | grep "bench=" | tail -4
+      use_serve_wheels
+      startup_split 70 ;;
     s5c)
       # the fp8 GEMV's first GPU sweep, and fp8 vs bf16 batch-1 decode with its best configs
       echo "== fp8"; timeout 330 python benchmarks/quant_bench.py --only kernels engine \

@@ -29,6 +29,7 @@ loop goes on, as in one process.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -57,7 +58,11 @@ def _dumps(message) -> bytes:
 def run_engine_core(in_addr: str, out_addr: str, parent_pid: int, conn,
                     spawned_at: float) -> None:
     """Process target: import the engine while the front end resolves the configuration,
-    take the configuration from ``conn``, build the core, then serve it until told to stop."""
+    take the configuration from ``conn``, build the core, then serve it until told to stop.
+    The cyclic collector is off during the imports (torch, the models and transformers
+    allocate hundreds of thousands of objects, none of them garbage: its passes over them
+    were 20-30% of the import time on the CPU); it is back on before the engine is built."""
+    gc.disable()
     import zmq
     from pagedllm.logging_setup import configure_logging
     configure_logging()
@@ -65,6 +70,7 @@ def run_engine_core(in_addr: str, out_addr: str, parent_pid: int, conn,
     signal.signal(signal.SIGTERM, _raise_exit)
     from pagedllm.engine.core import EngineCore  # the heavy imports (torch, the models)
     _preimport_config_modules()
+    gc.enable()
     logger.info("start-up: engine core process up in %.1f s (spawn and imports)",
                 time.time() - spawned_at)
     configured = _wait_config(conn, parent_pid)
@@ -113,7 +119,7 @@ def _preimport_config_modules() -> None:
     ("config", ...) they overlap the front end's own resolution."""
     import importlib
     for name in ("transformers.configuration_utils", "transformers.utils.type_validators",
-                 "transformers.modeling_rope_utils"):
+                 "transformers.modeling_rope_utils", "transformers.models.auto"):
         try:
             importlib.import_module(name)
         except ImportError:  # other transformers versions lay their modules out differently
