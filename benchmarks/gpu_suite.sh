@@ -223,6 +223,16 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== fp8"; timeout 330 python benchmarks/quant_bench.py --only kernels engine \
         --rows 1 --tune-fp8 --apply-tuned --formats bf16 fp8 --batches 1 --no-offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep -E "bench=(fp8 gemv tune|decode)" ;;
+    s5e)
+      # the per-tensor fp8 quantizer over many programs: its GPU tests, fp8 vs bf16 decode at
+      # batch 1 and 16 and offline 1000 x 256/256; serve start-up with cuInit in a thread
+      echo "== fp8 tests"; timeout 90 python -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_fp8_scaled_mm.py tests/kernels/test_fp8_gemv.py 2>&1 | tail -2
+      echo "== fp8 engine"; timeout 250 python benchmarks/quant_bench.py --only engine \
+        --formats bf16 fp8 --batches 1 16 --out "$OUT_DIR" 2>&1 | grep -v Warning \
+        | grep -E "bench=(offline|decode)"
+      use_serve_wheels
+      startup_split 70 ;;
     s5d)
       # fp8 W8A8 vs bf16 offline 1000 x 256/256 and batch-1 decode (issue 22: >= 1.4x offline)
       echo "== fp8 offline"; timeout 250 python benchmarks/quant_bench.py --only engine \

@@ -148,11 +148,11 @@ def tune_candidates(smoke: bool) -> list[tuple]:
 
 
 def gemv_candidates(smoke: bool) -> list[tuple]:
-    """(BLOCK_N, BLOCK_K, num_warps, prefetch) of the per-token GEMV path."""
+    """(BLOCK_N, BLOCK_K, num_warps) of the per-token GEMV path."""
     if smoke:
-        return [(1, 16, 1, 0), (2, 32, 2, 1)]
-    return [(bn, bk, w, pf) for bn in (1, 2) for bk in (128, 256, 512) for w in (4, 8)
-            for pf in (0, 1)]
+        return [(1, 16, 1), (2, 32, 2)]
+    return [(bn, bk, w) for bn in (1, 2, 4) for bk in (256, 512, 1024, 2048) for w in (2, 4, 8)
+            if bn * bk <= 2048]
 
 
 def tune(shape, tokens, x, gate_up, down, routes, args, dev, current_us) -> None:

@@ -82,12 +82,10 @@ def moe_variants() -> list[str]:
              compile_kernel(fm._topk_softmax_kernel, {"logits_ptr": "*bf16", "w_ptr": "*fp32",
                                                       "ids_ptr": "*i64", "scale": "fp32"},
                             dict(TOP_K=8, K_POW2=8, RENORM=True, E_POW2=128), num_warps=1)]
-    for gated, (bn, bk, warps, *pf) in zip((True, False), fm.MOE_GEMV_CONFIGS):
-        for prefetch in (False, True):
-            lines.append(compile_kernel(
-                fm._moe_gemv_kernel, types, dict(TOP_K=8, K_POW2=8, GATED=gated, BLOCK_N=bn,
-                                                 BLOCK_K=bk, VEC=8, PREFETCH=prefetch),
-                num_warps=warps))
+    for gated, (bn, bk, warps) in zip((True, False), fm.MOE_GEMV_CONFIGS):
+        lines.append(compile_kernel(
+            fm._moe_gemv_kernel, types, dict(TOP_K=8, K_POW2=8, GATED=gated, BLOCK_N=bn,
+                                             BLOCK_K=bk, VEC=8), num_warps=warps))
     configs = {c for _, gate_up, down in fm.MOE_CONFIGS for c in (gate_up, down)}
     for bm, bn, bk, warps, stages in sorted(configs):
         for gated in (True, False):
@@ -102,13 +100,17 @@ def wna16_variants() -> list[str]:
     types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16",
              "g_ptr": "*i32", "out_ptr": "*fp32"}
     unit = ("stride_qn", "stride_sn", "stride_zn")  # GPTQ / repacked AWQ layouts
-    lines = [compile_kernel(tf._quant_fp8_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv",
-                                                   "scale_ptr": "*fp32"},
-                            dict(BLOCK=2048), num_warps=4),
-             compile_kernel(wq._splitk_reduce_kernel, {"part_ptr": "*fp32", "bias_ptr": "*bf16",
-                                                       "out_ptr": "*bf16"},
-                            dict(HAS_BIAS=False, GATED=True, BLOCK=1024), ("stride_om",),
-                            num_warps=4)]
+    fp8_types = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
+                 "peak_ptr": "*fp32"}
+    lines = [compile_kernel(tf._peak_kernel, fp8_types, dict(BLOCK=2048), num_warps=4)]
+    lines += [compile_kernel(tf._quant_fp8_kernel, fp8_types,
+                             dict(PER_TENSOR=per_tensor, PEAKS=tf.PEAK_PROGRAMS, BLOCK=2048),
+                             num_warps=4) for per_tensor in (True, False)]
+    lines.append(compile_kernel(wq._splitk_reduce_kernel, {"part_ptr": "*fp32",
+                                                           "bias_ptr": "*bf16",
+                                                           "out_ptr": "*bf16"},
+                                dict(HAS_BIAS=False, GATED=True, BLOCK=1024), ("stride_om",),
+                                num_warps=4))
     lines.append(compile_kernel(
         wq._dequant_kernel, {**types, "out_ptr": "*bf16"},
         dict(BITS=4, AWQ=False, ACT_ORDER=False, HAS_ZEROS=True, BLOCK_K=64, BLOCK_N=64),

@@ -126,7 +126,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_pa
 def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stride_am, stride_we,
                      stride_wn, stride_om, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
                      GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     VEC: tl.constexpr, PREFETCH: tl.constexpr):
+                     VEC: tl.constexpr):
     # program (column tile, token): rows [n0, n0 + BLOCK_N) of each of the token's TOP_K
     # experts at once, R = K_POW2 * BLOCK_N gathered weight rows (row r: slot r // BLOCK_N),
     # walked along K in [R, BLOCK_K / VEC, VEC] tiles of 16-byte vectors, fp32 sums per
@@ -152,36 +152,15 @@ def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stride_am, 
         a_ok = (slot < TOP_K)[:, None, None]
     acc = tl.zeros((R, BLOCK_K // VEC), dtype=tl.float32)
     acc_up = tl.zeros((R, BLOCK_K // VEC), dtype=tl.float32)
-    if PREFETCH:  # the next chunk's weights are requested before this chunk's products
-        w_next = tl.load(w_rows + cols, mask=row_ok[:, None, None] & (cols < K), other=0.0,
-                         eviction_policy="evict_first")
-        u_next = w_next
-        if GATED:
-            u_next = tl.load(w_rows + N * stride_wn + cols,
-                             mask=row_ok[:, None, None] & (cols < K), other=0.0,
-                             eviction_policy="evict_first")
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + cols
+        mask = row_ok[:, None, None] & (kk < K)
         a = tl.load(a_rows + kk, mask=a_ok & (kk < K), other=0.0).to(tl.float32)
-        if PREFETCH:
-            w, u = w_next, u_next
-            nk = kk + BLOCK_K
-            w_next = tl.load(w_rows + nk, mask=row_ok[:, None, None] & (nk < K), other=0.0,
-                             eviction_policy="evict_first")
-            u_next = w_next
-            if GATED:
-                u_next = tl.load(w_rows + N * stride_wn + nk,
-                                 mask=row_ok[:, None, None] & (nk < K), other=0.0,
-                                 eviction_policy="evict_first")
-        else:
-            mask = row_ok[:, None, None] & (kk < K)
-            w = tl.load(w_rows + kk, mask=mask, other=0.0, eviction_policy="evict_first")
-            u = w
-            if GATED:
-                u = tl.load(w_rows + N * stride_wn + kk, mask=mask, other=0.0,
-                            eviction_policy="evict_first")
+        w = tl.load(w_rows + kk, mask=mask, other=0.0, eviction_policy="evict_first")
         acc += tl.sum(w.to(tl.float32) * a, 2)
         if GATED:
+            u = tl.load(w_rows + N * stride_wn + kk, mask=mask, other=0.0,
+                        eviction_policy="evict_first")
             acc_up += tl.sum(u.to(tl.float32) * a, 2)
     out = tl.sum(acc, 1)
     if GATED:
@@ -326,8 +305,7 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, routing, 
 
 # tokens up to which the experts run as the per-token GEMVs (``_moe_gemv_kernel``: no
 # sorting, the top-k sum fused) instead of the sorted grouped GEMMs; (BLOCK_N, BLOCK_K,
-# num_warps[, prefetch: the next chunk loaded before this one's products]) of the gate/up
-# and of the down launch. H100, Qwen3-30B-A3B experts
+# num_warps) of the gate/up and of the down launch. H100, Qwen3-30B-A3B experts
 # (moe_bench --tune, 2026-12-07): one token 34.8 us (0.73 of copy) against 39.0 sorted;
 # from two tokens the sorted GEMMs were faster (61.6 vs 73.7 us, untuned GEMVs)
 MOE_GEMV_MAX_TOKENS = 1
@@ -346,14 +324,14 @@ def moe_path(tokens: int, top_k: int, num_experts: int,
 def _gemv_launch(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor,
                  topw: torch.Tensor | None, n_cols: int, config: tuple) -> None:
     tokens, top_k = ids.shape
-    block_n, block_k, warps, *rest = config
+    block_n, block_k, warps = config
     block_k = min(block_k, triton.next_power_of_2(w.shape[2]))
     vec = min(16 // w.element_size(), block_k)
     _moe_gemv_kernel[(triton.cdiv(n_cols, block_n), tokens)](
         a, w, out, ids, topw if topw is not None else a, n_cols, w.shape[2], a.stride(0),
         w.stride(0), w.stride(1), out.stride(0), TOP_K=top_k,
         K_POW2=triton.next_power_of_2(top_k), GATED=topw is None, BLOCK_N=block_n,
-        BLOCK_K=block_k, VEC=vec, PREFETCH=bool(rest and rest[0]), num_warps=warps)
+        BLOCK_K=block_k, VEC=vec, num_warps=warps)
 
 
 def fused_moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,

@@ -195,9 +195,9 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
                     other=0, eviction_policy="evict_first")
     for k0 in range(k_start, k_start + k_split, BLOCK_K):
         word_rows = k0 // PACK + rows
-        # the next tile's words are requested before this tile's products (the loop is
-        # bound by their latency, not by its instructions: 9-25% faster on the H100,
-        # benchmarks/wna16_probe.py)
+        # the next tile's words are requested before this tile's products (H100, engine
+        # batch-1 decode: 1.446x -> 1.465x bf16, within a run's noise; a load-only kernel
+        # reads the same tiles at 0.93 of copy, so the products, not the loads, set the pace)
         next_rows = word_rows + BLOCK_K // PACK
         next_words = tl.load(col_ptrs + next_rows[:, None] * stride_qk,
                              mask=(next_rows * PACK < k_end)[:, None] & n_ok[None, :],

@@ -141,11 +141,13 @@ def test_scaled_mm_fp8_scales(mode, per_token, static):
 
 
 @pytest.mark.parametrize("rows,cols,per_token", [(1, 4096, False), (5, 300, False),
-                                                 (3, 4096, True), (17, 2500, True)])
+                                                 (3, 4096, True), (17, 2500, True),
+                                                 (301, 40, False), (600, 24, False)])
 def test_fused_dynamic_quantization_matches_torch(rows, cols, per_token):
-    """The one-launch quantizer (``triton_fp8``) against ``activation_scale`` +
-    ``quantize_fp8``: the same scales and e4m3 codes (compiled on a GPU; the interpreter on
-    CPU checks the scales and the indexing)."""
+    """The Triton quantizer (``triton_fp8``: per tensor, several programs of rows each, the
+    last one short) against ``activation_scale`` + ``quantize_fp8``: the same scales and
+    e4m3 codes (compiled on a GPU; the interpreter on CPU checks the scales and the
+    indexing)."""
     from tests.kernels.test_triton_attention import DEVICE as device  # interpreter set-up
     from pagedllm.quant.triton_fp8 import quantize_fp8_dynamic
     gen = torch.Generator().manual_seed(rows * cols)

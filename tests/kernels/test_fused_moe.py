@@ -58,12 +58,11 @@ def test_fused_moe_small(tokens, experts, top_k, renorm, dtype, monkeypatch):
 
 @pytest.mark.parametrize("gemv", [True, False])
 @pytest.mark.parametrize("tokens,experts,top_k,configs", [
-    (1, 4, 2, None), (3, 8, 3, ((1, 16, 1), (2, 8, 1))), (6, 16, 8, ((4, 64, 2), (1, 32, 1))),
-    (2, 8, 3, ((1, 16, 1, 1), (2, 8, 1, 1)))])
+    (1, 4, 2, None), (3, 8, 3, ((1, 16, 1), (2, 8, 1))), (6, 16, 8, ((4, 64, 2), (1, 32, 1)))])
 def test_fused_moe_both_paths(tokens, experts, top_k, configs, gemv):
     """The per-token GEMVs (top-k not a power of two: padded slots; K not a multiple of the
-    block; the top-k sum fused; the next chunk prefetched) and the sorted grouped GEMMs,
-    each forced at the same small batches."""
+    block; the top-k sum fused) and the sorted grouped GEMMs, each forced at the same small
+    batches."""
     x, gate_up, down, weights, ids = _problem(tokens, experts, 40, 24, top_k, torch.float32,
                                               tokens + top_k)
     out = fm.fused_moe(x, gate_up, down, weights, ids, configs if gemv else None, gemv=gemv)
