@@ -226,12 +226,15 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
     next6)
       # what the fifth session left for the next one, ~5 min (run as "s5e next6 probe10"):
       # the MoE decode profile without PDL (its early launches blur the per-kernel split),
-      # Qwen3-30B-A3B vs the 8B shape offline
+      # Qwen3-30B-A3B vs the 8B shape offline, bnb NF4 batch-1 decode (issue 22 reports it)
       echo "== moe decode profile, PDL off"; PAGEDLLM_PDL=0 timeout 200 python \
         benchmarks/profile_decode.py --graphs --model benchmarks/configs/qwen3-30b-a3b \
         --tokens 32 --rows 30 2>&1 | grep -v Warning | tail -40
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
-        --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3 ;;
+        --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
+      echo "== nf4"; timeout 150 python benchmarks/quant_bench.py --only engine \
+        --formats bf16 nf4 --batches 1 --no-offline --out "$OUT_DIR" 2>&1 \
+        | grep -v Warning | grep "bench=" ;;
     s5e)
       # the per-tensor fp8 quantizer over many programs: its GPU tests, fp8 vs bf16 decode at
       # batch 1 and 16 and offline 1000 x 256/256; serve start-up with cuInit in a thread

@@ -13,7 +13,8 @@ against pagedllm bf16 measured in the same run:
    (candidates for ``triton_fp8.FP8_GEMV_CONFIGS``).
 2. ``engine``: ``LLM.generate`` with dummy weights (packed words then filled with random bits,
    never zeros): bf16, GPTQ W4A16 g128, AWQ W4A16 g128 and ``--quantization fp8`` (W8A8,
-   dynamic scales) at batch 1 / 16 / 64, 128 in / 256 out: output tok/s and the ratio to bf16;
+   dynamic scales) at batch 1 / 16 / 64, 128 in / 256 out (``--formats ... nf4``: a
+   bitsandbytes NF4 checkpoint too, dummy packed bytes): output tok/s and the ratio to bf16;
    and (``--offline``, on by default) fp8 vs bf16 on 1000 x 256/256.
 
     python benchmarks/quant_bench.py                  # kernels + engine (one H100: ~6 min)
@@ -48,6 +49,11 @@ FORMATS = {
              "sym": True, "checkpoint_format": "gptq"},
     "awq": {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True,
             "version": "gemm"},
+    # a pre-quantized bitsandbytes NF4 checkpoint (blocksize 64; dequantized per call by
+    # the torch reference: reported, no kernel yet)
+    "nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": False,
+            "bnb_4bit_quant_storage": "uint8"},
 }
 
 
@@ -247,7 +253,8 @@ def engine_formats(dev, wanted: list[str]) -> list[str]:
     """``wanted`` in run order (bf16 first: the ratios' base), fp8 only where it runs."""
     from pagedllm.quant.kernels import fp8_scaled_mm_supported
     fp8_ok = dev.type == "cpu" or fp8_scaled_mm_supported(dev)
-    return [f for f in ("bf16", "gptq", "awq", "fp8") if f in wanted and (f != "fp8" or fp8_ok)]
+    return [f for f in ("bf16", "gptq", "awq", "fp8", "nf4")
+            if f in wanted and (f != "fp8" or fp8_ok)]
 
 
 def bench_engine(args, dev) -> None:
@@ -293,7 +300,7 @@ def main() -> None:
                         default=["kernels", "engine"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--formats", nargs="+", choices=["bf16", "gptq", "awq", "fp8"],
+    parser.add_argument("--formats", nargs="+", choices=["bf16", "gptq", "awq", "fp8", "nf4"],
                         default=["bf16", "gptq", "awq", "fp8"],
                         help="engine formats (bf16 always runs first: the ratios' base)")
     parser.add_argument("--tune", action="store_true", help="sweep the W4A16 tile configs")
