@@ -118,15 +118,17 @@ def wna16_variants() -> list[str]:
     block_n, block_k, warps = wq.GEMV_CONFIG
     gemv_types = {**types, "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
                   "bias_ptr": "*bf16"}
-    for bits, act, zeros, fold, gated in [(4, False, True, True, False),
-                                          (4, False, True, True, True),
-                                          (4, False, True, False, False),
-                                          (4, True, True, True, False),
-                                          (8, False, False, True, False)]:
+    for bits, act, zeros, fold, gated, even in [(4, False, True, True, False, True),
+                                                (4, False, True, True, True, True),
+                                                (4, False, True, True, False, False),
+                                                (4, False, True, False, False, True),
+                                                (4, True, True, True, False, False),
+                                                (8, False, False, True, False, True)]:
         lines.append(compile_kernel(
             wq._wna16_gemv_kernel, gemv_types,
             dict(BITS=bits, ACT_ORDER=act, HAS_ZEROS=zeros, FOLD=fold, HAS_BIAS=False,
-                 GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k), unit, num_warps=warps))
+                 GATED=gated, GROUP=128, EVEN=even, BLOCK_N=block_n, BLOCK_K=block_k), unit,
+            num_warps=warps))
     for _, bm, bn, bk, warps, stages, *_ in wq.GEMM_CONFIGS:
         for bits, awq, act, zeros in [(4, False, False, True), (4, True, False, True),
                                       (4, False, True, True), (8, False, False, False)]:

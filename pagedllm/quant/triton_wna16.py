@@ -172,14 +172,18 @@ def _group_rows(qz_ptr, s_ptr, g, g_ok, offs_n, n_ok, zero_offset, stride_zg, st
 
 @triton.jit
 def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, count_ptr,
-                       bias_ptr, N, K, k_split, splits, half, group_size, zero_offset, magic,
+                       bias_ptr, N, K, k_split, splits, half, zero_offset, magic,
                        stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
                        stride_os, BITS: tl.constexpr, ACT_ORDER: tl.constexpr,
                        HAS_ZEROS: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       GATED: tl.constexpr, GROUP: tl.constexpr, EVEN: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Weights packed along K (GPTQ, compressed-tensors): out[split, n] = sum over this
     # split's K range of x[k] W[k, n]. The [BLOCK_K / PACK, BLOCK_N] words are loaded once;
-    # value j of every word (rows k = word_row * PACK + j) is one unrolled step.
+    # value j of every word (rows k = word_row * PACK + j) is one unrolled step. GROUP (the
+    # group size) is a constant so that a tile's group is a multiply and shift, not an
+    # integer division; EVEN (N a multiple of BLOCK_N, K of k_split): the loop's loads take
+    # no per-element masks. Both cut the per-tile instructions that the products share.
     PACK: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -199,9 +203,14 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
         # batch-1 decode: 1.446x -> 1.465x bf16, within a run's noise; a load-only kernel
         # reads the same tiles at 0.93 of copy, so the products, not the loads, set the pace)
         next_rows = word_rows + BLOCK_K // PACK
-        next_words = tl.load(col_ptrs + next_rows[:, None] * stride_qk,
-                             mask=(next_rows * PACK < k_end)[:, None] & n_ok[None, :],
-                             other=0, eviction_policy="evict_first")
+        if EVEN:  # one condition for the whole tile: is there a next one in this split
+            next_words = tl.load(col_ptrs + next_rows[:, None] * stride_qk,
+                                 mask=k0 + BLOCK_K < k_end, other=0,
+                                 eviction_policy="evict_first")
+        else:
+            next_words = tl.load(col_ptrs + next_rows[:, None] * stride_qk,
+                                 mask=(next_rows * PACK < k_end)[:, None] & n_ok[None, :],
+                                 other=0, eviction_policy="evict_first")
         if ACT_ORDER:  # each row its own group: zeros and scales per value
             for j in tl.static_range(PACK):
                 k = word_rows * PACK + j
@@ -214,16 +223,24 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
                 acc += (q - z) * s * xj[:, None]
         else:  # the tile lies in one group: sum_j (q - z) s x = s (sum_j q x - z sum_j x),
             # one FMA per weight, the zero and scale once per word
-            g = k0 // group_size + tl.zeros((1,), dtype=tl.int32)
-            z, s = _group_rows(qz_ptr, s_ptr, g, g < (K + group_size - 1) // group_size,
-                               offs_n, n_ok, zero_offset, stride_zg, stride_zn, stride_sg,
-                               stride_sn, BITS, False, HAS_ZEROS)
+            g = k0 // GROUP + tl.zeros((1,), dtype=tl.int32)
+            if EVEN:
+                z, s = _group_rows(qz_ptr, s_ptr, g, g >= 0, offs_n, offs_n >= 0,
+                                   zero_offset, stride_zg, stride_zn, stride_sg, stride_sn,
+                                   BITS, False, HAS_ZEROS)
+            else:
+                z, s = _group_rows(qz_ptr, s_ptr, g, g < (K + GROUP - 1) // GROUP, offs_n,
+                                   n_ok, zero_offset, stride_zg, stride_zn, stride_sg,
+                                   stride_sn, BITS, False, HAS_ZEROS)
             qx = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
             x_sum = tl.zeros((BLOCK_K // PACK,), dtype=tl.float32)
             hi_words = words >> ((23 // BITS) * BITS)
             for j in tl.static_range(PACK):
                 k = word_rows * PACK + j
-                xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+                if EVEN:
+                    xj = tl.load(x_ptr + k).to(tl.float32)
+                else:
+                    xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
                 scaled_x = xj * _code_scale(j, BITS)
                 qx += _code_at(words, hi_words, magic, j, BITS) * scaled_x[:, None]
                 x_sum += xj
@@ -452,10 +469,11 @@ def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None,
                                           dtype=x.dtype if splits == 1 else torch.float32)
     _wna16_gemv_kernel[(n_tiles, splits)](
         x, *tensors, out, part, counts, bias if bias is not None else part, w.n, w.k, k_split,
-        splits, w.n // 2, w.group_size, w.zero_offset, MAGIC, *strides, part.stride(0),
+        splits, w.n // 2, w.zero_offset, MAGIC, *strides, part.stride(0),
         BITS=w.bits, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None, FOLD=fold,
-        HAS_BIAS=bias is not None, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps)
+        HAS_BIAS=bias is not None, GATED=gated, GROUP=1 if act_order else w.group_size,
+        EVEN=not act_order and w.n % block_n == 0 and w.k % k_split == 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     if fold:
         return out, "final"
     return (out, "raw") if splits == 1 else (out.unsqueeze(1), "partial")

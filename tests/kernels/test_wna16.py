@@ -98,10 +98,13 @@ def compressed_case(m, k, n, bits, group, symmetric, actorder, dtype, gemv=None)
 @pytest.mark.parametrize("m,dtype", [(1, torch.float32), (1, torch.bfloat16),
                                      (5, torch.float16)])
 @pytest.mark.parametrize("k,n,group,desc_act,bits", [(256, 96, 32, False, 4),
+                                                     (256, 128, 32, False, 4),
                                                      (128, 64, 32, True, 4),
                                                      (64, 64, -1, False, 8),
                                                      (96, 40, 48, False, 4)])
 def test_gptq_layout(m, dtype, gemv, k, n, group, desc_act, bits):
+    """(256, 128, 32): N and the split a whole number of tiles, so the GEMV takes its EVEN
+    path (no per-element masks; the prefetch stops at the split's end); n 96 does not."""
     if (k, n, group) == (96, 40, 48):  # no power-of-two tile divides the group: gathered rows
         n = 48
     gptq_case(m, k, n, group, desc_act, bits, dtype, gemv=gemv)
