@@ -91,7 +91,7 @@ def _gemv_prefetch_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, part_ptr, N, k_split, gr
         z = (((zw >> ((offs_n % 8) * 4)) & 15) + 1).to(tl.float32)
         qx = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-        hi_words = words >> 20
+        hi_words = words >> wq._hi_shift(4)
         for j in tl.static_range(8):
             k = k0 + rows * 8 + j
             xj = tl.load(x_ptr + k).to(tl.float32)
@@ -120,7 +120,7 @@ def _row_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, part_ptr, N, kw_split, magic,
     for c0 in range(kw0, kw0 + kw_split, BLOCK_KW):
         words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (c0 + offs_c)[None, :],
                         eviction_policy="evict_first")
-        hi_words = words >> 20
+        hi_words = words >> wq._hi_shift(4)
         qx = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
         xs = tl.zeros((BLOCK_KW,), dtype=tl.float32)
         for j in tl.static_range(8):

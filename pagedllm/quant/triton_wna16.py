@@ -56,15 +56,29 @@ def _code_at(words, hi_words, magic, J: tl.constexpr, BITS: tl.constexpr):
     than shift + mask + ``_to_float``: the value is masked where it lies (p = its bit
     position) and the mask ORed with 2**23's exponent in one LOP3; the float read from those
     bits is 2**23 + code * 2**p, exact while the field ends below bit 23. Values above that
-    are read from ``hi_words`` (the words shifted right by FIT * BITS, once per word). The
+    are read from ``hi_words`` (the words shifted right by ``_hi_shift``, once per word). The
     caller multiplies x by 2**-p (exact) instead of scaling the code."""
     FIT: tl.constexpr = 23 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     if J < FIT:
         bits = (words & (MASK << (J * BITS))) | magic
     else:
-        bits = (hi_words & (MASK << ((J - FIT) * BITS))) | magic
+        bits = (hi_words & (MASK << (J * BITS - _hi_shift(BITS)))) | magic
     return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _hi_shift(BITS: tl.constexpr):
+    """How far ``hi_words`` are shifted: one value less than FIT fields where the highest
+    value then still ends below bit 23 (4-bit: 16, so value 5 sits at bits 4-7 and the mask
+    is one LOP3; at bits 0-3 the compiler chose extract + LOP3), else FIT fields."""
+    FIT: tl.constexpr = 23 // BITS
+    PACK: tl.constexpr = 32 // BITS
+    if (PACK - FIT + 1) * BITS <= 23:
+        shift: tl.constexpr = (FIT - 1) * BITS
+    else:
+        shift: tl.constexpr = FIT * BITS
+    return shift
 
 
 @triton.jit
@@ -74,7 +88,7 @@ def _code_scale(J: tl.constexpr, BITS: tl.constexpr):
     if J < FIT:
         scale = 1.0 / (1 << (J * BITS))
     else:
-        scale = 1.0 / (1 << ((J - FIT) * BITS))
+        scale = 1.0 / (1 << (J * BITS - _hi_shift(BITS)))
     return scale
 
 
@@ -234,7 +248,7 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
                                    stride_sn, BITS, False, HAS_ZEROS)
             qx = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
             x_sum = tl.zeros((BLOCK_K // PACK,), dtype=tl.float32)
-            hi_words = words >> ((23 // BITS) * BITS)
+            hi_words = words >> _hi_shift(BITS)
             for j in tl.static_range(PACK):
                 k = word_rows * PACK + j
                 if EVEN:
