@@ -229,6 +229,9 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       # Qwen3-30B-A3B vs the 8B shape offline, bnb NF4 batch-1 decode (issue 22 reports it)
       echo "== profilers"; (which ncu nsys; ls /usr/local/cuda*/bin 2>/dev/null | grep -E \
         "ncu|nsys|cupti") 2>&1 | head -5  # stall reasons of the W4A16 GEMV, if ncu exists
+      if command -v ncu > /dev/null; then timeout 120 ncu --section WarpStateStats \
+        --section SchedulerStats -k regex:wna16_gemv -c 2 python benchmarks/wna16_probe.py \
+        --ncu 2>&1 | grep -vi warning | tail -45; fi
       echo "== moe decode profile, PDL off"; PAGEDLLM_PDL=0 timeout 200 python \
         benchmarks/profile_decode.py --graphs --model benchmarks/configs/qwen3-30b-a3b \
         --tokens 32 --rows 30 2>&1 | grep -v Warning | tail -40

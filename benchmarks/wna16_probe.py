@@ -244,8 +244,16 @@ def probe_shape(name: str, n: int, k: int, dev, rows: list) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--ncu", action="store_true", help="only a few plain calls of the "
+                        "shipped GEMV on gate_up (for `ncu -k regex:wna16_gemv`)")
     args = parser.parse_args()
     dev = torch.device("cuda")
+    if args.ncu:
+        w, x = gptq_problem(28672, 4096, dev), torch.randn(1, 4096, device=dev).bfloat16()
+        for _ in range(3):
+            wq.wna16_matmul(x, w)
+        torch.cuda.synchronize()
+        return
     rows: list = []
     copy = copy_bandwidth_gbs(dev)
     print(f"copy bandwidth {copy:.0f} GB/s")
