@@ -41,6 +41,10 @@ serve_vs_offline() {
     "$OUT_DIR/serve.txt" | head -40
 }
 # two starts of python -m pagedllm serve (8B shape, dummy weights) and their log splits
+quant_engine() {  # quant_engine SECONDS ARGS...: quant_bench.py's engine part, its result lines
+  timeout "$1" python benchmarks/quant_bench.py --only engine "${@:2}" --out "$OUT_DIR" 2>&1 \
+    | grep -v Warning | grep "bench="
+}
 startup_split() {
   echo "== start-up"; timeout "$1" python benchmarks/serve_startup.py \
     --model benchmarks/configs/llama-3-8b --repeat 2 -- --load-format dummy \
@@ -210,9 +214,7 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       # decode with the best found; serve start-up with the core's collector off while it imports
       echo "== kernel tests"; timeout 150 python -m pytest -q -p no:cacheprovider -x \
         tests/kernels/test_wna16.py tests/kernels/test_fused_moe.py 2>&1 | tail -3
-      echo "== quant engine"; timeout 120 python benchmarks/quant_bench.py --only engine \
-        --formats bf16 gptq --batches 1 --no-offline --out "$OUT_DIR" 2>&1 \
-        | grep -v Warning | grep "bench=" | tail -3
+      echo "== quant engine"; quant_engine 120 --formats bf16 gptq --batches 1 --no-offline
       echo "== moe"; timeout 200 python benchmarks/moe_bench.py --only layer decode \
         --tokens 1 --tune --apply-tuned --out "$OUT_DIR" 2>&1 | grep -v Warning \
         | grep "bench=" | tail -4
@@ -237,24 +239,18 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --tokens 32 --rows 30 2>&1 | grep -v Warning | tail -40
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
-      echo "== nf4"; timeout 150 python benchmarks/quant_bench.py --only engine \
-        --formats bf16 nf4 --batches 1 --no-offline --out "$OUT_DIR" 2>&1 \
-        | grep -v Warning | grep "bench=" ;;
+      echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
     s5e)
       # the per-tensor fp8 quantizer over many programs: its GPU tests, fp8 vs bf16 decode at
       # batch 1 and 16 and offline 1000 x 256/256; serve start-up with cuInit in a thread
       echo "== fp8 tests"; timeout 90 python -m pytest -q -p no:cacheprovider \
         tests/kernels/test_fp8_scaled_mm.py tests/kernels/test_fp8_gemv.py 2>&1 | tail -2
-      echo "== fp8 engine"; timeout 250 python benchmarks/quant_bench.py --only engine \
-        --formats bf16 fp8 --batches 1 16 --out "$OUT_DIR" 2>&1 | grep -v Warning \
-        | grep -E "bench=(offline|decode)"
+      echo "== fp8 engine"; quant_engine 250 --formats bf16 fp8 --batches 1 16
       use_serve_wheels
       startup_split 70 ;;
     s5d)
       # fp8 W8A8 vs bf16 offline 1000 x 256/256 and batch-1 decode (issue 22: >= 1.4x offline)
-      echo "== fp8 offline"; timeout 250 python benchmarks/quant_bench.py --only engine \
-        --formats bf16 fp8 --batches 1 --out "$OUT_DIR" 2>&1 | grep -v Warning \
-        | grep -E "bench=(offline|decode)" ;;
+      echo "== fp8 offline"; quant_engine 250 --formats bf16 fp8 --batches 1 ;;
     s5a)
       # fifth session's one call (machine starts kept failing): bf16 / GPTQ / fp8 decode at
       # batch 1 and 16 (the fp8 batch-1 GEMV's first timing), the W4A16 probe, serve
