@@ -226,7 +226,7 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --rows 1 --tune-fp8 --apply-tuned --formats bf16 fp8 --batches 1 --no-offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep -E "bench=(fp8 gemv tune|decode)" ;;
     next6)
-      # what the fifth session left for the next one, ~5 min (run as "s5e next6 probe10"):
+      # what the fifth session left for the next one, ~9 min (after a call of "s5e probe10"):
       # the MoE decode profile without PDL (its early launches blur the per-kernel split),
       # Qwen3-30B-A3B vs the 8B shape offline, bnb NF4 batch-1 decode (issue 22 reports it)
       echo "== profilers"; (which ncu nsys; ls /usr/local/cuda*/bin 2>/dev/null | grep -E \
