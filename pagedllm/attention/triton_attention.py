@@ -419,17 +419,34 @@ def _paged_decode_kernel(
         part = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=row_valid[:, None] & d_mask[None, :])
-        tl.store(part_ml_ptr + part, m_i, mask=row_valid)
-        tl.store(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + part, l_i, mask=row_valid)
+        _store_split_stats(part_ml_ptr, part, m_i, l_i, row_valid,
+                           num_seqs * num_heads * NUM_SPLITS)
         if FOLD:  # the last split of this (sequence, KV head) to finish combines them all
-            tl.debug_barrier()  # every thread's partials are stored before the ticket
             counter = count_ptr + seq * num_kv_heads + kv_head
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if ticket == NUM_SPLITS - 1:
+            if _last_arrival(counter, NUM_SPLITS):
                 _combine_splits(out_ptr, part_acc_ptr, part_ml_ptr, seq, kv_head * GROUP,
                                 stride_os, stride_oh, num_seqs, num_heads, v_scale, GROUP,
                                 NUM_SPLITS, GROUP_P2, SPLITS_P2, HEAD_DIM, BLOCK_D)
                 tl.atomic_xchg(counter, 0)  # ready for the next launch
+
+
+@triton.jit
+def _store_split_stats(part_ml_ptr, part, m_i, l_i, mask, num_parts):
+    """A split's softmax max and sum at ``part`` of the [2, num_parts] partials (m first,
+    then l), the layout the decode kernels' combines read."""
+    tl.store(part_ml_ptr + part, m_i, mask=mask)
+    tl.store(part_ml_ptr + num_parts + part, l_i, mask=mask)
+
+
+@triton.jit
+def _last_arrival(counter_ptr, arrivals):
+    """True in the program that arrives last of ``arrivals`` at ``counter_ptr`` (one of
+    ``_split_counters``), after every thread's earlier stores: a block barrier, then an
+    acq_rel ticket, so that program sees all the others' partials. It folds them, then
+    stores 0 at ``counter_ptr`` (ready for the next launch)."""
+    tl.debug_barrier()  # every thread's partials are stored before the ticket
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    return ticket == arrivals - 1
 
 
 @triton.jit

@@ -36,9 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.attention.triton_attention import (FOLD_ENV, _LOG2E, _dot_precision, _num_sms,
-                                                 _softmax_step, _split_counters,
-                                                 _split_tiles)
+from pagedllm.attention.triton_attention import (FOLD_ENV, _LOG2E, _dot_precision,
+                                                 _last_arrival, _num_sms, _softmax_step,
+                                                 _split_counters, _split_tiles,
+                                                 _store_split_stats)
 from pagedllm.layers import pdl
 
 # the split walk the folding program may take (each step one [BLOCK_H, RANK] fp32 tile)
@@ -158,13 +159,11 @@ def _mla_decode_kernel(
         part = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
         tl.store(part_acc_ptr + part[:, None] * RANK + offs_r[None, :], acc,
                  mask=o_mask & (t_start < num_tiles))  # empty split: m = -inf says so
-        tl.store(part_ml_ptr + part, m_i, mask=h_mask)
-        tl.store(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + part, l_i, mask=h_mask)
+        _store_split_stats(part_ml_ptr, part, m_i, l_i, h_mask,
+                           num_seqs * num_heads * NUM_SPLITS)
         if FOLD:  # the last split of this (sequence, head tile) to finish combines them all
-            tl.debug_barrier()  # every thread's partials are stored before the ticket
             counter = count_ptr + seq * tl.num_programs(1) + head_tile
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if ticket == NUM_SPLITS - 1:
+            if _last_arrival(counter, NUM_SPLITS):
                 _mla_combine(out_ptr, part_acc_ptr, part_ml_ptr, seq, heads, h_mask, offs_r,
                              r_mask, stride_os, stride_oh, num_seqs, num_heads, NUM_SPLITS,
                              SPLITS_P2, RANK, BLOCK_H, BLOCK_R)

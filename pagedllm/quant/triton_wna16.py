@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.attention.triton_attention import _split_counters
+from pagedllm.attention.triton_attention import _last_arrival, _split_counters
 from pagedllm.switches import switches
 
 
@@ -238,14 +238,13 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
         else:  # the tile lies in one group: sum_j (q - z) s x = s (sum_j q x - z sum_j x),
             # one FMA per weight, the zero and scale once per word
             g = k0 // GROUP + tl.zeros((1,), dtype=tl.int32)
-            if EVEN:
-                z, s = _group_rows(qz_ptr, s_ptr, g, g >= 0, offs_n, offs_n >= 0,
-                                   zero_offset, stride_zg, stride_zn, stride_sg, stride_sn,
-                                   BITS, False, HAS_ZEROS)
+            if EVEN:  # always-true masks, folded away
+                g_ok, cols_ok = g >= 0, offs_n >= 0
             else:
-                z, s = _group_rows(qz_ptr, s_ptr, g, g < (K + GROUP - 1) // GROUP, offs_n,
-                                   n_ok, zero_offset, stride_zg, stride_zn, stride_sg,
-                                   stride_sn, BITS, False, HAS_ZEROS)
+                g_ok, cols_ok = g < (K + GROUP - 1) // GROUP, n_ok
+            z, s = _group_rows(qz_ptr, s_ptr, g, g_ok, offs_n, cols_ok, zero_offset,
+                               stride_zg, stride_zn, stride_sg, stride_sn, BITS, False,
+                               HAS_ZEROS)
             qx = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
             x_sum = tl.zeros((BLOCK_K // PACK,), dtype=tl.float32)
             hi_words = words >> _hi_shift(BITS)
@@ -262,13 +261,11 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
         words = next_words
     if FOLD:  # this split's sums; the last of the tile's (gate and up) splits folds them
         tl.store(part_ptr + pid_s * stride_os + offs_n, tl.sum(acc, axis=0), mask=n_ok)
-        tl.debug_barrier()  # every thread's partials are stored before the ticket
         if GATED:
             tile = pid_n % (half // BLOCK_N)
         else:
             tile = pid_n
-        ticket = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if ticket == splits * (2 if GATED else 1) - 1:
+        if _last_arrival(count_ptr + tile, splits * (2 if GATED else 1)):
             _fold_splits(part_ptr, bias_ptr, out_ptr, tile * BLOCK_N, splits, half,
                          stride_os, half if GATED else N, HAS_BIAS, GATED, BLOCK_N)
             tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch
