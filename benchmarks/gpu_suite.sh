@@ -142,18 +142,14 @@ for part in $parts; do
       startup_split 80
       echo "== wna16 check"; timeout 60 python -c "import torch, benchmarks.quant_bench as q; \
 q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Error" | head -4
-      echo "== quant engine"; timeout 130 python benchmarks/quant_bench.py --only engine \
-        --formats bf16 gptq --batches 1 16 --no-offline --out "$OUT_DIR" 2>&1 \
-        | grep -v Warning | grep "bench=" ;;
+      echo "== quant engine"; quant_engine 130 --formats bf16 gptq --batches 1 16 --no-offline ;;
     probe5)
       # fourth session, first call: where Qwen3-30B-A3B batch-1 decode spends its time (the
       # kernels per token inside the CUDA graphs), and fp8 vs bf16 batch-1 decode
       echo "== moe decode profile"; timeout 260 python benchmarks/profile_decode.py --graphs \
         --model benchmarks/configs/qwen3-30b-a3b --tokens 32 --rows 32 2>&1 \
         | grep -v Warning | tail -52
-      echo "== fp8 b1"; timeout 150 python benchmarks/quant_bench.py --only engine \
-        --formats bf16 fp8 --batches 1 --no-offline --out "$OUT_DIR" 2>&1 \
-        | grep -v Warning | grep "bench=" ;;
+      echo "== fp8 b1"; quant_engine 150 --formats bf16 fp8 --batches 1 --no-offline ;;
     probe6)
       # fourth session, second call: the fused-MoE / W4A16 kernel tests, the per-token MoE
       # GEMV path (tuned at 1 token; both paths at 2-16 tokens), the dense GEMV sweep for the
@@ -188,9 +184,7 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== wna16 gpu tests"; timeout 200 python -m pytest -q -p no:cacheprovider -rf \
         --tb=line tests/kernels/test_wna16.py -k "llama_shapes or cuda_engine or quant_methods \
         or fold or large_batches" 2>&1 | grep -v Warning | tail -14
-      echo "== quant engine"; timeout 130 python benchmarks/quant_bench.py --only engine \
-        --formats bf16 gptq --batches 1 16 --no-offline --out "$OUT_DIR" 2>&1 \
-        | grep -v Warning | grep "bench=" | tail -4
+      echo "== quant engine"; quant_engine 130 --formats bf16 gptq --batches 1 16 --no-offline
       echo "== moe decode profile"; timeout 110 python benchmarks/profile_decode.py --graphs \
         --model benchmarks/configs/qwen3-30b-a3b --tokens 32 --rows 18 2>&1 \
         | grep -v Warning | tail -24 ;;
@@ -201,9 +195,7 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       # vs the 8B shape offline (1000 x 256/256), and serve start-up (issue 19: <= 12 s)
       echo "== fp8 apply test"; timeout 90 python -m pytest -q -p no:cacheprovider -rf \
         --tb=line tests/kernels/test_fp8_gemv.py -k apply 2>&1 | tail -4
-      echo "== quant engine"; timeout 170 python benchmarks/quant_bench.py --only engine \
-        --formats bf16 gptq fp8 --batches 1 16 --no-offline --out "$OUT_DIR" 2>&1 \
-        | grep -v Warning | grep "bench=" | tail -6
+      echo "== quant engine"; quant_engine 170 --formats bf16 gptq fp8 --batches 1 16 --no-offline
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       use_serve_wheels
@@ -255,9 +247,8 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       # fifth session's one call (machine starts kept failing): bf16 / GPTQ / fp8 decode at
       # batch 1 and 16 (the fp8 batch-1 GEMV's first timing), the W4A16 probe, serve
       # start-up, the Qwen3-30B-A3B decode profile
-      echo "== quant engine"; timeout 170 python benchmarks/quant_bench.py --only engine \
-        --formats bf16 gptq fp8 --batches 1 16 --no-offline --out "$OUT_DIR" 2>&1 \
-        | grep -v Warning | grep "bench=" | tail -6
+      echo "== quant engine"; quant_engine 170 --formats bf16 gptq fp8 --batches 1 16 \
+        --no-offline
       echo "== wna16 probe"; timeout 150 python benchmarks/wna16_probe.py --out "$OUT_DIR" \
         2>&1 | grep -v Warning | tail -60
       use_serve_wheels

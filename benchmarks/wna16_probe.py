@@ -24,6 +24,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.moe_bench import per_call_us  # noqa: E402
+from benchmarks.quant_bench import random_words  # noqa: E402
 from benchmarks.throughput import copy_bandwidth_gbs  # noqa: E402
 from pagedllm.quant import triton_wna16 as wq  # noqa: E402
 
@@ -137,8 +138,12 @@ def _row_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, part_ptr, N, kw_split, magic,
     tl.store(part_ptr + pid_s * N + offs_n, tl.sum(acc, axis=1))
 
 
-def random_words(shape, dev) -> torch.Tensor:
-    return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int64, device=dev).to(torch.int32)
+def even_splits(kw: int, block_kw: int, tiles: int, waves: int) -> int:
+    """Splits of K's kw words into whole tiles of block_kw, about waves x 132 programs."""
+    splits = max(1, min(kw // block_kw, triton.cdiv(waves * 132, tiles)))
+    while (kw // block_kw) % splits:
+        splits -= 1
+    return splits
 
 
 def load_only(n: int, k: int, dev, transposed: bool, prefetch: bool, block_n: int,
@@ -146,9 +151,7 @@ def load_only(n: int, k: int, dev, transposed: bool, prefetch: bool, block_n: in
     """A callable per weight copy that runs the load-only kernel, and the word bytes."""
     kw = k // 8
     tiles = n // block_n
-    splits = max(1, min(kw // block_kw, triton.cdiv(waves * 132, tiles)))
-    while (kw // block_kw) % splits:
-        splits -= 1
+    splits = even_splits(kw, block_kw, tiles, waves)
     kw_split = kw // splits
     out = torch.empty(splits, n, dtype=torch.int32, device=dev)
 
@@ -183,9 +186,7 @@ def prefetch_gemv(w, x, block_n: int, block_k: int, waves: int):
 def row_gemv(w, x, block_n: int, block_kw: int, waves: int):
     """The [N, K/8] GEMV on a ``gptq_problem(..., transposed=True)`` weight (fp32 split sums)."""
     tiles, kw = w.n // block_n, w.k // 8
-    splits = max(1, min(kw // block_kw, triton.cdiv(waves * 132, tiles)))
-    while (kw // block_kw) % splits:
-        splits -= 1
+    splits = even_splits(kw, block_kw, tiles, waves)
     part = torch.empty(splits, w.n, dtype=torch.float32, device=x.device)
     words = w.qweight.t()
     _row_gemv_kernel[(tiles, splits)](
