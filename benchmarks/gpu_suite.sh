@@ -232,6 +232,15 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
+    s6a)
+      # sixth session, first call: the per-tensor fp8 quantizer's GPU tests; bf16 / GPTQ
+      # (GROUP/EVEN GEMV, values 5-7 by shift) / fp8 decode at batch 1 and 16, fp8 vs bf16
+      # offline 1000 x 256/256; serve start-up with cuInit in a thread
+      echo "== fp8 tests"; timeout 90 python -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_fp8_scaled_mm.py tests/kernels/test_fp8_gemv.py 2>&1 | tail -2
+      echo "== quant engine"; quant_engine 330 --formats bf16 gptq fp8 --batches 1 16
+      use_serve_wheels
+      startup_split 70 ;;
     s5e)
       # the per-tensor fp8 quantizer over many programs: its GPU tests, fp8 vs bf16 decode at
       # batch 1 and 16 and offline 1000 x 256/256; serve start-up with cuInit in a thread
