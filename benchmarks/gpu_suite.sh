@@ -240,7 +240,10 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         tests/kernels/test_fp8_scaled_mm.py tests/kernels/test_fp8_gemv.py 2>&1 | tail -2
       echo "== quant engine"; quant_engine 330 --formats bf16 gptq fp8 --batches 1 16
       use_serve_wheels
-      startup_split 70 ;;
+      startup_split 70
+      echo "== core imports"; python -X importtime -c "import pagedllm.engine.core" \
+        2> "$OUT_DIR/importtime.txt"; sort -t'|' -k2 -n -r "$OUT_DIR/importtime.txt" \
+        | head -25 ;;
     s5e)
       # the per-tensor fp8 quantizer over many programs: its GPU tests, fp8 vs bf16 decode at
       # batch 1 and 16 and offline 1000 x 256/256; serve start-up with cuInit in a thread

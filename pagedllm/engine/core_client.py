@@ -16,8 +16,10 @@ Start-up goes over a pipe. The front end starts the process first and sends it t
 arguments, ("args", EngineArgs, log_stats): the child imports torch and the engine, resolves
 its own copy of the configuration and loads the model while the front end resolves the same
 configuration for itself and loads its tokenizer (the two resolutions are the same function
-of the same arguments and environment). ("config", EngineConfig, log_stats) hands over a
-resolved configuration instead. The core answers ("ready", cache_info) once the model is
+of the same arguments and environment); when the front end's resolution is done first it
+offers the result, ("config", EngineConfig), and a core that finds it waiting once its
+imports are done takes it instead of resolving again. ("config", EngineConfig, log_stats)
+first hands over a resolved configuration instead. The core answers ("ready", cache_info) once the model is
 loaded and profiled, or ("init_error", traceback).
 
 The core process is a busy loop with no asyncio: drain the input socket (blocking only while
@@ -48,6 +50,9 @@ logger = logging.getLogger("pagedllm.engine.core_client")
 
 _IDLE_POLL_MS = 500  # an idle core checks that its parent is alive this often
 _PENDING_POLL_MS = 5  # ... and whether a guided compile is done, while one is pending
+# the largest configuration the front end offers a core that resolves its own (a Unix socket
+# pair's send buffer is about 200 KiB; the arguments sent before are a few KiB)
+_OFFER_MAX_BYTES = 96 * 1024
 _READY_TIMEOUT_S = float(os.environ.get("PAGEDLLM_ENGINE_READY_TIMEOUT_S", "1800"))
 
 
@@ -80,6 +85,11 @@ def run_engine_core(in_addr: str, out_addr: str, parent_pid: int, conn,
     if configured is None:
         return
     kind, payload, log_stats = configured
+    if kind == "args":
+        offered = _take_offer(conn)
+        if offered is None:
+            return
+        kind, payload = offered or (kind, payload)
     try:
         config = payload if kind == "config" else _resolve_quietly(payload)
     except Exception:  # noqa: BLE001 - the front end resolved the same arguments: it reports
@@ -155,6 +165,22 @@ def _wait_config(conn, parent_pid: int):
             return message if message[0] in ("config", "args") else None
         if os.getppid() != parent_pid:
             return None
+
+
+def _take_offer(conn):
+    """After ("args", ...): ("config", the front end's resolved configuration) when it is
+    already waiting in the pipe, () when nothing is (the core resolves the arguments), None
+    when the front end said stop or is gone."""
+    if not conn.poll(0):
+        return ()
+    try:
+        message = conn.recv()
+    except EOFError:
+        return None
+    if message[0] == "config":
+        logger.info("start-up: engine core took the front end's configuration")
+        return "config", message[1]
+    return None if message[0] == "stop" else ()
 
 
 def _resolve_quietly(engine_args) -> "EngineConfig":
@@ -338,6 +364,24 @@ class MPCoreClient:
         (in parallel with the front end's own resolution) and builds the engine."""
         self._ready.send(("args", engine_args, log_stats))
         self.configured = True
+
+    def offer_config(self, config: EngineConfig) -> bool:
+        """After ``configure_args``: hand the core the front end's own resolved configuration
+        too; a core that finishes its imports after this takes it instead of resolving the
+        arguments again (on the H100 machine its imports take longer than the front end's
+        resolution, and its own resolution then cost 1.6 s on the start-up's critical path).
+        A core that has started resolving never reads it, so it is only offered when it
+        fits the pipe's buffer with room to spare (a send can then never block)."""
+        if self.proc.exitcode is not None:
+            return False
+        try:
+            data = pickle.dumps(("config", config), protocol=5)
+        except Exception:  # noqa: BLE001 - e.g. a callable in it: the core resolves its own
+            return False
+        if len(data) > _OFFER_MAX_BYTES:
+            return False
+        self._ready.send_bytes(data)
+        return True
 
     def wait_ready(self) -> None:
         """Block until the core has loaded the model (or raise with its error)."""

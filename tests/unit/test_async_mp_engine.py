@@ -94,3 +94,29 @@ def test_same_outputs_as_llm_and_faults(model_path):
     assert after[0] == expected[0][0]
     assert stats["num_requests_running"] == 0 and stats["gpu_cache_usage_perc"] == 0
     assert not engine.client.is_alive()
+
+
+def test_core_takes_an_offered_configuration():
+    """The core, after ("args", ...), takes the front end's resolved configuration only when
+    it is already in the pipe; a stop or a closed pipe ends the start; an offer that could
+    fill the pipe's buffer (the core may never read it) is not sent."""
+    import multiprocessing
+
+    from pagedllm.engine import core_client
+    front, core = multiprocessing.Pipe(duplex=True)
+    assert core_client._take_offer(core) == ()  # nothing waiting: resolve the arguments
+    client = object.__new__(core_client.MPCoreClient)
+    client._ready = front
+
+    class Alive:
+        exitcode = None
+    client.proc = Alive()
+    assert client.offer_config({"model": "m"})
+    assert core_client._take_offer(core) == ("config", {"model": "m"})
+    assert not client.offer_config({"big": "x" * core_client._OFFER_MAX_BYTES})
+    assert not client.offer_config({"f": lambda: 0})  # not picklable: not offered
+    assert core_client._take_offer(core) == ()
+    front.send(("stop",))
+    assert core_client._take_offer(core) is None
+    front.close()
+    assert core_client._take_offer(core) is None  # the front end is gone
