@@ -19,8 +19,8 @@ configuration for itself and loads its tokenizer (the two resolutions are the sa
 of the same arguments and environment); when the front end's resolution is done first it
 offers the result, ("config", EngineConfig), and a core that finds it waiting once its
 imports are done takes it instead of resolving again. ("config", EngineConfig, log_stats)
-first hands over a resolved configuration instead. The core answers ("ready", cache_info) once the model is
-loaded and profiled, or ("init_error", traceback).
+first hands over a resolved configuration instead. The core answers ("ready", cache_info)
+once the model is loaded and profiled, or ("init_error", traceback).
 
 The core process is a busy loop with no asyncio: drain the input socket (blocking only while
 it has nothing to run), answer the adds of this round, ``step()``, send the step's deltas
