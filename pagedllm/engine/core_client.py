@@ -85,11 +85,6 @@ def run_engine_core(in_addr: str, out_addr: str, parent_pid: int, conn,
     if configured is None:
         return
     kind, payload, log_stats = configured
-    if kind == "args":
-        offered = _take_offer(conn)
-        if offered is None:
-            return
-        kind, payload = offered or (kind, payload)
     try:
         config = payload if kind == "config" else _resolve_quietly(payload)
     except Exception:  # noqa: BLE001 - the front end resolved the same arguments: it reports
@@ -154,15 +149,18 @@ def _preimport_config_modules() -> None:
 
 
 def _wait_config(conn, parent_pid: int):
-    """("config" | "args", payload, log_stats) from the front end, or None when it gave up
-    or is gone."""
+    """("config" | "args", payload, log_stats) from the front end (a configuration it offered
+    after the arguments replaces them), or None when it gave up or is gone."""
     while True:
         if conn.poll(_IDLE_POLL_MS / 1000):
             try:
                 message = conn.recv()
             except EOFError:
                 return None
-            return message if message[0] in ("config", "args") else None
+            if message[0] == "args":  # the front end's own result may be waiting too
+                offered = _take_offer(conn)
+                return None if offered is None else (*(offered or message[:2]), message[2])
+            return message if message[0] == "config" else None
         if os.getppid() != parent_pid:
             return None
 

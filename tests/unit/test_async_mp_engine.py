@@ -116,6 +116,11 @@ def test_core_takes_an_offered_configuration():
     assert not client.offer_config({"big": "x" * core_client._OFFER_MAX_BYTES})
     assert not client.offer_config({"f": lambda: 0})  # not picklable: not offered
     assert core_client._take_offer(core) == ()
+    front.send(("args", "engine args", True))  # what the core's start-up reads
+    assert core_client._wait_config(core, 0) == ("args", "engine args", True)
+    front.send(("args", "engine args", False))
+    client.offer_config("resolved")
+    assert core_client._wait_config(core, 0) == ("config", "resolved", False)
     front.send(("stop",))
     assert core_client._take_offer(core) is None
     front.close()
