@@ -191,7 +191,7 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
                        stride_os, BITS: tl.constexpr, ACT_ORDER: tl.constexpr,
                        HAS_ZEROS: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                        GATED: tl.constexpr, GROUP: tl.constexpr, EVEN: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       X_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Weights packed along K (GPTQ, compressed-tensors): out[split, n] = sum over this
     # split's K range of x[k] W[k, n]. The [BLOCK_K / PACK, BLOCK_N] words are loaded once;
     # value j of every word (rows k = word_row * PACK + j) is one unrolled step. GROUP (the
@@ -248,15 +248,31 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
             qx = tl.zeros((BLOCK_K // PACK, BLOCK_N), dtype=tl.float32)
             x_sum = tl.zeros((BLOCK_K // PACK,), dtype=tl.float32)
             hi_words = words >> _hi_shift(BITS)
-            for j in tl.static_range(PACK):
-                k = word_rows * PACK + j
-                if EVEN:
-                    xj = tl.load(x_ptr + k).to(tl.float32)
-                else:
-                    xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-                scaled_x = xj * _code_scale(j, BITS)
-                qx += _code_at(words, hi_words, magic, j, BITS) * scaled_x[:, None]
-                x_sum += xj
+            if X_PAIRS:  # bf16 x read as int32 pairs: half the loads, each value one
+                # shift or mask from its fp32 bits
+                for m in tl.static_range(PACK // 2):
+                    k = word_rows * PACK + 2 * m
+                    if EVEN:
+                        pair = tl.load(x_ptr + k // 2)
+                    else:
+                        pair = tl.load(x_ptr + k // 2, mask=k < K, other=0)
+                    x_lo = (pair << 16).to(tl.float32, bitcast=True)
+                    x_hi = (pair & -65536).to(tl.float32, bitcast=True)
+                    qx += (_code_at(words, hi_words, magic, 2 * m, BITS)
+                           * (x_lo * _code_scale(2 * m, BITS))[:, None])
+                    qx += (_code_at(words, hi_words, magic, 2 * m + 1, BITS)
+                           * (x_hi * _code_scale(2 * m + 1, BITS))[:, None])
+                    x_sum += x_lo + x_hi
+            else:
+                for j in tl.static_range(PACK):
+                    k = word_rows * PACK + j
+                    if EVEN:
+                        xj = tl.load(x_ptr + k).to(tl.float32)
+                    else:
+                        xj = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+                    scaled_x = xj * _code_scale(j, BITS)
+                    qx += _code_at(words, hi_words, magic, j, BITS) * scaled_x[:, None]
+                    x_sum += xj
             acc += (qx - z * x_sum[:, None]) * s
         words = next_words
     if FOLD:  # this split's sums; the last of the tile's (gate and up) splits folds them
@@ -478,12 +494,13 @@ def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None,
     else:
         out = part = counts = torch.empty(splits, w.n, device=x.device,
                                           dtype=x.dtype if splits == 1 else torch.float32)
+    x_pairs = x.dtype == torch.bfloat16 and not act_order and x.is_contiguous()
     _wna16_gemv_kernel[(n_tiles, splits)](
-        x, *tensors, out, part, counts, bias if bias is not None else part, w.n, w.k, k_split,
+        x.view(torch.int32) if x_pairs else x, *tensors, out, part, counts, bias if bias is not None else part, w.n, w.k, k_split,
         splits, w.n // 2, w.zero_offset, MAGIC, *strides, part.stride(0),
         BITS=w.bits, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None, FOLD=fold,
         HAS_BIAS=bias is not None, GATED=gated, GROUP=1 if act_order else w.group_size,
-        EVEN=not act_order and w.n % block_n == 0 and w.k % k_split == 0,
+        EVEN=not act_order and w.n % block_n == 0 and w.k % k_split == 0, X_PAIRS=x_pairs,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     if fold:
         return out, "final"
