@@ -497,7 +497,8 @@ def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None,
     x_pairs = x.dtype == torch.bfloat16 and not act_order and x.is_contiguous()
     _wna16_gemv_kernel[(n_tiles, splits)](
         x.view(torch.int32) if x_pairs else x, *tensors, out, part, counts,
-        bias if bias is not None else part, w.n, w.k, k_split, splits, w.n // 2, w.zero_offset, MAGIC, *strides, part.stride(0),
+        bias if bias is not None else part, w.n, w.k, k_split, splits, w.n // 2,
+        w.zero_offset, MAGIC, *strides, part.stride(0),
         BITS=w.bits, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None, FOLD=fold,
         HAS_BIAS=bias is not None, GATED=gated, GROUP=1 if act_order else w.group_size,
         EVEN=not act_order and w.n % block_n == 0 and w.k % k_split == 0, X_PAIRS=x_pairs,
