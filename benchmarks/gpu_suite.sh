@@ -233,24 +233,29 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
     s6b)
-      # sixth session, second call: the W4A16 GEMV's GPU cases (EVEN, GROUP, bf16 x as
-      # int32 pairs), bf16 / GPTQ / bnb NF4 batch-1 decode, the MoE decode profile without PDL
-      echo "== wna16 gpu tests"; timeout 200 python -m pytest -q -p no:cacheprovider -rf \
+      # sixth session, second call: the W4A16 GPU cases (GEMV: EVEN, GROUP, bf16 x as int32
+      # pairs; GEMM: W^T x^T with in-place 4-bit decode), the 16-row GEMM with the swap off
+      # and on, bf16 / GPTQ / bnb NF4 decode at batch 1 and 16
+      echo "== wna16 gpu tests"; timeout 220 python -m pytest -q -p no:cacheprovider -rf \
         --tb=line tests/kernels/test_wna16.py -k "gptq_layout or (gptq_llama_shapes and \
-        -1-dtype) or cuda_engine_greedy_equals_cpu" 2>&1 | grep -v Warning | tail -8
-      echo "== quant engine"; quant_engine 160 --formats bf16 gptq nf4 --batches 1 --no-offline
+        (-1-dtype or -16-dtype or -33-dtype)) or awq_llama_shapes or \
+        cuda_engine_greedy_equals_cpu" 2>&1 | grep -v Warning | tail -8
+      for swap in 0 1; do echo "== 16-row kernels, swap $swap"; timeout 60 python \
+        benchmarks/quant_bench.py --only kernels --rows 16 --gemm-swap $swap 2>&1 \
+        | grep -v Warning | grep -E "kind=(gptq|awq)|check"; done
+      echo "== quant engine"; quant_engine 190 --formats bf16 gptq nf4 --batches 1 16 \
+        --no-offline ;;
+    s6c)
+      # sixth session, third call: the MoE decode profile without PDL, Qwen3-30B-A3B vs the
+      # 8B shape offline, the W4A16 GEMV's stall reasons if the image has ncu
       echo "== moe decode profile, PDL off"; PAGEDLLM_PDL=0 timeout 170 python \
         benchmarks/profile_decode.py --graphs --model benchmarks/configs/qwen3-30b-a3b \
-        --tokens 32 --rows 30 2>&1 | grep -v Warning | tail -36 ;;
-    s6c)
-      # sixth session, third call: Qwen3-30B-A3B vs the 8B shape offline, the W4A16 GEMV's
-      # stall reasons if the image has ncu, the fourth session's GPU test cases
+        --tokens 32 --rows 30 2>&1 | grep -v Warning | tail -36
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       if command -v ncu > /dev/null; then timeout 100 ncu --section WarpStateStats \
         --section SchedulerStats -k regex:wna16_gemv -c 2 python benchmarks/wna16_probe.py \
-        --ncu 2>&1 | grep -vi warning | tail -45; else echo "no ncu"; fi
-      bash "$0" probe10 | tail -14 ;;
+        --ncu 2>&1 | grep -vi warning | tail -45; else echo "no ncu"; fi ;;
     s6a)
       # sixth session, first call: the per-tensor fp8 quantizer's GPU tests; bf16 / GPTQ
       # (GROUP/EVEN GEMV, values 5-7 by shift) / fp8 decode at batch 1 and 16, fp8 vs bf16

@@ -309,6 +309,10 @@ def main() -> None:
     parser.add_argument("--apply-tuned", action="store_true",
                         help="the engine runs of this process use the fp8 GEMV configs the "
                         "--tune-fp8 sweep found (as if committed to FP8_GEMV_CONFIGS)")
+    parser.add_argument("--gemm-swap", type=int, choices=[0, 1], default=None,
+                        help="triton_wna16.GEMM_SWAP for this process (the W4A16 GEMM up to "
+                        "32 rows as W^T x^T, 4-bit tiles decoded in place; default: as "
+                        "committed)")
     parser.add_argument("--no-offline", dest="offline", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: a quick end-to-end "
                         "check of this script (CPU: the Triton interpreter)")
@@ -319,6 +323,10 @@ def main() -> None:
         mb.OUT_FILE = os.path.join(args.out, "quant_bench.jsonl")
     if SMOKE:
         args.rows, args.batches = [1, 4], [1, 2]
+    if args.gemm_swap is not None:
+        from pagedllm.quant import triton_wna16
+        triton_wna16.GEMM_SWAP = bool(args.gemm_swap)
+        mb.emit(gemm_swap=triton_wna16.GEMM_SWAP)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mb.emit(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
             torch=torch.__version__, smoke=SMOKE)

@@ -118,23 +118,22 @@ def wna16_variants() -> list[str]:
     block_n, block_k, warps = wq.GEMV_CONFIG
     gemv_types = {**types, "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
                   "bias_ptr": "*bf16"}
-    for bits, act, zeros, fold, gated, even in [(4, False, True, True, False, True),
-                                                (4, False, True, True, True, True),
-                                                (4, False, True, True, False, False),
-                                                (4, False, True, False, False, True),
-                                                (4, True, True, True, False, False),
-                                                (8, False, False, True, False, True)]:
+    for bits, act, zeros, fold, gated, even, pairs in [
+            (4, False, True, True, False, True, True), (4, False, True, True, True, True, True),
+            (4, False, True, True, False, False, True), (4, False, True, False, False, True, False),
+            (4, True, True, True, False, False, False), (8, False, False, True, False, True, True)]:
         lines.append(compile_kernel(
-            wq._wna16_gemv_kernel, gemv_types,
+            wq._wna16_gemv_kernel, {**gemv_types, "x_ptr": "*i32" if pairs else "*bf16"},
             dict(BITS=bits, ACT_ORDER=act, HAS_ZEROS=zeros, FOLD=fold, HAS_BIAS=False,
-                 GATED=gated, GROUP=128, EVEN=even, BLOCK_N=block_n, BLOCK_K=block_k), unit,
-            num_warps=warps))
+                 GATED=gated, GROUP=128, EVEN=even, X_PAIRS=pairs, BLOCK_N=block_n,
+                 BLOCK_K=block_k), unit, num_warps=warps))
     for _, bm, bn, bk, warps, stages, *_ in wq.GEMM_CONFIGS:
         for bits, awq, act, zeros in [(4, False, False, True), (4, True, False, True),
                                       (4, False, True, True), (8, False, False, False)]:
             lines.append(compile_kernel(
                 wq._wna16_gemm_kernel, {**types, "out_ptr": "*bf16"},
                 dict(BITS=bits, AWQ=awq, ACT_ORDER=act, HAS_ZEROS=zeros, IEEE=False,
+                     SWAP=bm <= 32, FAST=bm <= 32 and bits == 4 and not awq and not act,
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                 unit, num_warps=warps, num_stages=stages))
     return lines
