@@ -262,6 +262,9 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       # offline 1000 x 256/256; serve start-up with cuInit in a thread
       echo "== fp8 tests"; timeout 90 python -m pytest -q -p no:cacheprovider \
         tests/kernels/test_fp8_scaled_mm.py tests/kernels/test_fp8_gemv.py 2>&1 | tail -2
+      echo "== wna16 check"; timeout 60 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=line tests/kernels/test_wna16.py -k "gptq_llama_shapes and 4096-28672 and \
+        (-1-dtype or -16-dtype)" 2>&1 | grep -v Warning | tail -4
       echo "== quant engine"; quant_engine 330 --formats bf16 gptq fp8 --batches 1 16
       use_serve_wheels
       startup_split 70
