@@ -246,16 +246,17 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== quant engine"; quant_engine 190 --formats bf16 gptq nf4 --batches 1 16 \
         --no-offline ;;
     s6c)
-      # sixth session, third call: the MoE decode profile without PDL, Qwen3-30B-A3B vs the
-      # 8B shape offline, the W4A16 GEMV's stall reasons if the image has ncu
-      echo "== moe decode profile, PDL off"; PAGEDLLM_PDL=0 timeout 170 python \
+      # sixth session, third call: the MoE kernels with PDL (GPU tests; layer and
+      # Qwen3-30B-A3B batch-1 decode), the decode profile without PDL, MoE vs 8B offline
+      echo "== moe tests"; timeout 80 python -m pytest -q -p no:cacheprovider -x \
+        tests/kernels/test_fused_moe.py 2>&1 | tail -2
+      echo "== moe decode"; timeout 110 python benchmarks/moe_bench.py --only layer decode \
+        --tokens 1 --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -4
+      echo "== moe decode profile, PDL off"; PAGEDLLM_PDL=0 timeout 140 python \
         benchmarks/profile_decode.py --graphs --model benchmarks/configs/qwen3-30b-a3b \
         --tokens 32 --rows 30 2>&1 | grep -v Warning | tail -36
-      echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
-        --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
-      if command -v ncu > /dev/null; then timeout 100 ncu --section WarpStateStats \
-        --section SchedulerStats -k regex:wna16_gemv -c 2 python benchmarks/wna16_probe.py \
-        --ncu 2>&1 | grep -vi warning | tail -45; else echo "no ncu"; fi ;;
+      echo "== moe offline"; timeout 230 python benchmarks/moe_bench.py --only offline \
+        --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3 ;;
     s6a)
       # sixth session, first call: the per-tensor fp8 quantizer's GPU tests; bf16 / GPTQ
       # (GROUP/EVEN GEMV, values 5-7 by shift) / fp8 decode at batch 1 and 16, fp8 vs bf16

@@ -81,11 +81,13 @@ def moe_variants() -> list[str]:
                             num_warps=4),
              compile_kernel(fm._topk_softmax_kernel, {"logits_ptr": "*bf16", "w_ptr": "*fp32",
                                                       "ids_ptr": "*i64", "scale": "fp32"},
-                            dict(TOP_K=8, K_POW2=8, RENORM=True, E_POW2=128), num_warps=1)]
+                            dict(TOP_K=8, K_POW2=8, RENORM=True, E_POW2=128, USE_PDL=True),
+                            num_warps=1)]
     for gated, (bn, bk, warps) in zip((True, False), fm.MOE_GEMV_CONFIGS):
         lines.append(compile_kernel(
             fm._moe_gemv_kernel, types, dict(TOP_K=8, K_POW2=8, GATED=gated, BLOCK_N=bn,
-                                             BLOCK_K=bk, VEC=8), num_warps=warps))
+                                             BLOCK_K=bk, VEC=8, USE_PDL=True),
+            num_warps=warps))
     configs = {c for _, gate_up, down in fm.MOE_CONFIGS for c in (gate_up, down)}
     for bm, bn, bk, warps, stages in sorted(configs):
         for gated in (True, False):
@@ -126,7 +128,7 @@ def wna16_variants() -> list[str]:
             wq._wna16_gemv_kernel, {**gemv_types, "x_ptr": "*i32" if pairs else "*bf16"},
             dict(BITS=bits, ACT_ORDER=act, HAS_ZEROS=zeros, FOLD=fold, HAS_BIAS=False,
                  GATED=gated, GROUP=128, EVEN=even, X_PAIRS=pairs, BLOCK_N=block_n,
-                 BLOCK_K=block_k), unit, num_warps=warps))
+                 BLOCK_K=block_k, USE_PDL=True), unit, num_warps=warps))
     for _, bm, bn, bk, warps, stages, *_ in wq.GEMM_CONFIGS:
         for bits, awq, act, zeros in [(4, False, False, True), (4, True, False, True),
                                       (4, False, True, True), (8, False, False, False)]:

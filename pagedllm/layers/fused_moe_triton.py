@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.layers import pdl
+
 
 @triton.jit
 def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, n, max_rows,
@@ -126,15 +128,18 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_pa
 def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stride_am, stride_we,
                      stride_wn, stride_om, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
                      GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     VEC: tl.constexpr):
+                     VEC: tl.constexpr, USE_PDL: tl.constexpr):
     # program (column tile, token): rows [n0, n0 + BLOCK_N) of each of the token's TOP_K
     # experts at once, R = K_POW2 * BLOCK_N gathered weight rows (row r: slot r // BLOCK_N),
     # walked along K in [R, BLOCK_K / VEC, VEC] tiles of 16-byte vectors, fp32 sums per
     # vector. GATED (gate/up): a is x [T, K], every row multiplies the token's x, out[pair, n]
     # = silu(gate) * up with the up rows N rows below. Else (down): a is the activations
     # [T * TOP_K, K], row r multiplies its pair's, out[t, n] = sum over slots of the routing
-    # weight times the row's sum (the top-k sum fused, fp32).
+    # weight times the row's sum (the top-k sum fused, fp32). USE_PDL (layers/pdl.py): launched
+    # while the kernel before runs; every load waits for it (the rows follow the routing).
     R: tl.constexpr = K_POW2 * BLOCK_N
+    pdl.launch_dependents(USE_PDL)
+    pdl.wait(USE_PDL)
     t = tl.program_id(1).to(tl.int64)
     r = tl.arange(0, R)
     slot = r // BLOCK_N
@@ -178,9 +183,11 @@ def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stride_am, 
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, scale,
                          TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORM: tl.constexpr,
-                         E_POW2: tl.constexpr):
+                         E_POW2: tl.constexpr, USE_PDL: tl.constexpr):
     # one token: softmax over its E logits (fp32), the TOP_K largest in descending order
     # (ties: the lowest expert id), optionally renormalised, times ``scale``
+    pdl.launch_dependents(USE_PDL)
+    pdl.wait(USE_PDL)  # the logits come from the router projection
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, E_POW2)
     valid = offs < E
@@ -216,7 +223,8 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         _topk_softmax_kernel[(tokens,)](
             logits, weights, ids, experts, logits.stride(0), scale, TOP_K=top_k,
             K_POW2=triton.next_power_of_2(top_k), RENORM=renormalize,
-            E_POW2=triton.next_power_of_2(experts), num_warps=1 if experts <= 128 else 2)
+            E_POW2=triton.next_power_of_2(experts), num_warps=1 if experts <= 128 else 2,
+            **pdl.options(logits))
     return weights, ids
 
 
@@ -331,7 +339,7 @@ def _gemv_launch(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch
         a, w, out, ids, topw if topw is not None else a, n_cols, w.shape[2], a.stride(0),
         w.stride(0), w.stride(1), out.stride(0), TOP_K=top_k,
         K_POW2=triton.next_power_of_2(top_k), GATED=topw is None, BLOCK_N=block_n,
-        BLOCK_K=block_k, VEC=vec, num_warps=warps)
+        BLOCK_K=block_k, VEC=vec, num_warps=warps, **pdl.options(a))
 
 
 def fused_moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from pagedllm.attention.triton_attention import _last_arrival, _split_counters
+from pagedllm.layers import pdl
 from pagedllm.switches import switches
 
 
@@ -216,14 +217,18 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
                        stride_os, BITS: tl.constexpr, ACT_ORDER: tl.constexpr,
                        HAS_ZEROS: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                        GATED: tl.constexpr, GROUP: tl.constexpr, EVEN: tl.constexpr,
-                       X_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       X_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     # Weights packed along K (GPTQ, compressed-tensors): out[split, n] = sum over this
     # split's K range of x[k] W[k, n]. The [BLOCK_K / PACK, BLOCK_N] words are loaded once;
     # value j of every word (rows k = word_row * PACK + j) is one unrolled step. GROUP (the
     # group size) is a constant so that a tile's group is a multiply and shift, not an
     # integer division; EVEN (N a multiple of BLOCK_N, K of k_split): the loop's loads take
     # no per-element masks. Both cut the per-tile instructions that the products share.
+    # USE_PDL (layers/pdl.py): the first tile of words is requested before waiting for the
+    # kernel before (it writes x; the split counters are read in the fold, after the wait).
     PACK: tl.constexpr = 32 // BITS
+    pdl.launch_dependents(USE_PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -236,6 +241,7 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
     words = tl.load(col_ptrs + (k_start // PACK + rows)[:, None] * stride_qk,
                     mask=((k_start // PACK + rows) * PACK < k_end)[:, None] & n_ok[None, :],
                     other=0, eviction_policy="evict_first")
+    pdl.wait(USE_PDL)
     for k0 in range(k_start, k_start + k_split, BLOCK_K):
         word_rows = k0 // PACK + rows
         # the next tile's words are requested before this tile's products (H100, engine
@@ -550,7 +556,7 @@ def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None,
         BITS=w.bits, ACT_ORDER=act_order, HAS_ZEROS=w.qzeros is not None, FOLD=fold,
         HAS_BIAS=bias is not None, GATED=gated, GROUP=1 if act_order else w.group_size,
         EVEN=not act_order and w.n % block_n == 0 and w.k % k_split == 0, X_PAIRS=x_pairs,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **pdl.options(x))
     if fold:
         return out, "final"
     return (out, "raw") if splits == 1 else (out.unsqueeze(1), "partial")
