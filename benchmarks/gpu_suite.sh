@@ -232,6 +232,21 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
+    s6all)
+      # sixth session, the one call if only one machine starts: serve start-up (the core takes
+      # the front end's configuration), the GPU checks of this session's kernel changes
+      # (W4A16 GEMV / 16-row GEMM, MoE with PDL), bf16 / GPTQ / fp8 / NF4 decode at batch 1
+      # and 16, Qwen3-30B-A3B layer and batch-1 decode
+      use_serve_wheels
+      startup_split 75
+      echo "== gpu checks"; timeout 100 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=line tests/kernels/test_wna16.py tests/kernels/test_fused_moe.py -k \
+        "(gptq_llama_shapes and 4096-28672 and (-1-dtype or -16-dtype)) or gptq_layout \
+        or cuda_engine_greedy_equals_cpu or test_fused_moe" 2>&1 | grep -v Warning | tail -5
+      echo "== quant engine"; quant_engine 230 --formats bf16 gptq fp8 nf4 --batches 1 16 \
+        --no-offline
+      echo "== moe decode"; timeout 110 python benchmarks/moe_bench.py --only layer decode \
+        --tokens 1 --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -4 ;;
     s6b)
       # sixth session, second call: the W4A16 GPU cases (GEMV: EVEN, GROUP, bf16 x as int32
       # pairs; GEMM: W^T x^T with in-place 4-bit decode), the 16-row GEMM with the swap off
