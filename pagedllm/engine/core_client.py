@@ -53,6 +53,10 @@ _PENDING_POLL_MS = 5  # ... and whether a guided compile is done, while one is p
 # the largest configuration the front end offers a core that resolves its own (a Unix socket
 # pair's send buffer is about 200 KiB; the arguments sent before are a few KiB)
 _OFFER_MAX_BYTES = 96 * 1024
+# how long a core done importing waits for that offer before resolving the arguments itself
+# (H100 machine: the offer came 0.2 s after the core's imports, its own resolution took
+# 1.3-2.0 s; on a 2-core CPU the resolution takes 0.1 s and the offer comes about as early)
+_OFFER_WAIT_S = 1.0
 _READY_TIMEOUT_S = float(os.environ.get("PAGEDLLM_ENGINE_READY_TIMEOUT_S", "1800"))
 
 
@@ -158,18 +162,18 @@ def _wait_config(conn, parent_pid: int):
             except EOFError:
                 return None
             if message[0] == "args":  # the front end's own result may be waiting too
-                offered = _take_offer(conn)
+                offered = _take_offer(conn, _OFFER_WAIT_S)
                 return None if offered is None else (*(offered or message[:2]), message[2])
             return message if message[0] == "config" else None
         if os.getppid() != parent_pid:
             return None
 
 
-def _take_offer(conn):
-    """After ("args", ...): ("config", the front end's resolved configuration) when it is
-    already waiting in the pipe, () when nothing is (the core resolves the arguments), None
+def _take_offer(conn, wait_s: float = 0.0):
+    """After ("args", ...): ("config", the front end's resolved configuration) when it is in
+    the pipe or comes within ``wait_s``, () when not (the core resolves the arguments), None
     when the front end said stop or is gone."""
-    if not conn.poll(0):
+    if not conn.poll(wait_s):
         return ()
     try:
         message = conn.recv()

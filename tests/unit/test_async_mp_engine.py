@@ -96,15 +96,17 @@ def test_same_outputs_as_llm_and_faults(model_path):
     assert not engine.client.is_alive()
 
 
-def test_core_takes_an_offered_configuration():
+def test_core_takes_an_offered_configuration(monkeypatch):
     """The core, after ("args", ...), takes the front end's resolved configuration only when
     it is already in the pipe; a stop or a closed pipe ends the start; an offer that could
     fill the pipe's buffer (the core may never read it) is not sent."""
     import multiprocessing
+    import threading
 
     from pagedllm.engine import core_client
     front, core = multiprocessing.Pipe(duplex=True)
     assert core_client._take_offer(core) == ()  # nothing waiting: resolve the arguments
+    monkeypatch.setattr(core_client, "_OFFER_WAIT_S", 0.05)
     client = object.__new__(core_client.MPCoreClient)
     client._ready = front
 
@@ -118,6 +120,8 @@ def test_core_takes_an_offered_configuration():
     assert core_client._take_offer(core) == ()
     front.send(("args", "engine args", True))  # what the core's start-up reads
     assert core_client._wait_config(core, 0) == ("args", "engine args", True)
+    threading.Timer(0.01, client.offer_config, ("late",)).start()  # within the wait
+    assert core_client._take_offer(core, 5.0) == ("config", "late")
     front.send(("args", "engine args", False))
     client.offer_config("resolved")
     assert core_client._wait_config(core, 0) == ("config", "resolved", False)
