@@ -232,6 +232,17 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
+    s6d)
+      # sixth session, last call: serve start-up with the core waiting for the front end's
+      # configuration, where the core's seconds before EngineCore go, the MoE decode profile
+      # without PDL
+      use_serve_wheels
+      startup_split 75
+      for i in 1 2; do echo "== core boot $i"; timeout 60 python benchmarks/core_boot_probe.py \
+        --top 25 2>&1 | grep -v "^$" | head -36 | cut -c1-150; done
+      echo "== moe decode profile, PDL off"; PAGEDLLM_PDL=0 timeout 150 python \
+        benchmarks/profile_decode.py --graphs --model benchmarks/configs/qwen3-30b-a3b \
+        --tokens 32 --rows 30 2>&1 | grep -v Warning | tail -34 | cut -c1-150 ;;
     s6all)
       # sixth session, the one call if only one machine starts: serve start-up (the core takes
       # the front end's configuration), the GPU checks of this session's kernel changes
