@@ -548,7 +548,8 @@ def _gemv(x: torch.Tensor, w: WNA16Weight, config: tuple | None,
     else:
         out = part = counts = torch.empty(splits, w.n, device=x.device,
                                           dtype=x.dtype if splits == 1 else torch.float32)
-    x_pairs = x.dtype == torch.bfloat16 and not act_order and x.is_contiguous()
+    x_pairs = (x.dtype == torch.bfloat16 and not act_order and x.is_contiguous()
+               and x.data_ptr() % 4 == 0)  # int32 loads: 4-byte aligned
     _wna16_gemv_kernel[(n_tiles, splits)](
         x.view(torch.int32) if x_pairs else x, *tensors, out, part, counts,
         bias if bias is not None else part, w.n, w.k, k_split, splits, w.n // 2,

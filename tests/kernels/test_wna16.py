@@ -301,3 +301,19 @@ def test_cpu_engine_through_the_kernels_equals_reference(method, tmp_path, monke
     monkeypatch.setattr(kernels, "_on_cuda", lambda t: True)
     monkeypatch.setattr(kernels, "_serves", lambda x: x.dtype == torch.float32)
     assert _engine_greedy(path, one_at_a_time=True, device="cpu") == reference
+
+
+
+def test_gemv_bf16_x_at_an_odd_offset():
+    """A bf16 x that starts 2 bytes past a 4-byte boundary cannot be read as int32 pairs
+    (``X_PAIRS``): the GEMV reads it value by value and still matches the reference."""
+    g = torch.Generator().manual_seed(7)
+    k, n, group = 128, 64, 32
+    qweight, qzeros = _words((k // 8, n), g), _words((k // group, n // 8), g)
+    scales = _scales((k // group, n), torch.bfloat16, g)
+    g_idx = (torch.arange(k) // group).int().to(DEVICE)
+    x = torch.randn(1, k + 1, generator=g).to(torch.bfloat16).to(DEVICE)[:, 1:]
+    assert x.is_contiguous() and x.data_ptr() % 4 == 2
+    weight = wq.gptq_weight(qweight, qzeros, scales, g_idx, 4, group, False, 1)
+    _check(x, weight, gptq_dequantize(qweight, qzeros, scales.double(), g_idx, 4, 1),
+           gemv=True)
