@@ -283,21 +283,6 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --tokens 32 --rows 30 2>&1 | grep -v Warning | tail -36
       echo "== moe offline"; timeout 230 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3 ;;
-    s6a)
-      # sixth session, first call: the per-tensor fp8 quantizer's GPU tests; bf16 / GPTQ
-      # (GROUP/EVEN GEMV, values 5-7 by shift) / fp8 decode at batch 1 and 16, fp8 vs bf16
-      # offline 1000 x 256/256; serve start-up with cuInit in a thread
-      echo "== fp8 tests"; timeout 90 python -m pytest -q -p no:cacheprovider \
-        tests/kernels/test_fp8_scaled_mm.py tests/kernels/test_fp8_gemv.py 2>&1 | tail -2
-      echo "== wna16 check"; timeout 60 python -m pytest -q -p no:cacheprovider -rf \
-        --tb=line tests/kernels/test_wna16.py -k "gptq_llama_shapes and 4096-28672 and \
-        (-1-dtype or -16-dtype)" 2>&1 | grep -v Warning | tail -4
-      echo "== quant engine"; quant_engine 330 --formats bf16 gptq fp8 --batches 1 16
-      use_serve_wheels
-      startup_split 70
-      echo "== core imports"; python -X importtime -c "import pagedllm.engine.core" \
-        2> "$OUT_DIR/importtime.txt"; sort -t'|' -k2 -n -r "$OUT_DIR/importtime.txt" \
-        | head -25 ;;
     s5e)
       # the per-tensor fp8 quantizer over many programs: its GPU tests, fp8 vs bf16 decode at
       # batch 1 and 16 and offline 1000 x 256/256; serve start-up with cuInit in a thread
