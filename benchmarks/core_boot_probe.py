@@ -1,7 +1,7 @@
 """Where the engine core process's start-up seconds go before ``EngineCore`` (issue 19): the
 steps of ``core_client.run_engine_core`` timed one by one in a fresh interpreter (its imports,
-the configuration modules, the first CUDA query), then ``create_engine_config`` under
-cProfile. ``python benchmarks/core_boot_probe.py [--model DIR]`` (8B shape by default)."""
+the first CUDA query), then ``create_engine_config`` under cProfile (what a core that
+resolves the arguments itself pays; the front end sends it the plain configuration instead). ``python benchmarks/core_boot_probe.py [--model DIR]`` (8B shape by default)."""
 import time
 
 T0 = time.time()
@@ -26,8 +26,6 @@ def main() -> None:
     marks = [("interpreter + zmq + core_client", time.time())]
     from pagedllm.engine.core import EngineCore  # noqa: F401
     marks.append(("pagedllm.engine.core (torch, the engine)", time.time()))
-    core_client._preimport_config_modules()
-    marks.append(("the configuration's transformers modules", time.time()))
     gc.enable()
     import torch
     torch.cuda.is_available()

@@ -232,6 +232,19 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
+    s7a)
+      # seventh session, first call: serve start-up with the plain configuration (the core
+      # imports no transformers), the W4A16 GPU cases the sixth session could not run (AWQ and
+      # compressed-tensors Llama shapes at 16-33 rows on the W^T x^T GEMM), bf16 / GPTQ
+      # decode at batch 1, 16 and 64
+      use_serve_wheels
+      startup_split 75
+      echo "== wna16 gpu tests"; timeout 220 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=line tests/kernels/test_wna16.py -k "gptq_layout or (gptq_llama_shapes and \
+        (-16-dtype or -33-dtype)) or awq_llama_shapes or compressed_tensors_llama_shapes" 2>&1 \
+        | grep -v Warning | tail -8
+      echo "== quant engine"; quant_engine 200 --formats bf16 gptq --batches 1 16 64 \
+        --no-offline ;;
     s6d)
       # sixth session, last call: serve start-up with the core waiting for the front end's
       # configuration, where the core's seconds before EngineCore go, the MoE decode profile

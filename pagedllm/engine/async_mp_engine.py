@@ -97,7 +97,7 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
             config = engine_args.create_engine_config()
             logger.info("start-up: engine configuration resolved in %.1f s",
                         time.perf_counter() - start)
-            client.offer_config(config)  # taken if the core is still importing
+            client.offer_config(config)  # the core waits for it after its imports
         except BaseException:
             client.shutdown(timeout=0.5)  # it may be busy resolving or loading: no wait
             raise

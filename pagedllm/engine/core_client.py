@@ -13,14 +13,14 @@ Two ZeroMQ sockets over ipc, both bound by the front end: requests and aborts go
          ("failed", [seq ids], text) | ("fatal", text)
 
 Start-up goes over a pipe. The front end starts the process first and sends it the engine
-arguments, ("args", EngineArgs, log_stats): the child imports torch and the engine, resolves
-its own copy of the configuration and loads the model while the front end resolves the same
-configuration for itself and loads its tokenizer (the two resolutions are the same function
-of the same arguments and environment); when the front end's resolution is done first it
-offers the result, ("config", EngineConfig), and a core that finds it waiting once its
-imports are done takes it instead of resolving again. ("config", EngineConfig, log_stats)
-first hands over a resolved configuration instead. The core answers ("ready", cache_info)
-once the model is loaded and profiled, or ("init_error", traceback).
+arguments, ("args", EngineArgs, log_stats), then resolves the configuration while the child
+imports torch and the engine. It then sends ("config", EngineConfig): pickled with every
+transformers config in it made plain data (`pagedllm.models.plain_config`), so the core never
+imports transformers for it (that import was 4.5 s of its 7.2 s on the H100 machine). A
+configuration too large for the pipe's buffer is not sent: ("resolve",) tells the core to
+resolve the arguments itself. ("config", EngineConfig, log_stats) first hands over a resolved
+configuration instead. The core answers ("ready", cache_info) once the model is loaded and
+profiled, or ("init_error", traceback).
 
 The core process is a busy loop with no asyncio: drain the input socket (blocking only while
 it has nothing to run), answer the adds of this round, ``step()``, send the step's deltas
@@ -50,13 +50,10 @@ logger = logging.getLogger("pagedllm.engine.core_client")
 
 _IDLE_POLL_MS = 500  # an idle core checks that its parent is alive this often
 _PENDING_POLL_MS = 5  # ... and whether a guided compile is done, while one is pending
-# the largest configuration the front end offers a core that resolves its own (a Unix socket
-# pair's send buffer is about 200 KiB; the arguments sent before are a few KiB)
+# the largest configuration the front end sends after the arguments (a Unix socket pair's send
+# buffer is about 200 KiB, so a send never blocks while the core imports; the 8B shape's is
+# about 6 KiB); a larger one: the core resolves the arguments itself
 _OFFER_MAX_BYTES = 96 * 1024
-# how long a core done importing waits for that offer before resolving the arguments itself
-# (H100 machine: the offer came 0.2 s after the core's imports, its own resolution took
-# 1.3-2.0 s; on a 2-core CPU the resolution takes 0.1 s and the offer comes about as early)
-_OFFER_WAIT_S = 1.0
 _READY_TIMEOUT_S = float(os.environ.get("PAGEDLLM_ENGINE_READY_TIMEOUT_S", "1800"))
 
 
@@ -81,7 +78,6 @@ def run_engine_core(in_addr: str, out_addr: str, parent_pid: int, conn,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the front end, which stops us
     signal.signal(signal.SIGTERM, _raise_exit)
     from pagedllm.engine.core import EngineCore  # the heavy imports (torch, the models)
-    _preimport_config_modules()
     gc.enable()
     logger.info("start-up: engine core process up in %.1f s (spawn and imports)",
                 time.time() - spawned_at)
@@ -138,51 +134,33 @@ def _init_cuda_driver() -> None:
         pass
 
 
-def _preimport_config_modules() -> None:
-    """What resolving or unpickling the configuration imports (its Hugging Face config class
-    pulls transformers' validators, activations and loading code: 1-2 s), while the front end
-    has not sent it yet: with ("args", ...) the same imports would only come later, with
-    ("config", ...) they overlap the front end's own resolution."""
-    import importlib
-    for name in ("transformers.configuration_utils", "transformers.utils.type_validators",
-                 "transformers.modeling_rope_utils", "transformers.models.auto"):
-        try:
-            importlib.import_module(name)
-        except ImportError:  # other transformers versions lay their modules out differently
-            pass
-
-
 def _wait_config(conn, parent_pid: int):
-    """("config" | "args", payload, log_stats) from the front end (a configuration it offered
-    after the arguments replaces them), or None when it gave up or is gone."""
-    while True:
-        if conn.poll(_IDLE_POLL_MS / 1000):
-            try:
-                message = conn.recv()
-            except EOFError:
-                return None
-            if message[0] == "args":  # the front end's own result may be waiting too
-                offered = _take_offer(conn, _OFFER_WAIT_S)
-                return None if offered is None else (*(offered or message[:2]), message[2])
-            return message if message[0] == "config" else None
-        if os.getppid() != parent_pid:
-            return None
-
-
-def _take_offer(conn, wait_s: float = 0.0):
-    """After ("args", ...): ("config", the front end's resolved configuration) when it is in
-    the pipe or comes within ``wait_s``, () when not (the core resolves the arguments), None
-    when the front end said stop or is gone."""
-    if not conn.poll(wait_s):
-        return ()
-    try:
-        message = conn.recv()
-    except EOFError:
+    """("config" | "args", payload, log_stats) from the front end, or None when it gave up or
+    is gone. After ("args", ...) the front end's resolved configuration follows, or
+    ("resolve",) when it could not send it (the core resolves the arguments)."""
+    message = _recv_start(conn, parent_pid)
+    if message is None or message[0] not in ("args", "config"):
         return None
     if message[0] == "config":
+        return message
+    follow = _recv_start(conn, parent_pid)
+    if follow is None or follow[0] not in ("config", "resolve"):
+        return None
+    if follow[0] == "config":
         logger.info("start-up: engine core took the front end's configuration")
-        return "config", message[1]
-    return None if message[0] == "stop" else ()
+        return "config", follow[1], message[2]
+    return message
+
+
+def _recv_start(conn, parent_pid: int):
+    """The next start-up message, or None when the pipe closed or the front end is gone."""
+    while not conn.poll(_IDLE_POLL_MS / 1000):
+        if os.getppid() != parent_pid:
+            return None
+    try:
+        return conn.recv()
+    except EOFError:
+        return None
 
 
 def _resolve_quietly(engine_args) -> "EngineConfig":
@@ -358,7 +336,8 @@ class MPCoreClient:
 
     def configure(self, config: EngineConfig, log_stats: bool | None = None) -> None:
         """Hand the core process its engine configuration (it builds the engine then)."""
-        self._ready.send(("config", config, log_stats))
+        from pagedllm.models.plain_config import dumps_plain
+        self._ready.send_bytes(dumps_plain(("config", config, log_stats)))
         self.configured = True
 
     def configure_args(self, engine_args, log_stats: bool | None = None) -> None:
@@ -368,22 +347,20 @@ class MPCoreClient:
         self.configured = True
 
     def offer_config(self, config: EngineConfig) -> bool:
-        """After ``configure_args``: hand the core the front end's own resolved configuration
-        too; a core that finishes its imports after this takes it instead of resolving the
-        arguments again (on the H100 machine its imports take longer than the front end's
-        resolution, and its own resolution then cost 1.6 s on the start-up's critical path).
-        A core that has started resolving never reads it, so it is only offered when it
-        fits the pipe's buffer with room to spare (a send can then never block)."""
+        """After ``configure_args``: send the core the front end's resolved configuration
+        (its transformers configs as plain data), or ("resolve",) when it does not fit the
+        pipe's buffer with room to spare (the core may still be importing: a send must never
+        block) or does not pickle. True when sent."""
+        from pagedllm.models.plain_config import dumps_plain
         if self.proc.exitcode is not None:
             return False
         try:
-            data = pickle.dumps(("config", config), protocol=5)
+            data = dumps_plain(("config", config))
         except Exception:  # noqa: BLE001 - e.g. a callable in it: the core resolves its own
-            return False
-        if len(data) > _OFFER_MAX_BYTES:
-            return False
-        self._ready.send_bytes(data)
-        return True
+            data = b""
+        sent = 0 < len(data) <= _OFFER_MAX_BYTES
+        self._ready.send_bytes(data if sent else _dumps(("resolve",)))
+        return sent
 
     def wait_ready(self) -> None:
         """Block until the core has loaded the model (or raise with its error)."""

@@ -6,6 +6,7 @@ a step that raises fails only the requests in flight, and the next request is se
 rejected request is a ValueError; an abandoned stream is aborted in the core (KV freed).
 """
 import asyncio
+import os
 
 import pytest
 
@@ -96,36 +97,33 @@ def test_same_outputs_as_llm_and_faults(model_path):
     assert not engine.client.is_alive()
 
 
-def test_core_takes_an_offered_configuration(monkeypatch):
-    """The core, after ("args", ...), takes the front end's resolved configuration only when
-    it is already in the pipe; a stop or a closed pipe ends the start; an offer that could
-    fill the pipe's buffer (the core may never read it) is not sent."""
+def test_core_takes_the_front_ends_configuration():
+    """After ("args", ...) the core waits for the front end's resolved configuration, or for
+    ("resolve",) when it was too large for the pipe or did not pickle (the core then resolves
+    the arguments); a stop or a closed pipe ends the start."""
     import multiprocessing
     import threading
 
     from pagedllm.engine import core_client
     front, core = multiprocessing.Pipe(duplex=True)
-    assert core_client._take_offer(core) == ()  # nothing waiting: resolve the arguments
-    monkeypatch.setattr(core_client, "_OFFER_WAIT_S", 0.05)
     client = object.__new__(core_client.MPCoreClient)
     client._ready = front
 
     class Alive:
         exitcode = None
     client.proc = Alive()
-    assert client.offer_config({"model": "m"})
-    assert core_client._take_offer(core) == ("config", {"model": "m"})
-    assert not client.offer_config({"big": "x" * core_client._OFFER_MAX_BYTES})
-    assert not client.offer_config({"f": lambda: 0})  # not picklable: not offered
-    assert core_client._take_offer(core) == ()
-    front.send(("args", "engine args", True))  # what the core's start-up reads
-    assert core_client._wait_config(core, 0) == ("args", "engine args", True)
-    threading.Timer(0.01, client.offer_config, ("late",)).start()  # within the wait
-    assert core_client._take_offer(core, 5.0) == ("config", "late")
+    front.send(("args", "engine args", True))
+    threading.Timer(0.05, client.offer_config, ({"model": "m"},)).start()  # comes later
+    assert core_client._wait_config(core, os.getppid()) \
+        == ("config", {"model": "m"}, True)
+    for unsendable in ({"big": "x" * core_client._OFFER_MAX_BYTES}, {"f": lambda: 0}):
+        front.send(("args", "engine args", False))
+        assert not client.offer_config(unsendable)
+        assert core_client._wait_config(core, os.getppid()) == ("args", "engine args", False)
+    client.configure("resolved first", True)
+    assert core_client._wait_config(core, os.getppid()) == ("config", "resolved first", True)
     front.send(("args", "engine args", False))
-    client.offer_config("resolved")
-    assert core_client._wait_config(core, 0) == ("config", "resolved", False)
     front.send(("stop",))
-    assert core_client._take_offer(core) is None
+    assert core_client._wait_config(core, os.getppid()) is None
     front.close()
-    assert core_client._take_offer(core) is None  # the front end is gone
+    assert core_client._wait_config(core, os.getppid()) is None  # the front end is gone

@@ -1,0 +1,154 @@
+"""A Hugging Face config as plain data, for the engine-core process (``pagedllm serve``).
+
+Unpickling a transformers config imports its class's module, and in transformers 5.17 that
+module's ``auto_docstring`` imports the model classes and the generation code: 4.5 s of the
+core process's 7.2 s before its configuration on the H100 machine (docs/benchmarks.md, sixth
+part). The engine only reads a config's attributes, so the front end sends the core a
+`PlainConfig` instead: every instance attribute, the class's plain attributes (``model_type``,
+``attribute_map``, ...), the values of its properties (``rope_scaling``, ``num_labels``, ...)
+and its attribute-map aliases (``num_experts`` -> ``num_local_experts``), all read once in the
+front end. Nested configs (``text_config``, ...) become `PlainConfig` too. A value that is not
+plain data (a class, a callable) is left out and named in ``dropped``: reading it raises an
+AttributeError that says so, never a silent default.
+
+`dumps_plain` pickles anything with its transformers configs made plain; the core never imports
+transformers for them (checked by tests/unit/test_plain_config.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import pickle
+import sys
+import warnings
+from typing import Any
+
+import torch
+
+_PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype)
+
+
+class PlainConfig:
+    """Attribute access over a snapshot of a transformers ``PretrainedConfig``."""
+
+    def __init__(self, class_name: str, values: dict[str, Any], dropped: tuple[str, ...]):
+        self.__dict__.update(values)
+        self.__dict__["_plain_class_name"] = class_name
+        self.__dict__["_plain_dropped"] = dropped
+
+    def __getattr__(self, name: str) -> Any:  # only called for names that are not set
+        if name in self.__dict__.get("_plain_dropped", ()):
+            raise AttributeError(f"{self._plain_class_name}.{name} is not plain data and was "
+                                 "not carried to the engine-core process")
+        raise AttributeError(f"{self.__dict__.get('_plain_class_name', 'config')!r} has no "
+                             f"attribute {name!r}")
+
+    def __repr__(self) -> str:
+        keys = sorted(k for k in self.__dict__ if not k.startswith("_"))
+        return f"PlainConfig({self._plain_class_name}: {', '.join(keys)})"
+
+    def values(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_plain_")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.to_dict() if isinstance(v, PlainConfig) else v)
+                for k, v in self.values().items()}
+
+    def get_text_config(self, decoder: bool = False) -> "PlainConfig":
+        """transformers' rule: the nested text (or decoder) config where there is one."""
+        for name in (("decoder", "generator", "text_config") if decoder else
+                     ("text_config", "decoder", "generator")):
+            sub = self.__dict__.get(name)
+            if isinstance(sub, PlainConfig):
+                return sub
+        return self
+
+
+def _is_hf_config(obj: Any) -> bool:
+    module = sys.modules.get("transformers.configuration_utils")
+    return module is not None and isinstance(obj, module.PretrainedConfig)
+
+
+def _plain(value: Any) -> tuple[bool, Any]:
+    """(True, a plain copy) or (False, None) when ``value`` holds anything else."""
+    if isinstance(value, _PLAIN_SCALARS):
+        return True, value
+    if _is_hf_config(value):
+        return True, to_plain(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(v) for v in value]
+        if all(ok for ok, _ in items):
+            return True, type(value)(v for _, v in items)
+        return False, None
+    if isinstance(value, dict):
+        pairs = [(_plain(k), _plain(v)) for k, v in value.items()]
+        if all(k[0] and v[0] for k, v in pairs):
+            return True, {k[1]: v[1] for k, v in pairs}
+    return False, None
+
+
+def _class_names(cls: type) -> dict[str, str]:
+    """Each name the class (and its bases) defines: 'property' or 'attribute'."""
+    kinds: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        for name, value in vars(klass).items():
+            if name.startswith("__"):
+                continue
+            if isinstance(value, property):
+                kinds[name] = "property"
+            elif not (callable(value) or isinstance(value, (staticmethod, classmethod))):
+                kinds[name] = "attribute"
+    return kinds
+
+
+def to_plain(config: Any) -> PlainConfig:
+    """The snapshot of a transformers config (see the module doc)."""
+    values: dict[str, Any] = {}
+    dropped: list[str] = []
+    names = dict.fromkeys(_class_names(type(config)))
+    names.update(dict.fromkeys(getattr(config, "attribute_map", {}) or {}))
+    names.update(dict.fromkeys(vars(config)))
+    with _quiet():  # deprecated aliases (torch_dtype, use_return_dict) warn when read
+        for name in names:
+            try:
+                value = getattr(config, name)
+            except Exception:  # noqa: BLE001 - a property that does not apply to this config
+                continue
+            if inspect.ismethod(value):
+                continue
+            ok, copy = _plain(value)
+            if ok:
+                values[name] = copy
+            else:
+                dropped.append(name)
+    return PlainConfig(type(config).__name__, values, tuple(dropped))
+
+
+@contextlib.contextmanager
+def _quiet():
+    log = logging.getLogger("transformers")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+class _PlainPickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if _is_hf_config(obj):
+            plain = to_plain(obj)
+            return PlainConfig, (plain._plain_class_name, plain.values(), plain._plain_dropped)
+        return NotImplemented
+
+
+def dumps_plain(obj: Any) -> bytes:
+    """``pickle.dumps(obj, protocol=5)`` with every transformers config in it made plain."""
+    buffer = io.BytesIO()
+    _PlainPickler(buffer, protocol=5).dump(obj)
+    return buffer.getvalue()
