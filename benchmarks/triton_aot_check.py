@@ -141,6 +141,23 @@ def wna16_variants() -> list[str]:
     return lines
 
 
+def nf4_variants(configs=None) -> list[str]:
+    """``triton_nf4``: the GEMV (plain, gated, masked) at the default config or ``configs``,
+    and the dequantize kernel."""
+    from pagedllm.quant import triton_nf4 as nf4
+    types = {"x_ptr": "*bf16", "w_ptr": "*i32", "a_ptr": "*fp32", "code_ptr": "*fp32",
+             "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "bias_ptr": "*bf16"}
+    lines = [compile_kernel(nf4._nf4_dequant_kernel, {**types, "w_ptr": "*u8"},
+                            dict(BLOCK_N=32, BLOCK_K=128), num_warps=4)]
+    for block_n, block_k, warps in configs or [nf4.GEMV_CONFIG]:
+        for gated, even in [(False, True), (True, True), (False, False)]:
+            lines.append(compile_kernel(
+                nf4._nf4_gemv_kernel, types,
+                dict(FOLD=True, HAS_BIAS=False, GATED=gated, EVEN=even, BLOCK_N=block_n,
+                     BLOCK_K=block_k, USE_PDL=True), num_warps=warps))
+    return lines
+
+
 def fp8_gemv_variants() -> list[str]:
     """``triton_fp8._fp8_gemv_kernel`` at each tuned config and the default: every
     activation mode, plain and gated (+ bias), K a multiple of the block (the real shapes)."""
@@ -197,13 +214,13 @@ def mla_variants(sweep: bool = False) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["moe", "wna16", "fp8", "mla"], nargs="+",
+    parser.add_argument("--only", choices=["moe", "wna16", "fp8", "mla", "nf4"], nargs="+",
                         default=["moe", "wna16", "fp8", "mla"])
     parser.add_argument("--sweep", action="store_true",
                         help="mla: other tile shapes than the ones in use too")
     args = parser.parse_args()
     parts = {"moe": moe_variants, "wna16": wna16_variants, "fp8": fp8_gemv_variants,
-             "mla": lambda: mla_variants(args.sweep)}
+             "mla": lambda: mla_variants(args.sweep), "nf4": nf4_variants}
     for part in args.only:
         for line in parts[part]():
             print(line, flush=True)

@@ -31,6 +31,7 @@ from torch import nn
 
 from pagedllm.quant.base import FUSED_PARTS, LinearMethod, QuantConfig, make_param
 from pagedllm.quant.gptq import epilogue, matmul_dequantized
+from pagedllm.quant.kernels import triton_nf4_for
 from pagedllm.quant.unquantized import new_weight, tag_dense
 
 logger = logging.getLogger(__name__)
@@ -231,7 +232,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor,
 
 
 class BnB4bitLinearMethod(LinearMethod):
-    """Pre-quantized NF4 / FP4 weights (the checkpoint stream's layout), torch reference."""
+    """Pre-quantized NF4 / FP4 weights (the checkpoint stream's layout): the Triton kernels
+    on CUDA (``triton_nf4``), else the torch reference."""
     name = "bitsandbytes-4bit"
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
@@ -254,6 +256,10 @@ class BnB4bitLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
+        kernels = triton_nf4_for(x)
+        if kernels is not None:
+            return kernels.nf4_matmul(x, layer.weight, layer.weight_absmax, layer.weight_code,
+                                      bias=bias, gated=gated_silu)
         return matmul_dequantized(x, self.dequantize(layer).t(), bias, gated_silu)
 
 

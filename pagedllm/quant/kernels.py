@@ -4,6 +4,7 @@
   ``triton_wna16`` (Triton importable and ``PAGEDLLM_DISABLE_FUSED_OPS`` unset, as for the
   other fused ops). The kernel's view of a layer's tensors is cached on the layer and rebuilt
   when the tensors move (``--cpu-offload-gb`` streams them per call).
+- ``triton_nf4_for``: bitsandbytes NF4 / FP4 weights on CUDA go through ``triton_nf4``.
 - ``fp8_scaled_mm_supported``: whether ``torch._scaled_mm`` can run fp8 W8A8 on a device
   (CUDA compute capability >= 8.9).
 Each method logs its choice once.
@@ -32,6 +33,17 @@ def triton_wna16():
     if fused.ops() is None:
         return None
     from pagedllm.quant import triton_wna16 as module
+    return module
+
+
+def triton_nf4_for(x: torch.Tensor):
+    """The ``triton_nf4`` module (bitsandbytes 4-bit GEMV and dequantize kernels) when the
+    fused CUDA kernels serve ``x``, else None."""
+    if not _serves(x) or triton_wna16() is None:
+        return None
+    from pagedllm.quant import triton_nf4 as module
+    log_once("bitsandbytes 4-bit: Triton kernels (GEMV at one row; more rows: dequantized by "
+             "one launch, then cuBLAS)")
     return module
 
 
