@@ -120,8 +120,13 @@ def _make_llm(engine_args: EngineArgs) -> Any:
 def _serve(args: argparse.Namespace, core: MPCoreClient | None = None) -> int:
     """``core``: the engine core process ``main`` started before the imports, or None."""
     from pagedllm.entrypoints.openai.cli_args import server_config_from_args
-    _engine_args(args)
-    server_config_from_args(args)
+    engine_args = _engine_args(args)
+    server = server_config_from_args(args)
+    if core is not None and not server.disable_frontend_multiprocessing:
+        # the core's configuration first: it builds the engine while the server imports
+        from pagedllm.logging_setup import configure_logging
+        configure_logging()
+        core.start_with_args(engine_args)
     try:
         api_server = importlib.import_module(SERVER_MODULE)
     except ModuleNotFoundError as exc:

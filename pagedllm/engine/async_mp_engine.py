@@ -88,19 +88,11 @@ class AsyncMPLLMEngine(AsyncLLMEngine):
     def from_engine_args(cls, engine_args, log_requests: bool | None = None,
                          max_log_len: int | None = None, wait: bool = True,
                          client: MPCoreClient | None = None) -> "AsyncMPLLMEngine":
-        """``client``: a core process started earlier and not configured yet (``pagedllm
-        serve`` starts it before its own imports)."""
+        """``client``: a core process started earlier (``pagedllm serve`` starts it before
+        its own imports, and hands it the arguments and the resolved configuration with
+        ``start_with_args`` before importing the server)."""
         client = client or MPCoreClient()
-        client.configure_args(engine_args)  # it resolves them too, and loads the model
-        try:
-            start = time.perf_counter()
-            config = engine_args.create_engine_config()
-            logger.info("start-up: engine configuration resolved in %.1f s",
-                        time.perf_counter() - start)
-            client.offer_config(config)  # the core waits for it after its imports
-        except BaseException:
-            client.shutdown(timeout=0.5)  # it may be busy resolving or loading: no wait
-            raise
+        config = client.config or client.start_with_args(engine_args)
         if log_requests is None:
             log_requests = not config.observability.disable_log_requests
         return cls(config, log_requests=log_requests, max_log_len=max_log_len, wait=wait,

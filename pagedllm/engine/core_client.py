@@ -333,6 +333,7 @@ class MPCoreClient:
         self.recv_s = 0.0  # front end: receiving and unpickling the core's messages
         self._closed = False
         self.configured = False
+        self.config: EngineConfig | None = None  # the front end's resolution (start_with_args)
 
     def configure(self, config: EngineConfig, log_stats: bool | None = None) -> None:
         """Hand the core process its engine configuration (it builds the engine then)."""
@@ -345,6 +346,24 @@ class MPCoreClient:
         (in parallel with the front end's own resolution) and builds the engine."""
         self._ready.send(("args", engine_args, log_stats))
         self.configured = True
+
+    def start_with_args(self, engine_args, log_stats: bool | None = None) -> EngineConfig:
+        """Hand the core the engine arguments, resolve them here and send it the result
+        (``offer_config``); the resolved configuration is kept as ``config``. ``pagedllm
+        serve`` calls this before importing the server, so the core builds the engine while
+        this process imports the rest. The core is stopped if the resolution fails."""
+        self.configure_args(engine_args, log_stats)
+        try:
+            start = time.perf_counter()
+            config = engine_args.create_engine_config()
+            logger.info("start-up: engine configuration resolved in %.1f s",
+                        time.perf_counter() - start)
+            self.offer_config(config)
+        except BaseException:
+            self.shutdown(timeout=0.5)  # it may be busy resolving or loading: no wait
+            raise
+        self.config = config
+        return config
 
     def offer_config(self, config: EngineConfig) -> bool:
         """After ``configure_args``: send the core the front end's resolved configuration

@@ -2,7 +2,8 @@
 
 `load_hf_config` reads ``config.json`` through transformers (imported here, lazily: it is the
 slowest import of start-up, and `pagedllm.arg_utils` / `pagedllm.config` must stay cheap to
-import); `apply_rope_overrides` applies --rope-scaling / --rope-theta to transformers-4 style
+import) into plain data, kept in an on-disk cache (`config_cache`) so that later starts skip
+transformers; `apply_rope_overrides` applies --rope-scaling / --rope-theta to transformers-4 style
 (``rope_theta`` / ``rope_scaling``) and transformers-5 style (``rope_parameters``, also per
 layer type) configs; `resolve_torch_dtype` and `derive_max_model_len` derive --dtype auto and
 the context length from it.
@@ -14,15 +15,19 @@ from typing import Any, Optional
 
 import torch
 
+from pagedllm.models import config_cache
+from pagedllm.models.plain_config import to_plain
+
 logger = logging.getLogger(__name__)
 
 
 def load_hf_config(model_path: str, *, model: str, revision: Optional[str],
                    trust_remote_code: bool, code_revision: Optional[str]) -> Any:
-    """The transformers config of the model (``model`` is --model as given, for messages);
-    remote code only with --trust-remote-code."""
-    import transformers  # lazily: the slowest import of start-up (see the module doc)
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    """The model's config as plain data (`plain_config.PlainConfig`: what transformers' config
+    class makes of ``config.json``, without the class), from the on-disk cache
+    (`config_cache`) when this ``config.json`` was read before under this transformers
+    version, else through transformers (``model`` is --model as given, for messages); remote
+    code only with --trust-remote-code."""
     config_file = Path(model_path) / "config.json"
     if not config_file.is_file():
         if (Path(model_path) / "params.json").is_file():
@@ -31,10 +36,28 @@ def load_hf_config(model_path: str, *, model: str, revision: Optional[str],
                              "(config.json)")
         raise ValueError(f"--model {model}: no config.json in {model_path}; point --model at a "
                          "Hugging Face model directory")
-    raw = json.loads(config_file.read_text())
+    data = config_file.read_bytes()
+    raw = json.loads(data)
     if raw.get("auto_map") and not trust_remote_code:
         raise ValueError(f"--model {model} ships its own model code (auto_map in config.json); "
                          "pass --trust-remote-code if you trust that code")
+    key = None if raw.get("auto_map") else config_cache.cache_key(data, revision,
+                                                                  code_revision)
+    cached = config_cache.load(key) if key else None
+    if cached is not None:
+        return cached
+    config = to_plain(_transformers_config(model_path, raw, model=model, revision=revision,
+                                           trust_remote_code=trust_remote_code,
+                                           code_revision=code_revision))
+    if key:
+        config_cache.store(key, config)
+    return config
+
+
+def _transformers_config(model_path: str, raw: dict, *, model: str, revision: Optional[str],
+                         trust_remote_code: bool, code_revision: Optional[str]) -> Any:
+    import transformers  # lazily: the slowest import of start-up (see the module doc)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     if code_revision:
         kwargs["code_revision"] = code_revision

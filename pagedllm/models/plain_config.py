@@ -33,17 +33,25 @@ _PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype
 class PlainConfig:
     """Attribute access over a snapshot of a transformers ``PretrainedConfig``."""
 
-    def __init__(self, class_name: str, values: dict[str, Any], dropped: tuple[str, ...]):
+    def __init__(self, class_name: str, values: dict[str, Any], dropped: tuple[str, ...],
+                 aliases: dict[str, str] | None = None):
         self.__dict__.update(values)
         self.__dict__["_plain_class_name"] = class_name
         self.__dict__["_plain_dropped"] = dropped
+        self.__dict__["_plain_aliases"] = dict(aliases or {})
 
     def __getattr__(self, name: str) -> Any:  # only called for names that are not set
+        target = self.__dict__.get("_plain_aliases", {}).get(name)
+        if target is not None:
+            return getattr(self, target)
         if name in self.__dict__.get("_plain_dropped", ()):
             raise AttributeError(f"{self._plain_class_name}.{name} is not plain data and was "
                                  "not carried to the engine-core process")
         raise AttributeError(f"{self.__dict__.get('_plain_class_name', 'config')!r} has no "
                              f"attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__[self._plain_aliases.get(name, name)] = value
 
     def __repr__(self) -> str:
         keys = sorted(k for k in self.__dict__ if not k.startswith("_"))
@@ -104,26 +112,38 @@ def _class_names(cls: type) -> dict[str, str]:
 
 
 def to_plain(config: Any) -> PlainConfig:
-    """The snapshot of a transformers config (see the module doc)."""
+    """The snapshot of a transformers config (see the module doc). Names that read another
+    attribute (``attribute_map`` aliases; a property returning an attribute's own dict or
+    list, as transformers 5's ``rope_scaling`` returns ``rope_parameters``) stay aliases, so
+    that a later override of the attribute shows through them."""
+    own = dict(vars(config))
+    aliases = {name: target for name, target in (getattr(config, "attribute_map", {})
+                                                 or {}).items() if target in own}
     values: dict[str, Any] = {}
     dropped: list[str] = []
     names = dict.fromkeys(_class_names(type(config)))
-    names.update(dict.fromkeys(getattr(config, "attribute_map", {}) or {}))
-    names.update(dict.fromkeys(vars(config)))
+    names.update(dict.fromkeys(own))
     with _quiet():  # deprecated aliases (torch_dtype, use_return_dict) warn when read
         for name in names:
+            if name in aliases:
+                continue
             try:
                 value = getattr(config, name)
             except Exception:  # noqa: BLE001 - a property that does not apply to this config
                 continue
             if inspect.ismethod(value):
                 continue
+            if name not in own and isinstance(value, (dict, list)):
+                same = [key for key, held in own.items() if held is value]
+                if same:
+                    aliases[name] = same[0]
+                    continue
             ok, copy = _plain(value)
             if ok:
                 values[name] = copy
             else:
                 dropped.append(name)
-    return PlainConfig(type(config).__name__, values, tuple(dropped))
+    return PlainConfig(type(config).__name__, values, tuple(dropped), aliases)
 
 
 @contextlib.contextmanager
@@ -143,7 +163,8 @@ class _PlainPickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if _is_hf_config(obj):
             plain = to_plain(obj)
-            return PlainConfig, (plain._plain_class_name, plain.values(), plain._plain_dropped)
+            return PlainConfig, (plain._plain_class_name, plain.values(), plain._plain_dropped,
+                                 plain._plain_aliases)
         return NotImplemented
 
 

@@ -143,3 +143,73 @@ def test_engine_from_the_plain_configuration_in_a_fresh_process(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == \
         f"{list(expected[0].outputs[0].token_ids)} []"
+
+
+def _load(path, **kw):
+    from pagedllm.models.hf_config import load_hf_config
+    return load_hf_config(str(path), model=str(path), revision=kw.get("revision"),
+                          trust_remote_code=kw.get("trust_remote_code", False),
+                          code_revision=None)
+
+
+def test_config_cache_reads_back_the_same_snapshot(tmp_path, monkeypatch):
+    """The second load of a config.json comes from the cache (transformers not called), equal
+    to the first; another config.json, revision or a damaged entry is built again; the
+    cache can be turned off; a config with its own code is never cached."""
+    from pagedllm.models import hf_config
+    from tests.utils.tiny_models import build_tiny_model
+    monkeypatch.setenv("PAGEDLLM_CACHE_ROOT", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    model.mkdir()
+    source = build_tiny_model("gemma2") / "config.json"
+    (model / "config.json").write_bytes(source.read_bytes())
+    first = _load(model)
+    entries = list((tmp_path / "cache" / "configs").glob("*.pkl"))
+    assert len(entries) == 1
+    built = []
+    real = hf_config._transformers_config
+    monkeypatch.setattr(hf_config, "_transformers_config",
+                        lambda *a, **kw: built.append(1) or real(*a, **kw))
+    again = _load(model)
+    assert built == [] and again.to_dict() == first.to_dict()
+    assert again._plain_aliases == first._plain_aliases
+    _load(model, revision="other")
+    assert built == [1]
+    entries[0].write_bytes(b"not a pickle")
+    assert _load(model).to_dict() == first.to_dict() and built == [1, 1]
+    raw = json.loads(source.read_text())
+    (model / "config.json").write_text(json.dumps({**raw, "rms_norm_eps": 1e-3}))
+    assert _load(model).rms_norm_eps == 1e-3 and built == [1, 1, 1]
+    monkeypatch.setenv("PAGEDLLM_CONFIG_CACHE", "0")
+    (model / "config.json").write_text(json.dumps({**raw, "rms_norm_eps": 1e-4}))
+    _load(model)
+    assert len(list((tmp_path / "cache" / "configs").glob("*.pkl"))) == 3
+
+
+def test_config_cache_refuses_other_classes(tmp_path, monkeypatch):
+    """Entries are pickles: one naming any class but PlainConfig (and torch dtypes) is not
+    loaded."""
+    from pagedllm.models import config_cache
+    monkeypatch.setenv("PAGEDLLM_CACHE_ROOT", str(tmp_path))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "k.pkl").write_bytes(pickle.dumps(Path("/")))
+    assert config_cache.load("k") is None
+    config_cache.store("k", PlainConfig("X", {"dtype": torch.bfloat16, "n": {1, 2}}, ()))
+    assert config_cache.load("k").dtype is torch.bfloat16
+
+
+def test_a_cached_configuration_needs_no_transformers(tmp_path):
+    """``pagedllm serve``'s resolution with a warm cache imports no transformers (the front
+    end sends the result at once; the core never needed it)."""
+    from tests.utils.tiny_models import build_tiny_model
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys\nfrom pagedllm.arg_utils import EngineArgs\n"
+            f"EngineArgs(model={str(build_tiny_model('llama'))!r}, skip_tokenizer_init=True)"
+            ".create_engine_config()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')[:2])")
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin",
+           "PAGEDLLM_CACHE_ROOT": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=root, timeout=300, env=env) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr[-2000:]
+    assert runs[0].stdout.split()[-1] != "[]" and runs[1].stdout.strip() == "[]"
