@@ -232,6 +232,17 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
+    s7b)
+      # seventh session, second call: serve start-up with the config cache (the first start
+      # fills it) and the configuration resolved before the server's imports; the Triton
+      # bitsandbytes 4-bit kernels (GPU tests; NF4 vs bf16 decode at batch 1 and 16)
+      use_serve_wheels
+      echo "== start-up"; timeout 120 python benchmarks/serve_startup.py \
+        --model benchmarks/configs/llama-3-8b --repeat 3 -- --load-format dummy \
+        --skip-tokenizer-init --max-model-len 4096 2>&1 | grep -E "seconds|start-up|ready in"
+      echo "== nf4 gpu tests"; timeout 120 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=line tests/kernels/test_nf4.py 2>&1 | grep -v Warning | tail -5
+      echo "== quant engine"; quant_engine 200 --formats bf16 nf4 --batches 1 16 --no-offline ;;
     s7a)
       # seventh session, first call: serve start-up with the plain configuration (the core
       # imports no transformers), the W4A16 GPU cases the sixth session could not run (AWQ and
