@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import inspect
 import sys
 from pathlib import Path
@@ -122,6 +123,8 @@ def _serve(args: argparse.Namespace, core: MPCoreClient | None = None) -> int:
     from pagedllm.entrypoints.openai.cli_args import server_config_from_args
     engine_args = _engine_args(args)
     server = server_config_from_args(args)
+    if not _server_importable():
+        return 1
     if core is not None and not server.disable_frontend_multiprocessing:
         # the core's configuration first: it builds the engine while the server imports
         from pagedllm.logging_setup import configure_logging
@@ -131,19 +134,37 @@ def _serve(args: argparse.Namespace, core: MPCoreClient | None = None) -> int:
         api_server = importlib.import_module(SERVER_MODULE)
     except ModuleNotFoundError as exc:
         if exc.name in _SERVE_DEPS:
-            print(f"pagedllm serve: the server needs {exc.name}; install the serve extra: "
-                  "pip install 'pagedllm[serve]' (or -e '.[serve]' in a checkout)",
-                  file=sys.stderr)
+            _print_serve_extra(exc.name)
             return 1
-        if exc.name is None or not SERVER_MODULE.startswith(exc.name):
-            raise
-        print("pagedllm serve: the OpenAI server is not built yet (issue #4); use "
-              "`pagedllm generate`", file=sys.stderr)
-        return 1
+        raise
     result = api_server.run_server(args, core_client=core)
     if inspect.iscoroutine(result):
         asyncio.run(result)
     return 0
+
+
+def _server_importable() -> bool:
+    """The server module and its packages can be found (checked without importing them,
+    before the engine core is configured); else say what to install."""
+    for name in (*_SERVE_DEPS, SERVER_MODULE):
+        try:
+            found = name in sys.modules or importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if found:
+            continue
+        if name in _SERVE_DEPS:
+            _print_serve_extra(name)
+        else:
+            print("pagedllm serve: the OpenAI server is not built yet (issue #4); use "
+                  "`pagedllm generate`", file=sys.stderr)
+        return False
+    return True
+
+
+def _print_serve_extra(name: str) -> None:
+    print(f"pagedllm serve: the server needs {name}; install the serve extra: "
+          "pip install 'pagedllm[serve]' (or -e '.[serve]' in a checkout)", file=sys.stderr)
 
 
 def _add_run_batch_args(parser: argparse.ArgumentParser) -> None:

@@ -35,9 +35,16 @@ logger = logging.getLogger(__name__)
 _FORMAT = "1"  # bump when PlainConfig's pickled form or the snapshot's rules change
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def cache_dir() -> Path | None:
-    if os.environ.get("PAGEDLLM_CONFIG_CACHE", "1").lower() in ("0", "false", "no", "off"):
+    setting = os.environ.get("PAGEDLLM_CONFIG_CACHE", "1").strip().lower()
+    if setting in _OFF:
         return None
+    if setting not in _ON:
+        raise ValueError(f"PAGEDLLM_CONFIG_CACHE={setting!r}: choose from "
+                         f"{', '.join(_ON + _OFF)}")
     root = os.environ.get("PAGEDLLM_CACHE_ROOT")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),

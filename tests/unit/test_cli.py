@@ -150,17 +150,35 @@ def test_serve_without_server_module(monkeypatch, capsys, tmp_path):
     assert "not built yet (issue #4)" in capsys.readouterr().err
 
 
+def test_serve_without_a_server_package_stops_before_configuring(monkeypatch, capsys,
+                                                                 tmp_path):
+    """A missing serve dependency is reported before the engine core gets its arguments (it
+    would load the model for nothing)."""
+    from pagedllm.engine.core_client import MPCoreClient
+    monkeypatch.setattr(cli, "_SERVE_DEPS", ("no_such_package_xyz",))
+    monkeypatch.setattr(MPCoreClient, "start_with_args",
+                        lambda *a: pytest.fail("configured before the check"))
+    assert cli.main(["serve", str(tmp_path)]) == 1
+    assert "needs no_such_package_xyz; install the serve extra" in capsys.readouterr().err
+
+
 def test_serve_calls_run_server_with_model_tag(monkeypatch):
     calls = []
     fake = types.ModuleType("fake_api_server")
     fake.run_server = lambda args, core_client=None: calls.append((args, core_client))
     monkeypatch.setitem(sys.modules, "fake_api_server", fake)
     monkeypatch.setattr(cli, "SERVER_MODULE", "fake_api_server")
+    from pagedllm.engine.core_client import MPCoreClient
+    resolved = []
+    monkeypatch.setattr(MPCoreClient, "start_with_args",
+                        lambda self, engine_args: resolved.append(engine_args.model))
     assert cli.main(["serve", "my/model", "--model", "other", "--port", "9000"]) == 0
     args, core = calls[0]
     assert args.model == "my/model" and args.port == 9000
-    # the engine core process was started before the imports, handed to the server, and
-    # stopped by main since nothing configured it
+    # the engine core process was started before the imports, handed the arguments before
+    # the server module was imported, then handed to the server; main stopped it since
+    # nothing (here) configured it
+    assert resolved == ["my/model"]
     assert core is not None and not core.configured
     assert not core.proc.is_alive()
 

@@ -184,6 +184,9 @@ def test_config_cache_reads_back_the_same_snapshot(tmp_path, monkeypatch):
     (model / "config.json").write_text(json.dumps({**raw, "rms_norm_eps": 1e-4}))
     _load(model)
     assert len(list((tmp_path / "cache" / "configs").glob("*.pkl"))) == 3
+    monkeypatch.setenv("PAGEDLLM_CONFIG_CACHE", "sometimes")
+    with pytest.raises(ValueError, match="PAGEDLLM_CONFIG_CACHE='sometimes': choose from"):
+        _load(model)
 
 
 def test_config_cache_refuses_other_classes(tmp_path, monkeypatch):
