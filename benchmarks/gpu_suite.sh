@@ -234,12 +234,20 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
     s7b)
       # seventh session, second call: serve start-up with the config cache (the first start
-      # fills it) and the configuration resolved before the server's imports; the Triton
-      # bitsandbytes 4-bit kernels (GPU tests; NF4 vs bf16 decode at batch 1 and 16)
+      # fills it) and the configuration resolved before the server's imports, against the
+      # sixth session's code (.ab-old: `git archive e45573b pagedllm benchmarks tests/utils`,
+      # carried) on the same machine, and with the cache off; the Triton bitsandbytes 4-bit
+      # kernels (GPU tests; NF4 vs bf16 decode at batch 1 and 16)
       use_serve_wheels
-      echo "== start-up"; timeout 120 python benchmarks/serve_startup.py \
-        --model benchmarks/configs/llama-3-8b --repeat 3 -- --load-format dummy \
-        --skip-tokenizer-init --max-model-len 4096 2>&1 | grep -E "seconds|start-up|ready in"
+      startup_runs() {  # startup_runs DIR REPEAT: serve_startup.py of the tree in DIR
+        (cd "$1" && PYTHONPATH="$PWD:/tmp/site-serve" timeout 150 python \
+          benchmarks/serve_startup.py --model benchmarks/configs/llama-3-8b --repeat "$2" \
+          -- --load-format dummy --skip-tokenizer-init --max-model-len 4096 2>&1 \
+          | grep -E "seconds|resolved|took|ready in" | cut -c1-140)
+      }
+      echo "== start-up, this tree"; startup_runs . 3
+      if [ -d .ab-old ]; then echo "== start-up, e45573b"; startup_runs .ab-old 2; fi
+      echo "== start-up, cache off"; PAGEDLLM_CONFIG_CACHE=0 startup_runs . 1
       echo "== nf4 gpu tests"; timeout 120 python -m pytest -q -p no:cacheprovider -rf \
         --tb=line tests/kernels/test_nf4.py 2>&1 | grep -v Warning | tail -5
       echo "== quant engine"; quant_engine 200 --formats bf16 nf4 --batches 1 16 --no-offline ;;
