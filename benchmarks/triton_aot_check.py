@@ -135,7 +135,8 @@ def wna16_variants() -> list[str]:
             lines.append(compile_kernel(
                 wq._wna16_gemm_kernel, {**types, "out_ptr": "*bf16"},
                 dict(BITS=bits, AWQ=awq, ACT_ORDER=act, HAS_ZEROS=zeros, IEEE=False,
-                     SWAP=bm <= 32, FAST=bm <= 32 and bits == 4 and not awq and not act,
+                     SWAP=bm <= wq.SWAP_MAX_BLOCK_M,
+                     FAST=bm <= wq.SWAP_MAX_BLOCK_M and bits == 4 and not awq and not act,
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                 unit, num_warps=warps, num_stages=stages))
     return lines

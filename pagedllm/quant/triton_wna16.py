@@ -573,12 +573,15 @@ MAGIC = 0x4B000000
 # GEMV (BLOCK_N, BLOCK_K, num_warps), and the programs it aims for per SM (split-K)
 GEMV_CONFIG = (64, 128, 4)
 GEMV_WAVES = 8
-# the GEMM up to 32 rows (fp16 / bf16 x) as out^T = W^T x^T: the dequantized tile is the
+# the GEMM up to 64 rows (fp16 / bf16 x) as out^T = W^T x^T: the dequantized tile is the
 # wgmma's register operand (no shared-memory round trip), 4-bit K-packed tiles without
 # act-order decoded in place (``_dequant_words4``). sm_90 SASS of the (16, 64, 128, 4)
 # loop: 677 -> 523 instructions per thread per tile (64 weights); H100, Llama-3-8B
 # projections at 16 rows: 1.37-1.68x bf16 against 0.97-1.07x (quant_bench --gemm-swap 0|1)
 GEMM_SWAP = True
+# the largest BLOCK_M (x rows of a tile: the wgmma's N when swapped) that takes the swap, up
+# to GEMM_SPLIT_MAX_ROWS rows (the memory-bound batches; prefill keeps tl.dot(x, w))
+SWAP_MAX_BLOCK_M = 64
 # (max rows, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, split-K programs per SM])
 # for the GEMM, first match; batches up to 64 rows are memory-bound: split-K fills the SMs
 # when the tiles are few. Up to 16 rows: the best of the H100 sweep on the Llama-3-8B
@@ -605,7 +608,8 @@ def _gemm(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor
                       dtype=x.dtype if splits == 1 else torch.float32)
     tensors, strides = _launch_args(w, act_order)
     grid = (triton.cdiv(w.n, block_n), triton.cdiv(m, block_m), splits)
-    swap = GEMM_SWAP and x.dtype != torch.float32 and block_m <= 32
+    swap = (GEMM_SWAP and x.dtype != torch.float32 and block_m <= SWAP_MAX_BLOCK_M
+            and m <= GEMM_SPLIT_MAX_ROWS)
     _wna16_gemm_kernel[grid](
         x, *tensors, out, m, w.n, w.k, k_split, w.group_size, w.zero_offset, MAGIC,
         x.stride(0), out.stride(1), out.stride(0), *strides, BITS=w.bits, AWQ=w.awq,

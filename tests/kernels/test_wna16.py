@@ -96,7 +96,7 @@ def compressed_case(m, k, n, bits, group, symmetric, actorder, dtype, gemv=None)
 # tiny shapes: interpreter on CPU, compiled on a GPU
 @pytest.mark.parametrize("gemv", [True, False])
 @pytest.mark.parametrize("m,dtype", [(1, torch.float32), (1, torch.bfloat16),
-                                     (5, torch.float16)])
+                                     (5, torch.float16), (40, torch.bfloat16)])
 @pytest.mark.parametrize("k,n,group,desc_act,bits", [(256, 96, 32, False, 4),
                                                      (256, 128, 32, False, 4),
                                                      (128, 64, 32, True, 4),
