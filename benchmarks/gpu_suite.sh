@@ -233,19 +233,21 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
     s7c)
-      # seventh session, third call: the W4A16 GEMM as W^T x^T up to 64 rows (was 32): the
-      # 64-row kernels with the swap off and on, a 64-row tile sweep with it on, the GPU
-      # cases at 33 and 64 rows, GPTQ vs bf16 decode at batch 64
-      echo "== wna16 gpu tests"; timeout 150 python -m pytest -q -p no:cacheprovider -rf \
-        --tb=line tests/kernels/test_wna16.py -k "(gptq_llama_shapes and (-33-dtype or \
-        -64-dtype)) or (awq_llama_shapes and -64) or (compressed_tensors_llama_shapes and \
-        -64)" 2>&1 | grep -v Warning | tail -5
+      # seventh session, third call: the W4A16 GEMM as W^T x^T up to 64 rows (was 32; the
+      # GPU cases at 33 and 64 rows, the 64-row kernels with the swap off and on), the
+      # bitsandbytes 4-bit GEMM up to 64 rows (GPU tests, a tile sweep at 1 / 16 / 64 rows),
+      # bf16 / GPTQ / NF4 decode at batch 16 and 64
+      echo "== gpu tests"; timeout 150 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=line tests/kernels/test_nf4.py tests/kernels/test_wna16.py -k "test_nf4 or \
+        (gptq_llama_shapes and (-33-dtype or -64-dtype)) or (awq_llama_shapes and -64) or \
+        (compressed_tensors_llama_shapes and -64)" 2>&1 | grep -v Warning | tail -5
       for swap in 0 1; do echo "== 64-row kernels, swap $swap"; timeout 60 python \
         benchmarks/quant_bench.py --only kernels --rows 64 --gemm-swap $swap 2>&1 \
-        | grep -v Warning | grep -E "kind=gptq|check"; done
-      echo "== 64-row sweep"; timeout 200 python benchmarks/quant_bench.py --only kernels \
-        --rows 64 --tune 2>&1 | grep -v Warning | grep "kernel tune"
-      echo "== quant engine"; quant_engine 150 --formats bf16 gptq --batches 64 --no-offline ;;
+        | grep -v Warning | grep -E "kind=(gptq|nf4)|check"; done
+      echo "== nf4 sweep"; timeout 150 python benchmarks/quant_bench.py --only kernels \
+        --rows 1 16 --tune-nf4 2>&1 | grep -v Warning | grep -E "nf4 tune|kind=nf4"
+      echo "== quant engine"; quant_engine 240 --formats bf16 gptq nf4 --batches 16 64 \
+        --no-offline ;;
     s7b)
       # seventh session, second call: serve start-up with the config cache (the first start
       # fills it) and the configuration resolved before the server's imports, against the

@@ -106,6 +106,15 @@ def make_weight(kind: str, n: int, k: int, dtype, dev, gated: bool = False):
         scale = torch.full((n,), 0.01, device=dev)
         return (lambda x, cfg=None: fp8.scaled_mm_fp8(x, w, scale, None, False, "tensor")), \
             w.numel()
+    if kind == "nf4":  # bitsandbytes 4-bit: bytes [N, K/2], absmax per 64, the NF4 codebook
+        from pagedllm.quant import triton_nf4
+        packed = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.int32).to(
+            torch.uint8)
+        absmax = torch.rand(n, k // 64, device=dev) * 0.05 + 0.01
+        code = torch.linspace(-1.0, 1.0, 16, device=dev)
+        return (lambda x, cfg=None: triton_nf4.nf4_matmul(x, packed, absmax, code,
+                                                          config=cfg)), \
+            packed.numel() + absmax.numel() * 4
     scales = (torch.rand(groups, n, device=dev) * 0.02 + 0.005).to(dtype)
     if kind == "gptq":
         qw, qz = random_words((k // 8, n), dev), random_words((groups, n // 8), dev)
@@ -149,7 +158,7 @@ def check_kernels(dev, dtype) -> None:
 def bench_kernels(args, dev) -> None:
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     check_kernels(dev, dtype)
-    kinds = ["bf16", "gptq", "awq"]
+    kinds = ["bf16", "gptq", "awq"] + (["nf4"] if dev.type == "cuda" else [])
     from pagedllm.quant.kernels import fp8_scaled_mm_supported
     if fp8_scaled_mm_supported(dev):
         kinds.append("fp8")
@@ -171,6 +180,8 @@ def bench_kernels(args, dev) -> None:
                         speedup=round(base_us / us, 2))
             if args.tune:
                 tune(name, n, k, rows, dtype, dev)
+            if args.tune_nf4:
+                tune_nf4(name, n, k, rows, dtype, dev)
             if args.tune_fp8 and rows == 1 and gemvs:
                 best = tune_fp8(name, n, k, dtype, dev)
                 if args.apply_tuned and best is not None:  # the engine runs below use it
@@ -197,6 +208,29 @@ def tune(name, n, k, rows, dtype, dev) -> None:
             print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}")
     results.sort()
     mb.emit(bench="kernel tune", shape=name, rows=rows,
+            top=[(round(us, 2), cfg) for us, cfg in results[:3]])
+
+
+def tune_nf4(name, n, k, rows, dtype, dev) -> None:
+    """The fastest NF4 GEMV (one row: BLOCK_N, BLOCK_K, warps, programs per SM) or GEMM
+    (BLOCK_M, BLOCK_N, warps, stages, programs per SM) config at this shape."""
+    if rows == 1:
+        cands = [(bn, bk, 4, waves) for bn in (32, 64, 128) for bk in (128, 256)
+                 for waves in (4, 8)]
+    else:
+        bm = 16 if rows <= 16 else 64
+        cands = [(bm, bn, w, st, waves) for bn in (64, 128) for w in (4, 8)
+                 for st in (1, 2, 3) for waves in (1, 2)]
+    if SMOKE:
+        cands = cands[:2]
+    results = []
+    for cfg in cands:
+        try:
+            results.append((time_kind("nf4", n, k, rows, dtype, dev, cfg)[0], cfg))
+        except Exception as e:  # too much shared memory / registers for this tile
+            print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}")
+    results.sort()
+    mb.emit(bench="nf4 tune", shape=name, rows=rows,
             top=[(round(us, 2), cfg) for us, cfg in results[:3]])
 
 
@@ -304,6 +338,8 @@ def main() -> None:
                         default=["bf16", "gptq", "awq", "fp8"],
                         help="engine formats (bf16 always runs first: the ratios' base)")
     parser.add_argument("--tune", action="store_true", help="sweep the W4A16 tile configs")
+    parser.add_argument("--tune-nf4", action="store_true",
+                        help="sweep the bitsandbytes 4-bit GEMV / GEMM tile configs")
     parser.add_argument("--tune-fp8", action="store_true",
                         help="sweep the one-row fp8 GEMV's configs (triton_fp8)")
     parser.add_argument("--apply-tuned", action="store_true",

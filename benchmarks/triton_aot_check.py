@@ -150,6 +150,11 @@ def nf4_variants(configs=None) -> list[str]:
              "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "bias_ptr": "*bf16"}
     lines = [compile_kernel(nf4._nf4_dequant_kernel, {**types, "w_ptr": "*u8"},
                             dict(BLOCK_N=32, BLOCK_K=128), num_warps=4)]
+    block_m, block_n, warps, stages, _ = nf4.GEMM_CONFIG
+    for bm in sorted({block_m, 64}):
+        lines.append(compile_kernel(nf4._nf4_gemm_kernel, {**types, "w_ptr": "*u8"},
+                                    dict(IEEE=False, BLOCK_M=bm, BLOCK_N=block_n),
+                                    num_warps=warps, num_stages=stages))
     for block_n, block_k, warps in configs or [nf4.GEMV_CONFIG]:
         for gated, even in [(False, True), (True, True), (False, False)]:
             lines.append(compile_kernel(

@@ -1,5 +1,6 @@
 """Triton kernels for bitsandbytes 4-bit weights (NF4 / FP4): the GEMV for one-row inputs
-(batch-1 decode) and a dequantize kernel for more rows (then cuBLAS).
+(batch-1 decode), a GEMM up to 64 rows (decode batches) and a dequantize kernel for more
+rows (prefill; then cuBLAS).
 
 Layout (``bitsandbytes.BnB4bitLinearMethod``): ``weight`` uint8 [N, K/2], two codes a byte
 over the row-major [N, K] weight, the first in the high nibble; ``absmax`` fp32 [N, K/64];
@@ -10,6 +11,8 @@ byte j // 2, high nibble for even j) in [BLOCK_K / 8, BLOCK_N] tiles; each value
 load from the 64-byte codebook (one L1 line), multiplied by x; a tile's sums are scaled by
 each word's absmax. K is split over programs so that the SMs fill; the last program of a
 column tile folds the splits with the epilogue (bias, gated SiLU: ``triton_wna16``'s fold).
+The GEMM decodes a [BLOCK_N, 64] tile of W (one absmax per row) in registers and multiplies
+it on the tensor cores as W x^T, split over K while the tiles are few.
 The torch reference (``bitsandbytes.dequantize_4bit`` then matmul) is the oracle
 (tests/kernels/test_nf4.py).
 """
@@ -104,6 +107,42 @@ def _nf4_dequant_kernel(w_ptr, a_ptr, code_ptr, out_ptr, N, K, stride_wn, stride
              (values * scale).to(out_ptr.dtype.element_ty), mask=ok_k)
 
 
+@triton.jit
+def _nf4_gemm_kernel(x_ptr, w_ptr, a_ptr, code_ptr, out_ptr, M, N, K, k_split, stride_xm,
+                     stride_wn, stride_an, stride_om, stride_os, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # out[split, m, n] = x[m, split's K range] @ W^T: each [BLOCK_N, 64] tile of W (one
+    # absmax per row) is decoded once in registers and multiplied on the tensor cores as
+    # W x^T (the decoded tile is the dot's first operand, BLOCK_M x rows its N)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_start = pid_s * k_split
+    for k0 in range(k_start, tl.minimum(k_start + k_split, K), 64):  # K: 64 | K
+        pairs = k0 // 2 + tl.arange(0, 32)
+        packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + pairs[None, :],
+                         mask=n_ok[:, None], other=0).to(tl.int32)
+        first = tl.load(code_ptr + (packed >> 4))
+        second = tl.load(code_ptr + (packed & 15))
+        scale = tl.load(a_ptr + offs_n * stride_an + k0 // 64, mask=n_ok, other=0.0)
+        w_t = tl.reshape(tl.join(first, second), (BLOCK_N, 64)) * scale[:, None]
+        offs_k = k0 + tl.arange(0, 64)
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=(offs_m < M)[:, None], other=0.0)
+        if IEEE:
+            acc_t += tl.dot(w_t, tl.trans(x), input_precision="ieee")
+        else:
+            acc_t += tl.dot(w_t.to(x.dtype), tl.trans(x))
+    acc = tl.trans(acc_t)
+    tl.store(out_ptr + pid_s * stride_os + offs_m[:, None].to(tl.int64) * stride_om
+             + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m < M)[:, None] & n_ok[None, :])
+
+
 def dequantize(weight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight in ``dtype``, one launch."""
@@ -151,12 +190,39 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code: tor
     return wna16._epilogue(out, bias, gated)
 
 
+# the GEMM's (BLOCK_M, BLOCK_N, num_warps, num_stages, split-K programs per SM) up to
+# GEMM_MAX_ROWS rows; more rows: the weight dequantized by one launch, then cuBLAS
+GEMM_CONFIG = (16, 64, 4, 3, 2)
+GEMM_MAX_ROWS = 64
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+          bias: torch.Tensor | None, gated: bool, config: tuple | None) -> torch.Tensor:
+    """x [M, K] (M <= GEMM_MAX_ROWS) -> [M, N or N/2] with the epilogue."""
+    block_m, block_n, warps, stages, waves = config or GEMM_CONFIG
+    m, n, k = x.shape[0], weight.shape[0], weight.shape[1] * 2
+    block_m = max(16, min(triton.next_power_of_2(m), 64 if config is None else block_m))
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    splits, k_split = wna16._splits(tiles, k, BLOCKSIZE, waves * wna16._sm_count(x.device), m)
+    out = torch.empty(splits, m, n, device=x.device,
+                      dtype=x.dtype if splits == 1 else torch.float32)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)
+    _nf4_gemm_kernel[grid](x, weight, absmax, code, out, m, n, k, k_split, x.stride(0),
+                           weight.stride(0), absmax.stride(0), out.stride(1), out.stride(0),
+                           IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+                           num_warps=warps, num_stages=stages)
+    if splits > 1:
+        return wna16._reduce(out, bias, gated, x.dtype)
+    return wna16._epilogue(out[0], bias, gated)
+
+
 def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor,
                code: torch.Tensor, *, bias: torch.Tensor | None = None, gated: bool = False,
                gemv: bool | None = None, config: tuple | None = None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) -> [..., N] in x's dtype (``gated``: then silu(first half)
-    * second half). One row: the GEMV (``gemv`` forces it or not; ``config`` for tuning);
-    more: the weight dequantized by one launch, then cuBLAS."""
+    * second half). One row: the GEMV (``gemv=False`` takes the GEMM instead); up to
+    ``GEMM_MAX_ROWS`` rows the GEMM; more: the weight dequantized by one launch, then cuBLAS.
+    ``config``: the GEMV's or the GEMM's tile config (tuning)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
@@ -171,6 +237,8 @@ def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor,
         return x.new_empty(*shape[:-1], n_out)
     if rows == 1 and gemv is not False:
         out = _gemv(x2, weight, absmax, code, bias, gated, config)
+    elif rows <= GEMM_MAX_ROWS:
+        out = _gemm(x2, weight, absmax, code, bias, gated, config)
     else:
         out = torch.matmul(x2, dequantize(weight, absmax, code, x2.dtype).t())
         out = wna16._epilogue(out, bias, gated)

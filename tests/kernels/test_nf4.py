@@ -60,11 +60,12 @@ def _check(m, n, k, dtype, gated=False, bias=False, gemv=None, code=None, seed=0
 
 
 @pytest.mark.parametrize("m,dtype", [(1, torch.float32), (1, torch.bfloat16), (3, torch.float16),
-                                     (1, torch.float16)])
+                                     (1, torch.float16), (20, torch.bfloat16),
+                                     (5, torch.float32), (70, torch.bfloat16)])
 @pytest.mark.parametrize("n,k", [(64, 256), (96, 128), (40, 192)])
 def test_matmul_equals_reference(m, dtype, n, k):
-    """(64, 256): whole tiles, the GEMV's EVEN path; 96 and 40 rows: masked tiles; 3 rows:
-    the dequantize kernel, then the matmul."""
+    """(64, 256): whole tiles, the GEMV's EVEN path; 96 and 40 rows: masked tiles; 3 to 20
+    rows: the GEMM (fp32: IEEE dots); 70: the dequantize kernel, then the matmul."""
     _check(m, n, k, dtype)
 
 
@@ -81,32 +82,40 @@ def test_any_codebook_and_forced_paths():
     _check(1, 64, 128, torch.float32, code=code, gemv=True)
 
 
+@pytest.mark.parametrize("gated,bias", [(True, True), (False, True)])
+def test_gemm_epilogue(gated, bias):
+    _check(6, 128, 256, torch.float32, gated=gated, bias=bias)
+
+
 def test_method_apply_runs_the_kernels_on_cuda(monkeypatch):
-    """``BnB4bitLinearMethod.apply`` on CUDA takes the Triton kernels (one row: the GEMV, more:
-    the dequantize kernel) and equals its torch reference; on CPU the reference runs."""
+    """``BnB4bitLinearMethod.apply`` on CUDA takes the Triton kernels (one row: the GEMV, five:
+    the GEMM, 80: the dequantize kernel) and equals its torch reference; on CPU the reference
+    runs."""
     weight, absmax, code = _layer(64, 128, 3)
     layer = SimpleNamespace(weight=weight, weight_absmax=absmax, weight_code=code,
                             prefix="model.layers.0.mlp.down_proj")
     calls = []
     monkeypatch.setattr(nf4, "_gemv", lambda *a, **kw: calls.append("gemv") or
                         _real_gemv(*a, **kw))
+    monkeypatch.setattr(nf4, "_gemm", lambda *a, **kw: calls.append("gemm") or
+                        _real_gemm(*a, **kw))
     monkeypatch.setattr(nf4, "dequantize", lambda *a, **kw: calls.append("dequantize") or
                         _real_dequantize(*a, **kw))
     method = BnB4bitLinearMethod()
     dtype = torch.bfloat16 if ON_GPU else torch.float32
-    for rows in (1, 5):
+    for rows in (1, 5, 80):
         x = torch.randn(rows, 128).to(dtype).to(DEVICE)
         ref = x.double().cpu() @ dequantize_4bit(weight.cpu(), absmax.cpu(),
                                                  code.cpu()).double().t()
         assert _rel_err(method.apply(layer, x, None).cpu(), ref.to(dtype)) < TOL[dtype]
-    assert calls == (["gemv", "dequantize"] if ON_GPU else [])
+    assert calls == (["gemv", "gemm", "dequantize"] if ON_GPU else [])
 
 
-_real_gemv, _real_dequantize = nf4._gemv, nf4.dequantize
+_real_gemv, _real_gemm, _real_dequantize = nf4._gemv, nf4._gemm, nf4.dequantize
 
 
 @gpu
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 16, 64, 100])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (28672, 4096)])
 def test_llama_shapes(m, n, k):
     _check(m, n, k, torch.bfloat16)
