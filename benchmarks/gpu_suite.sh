@@ -237,16 +237,16 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       # GPU cases at 33 and 64 rows, the 64-row kernels with the swap off and on), the
       # bitsandbytes 4-bit GEMM up to 64 rows (GPU tests, a tile sweep at 1 / 16 / 64 rows),
       # bf16 / GPTQ / NF4 decode at batch 16 and 64
-      echo "== gpu tests"; timeout 100 python -m pytest -q -p no:cacheprovider -rf \
+      echo "== gpu tests"; timeout 80 python -m pytest -q -p no:cacheprovider -rf \
         --tb=line tests/kernels/test_nf4.py tests/kernels/test_wna16.py -k "test_nf4 or \
         (gptq_llama_shapes and (-33-dtype or -64-dtype)) or (awq_llama_shapes and -64) or \
         (compressed_tensors_llama_shapes and -64)" 2>&1 | grep -v Warning | tail -5
-      for swap in 0 1; do echo "== 64-row kernels, swap $swap"; timeout 40 python \
+      for swap in 0 1; do echo "== 64-row kernels, swap $swap"; timeout 35 python \
         benchmarks/quant_bench.py --only kernels --rows 64 --gemm-swap $swap 2>&1 \
         | grep -v Warning | grep -E "kind=(gptq|nf4)|check"; done
-      echo "== nf4 sweep"; timeout 100 python benchmarks/quant_bench.py --only kernels \
-        --rows 1 16 --tune-nf4 2>&1 | grep -v Warning | grep -E "nf4 tune|kind=nf4"
-      echo "== quant engine"; quant_engine 180 --formats bf16 nf4 gptq --batches 16 64 \
+      echo "== nf4 sweep"; timeout 60 python benchmarks/quant_bench.py --only kernels \
+        --rows 16 --tune-nf4 2>&1 | grep -v Warning | grep -E "nf4 tune|kind=nf4"
+      echo "== quant engine"; quant_engine 160 --formats bf16 nf4 gptq --batches 16 64 \
         --no-offline ;;
     s7b)
       # seventh session, second call: serve start-up with the config cache (the first start
