@@ -232,6 +232,11 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
+    s7d)
+      # seventh session, last call: NF4 vs bf16 decode at batch 16 (the GEMM at its tuned
+      # config) and 64 (dequantize + cuBLAS)
+      echo "== quant engine"; quant_engine 170 --formats bf16 nf4 --batches 16 64 \
+        --no-offline ;;
     s7c)
       # seventh session, third call: the W4A16 GEMM as W^T x^T up to 64 rows (was 32; the
       # GPU cases at 33 and 64 rows, the 64-row kernels with the swap off and on), the

@@ -191,9 +191,13 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code: tor
 
 
 # the GEMM's (BLOCK_M, BLOCK_N, num_warps, num_stages, split-K programs per SM) up to
-# GEMM_MAX_ROWS rows; more rows: the weight dequantized by one launch, then cuBLAS
-GEMM_CONFIG = (16, 64, 4, 3, 2)
-GEMM_MAX_ROWS = 64
+# GEMM_MAX_ROWS rows; more rows: the weight dequantized by one launch, then cuBLAS. H100
+# sweep at 16 rows (quant_bench --tune-nf4, s7c): (16, 128, 4, 1, 2) was best or within 1%
+# on the four Llama-3-8B projections, 1.8-2.2x faster than (16, 64, 4, 3, 2) (software
+# pipelining puts the codebook gathers through shared memory); at 64 rows the untuned
+# GEMM lost to dequantize + cuBLAS, so it serves up to 16 rows
+GEMM_CONFIG = (16, 128, 4, 1, 2)
+GEMM_MAX_ROWS = 16
 
 
 def _gemm(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,

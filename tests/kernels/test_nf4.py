@@ -60,12 +60,12 @@ def _check(m, n, k, dtype, gated=False, bias=False, gemv=None, code=None, seed=0
 
 
 @pytest.mark.parametrize("m,dtype", [(1, torch.float32), (1, torch.bfloat16), (3, torch.float16),
-                                     (1, torch.float16), (20, torch.bfloat16),
-                                     (5, torch.float32), (70, torch.bfloat16)])
+                                     (1, torch.float16), (16, torch.bfloat16),
+                                     (5, torch.float32), (20, torch.bfloat16)])
 @pytest.mark.parametrize("n,k", [(64, 256), (96, 128), (40, 192)])
 def test_matmul_equals_reference(m, dtype, n, k):
-    """(64, 256): whole tiles, the GEMV's EVEN path; 96 and 40 rows: masked tiles; 3 to 20
-    rows: the GEMM (fp32: IEEE dots); 70: the dequantize kernel, then the matmul."""
+    """(64, 256): whole tiles, the GEMV's EVEN path; 96 and 40 rows: masked tiles; 3 to 16
+    rows: the GEMM (fp32: IEEE dots); 20: the dequantize kernel, then the matmul."""
     _check(m, n, k, dtype)
 
 
