@@ -1,5 +1,5 @@
 """Triton kernels for bitsandbytes 4-bit weights (NF4 / FP4): the GEMV for one-row inputs
-(batch-1 decode), a GEMM up to 64 rows (decode batches) and a dequantize kernel for more
+(batch-1 decode), a GEMM up to 16 rows (``GEMM_MAX_ROWS``) and a dequantize kernel for more
 rows (prefill; then cuBLAS).
 
 Layout (``bitsandbytes.BnB4bitLinearMethod``): ``weight`` uint8 [N, K/2], two codes a byte
