@@ -66,7 +66,9 @@ def _require_gguf_package() -> None:
 
 
 def load_gguf_config(path: str, model: str) -> Any:
-    """The transformers config of the GGUF file at ``path``, from its metadata."""
+    """The config of the GGUF file at ``path`` from its metadata, through transformers, as
+    plain data (`models.plain_config`, as ``load_hf_config`` returns it)."""
+    from pagedllm.models.plain_config import to_plain
     import transformers
     _require_gguf_package()
     file = Path(path)
@@ -80,7 +82,7 @@ def load_gguf_config(path: str, model: str) -> Any:
                          f"supported: {', '.join(ARCHITECTURES)}")
     if not getattr(config, "architectures", None):
         config.architectures = [ARCHITECTURES[arch]]
-    return config
+    return to_plain(config)
 
 
 def hf_name(name: str) -> str | None:
