@@ -164,6 +164,16 @@ def nf4_variants(configs=None) -> list[str]:
     return lines
 
 
+def gguf_variants() -> list[str]:
+    """``triton_gguf``'s dequantize kernel for each block type it covers."""
+    from pagedllm.quant import triton_gguf as tgg
+    types = {"w_ptr": "*u8", "out_ptr": "*bf16"}
+    return [compile_kernel(tgg._gguf_dequant_kernel, types,
+                           dict(SIZE=size, E=elements, KIND=code,
+                                BLOCK_R=8 if elements == 256 else 32), num_warps=4)
+            for code, elements, size in tgg.KINDS.values()]
+
+
 def fp8_gemv_variants() -> list[str]:
     """``triton_fp8._fp8_gemv_kernel`` at each tuned config and the default: every
     activation mode, plain and gated (+ bias), K a multiple of the block (the real shapes)."""
@@ -220,13 +230,13 @@ def mla_variants(sweep: bool = False) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["moe", "wna16", "fp8", "mla", "nf4"], nargs="+",
+    parser.add_argument("--only", choices=["moe", "wna16", "fp8", "mla", "nf4", "gguf"], nargs="+",
                         default=["moe", "wna16", "fp8", "mla"])
     parser.add_argument("--sweep", action="store_true",
                         help="mla: other tile shapes than the ones in use too")
     args = parser.parse_args()
     parts = {"moe": moe_variants, "wna16": wna16_variants, "fp8": fp8_gemv_variants,
-             "mla": lambda: mla_variants(args.sweep), "nf4": nf4_variants}
+             "mla": lambda: mla_variants(args.sweep), "nf4": nf4_variants, "gguf": gguf_variants}
     for part in args.only:
         for line in parts[part]():
             print(line, flush=True)

@@ -29,6 +29,7 @@ from torch import nn
 from pagedllm.quant.base import FUSED_PARTS, LinearMethod, QuantConfig, make_param
 from pagedllm.quant.gguf_dequant import TYPES, dequantize
 from pagedllm.quant.gptq import matmul_dequantized
+from pagedllm.quant.kernels import triton_gguf_for
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,9 @@ class GGUFConfig(QuantConfig):
 
 
 class GGUFLinearMethod(LinearMethod):
-    """A linear layer holding GGML blocks of one type, dequantized per call (torch)."""
+    """A linear layer holding GGML blocks of one type, dequantized per call: by one Triton
+    launch on CUDA for Q4_K / Q5_K / Q6_K / Q8_0 (``triton_gguf``), else by the torch
+    reference."""
     name = "gguf"
 
     def __init__(self, type_id: int) -> None:
@@ -227,8 +230,12 @@ class GGUFLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
-        rows, blocks, _ = layer.weight.shape
-        weight = dequantize(layer.weight, self.type_id, (rows, blocks * self.elements))
+        kernels = triton_gguf_for(x, self.kind)
+        if kernels is not None:
+            weight = kernels.dequantize(layer.weight, self.kind, x.dtype)
+        else:
+            rows, blocks, _ = layer.weight.shape
+            weight = dequantize(layer.weight, self.type_id, (rows, blocks * self.elements))
         return matmul_dequantized(x, weight.t(), bias, gated_silu)
 
 

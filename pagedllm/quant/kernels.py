@@ -5,6 +5,8 @@
   other fused ops). The kernel's view of a layer's tensors is cached on the layer and rebuilt
   when the tensors move (``--cpu-offload-gb`` streams them per call).
 - ``triton_nf4_for``: bitsandbytes NF4 / FP4 weights on CUDA go through ``triton_nf4``.
+- ``triton_gguf_for``: GGUF Q4_K / Q5_K / Q6_K / Q8_0 layers on CUDA are dequantized by
+  ``triton_gguf`` (the other block types by the torch reference).
 - ``fp8_scaled_mm_supported``: whether ``torch._scaled_mm`` can run fp8 W8A8 on a device
   (CUDA compute capability >= 8.9).
 Each method logs its choice once.
@@ -44,6 +46,18 @@ def triton_nf4_for(x: torch.Tensor):
     from pagedllm.quant import triton_nf4 as module
     log_once("bitsandbytes 4-bit: Triton kernels (GEMV at one row; more rows: dequantized by "
              "one launch, then cuBLAS)")
+    return module
+
+
+def triton_gguf_for(x: torch.Tensor, kind: str):
+    """The ``triton_gguf`` module (one-launch dequantize of GGML blocks) when the fused CUDA
+    kernels serve ``x`` and it covers the block type ``kind``, else None."""
+    if not _serves(x) or triton_wna16() is None:
+        return None
+    from pagedllm.quant import triton_gguf as module
+    if kind not in module.KINDS:
+        return None
+    log_once(f"GGUF {kind}: Triton dequantize (one launch), then cuBLAS")
     return module
 
 
