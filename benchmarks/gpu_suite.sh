@@ -232,6 +232,17 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
+    next7)
+      # what the seventh session left for the next one (~9 min; carry .whl-serve, which now
+      # holds the gguf wheel): the Triton GGUF dequantize on the GPU (tests), GGUF Q4_K_M and
+      # NF4 (tuned GEMM) vs bf16 decode at batch 1 and 16, fp8 vs bf16 offline 1000 x 256/256
+      use_serve_wheels
+      echo "== gguf / nf4 gpu tests"; timeout 90 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=line tests/kernels/test_gguf_kernels.py tests/kernels/test_nf4.py \
+        tests/quant/test_gguf.py 2>&1 | grep -v Warning | tail -4
+      echo "== quant engine"; quant_engine 240 --formats bf16 nf4 gguf --batches 1 16 \
+        --no-offline
+      echo "== fp8 offline"; quant_engine 250 --formats bf16 fp8 --batches 1 ;;
     s7d)
       # seventh session, last call: NF4 vs bf16 decode at batch 16 (the GEMM at its tuned
       # config) and 64 (dequantize + cuBLAS)

@@ -249,8 +249,8 @@ def release_memory() -> None:
 
 def make_llm(model: str, max_model_len: int, dev, **kw):
     from pagedllm import LLM
-    kw = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=max_model_len,
-              dtype="float32" if dev.type == "cpu" else "bfloat16", **kw)
+    kw = {**dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=max_model_len,
+                 dtype="float32" if dev.type == "cpu" else "bfloat16"), **kw}
     return LLM(model=model, **kw)
 
 

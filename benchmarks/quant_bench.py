@@ -49,8 +49,8 @@ FORMATS = {
              "sym": True, "checkpoint_format": "gptq"},
     "awq": {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True,
             "version": "gemm"},
-    # a pre-quantized bitsandbytes NF4 checkpoint (blocksize 64; dequantized per call by
-    # the torch reference: reported, no kernel yet)
+    # a pre-quantized bitsandbytes NF4 checkpoint (blocksize 64; Triton GEMV / GEMM /
+    # dequantize on CUDA)
     "nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
             "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": False,
             "bnb_4bit_quant_storage": "uint8"},
@@ -271,6 +271,21 @@ def model_dir(fmt: str, base: str) -> str:
     return path
 
 
+def gguf_model(base: str) -> str:
+    """A Q4_K_M-typed GGUF file of ``base``'s shape with random blocks (benchmarks/gguf_file.py;
+    smoke runs widen the tiny MLP to whole 256-element blocks)."""
+    from benchmarks import gguf_file
+    folder = tempfile.mkdtemp(prefix="quant-bench-gguf-")
+    if SMOKE:
+        with open(os.path.join(base, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["intermediate_size"] = 768
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        base = folder
+    return gguf_file.write(base, os.path.join(folder, "model-q4_k_m.gguf"))
+
+
 def randomize_packed(llm) -> int:
     """Fill the quantized layers' packed int32 words with random bits (dummy loading leaves
     them zero); g_idx stays. In place: captured CUDA graphs keep their pointers."""
@@ -287,7 +302,7 @@ def engine_formats(dev, wanted: list[str]) -> list[str]:
     """``wanted`` in run order (bf16 first: the ratios' base), fp8 only where it runs."""
     from pagedllm.quant.kernels import fp8_scaled_mm_supported
     fp8_ok = dev.type == "cpu" or fp8_scaled_mm_supported(dev)
-    return [f for f in ("bf16", "gptq", "awq", "fp8", "nf4")
+    return [f for f in ("bf16", "gptq", "awq", "fp8", "nf4", "gguf")
             if f in wanted and (f != "fp8" or fp8_ok)]
 
 
@@ -299,6 +314,8 @@ def bench_engine(args, dev) -> None:
     for fmt in engine_formats(dev, args.formats):
         model = model_dir(fmt, base) if fmt in FORMATS else base
         flags = dict(quantization="fp8") if fmt == "fp8" else {}
+        if fmt == "gguf":  # the file's random blocks are the weights (not dummy-loaded)
+            model, flags = gguf_model(base), dict(load_format="gguf")
         llm = mb.make_llm(model, 1024, dev, gpu_memory_utilization=0.9, max_num_seqs=256,
                           **flags)
         filled = randomize_packed(llm)
@@ -334,7 +351,7 @@ def main() -> None:
                         default=["kernels", "engine"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--formats", nargs="+", choices=["bf16", "gptq", "awq", "fp8", "nf4"],
+    parser.add_argument("--formats", nargs="+", choices=["bf16", "gptq", "awq", "fp8", "nf4", "gguf"],
                         default=["bf16", "gptq", "awq", "fp8"],
                         help="engine formats (bf16 always runs first: the ratios' base)")
     parser.add_argument("--tune", action="store_true", help="sweep the W4A16 tile configs")
