@@ -90,3 +90,23 @@ def test_llama_sized_rows(kind):
     ref = dequantize(raw.cuda(), TYPE_IDS[kind], (1024, 4096))
     torch.testing.assert_close(tg.dequantize(raw.cuda(), kind, torch.float32), ref,
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the engine takes the kernel by itself")
+def test_cpu_engine_through_the_kernel_equals_reference(tmp_path, monkeypatch):
+    """The whole CPU engine with its GGUF layers dequantized by the Triton kernel (the
+    interpreter standing in for CUDA) gives the torch reference's greedy tokens."""
+    pytest.importorskip("gguf")
+    from pagedllm.quant import kernels
+    from tests.quant.gguf_files import write_gguf
+    from tests.quant.test_quantized_models import _engine_greedy
+    path = write_gguf("llama", tmp_path / "m.gguf", {"attn_output": "Q5_K", "ffn_down": "Q6_K",
+                                                     "ffn": "Q4_K", "*": "Q8_0"})
+    reference = _engine_greedy(path, device="cpu")
+    monkeypatch.setattr(kernels, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(kernels, "_serves", lambda x: x.dtype == torch.float32)
+    kinds = []
+    real = tg.dequantize
+    monkeypatch.setattr(tg, "dequantize", lambda *a: kinds.append(a[1]) or real(*a))
+    assert _engine_greedy(path, device="cpu") == reference
+    assert {"Q4_K", "Q5_K", "Q6_K", "Q8_0"} <= set(kinds)

@@ -119,3 +119,31 @@ _real_gemv, _real_gemm, _real_dequantize = nf4._gemv, nf4._gemm, nf4.dequantize
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (28672, 4096)])
 def test_llama_shapes(m, n, k):
     _check(m, n, k, torch.bfloat16)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the engine takes the kernels by itself")
+def test_cpu_engine_through_the_kernels_equals_reference(tmp_path, monkeypatch, split_k):
+    """The whole CPU engine with its bitsandbytes 4-bit layers sent through the Triton kernels
+    (the interpreter standing in for CUDA: the GEMV at one-row decode steps, the GEMM for a
+    batched step, the dequantize kernel for prefills) gives the reference's greedy tokens."""
+    pytest.importorskip("bitsandbytes")
+    from pagedllm.quant import kernels
+    from tests.quant.test_bitsandbytes import bnb_checkpoint
+    from tests.quant.test_quantized_models import _engine_greedy
+    if split_k != "small-split-k":
+        pytest.skip("one split setting is enough here")
+    path = bnb_checkpoint("llama", tmp_path / "nf4", load_in_4bit=True,
+                          bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                          bnb_4bit_compute_dtype=torch.float32)
+    reference = [_engine_greedy(path, one_at_a_time=True, device="cpu"),
+                 _engine_greedy(path, device="cpu")]
+    monkeypatch.setattr(kernels, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(kernels, "_serves", lambda x: x.dtype == torch.float32)
+    calls = []
+    for name in ("_gemv", "_gemm", "dequantize"):
+        real = getattr(nf4, name)
+        monkeypatch.setattr(nf4, name, lambda *a, _n=name, _r=real, **kw:
+                            calls.append(_n) or _r(*a, **kw))
+    assert [_engine_greedy(path, one_at_a_time=True, device="cpu"),
+            _engine_greedy(path, device="cpu")] == reference
+    assert {"_gemv", "_gemm", "dequantize"} <= set(calls)
