@@ -165,13 +165,18 @@ def nf4_variants(configs=None) -> list[str]:
 
 
 def gguf_variants() -> list[str]:
-    """``triton_gguf``'s dequantize kernel for each block type it covers."""
+    """``triton_gguf``'s dequantize kernel and GEMV for each block type it covers."""
     from pagedllm.quant import triton_gguf as tgg
-    types = {"w_ptr": "*u8", "out_ptr": "*bf16"}
-    return [compile_kernel(tgg._gguf_dequant_kernel, types,
-                           dict(SIZE=size, E=elements, KIND=code,
-                                BLOCK_R=8 if elements == 256 else 32), num_warps=4)
-            for code, elements, size in tgg.KINDS.values()]
+    lines = []
+    for code, elements, size, subs, length in tgg.KINDS.values():
+        lines.append(compile_kernel(tgg._gguf_dequant_kernel, {"w_ptr": "*u8", "out_ptr": "*bf16"},
+                                    dict(SIZE=size, S=subs, L=length, KIND=code,
+                                         BLOCK_R=8 if elements == 256 else 32), num_warps=4))
+        lines.append(compile_kernel(tgg._gguf_gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*u8",
+                                                            "part_ptr": "*fp32"},
+                                    dict(SIZE=size, S=subs, L=length, KIND=code,
+                                         BLOCK_R=tgg.GEMV_BLOCK_R), num_warps=4))
+    return lines
 
 
 def fp8_gemv_variants() -> list[str]:

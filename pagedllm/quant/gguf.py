@@ -208,9 +208,9 @@ class GGUFConfig(QuantConfig):
 
 
 class GGUFLinearMethod(LinearMethod):
-    """A linear layer holding GGML blocks of one type, dequantized per call: by one Triton
-    launch on CUDA for Q4_K / Q5_K / Q6_K / Q8_0 (``triton_gguf``), else by the torch
-    reference."""
+    """A linear layer holding GGML blocks of one type. On CUDA, for Q4_K / Q5_K / Q6_K / Q8_0
+    (``triton_gguf``): one row through the GEMV, more dequantized by one launch then cuBLAS;
+    else dequantized per call by the torch reference."""
     name = "gguf"
 
     def __init__(self, type_id: int) -> None:
@@ -231,6 +231,8 @@ class GGUFLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
         kernels = triton_gguf_for(x, self.kind)
+        if kernels is not None and x.dim() == 2 and x.shape[0] == 1:
+            return kernels.gemv(x, layer.weight, self.kind, bias, gated_silu)
         if kernels is not None:
             weight = kernels.dequantize(layer.weight, self.kind, x.dtype)
         else:

@@ -1,7 +1,8 @@
-"""A Triton dequantize kernel for the GGML block types of a Q4_K_M / Q5_K_M / Q8_0 file
-(Q4_K, Q5_K, Q6_K, Q8_0): a GGUF linear layer on CUDA is dequantized by one launch into
-the activations' dtype, then multiplied by cuBLAS (the torch reference in ``gguf_dequant``
-took some fifteen elementwise launches per call).
+"""Triton kernels for the GGML block types of a Q4_K_M / Q5_K_M / Q8_0 file (Q4_K, Q5_K,
+Q6_K, Q8_0): a GGUF linear layer on CUDA runs a GEMV that decodes each block where it reads
+it (one-row inputs: batch-1 decode), or is dequantized by one launch into the activations'
+dtype and multiplied by cuBLAS (more rows); the torch reference in ``gguf_dequant`` took some
+fifteen elementwise launches per call.
 
 Layouts (llama.cpp's ``ggml-common.h``, as ``gguf_dequant`` reads them), element e of a block:
 - Q4_K (144 bytes): d, dmin (fp16), 12 bytes of 6-bit sub-block scales and mins, 128 bytes
@@ -13,9 +14,11 @@ Layouts (llama.cpp's ``ggml-common.h``, as ``gguf_dequant`` reads them), element
   half h = e // 128, t = e % 128: nibble t // 64 of byte 64 h + t % 64, bit pair t // 32 of
   byte 128 + 32 h + t % 32; value d scale[e // 16] (q - 32).
 - Q8_0 (34 bytes): d, then 32 int8 codes; value d q.
-Each program writes one block of ``BLOCK_R`` rows; bytes are gathered per element (they
-repeat within a block, so the loads hit L1). The torch reference is the oracle
-(tests/kernels/test_gguf_kernels.py).
+Values are decoded as [rows, sub-blocks, length] tiles, so a sub-block's scale and a
+block's d are read once at their own shape and broadcast; code bytes are gathered per
+element (they repeat within a block: the loads hit L1). The dequantize kernel writes one
+block of ``BLOCK_R`` rows a program; the GEMV sums a split of the blocks a program. The
+torch reference is the oracle (tests/kernels/test_gguf_kernels.py).
 """
 from __future__ import annotations
 
@@ -23,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-# name -> (KIND constant, elements per block, bytes per block)
-KINDS = {"Q4_K": (0, 256, 144), "Q5_K": (1, 256, 176), "Q6_K": (2, 256, 210),
-         "Q8_0": (3, 32, 34)}
+# name -> (KIND constant, elements per block, bytes per block, sub-blocks, their length)
+KINDS = {"Q4_K": (0, 256, 144, 8, 32), "Q5_K": (1, 256, 176, 8, 32),
+         "Q6_K": (2, 256, 210, 16, 16), "Q8_0": (3, 32, 34, 1, 32)}
 
 
 @triton.jit
@@ -42,7 +45,7 @@ def _half(base, offset):
 
 @triton.jit
 def _k4_scale_min(base, sb):
-    """Q4_K / Q5_K: the 6-bit scale and min of sub-block ``sb`` (0-7)."""
+    """Q4_K / Q5_K: the 6-bit scales and mins of sub-blocks ``sb`` (0-7)."""
     first = sb < 4
     j = sb % 4
     low_s = _byte(base, 4 + j)      # bytes 0-3 of the field: scales 0-3 (+ top bits of 4-7)
@@ -54,50 +57,110 @@ def _k4_scale_min(base, sb):
 
 
 @triton.jit
-def _block_values(base, e, KIND: tl.constexpr):
-    """fp32 values of elements ``e`` (a [BLOCK_R, E] tensor) of the blocks at ``base``."""
+def _block_values(base, sb, i, KIND: tl.constexpr):
+    """fp32 values [R, S, L] of the blocks at ``base`` ([R, 1, 1] pointers): sub-block ``sb``
+    ([1, S, 1]), element ``i`` of it ([1, 1, L]); per-sub-block and per-block fields are
+    read at their own shape and broadcast."""
     if KIND == 3:  # Q8_0
-        q = _byte(base, 2 + e).to(tl.int8).to(tl.float32)
-        return _half(base, 0 * e) * q
-    if KIND == 2:  # Q6_K
+        q = _byte(base, 2 + sb * 32 + i).to(tl.int8).to(tl.float32)
+        return _half(base, 0) * q
+    if KIND == 2:  # Q6_K: sub-blocks of 16, e = 16 sb + i
+        e = sb * 16 + i
         h, t = e // 128, e % 128
         low = (_byte(base, 64 * h + t % 64) >> (4 * (t // 64))) & 15
         high = (_byte(base, 128 + 32 * h + t % 32) >> (2 * (t // 32))) & 3
-        scale = _byte(base, 192 + e // 16).to(tl.int8).to(tl.float32)
-        return _half(base, 208 + 0 * e) * scale * ((low | (high << 4)) - 32).to(tl.float32)
+        scale = _half(base, 208) * _byte(base, 192 + sb).to(tl.int8).to(tl.float32)
+        return scale * ((low | (high << 4)) - 32).to(tl.float32)
     codes = 48 if KIND == 1 else 16  # Q5_K keeps its fifth bits before the codes
-    q = (_byte(base, codes + 32 * (e // 64) + e % 32) >> (4 * ((e % 64) // 32))) & 15
+    q = (_byte(base, codes + 32 * (sb // 2) + i) >> (4 * (sb % 2))) & 15
     if KIND == 1:
-        q = q | (((_byte(base, 16 + e % 32) >> (e // 32)) & 1) << 4)
-    scale, mins = _k4_scale_min(base, e // 32)
-    return _half(base, 0 * e) * scale * q.to(tl.float32) - _half(base, 2 + 0 * e) * mins
+        q = q | (((_byte(base, 16 + i) >> sb) & 1) << 4)
+    scale, mins = _k4_scale_min(base, sb)
+    return (_half(base, 0) * scale) * q.to(tl.float32) - _half(base, 2) * mins
 
 
 @triton.jit
 def _gguf_dequant_kernel(w_ptr, out_ptr, R, stride_wr, stride_or, SIZE: tl.constexpr,
-                         E: tl.constexpr, KIND: tl.constexpr, BLOCK_R: tl.constexpr):
+                         S: tl.constexpr, L: tl.constexpr, KIND: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     block = tl.program_id(1)
     rows_ok = rows < R
     safe = tl.where(rows_ok, rows, 0)  # masked rows read row 0's block (in bounds)
-    e = tl.arange(0, E)[None, :] + tl.zeros((BLOCK_R, 1), dtype=tl.int32)
-    base = w_ptr + safe[:, None].to(tl.int64) * stride_wr + block * SIZE
-    values = _block_values(base, e, KIND)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_or + block * E + e,
-             values.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None])
+    sb = tl.arange(0, S)[None, :, None]
+    i = tl.arange(0, L)[None, None, :]
+    base = w_ptr + safe[:, None, None].to(tl.int64) * stride_wr + block * SIZE
+    values = _block_values(base, sb, i, KIND)
+    tl.store(out_ptr + rows[:, None, None].to(tl.int64) * stride_or + block * (S * L)
+             + sb * L + i, values.to(out_ptr.dtype.element_ty),
+             mask=rows_ok[:, None, None] & (sb >= 0) & (i >= 0))
+
+
+@triton.jit
+def _gguf_gemv_kernel(x_ptr, w_ptr, part_ptr, R, blocks, blocks_per_split, stride_wr,
+                      stride_ps, SIZE: tl.constexpr, S: tl.constexpr, L: tl.constexpr,
+                      KIND: tl.constexpr, BLOCK_R: tl.constexpr):
+    # part[split, r] = sum over this split's blocks of W[r, block] . x[block]
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    rows_ok = rows < R
+    safe = tl.where(rows_ok, rows, 0)
+    sb = tl.arange(0, S)[None, :, None]
+    i = tl.arange(0, L)[None, None, :]
+    row_base = w_ptr + safe[:, None, None].to(tl.int64) * stride_wr
+    acc = tl.zeros((BLOCK_R, S, L), dtype=tl.float32)
+    first = split * blocks_per_split
+    for block in range(first, tl.minimum(first + blocks_per_split, blocks)):
+        x = tl.load(x_ptr + block * (S * L) + sb * L + i).to(tl.float32)
+        acc += _block_values(row_base + block * SIZE, sb, i, KIND) * x
+    total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(part_ptr + split * stride_ps + rows, total, mask=rows_ok)
+
+
+def _check(weight: torch.Tensor, kind: str) -> tuple:
+    code, elements, size, subs, length = KINDS[kind]
+    if weight.shape[-1] != size:
+        raise ValueError(f"triton_gguf: {kind} blocks are {size} bytes, got {weight.shape[-1]}")
+    return code, elements, size, subs, length
 
 
 def dequantize(weight: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """[rows, blocks, bytes] uint8 blocks of ``kind`` -> the [rows, blocks * elements]
     weight in ``dtype``, one launch."""
-    code, elements, size = KINDS[kind]
-    rows, blocks, nbytes = weight.shape
-    if nbytes != size:
-        raise ValueError(f"triton_gguf.dequantize: {kind} blocks are {size} bytes, got {nbytes}")
+    code, elements, size, subs, length = _check(weight, kind)
+    rows, blocks, _ = weight.shape
     weight = weight.contiguous()
     out = torch.empty(rows, blocks * elements, dtype=dtype, device=weight.device)
     block_r = 8 if elements == 256 else 32
     grid = (triton.cdiv(rows, block_r), blocks)
     _gguf_dequant_kernel[grid](weight, out, rows, weight.stride(0), out.stride(0), SIZE=size,
-                               E=elements, KIND=code, BLOCK_R=block_r, num_warps=4)
+                               S=subs, L=length, KIND=code, BLOCK_R=block_r, num_warps=4)
     return out
+
+
+# the GEMV's rows per program, and the programs it aims for per SM (split over the blocks)
+GEMV_BLOCK_R = 8
+GEMV_WAVES = 4
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, kind: str, bias: torch.Tensor | None = None,
+         gated: bool = False) -> torch.Tensor:
+    """x [1, K] @ W^T (+ bias; ``gated``: silu(first half) * second half) for W's
+    [rows, blocks, bytes] blocks of ``kind``: each block decoded where it is read, split over
+    the blocks, the fp32 partial sums reduced with the epilogue in a second launch."""
+    from pagedllm.quant import triton_wna16 as wna16
+    code, elements, size, subs, length = _check(weight, kind)
+    rows, blocks, _ = weight.shape
+    if x.shape != (1, blocks * elements):
+        raise ValueError(f"triton_gguf.gemv: x is {tuple(x.shape)}, the weight takes "
+                         f"(1, {blocks * elements})")
+    weight, x = weight.contiguous(), x.contiguous()
+    tiles = triton.cdiv(rows, GEMV_BLOCK_R)
+    splits = max(1, min(blocks, triton.cdiv(GEMV_WAVES * wna16._sm_count(x.device), tiles)))
+    per_split = triton.cdiv(blocks, splits)
+    splits = triton.cdiv(blocks, per_split)
+    part = torch.empty(splits, 1, rows, dtype=torch.float32, device=x.device)
+    _gguf_gemv_kernel[(tiles, splits)](x, weight, part, rows, blocks, per_split,
+                                       weight.stride(0), part.stride(0), SIZE=size, S=subs,
+                                       L=length, KIND=code, BLOCK_R=GEMV_BLOCK_R, num_warps=4)
+    return wna16._reduce(part, bias, gated, x.dtype)

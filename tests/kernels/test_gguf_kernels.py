@@ -25,7 +25,7 @@ HALVES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,)}
 
 
 def _blocks(kind: str, rows: int, blocks: int, seed: int) -> torch.Tensor:
-    _, _, size = tg.KINDS[kind]
+    size = tg.KINDS[kind][2]
     g = torch.Generator().manual_seed(seed)
     raw = torch.randint(0, 256, (rows, blocks, size), generator=g, dtype=torch.int32).to(
         torch.uint8)
@@ -38,7 +38,7 @@ def _blocks(kind: str, rows: int, blocks: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("kind", sorted(tg.KINDS))
 @pytest.mark.parametrize("rows", [1, 8, 13])
 def test_dequantize_equals_reference(kind, rows):
-    _, elements, _ = tg.KINDS[kind]
+    elements = tg.KINDS[kind][1]
     raw = _blocks(kind, rows, 3, rows)
     ref = dequantize(raw, TYPE_IDS[kind], (rows, 3 * elements))
     out = tg.dequantize(raw.to(DEVICE), kind, torch.float32).cpu()
@@ -51,7 +51,7 @@ def test_dequantize_equals_reference(kind, rows):
 @pytest.mark.parametrize("kind", sorted(tg.KINDS))
 def test_dequantize_equals_the_gguf_package(kind):
     gguf = pytest.importorskip("gguf")
-    _, elements, _ = tg.KINDS[kind]
+    elements = tg.KINDS[kind][1]
     raw = _blocks(kind, 4, 2, 99)
     ref = gguf.quants.dequantize(raw.reshape(4, -1).numpy(),
                                  gguf.GGMLQuantizationType[kind])
@@ -62,14 +62,46 @@ def test_dequantize_equals_the_gguf_package(kind):
 def test_a_wrong_block_size_is_refused():
     with pytest.raises(ValueError, match="Q4_K blocks are 144 bytes, got 143"):
         tg.dequantize(torch.zeros(1, 1, 143, dtype=torch.uint8), "Q4_K", torch.float32)
+    with pytest.raises(ValueError, match=r"x is \(1, 255\), the weight takes \(1, 256\)"):
+        tg.gemv(torch.zeros(1, 255), torch.zeros(1, 1, 144, dtype=torch.uint8), "Q4_K")
+
+
+@pytest.mark.parametrize("kind", sorted(tg.KINDS))
+@pytest.mark.parametrize("rows,blocks,dtype", [(5, 3, torch.float32), (16, 2, torch.bfloat16),
+                                               (3, 9, torch.float32)])
+@pytest.mark.parametrize("gated,bias", [(False, False), (True, True)])
+def test_gemv_equals_reference(kind, rows, blocks, dtype, gated, bias, monkeypatch):
+    """The one-row GEMV (each block decoded where it is read, split over the blocks: 9 blocks
+    over several programs, with ``GEMV_WAVES`` forcing splits on the interpreter's 4 "SMs")
+    with the epilogue, against x @ the reference's dequantized weight."""
+    monkeypatch.setattr(tg, "GEMV_BLOCK_R", 4)
+    elements = tg.KINDS[kind][1]
+    rows = rows * 2 if gated else rows
+    raw = _blocks(kind, rows, blocks, rows + blocks)
+    g = torch.Generator().manual_seed(3)
+    # small x: outputs of a few units, so that the gated SiLU does not flatten them to zero
+    x = (torch.randn(1, blocks * elements, generator=g) * 0.005).to(dtype)
+    b = (torch.randn(rows, generator=g) * 0.1).to(dtype) if bias else None
+    ref = x.double() @ dequantize(raw, TYPE_IDS[kind], (rows, blocks * elements)).double().t()
+    if b is not None:
+        ref = ref + b.double()
+    if gated:
+        gate, up = ref.chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
+    out = tg.gemv(x.to(DEVICE), raw.to(DEVICE), kind, b.to(DEVICE) if bias else None,
+                  gated).cpu()
+    assert out.shape == ref.shape and out.dtype == dtype
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
 
 
 def test_method_apply_takes_the_kernel_on_cuda(monkeypatch):
-    """``GGUFLinearMethod.apply`` dequantizes through the kernel on CUDA (covered types) and
-    equals the torch reference; on CPU the reference runs."""
+    """``GGUFLinearMethod.apply`` dequantizes through the kernel on CUDA (covered types; one
+    row: the GEMV) and equals the torch reference; on CPU the reference runs."""
     calls = []
-    real = tg.dequantize
+    real, real_gemv = tg.dequantize, tg.gemv
     monkeypatch.setattr(tg, "dequantize", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(tg, "gemv", lambda *a: calls.append("gemv") or real_gemv(*a))
     raw = _blocks("Q6_K", 6, 2, 5)
     method = GGUFLinearMethod(TYPE_IDS["Q6_K"])
     layer = SimpleNamespace(weight=raw.to(DEVICE))
@@ -78,13 +110,15 @@ def test_method_apply_takes_the_kernel_on_cuda(monkeypatch):
     ref = x.double().cpu() @ dequantize(raw, TYPE_IDS["Q6_K"], (6, 512)).double().t()
     out = method.apply(layer, x, None).cpu().double()
     assert ((out - ref).norm() / ref.norm()).item() < (1e-2 if ON_GPU else 1e-5)
-    assert calls == (["Q6_K"] if ON_GPU else [])
+    one = method.apply(layer, x[:1], None).cpu().double()
+    assert ((one - ref[:1]).norm() / ref[:1].norm()).item() < (1e-2 if ON_GPU else 1e-5)
+    assert calls == (["Q6_K", "gemv"] if ON_GPU else [])
 
 
 @pytest.mark.skipif(not ON_GPU, reason="large rows need a GPU")
 @pytest.mark.parametrize("kind", sorted(tg.KINDS))
 def test_llama_sized_rows(kind):
-    _, elements, _ = tg.KINDS[kind]
+    elements = tg.KINDS[kind][1]
     blocks = 4096 // elements
     raw = _blocks(kind, 1024, blocks, 7)
     ref = dequantize(raw.cuda(), TYPE_IDS[kind], (1024, 4096))
@@ -93,20 +127,32 @@ def test_llama_sized_rows(kind):
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the engine takes the kernel by itself")
-def test_cpu_engine_through_the_kernel_equals_reference(tmp_path, monkeypatch):
-    """The whole CPU engine with its GGUF layers dequantized by the Triton kernel (the
-    interpreter standing in for CUDA) gives the torch reference's greedy tokens."""
+def test_cpu_engine_through_the_kernels_equals_reference(tmp_path, monkeypatch):
+    """The whole CPU engine with its GGUF layers on the Triton kernels (the interpreter
+    standing in for CUDA: the prompt's prefill dequantizes, each decode step of one row takes
+    the GEMV) gives the torch reference's greedy tokens."""
     pytest.importorskip("gguf")
     from pagedllm.quant import kernels
     from tests.quant.gguf_files import write_gguf
-    from tests.quant.test_quantized_models import _engine_greedy
     path = write_gguf("llama", tmp_path / "m.gguf", {"attn_output": "Q5_K", "ffn_down": "Q6_K",
                                                      "ffn": "Q4_K", "*": "Q8_0"})
-    reference = _engine_greedy(path, device="cpu")
+    reference = _one_prompt(path)
     monkeypatch.setattr(kernels, "_on_cuda", lambda t: True)
     monkeypatch.setattr(kernels, "_serves", lambda x: x.dtype == torch.float32)
     kinds = []
-    real = tg.dequantize
+    real, real_gemv = tg.dequantize, tg.gemv
     monkeypatch.setattr(tg, "dequantize", lambda *a: kinds.append(a[1]) or real(*a))
-    assert _engine_greedy(path, device="cpu") == reference
-    assert {"Q4_K", "Q5_K", "Q6_K", "Q8_0"} <= set(kinds)
+    monkeypatch.setattr(tg, "gemv", lambda *a: kinds.append("gemv " + a[2]) or real_gemv(*a))
+    assert _one_prompt(path) == reference
+    assert {"Q4_K", "Q5_K", "Q6_K", "Q8_0", "gemv Q4_K", "gemv Q5_K", "gemv Q6_K",
+            "gemv Q8_0"} <= set(kinds)
+
+
+def _one_prompt(path) -> list[int]:
+    from pagedllm.entrypoints.llm import LLM
+    from pagedllm.sampling_params import SamplingParams
+    llm = LLM(model=str(path), dtype="float32", block_size=8, device="cpu")
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    out = llm.generate(prompt_token_ids=[[5, 9, 13, 17]], sampling_params=params,
+                       use_tqdm=False)
+    return list(out[0].outputs[0].token_ids)
