@@ -198,16 +198,21 @@ def tune(name, n, k, rows, dtype, dev) -> None:
         bm = 16 if rows <= 16 else min(64, rows)
         cands = [(bm, bn, bk, w, s, waves) for bn in (32, 64, 128) for bk in (64, 128)
                  for w in (4, 8) for s in (3, 4) for waves in (1, 2, 4)]
+    sweep("gptq", "kernel tune", name, n, k, rows, dtype, dev, cands)
+
+
+def sweep(kind, bench, name, n, k, rows, dtype, dev, cands) -> None:
+    """Time ``kind`` at each tile config of ``cands``; emit the three fastest."""
     if SMOKE:
         cands = cands[:2]
     results = []
     for cfg in cands:
         try:
-            results.append((time_kind("gptq", n, k, rows, dtype, dev, cfg)[0], cfg))
+            results.append((time_kind(kind, n, k, rows, dtype, dev, cfg)[0], cfg))
         except Exception as e:  # too much shared memory / registers for this tile
             print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}")
     results.sort()
-    mb.emit(bench="kernel tune", shape=name, rows=rows,
+    mb.emit(bench=bench, shape=name, rows=rows,
             top=[(round(us, 2), cfg) for us, cfg in results[:3]])
 
 
@@ -221,17 +226,7 @@ def tune_nf4(name, n, k, rows, dtype, dev) -> None:
         bm = 16 if rows <= 16 else 64
         cands = [(bm, bn, w, st, waves) for bn in (64, 128) for w in (4, 8)
                  for st in (1, 2, 3) for waves in (1, 2)]
-    if SMOKE:
-        cands = cands[:2]
-    results = []
-    for cfg in cands:
-        try:
-            results.append((time_kind("nf4", n, k, rows, dtype, dev, cfg)[0], cfg))
-        except Exception as e:  # too much shared memory / registers for this tile
-            print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}")
-    results.sort()
-    mb.emit(bench="nf4 tune", shape=name, rows=rows,
-            top=[(round(us, 2), cfg) for us, cfg in results[:3]])
+    sweep("nf4", "nf4 tune", name, n, k, rows, dtype, dev, cands)
 
 
 def tune_fp8(name, n, k, dtype, dev) -> tuple | None:

@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedllm.attention.triton_attention import _last_arrival, _split_counters
+from pagedllm.attention.triton_attention import _split_counters
 from pagedllm.layers import pdl
 from pagedllm.quant import triton_wna16 as wna16
-from pagedllm.quant.triton_wna16 import _fold_splits
+from pagedllm.quant.triton_wna16 import _store_split
 from pagedllm.switches import switches
 
 BLOCKSIZE = 64  # elements per absmax
@@ -71,19 +71,8 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, a_ptr, code_ptr, out_ptr, part_ptr, count_ptr
                 xj = tl.load(x_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
             qx += tl.load(code_ptr + nib) * xj[:, None]
         acc += qx * scale
-    if FOLD:  # this split's sums; the last of the tile's (gate and up) splits folds them
-        tl.store(part_ptr + pid_s * stride_os + offs_n, tl.sum(acc, axis=0), mask=n_ok)
-        if GATED:
-            tile = pid_n % (half // BLOCK_N)
-        else:
-            tile = pid_n
-        if _last_arrival(count_ptr + tile, splits * (2 if GATED else 1)):
-            _fold_splits(part_ptr, bias_ptr, out_ptr, tile * BLOCK_N, splits, half,
-                         stride_os, half if GATED else N, HAS_BIAS, GATED, BLOCK_N)
-            tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch
-    else:
-        tl.store(out_ptr + pid_s * stride_os + offs_n,
-                 tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+    _store_split(tl.sum(acc, axis=0), out_ptr, part_ptr, count_ptr, bias_ptr, pid_n, pid_s,
+                 offs_n, n_ok, N, splits, half, stride_os, FOLD, HAS_BIAS, GATED, BLOCK_N)
 
 
 @triton.jit

@@ -309,8 +309,19 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
                     x_sum += xj
             acc += (qx - z * x_sum[:, None]) * s
         words = next_words
-    if FOLD:  # this split's sums; the last of the tile's (gate and up) splits folds them
-        tl.store(part_ptr + pid_s * stride_os + offs_n, tl.sum(acc, axis=0), mask=n_ok)
+    _store_split(tl.sum(acc, axis=0), out_ptr, part_ptr, count_ptr, bias_ptr, pid_n, pid_s,
+                 offs_n, n_ok, N, splits, half, stride_os, FOLD, HAS_BIAS, GATED, BLOCK_N)
+
+
+@triton.jit
+def _store_split(sums, out_ptr, part_ptr, count_ptr, bias_ptr, pid_n, pid_s, offs_n, n_ok, N,
+                 splits, half, stride_os, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 GATED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A split-K GEMV program's column sums: FOLD, into ``part`` (the last of the column
+    tile's splits, gate and up together when GATED, folds them with the epilogue into
+    ``out``); else straight into ``out``'s row ``pid_s``."""
+    if FOLD:
+        tl.store(part_ptr + pid_s * stride_os + offs_n, sums, mask=n_ok)
         if GATED:
             tile = pid_n % (half // BLOCK_N)
         else:
@@ -320,8 +331,8 @@ def _wna16_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, part_ptr, c
                          stride_os, half if GATED else N, HAS_BIAS, GATED, BLOCK_N)
             tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch
     else:
-        tl.store(out_ptr + pid_s * stride_os + offs_n,
-                 tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(out_ptr + pid_s * stride_os + offs_n, sums.to(out_ptr.dtype.element_ty),
+                 mask=n_ok)
 
 
 @triton.jit
