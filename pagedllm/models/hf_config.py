@@ -45,6 +45,8 @@ def load_hf_config(model_path: str, *, model: str, revision: Optional[str],
                                                                   code_revision)
     cached = config_cache.load(key) if key else None
     if cached is not None:
+        logger.info("config of %s read from the config cache (PAGEDLLM_CONFIG_CACHE=0 turns "
+                    "it off)", model)
         return cached
     config = to_plain(_transformers_config(model_path, raw, model=model, revision=revision,
                                            trust_remote_code=trust_remote_code,
