@@ -243,6 +243,12 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== quant engine"; quant_engine 240 --formats bf16 nf4 gguf --batches 1 16 \
         --no-offline
       echo "== fp8 offline"; quant_engine 250 --formats bf16 fp8 --batches 1 ;;
+    next7b)
+      # the W4A16 GEMM's 64-row tiles with the W^T x^T form (never swept: GPTQ batch 64 is
+      # 0.828x bf16, goal 1.4x), then GPTQ vs bf16 decode at batch 64 (~7 min)
+      echo "== 64-row sweep"; timeout 240 python benchmarks/quant_bench.py --only kernels \
+        --rows 64 --tune 2>&1 | grep -v Warning | grep -E "kernel tune|kind=gptq"
+      echo "== quant engine"; quant_engine 150 --formats bf16 gptq --batches 64 --no-offline ;;
     s7d)
       # seventh session, last call: NF4 vs bf16 decode at batch 16 (the GEMM at its tuned
       # config) and 64 (dequantize + cuBLAS)
