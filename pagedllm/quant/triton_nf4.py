@@ -194,7 +194,7 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code: tor
     """x [M, K] (M <= GEMM_MAX_ROWS) -> [M, N or N/2] with the epilogue."""
     block_m, block_n, warps, stages, waves = config or GEMM_CONFIG
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1] * 2
-    block_m = max(16, min(triton.next_power_of_2(m), 64 if config is None else block_m))
+    block_m = max(16, min(triton.next_power_of_2(m), block_m))
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     splits, k_split = wna16._splits(tiles, k, BLOCKSIZE, waves * wna16._sm_count(x.device), m)
     out = torch.empty(splits, m, n, device=x.device,
