@@ -14,9 +14,9 @@ Two ZeroMQ sockets over ipc, both bound by the front end: requests and aborts go
 
 Start-up goes over a pipe. The front end starts the process first and sends it the engine
 arguments, ("args", EngineArgs, log_stats), then resolves the configuration while the child
-imports torch and the engine. It then sends ("config", EngineConfig): pickled with every
-transformers config in it made plain data (`pagedllm.models.plain_config`), so the core never
-imports transformers for it (that import was 4.5 s of its 7.2 s on the H100 machine). A
+imports torch and the engine. It then sends ("config", EngineConfig): its Hugging Face config
+is plain data (`pagedllm.models.plain_config`), so unpickling it imports no transformers
+(that import was 4.5 s of the core's 7.2 s on the H100 machine). A
 configuration too large for the pipe's buffer is not sent: ("resolve",) tells the core to
 resolve the arguments itself. ("config", EngineConfig, log_stats) first hands over a resolved
 configuration instead. The core answers ("ready", cache_info) once the model is loaded and
@@ -337,8 +337,7 @@ class MPCoreClient:
 
     def configure(self, config: EngineConfig, log_stats: bool | None = None) -> None:
         """Hand the core process its engine configuration (it builds the engine then)."""
-        from pagedllm.models.plain_config import dumps_plain
-        self._ready.send_bytes(dumps_plain(("config", config, log_stats)))
+        self._ready.send_bytes(_dumps(("config", config, log_stats)))
         self.configured = True
 
     def configure_args(self, engine_args, log_stats: bool | None = None) -> None:
@@ -366,15 +365,14 @@ class MPCoreClient:
         return config
 
     def offer_config(self, config: EngineConfig) -> bool:
-        """After ``configure_args``: send the core the front end's resolved configuration
-        (its transformers configs as plain data), or ("resolve",) when it does not fit the
+        """After ``configure_args``: send the core the front end's resolved configuration,
+        or ("resolve",) when it does not fit the
         pipe's buffer with room to spare (the core may still be importing: a send must never
         block) or does not pickle. True when sent."""
-        from pagedllm.models.plain_config import dumps_plain
         if self.proc.exitcode is not None:
             return False
         try:
-            data = dumps_plain(("config", config))
+            data = _dumps(("config", config))
         except Exception:  # noqa: BLE001 - e.g. a callable in it: the core resolves its own
             data = b""
         sent = 0 < len(data) <= _OFFER_MAX_BYTES

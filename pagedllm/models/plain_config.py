@@ -5,22 +5,22 @@ module's ``auto_docstring`` imports the model classes and the generation code: 4
 core process's 7.2 s before its configuration on the H100 machine (docs/benchmarks.md, sixth
 part). The engine only reads a config's attributes, so the front end sends the core a
 `PlainConfig` instead: every instance attribute, the class's plain attributes (``model_type``,
-``attribute_map``, ...), the values of its properties (``rope_scaling``, ``num_labels``, ...)
-and its attribute-map aliases (``num_experts`` -> ``num_local_experts``), all read once in the
-front end. Nested configs (``text_config``, ...) become `PlainConfig` too. A value that is not
-plain data (a class, a callable) is left out and named in ``dropped``: reading it raises an
-AttributeError that says so, never a silent default.
+``attribute_map``, ...) and the values of its properties (``num_labels``, ...), all read once
+in the front end; names that only read another attribute (attribute-map aliases such as
+``num_experts`` -> ``num_local_experts``, transformers 5's ``rope_scaling`` ->
+``rope_parameters``) stay aliases. Nested configs (``text_config``, ...) become `PlainConfig`
+too. A value that is not plain data (a class, a callable) is left out and named in
+``dropped``: reading it raises an AttributeError that says so.
 
-`dumps_plain` pickles anything with its transformers configs made plain; the core never imports
-transformers for them (checked by tests/unit/test_plain_config.py).
+`hf_config.load_hf_config` (and the GGUF loader) return this snapshot, so an `EngineConfig`
+pickles without transformers classes and the core never imports transformers for it
+(checked by tests/unit/test_plain_config.py).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-import io
 import logging
-import pickle
 import sys
 import warnings
 from typing import Any
@@ -97,18 +97,17 @@ def _plain(value: Any) -> tuple[bool, Any]:
     return False, None
 
 
-def _class_names(cls: type) -> dict[str, str]:
-    """Each name the class (and its bases) defines: 'property' or 'attribute'."""
-    kinds: dict[str, str] = {}
+def _class_names(cls: type) -> list[str]:
+    """The properties and plain (non-callable) attributes the class and its bases define."""
+    names: dict[str, None] = {}
     for klass in reversed(cls.__mro__):
         for name, value in vars(klass).items():
             if name.startswith("__"):
                 continue
-            if isinstance(value, property):
-                kinds[name] = "property"
-            elif not (callable(value) or isinstance(value, (staticmethod, classmethod))):
-                kinds[name] = "attribute"
-    return kinds
+            if isinstance(value, property) or not (
+                    callable(value) or isinstance(value, (staticmethod, classmethod))):
+                names[name] = None
+    return list(names)
 
 
 def to_plain(config: Any) -> PlainConfig:
@@ -157,19 +156,3 @@ def _quiet():
             yield
     finally:
         log.setLevel(level)
-
-
-class _PlainPickler(pickle.Pickler):
-    def reducer_override(self, obj: Any) -> Any:
-        if _is_hf_config(obj):
-            plain = to_plain(obj)
-            return PlainConfig, (plain._plain_class_name, plain.values(), plain._plain_dropped,
-                                 plain._plain_aliases)
-        return NotImplemented
-
-
-def dumps_plain(obj: Any) -> bytes:
-    """``pickle.dumps(obj, protocol=5)`` with every transformers config in it made plain."""
-    buffer = io.BytesIO()
-    _PlainPickler(buffer, protocol=5).dump(obj)
-    return buffer.getvalue()

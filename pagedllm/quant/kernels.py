@@ -5,8 +5,8 @@
   other fused ops). The kernel's view of a layer's tensors is cached on the layer and rebuilt
   when the tensors move (``--cpu-offload-gb`` streams them per call).
 - ``triton_nf4_for``: bitsandbytes NF4 / FP4 weights on CUDA go through ``triton_nf4``.
-- ``triton_gguf_for``: GGUF Q4_K / Q5_K / Q6_K / Q8_0 layers on CUDA are dequantized by
-  ``triton_gguf`` (the other block types by the torch reference).
+- ``triton_gguf_for``: GGUF Q4_K / Q5_K / Q6_K / Q8_0 layers on CUDA go through
+  ``triton_gguf`` (the other block types through the torch reference).
 - ``fp8_scaled_mm_supported``: whether ``torch._scaled_mm`` can run fp8 W8A8 on a device
   (CUDA compute capability >= 8.9).
 Each method logs its choice once.
@@ -38,26 +38,34 @@ def triton_wna16():
     return module
 
 
+def _serving_wna16(x: torch.Tensor):
+    """``triton_wna16`` (whose presence says the fused CUDA kernels are on) when they serve
+    ``x`` (CUDA, a float dtype), else None."""
+    return triton_wna16() if _serves(x) else None
+
+
 def triton_nf4_for(x: torch.Tensor):
-    """The ``triton_nf4`` module (bitsandbytes 4-bit GEMV and dequantize kernels) when the
-    fused CUDA kernels serve ``x``, else None."""
-    if not _serves(x) or triton_wna16() is None:
+    """The ``triton_nf4`` module (bitsandbytes 4-bit GEMV, GEMM and dequantize kernels) when
+    the fused CUDA kernels serve ``x``, else None."""
+    if _serving_wna16(x) is None:
         return None
     from pagedllm.quant import triton_nf4 as module
-    log_once("bitsandbytes 4-bit: Triton kernels (GEMV at one row; more rows: dequantized by "
-             "one launch, then cuBLAS)")
+    log_once("bitsandbytes 4-bit: Triton kernels (GEMV at one row, GEMM up to "
+             f"{module.GEMM_MAX_ROWS} rows; more: dequantized by one launch, then cuBLAS)")
     return module
 
 
 def triton_gguf_for(x: torch.Tensor, kind: str):
-    """The ``triton_gguf`` module (one-launch dequantize of GGML blocks) when the fused CUDA
-    kernels serve ``x`` and it covers the block type ``kind``, else None."""
-    if not _serves(x) or triton_wna16() is None:
+    """The ``triton_gguf`` module (one-row GEMV and one-launch dequantize of GGML blocks)
+    when the fused CUDA kernels serve ``x`` and it covers the block type ``kind``, else
+    None."""
+    if _serving_wna16(x) is None:
         return None
     from pagedllm.quant import triton_gguf as module
     if kind not in module.KINDS:
         return None
-    log_once(f"GGUF {kind}: Triton dequantize (one launch), then cuBLAS")
+    log_once(f"GGUF {kind}: Triton kernels (GEMV at one row; more rows: dequantized by one "
+             "launch, then cuBLAS)")
     return module
 
 
@@ -82,9 +90,7 @@ def wna16_apply(layer: nn.Module, x: torch.Tensor, key: torch.Tensor,
     not serve (CPU, no Triton).
     ``build(module)`` makes the layer's ``WNA16Weight``; ``key`` is a tensor of the layer
     whose storage identifies the cached one."""
-    if not _serves(x):
-        return None
-    module = triton_wna16()
+    module = _serving_wna16(x)
     if module is None:
         return None
     cached = getattr(layer, "_wna16", None)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedllm.models.plain_config import PlainConfig, dumps_plain, to_plain
+from pagedllm.models.plain_config import PlainConfig, to_plain
 
 
 def _all_configs() -> dict:
@@ -65,7 +65,7 @@ def _build(config):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_plain_snapshot_builds_the_same_model(name):
     config = _with_architecture(CONFIGS[name])
-    plain = pickle.loads(dumps_plain(config))
+    plain = pickle.loads(pickle.dumps(to_plain(config)))
     assert isinstance(plain, PlainConfig)
     reference, rebuilt = _build(config), _build(plain)
     ref_params = {k: (v.shape, v.dtype) for k, v in reference.named_parameters()}
@@ -91,7 +91,8 @@ def test_snapshot_keeps_properties_aliases_and_nested_configs():
     assert "model_type" in json.dumps(gemma.to_dict(), default=str)
     with pytest.raises(AttributeError, match="no attribute 'not_a_field'"):
         _ = gemma.not_a_field
-    assert _modules_in(dumps_plain({"c": Gemma3Config()})) == {"pagedllm.models.plain_config"}
+    assert _modules_in(pickle.dumps({"c": to_plain(Gemma3Config())})) == \
+        {"pagedllm.models.plain_config"}
 
 
 def _modules_in(data: bytes) -> set[str]:
@@ -135,7 +136,7 @@ def test_engine_from_the_plain_configuration_in_a_fresh_process(tmp_path):
     expected = LLM.from_engine_args(args).generate(
         prompt_token_ids=[[5, 9, 13, 17, 21]], sampling_params=params, use_tqdm=False)
     path = tmp_path / "config.pkl"
-    path.write_bytes(dumps_plain(args.create_engine_config()))
+    path.write_bytes(pickle.dumps(args.create_engine_config()))
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True,
                          text=True, cwd=root, timeout=300,
