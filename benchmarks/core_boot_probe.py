@@ -1,7 +1,9 @@
 """Where the engine core process's start-up seconds go before ``EngineCore`` (issue 19): the
 steps of ``core_client.run_engine_core`` timed one by one in a fresh interpreter (its imports,
-the first CUDA query), then ``create_engine_config`` under cProfile (what a core that
-resolves the arguments itself pays; the front end sends it the plain configuration instead). ``python benchmarks/core_boot_probe.py [--model DIR]`` (8B shape by default)."""
+the first CUDA query), then ``create_engine_config`` under cProfile with the config cache
+off (what a cold resolution through transformers pays; a warm start reads the cache, and the
+core takes the front end's plain configuration).
+``python benchmarks/core_boot_probe.py [--model DIR]`` (8B shape by default)."""
 import time
 
 T0 = time.time()
@@ -19,6 +21,7 @@ def main() -> None:
     parser.add_argument("--model", default="benchmarks/configs/llama-3-8b")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
+    os.environ["PAGEDLLM_CONFIG_CACHE"] = "0"  # time transformers, not the cache
     gc.disable()
     from pagedllm.engine import core_client
     threading.Thread(target=core_client._init_cuda_driver, daemon=True).start()
