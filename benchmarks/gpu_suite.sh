@@ -232,6 +232,22 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== moe offline"; timeout 250 python benchmarks/moe_bench.py --only offline \
         --out "$OUT_DIR" 2>&1 | grep -v Warning | grep "bench=" | tail -3
       echo "== nf4"; quant_engine 150 --formats bf16 nf4 --batches 1 --no-offline ;;
+    s8a)
+      # eighth session: the tensor-core W4A16 kernel (quant/triton_w4mma.py, GPTQ / AWQ
+      # layers repacked at load): its GPU tests and the W4A16 engines' greedy tests (they
+      # take it now), per projection at 1 / 16 / 64 rows against the CUDA-core kernels
+      # (gptq) and bf16, GPTQ vs bf16 decode at batch 1 / 16 / 64, and GPTQ with
+      # PAGEDLLM_W4_MMA=0 (the CUDA-core kernels) at batch 1 on the same machine (~8 min)
+      echo "== gpu tests"; timeout 150 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=short tests/kernels/test_w4mma.py tests/kernels/test_wna16.py -k \
+        "not test_wna16 or engine" 2>&1 | grep -v Warning | tail -12
+      echo "== kernels"; timeout 100 python benchmarks/quant_bench.py --only kernels --rows 1 \
+        16 64 --kinds gptq w4mma 2>&1 | grep -v Warning | grep -E "kind=(gptq|w4mma)|check" \
+        | cut -c1-200
+      echo "== quant engine"; quant_engine 200 --formats bf16 gptq --batches 1 16 64 \
+        --no-offline
+      echo "== old kernels"; PAGEDLLM_W4_MMA=0 quant_engine 90 --formats gptq --batches 1 \
+        --no-offline ;;
     next7)
       # what the seventh session left for the next one (~9 min; carry .whl-serve, which now
       # holds the gguf wheel): the Triton GGUF dequantize on the GPU (tests), GGUF Q4_K_M and

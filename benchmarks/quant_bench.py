@@ -3,7 +3,8 @@ against pagedllm bf16 measured in the same run:
 
 1. ``kernels``: each projection of a decode step (qkv, o_proj, gate_up, down) at 1/16/64
    rows: the Triton W4A16 kernels (``triton_wna16``, GPTQ and AWQ layouts, group 128; AWQ
-   repacked at load as its method does on CUDA) and fp8
+   repacked at load as its method does on CUDA; ``w4mma``: the tensor-core kernel of
+   ``triton_w4mma`` that GPTQ / AWQ layers take on CUDA since the eighth part) and fp8
    W8A8 (``torch._scaled_mm`` with dynamic activation scales) against bf16 ``F.linear``, and
    at one row the Triton GEMVs: bf16 (``triton_ops.gemv``) and fp8 (``triton_fp8.fp8_gemv``,
    dynamic scale inside; gate_up with the fused SiLU epilogue), in
@@ -116,6 +117,13 @@ def make_weight(kind: str, n: int, k: int, dtype, dev, gated: bool = False):
                                                           config=cfg)), \
             packed.numel() + absmax.numel() * 4
     scales = (torch.rand(groups, n, device=dev) * 0.02 + 0.005).to(dtype)
+    if kind == "w4mma":  # GPTQ repacked for the tensor-core kernel (random words either way)
+        from pagedllm.quant import triton_w4mma
+        words = random_words((n // 16, k // 64, 32, 4), dev)
+        qz = random_words((groups, n // 8), dev)
+        nbytes = (words.numel() + qz.numel()) * 4 + scales.numel() * scales.element_size()
+        return (lambda x, cfg=None: triton_w4mma.w4_matmul(x, words, qz, scales, GROUP, 1,
+                                                            gated=gated)), nbytes
     if kind == "gptq":
         qw, qz = random_words((k // 8, n), dev), random_words((groups, n // 8), dev)
         weight = wq.gptq_weight(qw, qz, scales, None, 4, GROUP, False, 1)
@@ -158,17 +166,22 @@ def check_kernels(dev, dtype) -> None:
 def bench_kernels(args, dev) -> None:
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     check_kernels(dev, dtype)
-    kinds = ["bf16", "gptq", "awq"] + (["nf4"] if dev.type == "cuda" else [])
+    kinds = ["bf16", "gptq", "awq"] + (["w4mma", "nf4"] if dev.type == "cuda" else [])
     from pagedllm.quant.kernels import fp8_scaled_mm_supported
     if fp8_scaled_mm_supported(dev):
         kinds.append("fp8")
     fp8_gemv_ok = "fp8" in kinds or dev.type == "cpu"  # CPU: the interpreter runs it
+    if args.kinds:  # bf16 stays: the ratios' base
+        kinds = ["bf16"] + [k for k in kinds[1:] if k in args.kinds]
+        fp8_gemv_ok = fp8_gemv_ok and "fp8_gemv" in args.kinds
     for name, n, k in shapes(TINY if SMOKE else LLAMA):
         for rows in args.rows:
             base_us, base_bytes = time_kind("bf16", n, k, rows, dtype, dev)
             # one row: the Triton GEMVs too (gate_up with its fused SiLU epilogue; bf16 x
             # on CPU as well, the fp8 GEMV takes bf16 / fp16)
             gemvs = ["bf16_gemv", "fp8_gemv"] if rows == 1 and fp8_gemv_ok else []
+            if args.kinds:
+                gemvs = [k for k in gemvs if k in args.kinds]
             for kind in kinds[1:] + gemvs:
                 gemv = kind.endswith("gemv")
                 us, nbytes = time_kind(kind, n, k, rows, torch.bfloat16 if gemv else dtype,
@@ -320,9 +333,10 @@ def bench_engine(args, dev) -> None:
             best = min(mb.generate(llm, prompts, [out_len] * batch)[0] for _ in range(2))
             rate = batch * out_len / best
             rates[(fmt, f"b{batch}")] = rate
+            base = rates.get(("bf16", f"b{batch}"))
             mb.emit(bench=f"decode b={batch} {in_len}/{out_len}", format=fmt,
                     tok_s=round(rate, 1), packed_tensors_randomized=filled,
-                    vs_bf16=round(rate / rates[("bf16", f"b{batch}")], 3))
+                    vs_bf16=round(rate / base, 3) if base else None)
         if args.offline and fmt in ("bf16", "fp8"):
             offline(llm, fmt, rates)
         del llm
@@ -345,6 +359,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=["kernels", "engine"],
                         default=["kernels", "engine"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--kinds", nargs="+", default=None,
+                        help="kernel kinds to time besides bf16 (default: all that run here: "
+                        "gptq awq w4mma nf4 fp8 bf16_gemv fp8_gemv)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--formats", nargs="+", choices=["bf16", "gptq", "awq", "fp8", "nf4", "gguf"],
                         default=["bf16", "gptq", "awq", "fp8"],

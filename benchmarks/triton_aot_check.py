@@ -233,15 +233,38 @@ def mla_variants(sweep: bool = False) -> list[str]:
     return lines
 
 
+def w4mma_variants() -> list[str]:
+    """The tensor-core W4A16 kernel at each token-tile count, bf16 and fp16, folded and not,
+    and its dequantize kernel."""
+    from pagedllm.quant import triton_w4mma as w4
+    types = {"x_ptr": "*i32", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16",
+             "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "bias_ptr": "*bf16"}
+    lines = []
+    for tiles, fp16, fold, gated in [(1, False, True, False), (1, False, True, True),
+                                     (1, True, True, False), (2, False, True, False),
+                                     (4, False, True, True), (8, False, True, False),
+                                     (8, False, False, False)]:
+        lines.append(compile_kernel(
+            w4._w4mma_kernel, {**types, "s_ptr": "*fp16" if fp16 else "*bf16"},
+            dict(GROUP=128, HAS_ZEROS=True, FOLD=fold, HAS_BIAS=False, GATED=gated,
+                 TILES=tiles, FP16=fp16, WARPS=w4.WARPS, EMULATE=False, USE_PDL=True),
+            num_warps=w4.WARPS))
+    lines.append(compile_kernel(w4._dequant_kernel, {**types, "out_ptr": "*bf16"},
+                                dict(GROUP=128, HAS_ZEROS=True, BLOCK=256), num_warps=4))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["moe", "wna16", "fp8", "mla", "nf4", "gguf"], nargs="+",
+    parser.add_argument("--only", choices=["moe", "wna16", "fp8", "mla", "nf4", "gguf", "w4mma"],
+                        nargs="+",
                         default=["moe", "wna16", "fp8", "mla"])
     parser.add_argument("--sweep", action="store_true",
                         help="mla: other tile shapes than the ones in use too")
     args = parser.parse_args()
     parts = {"moe": moe_variants, "wna16": wna16_variants, "fp8": fp8_gemv_variants,
-             "mla": lambda: mla_variants(args.sweep), "nf4": nf4_variants, "gguf": gguf_variants}
+             "mla": lambda: mla_variants(args.sweep), "nf4": nf4_variants, "gguf": gguf_variants,
+             "w4mma": w4mma_variants}
     for part in args.only:
         for line in parts[part]():
             print(line, flush=True)

@@ -18,6 +18,10 @@ variable                        default    effect
                                            one-row GEMV's split-K sums always reduce in a
                                            second kernel (``attention/triton_attention``,
                                            ``quant/triton_wna16``)
+``PAGEDLLM_W4_MMA``            ``1``      ``0``: 4-bit GPTQ / AWQ layers keep their layout and
+                                           the CUDA-core GEMV / GEMM of ``triton_wna16``
+                                           instead of the tensor-core kernel of
+                                           ``quant/triton_w4mma`` (read when a layer loads)
 ``PAGEDLLM_ASYNC_OUTPUT_PROC``  unset      ``1``: async output processing on CPU too (on by
                                            default on CUDA; ``EngineConfig.async_output_proc``)
 =============================== ========== ===========================================
@@ -42,6 +46,7 @@ class Switches:
     pdl: bool = True
     decode_fold: bool = True
     async_output_proc: bool = False  # forced on where it is off by default (CPU)
+    w4_mma: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Switches:
@@ -52,7 +57,8 @@ class Switches:
         return cls(fused_ops=not env.get("PAGEDLLM_DISABLE_FUSED_OPS"), gemv=gemv,
                    pdl=_on_unless_zero(env, "PAGEDLLM_PDL"),
                    decode_fold=_on_unless_zero(env, "PAGEDLLM_DECODE_FOLD"),
-                   async_output_proc=env.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1")
+                   async_output_proc=env.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1",
+                   w4_mma=_on_unless_zero(env, "PAGEDLLM_W4_MMA"))
 
 
 def _on_unless_zero(env: Mapping[str, str], name: str) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 
 from pagedllm.quant.base import LinearMethod, QuantConfig, make_param
 from pagedllm.quant.gptq import _check_sizes, matmul_dequantized
-from pagedllm.quant.kernels import wna16_apply, wna16_for
+from pagedllm.quant.kernels import w4mma_apply, w4mma_for, wna16_apply, wna16_for
 from pagedllm.quant.packing import awq_dequantize, gptq_dequantize
 
 PACK = 8  # 4-bit values per int32
@@ -75,12 +75,21 @@ class AWQLinearMethod(LinearMethod):
         qweight, qzeros = module.repack_awq(layer.qweight.data, layer.qzeros.data)
         layer.qweight, layer.qzeros = make_param(qweight), make_param(qzeros)
         layer.awq_repacked = True
+        k, n = qweight.shape[0] * PACK, qweight.shape[1]
+        mma = w4mma_for(qweight, 4, False, k, n, self.group_size)
+        if mma is not None:  # then the tensor-core kernel's layout (triton_w4mma)
+            layer.qweight = make_param(mma.repack(qweight))
+            layer.w4mma = True
 
     def _g_idx(self, layer: nn.Module) -> torch.Tensor:
         rows = layer.scales.shape[0] * self.group_size
         return torch.arange(rows, device=layer.scales.device) // self.group_size
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        if getattr(layer, "w4mma", False):
+            from pagedllm.quant.triton_w4mma import dequantize_reference
+            return dequantize_reference(layer.qweight, layer.qzeros, layer.scales,
+                                        self.group_size, 0).to(layer.scales.dtype)
         if getattr(layer, "awq_repacked", False):
             return gptq_dequantize(layer.qweight, layer.qzeros, layer.scales,
                                    self._g_idx(layer), 4, 0)
@@ -95,6 +104,11 @@ class AWQLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
         """Triton kernels on CUDA, else the torch reference."""
+        if getattr(layer, "w4mma", False):
+            out = w4mma_apply(layer, x, self.group_size, 0, "AWQ", bias, gated_silu)
+            if out is not None:
+                return out
+            return matmul_dequantized(x, self.dequantize(layer), bias, gated_silu)
         out = wna16_apply(layer, x, layer.qweight,
                           lambda module: self._kernel_weight(module, layer), "AWQ", bias,
                           gated_silu)

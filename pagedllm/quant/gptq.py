@@ -23,7 +23,7 @@ from torch import nn
 
 from pagedllm.layers import fused
 from pagedllm.quant.base import LinearMethod, QuantConfig, make_param
-from pagedllm.quant.kernels import log_once, wna16_apply
+from pagedllm.quant.kernels import log_once, w4mma_apply, w4mma_for, wna16_apply
 from pagedllm.quant.packing import gptq_dequantize
 
 logger = logging.getLogger(__name__)
@@ -109,9 +109,19 @@ class GPTQLinearMethod(LinearMethod):
             raise ValueError(f"GPTQ layer {layer.prefix!r}: g_idx refers to group "
                              f"{int(layer.g_idx.max())}, the checkpoint has "
                              f"{layer.scales.shape[0]} groups of scales")
+        cfg = self.config
+        k, n = layer.qweight.shape[0] * (32 // cfg.bits), layer.qweight.shape[1]
+        module = w4mma_for(layer.qweight, cfg.bits, cfg.desc_act, k, n, cfg.group_size)
+        if module is not None:  # the tensor-core kernel's layout (triton_w4mma)
+            layer.qweight = make_param(module.repack(layer.qweight.data))
+            layer.w4mma = True
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         cfg = self.config
+        if getattr(layer, "w4mma", False):
+            from pagedllm.quant.triton_w4mma import dequantize_reference
+            return dequantize_reference(layer.qweight, layer.qzeros, layer.scales,
+                                        cfg.group_size, cfg.zero_offset).to(layer.scales.dtype)
         return gptq_dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
                                cfg.bits, cfg.zero_offset)
 
@@ -123,7 +133,12 @@ class GPTQLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
         """Triton kernels on CUDA (4 and 8 bit), else the torch reference."""
-        if self.config.bits in (4, 8):
+        if getattr(layer, "w4mma", False):
+            out = w4mma_apply(layer, x, self.config.group_size, self.config.zero_offset,
+                              "GPTQ", bias, gated_silu)
+            if out is not None:
+                return out
+        elif self.config.bits in (4, 8):
             out = wna16_apply(layer, x, layer.qweight,
                               lambda module: self._kernel_weight(module, layer), "GPTQ",
                               bias, gated_silu)

@@ -4,6 +4,10 @@
   ``triton_wna16`` (Triton importable and ``PAGEDLLM_DISABLE_FUSED_OPS`` unset, as for the
   other fused ops). The kernel's view of a layer's tensors is cached on the layer and rebuilt
   when the tensors move (``--cpu-offload-gb`` streams them per call).
+- ``w4mma_for`` / ``w4mma_apply``: 4-bit GPTQ / AWQ layers whose groups are whole 64-input
+  tiles are repacked at load on CUDA for the tensor-core kernel of ``triton_w4mma`` (decode
+  batches up to its ``MAX_ROWS``; prefill dequantizes once, then cuBLAS);
+  ``PAGEDLLM_W4_MMA=0`` keeps them on ``triton_wna16``.
 - ``triton_nf4_for``: bitsandbytes NF4 / FP4 weights on CUDA go through ``triton_nf4``.
 - ``triton_gguf_for``: GGUF Q4_K / Q5_K / Q6_K / Q8_0 layers on CUDA go through
   ``triton_gguf`` (the other block types through the torch reference).
@@ -100,6 +104,31 @@ def wna16_apply(layer: nn.Module, x: torch.Tensor, key: torch.Tensor,
         log_once(f"{what}: Triton W{cached[1].bits}A16 kernels (GEMV at one row, GEMM above, "
                  "dequantization fused)")
     return module.wna16_matmul(x, cached[1], bias=bias, gated=gated)
+
+
+def w4mma_for(tensor: torch.Tensor, bits: int, act_order: bool, k: int, n: int,
+              group_size: int):
+    """``triton_w4mma`` when a layer's weight (on CUDA, fused ops on, ``PAGEDLLM_W4_MMA``
+    on) can take its layout, else None: the method then repacks the weight at load."""
+    from pagedllm.switches import switches
+    if wna16_for(tensor) is None or not switches().w4_mma:
+        return None
+    from pagedllm.quant import triton_w4mma as module
+    return module if module.eligible(bits, act_order, k, n, group_size) else None
+
+
+def w4mma_apply(layer: nn.Module, x: torch.Tensor, group_size: int, zero_offset: int,
+                what: str, bias: torch.Tensor | None = None,
+                gated: bool = False) -> torch.Tensor | None:
+    """x @ W (+ bias, then the gated SiLU) for a layer repacked by ``w4mma_for``'s module
+    (``layer.qweight`` its words), or None where the kernel does not serve x (CPU, fp32)."""
+    if not (_on_cuda(x) and x.dtype in (torch.float16, torch.bfloat16)):
+        return None
+    from pagedllm.quant import triton_w4mma as module
+    log_once(f"{what}: tensor-core W4A16 kernel (mma.sync, up to {module.MAX_ROWS} rows; more: "
+             "dequantized by one launch, then cuBLAS)")
+    return module.w4_matmul(x, layer.qweight, layer.qzeros, layer.scales, group_size,
+                            zero_offset, bias=bias, gated=gated)
 
 
 def fp8_scaled_mm_supported(device: torch.device) -> bool:
