@@ -451,7 +451,7 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     if not 0 < m <= MAX_ROWS and tiles is None:
         raise ValueError(f"w4mma.matmul: {m} rows; the kernel takes 1 to {MAX_ROWS}")
     if x.stride(-1) != 1 or x.stride(0) % 2 or x.data_ptr() % 4:
-        x = x.contiguous()
+        x = x.clone(memory_format=torch.contiguous_format)  # read as aligned int32 pairs
     if tiles is None:
         tiles = next(t for t in (1, 2, 4, 8) if 8 * t >= m)
     token_programs = triton.cdiv(m, 8 * tiles)

@@ -229,3 +229,15 @@ def test_cuda_engine_matches_cpu(method, tmp_path):
                 assert b in l_cpu[step] and l_cpu[step][a] - l_cpu[step][b] < 0.1, step
                 break
             assert abs(l_cpu[step][a] - l_cuda[step][b]) < 0.1
+
+
+def test_kernel_takes_misaligned_rows():
+    """x starting 2 bytes into its storage (a column slice) is copied before the int32-pair
+    reads: same result as the aligned copy."""
+    x, qweight, qzeros, scales, ref_w = _case(2, 128, 32, 64, torch.bfloat16)
+    wide = torch.cat([torch.zeros(2, 1, dtype=torch.bfloat16), x], dim=1).to(DEVICE)
+    sliced = wide[:, 1:]
+    assert sliced.data_ptr() % 4 == 2
+    out = wm.matmul(sliced, wm.repack(qweight).to(DEVICE), qzeros.to(DEVICE),
+                    scales.to(DEVICE), 64, 1)
+    assert _rel_err(out.cpu(), (x.double() @ ref_w).to(torch.bfloat16)) < TOL[torch.bfloat16]
