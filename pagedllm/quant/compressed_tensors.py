@@ -24,7 +24,7 @@ from pagedllm.quant.base import (FUSED_PARTS, LinearMethod, QuantConfig, make_pa
                                  module_skipped, rule_matches)
 from pagedllm.quant.fp8 import Fp8LinearMethod
 from pagedllm.quant.gptq import _check_sizes, matmul_dequantized
-from pagedllm.quant.kernels import wna16_apply, wna16_for
+from pagedllm.quant.kernels import w4mma_apply, w4mma_for, wna16_apply, wna16_for
 from pagedllm.quant.packing import unpack_int32
 from pagedllm.quant.unquantized import UNQUANTIZED
 
@@ -186,13 +186,36 @@ class PackedLinearMethod(LinearMethod):
         order), so the kernels read them with 16-byte loads along the output."""
         if wna16_for(layer.weight_packed) is None:
             return
+        n, k = layer.weight_packed.shape[0], layer.weight_packed.shape[1] * (32 // self.bits)
+        mma = w4mma_for(layer.weight_packed, self.bits, self.actorder, k, n,
+                        self.group_size or -1)
+        if mma is not None:  # the tensor-core kernel's layout (triton_w4mma): words, [G, N]
+            # scales and GPTQ-packed [G, N/8] zero points (stored like the codes, + 8)
+            layer.weight_packed = make_param(mma.repack(layer.weight_packed.data.t()))
+            layer.weight_scale = make_param(layer.weight_scale.data.t().contiguous())
+            zp = getattr(layer, "weight_zero_point", None)
+            if zp is not None:
+                layer.weight_zero_point = make_param(zp.data.t().contiguous())
+            layer.w4mma = True
+            return
         for name in ("weight_packed", "weight_scale", "weight_zero_point"):
             param = getattr(layer, name, None)
             if param is not None:
                 setattr(layer, name, make_param(param.data.t().contiguous().t()))
 
+    def _w4mma_tensors(self, layer: nn.Module) -> tuple:
+        """(words, zeros [G, N/8] or None, scales [G, N]) and the zero offset of a layer in
+        the tensor-core kernel's layout."""
+        zp = getattr(layer, "weight_zero_point", None)
+        return (layer.weight_packed, zp, layer.weight_scale), 0 if zp is not None else 8
+
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """W [out, in] = (q - zp) * scale, the scale and zero of each input's group."""
+        if getattr(layer, "w4mma", False):
+            from pagedllm.quant.triton_w4mma import dequantize_reference
+            (words, zp, scale), offset = self._w4mma_tensors(layer)
+            return dequantize_reference(words, zp, scale, self.group_size or -1,
+                                        offset).t().to(scale.dtype)
         offset = 1 << (self.bits - 1)
         q = unpack_int32(layer.weight_packed, self.bits, 1) - offset          # [out, in]
         scale = layer.weight_scale
@@ -211,6 +234,13 @@ class PackedLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
               gated_silu: bool = False) -> torch.Tensor:
+        if getattr(layer, "w4mma", False):
+            tensors, offset = self._w4mma_tensors(layer)
+            out = w4mma_apply(x, tensors, self.group_size or -1, offset,
+                              "compressed-tensors pack-quantized", bias, gated_silu)
+            if out is not None:
+                return out
+            return matmul_dequantized(x, self.dequantize(layer).t(), bias, gated_silu)
         out = wna16_apply(layer, x, layer.weight_packed,
                           lambda module: self._kernel_weight(module, layer),
                           "compressed-tensors pack-quantized", bias, gated_silu)

@@ -117,18 +117,20 @@ def w4mma_for(tensor: torch.Tensor, bits: int, act_order: bool, k: int, n: int,
     return module if module.eligible(bits, act_order, k, n, group_size) else None
 
 
-def w4mma_apply(layer: nn.Module, x: torch.Tensor, group_size: int, zero_offset: int,
+def w4mma_apply(x: torch.Tensor, tensors: tuple, group_size: int, zero_offset: int,
                 what: str, bias: torch.Tensor | None = None,
                 gated: bool = False) -> torch.Tensor | None:
-    """x @ W (+ bias, then the gated SiLU) for a layer repacked by ``w4mma_for``'s module
-    (``layer.qweight`` its words), or None where the kernel does not serve x (CPU, fp32)."""
+    """x @ W (+ bias, then the gated SiLU) for a layer repacked by ``w4mma_for``'s module:
+    ``tensors`` its (words, GPTQ-packed zeros [G, N/8] or None, scales [G, N]); None where
+    the kernel does not serve x (CPU, fp32)."""
     if not (_on_cuda(x) and x.dtype in (torch.float16, torch.bfloat16)):
         return None
     from pagedllm.quant import triton_w4mma as module
     log_once(f"{what}: tensor-core W4A16 kernel (mma.sync, up to {module.MAX_ROWS} rows; more: "
              "dequantized by one launch, then cuBLAS)")
-    return module.w4_matmul(x, layer.qweight, layer.qzeros, layer.scales, group_size,
-                            zero_offset, bias=bias, gated=gated)
+    words, zeros, scales = tensors
+    return module.w4_matmul(x, words, zeros, scales, group_size, zero_offset, bias=bias,
+                            gated=gated)
 
 
 def fp8_scaled_mm_supported(device: torch.device) -> bool:

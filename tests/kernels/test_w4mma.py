@@ -131,9 +131,10 @@ def test_llama_shapes(m, k, n):
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the methods take the kernel by themselves")
-@pytest.mark.parametrize("method_name", ["gptq", "gptq-per-column", "awq"])
+@pytest.mark.parametrize("method_name", ["gptq", "gptq-per-column", "awq", "ct-sym",
+                                         "ct-asym-channel"])
 def test_methods_repack_and_apply(monkeypatch, method_name):
-    """GPTQ and AWQ layers, as loading leaves them on CUDA (the interpreter standing in):
+    """GPTQ, AWQ and compressed-tensors pack-quantized 4-bit layers, as loading leaves them on CUDA (the interpreter standing in):
     ``process_after_loading`` repacks the weight into the layout, ``apply`` runs the kernel
     up to ``MAX_ROWS`` rows and the dequantize kernel above, ``dequantize`` reads the layout
     back; all equal the checkpoint layout's torch reference."""
@@ -153,7 +154,19 @@ def test_methods_repack_and_apply(monkeypatch, method_name):
     def fill(t):
         return torch.randint(-2**31, 2**31 - 1, t.shape, generator=g,
                              dtype=torch.int64).to(torch.int32)
-    if method_name == "awq":
+    if method_name.startswith("ct"):
+        from pagedllm.quant.compressed_tensors import PackedLinearMethod
+        sym = method_name == "ct-sym"
+        method = PackedLinearMethod(4, 128 if sym else None, sym, False)
+        method.create_weights(layer, k, [n], torch.bfloat16)
+        layer.weight_packed.data = fill(layer.weight_packed)
+        if not sym:
+            layer.weight_zero_point.data = fill(layer.weight_zero_point)
+        layer.weight_scale.data = (torch.rand(layer.weight_scale.shape, generator=g) * 0.02
+                                   + 0.005).to(torch.bfloat16)
+        ref_w = method.dequantize(layer).double().t()
+        layer.qweight = layer.weight_packed  # the layout's words, checked below
+    elif method_name == "awq":
         method = AWQLinearMethod(64)
         method.create_weights(layer, k, [n], torch.bfloat16)
         layer.qweight.data, layer.qzeros.data = fill(layer.qweight), fill(layer.qzeros)
@@ -170,8 +183,12 @@ def test_methods_repack_and_apply(monkeypatch, method_name):
         ref_w = gptq_dequantize(layer.qweight, layer.qzeros, layer.scales.double(),
                                 layer.g_idx, 4, 1)
     method.process_after_loading(layer)
+    if method_name.startswith("ct"):
+        layer.qweight = layer.weight_packed
     assert layer.w4mma and layer.qweight.shape == (n // 16, k // 64, 32, 4)
-    assert torch.allclose(method.dequantize(layer).double(), ref_w, rtol=1e-2, atol=1e-4)
+    w = method.dequantize(layer).double()
+    w = w.t() if method_name.startswith("ct") else w  # compressed-tensors: [out, in]
+    assert torch.allclose(w, ref_w, rtol=1e-2, atol=1e-4)
     for rows in (1, 9, wm.MAX_ROWS + 6):
         x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
         out = method.apply(layer, x, None)

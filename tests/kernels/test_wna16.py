@@ -219,10 +219,14 @@ def _fill(layer, g):
 @pytest.mark.parametrize("name", list(_methods()))
 def test_quant_methods_run_the_kernels(name, monkeypatch):
     """Each quant method's ``apply`` (bias + gated SiLU epilogue) through the kernels equals
-    its torch reference; on CPU the interpreter stands in for CUDA."""
+    its torch reference; on CPU the interpreter stands in for CUDA. (``PAGEDLLM_W4_MMA=0``:
+    the layers that the tensor-core kernel would take stay on these; test_w4mma.py covers
+    that kernel's methods.)"""
     from torch import nn
 
+    from pagedllm import switches
     from pagedllm.quant import kernels
+    monkeypatch.setattr(switches, "switches", lambda: switches.Switches(w4_mma=False))
     method = _methods()[name]
     layer = nn.Module()
     layer.prefix = "model.layers.0.mlp.gate_up_proj"
