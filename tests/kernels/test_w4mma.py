@@ -135,9 +135,10 @@ def test_llama_shapes(m, k, n):
                                          "ct-asym-channel"])
 def test_methods_repack_and_apply(monkeypatch, method_name):
     """GPTQ, AWQ and compressed-tensors pack-quantized 4-bit layers, as loading leaves them
-    on CUDA (the interpreter standing in): ``process_after_loading`` repacks the weight into the layout, ``apply`` runs the kernel
-    up to ``MAX_ROWS`` rows and the dequantize kernel above, ``dequantize`` reads the layout
-    back; all equal the checkpoint layout's torch reference."""
+    on CUDA (the interpreter standing in): ``process_after_loading`` repacks the weight into
+    the layout, ``apply`` runs the kernel up to ``MAX_ROWS`` rows and the dequantize kernel
+    above, ``dequantize`` reads the layout back; all equal the checkpoint layout's torch
+    reference."""
     from types import SimpleNamespace
 
     from pagedllm.quant import kernels
