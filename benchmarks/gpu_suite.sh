@@ -248,6 +248,15 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --no-offline
       echo "== old kernels"; PAGEDLLM_W4_MMA=0 quant_engine 90 --formats gptq --batches 1 \
         --no-offline ;;
+    s8b)
+      # eighth session, second call (next7 cut to ~7 min): the GGUF kernels' GPU tests, GGUF
+      # Q4_K_M vs bf16 decode at batch 1, fp8 vs bf16 offline 1000 x 256/256 (carry .whl-serve:
+      # the gguf wheel)
+      use_serve_wheels
+      echo "== gguf gpu tests"; timeout 70 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=line tests/kernels/test_gguf_kernels.py 2>&1 | grep -v Warning | tail -4
+      echo "== quant engine"; quant_engine 150 --formats bf16 gguf --batches 1 --no-offline
+      echo "== fp8 offline"; quant_engine 200 --formats bf16 fp8 --batches 1 ;;
     next7)
       # what the seventh session left for the next one (~9 min; carry .whl-serve, which now
       # holds the gguf wheel): the Triton GGUF dequantize on the GPU (tests), GGUF Q4_K_M and
