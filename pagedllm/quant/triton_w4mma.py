@@ -34,7 +34,7 @@ import triton.language as tl
 
 from pagedllm.attention.triton_attention import _last_arrival, _split_counters
 from pagedllm.layers import pdl
-from pagedllm.quant.triton_wna16 import _epilogue, _fold_splits, _reduce, _sm_count
+from pagedllm.quant.triton_wna16 import _epilogue, _reduce, _sm_count
 from pagedllm.switches import switches
 
 # token tiles of 8 that one kernel instance multiplies per decoded weight tile: batches up to
@@ -44,7 +44,10 @@ MAX_ROWS = 8 * MAX_TILES
 # warps (16 features each) per program, and the programs per SM that split-K aims for
 WARPS = 4
 WAVES = 8
+# a split covers at least max(SPLIT_MIN_K, SPLIT_K_PER_ROW * rows) inputs: its fp32 partial
+# sums (written, then read by the fold) stay small next to the weight it reads
 SPLIT_MIN_K = 512
+SPLIT_K_PER_ROW = 32
 
 
 def eligible(bits: int, act_order: bool, k: int, n: int, group_size: int) -> bool:
@@ -373,15 +376,43 @@ def _w4mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, part_ptr, count_ptr, bi
         tile_id = pid_n % col_tiles
         counter = count_ptr + pid_t * col_tiles + tile_id
         if _last_arrival(counter, splits * (2 if GATED else 1)):
-            m_end = tl.minimum(M, (pid_t + 1) * 8 * TILES)
-            for m in range(pid_t * 8 * TILES, m_end):
-                _fold_splits(part_ptr + m * stride_pm, bias_ptr, out_ptr + m * stride_om,
-                           tile_id * BLOCK, splits, half, stride_ps,
-                           half if GATED else N, HAS_BIAS, GATED, BLOCK)
+            _fold_rows(part_ptr, bias_ptr, out_ptr, pid_t * 8 * TILES, M, tile_id * BLOCK,
+                       splits, half, stride_ps, stride_pm, stride_om, half if GATED else N,
+                       HAS_BIAS, GATED, 8 * TILES, BLOCK)
             tl.atomic_xchg(counter, 0)  # ready for the next launch
     else:
         tl.store(part_ptr + pid_s * stride_ps + otok.to(tl.int64) * stride_pm + feat,
                  total.to(part_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _fold_rows(part_ptr, bias_ptr, out_ptr, m0, M, n0, splits, half, stride_ps, stride_pm,
+               stride_om, n_out, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+               ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m0:m0+ROWS, n0:n0+BLOCK] = epilogue(sum over splits of part[s, m, n]) (+ bias;
+    GATED: silu(gate) * up, the up columns ``half`` to the right): ``_fold_splits`` for a
+    tile of rows, one [ROWS, BLOCK] load a split. The loads bypass L1 (.cg): other programs
+    of this launch wrote them."""
+    rows = m0 + tl.arange(0, ROWS)
+    cols = n0 + tl.arange(0, BLOCK)
+    ok = (rows < M)[:, None] & (cols < n_out)[None, :]
+    offs = rows[:, None].to(tl.int64) * stride_pm + cols[None, :]
+    acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    acc_up = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(part_ptr + s * stride_ps + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        if GATED:
+            acc_up += tl.load(part_ptr + s * stride_ps + half + offs, mask=ok, other=0.0,
+                              cache_modifier=".cg")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < n_out, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_ptr + half + cols, mask=cols < n_out,
+                              other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -460,7 +491,7 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     col_tiles = n // (16 * warps)
     k_tiles = k // group
     target = WAVES * _sm_count(x.device)
-    most = max(1, k // SPLIT_MIN_K)
+    most = max(1, k // max(SPLIT_MIN_K, SPLIT_K_PER_ROW * m))  # partial sums stay small
     splits = max(1, min(k_tiles, triton.cdiv(target, col_tiles * token_programs), most))
     while k_tiles % splits:  # whole groups per split, every split the same size
         splits -= 1

@@ -87,6 +87,7 @@ def split_k(request, monkeypatch):
     split K (the folds run)."""
     if request.param == "small-split-k":
         monkeypatch.setattr(wm, "SPLIT_MIN_K", 64)
+        monkeypatch.setattr(wm, "SPLIT_K_PER_ROW", 1)
     return request.param
 
 
