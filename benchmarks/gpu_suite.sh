@@ -43,7 +43,7 @@ serve_vs_offline() {
 # two starts of python -m pagedllm serve (8B shape, dummy weights) and their log splits
 quant_engine() {  # quant_engine SECONDS ARGS...: quant_bench.py's engine part, its result lines
   timeout "$1" python benchmarks/quant_bench.py --only engine "${@:2}" --out "$OUT_DIR" 2>&1 \
-    | grep -v Warning | grep "bench="
+    | grep -v Warning | grep -E "bench=|Error|error:" | cut -c1-300
 }
 startup_split() {
   echo "== start-up"; timeout "$1" python benchmarks/serve_startup.py \

@@ -78,12 +78,17 @@ def gptq_codes(qweight: torch.Tensor) -> torch.Tensor:
     return codes.reshape(-1, qweight.shape[1]).to(torch.uint8)
 
 
-def repack(qweight: torch.Tensor) -> torch.Tensor:
-    """GPTQ 4-bit qweight [K/8, N] -> the layout's words [N/16, K/64, 32, 4] int32."""
-    codes = _order(gptq_codes(qweight)).to(torch.int64)
-    shifts = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int64)
-    words = (codes << shifts).sum(-1)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+def repack(qweight: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """GPTQ 4-bit qweight [K/8, N] -> the layout's words [N/16, K/64, 32, 4] int32, ``chunk``
+    columns at a time (the int64 temporaries stay ~16 bytes a weight of one chunk)."""
+    n = qweight.shape[1]
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int64)
+    parts = []
+    for n0 in range(0, n, chunk):
+        codes = _order(gptq_codes(qweight[:, n0:n0 + chunk])).to(torch.int64)
+        words = (codes << shifts).sum(-1)
+        parts.append(torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def unpack(words: torch.Tensor) -> torch.Tensor:
