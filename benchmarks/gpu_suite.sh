@@ -249,12 +249,14 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== old kernels"; PAGEDLLM_W4_MMA=0 quant_engine 90 --formats gptq --batches 1 \
         --no-offline ;;
     s8c)
-      # the tensor-core W4A16 kernel after s8a: the fold of a tile of rows in one load a split
-      # and splits sized by the rows (its 16 / 64-row kernels were 1.4-10x slower than the
-      # CUDA-core GEMM); kernels at 16 / 64 rows, GPTQ vs bf16 decode at batch 1 / 16 / 64
+      # the W4A16 layout after s8a: more than 8 rows take a wgmma GEMM reading the layout
+      # (the register-fragment kernel's 16 / 64-row runs were 1.4-10x slower than the
+      # CUDA-core GEMM); GPU tests, kernels at 1 / 16 / 64 rows, GPTQ vs bf16 decode at batch
+      # 1 / 16 / 64 (~6 min)
       echo "== gpu tests"; timeout 60 python -m pytest -q -p no:cacheprovider -rf --tb=short \
-        tests/kernels/test_w4mma.py -k "llama or kernel" 2>&1 | grep -v Warning | tail -4
-      echo "== kernels"; timeout 70 python benchmarks/quant_bench.py --only kernels --rows 16 \
+        tests/kernels/test_w4mma.py -k "llama or gemm or engine" 2>&1 | grep -v Warning \
+        | tail -4
+      echo "== kernels"; timeout 90 python benchmarks/quant_bench.py --only kernels --rows 1 16 \
         64 --kinds gptq w4mma 2>&1 | grep -v Warning | grep -E "kind=(gptq|w4mma)" \
         | cut -c1-200
       echo "== quant engine"; quant_engine 220 --formats bf16 gptq --batches 1 16 64 \

@@ -4,10 +4,10 @@
   ``triton_wna16`` (Triton importable and ``PAGEDLLM_DISABLE_FUSED_OPS`` unset, as for the
   other fused ops). The kernel's view of a layer's tensors is cached on the layer and rebuilt
   when the tensors move (``--cpu-offload-gb`` streams them per call).
-- ``w4mma_for`` / ``w4mma_apply``: 4-bit GPTQ / AWQ layers whose groups are whole 64-input
-  tiles are repacked at load on CUDA for the tensor-core kernel of ``triton_w4mma`` (decode
-  batches up to its ``MAX_ROWS``; prefill dequantizes once, then cuBLAS);
-  ``PAGEDLLM_W4_MMA=0`` keeps them on ``triton_wna16``.
+- ``w4mma_for`` / ``w4mma_apply``: 4-bit GPTQ / AWQ / compressed-tensors layers whose groups
+  are whole 64-input tiles are repacked at load on CUDA into the layout of ``triton_w4mma``
+  (register-fragment mma up to ``MMA_MAX_ROWS`` rows, a GEMM reading the layout above,
+  dequantize + cuBLAS for prefills); ``PAGEDLLM_W4_MMA=0`` keeps them on ``triton_wna16``.
 - ``triton_nf4_for``: bitsandbytes NF4 / FP4 weights on CUDA go through ``triton_nf4``.
 - ``triton_gguf_for``: GGUF Q4_K / Q5_K / Q6_K / Q8_0 layers on CUDA go through
   ``triton_gguf`` (the other block types through the torch reference).
@@ -126,7 +126,8 @@ def w4mma_apply(x: torch.Tensor, tensors: tuple, group_size: int, zero_offset: i
     if not (_on_cuda(x) and x.dtype in (torch.float16, torch.bfloat16)):
         return None
     from pagedllm.quant import triton_w4mma as module
-    log_once(f"{what}: tensor-core W4A16 kernel (mma.sync, up to {module.MAX_ROWS} rows; more: "
+    log_once(f"{what}: tensor-core W4A16 kernels (mma.sync register fragments up to "
+             f"{module.MMA_MAX_ROWS} rows, a wgmma GEMM below {module.DEQUANT_MIN_ROWS}; more: "
              "dequantized by one launch, then cuBLAS)")
     words, zeros, scales = tensors
     return module.w4_matmul(x, words, zeros, scales, group_size, zero_offset, bias=bias,

@@ -37,10 +37,15 @@ from pagedllm.layers import pdl
 from pagedllm.quant.triton_wna16 import _epilogue, _reduce, _sm_count
 from pagedllm.switches import switches
 
-# token tiles of 8 that one kernel instance multiplies per decoded weight tile: batches up to
-# 8 * MAX_TILES rows take the tensor-core path
+# token tiles of 8 that one kernel instance multiplies per decoded weight tile (``matmul``
+# takes up to 8 * MAX_TILES rows), and the rows up to which layers take it: H100, Llama-3-8B
+# projections (s8a), its 1-row kernels were 1.1-1.3x faster than triton_wna16's GEMV, its
+# 16- and 64-row ones slower than the wgmma GEMM (every warp reloads x), so more rows take
+# ``_gemm_kernel`` (that GEMM reading this layout) and from DEQUANT_MIN_ROWS dequantize + cuBLAS
 MAX_TILES = 8
 MAX_ROWS = 8 * MAX_TILES
+MMA_MAX_ROWS = 8
+DEQUANT_MIN_ROWS = 512
 # warps (16 features each) per program, and the programs per SM that split-K aims for
 WARPS = 4
 WAVES = 8
@@ -391,6 +396,56 @@ def _w4mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, part_ptr, count_ptr, bi
 
 
 @triton.jit
+def _gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K, k_split, zero_offset,
+                 stride_xm, stride_om, stride_os, stride_zg, stride_sg, GROUP: tl.constexpr,
+                 HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    # batches of more than 8 rows: out[split, m, n] = x[m, split's K range] @ W[.., n] as
+    # W^T x^T with tl.dot (x tiles through shared memory, as triton_wna16's GEMM), the
+    # [BLOCK_N, BLOCK_K] tile of W^T decoded from the layout's words: (nb, kq, lane (g, c),
+    # j, value i (b0, h2, r8)) is feature 16 nb + 8 r8 + g, input 64 kq + 16 c + 4 j + 2 h2 + b0
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    NB: tl.constexpr = BLOCK_N // 16
+    KQ: tl.constexpr = BLOCK_K // 64
+    kqs = K // 64
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_nb = tl.arange(0, NB)[:, None, None, None]
+    a_kq = tl.arange(0, KQ)[None, :, None, None]
+    a_w = tl.arange(0, 128)[None, None, :, None]  # lane * 4 + j
+    shifts = (tl.arange(0, 8) * 4).to(tl.uint32)[None, None, None, :]
+    w_base = qw_ptr + ((pid_n * NB + a_nb) * kqs + a_kq) * 128 + a_w
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_start = pid_s * k_split
+    for k0 in range(k_start, k_start + k_split, BLOCK_K):
+        words = tl.load(w_base + (k0 // 64) * 128).to(tl.uint32, bitcast=True)
+        codes = ((words >> shifts) & 15).to(tl.int32, bitcast=True)  # [NB, KQ, 128, 8]
+        codes = tl.reshape(codes, (NB, KQ, 8, 4, 4, 2, 2, 2))  # nb kq g c j b0 h2 r8
+        tile = tl.reshape(tl.permute(codes, (0, 7, 2, 1, 3, 4, 6, 5)), (BLOCK_N, BLOCK_K))
+        grp = k0 // GROUP
+        s = tl.load(s_ptr + grp * stride_sg + offs_n).to(tl.float32)
+        if HAS_ZEROS:
+            zw = tl.load(qz_ptr + grp * stride_zg + offs_n // 8)
+            z = ((zw >> ((offs_n % 8) * 4)) & 15) + zero_offset
+        else:
+            z = offs_n * 0 + zero_offset
+        # q - z, exact in x's dtype: 2**23 + code read as a float (no int-to-float
+        # conversion) minus 2**23 + z; the tile's group scale multiplies the fp32 product
+        q = (tile | 0x4B000000).to(tl.float32, bitcast=True)
+        w_t = (q - (z.to(tl.float32) + 8388608.0)[:, None]).to(x_ptr.dtype.element_ty)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=(offs_m < M)[:, None], other=0.0)
+        acc_t += tl.dot(w_t, tl.trans(x)) * s[:, None]
+    acc = tl.trans(acc_t)
+    tl.store(out_ptr + pid_s * stride_os + offs_m[:, None].to(tl.int64) * stride_om
+             + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
 def _fold_rows(part_ptr, bias_ptr, out_ptr, m0, M, n0, splits, half, stride_ps, stride_pm,
                stride_om, n_out, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -529,6 +584,34 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     return _epilogue(part[0], bias, gated)
 
 
+def _gemm(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
+          scales: torch.Tensor, group_size: int, zero_offset: int) -> tuple[torch.Tensor, bool]:
+    """x [M, K] @ W through ``_gemm_kernel`` with ``triton_wna16``'s GEMM tile table and
+    split-K rule: (out [M, N] in x's dtype, False) or (fp32 partial sums [S, M, N], True)."""
+    from pagedllm.quant import triton_wna16 as wq
+    m, k = x.shape
+    n = words.shape[0] * 16
+    group, one_row = _group(k, group_size)
+    _, block_m, block_n, block_k, warps, stages, *rest = next(
+        c for c in wq.GEMM_CONFIGS if m <= c[0])
+    while group % block_k:  # a K tile lies in one group (groups are whole 64-input tiles)
+        block_k //= 2
+    waves = rest[0] if rest else wq.GEMM_WAVES
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    target = waves * _sm_count(x.device) if m <= wq.GEMM_SPLIT_MAX_ROWS else 0
+    splits, k_split = wq._splits(tiles, k, group, target, m)  # splits of whole groups
+    out = torch.empty(splits, m, n, device=x.device,
+                      dtype=x.dtype if splits == 1 else torch.float32)
+    zeros = qzeros if qzeros is not None else scales
+    _gemm_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)](
+        x, words, zeros, scales, out, m, n, k, k_split, zero_offset, x.stride(0),
+        out.stride(1), out.stride(0), 0 if one_row else zeros.stride(0),
+        0 if one_row else scales.stride(0), GROUP=group, HAS_ZEROS=qzeros is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages)
+    return (out[0], False) if splits == 1 else (out, True)
+
+
 def dequantize(words: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,
                group_size: int, zero_offset: int, dtype: torch.dtype) -> torch.Tensor:
     """W^T [N, K] in ``dtype`` from the layout, one launch (prefill: then cuBLAS)."""
@@ -547,16 +630,22 @@ def dequantize(words: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.T
 def w4_matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
               scales: torch.Tensor, group_size: int, zero_offset: int, *,
               bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
-    """x [..., K] @ W for a layer in the layout: the tensor-core kernel up to ``MAX_ROWS``
-    rows, else dequantized once (one launch) and multiplied by cuBLAS."""
+    """x [..., K] @ W for a layer in the layout: the register-fragment kernel up to
+    ``MMA_MAX_ROWS`` rows, ``_gemm_kernel`` below ``DEQUANT_MIN_ROWS``, else dequantized once
+    (one launch) and multiplied by cuBLAS."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     n = words.shape[0] * 16
     n_out = n // 2 if gated else n
     if x2.shape[0] == 0:
         return x.new_empty(*shape[:-1], n_out)
-    if x2.shape[0] <= MAX_ROWS:
+    if x2.shape[0] <= MMA_MAX_ROWS:
         out = matmul(x2, words, qzeros, scales, group_size, zero_offset, bias, gated)
+    elif x2.shape[0] < DEQUANT_MIN_ROWS and x2.dtype != torch.float32:
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out, partial = _gemm(x2, words, qzeros, scales, group_size, zero_offset)
+        out = _reduce(out, bias, gated, x2.dtype) if partial else _epilogue(out, bias, gated)
     else:
         wt = dequantize(words, qzeros, scales, group_size, zero_offset, x2.dtype)
         out = _epilogue(x2 @ wt.t(), bias, gated)

@@ -260,3 +260,18 @@ def test_kernel_takes_misaligned_rows():
     out = wm.matmul(sliced, wm.repack(qweight).to(DEVICE), qzeros.to(DEVICE),
                     scales.to(DEVICE), 64, 1)
     assert _rel_err(out.cpu(), (x.double() @ ref_w).to(torch.bfloat16)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("m", [9, 16, 33, 70])
+@pytest.mark.parametrize("group,zeros", [(128, True), (-1, False)])
+def test_gemm_reads_the_layout(split_k, m, group, zeros):
+    """More than ``MMA_MAX_ROWS`` rows: ``_gemm_kernel`` decodes the layout's words into
+    W^T tiles (the same weight), through ``w4_matmul`` with bias and the gated epilogue."""
+    x, qweight, qzeros, scales, ref_w = _case(m, 256, 64, group, torch.bfloat16, zeros)
+    b = torch.randn(64, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    out = wm.w4_matmul(x.to(DEVICE), wm.repack(qweight).to(DEVICE),
+                       qzeros.to(DEVICE) if zeros else None, scales.to(DEVICE), group, 1,
+                       bias=b.to(DEVICE), gated=True)
+    ref = x.double() @ ref_w + b.double()
+    ref = (torch.nn.functional.silu(ref[:, :32]) * ref[:, 32:]).to(torch.bfloat16)
+    assert _rel_err(out.cpu(), ref) < TOL[torch.bfloat16]
