@@ -275,3 +275,15 @@ def test_gemm_reads_the_layout(split_k, m, group, zeros):
     ref = x.double() @ ref_w + b.double()
     ref = (torch.nn.functional.silu(ref[:, :32]) * ref[:, 32:]).to(torch.bfloat16)
     assert _rel_err(out.cpu(), ref) < TOL[torch.bfloat16]
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 8, 16, 64, 130, 600])
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
+def test_llama_shapes_by_rows(m, k, n):
+    """``w4_matmul``'s route at each row count (register-fragment kernel, GEMM, dequantize +
+    cuBLAS) on Llama-3-8B projections."""
+    x, qweight, qzeros, scales, ref_w = _case(m, k, n, 128, torch.bfloat16)
+    out = wm.w4_matmul(x.to(DEVICE), wm.repack(qweight.to(DEVICE)), qzeros.to(DEVICE),
+                       scales.to(DEVICE), 128, 1)
+    assert _rel_err(out.cpu(), (x.double() @ ref_w).to(torch.bfloat16)) < TOL[torch.bfloat16]
