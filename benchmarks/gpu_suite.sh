@@ -251,12 +251,12 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
     s8c)
       # the W4A16 layout after s8a: more than 8 rows take a wgmma GEMM reading the layout
       # (the register-fragment kernel's 16 / 64-row runs were 1.4-10x slower than the
-      # CUDA-core GEMM); GPU tests, kernels at 1 / 16 / 64 rows, GPTQ vs bf16 decode at batch
-      # 1 / 16 / 64 (~6 min)
+      # CUDA-core GEMM); GPU tests, kernels at 16 / 64 rows, GPTQ vs bf16 decode at batch
+      # 1 / 16 / 64 (~5 min)
       echo "== gpu tests"; timeout 100 python -m pytest -q -p no:cacheprovider -rf --tb=short \
         tests/kernels/test_w4mma.py -k "llama or gemm or engine" 2>&1 | grep -v Warning \
         | tail -4
-      echo "== kernels"; timeout 90 python benchmarks/quant_bench.py --only kernels --rows 1 16 \
+      echo "== kernels"; timeout 70 python benchmarks/quant_bench.py --only kernels --rows 16 \
         64 --kinds gptq w4mma 2>&1 | grep -v Warning | grep -E "kind=(gptq|w4mma)" \
         | cut -c1-200
       echo "== quant engine"; quant_engine 220 --formats bf16 gptq --batches 1 16 64 \
