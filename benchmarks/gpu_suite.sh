@@ -244,8 +244,8 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== kernels"; timeout 100 python benchmarks/quant_bench.py --only kernels --rows 1 \
         16 64 --kinds gptq w4mma 2>&1 | grep -v Warning | grep -E "kind=(gptq|w4mma)|check" \
         | cut -c1-200
-      echo "== quant engine"; quant_engine 200 --formats bf16 gptq --batches 1 16 64 \
-        --no-offline
+      echo "== quant engine"; PAGEDLLM_W4_MMA=1 quant_engine 200 --formats bf16 gptq \
+        --batches 1 16 64 --no-offline
       echo "== old kernels"; PAGEDLLM_W4_MMA=0 quant_engine 90 --formats gptq --batches 1 \
         --no-offline ;;
     s8c)
@@ -259,8 +259,8 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== kernels"; timeout 70 python benchmarks/quant_bench.py --only kernels --rows 16 \
         64 --kinds gptq w4mma 2>&1 | grep -v Warning | grep -E "kind=(gptq|w4mma)" \
         | cut -c1-200
-      echo "== quant engine"; quant_engine 220 --formats bf16 gptq --batches 1 16 64 \
-        --no-offline ;;
+      echo "== quant engine"; PAGEDLLM_W4_MMA=1 quant_engine 220 --formats bf16 gptq \
+        --batches 1 16 64 --no-offline ;;
     s8d)
       # s8c cut to ~3.5 min (little device time left): the GEMM route's GPU tests, the 16 / 64
       # row kernels, GPTQ decode at batch 16 / 64 (bf16 from s8a: 2,480.0 / 8,231.9)
@@ -269,7 +269,8 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== kernels"; timeout 60 python benchmarks/quant_bench.py --only kernels --rows 16 \
         64 --kinds gptq w4mma 2>&1 | grep -v Warning | grep -E "kind=(gptq|w4mma)" \
         | cut -c1-200
-      echo "== quant engine"; quant_engine 80 --formats gptq --batches 16 64 --no-offline ;;
+      echo "== quant engine"; PAGEDLLM_W4_MMA=1 quant_engine 80 --formats gptq --batches 16 64 \
+        --no-offline ;;
     s8b)
       # eighth session, second call (next7 cut to ~7 min): the GGUF kernels' GPU tests, GGUF
       # Q4_K_M vs bf16 decode at batch 1, fp8 vs bf16 offline 1000 x 256/256 (carry .whl-serve:

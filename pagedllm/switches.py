@@ -18,10 +18,11 @@ variable                        default    effect
                                            one-row GEMV's split-K sums always reduce in a
                                            second kernel (``attention/triton_attention``,
                                            ``quant/triton_wna16``)
-``PAGEDLLM_W4_MMA``            ``1``      ``0``: 4-bit GPTQ / AWQ layers keep their layout and
-                                           the CUDA-core GEMV / GEMM of ``triton_wna16``
-                                           instead of the tensor-core kernel of
-                                           ``quant/triton_w4mma`` (read when a layer loads)
+``PAGEDLLM_W4_MMA``            ``0``      ``1``: 4-bit GPTQ / AWQ / compressed-tensors layers
+                                           are repacked at load for ``quant/triton_w4mma``
+                                           (mma.sync fragments up to 8 rows, its GEMM
+                                           above) instead of ``triton_wna16``'s kernels;
+                                           off until its GEMM route has run on a GPU
 ``PAGEDLLM_ASYNC_OUTPUT_PROC``  unset      ``1``: async output processing on CPU too (on by
                                            default on CUDA; ``EngineConfig.async_output_proc``)
 =============================== ========== ===========================================
@@ -46,7 +47,7 @@ class Switches:
     pdl: bool = True
     decode_fold: bool = True
     async_output_proc: bool = False  # forced on where it is off by default (CPU)
-    w4_mma: bool = True
+    w4_mma: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Switches:
@@ -58,7 +59,14 @@ class Switches:
                    pdl=_on_unless_zero(env, "PAGEDLLM_PDL"),
                    decode_fold=_on_unless_zero(env, "PAGEDLLM_DECODE_FOLD"),
                    async_output_proc=env.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1",
-                   w4_mma=_on_unless_zero(env, "PAGEDLLM_W4_MMA"))
+                   w4_mma=_one_or_zero(env, "PAGEDLLM_W4_MMA", "0") == "1")
+
+
+def _one_or_zero(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, default)
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: choose 0 or 1")
+    return value
 
 
 def _on_unless_zero(env: Mapping[str, str], name: str) -> bool:

@@ -131,6 +131,12 @@ def test_llama_shapes(m, k, n):
     _check(m, k, n, 128, torch.bfloat16, gated=(n == 28672))
 
 
+def _layout_on(monkeypatch):
+    """``PAGEDLLM_W4_MMA=1`` for this test (layers read it when they load)."""
+    from pagedllm import switches
+    monkeypatch.setattr(switches, "switches", lambda: switches.Switches(w4_mma=True))
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the methods take the kernel by themselves")
 @pytest.mark.parametrize("method_name", ["gptq", "gptq-per-column", "awq", "ct-sym",
                                          "ct-asym-channel"])
@@ -149,6 +155,7 @@ def test_methods_repack_and_apply(monkeypatch, method_name):
     from pagedllm.quant.packing import awq_dequantize
     monkeypatch.setattr(kernels, "_on_cuda", lambda t: True)
     monkeypatch.setattr(kernels, "wna16_for", lambda t: wq)
+    _layout_on(monkeypatch)
     k, n = 256, 64
     layer = SimpleNamespace(prefix="model.layers.0.mlp.down_proj")
     g = torch.Generator().manual_seed(3)
@@ -223,7 +230,7 @@ def _logprobs(path, **flags):
 
 @gpu
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_cuda_engine_matches_cpu(method, tmp_path):
+def test_cuda_engine_matches_cpu(method, tmp_path, monkeypatch):
     """A tiny Llama (group 64, every projection in the layout) in bf16 on CUDA through the
     kernel (prefill up to 64 rows and one-row decode steps) against the CPU engine's fp32
     torch reference: prompt logprobs within bf16's error, and the greedy tokens equal up to
@@ -239,6 +246,7 @@ def test_cuda_engine_matches_cpu(method, tmp_path):
                   "version": "gemm"}
         options = dict(group_size=64)
     path, _ = quantized_checkpoint("llama", method, tmp_path / method, config, options)
+    _layout_on(monkeypatch)
     cpu = _logprobs(path, device="cpu", dtype="float32")
     cuda = _logprobs(path, device="cuda", dtype="bfloat16")
     for (p_cpu, t_cpu, l_cpu), (p_cuda, t_cuda, l_cuda) in zip(cpu, cuda):
