@@ -271,6 +271,13 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         | cut -c1-200
       echo "== quant engine"; PAGEDLLM_W4_MMA=1 quant_engine 80 --formats gptq --batches 16 64 \
         --no-offline ;;
+    s8e)
+      # the last minutes of device time: the GEMM route's GPU tests and 16 / 64-row kernels
+      echo "== gpu tests"; timeout 70 python -m pytest -q -p no:cacheprovider -rf --tb=short \
+        tests/kernels/test_w4mma.py -k "gemm or by_rows" 2>&1 | grep -v Warning | tail -4
+      echo "== kernels"; timeout 60 python benchmarks/quant_bench.py --only kernels --rows 16 \
+        64 --kinds gptq w4mma 2>&1 | grep -v Warning | grep -E "kind=(gptq|w4mma)" \
+        | cut -c1-200 ;;
     s8b)
       # eighth session, second call (next7 cut to ~7 min): the GGUF kernels' GPU tests, GGUF
       # Q4_K_M vs bf16 decode at batch 1, fp8 vs bf16 offline 1000 x 256/256 (carry .whl-serve:
