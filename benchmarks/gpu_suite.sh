@@ -271,6 +271,17 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         | cut -c1-200
       echo "== quant engine"; PAGEDLLM_W4_MMA=1 quant_engine 80 --formats gptq --batches 16 64 \
         --no-offline ;;
+    next8)
+      # what the eighth session left (~9.5 min, carry .whl-serve): s8c (the W4A16 layout's
+      # GEMM route: GPU tests, 16 / 64-row kernels, GPTQ with PAGEDLLM_W4_MMA=1 vs bf16 at
+      # batch 1 / 16 / 64), then the one-row kernel's config sweep, then GPTQ with the
+      # CUDA-core kernels at batch 16 / 64 for the A/B (flip the default if the layout holds)
+      bash "$0" s8c
+      echo "== w4mma tune"; timeout 120 python benchmarks/quant_bench.py --only kernels \
+        --rows 1 --kinds w4mma --tune-w4mma 2>&1 | grep -v Warning | grep -E "w4mma tune" \
+        | cut -c1-220
+      echo "== old kernels"; PAGEDLLM_W4_MMA=0 quant_engine 90 --formats gptq --batches 16 64 \
+        --no-offline ;;
     s8e)
       # the last minutes of device time: the GEMM route's GPU tests and 16 / 64-row kernels
       echo "== gpu tests"; timeout 70 python -m pytest -q -p no:cacheprovider -rf --tb=short \

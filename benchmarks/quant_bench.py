@@ -123,7 +123,7 @@ def make_weight(kind: str, n: int, k: int, dtype, dev, gated: bool = False):
         qz = random_words((groups, n // 8), dev)
         nbytes = (words.numel() + qz.numel()) * 4 + scales.numel() * scales.element_size()
         return (lambda x, cfg=None: triton_w4mma.w4_matmul(x, words, qz, scales, GROUP, 1,
-                                                            gated=gated)), nbytes
+                                                            gated=gated, config=cfg)), nbytes
     if kind == "gptq":
         qw, qz = random_words((k // 8, n), dev), random_words((groups, n // 8), dev)
         weight = wq.gptq_weight(qw, qz, scales, None, 4, GROUP, False, 1)
@@ -193,6 +193,8 @@ def bench_kernels(args, dev) -> None:
                         speedup=round(base_us / us, 2))
             if args.tune:
                 tune(name, n, k, rows, dtype, dev)
+            if args.tune_w4mma and rows == 1 and dev.type == "cuda":
+                tune_w4mma(name, n, k, dtype, dev)
             if args.tune_nf4:
                 tune_nf4(name, n, k, rows, dtype, dev)
             if args.tune_fp8 and rows == 1 and gemvs:
@@ -240,6 +242,14 @@ def tune_nf4(name, n, k, rows, dtype, dev) -> None:
         cands = [(bm, bn, w, st, waves) for bn in (64, 128) for w in (4, 8)
                  for st in (1, 2, 3) for waves in (1, 2)]
     sweep("nf4", "nf4 tune", name, n, k, rows, dtype, dev, cands)
+
+
+def tune_w4mma(name, n, k, dtype, dev) -> None:
+    """The fastest one-row config of the tensor-core W4A16 kernel (``triton_w4mma.CONFIG``:
+    warps, programs per SM, least inputs a split, mma chains) at this shape."""
+    cands = [(w, waves, least, chains) for w in (2, 4) for waves in (4, 8, 16)
+             for least in (256, 512) for chains in (1, 2)]
+    sweep("w4mma", "w4mma tune", name, n, k, 1, dtype, dev, cands)
 
 
 def tune_fp8(name, n, k, dtype, dev) -> tuple | None:
@@ -367,6 +377,8 @@ def main() -> None:
                         default=["bf16", "gptq", "awq", "fp8"],
                         help="engine formats (bf16 always runs first: the ratios' base)")
     parser.add_argument("--tune", action="store_true", help="sweep the W4A16 tile configs")
+    parser.add_argument("--tune-w4mma", action="store_true",
+                        help="sweep the one-row tensor-core W4A16 kernel's configs")
     parser.add_argument("--tune-nf4", action="store_true",
                         help="sweep the bitsandbytes 4-bit GEMV / GEMM tile configs")
     parser.add_argument("--tune-fp8", action="store_true",

@@ -46,12 +46,14 @@ MAX_TILES = 8
 MAX_ROWS = 8 * MAX_TILES
 MMA_MAX_ROWS = 8
 DEQUANT_MIN_ROWS = 512
-# warps (16 features each) per program, and the programs per SM that split-K aims for
-WARPS = 4
-WAVES = 8
-# a split covers at least max(SPLIT_MIN_K, SPLIT_K_PER_ROW * rows) inputs: its fp32 partial
-# sums (written, then read by the fold) stay small next to the weight it reads
-SPLIT_MIN_K = 512
+# (warps of 16 features a program, programs per SM that split-K aims for, least inputs a
+# split, mma dependency chains at one token tile): the register-fragment kernel's defaults,
+# s8a's numbers (``quant_bench.py --tune-w4mma`` sweeps candidates); a split covers at least
+# max(least inputs, SPLIT_K_PER_ROW * rows): its fp32 partial sums (written, then read by the
+# fold) stay small next to the weight it reads
+CONFIG = (4, 8, 512, 1)
+WARPS = CONFIG[0]
+SPLIT_MIN_K = CONFIG[2]
 SPLIT_K_PER_ROW = 32
 
 
@@ -169,12 +171,14 @@ def emulate(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     return out
 
 
-def _asm_text(tiles: int, fp16: bool) -> str:
+def _asm_text(tiles: int, fp16: bool, chains: int = 1) -> str:
     """The inline PTX of one lane's four k-steps for ``tiles`` token tiles (module docstring).
     Every operand is a [tiles, lanes, 4] tensor packed 4 * tiles to an instance, so the
     operands are: $0.. the output accumulators (tile t, register i: 4 t + i), then the words
     (broadcast: the first four used), each tile's x pairs 0-3 (xa) and 4-7 (xb), the zero
-    pairs of rows g and g + 8 (broadcast: the first used), the input accumulators."""
+    pairs of rows g and g + 8 (broadcast: the first used), the input accumulators.
+    ``chains`` 2: the odd k-steps accumulate into a second set of registers, added at the
+    end, so two mma dependency chains interleave (a tuning candidate, not the default)."""
     n = 4 * tiles
     w0, xa, xb, zl, zh, acc = n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n
     magic = "0x64006400" if fp16 else "0x43004300"
@@ -182,6 +186,9 @@ def _asm_text(tiles: int, fp16: bool) -> str:
     lines = ["{", ".reg .b32 a0, a1, a2, a3, t;",
              ".reg .f32 " + ", ".join(f"d{i}" for i in range(n)) + ";"]
     lines += [f"mov.f32 d{i}, ${acc + i};" for i in range(n)]
+    if chains == 2:
+        lines.append(".reg .f32 " + ", ".join(f"e{i}" for i in range(n)) + ";")
+        lines += [f"mov.f32 e{i}, 0f00000000;" for i in range(n)]
     for j in range(4):
         word = f"${w0 + j}"
         lines.append(f"lop3.b32 a0, {word}, 0x000f000f, {magic}, 0xea;")
@@ -193,10 +200,14 @@ def _asm_text(tiles: int, fp16: bool) -> str:
         for t in range(tiles):
             # k-step j's B fragment: the lane's pairs 2j and 2j + 1 (xa: 0-3, xb: 4-7)
             src = (xa if j < 2 else xb) + 4 * t + 2 * (j % 2)
-            d = ", ".join(f"d{4 * t + i}" for i in range(4))
+            reg = "e" if chains == 2 and j % 2 else "d"
+            d = ", ".join(f"{reg}{4 * t + i}" for i in range(4))
             lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 {{{d}}}, "
                          f"{{a0, a1, a2, a3}}, {{${src}, ${src + 1}}}, {{{d}}};")
-    lines += [f"mov.f32 ${i}, d{i};" for i in range(n)]
+    if chains == 2:
+        lines += [f"add.f32 ${i}, d{i}, e{i};" for i in range(n)]
+    else:
+        lines += [f"mov.f32 ${i}, d{i};" for i in range(n)]
     lines.append("}")
     return "\n".join(lines)
 
@@ -210,6 +221,7 @@ def _constraints(tiles: int) -> str:
 _A1, _A2, _A4, _A8 = (tl.constexpr(_asm_text(t, False)) for t in (1, 2, 4, 8))
 _H1, _H2, _H4, _H8 = (tl.constexpr(_asm_text(t, True)) for t in (1, 2, 4, 8))
 _C1, _C2, _C4, _C8 = (tl.constexpr(_constraints(t)) for t in (1, 2, 4, 8))
+_A1X2, _H1X2 = tl.constexpr(_asm_text(1, False, 2)), tl.constexpr(_asm_text(1, True, 2))
 
 
 @triton.jit
@@ -279,11 +291,15 @@ def _mma_step_emulated(w, xa, xb, zl, zh, acc, TILES: tl.constexpr, FP16: tl.con
 
 
 @triton.jit
-def _mma_step(w, xa, xb, zl, zh, acc, TILES: tl.constexpr, FP16: tl.constexpr):
+def _mma_step(w, xa, xb, zl, zh, acc, TILES: tl.constexpr, FP16: tl.constexpr,
+              CHAINS: tl.constexpr):
     """The four k-steps of one lane's words for TILES token tiles: every operand a
     [TILES, lanes, 4] tensor whose 4 * TILES values of a lane one thread holds; returns the
     new accumulators."""
-    if TILES == 1:
+    if TILES == 1 and CHAINS == 2:
+        asm: tl.constexpr = _H1X2 if FP16 else _A1X2
+        cons: tl.constexpr = _C1
+    elif TILES == 1:
         asm: tl.constexpr = _H1 if FP16 else _A1
         cons: tl.constexpr = _C1
     elif TILES == 2:
@@ -305,7 +321,8 @@ def _w4mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, part_ptr, count_ptr, bi
                   stride_om, stride_ps, stride_pm, GROUP: tl.constexpr,
                   HAS_ZEROS: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                   GATED: tl.constexpr, TILES: tl.constexpr, FP16: tl.constexpr,
-                  WARPS: tl.constexpr, EMULATE: tl.constexpr, USE_PDL: tl.constexpr):
+                  WARPS: tl.constexpr, CHAINS: tl.constexpr, EMULATE: tl.constexpr,
+                  USE_PDL: tl.constexpr):
     # program (pid_n, pid_s, pid_t): features [16 WARPS pid_n, + 16 WARPS) (a warp each 16),
     # inputs [k_split pid_s, + k_split), tokens [8 TILES pid_t, + 8 TILES). Element (t, r, i)
     # of the [TILES, 32 WARPS, 4] tensors is register i of lane r % 32 of warp r // 32 for
@@ -373,7 +390,7 @@ def _w4mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, part_ptr, count_ptr, bi
             if EMULATE:  # the interpreter: no inline PTX
                 acc = _mma_step_emulated(wb, xa, xb, zl, zh, acc, TILES, FP16)
             else:
-                acc = _mma_step(wb, xa, xb, zl, zh, acc, TILES, FP16)
+                acc = _mma_step(wb, xa, xb, zl, zh, acc, TILES, FP16, CHAINS)
         total += acc * s
     ok = otok < M
     if FOLD:
@@ -515,9 +532,9 @@ def _group(k: int, group_size: int) -> tuple[int, bool]:
     return group_size, False
 
 
-def _warps(n: int, gated: bool) -> int:
+def _warps(n: int, gated: bool, want: int = 4) -> int:
     width = n // 2 if gated else n
-    for warps in (WARPS, 2, 1):
+    for warps in (want, 4, 2, 1):
         if width % (16 * warps) == 0:
             return warps
     raise AssertionError("eligible() requires N % 16 == 0")
@@ -526,11 +543,12 @@ def _warps(n: int, gated: bool) -> int:
 def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
            scales: torch.Tensor, group_size: int, zero_offset: int,
            bias: torch.Tensor | None = None, gated: bool = False,
-           tiles: int | None = None) -> torch.Tensor:
+           tiles: int | None = None, config: tuple | None = None) -> torch.Tensor:
     """x [M, K] (fp16 / bf16, M <= ``MAX_ROWS``) @ W (+ bias, then silu(gate) * up when
     ``gated``) -> [M, N or N/2] in x's dtype; W in the layout (``repack``), zeros GPTQ-packed
     [G, N/8] or None (the constant ``zero_offset``), scales [G, N]. ``tiles`` overrides the
-    token tiles per program (tests)."""
+    token tiles per program (tests); ``config`` (warps, programs per SM aimed for, least
+    inputs a split, mma chains: 1 or 2 at one tile) overrides ``CONFIG`` (tuning)."""
     m, k = x.shape
     n = words.shape[0] * 16
     if not eligible(4, False, k, n, group_size) or words.shape[1] * 64 != k:
@@ -547,11 +565,12 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
         tiles = next(t for t in (1, 2, 4, 8) if 8 * t >= m)
     token_programs = triton.cdiv(m, 8 * tiles)
     group, one_row = _group(k, group_size)
-    warps = _warps(n, gated)
+    want_warps, waves, split_min_k, chains = config or (*CONFIG[:2], SPLIT_MIN_K, CONFIG[3])
+    warps = _warps(n, gated, want_warps)
     col_tiles = n // (16 * warps)
     k_tiles = k // group
-    target = WAVES * _sm_count(x.device)
-    most = max(1, k // max(SPLIT_MIN_K, SPLIT_K_PER_ROW * m))  # partial sums stay small
+    target = waves * _sm_count(x.device)
+    most = max(1, k // max(split_min_k, SPLIT_K_PER_ROW * m))  # partial sums stay small
     splits = max(1, min(k_tiles, triton.cdiv(target, col_tiles * token_programs), most))
     while k_tiles % splits:  # whole groups per split, every split the same size
         splits -= 1
@@ -574,7 +593,8 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
         x.stride(0) // 2, 0 if one_row else zeros.stride(0), 0 if one_row else scales.stride(0),
         out.stride(0), part.stride(0), part.stride(1), GROUP=group,
         HAS_ZEROS=qzeros is not None, FOLD=fold, HAS_BIAS=bias is not None, GATED=gated,
-        TILES=tiles, FP16=x.dtype == torch.float16, WARPS=warps, EMULATE=not x.is_cuda,
+        TILES=tiles, FP16=x.dtype == torch.float16, WARPS=warps,
+        CHAINS=chains if tiles == 1 else 1, EMULATE=not x.is_cuda,
         num_warps=warps,
         **pdl.options(x))
     if fold:
@@ -629,7 +649,8 @@ def dequantize(words: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.T
 
 def w4_matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
               scales: torch.Tensor, group_size: int, zero_offset: int, *,
-              bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+              bias: torch.Tensor | None = None, gated: bool = False,
+              config: tuple | None = None) -> torch.Tensor:
     """x [..., K] @ W for a layer in the layout: the register-fragment kernel up to
     ``MMA_MAX_ROWS`` rows, ``_gemm_kernel`` below ``DEQUANT_MIN_ROWS``, else dequantized once
     (one launch) and multiplied by cuBLAS."""
@@ -640,7 +661,8 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     if x2.shape[0] == 0:
         return x.new_empty(*shape[:-1], n_out)
     if x2.shape[0] <= MMA_MAX_ROWS:
-        out = matmul(x2, words, qzeros, scales, group_size, zero_offset, bias, gated)
+        out = matmul(x2, words, qzeros, scales, group_size, zero_offset, bias, gated,
+                     config=config)
     elif x2.shape[0] < DEQUANT_MIN_ROWS and x2.dtype != torch.float32:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
