@@ -540,6 +540,18 @@ def _warps(n: int, gated: bool, want: int = 4) -> int:
     raise AssertionError("eligible() requires N % 16 == 0")
 
 
+def _splits(m: int, k: int, group: int, programs: int, target: int, least: int) -> int:
+    """Split-K count: about ``target`` programs, whole groups per split and every split the
+    same size, a split at least max(``least``, SPLIT_K_PER_ROW * m) inputs (the fp32 partial
+    sums stay small next to the weight)."""
+    k_tiles = k // group
+    most = max(1, k // max(least, SPLIT_K_PER_ROW * m))
+    splits = max(1, min(k_tiles, triton.cdiv(target, programs), most))
+    while k_tiles % splits:
+        splits -= 1
+    return splits
+
+
 def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
            scales: torch.Tensor, group_size: int, zero_offset: int,
            bias: torch.Tensor | None = None, gated: bool = False,
@@ -568,12 +580,8 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     want_warps, waves, split_min_k, chains = config or (*CONFIG[:2], SPLIT_MIN_K, CONFIG[3])
     warps = _warps(n, gated, want_warps)
     col_tiles = n // (16 * warps)
-    k_tiles = k // group
-    target = waves * _sm_count(x.device)
-    most = max(1, k // max(split_min_k, SPLIT_K_PER_ROW * m))  # partial sums stay small
-    splits = max(1, min(k_tiles, triton.cdiv(target, col_tiles * token_programs), most))
-    while k_tiles % splits:  # whole groups per split, every split the same size
-        splits -= 1
+    splits = _splits(m, k, group, col_tiles * token_programs, waves * _sm_count(x.device),
+                     split_min_k)
     k_split = k // splits
     fold = switches().decode_fold and (splits > 1 or gated)
     n_out = n // 2 if gated else n
@@ -594,8 +602,7 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
         out.stride(0), part.stride(0), part.stride(1), GROUP=group,
         HAS_ZEROS=qzeros is not None, FOLD=fold, HAS_BIAS=bias is not None, GATED=gated,
         TILES=tiles, FP16=x.dtype == torch.float16, WARPS=warps,
-        CHAINS=chains if tiles == 1 else 1, EMULATE=not x.is_cuda,
-        num_warps=warps,
+        CHAINS=chains if tiles == 1 else 1, EMULATE=not x.is_cuda, num_warps=warps,
         **pdl.options(x))
     if fold:
         return out
