@@ -664,6 +664,10 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     n = words.shape[0] * 16
+    if gated and (n // 2) % 16:  # the gate / up halves split a 16-feature block
+        out = w4_matmul(x, words, qzeros, scales, group_size, zero_offset, bias=bias,
+                        config=config)
+        return _epilogue(out, None, True)
     n_out = n // 2 if gated else n
     if x2.shape[0] == 0:
         return x.new_empty(*shape[:-1], n_out)

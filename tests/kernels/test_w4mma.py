@@ -295,3 +295,16 @@ def test_llama_shapes_by_rows(m, k, n):
     out = wm.w4_matmul(x.to(DEVICE), wm.repack(qweight.to(DEVICE)), qzeros.to(DEVICE),
                        scales.to(DEVICE), 128, 1)
     assert _rel_err(out.cpu(), (x.double() @ ref_w).to(torch.bfloat16)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("m", [1, 12])
+def test_gated_halves_off_the_block_grid(m):
+    """gate / up halves of 24 features (N = 48): the fused epilogue cannot fold per 16-feature
+    block, so the product comes whole and the gated SiLU after it."""
+    x, qweight, qzeros, scales, ref_w = _case(m, 128, 48, 64, torch.bfloat16)
+    out = wm.w4_matmul(x.to(DEVICE), wm.repack(qweight).to(DEVICE), qzeros.to(DEVICE),
+                       scales.to(DEVICE), 64, 1, gated=True)
+    ref = x.double() @ ref_w
+    ref = (torch.nn.functional.silu(ref[:, :24]) * ref[:, 24:]).to(torch.bfloat16)
+    assert out.shape == (m, 24)
+    assert _rel_err(out.cpu(), ref) < TOL[torch.bfloat16]
