@@ -1,6 +1,10 @@
-"""4-bit weight-only matmuls on the tensor cores for decode batches (1 to 64 rows): W4A16
-layers whose groups are whole K tiles (GPTQ without act-order, AWQ after ``repack_awq``),
-the weight repacked once at load into the register layout of ``mma.sync.m16n8k16``.
+"""4-bit weight-only matmuls on the tensor cores: W4A16 layers whose groups are whole
+64-input tiles (GPTQ without act-order, AWQ after ``repack_awq``, compressed-tensors
+pack-quantized), the weight repacked once at load (with ``PAGEDLLM_W4_MMA=1``: off by
+default until ``_gemm_kernel`` has run on a GPU) into the register layout of
+``mma.sync.m16n8k16``. ``w4_matmul`` routes by rows: up to ``MMA_MAX_ROWS`` the
+register-fragment kernel below, up to ``DEQUANT_MIN_ROWS`` a wgmma GEMM that decodes the same
+words (``_gemm_kernel``), more: dequantize once, then cuBLAS.
 
 Why: the CUDA-core GEMV of ``triton_wna16`` spends ~5.5 instructions a weight (decode the
 value, convert, multiply-add, plus its share of the x, zero and scale work), so on the H100
@@ -21,10 +25,10 @@ consecutive inputs, two 16-byte loads a token. The accumulators D[g (+8), 2c (+1
 (feature, token) pairs. Tokens come in tiles of eight (the mma's n); up to ``MAX_TILES``
 tiles share each decoded A fragment.
 
-The asm needs sm_80+ (``sub.rn.bf16x2``: sm_90); the Triton interpreter cannot run it, so
-on CPU ``emulate`` computes the same fragment arithmetic in torch (tests check the layout
-with it); ``unpack`` / ``dequantize`` read the layout back (prefill: dequantize once, then
-cuBLAS). tests/kernels/test_w4mma.py holds the oracles.
+The asm needs sm_80+ (``sub.rn.bf16x2``: sm_90). The Triton interpreter cannot run it: there
+the kernel runs ``_mma_step_emulated`` (the same fragment arithmetic in plain Triton), and
+``emulate`` checks the fragment bookkeeping in torch; ``unpack`` / ``dequantize`` read the
+layout back. tests/kernels/test_w4mma.py holds the oracles.
 """
 from __future__ import annotations
 
