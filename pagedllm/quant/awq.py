@@ -105,11 +105,8 @@ class AWQLinearMethod(LinearMethod):
               gated_silu: bool = False) -> torch.Tensor:
         """Triton kernels on CUDA, else the torch reference."""
         if getattr(layer, "w4mma", False):
-            out = w4mma_apply(x, (layer.qweight, layer.qzeros, layer.scales), self.group_size,
-                              0, "AWQ", bias, gated_silu)
-            if out is not None:
-                return out
-            return matmul_dequantized(x, self.dequantize(layer), bias, gated_silu)
+            return w4mma_apply(x, (layer.qweight, layer.qzeros, layer.scales),
+                               self.group_size, 0, "AWQ", bias, gated_silu)
         out = wna16_apply(layer, x, layer.qweight,
                           lambda module: self._kernel_weight(module, layer), "AWQ", bias,
                           gated_silu)

@@ -236,11 +236,8 @@ class PackedLinearMethod(LinearMethod):
               gated_silu: bool = False) -> torch.Tensor:
         if getattr(layer, "w4mma", False):
             tensors, offset = self._w4mma_tensors(layer)
-            out = w4mma_apply(x, tensors, self.group_size or -1, offset,
-                              "compressed-tensors pack-quantized", bias, gated_silu)
-            if out is not None:
-                return out
-            return matmul_dequantized(x, self.dequantize(layer).t(), bias, gated_silu)
+            return w4mma_apply(x, tensors, self.group_size or -1, offset,
+                               "compressed-tensors pack-quantized", bias, gated_silu)
         out = wna16_apply(layer, x, layer.weight_packed,
                           lambda module: self._kernel_weight(module, layer),
                           "compressed-tensors pack-quantized", bias, gated_silu)

@@ -134,12 +134,10 @@ class GPTQLinearMethod(LinearMethod):
               gated_silu: bool = False) -> torch.Tensor:
         """Triton kernels on CUDA (4 and 8 bit), else the torch reference."""
         if getattr(layer, "w4mma", False):
-            out = w4mma_apply(x, (layer.qweight, layer.qzeros, layer.scales),
-                              self.config.group_size, self.config.zero_offset, "GPTQ", bias,
-                              gated_silu)
-            if out is not None:
-                return out
-        elif self.config.bits in (4, 8):
+            return w4mma_apply(x, (layer.qweight, layer.qzeros, layer.scales),
+                               self.config.group_size, self.config.zero_offset, "GPTQ", bias,
+                               gated_silu)
+        if self.config.bits in (4, 8):
             out = wna16_apply(layer, x, layer.qweight,
                               lambda module: self._kernel_weight(module, layer), "GPTQ",
                               bias, gated_silu)

@@ -120,17 +120,19 @@ def w4mma_for(tensor: torch.Tensor, bits: int, act_order: bool, k: int, n: int,
 
 def w4mma_apply(x: torch.Tensor, tensors: tuple, group_size: int, zero_offset: int,
                 what: str, bias: torch.Tensor | None = None,
-                gated: bool = False) -> torch.Tensor | None:
+                gated: bool = False) -> torch.Tensor:
     """x @ W (+ bias, then the gated SiLU) for a layer repacked by ``w4mma_for``'s module:
-    ``tensors`` its (words, GPTQ-packed zeros [G, N/8] or None, scales [G, N]); None where
-    the kernel does not serve x (CPU, fp32)."""
-    if not (_on_cuda(x) and x.dtype in (torch.float16, torch.bfloat16)):
-        return None
+    ``tensors`` its (words, GPTQ-packed zeros [G, N/8] or None, scales [G, N]). Where the
+    kernels do not serve x (fp32), the layout's torch reference."""
     from pagedllm.quant import triton_w4mma as module
+    words, zeros, scales = tensors
+    if not (_on_cuda(x) and x.dtype in (torch.float16, torch.bfloat16)):
+        from pagedllm.quant.gptq import matmul_dequantized
+        weight = module.dequantize_reference(words, zeros, scales, group_size, zero_offset)
+        return matmul_dequantized(x, weight.to(scales.dtype), bias, gated)
     log_once(f"{what}: tensor-core W4A16 kernels (mma.sync register fragments up to "
              f"{module.MMA_MAX_ROWS} rows, a wgmma GEMM below {module.DEQUANT_MIN_ROWS}; more: "
              "dequantized by one launch, then cuBLAS)")
-    words, zeros, scales = tensors
     return module.w4_matmul(x, words, zeros, scales, group_size, zero_offset, bias=bias,
                             gated=gated)
 

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from pagedllm.attention.triton_attention import _last_arrival, _split_counters
 from pagedllm.layers import pdl
+from pagedllm.quant.packing import pack_int32, unpack_int32
 from pagedllm.quant.triton_wna16 import _epilogue, _reduce, _sm_count
 from pagedllm.switches import switches
 
@@ -82,32 +83,20 @@ def _unorder(values: torch.Tensor, k: int, n: int) -> torch.Tensor:
     return view.permute(1, 3, 4, 6, 5, 0, 7, 2).reshape(k, n)
 
 
-def gptq_codes(qweight: torch.Tensor) -> torch.Tensor:
-    """GPTQ 4-bit qweight [K/8, N] (value j of word row r: input 8 r + j) -> codes [K, N]."""
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    codes = (qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 15
-    return codes.reshape(-1, qweight.shape[1]).to(torch.uint8)
-
-
 def repack(qweight: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """GPTQ 4-bit qweight [K/8, N] -> the layout's words [N/16, K/64, 32, 4] int32, ``chunk``
-    columns at a time (the int64 temporaries stay ~16 bytes a weight of one chunk)."""
-    n = qweight.shape[1]
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int64)
+    columns at a time (``pack_int32``'s int64 temporaries stay those of one chunk)."""
     parts = []
-    for n0 in range(0, n, chunk):
-        codes = _order(gptq_codes(qweight[:, n0:n0 + chunk])).to(torch.int64)
-        words = (codes << shifts).sum(-1)
-        parts.append(torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32))
+    for n0 in range(0, qweight.shape[1], chunk):
+        ordered = _order(unpack_int32(qweight[:, n0:n0 + chunk], 4, 0))
+        parts.append(pack_int32(ordered.flatten(3), 4, 3))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def unpack(words: torch.Tensor) -> torch.Tensor:
-    """The layout's words -> codes [K, N] uint8."""
+    """The layout's words -> codes [K, N] int32."""
     nb, kq = words.shape[:2]
-    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
-    codes = (words.unsqueeze(-1) >> shifts) & 15
-    return _unorder(codes, kq * 64, nb * 16).to(torch.uint8)
+    return _unorder(unpack_int32(words, 4, 3), kq * 64, nb * 16)
 
 
 def zero_codes(qzeros: torch.Tensor | None, groups: int, n: int, zero_offset: int,
@@ -116,16 +105,14 @@ def zero_codes(qzeros: torch.Tensor | None, groups: int, n: int, zero_offset: in
     constant ``zero_offset``."""
     if qzeros is None:
         return torch.full((groups, n), zero_offset, dtype=torch.int32, device=device)
-    shifts = torch.arange(0, 32, 4, device=qzeros.device, dtype=torch.int32)
-    z = (qzeros.unsqueeze(-1) >> shifts) & 15
-    return z.reshape(qzeros.shape[0], -1)[:, :n] + zero_offset
+    return unpack_int32(qzeros, 4, 1)[:, :n] + zero_offset
 
 
 def dequantize_reference(words: torch.Tensor, qzeros: torch.Tensor | None,
                          scales: torch.Tensor, group_size: int,
                          zero_offset: int) -> torch.Tensor:
     """W [K, N] float32 from the layout (torch)."""
-    codes = unpack(words).to(torch.int32)
+    codes = unpack(words)
     k, n = codes.shape
     group = torch.arange(k, device=codes.device) // (k if group_size <= 0 else min(group_size, k))
     z = zero_codes(qzeros, scales.shape[0], n, zero_offset, codes.device)

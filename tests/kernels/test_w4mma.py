@@ -16,7 +16,7 @@ from tests.kernels.test_triton_attention import DEVICE, ON_GPU, TOL, _rel_err
 
 wm = pytest.importorskip("pagedllm.quant.triton_w4mma")
 
-from pagedllm.quant.packing import gptq_dequantize  # noqa: E402
+from pagedllm.quant.packing import gptq_dequantize, unpack_int32  # noqa: E402
 
 gpu = pytest.mark.skipif(not ON_GPU, reason="large shapes need a GPU")
 
@@ -34,7 +34,7 @@ def _case(m, k, n, group, dtype, zeros=True, zero_offset=1, seed=0):
     if zeros:
         ref_w = gptq_dequantize(qweight, qzeros, scales.double(), g_idx.int(), 4, zero_offset)
     else:  # the constant zero point
-        codes = wm.gptq_codes(qweight).double()
+        codes = unpack_int32(qweight, 4, 0).double()
         ref_w = (codes - zero_offset) * scales.double()[g_idx]
     return x, qweight, qzeros, scales, ref_w
 
@@ -45,9 +45,9 @@ def test_repack_reads_back():
                             dtype=torch.int64).to(torch.int32)
     words = wm.repack(qweight)
     assert words.shape == (3, 4, 32, 4) and words.dtype == torch.int32
-    assert torch.equal(wm.unpack(words), wm.gptq_codes(qweight))
+    assert torch.equal(wm.unpack(words), unpack_int32(qweight, 4, 0))
     # a deliberately wrong order reads back wrong
-    assert not torch.equal(wm.unpack(words.flip(-1)), wm.gptq_codes(qweight))
+    assert not torch.equal(wm.unpack(words.flip(-1)), unpack_int32(qweight, 4, 0))
 
 
 @pytest.mark.parametrize("m", [1, 5, 8])
@@ -202,6 +202,8 @@ def test_methods_repack_and_apply(monkeypatch, method_name):
         x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
         out = method.apply(layer, x, None)
         assert _rel_err(out, (x.double() @ ref_w).to(torch.bfloat16)) < TOL[torch.bfloat16]
+    x = torch.randn(3, k, generator=g)  # fp32: the layout's torch reference
+    assert _rel_err(method.apply(layer, x, None), x.double() @ ref_w) < TOL[torch.bfloat16]
 
 
 def _logprobs(path, **flags):
