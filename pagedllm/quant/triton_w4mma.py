@@ -531,12 +531,14 @@ def _warps(n: int, gated: bool, want: int = 4) -> int:
     raise AssertionError("eligible() requires N % 16 == 0")
 
 
-def _splits(m: int, k: int, group: int, programs: int, target: int, least: int) -> int:
+def _splits(m: int, k: int, group: int, programs: int, target: int, least: int,
+            per_row: int | None = None) -> int:
     """Split-K count: about ``target`` programs, whole groups per split and every split the
-    same size, a split at least max(``least``, SPLIT_K_PER_ROW * m) inputs (the fp32 partial
-    sums stay small next to the weight)."""
+    same size (the kernels loop a split without a K mask), a split at least max(``least``,
+    ``per_row`` (default SPLIT_K_PER_ROW) * m) inputs (the fp32 partial sums stay small next
+    to the weight)."""
     k_tiles = k // group
-    most = max(1, k // max(least, SPLIT_K_PER_ROW * m))
+    most = max(1, k // max(least, (per_row or SPLIT_K_PER_ROW) * m))
     splits = max(1, min(k_tiles, triton.cdiv(target, programs), most))
     while k_tiles % splits:
         splits -= 1
@@ -605,7 +607,8 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
 def _gemm(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
           scales: torch.Tensor, group_size: int, zero_offset: int) -> tuple[torch.Tensor, bool]:
     """x [M, K] @ W through ``_gemm_kernel`` with ``triton_wna16``'s GEMM tile table and
-    split-K rule: (out [M, N] in x's dtype, False) or (fp32 partial sums [S, M, N], True)."""
+    split-K sizes, in ``_splits``' equal whole-group splits: (out [M, N] in x's dtype, False)
+    or (fp32 partial sums [S, M, N], True)."""
     from pagedllm.quant import triton_wna16 as wq
     m, k = x.shape
     n = words.shape[0] * 16
@@ -617,7 +620,8 @@ def _gemm(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     waves = rest[0] if rest else wq.GEMM_WAVES
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     target = waves * _sm_count(x.device) if m <= wq.GEMM_SPLIT_MAX_ROWS else 0
-    splits, k_split = wq._splits(tiles, k, group, target, m)  # splits of whole groups
+    splits = _splits(m, k, group, tiles, target, wq.SPLIT_MIN_K, wq.SPLIT_K_PER_ROW)
+    k_split = k // splits
     out = torch.empty(splits, m, n, device=x.device,
                       dtype=x.dtype if splits == 1 else torch.float32)
     zeros = qzeros if qzeros is not None else scales

@@ -310,3 +310,17 @@ def test_gated_halves_off_the_block_grid(m):
     ref = (torch.nn.functional.silu(ref[:, :24]) * ref[:, 24:]).to(torch.bfloat16)
     assert out.shape == (m, 24)
     assert _rel_err(out.cpu(), ref) < TOL[torch.bfloat16]
+
+
+def test_gemm_splits_cover_k_exactly(monkeypatch):
+    """The GEMM route's split-K: 10 groups over 3 splits wanted. Its kernel loops a split
+    without a K mask, so every split must cover the same whole groups (4 + 4 + 2 would read
+    two groups past K)."""
+    from pagedllm.quant import triton_wna16 as wq
+    for module in (wm, wq):
+        monkeypatch.setattr(module, "SPLIT_MIN_K", 64)
+        monkeypatch.setattr(module, "SPLIT_K_PER_ROW", 1)
+    x, qweight, qzeros, scales, ref_w = _case(9, 640, 384, 64, torch.bfloat16)
+    out = wm.w4_matmul(x.to(DEVICE), wm.repack(qweight).to(DEVICE), qzeros.to(DEVICE),
+                       scales.to(DEVICE), 64, 1)
+    assert _rel_err(out.cpu(), (x.double() @ ref_w).to(torch.bfloat16)) < TOL[torch.bfloat16]
