@@ -247,9 +247,9 @@ def w4mma_variants() -> list[str]:
         lines.append(compile_kernel(
             w4._w4mma_kernel, {**types, "s_ptr": "*fp16" if fp16 else "*bf16"},
             dict(GROUP=128, HAS_ZEROS=True, FOLD=fold, HAS_BIAS=False, GATED=gated,
-                 TILES=tiles, FP16=fp16, WARPS=w4.WARPS, CHAINS=chains, EMULATE=False,
+                 TILES=tiles, FP16=fp16, WARPS=w4.CONFIG[0], CHAINS=chains, EMULATE=False,
                  USE_PDL=True),
-            num_warps=w4.WARPS))
+            num_warps=w4.CONFIG[0]))
     for bm, bn, bk, warps, stages in [(16, 64, 128, 4, 3), (32, 32, 128, 4, 3),
                                       (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]:
         lines.append(compile_kernel(

@@ -76,7 +76,7 @@ class AWQLinearMethod(LinearMethod):
         layer.qweight, layer.qzeros = make_param(qweight), make_param(qzeros)
         layer.awq_repacked = True
         k, n = qweight.shape[0] * PACK, qweight.shape[1]
-        mma = w4mma_for(qweight, 4, False, k, n, self.group_size)
+        mma = w4mma_for(qweight, 4, False, k, n, self.group_size, "AWQ")
         if mma is not None:  # then the tensor-core kernel's layout (triton_w4mma)
             layer.qweight = make_param(mma.repack(qweight))
             layer.w4mma = True
@@ -106,7 +106,7 @@ class AWQLinearMethod(LinearMethod):
         """Triton kernels on CUDA, else the torch reference."""
         if getattr(layer, "w4mma", False):
             return w4mma_apply(x, (layer.qweight, layer.qzeros, layer.scales),
-                               self.group_size, 0, "AWQ", bias, gated_silu)
+                               self.group_size, 0, bias, gated_silu)
         out = wna16_apply(layer, x, layer.qweight,
                           lambda module: self._kernel_weight(module, layer), "AWQ", bias,
                           gated_silu)

@@ -188,7 +188,7 @@ class PackedLinearMethod(LinearMethod):
             return
         n, k = layer.weight_packed.shape[0], layer.weight_packed.shape[1] * (32 // self.bits)
         mma = w4mma_for(layer.weight_packed, self.bits, self.actorder, k, n,
-                        self.group_size or -1)
+                        self.group_size or -1, "compressed-tensors pack-quantized")
         if mma is not None:  # the tensor-core kernel's layout (triton_w4mma): words, [G, N]
             # scales and GPTQ-packed [G, N/8] zero points (stored like the codes, + 8)
             layer.weight_packed = make_param(mma.repack(layer.weight_packed.data.t()))
@@ -236,8 +236,8 @@ class PackedLinearMethod(LinearMethod):
               gated_silu: bool = False) -> torch.Tensor:
         if getattr(layer, "w4mma", False):
             tensors, offset = self._w4mma_tensors(layer)
-            return w4mma_apply(x, tensors, self.group_size or -1, offset,
-                               "compressed-tensors pack-quantized", bias, gated_silu)
+            return w4mma_apply(x, tensors, self.group_size or -1, offset, bias,
+                               gated_silu)
         out = wna16_apply(layer, x, layer.weight_packed,
                           lambda module: self._kernel_weight(module, layer),
                           "compressed-tensors pack-quantized", bias, gated_silu)

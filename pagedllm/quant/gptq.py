@@ -111,7 +111,8 @@ class GPTQLinearMethod(LinearMethod):
                              f"{layer.scales.shape[0]} groups of scales")
         cfg = self.config
         k, n = layer.qweight.shape[0] * (32 // cfg.bits), layer.qweight.shape[1]
-        module = w4mma_for(layer.qweight, cfg.bits, cfg.desc_act, k, n, cfg.group_size)
+        module = w4mma_for(layer.qweight, cfg.bits, cfg.desc_act, k, n, cfg.group_size,
+                           "GPTQ")
         if module is not None:  # the tensor-core kernel's layout (triton_w4mma)
             layer.qweight = make_param(module.repack(layer.qweight.data))
             layer.w4mma = True
@@ -135,7 +136,7 @@ class GPTQLinearMethod(LinearMethod):
         """Triton kernels on CUDA (4 and 8 bit), else the torch reference."""
         if getattr(layer, "w4mma", False):
             return w4mma_apply(x, (layer.qweight, layer.qzeros, layer.scales),
-                               self.config.group_size, self.config.zero_offset, "GPTQ", bias,
+                               self.config.group_size, self.config.zero_offset, bias,
                                gated_silu)
         if self.config.bits in (4, 8):
             out = wna16_apply(layer, x, layer.qweight,

@@ -108,19 +108,23 @@ def wna16_apply(layer: nn.Module, x: torch.Tensor, key: torch.Tensor,
 
 
 def w4mma_for(tensor: torch.Tensor, bits: int, act_order: bool, k: int, n: int,
-              group_size: int):
+              group_size: int, what: str):
     """``triton_w4mma`` when a layer's weight (on CUDA, fused ops on, ``PAGEDLLM_W4_MMA=1``)
     can take its layout, else None: the method then repacks the weight at load."""
     from pagedllm.switches import switches
     if wna16_for(tensor) is None or not switches().w4_mma:
         return None
     from pagedllm.quant import triton_w4mma as module
-    return module if module.eligible(bits, act_order, k, n, group_size) else None
+    if not module.eligible(bits, act_order, k, n, group_size):
+        return None
+    log_once(f"{what}: tensor-core W4A16 kernels (mma.sync register fragments up to "
+             f"{module.MMA_MAX_ROWS} rows, a wgmma GEMM below {module.DEQUANT_MIN_ROWS}; more: "
+             "dequantized by one launch, then cuBLAS)")
+    return module
 
 
 def w4mma_apply(x: torch.Tensor, tensors: tuple, group_size: int, zero_offset: int,
-                what: str, bias: torch.Tensor | None = None,
-                gated: bool = False) -> torch.Tensor:
+                bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """x @ W (+ bias, then the gated SiLU) for a layer repacked by ``w4mma_for``'s module:
     ``tensors`` its (words, GPTQ-packed zeros [G, N/8] or None, scales [G, N]). Where the
     kernels do not serve x (fp32), the layout's torch reference."""
@@ -130,9 +134,6 @@ def w4mma_apply(x: torch.Tensor, tensors: tuple, group_size: int, zero_offset: i
         from pagedllm.quant.gptq import matmul_dequantized
         weight = module.dequantize_reference(words, zeros, scales, group_size, zero_offset)
         return matmul_dequantized(x, weight.to(scales.dtype), bias, gated)
-    log_once(f"{what}: tensor-core W4A16 kernels (mma.sync register fragments up to "
-             f"{module.MMA_MAX_ROWS} rows, a wgmma GEMM below {module.DEQUANT_MIN_ROWS}; more: "
-             "dequantized by one launch, then cuBLAS)")
     return module.w4_matmul(x, words, zeros, scales, group_size, zero_offset, bias=bias,
                             gated=gated)
 
