@@ -78,11 +78,16 @@ def moe_variants() -> list[str]:
              "num_padded_ptr": "*i32", "a_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
              "topw_ptr": "*fp32"}
     lines = [compile_kernel(fm._align_kernel, types, dict(BLOCK_M=16, E_POW2=128, CHUNK=64),
-                            num_warps=4),
-             compile_kernel(fm._topk_softmax_kernel, {"logits_ptr": "*bf16", "w_ptr": "*fp32",
-                                                      "ids_ptr": "*i64", "scale": "fp32"},
-                            dict(TOP_K=8, K_POW2=8, RENORM=True, E_POW2=128, USE_PDL=True),
-                            num_warps=1)]
+                            num_warps=4)]
+    route = {"logits_ptr": "*bf16", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64",
+             "scale": "fp32"}
+    for experts, sigmoid, groups, topk_group, warps in [(128, False, 1, 1, 1),
+                                                         (256, True, 8, 4, 2)]:
+        lines.append(compile_kernel(
+            fm._route_kernel, route,
+            dict(TOP_K=8, K_POW2=8, RENORM=True, E_POW2=experts, SIGMOID=sigmoid,
+                 HAS_BIAS=sigmoid, GROUPS=groups, TOPK_GROUP=topk_group, BY_TOP2=sigmoid,
+                 USE_PDL=True), num_warps=warps))
     for gated, (bn, bk, warps) in zip((True, False), fm.MOE_GEMV_CONFIGS):
         lines.append(compile_kernel(
             fm._moe_gemv_kernel, types, dict(TOP_K=8, K_POW2=8, GATED=gated, BLOCK_N=bn,

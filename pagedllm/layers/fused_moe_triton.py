@@ -21,9 +21,9 @@ Decode-sized batches (up to ``MOE_GEMV_MAX_TOKENS`` tokens) skip the sort: two l
 k experts into one tile (gate/up with SiLU * up fused; then down with the routing weights and
 the top-k sum fused, fp32), so the align kernel and the sum kernel are gone too.
 
-``topk_softmax`` is the router in one launch (softmax, top-k, renormalisation, scaling) for
-softmax routing without expert groups or a correction bias (Mixtral, Qwen-MoE), instead of
-the five or six small torch kernels of ``select_experts`` per layer and step.
+``route_topk`` is the router in one launch (softmax or sigmoid scores, DeepSeek's correction
+bias and grouped top-k, top-k, renormalisation, scaling), instead of the five to fifteen
+small torch kernels of ``select_experts`` per layer and step.
 
 Programs past ``num_padded`` return at once; the grid is sized for the worst case
 ``T*k + min(T*k, E) * (BLOCK_M - 1)`` rows, known from T on the host. Tile sizes come from a
@@ -181,11 +181,45 @@ def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stride_am, 
 
 
 @triton.jit
-def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, scale,
-                         TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORM: tl.constexpr,
-                         E_POW2: tl.constexpr, USE_PDL: tl.constexpr):
-    # one token: softmax over its E logits (fp32), the TOP_K largest in descending order
-    # (ties: the lowest expert id), optionally renormalised, times ``scale``
+def _argmax_first(v, offs, NONE: tl.constexpr):
+    """(max of v, the lowest offset holding it): torch.topk's order for distinct values."""
+    best = tl.max(v, axis=0)
+    return best, tl.min(tl.where(v == best, offs, NONE), axis=0)
+
+
+@triton.jit
+def _group_keep(choice, group, E_POW2: tl.constexpr, GROUPS: tl.constexpr,
+                TOPK_GROUP: tl.constexpr, BY_TOP2: tl.constexpr):
+    """[E_POW2] bool: the experts of the TOPK_GROUP best of GROUPS groups (``group``: each
+    expert's group, GROUPS past the end). A group scores its best choice value, or with
+    BY_TOP2 the sum of its best two (DeepSeek-V3); ties go to the lower group."""
+    offs = tl.arange(0, E_POW2)
+    gidx = tl.arange(0, GROUPS)
+    scores = tl.zeros((GROUPS,), dtype=tl.float32)
+    for g in tl.static_range(GROUPS):
+        mine = tl.where(group == g, choice, float("-inf"))
+        top, at = _argmax_first(mine, offs, E_POW2)
+        if BY_TOP2:
+            top += tl.max(tl.where(offs == at, float("-inf"), mine), axis=0)
+        scores = tl.where(gidx == g, top, scores)
+    keep = tl.zeros((E_POW2,), dtype=tl.int1)
+    for _ in tl.static_range(TOPK_GROUP):
+        _, g_best = _argmax_first(scores, gidx, GROUPS)
+        keep = keep | (group == g_best)
+        scores = tl.where(gidx == g_best, float("-inf"), scores)
+    return keep
+
+
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, group_size, scale,
+                  TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORM: tl.constexpr,
+                  E_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, BY_TOP2: tl.constexpr,
+                  USE_PDL: tl.constexpr):
+    # one token: scores (softmax or sigmoid over its E logits, fp32); the choice values
+    # (scores + the correction bias); with GROUPS > 1 only the TOPK_GROUP best groups'
+    # experts compete; the TOP_K largest choices in descending order (ties: the lowest
+    # expert id), weighted by their unbiased scores, optionally renormalised, times ``scale``
     pdl.launch_dependents(USE_PDL)
     pdl.wait(USE_PDL)  # the logits come from the router projection
     t = tl.program_id(0).to(tl.int64)
@@ -193,38 +227,57 @@ def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, scale,
     valid = offs < E
     x = tl.load(logits_ptr + t * stride_l + offs, mask=valid, other=float("-inf"))
     x = x.to(tl.float32)
-    p = tl.exp(x - tl.max(x, axis=0))
-    p = p / tl.sum(p, axis=0)
-    left = tl.where(valid, p, -1.0)
+    if SIGMOID:
+        p = 1.0 / (1.0 + tl.exp(-x))
+    else:
+        p = tl.exp(x - tl.max(x, axis=0))
+        p = p / tl.sum(p, axis=0)
+    choice = p
+    if HAS_BIAS:
+        choice += tl.load(bias_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    choice = tl.where(valid, choice, float("-inf"))
+    if GROUPS > 1:
+        group = tl.where(valid, offs // group_size, GROUPS)
+        keep = _group_keep(choice, group, E_POW2, GROUPS, TOPK_GROUP, BY_TOP2)
+        choice = tl.where(keep, choice, float("-inf"))
     slots = tl.arange(0, K_POW2)
     weights = tl.zeros((K_POW2,), dtype=tl.float32)
     ids = tl.zeros((K_POW2,), dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(left, axis=0)
-        idx = tl.min(tl.where(left == best, offs, E_POW2), axis=0)
-        weights = tl.where(slots == j, best, weights)
+        _, idx = _argmax_first(choice, offs, E_POW2)
+        weights = tl.where(slots == j, tl.sum(tl.where(offs == idx, p, 0.0), axis=0), weights)
         ids = tl.where(slots == j, idx, ids)
-        left = tl.where(offs == idx, -1.0, left)
+        choice = tl.where(offs == idx, float("-inf"), choice)
     if RENORM:
         weights = weights / tl.sum(weights, axis=0)
     tl.store(w_ptr + t * TOP_K + slots, weights * scale, mask=slots < TOP_K)
     tl.store(ids_ptr + t * TOP_K + slots, ids.to(tl.int64), mask=slots < TOP_K)
 
 
-def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
-                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``select_experts`` for softmax routing without groups or bias, in one launch:
-    (weights [T, k] fp32, ids [T, k] int64)."""
+def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+               scale: float = 1.0, *, sigmoid: bool = False,
+               correction_bias: torch.Tensor | None = None, num_expert_group: int = 1,
+               topk_group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_experts`` in one launch (softmax or sigmoid scores, DeepSeek's correction
+    bias and grouped top-k, renormalisation, scaling): (weights [T, k] fp32, ids [T, k]
+    int64)."""
     tokens, experts = router_logits.shape
+    groups = max(1, num_expert_group or 1)
+    if experts % groups or top_k > experts:
+        raise ValueError(f"route_topk: {experts} experts, {groups} groups, top-{top_k}")
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
     if tokens:
         logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
-        _topk_softmax_kernel[(tokens,)](
-            logits, weights, ids, experts, logits.stride(0), scale, TOP_K=top_k,
-            K_POW2=triton.next_power_of_2(top_k), RENORM=renormalize,
-            E_POW2=triton.next_power_of_2(experts), num_warps=1 if experts <= 128 else 2,
-            **pdl.options(logits))
+        bias = correction_bias.contiguous() if correction_bias is not None else logits
+        _route_kernel[(tokens,)](
+            logits, bias, weights, ids, experts, logits.stride(0), experts // groups, scale,
+            TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k), RENORM=renormalize,
+            E_POW2=triton.next_power_of_2(experts), SIGMOID=sigmoid,
+            HAS_BIAS=correction_bias is not None, GROUPS=triton.next_power_of_2(groups)
+            if groups > 1 else 1, TOPK_GROUP=min(topk_group or groups, groups),
+            BY_TOP2=correction_bias is not None and groups > 1,
+            num_warps=1 if experts <= 128 else 2, **pdl.options(logits))
     return weights, ids
 
 

@@ -67,24 +67,23 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, scoring: str = "s
     """(weights [T, k] fp32, expert ids [T, k] int64) from router logits [T, E].
 
     Scores are computed in fp32 as Hugging Face does; the correction bias only changes which
-    experts are chosen, the weights are the unbiased scores of those experts. On CUDA, softmax
-    routing without groups or bias is one Triton launch (``fused_moe_triton.topk_softmax``)."""
-    if (router_logits.is_cuda and scoring == "softmax" and not num_expert_group
-            and correction_bias is None and router_logits.dim() == 2
-            and fused_ops.ops() is not None):
-        from pagedllm.layers.fused_moe_triton import topk_softmax
-        return topk_softmax(router_logits, top_k, renormalize, routed_scaling_factor)
-    logits = router_logits.float()
-    if scoring == "softmax":
-        scores = logits.softmax(dim=-1)
-    elif scoring == "sigmoid":
-        scores = logits.sigmoid()
-    else:
+    experts are chosen, the weights are the unbiased scores of those experts. On CUDA all of
+    it is one Triton launch (``fused_moe_triton.route_topk``)."""
+    if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"MoE scoring function {scoring!r} is not supported "
                          "(supported: softmax, sigmoid)")
+    groups = num_expert_group if num_expert_group and num_expert_group > 1 else 1
+    if (router_logits.is_cuda and router_logits.dim() == 2 and fused_ops.ops() is not None
+            and router_logits.shape[-1] % groups == 0):
+        from pagedllm.layers.fused_moe_triton import route_topk
+        return route_topk(router_logits, top_k, renormalize, routed_scaling_factor,
+                          sigmoid=scoring == "sigmoid", correction_bias=correction_bias,
+                          num_expert_group=groups, topk_group=topk_group)
+    logits = router_logits.float()
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
     choice = scores if correction_bias is None else scores + correction_bias.float()
-    if num_expert_group and num_expert_group > 1:
-        mask = _group_mask(choice, num_expert_group, topk_group or num_expert_group,
+    if groups > 1:
+        mask = _group_mask(choice, groups, topk_group or groups,
                            by_top2_sum=correction_bias is not None)
         choice = choice.masked_fill(~mask, float("-inf"))
     ids = choice.topk(top_k, dim=-1).indices

@@ -112,15 +112,40 @@ def test_topk_softmax_matches_select_experts(tokens, experts, top_k, renorm, sca
     logits = torch.randn(tokens, experts, generator=gen)
     ref_w, ref_ids = select_experts(logits, top_k, renormalize=renorm,
                                     routed_scaling_factor=scale)
-    weights, ids = fm.topk_softmax(logits.to(DEVICE), top_k, renorm, scale)
+    weights, ids = fm.route_topk(logits.to(DEVICE), top_k, renorm, scale)
     assert ids.dtype == torch.int64 and weights.dtype == torch.float32
     assert torch.equal(ids.cpu(), ref_ids)
     torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-6)
     logits = logits.to(torch.bfloat16)
     ref_w, _ = select_experts(logits, top_k, renormalize=renorm, routed_scaling_factor=scale)
-    weights, ids = fm.topk_softmax(logits.to(DEVICE), top_k, renorm, scale)
+    weights, ids = fm.route_topk(logits.to(DEVICE), top_k, renorm, scale)
     torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-6)
     assert all(len(set(row)) == top_k for row in ids.tolist())
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,groups,topk_group,scoring,bias,renorm,scale", [
+    (3, 64, 6, 1, None, "sigmoid", False, False, 1.0),       # sigmoid, no groups
+    (4, 160, 6, 8, 3, "softmax", False, False, 16.0),        # DeepSeek-V2: best expert a group
+    (2, 256, 8, 8, 4, "sigmoid", True, True, 2.5),           # DeepSeek-V3: bias, top-2 sums
+    (5, 60, 4, 3, 2, "sigmoid", True, False, 1.0),           # 3 groups (padded to 4)
+    (1, 48, 4, 4, 4, "softmax", True, True, 1.0)])           # every group kept
+def test_route_topk_matches_select_experts(tokens, experts, top_k, groups, topk_group,
+                                           scoring, bias, renorm, scale):
+    """The one-launch router with sigmoid scores, the correction bias and grouped top-k
+    against ``select_experts``' torch path (fp32 logits: no ties): the same experts in the
+    same order, weights within fp32 rounding."""
+    gen = torch.Generator().manual_seed(experts * 7 + top_k)
+    logits = torch.randn(tokens, experts, generator=gen)
+    corr = torch.rand(experts, generator=gen) * 0.5 if bias else None
+    kwargs = dict(scoring=scoring, renormalize=renorm, routed_scaling_factor=scale,
+                  num_expert_group=groups, topk_group=topk_group, correction_bias=corr)
+    ref_w, ref_ids = select_experts(logits, top_k, **kwargs)
+    weights, ids = fm.route_topk(logits.to(DEVICE), top_k, renorm, scale,
+                                 sigmoid=scoring == "sigmoid",
+                                 correction_bias=corr.to(DEVICE) if bias else None,
+                                 num_expert_group=groups, topk_group=topk_group)
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-6)
 
 
 gpu = pytest.mark.skipif(not ON_GPU, reason="large shapes and CUDA graphs need a GPU")
