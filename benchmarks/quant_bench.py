@@ -344,10 +344,10 @@ def bench_engine(args, dev) -> None:
             best = min(mb.generate(llm, prompts, [out_len] * batch)[0] for _ in range(2))
             rate = batch * out_len / best
             rates[(fmt, f"b{batch}")] = rate
-            base = rates.get(("bf16", f"b{batch}"))
+            ref = rates.get(("bf16", f"b{batch}"))
             mb.emit(bench=f"decode b={batch} {in_len}/{out_len}", format=fmt,
                     tok_s=round(rate, 1), packed_tensors_randomized=filled,
-                    vs_bf16=round(rate / base, 3) if base else None)
+                    vs_bf16=round(rate / ref, 3) if ref else None)
         if args.offline and fmt in ("bf16", "fp8"):
             offline(llm, fmt, rates)
         del llm
