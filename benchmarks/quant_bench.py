@@ -246,10 +246,9 @@ def tune_nf4(name, n, k, rows, dtype, dev) -> None:
 
 def tune_w4mma(name, n, k, dtype, dev) -> None:
     """The fastest one-row config of the tensor-core W4A16 kernel (``triton_w4mma.CONFIG``:
-    warps, programs per SM, least inputs a split, mma chains, k-steps of words ahead) at this
-    shape."""
-    cands = [(w, waves, least, chains, ahead) for w in (2, 4) for waves in (4, 8, 16)
-             for least in (256, 512) for chains, ahead in ((1, 1), (2, 1), (1, 2))]
+    warps, programs per SM, least inputs a split, mma chains) at this shape."""
+    cands = [(w, waves, least, chains) for w in (2, 4) for waves in (4, 8, 16)
+             for least in (256, 512) for chains in (1, 2)]
     sweep("w4mma", "w4mma tune", name, n, k, 1, dtype, dev, cands)
 
 

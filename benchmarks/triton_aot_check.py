@@ -245,18 +245,15 @@ def w4mma_variants() -> list[str]:
     types = {"x_ptr": "*i32", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16",
              "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "bias_ptr": "*bf16"}
     lines = []
-    for tiles, fp16, fold, gated, chains, ahead in [
-            (1, False, True, False, 1, 1), (1, False, True, True, 1, 1),
-            (1, True, True, False, 1, 1), (1, False, True, False, 2, 1),
-            (1, True, True, False, 2, 1), (1, False, True, False, 1, 2),
-            (1, False, True, True, 1, 2), (2, False, True, False, 1, 1),
-            (4, False, True, True, 1, 1), (8, False, True, False, 1, 1),
-            (8, False, False, False, 1, 1)]:
+    for tiles, fp16, fold, gated, chains in [
+            (1, False, True, False, 1), (1, False, True, True, 1), (1, True, True, False, 1),
+            (1, False, True, False, 2), (1, True, True, False, 2), (2, False, True, False, 1),
+            (4, False, True, True, 1), (8, False, True, False, 1), (8, False, False, False, 1)]:
         lines.append(compile_kernel(
             w4._w4mma_kernel, {**types, "s_ptr": "*fp16" if fp16 else "*bf16"},
             dict(GROUP=128, HAS_ZEROS=True, FOLD=fold, HAS_BIAS=False, GATED=gated,
-                 TILES=tiles, FP16=fp16, WARPS=w4.CONFIG[0], CHAINS=chains, AHEAD=ahead,
-                 EMULATE=False, USE_PDL=True),
+                 TILES=tiles, FP16=fp16, WARPS=w4.CONFIG[0], CHAINS=chains, EMULATE=False,
+                 USE_PDL=True),
             num_warps=w4.CONFIG[0]))
     for bm, bn, bk, warps, stages in [(16, 64, 128, 4, 3), (32, 32, 128, 4, 3),
                                       (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]:

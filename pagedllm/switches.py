@@ -18,11 +18,11 @@ variable                        default    effect
                                            one-row GEMV's split-K sums always reduce in a
                                            second kernel (``attention/triton_attention``,
                                            ``quant/triton_wna16``)
-``PAGEDLLM_W4_MMA``            ``0``      ``1``: 4-bit GPTQ / AWQ / compressed-tensors layers
-                                           are repacked at load for ``quant/triton_w4mma``
+``PAGEDLLM_W4_MMA``            ``1``      ``0``: 4-bit GPTQ / AWQ / compressed-tensors layers
+                                           keep ``triton_wna16``'s kernels instead of being
+                                           repacked at load for ``quant/triton_w4mma``
                                            (mma.sync fragments up to 8 rows, its GEMM
-                                           above) instead of ``triton_wna16``'s kernels;
-                                           off until its GEMM route has run on a GPU
+                                           above)
 ``PAGEDLLM_ASYNC_OUTPUT_PROC``  unset      ``1``: async output processing on CPU too (on by
                                            default on CUDA; ``EngineConfig.async_output_proc``)
 =============================== ========== ===========================================
@@ -47,7 +47,7 @@ class Switches:
     pdl: bool = True
     decode_fold: bool = True
     async_output_proc: bool = False  # forced on where it is off by default (CPU)
-    w4_mma: bool = False
+    w4_mma: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Switches:
@@ -59,7 +59,7 @@ class Switches:
                    pdl=_on_unless_zero(env, "PAGEDLLM_PDL"),
                    decode_fold=_on_unless_zero(env, "PAGEDLLM_DECODE_FOLD"),
                    async_output_proc=env.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1",
-                   w4_mma=_one_or_zero(env, "PAGEDLLM_W4_MMA", "0") == "1")
+                   w4_mma=_one_or_zero(env, "PAGEDLLM_W4_MMA", "1") == "1")
 
 
 def _one_or_zero(env: Mapping[str, str], name: str, default: str) -> str:

@@ -52,12 +52,12 @@ MAX_ROWS = 8 * MAX_TILES
 MMA_MAX_ROWS = 8
 DEQUANT_MIN_ROWS = 512
 # (warps of 16 features a program, programs per SM that split-K aims for, least inputs a
-# split, mma dependency chains at one token tile, k-steps of words requested ahead: 1 or 2):
-# the register-fragment kernel's defaults,
-# s8a's numbers (``quant_bench.py --tune-w4mma`` sweeps candidates); a split covers at least
+# split, mma dependency chains at one token tile): the register-fragment kernel's defaults,
+# the H100 sweep of the ninth part (``quant_bench.py --tune-w4mma``: two chains and splits of
+# 256 inputs were in every shape's best three; o_proj 9.41 -> 7.33 us); a split covers at least
 # max(least inputs, SPLIT_K_PER_ROW * rows): its fp32 partial sums (written, then read by the
 # fold) stay small next to the weight it reads
-CONFIG = (4, 8, 512, 1, 1)
+CONFIG = (4, 8, 256, 2)
 SPLIT_MIN_K = CONFIG[2]  # the default least split on its own: tests shrink it
 SPLIT_K_PER_ROW = 32
 
@@ -169,7 +169,7 @@ def _asm_text(tiles: int, fp16: bool, chains: int = 1) -> str:
     (broadcast: the first four used), each tile's x pairs 0-3 (xa) and 4-7 (xb), the zero
     pairs of rows g and g + 8 (broadcast: the first used), the input accumulators.
     ``chains`` 2: the odd k-steps accumulate into a second set of registers, added at the
-    end, so two mma dependency chains interleave (a tuning candidate, not the default)."""
+    end, so two mma dependency chains interleave (the default since the H100 sweep)."""
     n = 4 * tiles
     w0, xa, xb, zl, zh, acc = n, 2 * n, 3 * n, 4 * n, 5 * n, 6 * n
     magic = "0x64006400" if fp16 else "0x43004300"
@@ -312,8 +312,8 @@ def _w4mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, part_ptr, count_ptr, bi
                   stride_om, stride_ps, stride_pm, GROUP: tl.constexpr,
                   HAS_ZEROS: tl.constexpr, FOLD: tl.constexpr, HAS_BIAS: tl.constexpr,
                   GATED: tl.constexpr, TILES: tl.constexpr, FP16: tl.constexpr,
-                  WARPS: tl.constexpr, CHAINS: tl.constexpr, AHEAD: tl.constexpr,
-                  EMULATE: tl.constexpr, USE_PDL: tl.constexpr):
+                  WARPS: tl.constexpr, CHAINS: tl.constexpr, EMULATE: tl.constexpr,
+                  USE_PDL: tl.constexpr):
     # program (pid_n, pid_s, pid_t): features [16 WARPS pid_n, + 16 WARPS) (a warp each 16),
     # inputs [k_split pid_s, + k_split), tokens [8 TILES pid_t, + 8 TILES). Element (t, r, i)
     # of the [TILES, 32 WARPS, 4] tensors is register i of lane r % 32 of warp r // 32 for
@@ -353,12 +353,7 @@ def _w4mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, part_ptr, count_ptr, bi
         base = 0x4300  # 128.0 in bf16
     total = tl.zeros((TILES, R, 4), dtype=tl.float32)
     k_start = pid_s * k_split
-    k_end = (k_start + k_split) // 64
     w = tl.load(w_ptrs + (k_start // 64) * 128)  # the weights do not wait for the kernel before
-    w_next = w  # AHEAD 2: the k-step after w's, requested too
-    if AHEAD == 2:
-        if k_start // 64 + 1 < k_end:
-            w_next = tl.load(w_ptrs + (k_start // 64 + 1) * 128)
     pdl.wait(USE_PDL)
     for k0 in range(k_start, k_start + k_split, GROUP):
         grp = k0 // GROUP
@@ -381,11 +376,7 @@ def _w4mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, part_ptr, count_ptr, bi
             xa = tl.reshape(tl.load(x_ptrs + kq * 32, mask=x_ok, other=0), (TILES, R, 4))
             xb = tl.reshape(tl.load(x_ptrs + kq * 32 + 4, mask=x_ok, other=0), (TILES, R, 4))
             wb = tl.broadcast_to(w, (TILES, R, 4))
-            if AHEAD == 2:  # two k-steps' words in flight while this one computes
-                w = w_next
-                if kq + 2 < k_end:
-                    w_next = tl.load(w_ptrs + (kq + 2) * 128)
-            elif kq + 1 < k_end:  # the next k-step's words, requested early
+            if kq + 1 < (k_start + k_split) // 64:  # the next k-steps' words, requested early
                 w = tl.load(w_ptrs + (kq + 1) * 128)
             if EMULATE:  # the interpreter: no inline PTX
                 acc = _mma_step_emulated(wb, xa, xb, zl, zh, acc, TILES, FP16)
@@ -562,8 +553,7 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     ``gated``) -> [M, N or N/2] in x's dtype; W in the layout (``repack``), zeros GPTQ-packed
     [G, N/8] or None (the constant ``zero_offset``), scales [G, N]. ``tiles`` overrides the
     token tiles per program (tests); ``config`` (warps, programs per SM aimed for, least
-    inputs a split, mma chains: 1 or 2 at one tile, k-steps ahead: 1 or 2) overrides
-    ``CONFIG`` (tuning)."""
+    inputs a split, mma chains: 1 or 2 at one tile) overrides ``CONFIG`` (tuning)."""
     m, k = x.shape
     n = words.shape[0] * 16
     if not eligible(4, False, k, n, group_size) or words.shape[1] * 64 != k:
@@ -580,8 +570,7 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
         tiles = next(t for t in (1, 2, 4, 8) if 8 * t >= m)
     token_programs = triton.cdiv(m, 8 * tiles)
     group, one_row = _group(k, group_size)
-    want_warps, waves, split_min_k, chains, ahead = config or (*CONFIG[:2], SPLIT_MIN_K,
-                                                               *CONFIG[3:])
+    want_warps, waves, split_min_k, chains = config or (*CONFIG[:2], SPLIT_MIN_K, CONFIG[3])
     warps = _warps(n, gated, want_warps)
     col_tiles = n // (16 * warps)
     splits = _splits(m, k, group, col_tiles * token_programs, waves * _sm_count(x.device),
@@ -606,7 +595,7 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
         out.stride(0), part.stride(0), part.stride(1), GROUP=group,
         HAS_ZEROS=qzeros is not None, FOLD=fold, HAS_BIAS=bias is not None, GATED=gated,
         TILES=tiles, FP16=x.dtype == torch.float16, WARPS=warps,
-        CHAINS=chains if tiles == 1 else 1, AHEAD=ahead, EMULATE=not x.is_cuda, num_warps=warps,
+        CHAINS=chains if tiles == 1 else 1, EMULATE=not x.is_cuda, num_warps=warps,
         **pdl.options(x))
     if fold:
         return out

@@ -108,15 +108,6 @@ def test_kernel_gated_bias(split_k, m):
     _check(m, 128, 128, 64, torch.bfloat16, gated=True, bias=True)
 
 
-@pytest.mark.parametrize("k,group", [(64, 64), (192, 64), (512, 128)])
-def test_kernel_two_steps_ahead(split_k, monkeypatch, k, group):
-    """The AHEAD=2 variant (two k-steps of words in flight, a tuning candidate): splits of
-    one, three and eight k-steps, so its first and in-loop requests stop at the split's end."""
-    monkeypatch.setattr(wm, "CONFIG", (*wm.CONFIG[:4], 2))
-    _check(1, k, 64, group, torch.bfloat16)
-    _check(3, k, 32, group, torch.float16, gated=True)
-
-
 def test_kernel_rejects():
     x = torch.randn(1, 64)
     with pytest.raises(ValueError, match="fp16 or bf16"):

@@ -17,14 +17,14 @@ NAMES = ("PAGEDLLM_DISABLE_FUSED_OPS", "PAGEDLLM_GEMV", "PAGEDLLM_PDL", "PAGEDLL
 def test_defaults_are_the_tuned_behaviour():
     assert Switches.from_env({}) == Switches(fused_ops=True, gemv="tuned", pdl=True,
                                              decode_fold=True, async_output_proc=False,
-                                             w4_mma=False)
+                                             w4_mma=True)
 
 
 def test_each_switch_parses_as_documented():
     got = Switches.from_env({"PAGEDLLM_DISABLE_FUSED_OPS": "1", "PAGEDLLM_GEMV": "off",
                              "PAGEDLLM_PDL": "0", "PAGEDLLM_DECODE_FOLD": "0",
-                             "PAGEDLLM_ASYNC_OUTPUT_PROC": "1", "PAGEDLLM_W4_MMA": "1"})
-    assert got == Switches(False, "off", False, False, True, True)
+                             "PAGEDLLM_ASYNC_OUTPUT_PROC": "1", "PAGEDLLM_W4_MMA": "0"})
+    assert got == Switches(False, "off", False, False, True, False)
     with pytest.raises(ValueError, match="PAGEDLLM_W4_MMA"):
         Switches.from_env({"PAGEDLLM_W4_MMA": "yes"})
     assert Switches.from_env({"PAGEDLLM_GEMV": "all"}).gemv == "all"
