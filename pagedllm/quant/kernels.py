@@ -4,11 +4,11 @@
   ``triton_wna16`` (Triton importable and ``PAGEDLLM_DISABLE_FUSED_OPS`` unset, as for the
   other fused ops). The kernel's view of a layer's tensors is cached on the layer and rebuilt
   when the tensors move (``--cpu-offload-gb`` streams them per call).
-- ``w4mma_for`` / ``w4mma_apply``: with ``PAGEDLLM_W4_MMA=1``, 4-bit GPTQ / AWQ /
-  compressed-tensors layers whose groups are whole 64-input tiles are repacked at load on
-  CUDA into the layout of ``triton_w4mma`` (register-fragment mma up to ``MMA_MAX_ROWS``
-  rows, a GEMM reading the layout above, dequantize + cuBLAS for prefills); by default they
-  stay on ``triton_wna16``.
+- ``w4mma_for`` / ``w4mma_apply``: 4-bit GPTQ / AWQ / compressed-tensors layers whose groups
+  are whole 64-input tiles are repacked at load on CUDA into the layout of ``triton_w4mma``
+  (register-fragment mma up to ``MMA_MAX_ROWS`` rows, a GEMM reading the layout above,
+  dequantize + cuBLAS for prefills); with ``PAGEDLLM_W4_MMA=0`` they stay on
+  ``triton_wna16``.
 - ``triton_nf4_for``: bitsandbytes NF4 / FP4 weights on CUDA go through ``triton_nf4``.
 - ``triton_gguf_for``: GGUF Q4_K / Q5_K / Q6_K / Q8_0 layers on CUDA go through
   ``triton_gguf`` (the other block types through the torch reference).
@@ -109,7 +109,7 @@ def wna16_apply(layer: nn.Module, x: torch.Tensor, key: torch.Tensor,
 
 def w4mma_for(tensor: torch.Tensor, bits: int, act_order: bool, k: int, n: int,
               group_size: int, what: str):
-    """``triton_w4mma`` when a layer's weight (on CUDA, fused ops on, ``PAGEDLLM_W4_MMA=1``)
+    """``triton_w4mma`` when a layer's weight (on CUDA, fused ops on, ``PAGEDLLM_W4_MMA`` not 0)
     can take its layout, else None: the method then repacks the weight at load."""
     from pagedllm.switches import switches
     if wna16_for(tensor) is None or not switches().w4_mma:

@@ -1,7 +1,7 @@
 """4-bit weight-only matmuls on the tensor cores: W4A16 layers whose groups are whole
 64-input tiles (GPTQ without act-order, AWQ after ``repack_awq``, compressed-tensors
-pack-quantized), the weight repacked once at load (with ``PAGEDLLM_W4_MMA=1``: off by
-default until ``_gemm_kernel`` has run on a GPU) into the register layout of
+pack-quantized), the weight repacked once at load (unless ``PAGEDLLM_W4_MMA=0``) into the
+register layout of
 ``mma.sync.m16n8k16``. ``w4_matmul`` routes by rows: up to ``MMA_MAX_ROWS`` the
 register-fragment kernel below, up to ``DEQUANT_MIN_ROWS`` a wgmma GEMM that decodes the same
 words (``_gemm_kernel``), more: dequantize once, then cuBLAS.
