@@ -271,6 +271,14 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         | cut -c1-200
       echo "== quant engine"; PAGEDLLM_W4_MMA=1 quant_engine 80 --formats gptq --batches 16 64 \
         --no-offline ;;
+    s9a)
+      # the layout's GEMM (9-511 rows) had triton_wna16's table, never tuned for it: sweep
+      # it at 16 / 64 rows (tiles, split-K programs per SM, least inputs a split per row),
+      # then GPTQ decode at batch 16 / 64 against bf16 (~6 min)
+      echo "== w4mma gemm tune"; timeout 240 python benchmarks/quant_bench.py --only kernels \
+        --rows 16 64 --kinds w4mma --tune-w4mma 2>&1 | grep -v Warning \
+        | grep -E "bench=w4mma tune|kind=w4mma" | cut -c1-240
+      echo "== quant engine"; quant_engine 150 --formats bf16 gptq --batches 16 64 --no-offline ;;
     next8)
       # what the eighth session left (~9.5 min, carry .whl-serve): s8c (the W4A16 layout's
       # GEMM route: GPU tests, 16 / 64-row kernels, GPTQ with PAGEDLLM_W4_MMA=1 vs bf16 at

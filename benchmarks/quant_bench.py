@@ -193,8 +193,8 @@ def bench_kernels(args, dev) -> None:
                         speedup=round(base_us / us, 2))
             if args.tune:
                 tune(name, n, k, rows, dtype, dev)
-            if args.tune_w4mma and rows == 1 and dev.type == "cuda":
-                tune_w4mma(name, n, k, dtype, dev)
+            if args.tune_w4mma and dev.type == "cuda":
+                tune_w4mma(name, n, k, rows, dtype, dev)
             if args.tune_nf4:
                 tune_nf4(name, n, k, rows, dtype, dev)
             if args.tune_fp8 and rows == 1 and gemvs:
@@ -244,12 +244,21 @@ def tune_nf4(name, n, k, rows, dtype, dev) -> None:
     sweep("nf4", "nf4 tune", name, n, k, rows, dtype, dev, cands)
 
 
-def tune_w4mma(name, n, k, dtype, dev) -> None:
-    """The fastest one-row config of the tensor-core W4A16 kernel (``triton_w4mma.CONFIG``:
-    warps, programs per SM, least inputs a split, mma chains) at this shape."""
-    cands = [(w, waves, least, chains) for w in (2, 4) for waves in (4, 8, 16)
-             for least in (256, 512) for chains in (1, 2)]
-    sweep("w4mma", "w4mma tune", name, n, k, 1, dtype, dev, cands)
+def tune_w4mma(name, n, k, rows, dtype, dev) -> None:
+    """The fastest config of the tensor-core W4A16 layout's route at this shape: one row, the
+    register-fragment kernel (``triton_w4mma.CONFIG``: warps, programs per SM, least inputs a
+    split, mma chains); 9-511 rows, its GEMM (``_gemm_config``: BLOCK_M / N / K, warps,
+    stages, programs per SM split-K aims for, least inputs a split takes per row)."""
+    if rows == 1:
+        cands = [(w, waves, least, chains) for w in (2, 4) for waves in (4, 8, 16)
+                 for least in (256, 512) for chains in (1, 2)]
+    elif rows > 8:
+        bm = 16 if rows <= 16 else 64
+        cands = [(bm, bn, bk, 4, 3, waves, per_row) for bn in (32, 64, 128) for bk in (64, 128)
+                 for waves in (2, 4) for per_row in (8, 64)]
+    else:
+        return
+    sweep("w4mma", "w4mma tune", name, n, k, rows, dtype, dev, cands)
 
 
 def tune_fp8(name, n, k, dtype, dev) -> tuple | None:
@@ -378,7 +387,8 @@ def main() -> None:
                         help="engine formats (bf16 always runs first: the ratios' base)")
     parser.add_argument("--tune", action="store_true", help="sweep the W4A16 tile configs")
     parser.add_argument("--tune-w4mma", action="store_true",
-                        help="sweep the one-row tensor-core W4A16 kernel's configs")
+                        help="sweep the tensor-core W4A16 layout's configs (one row: its "
+                        "mma kernel; 9-511 rows: its GEMM)")
     parser.add_argument("--tune-nf4", action="store_true",
                         help="sweep the bitsandbytes 4-bit GEMV / GEMM tile configs")
     parser.add_argument("--tune-fp8", action="store_true",

@@ -604,23 +604,33 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     return _epilogue(part[0], bias, gated)
 
 
+def _gemm_config(m: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM split-K aims for (0: no
+    split), least inputs a split takes per row) for ``_gemm`` at m rows: ``triton_wna16``'s
+    GEMM table and split sizes (not tuned for this kernel yet)."""
+    from pagedllm.quant import triton_wna16 as wq
+    _, block_m, block_n, block_k, warps, stages, *rest = next(
+        c for c in wq.GEMM_CONFIGS if m <= c[0])
+    waves = (rest[0] if rest else wq.GEMM_WAVES) if m <= wq.GEMM_SPLIT_MAX_ROWS else 0
+    return block_m, block_n, block_k, warps, stages, waves, wq.SPLIT_K_PER_ROW
+
+
 def _gemm(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
-          scales: torch.Tensor, group_size: int, zero_offset: int) -> tuple[torch.Tensor, bool]:
-    """x [M, K] @ W through ``_gemm_kernel`` with ``triton_wna16``'s GEMM tile table and
-    split-K sizes, in ``_splits``' equal whole-group splits: (out [M, N] in x's dtype, False)
-    or (fp32 partial sums [S, M, N], True)."""
+          scales: torch.Tensor, group_size: int, zero_offset: int,
+          config: tuple | None = None) -> tuple[torch.Tensor, bool]:
+    """x [M, K] @ W through ``_gemm_kernel`` at ``_gemm_config`` (``config`` overrides it:
+    tuning), in ``_splits``' equal whole-group splits: (out [M, N] in x's dtype, False) or
+    (fp32 partial sums [S, M, N], True)."""
     from pagedllm.quant import triton_wna16 as wq
     m, k = x.shape
     n = words.shape[0] * 16
     group, one_row = _group(k, group_size)
-    _, block_m, block_n, block_k, warps, stages, *rest = next(
-        c for c in wq.GEMM_CONFIGS if m <= c[0])
+    block_m, block_n, block_k, warps, stages, waves, per_row = config or _gemm_config(m)
     while group % block_k:  # a K tile lies in one group (groups are whole 64-input tiles)
         block_k //= 2
-    waves = rest[0] if rest else wq.GEMM_WAVES
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    target = waves * _sm_count(x.device) if m <= wq.GEMM_SPLIT_MAX_ROWS else 0
-    splits = _splits(m, k, group, tiles, target, wq.SPLIT_MIN_K, wq.SPLIT_K_PER_ROW)
+    splits = _splits(m, k, group, tiles, waves * _sm_count(x.device), wq.SPLIT_MIN_K,
+                     per_row)
     k_split = k // splits
     out = torch.empty(splits, m, n, device=x.device,
                       dtype=x.dtype if splits == 1 else torch.float32)
@@ -655,7 +665,8 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
               config: tuple | None = None) -> torch.Tensor:
     """x [..., K] @ W for a layer in the layout: the register-fragment kernel up to
     ``MMA_MAX_ROWS`` rows, ``_gemm_kernel`` below ``DEQUANT_MIN_ROWS``, else dequantized once
-    (one launch) and multiplied by cuBLAS."""
+    (one launch) and multiplied by cuBLAS. ``config`` overrides the route's config
+    (``matmul``'s or ``_gemm``'s: tuning)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     n = words.shape[0] * 16
@@ -672,7 +683,7 @@ def w4_matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     elif x2.shape[0] < DEQUANT_MIN_ROWS and x2.dtype != torch.float32:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        out, partial = _gemm(x2, words, qzeros, scales, group_size, zero_offset)
+        out, partial = _gemm(x2, words, qzeros, scales, group_size, zero_offset, config)
         out = _reduce(out, bias, gated, x2.dtype) if partial else _epilogue(out, bias, gated)
     else:
         wt = dequantize(words, qzeros, scales, group_size, zero_offset, x2.dtype)

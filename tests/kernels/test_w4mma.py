@@ -287,6 +287,23 @@ def test_gemm_reads_the_layout(split_k, m, group, zeros):
     assert _rel_err(out.cpu(), ref) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("config,splits", [((16, 32, 64, 4, 3, 64, 8), 4),
+                                           ((64, 64, 128, 4, 3, 2, 64), 1),
+                                           ((16, 128, 64, 4, 3, 0, 8), 1)])
+def test_gemm_config_override(monkeypatch, config, splits):
+    """The GEMM route at a tuning candidate's config (``w4_matmul(config=...)``): tiles wider
+    than N, K split in four or not at all, the same product."""
+    from pagedllm.quant import triton_wna16
+    monkeypatch.setattr(wm, "_sm_count", lambda device: 1)
+    monkeypatch.setattr(triton_wna16, "SPLIT_MIN_K", 64)
+    tiles = -(-64 // config[1]) * -(-12 // config[0])  # column tiles x row tiles
+    assert wm._splits(12, 512, 64, tiles, config[5], 64, config[6]) == splits
+    x, qweight, qzeros, scales, ref_w = _case(12, 512, 64, 64, torch.bfloat16, True)
+    out = wm.w4_matmul(x.to(DEVICE), wm.repack(qweight).to(DEVICE), qzeros.to(DEVICE),
+                       scales.to(DEVICE), 64, 1, config=config)
+    assert _rel_err(out.cpu(), (x.double() @ ref_w).to(torch.bfloat16)) < TOL[torch.bfloat16]
+
+
 @gpu
 @pytest.mark.parametrize("m", [1, 8, 16, 64, 130, 600])
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
