@@ -256,7 +256,7 @@ def w4mma_variants() -> list[str]:
                  USE_PDL=True),
             num_warps=w4.CONFIG[0]))
     for bm, bn, bk, warps, stages in [(16, 64, 128, 4, 3), (32, 32, 128, 4, 3),
-                                      (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]:
+                                      (64, 64, 128, 4, 3), (64, 128, 64, 8, 3)]:
         lines.append(compile_kernel(
             w4._gemm_kernel, {**types, "x_ptr": "*bf16", "out_ptr": "*fp32"},
             dict(GROUP=128, HAS_ZEROS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),

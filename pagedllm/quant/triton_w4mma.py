@@ -604,11 +604,24 @@ def matmul(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     return _epilogue(part[0], bias, gated)
 
 
+# (least rows, most rows, config): ``_gemm_config``'s rows tuned for this GEMM (other row
+# counts: triton_wna16's table, whose 33-64 row this replaces). H100 sweep at 64 rows
+# (``quant_bench.py --tune-w4mma --rows 64``, ninth part): 128-input K tiles and splits of
+# down to 8 inputs a row; this config took qkv 37.9 -> 19.7 us and gate_up 78.8 -> 74.1 (bf16
+# 20.1 / 83.1); o_proj and down were fastest with 2 programs per SM (15.4 / 39.0 us against
+# 38.1 / 69.6 before; bf16 14.6 / 46.2) and this config was not in their best three. At 16
+# rows triton_wna16's row was already the best.
+GEMM_CONFIGS = [(33, 64, (64, 64, 128, 4, 3, 4, 8))]
+
+
 def _gemm_config(m: int) -> tuple:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM split-K aims for (0: no
-    split), least inputs a split takes per row) for ``_gemm`` at m rows: ``triton_wna16``'s
-    GEMM table and split sizes (not tuned for this kernel yet)."""
+    split), least inputs a split takes per row) for ``_gemm`` at m rows: the row of
+    ``GEMM_CONFIGS`` that covers m, else ``triton_wna16``'s GEMM table and split sizes."""
     from pagedllm.quant import triton_wna16 as wq
+    own = next((cfg for least, most, cfg in GEMM_CONFIGS if least <= m <= most), None)
+    if own is not None:
+        return own
     _, block_m, block_n, block_k, warps, stages, *rest = next(
         c for c in wq.GEMM_CONFIGS if m <= c[0])
     waves = (rest[0] if rest else wq.GEMM_WAVES) if m <= wq.GEMM_SPLIT_MAX_ROWS else 0
