@@ -526,13 +526,13 @@ def _launch_args(w: WNA16Weight, act_order: bool) -> tuple:
 
 
 def _splits(programs: int, k: int, block_k: int, target: int,
-            rows: int = 1) -> tuple[int, int]:
+            rows: int = 1, per_row: int | None = None) -> tuple[int, int]:
     """(splits, K per split) so that about ``target`` programs run (split-K: the SMs fill
     even when N gives few column tiles); each split a whole number of K tiles. The fp32
     partial sums (written and read once more) stay small next to the weight: a split covers
-    at least max(SPLIT_MIN_K, SPLIT_K_PER_ROW * rows) of K."""
+    at least max(SPLIT_MIN_K, ``per_row`` (default SPLIT_K_PER_ROW) * rows) of K."""
     k_tiles = triton.cdiv(k, block_k)
-    most = max(1, k // max(SPLIT_MIN_K, SPLIT_K_PER_ROW * rows))
+    most = max(1, k // max(SPLIT_MIN_K, (per_row or SPLIT_K_PER_ROW) * rows))
     splits = max(1, min(k_tiles, triton.cdiv(target, programs), most))
     k_split = triton.cdiv(k_tiles, splits) * block_k
     return triton.cdiv(k, k_split), k_split
@@ -605,7 +605,7 @@ GEMM_WAVES = 2
 
 def _gemm(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor:
     """``config``: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, programs per SM
-    aimed for by split-K])."""
+    aimed for by split-K[, least inputs a split takes per row]])."""
     m = x.shape[0]
     if config is None:
         config = next(c[1:] for c in GEMM_CONFIGS if m <= c[0])
@@ -614,7 +614,8 @@ def _gemm(x: torch.Tensor, w: WNA16Weight, config: tuple | None) -> torch.Tensor
     block_k, act_order = _block_k(w, block_k)
     tiles = triton.cdiv(w.n, block_n) * triton.cdiv(m, block_m)
     target = waves * _sm_count(x.device) if m <= GEMM_SPLIT_MAX_ROWS else 0
-    splits, k_split = _splits(tiles, w.k, block_k, target, m)
+    per_row = rest[1] if len(rest) > 1 else None
+    splits, k_split = _splits(tiles, w.k, block_k, target, m, per_row)
     out = torch.empty(splits, m, w.n, device=x.device,
                       dtype=x.dtype if splits == 1 else torch.float32)
     tensors, strides = _launch_args(w, act_order)

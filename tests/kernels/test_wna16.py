@@ -110,6 +110,26 @@ def test_gptq_layout(m, dtype, gemv, k, n, group, desc_act, bits):
     gptq_case(m, k, n, group, desc_act, bits, dtype, gemv=gemv)
 
 
+@pytest.mark.parametrize("per_row,splits", [(1, 4), (64, 1)])
+def test_gemm_split_per_row(split_k, monkeypatch, per_row, splits):
+    """The GEMM's optional last config entry (least inputs a split takes per row, a tuning
+    candidate): 40 rows over K = 256 split in four (per row 1) or not at all (64)."""
+    monkeypatch.setattr(wq, "SPLIT_MIN_K", 32)
+    monkeypatch.setattr(wq, "_sm_count", lambda device: 1)
+    config = (64, 32, 64, 4, 3, 64, per_row)
+    assert wq._splits(2, 256, 64, 64, 40, per_row)[0] == splits
+    g = torch.Generator().manual_seed(3)
+    qweight, qzeros = _words((256 // 8, 64), g), _words((8, 64 // 8), g)
+    scales = _scales((8, 64), torch.bfloat16, g)
+    x = torch.randn(40, 256, generator=g).to(torch.bfloat16).to(DEVICE)
+    g_idx = (torch.arange(256) // 32).int().to(DEVICE)
+    weight = wq.gptq_weight(qweight, qzeros, scales, g_idx, 4, 32, False, 1)
+    assert wq._gemm(x, weight, config)[1] == (splits > 1)  # partial sums: K was split
+    out = wq.wna16_matmul(x, weight, config=config)
+    ref = x.double() @ gptq_dequantize(qweight, qzeros, scales.double(), g_idx, 4, 1).double()
+    assert _rel_err(out.cpu(), ref.to(torch.bfloat16)) < TOL[torch.bfloat16]
+
+
 def test_gptq_v2_zero_offset():
     gptq_case(3, 128, 64, 32, False, 4, torch.float32, zero_offset=0)
 
