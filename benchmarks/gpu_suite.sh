@@ -271,6 +271,20 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         | cut -c1-200
       echo "== quant engine"; PAGEDLLM_W4_MMA=1 quant_engine 80 --formats gptq --batches 16 64 \
         --no-offline ;;
+    next9)
+      # what the ninth session left (~9 min, carry .whl-serve): s9a (the layout GEMM's 16 /
+      # 64-row sweep, GPTQ decode at batch 16 / 64 with its new 33-64 row config), the
+      # triton_wna16 GEMM's sweep at 64 rows now that splits may go below 64 inputs a row
+      # (act-order / 8-bit layers and PAGEDLLM_W4_MMA=0), the MoE routing kernel's GPU tests
+      # and Qwen3-30B-A3B batch-1 decode
+      bash "$0" s9a
+      echo "== wna16 gemm tune"; timeout 120 python benchmarks/quant_bench.py --only kernels \
+        --rows 64 --kinds gptq --tune 2>&1 | grep -v Warning | grep -E "kernel tune" \
+        | cut -c1-240
+      echo "== moe"; timeout 40 python -m pytest -q -p no:cacheprovider -rf --tb=short \
+        tests/kernels/test_fused_moe.py -k "route or topk" 2>&1 | tail -2
+      timeout 120 python benchmarks/moe_bench.py --only decode --out "$OUT_DIR" 2>&1 \
+        | grep -E '"moe decode' ;;
     s9a)
       # the layout's GEMM (9-511 rows) had triton_wna16's table, never tuned for it: sweep
       # it at 16 / 64 rows (tiles, split-K programs per SM, least inputs a split per row),
