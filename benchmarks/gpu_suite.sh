@@ -19,8 +19,11 @@
 # no argument: tests, bench1, bench2. (tests/e2e/test_lora.py needs peft, which the GPU image
 # lacks: carry its wheel and accelerate's as .whl, see the device README, or it is skipped.)
 set -uo pipefail
-# the server's wheels, carried as .whl-serve (fastapi, starlette, uvicorn, pydantic, pyzmq):
-# the GPU image has none of them
+# the server's wheels, carried as .whl-serve (not in git): the GPU image has none of them.
+# cp312 manylinux wheels, `pip download --no-deps` (see the device README) of fastapi,
+# starlette, uvicorn, pydantic, pydantic_core, annotated-types, typing-inspection,
+# typing_extensions, annotated-doc, opentelemetry-api, anyio, sniffio, h11, click, idna, pyzmq,
+# and for GGUF files gguf, pyyaml, tqdm, requests, urllib3, charset-normalizer, certifi
 use_serve_wheels() {
   if [ -d .whl-serve ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
