@@ -63,10 +63,13 @@ SPLIT_K_PER_ROW = 32
 
 
 def eligible(bits: int, act_order: bool, k: int, n: int, group_size: int) -> bool:
-    """Whether a W4A16 layer can take this layout: 4-bit, groups of whole 64-input tiles
-    (or one group), N a multiple of 16 and K of 64."""
+    """Whether a W4A16 layer can take this layout: 4-bit, groups of whole 64-input tiles that
+    divide K (or one group), N a multiple of 16 and K of 64. (A last, shorter group, as in
+    DeepSeek-V2-Lite's down_proj, K = 10944 = 85.5 groups of 128, stays on triton_wna16:
+    the kernels here loop whole groups without a K mask.)"""
     return (bits == 4 and not act_order and n % 16 == 0 and k % 64 == 0
-            and (group_size <= 0 or group_size >= k or group_size % 64 == 0))
+            and (group_size <= 0 or group_size >= k
+                 or (group_size % 64 == 0 and k % group_size == 0)))
 
 
 def _order(codes: torch.Tensor) -> torch.Tensor:
@@ -641,6 +644,8 @@ def _gemm(x: torch.Tensor, words: torch.Tensor, qzeros: torch.Tensor | None,
     block_m, block_n, block_k, warps, stages, waves, per_row = config or _gemm_config(m)
     while group % block_k:  # a K tile lies in one group (groups are whole 64-input tiles)
         block_k //= 2
+    while n % block_n:  # the kernel reads words, scales and zeros of whole column tiles
+        block_n //= 2  # (N % 16 == 0: stops at 16 at the latest)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     splits = _splits(m, k, group, tiles, waves * _sm_count(x.device), wq.SPLIT_MIN_K,
                      per_row)

@@ -108,6 +108,17 @@ def test_kernel_gated_bias(split_k, m):
     _check(m, 128, 128, 64, torch.bfloat16, gated=True, bias=True)
 
 
+def test_eligible_needs_whole_groups():
+    """K must hold whole groups (DeepSeek-V2-Lite's down_proj: 10944 = 85.5 x 128; a ragged
+    last group made the kernels read past K: NaNs), and groups whole 64-input tiles."""
+    assert wm.eligible(4, False, 4096, 4096, 128)
+    assert wm.eligible(4, False, 192, 64, -1) and wm.eligible(4, False, 192, 64, 256)
+    assert not wm.eligible(4, False, 10944, 2048, 128)
+    assert not wm.eligible(4, False, 192, 64, 128)
+    assert not wm.eligible(4, False, 256, 64, 32)
+    assert not wm.eligible(4, True, 256, 64, 128) and not wm.eligible(8, False, 256, 64, 128)
+
+
 def test_kernel_rejects():
     x = torch.randn(1, 64)
     with pytest.raises(ValueError, match="fp16 or bf16"):
@@ -301,6 +312,19 @@ def test_gemm_config_override(monkeypatch, config, splits):
     x, qweight, qzeros, scales, ref_w = _case(12, 512, 64, 64, torch.bfloat16, True)
     out = wm.w4_matmul(x.to(DEVICE), wm.repack(qweight).to(DEVICE), qzeros.to(DEVICE),
                        scales.to(DEVICE), 64, 1, config=config)
+    assert _rel_err(out.cpu(), (x.double() @ ref_w).to(torch.bfloat16)) < TOL[torch.bfloat16]
+    assert wm._gemm(x.to(DEVICE), wm.repack(qweight).to(DEVICE), qzeros.to(DEVICE),
+                    scales.to(DEVICE), 64, 1, config)[1] == (splits > 1)  # K split or not
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter's reads past N
+@pytest.mark.parametrize("m", [20, 70])
+def test_gemm_narrow_n(m):
+    """N = 80 (a multiple of 16, of no wider tile): the GEMM's column tiles shrink to divide
+    N, so no load reads words, scales or zeros past it."""
+    x, qweight, qzeros, scales, ref_w = _case(m, 256, 80, 128, torch.bfloat16, True)
+    out = wm.w4_matmul(x.to(DEVICE), wm.repack(qweight).to(DEVICE), qzeros.to(DEVICE),
+                       scales.to(DEVICE), 128, 1)
     assert _rel_err(out.cpu(), (x.double() @ ref_w).to(torch.bfloat16)) < TOL[torch.bfloat16]
 
 
