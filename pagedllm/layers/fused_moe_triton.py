@@ -246,8 +246,8 @@ def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, group_size,
     for j in tl.static_range(TOP_K):
         _, idx = _argmax_first(choice, offs, E_POW2)
         weights = tl.where(slots == j, tl.sum(tl.where(offs == idx, p, 0.0), axis=0), weights)
-        ids = tl.where(slots == j, idx, ids)
-        choice = tl.where(offs == idx, float("-inf"), choice)
+        ids = tl.where(slots == j, tl.where(idx < E, idx, 0), ids)  # NaN logits: expert 0,
+        choice = tl.where(offs == idx, float("-inf"), choice)  # never an id past the experts
     if RENORM:
         weights = weights / tl.sum(weights, axis=0)
     tl.store(w_ptr + t * TOP_K + slots, weights * scale, mask=slots < TOP_K)
@@ -263,8 +263,8 @@ def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     int64)."""
     tokens, experts = router_logits.shape
     groups = max(1, num_expert_group or 1)
-    if experts % groups or top_k > experts:
-        raise ValueError(f"route_topk: {experts} experts, {groups} groups, top-{top_k}")
+    from pagedllm.layers.moe import check_routing
+    check_routing(experts, top_k, groups, topk_group, correction_bias is not None)
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
     if tokens:

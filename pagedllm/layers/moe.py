@@ -50,7 +50,7 @@ def _group_mask(choice: torch.Tensor, num_groups: int, topk_group: int,
                 by_top2_sum: bool) -> torch.Tensor:
     """[T, E] bool: the experts of each token's ``topk_group`` best groups. A group scores
     its best expert (DeepSeek-V2) or the sum of its best two (V3, with the correction bias)."""
-    grouped = choice.view(choice.shape[0], num_groups, -1)
+    grouped = choice.view(choice.shape[0], num_groups, choice.shape[1] // num_groups)
     if by_top2_sum:
         group_scores = grouped.topk(2, dim=-1).values.sum(-1)
     else:
@@ -58,6 +58,26 @@ def _group_mask(choice: torch.Tensor, num_groups: int, topk_group: int,
     best = group_scores.topk(topk_group, dim=-1).indices
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
     return keep.unsqueeze(-1).expand_as(grouped).reshape(choice.shape)
+
+
+def check_routing(experts: int, top_k: int, groups: int, topk_group: int | None,
+                  by_top2: bool) -> None:
+    """ValueError naming the setting when a router cannot choose ``top_k`` distinct experts
+    (the CUDA kernel and the torch path would fail differently, or repeat an expert)."""
+    if groups > 1:
+        if experts % groups:
+            raise ValueError(f"MoE router: {experts} experts do not divide into "
+                             f"num_expert_group {groups}")
+        if topk_group is not None and not 0 < topk_group <= groups:
+            raise ValueError(f"MoE router: topk_group {topk_group} must be 1..num_expert_group "
+                             f"({groups})")
+        if by_top2 and experts // groups < 2:
+            raise ValueError("MoE router: a group scored by its best two experts (the "
+                             f"correction bias) needs two experts a group, not {experts // groups}")
+        experts = (topk_group or groups) * (experts // groups)
+    if not 0 < top_k <= experts:
+        raise ValueError(f"MoE router: top_k {top_k} must be 1..{experts} (the experts that "
+                         "can be chosen)")
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, *, scoring: str = "softmax",
@@ -73,8 +93,9 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, scoring: str = "s
         raise ValueError(f"MoE scoring function {scoring!r} is not supported "
                          "(supported: softmax, sigmoid)")
     groups = num_expert_group if num_expert_group and num_expert_group > 1 else 1
-    if (router_logits.is_cuda and router_logits.dim() == 2 and fused_ops.ops() is not None
-            and router_logits.shape[-1] % groups == 0):
+    check_routing(router_logits.shape[-1], top_k, groups, topk_group,
+                  correction_bias is not None)
+    if router_logits.is_cuda and router_logits.dim() == 2 and fused_ops.ops() is not None:
         from pagedllm.layers.fused_moe_triton import route_topk
         return route_topk(router_logits, top_k, renormalize, routed_scaling_factor,
                           sigmoid=scoring == "sigmoid", correction_bias=correction_bias,

@@ -148,6 +148,34 @@ def test_route_topk_matches_select_experts(tokens, experts, top_k, groups, topk_
     torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("top_k,groups,topk_group,bias,match", [
+    (7, 4, 1, False, "top_k 7"),            # one kept group of 6 experts cannot give 7
+    (2, 4, 5, False, "topk_group 5"),       # more groups kept than there are
+    (2, 24, 2, True, "two experts a group"),  # the top-2 group score of a 1-expert group
+    (2, 5, 2, False, "do not divide")])
+def test_routing_settings_rejected_alike(top_k, groups, topk_group, bias, match):
+    """A router that cannot choose top_k distinct experts: the same ValueError from the
+    kernel and from the torch path (the kernel repeated expert 0 before)."""
+    logits = torch.randn(2, 24)
+    corr = torch.rand(24) if bias else None
+    kwargs = dict(num_expert_group=groups, topk_group=topk_group, correction_bias=corr)
+    with pytest.raises(ValueError, match=match):
+        select_experts(logits, top_k, scoring="sigmoid", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        fm.route_topk(logits.to(DEVICE), top_k, False, sigmoid=True,
+                      correction_bias=corr.to(DEVICE) if bias else None,
+                      num_expert_group=groups, topk_group=topk_group)
+
+
+def test_route_topk_nan_logits_stay_in_range():
+    """NaN logits (a broken checkpoint) must not produce an expert id past the experts: the
+    MoE kernels would index out of bounds."""
+    logits = torch.randn(3, 60)
+    logits[1, 7] = float("nan")
+    _, ids = fm.route_topk(logits.to(DEVICE), 4, True)
+    assert ids.min().item() >= 0 and ids.max().item() < 60
+
+
 gpu = pytest.mark.skipif(not ON_GPU, reason="large shapes and CUDA graphs need a GPU")
 
 
