@@ -291,10 +291,14 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
     s9a)
       # the layout's GEMM (9-511 rows) had triton_wna16's table, never tuned for it: sweep
       # it at 16 / 64 rows (tiles, split-K programs per SM, least inputs a split per row),
-      # then GPTQ decode at batch 16 / 64 against bf16 (~6 min)
+      # then its GPU tests at the new defaults (two mma chains, the 33-64 row config) and
+      # GPTQ decode at batch 16 / 64 against bf16 (~7 min)
       echo "== w4mma gemm tune"; timeout 240 python benchmarks/quant_bench.py --only kernels \
         --rows 16 64 --kinds w4mma --tune-w4mma 2>&1 | grep -v Warning \
         | grep -E "bench=w4mma tune|kind=w4mma" | cut -c1-240
+      echo "== w4mma gpu tests"; timeout 90 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=short tests/kernels/test_w4mma.py -k "llama or gemm or engine" 2>&1 \
+        | grep -v Warning | tail -3
       echo "== quant engine"; quant_engine 150 --formats bf16 gptq --batches 16 64 --no-offline ;;
     next8)
       # what the eighth session left (~9.5 min, carry .whl-serve): s8c (the W4A16 layout's

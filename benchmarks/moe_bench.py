@@ -300,7 +300,8 @@ def offline_in_child(model: str, args) -> float:
     rows = [json.loads(line) for line in done.stdout.splitlines()
             if line.startswith("{") and "output_tok_s" in line]
     if done.returncode or not rows:
-        raise RuntimeError(f"offline run of {model} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"offline run of {model} failed (exit {done.returncode}):\n"
+                           f"{done.stdout[-1500:]}\n{done.stderr[-3000:]}")
     ROWS.append(rows[-1])
     print(json.dumps(rows[-1]), flush=True)
     return rows[-1]["output_tok_s"]
