@@ -275,17 +275,20 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== quant engine"; PAGEDLLM_W4_MMA=1 quant_engine 80 --formats gptq --batches 16 64 \
         --no-offline ;;
     next9)
-      # what the ninth session left (~9 min, carry .whl-serve): s9a (the layout GEMM's 16 /
-      # 64-row sweep, GPTQ decode at batch 16 / 64 with its new 33-64 row config), the
-      # triton_wna16 GEMM's sweep at 64 rows now that splits may go below 64 inputs a row
-      # (act-order / 8-bit layers and PAGEDLLM_W4_MMA=0), the MoE routing kernel's GPU tests
-      # and Qwen3-30B-A3B batch-1 decode
+      # what the ninth session left, first call (~9 min, carry .whl-serve): s9a (the layout
+      # GEMM's 16 / 64-row sweep, its GPU tests at the new defaults, GPTQ decode at batch 16 /
+      # 64 with the new 33-64 row config) and the MoE routing kernel's GPU tests
       bash "$0" s9a
+      echo "== moe route tests"; timeout 40 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=short tests/kernels/test_fused_moe.py -k "route or topk or rejected or nan" 2>&1 \
+        | tail -2 ;;
+    next9b)
+      # second call (~4 min): the triton_wna16 GEMM's sweep at 64 rows now that splits may go
+      # below 64 inputs a row (act-order / 8-bit layers and PAGEDLLM_W4_MMA=0), then
+      # Qwen3-30B-A3B batch-1 decode against its roofline
       echo "== wna16 gemm tune"; timeout 120 python benchmarks/quant_bench.py --only kernels \
         --rows 64 --kinds gptq --tune 2>&1 | grep -v Warning | grep -E "kernel tune" \
         | cut -c1-240
-      echo "== moe"; timeout 40 python -m pytest -q -p no:cacheprovider -rf --tb=short \
-        tests/kernels/test_fused_moe.py -k "route or topk" 2>&1 | tail -2
       timeout 120 python benchmarks/moe_bench.py --only decode --out "$OUT_DIR" 2>&1 \
         | grep -E '"moe decode' ;;
     s9a)
