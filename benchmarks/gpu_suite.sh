@@ -283,14 +283,19 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --tb=short tests/kernels/test_fused_moe.py -k "route or topk or rejected or nan" 2>&1 \
         | tail -2 ;;
     next9b)
-      # second call (~4 min): the triton_wna16 GEMM's sweep at 64 rows now that splits may go
-      # below 64 inputs a row (act-order / 8-bit layers and PAGEDLLM_W4_MMA=0), then
-      # Qwen3-30B-A3B batch-1 decode against its roofline
+      # second call (~7 min, carry .whl-serve: gguf): the triton_wna16 GEMM's sweep at 64
+      # rows now that splits may go below 64 inputs a row (act-order / 8-bit layers and
+      # PAGEDLLM_W4_MMA=0), Qwen3-30B-A3B batch-1 decode against its roofline, then GGUF
       echo "== wna16 gemm tune"; timeout 120 python benchmarks/quant_bench.py --only kernels \
         --rows 64 --kinds gptq --tune 2>&1 | grep -v Warning | grep -E "kernel tune" \
         | cut -c1-240
       timeout 120 python benchmarks/moe_bench.py --only decode --out "$OUT_DIR" 2>&1 \
-        | grep -E '"moe decode' ;;
+        | grep -E '"moe decode'
+      # GGUF Q4_K_M batch 1 with the vectorized Q4_K GEMV (untimed) against the default
+      use_serve_wheels
+      echo "== gguf"; quant_engine 100 --formats bf16 gguf --batches 1 --no-offline
+      echo "== gguf q4k vector"; quant_engine 80 --formats gguf --batches 1 --no-offline \
+        --gguf-q4k-vector ;;
     s9a)
       # the layout's GEMM (9-511 rows) had triton_wna16's table, never tuned for it: sweep
       # it at 16 / 64 rows (tiles, split-K programs per SM, least inputs a split per row),

@@ -402,6 +402,9 @@ def main() -> None:
                         help="triton_wna16.GEMM_SWAP for this process (the W4A16 GEMM up to "
                         "32 rows as W^T x^T, 4-bit tiles decoded in place; default: as "
                         "committed)")
+    parser.add_argument("--gguf-q4k-vector", action="store_true",
+                        help="GGUF Q4_K layers' one-row GEMV reads whole blocks as 16-byte "
+                        "vectors (triton_gguf.Q4K_VECTOR on; default: as committed)")
     parser.add_argument("--no-offline", dest="offline", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: a quick end-to-end "
                         "check of this script (CPU: the Triton interpreter)")
@@ -416,6 +419,10 @@ def main() -> None:
         from pagedllm.quant import triton_wna16
         triton_wna16.GEMM_SWAP = bool(args.gemm_swap)
         mb.emit(gemm_swap=triton_wna16.GEMM_SWAP)
+    if args.gguf_q4k_vector:
+        from pagedllm.quant import triton_gguf
+        triton_gguf.Q4K_VECTOR = (True, *triton_gguf.Q4K_VECTOR[1:])
+        mb.emit(gguf_q4k_vector=triton_gguf.Q4K_VECTOR)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mb.emit(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
             torch=torch.__version__, smoke=SMOKE)

@@ -181,6 +181,10 @@ def gguf_variants() -> list[str]:
                                                             "part_ptr": "*fp32"},
                                     dict(SIZE=size, S=subs, L=length, KIND=code,
                                          BLOCK_R=tgg.GEMV_BLOCK_R), num_warps=4))
+    for block_r, warps in [(8, 2), (16, 4), (16, 2), (32, 8), (64, 8)]:  # the Q4_K vector GEMV
+        lines.append(compile_kernel(tgg._q4k_gemv_kernel, {"x_ptr": "*bf16", "w_ptr": "*i32",
+                                                           "part_ptr": "*fp32"},
+                                    dict(BLOCK_R=block_r), num_warps=warps))
     return lines
 
 

@@ -117,6 +117,71 @@ def _gguf_gemv_kernel(x_ptr, w_ptr, part_ptr, R, blocks, blocks_per_split, strid
     tl.store(part_ptr + split * stride_ps + rows, total, mask=rows_ok)
 
 
+@triton.jit
+def _q4k_scale_min(w1, w2, w3, sb):
+    """Q4_K: the 6-bit scales and mins (fp32) of sub-blocks ``sb`` from the three words of
+    the 12-byte field (field byte j is byte j % 4 of word j // 4; ``_k4_scale_min``'s
+    arithmetic, elementwise: no loads, no reductions)."""
+    shift = (sb % 4) * 8
+    b1, b2, b3 = (w1 >> shift) & 255, (w2 >> shift) & 255, (w3 >> shift) & 255
+    first = sb < 4
+    scale = tl.where(first, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
+    mins = tl.where(first, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
+    return scale.to(tl.float32), mins.to(tl.float32)
+
+
+@triton.jit
+def _half_of(word, high: tl.constexpr):
+    """The fp16 in the low (or high) 16 bits of an int32, as fp32."""
+    if high:
+        word = word >> 16
+    return (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _nibbles(words, high: tl.constexpr):
+    """[R, 32] int32 words -> [R, 128] fp32 nibbles: element 4 j + b is the low (``high``:
+    high) nibble of word j's byte b. Joined in registers, so a thread's four words become
+    its sixteen values without a layout conversion."""
+    s: tl.constexpr = 4 if high else 0
+    q0, q1 = (words >> s) & 15, (words >> (8 + s)) & 15
+    q2, q3 = (words >> (16 + s)) & 15, (words >> (24 + s)) & 15
+    rows: tl.constexpr = words.shape[0]
+    return tl.reshape(tl.join(tl.join(q0, q2), tl.join(q1, q3)), (rows, 128)).to(tl.float32)
+
+
+@triton.jit
+def _q4k_gemv_kernel(x_ptr, w_ptr, part_ptr, R, blocks, blocks_per_split, stride_wr,
+                     stride_ps, BLOCK_R: tl.constexpr):
+    # Q4_K blocks read as 36 int32 words (d and dmin, the 12 scale bytes, then 32 words of
+    # codes, whole 16-byte vectors). Code byte e = 4 j + b (word j, byte b; c = e // 32)
+    # holds element 64 c + e % 32 in its low nibble (sub-block 2 c) and 64 c + 32 + e % 32
+    # in its high one (sub-block 2 c + 1). Every value d * scale * q - dmin * min times its
+    # x goes into a [BLOCK_R, 128] accumulator (e): no reduction until the end.
+    # part[split, r] as the GEMV.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(1)
+    rows_ok = rows < R
+    row_base = (w_ptr + tl.where(rows_ok, rows, 0).to(tl.int64) * stride_wr)[:, None]  # [R, 1]
+    e = tl.arange(0, 128)[None, :]
+    x_offs = 64 * (e // 32) + e % 32  # [1, 128]: the low nibbles' elements
+    sub = 2 * (e // 32)  # and their sub-block
+    acc = tl.zeros((BLOCK_R, 128), dtype=tl.float32)
+    first = split * blocks_per_split
+    for blk in range(first, tl.minimum(first + blocks_per_split, blocks)):
+        base = row_base + blk * 36
+        w0, w1, w2, w3 = tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)
+        words = tl.load(base + 4 + tl.arange(0, 32)[None, :])  # [R, 32]
+        d, dmin = _half_of(w0, False), _half_of(w0, True)
+        s_lo, m_lo = _q4k_scale_min(w1, w2, w3, sub)  # [R, 128]
+        s_hi, m_hi = _q4k_scale_min(w1, w2, w3, sub + 1)
+        x_lo = tl.load(x_ptr + blk * 256 + x_offs).to(tl.float32)
+        x_hi = tl.load(x_ptr + blk * 256 + 32 + x_offs).to(tl.float32)
+        q_lo, q_hi = _nibbles(words, False), _nibbles(words, True)
+        acc += ((d * s_lo) * q_lo - dmin * m_lo) * x_lo + ((d * s_hi) * q_hi - dmin * m_hi) * x_hi
+    tl.store(part_ptr + split * stride_ps + rows, tl.sum(acc, 1), mask=rows_ok)
+
+
 def _check(weight: torch.Tensor, kind: str) -> tuple:
     code, elements, size, subs, length = KINDS[kind]
     if weight.shape[-1] != size:
@@ -141,6 +206,12 @@ def dequantize(weight: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Ten
 # the GEMV's rows per program, and the programs it aims for per SM (split over the blocks)
 GEMV_BLOCK_R = 8
 GEMV_WAVES = 4
+# Q4_K through ``_q4k_gemv_kernel`` (16-byte loads of whole blocks; the other kernel gathers
+# every code byte on its own): (on, rows per program, warps). 32 rows over 8 warps: a thread
+# holds one row's four code words and their sixteen x values, so the sm_90 build has no
+# layout conversion (16 / 4 converts x through shared memory every block). Off until timed
+# on a GPU (``quant_bench.py --gguf-q4k-vector``).
+Q4K_VECTOR = (False, 32, 8)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, kind: str, bias: torch.Tensor | None = None,
@@ -155,12 +226,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, kind: str, bias: torch.Tensor | 
         raise ValueError(f"triton_gguf.gemv: x is {tuple(x.shape)}, the weight takes "
                          f"(1, {blocks * elements})")
     weight, x = weight.contiguous(), x.contiguous()
-    tiles = triton.cdiv(rows, GEMV_BLOCK_R)
+    vector, block_r, warps = Q4K_VECTOR if kind == "Q4_K" else (False, GEMV_BLOCK_R, 4)
+    block_r = block_r if vector else GEMV_BLOCK_R
+    tiles = triton.cdiv(rows, block_r)
     splits = max(1, min(blocks, triton.cdiv(GEMV_WAVES * wna16._sm_count(x.device), tiles)))
     per_split = triton.cdiv(blocks, splits)
     splits = triton.cdiv(blocks, per_split)
     part = torch.empty(splits, 1, rows, dtype=torch.float32, device=x.device)
-    _gguf_gemv_kernel[(tiles, splits)](x, weight, part, rows, blocks, per_split,
-                                       weight.stride(0), part.stride(0), SIZE=size, S=subs,
-                                       L=length, KIND=code, BLOCK_R=GEMV_BLOCK_R, num_warps=4)
+    if vector:
+        words = weight.view(torch.int32)  # [rows, blocks, 36]
+        _q4k_gemv_kernel[(tiles, splits)](x, words, part, rows, blocks, per_split,
+                                          words.stride(0), part.stride(0), BLOCK_R=block_r,
+                                          num_warps=warps)
+    else:
+        _gguf_gemv_kernel[(tiles, splits)](x, weight, part, rows, blocks, per_split,
+                                           weight.stride(0), part.stride(0), SIZE=size,
+                                           S=subs, L=length, KIND=code, BLOCK_R=block_r,
+                                           num_warps=4)
     return wna16._reduce(part, bias, gated, x.dtype)

@@ -95,6 +95,23 @@ def test_gemv_equals_reference(kind, rows, blocks, dtype, gated, bias, monkeypat
     assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
 
 
+@pytest.mark.parametrize("rows,blocks,block_r", [(5, 3, 4), (16, 2, 16), (40, 9, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4k_vector_gemv_equals_reference(rows, blocks, block_r, dtype, monkeypatch):
+    """The Q4_K GEMV that reads whole blocks as 16-byte vectors (``Q4K_VECTOR``, a tuning
+    candidate) against x @ the reference's dequantized weight: short row tiles, several
+    splits."""
+    monkeypatch.setattr(tg, "Q4K_VECTOR", (True, block_r, 4))
+    monkeypatch.setattr(tg, "GEMV_WAVES", 4)
+    raw = _blocks("Q4_K", rows, blocks, rows * 7 + blocks)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, blocks * 256, generator=g).to(dtype)
+    ref = x.double() @ dequantize(raw, TYPE_IDS["Q4_K"], (rows, blocks * 256)).double().t()
+    out = tg.gemv(x.to(DEVICE), raw.to(DEVICE), "Q4_K").cpu()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
+
+
 def test_method_apply_takes_the_kernel_on_cuda(monkeypatch):
     """``GGUFLinearMethod.apply`` dequantizes through the kernel on CUDA (covered types; one
     row: the GEMV) and equals the torch reference; on CPU the reference runs."""
