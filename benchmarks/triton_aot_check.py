@@ -88,18 +88,22 @@ def moe_variants() -> list[str]:
             dict(TOP_K=8, K_POW2=8, RENORM=True, E_POW2=experts, SIGMOID=sigmoid,
                  HAS_BIAS=sigmoid, GROUPS=groups, TOPK_GROUP=topk_group, BY_TOP2=sigmoid,
                  USE_PDL=True), num_warps=warps))
-    for gated, (bn, bk, warps) in zip((True, False), fm.MOE_GEMV_CONFIGS):
-        lines.append(compile_kernel(
-            fm._moe_gemv_kernel, types, dict(TOP_K=8, K_POW2=8, GATED=gated, BLOCK_N=bn,
-                                             BLOCK_K=bk, VEC=8, USE_PDL=True),
-            num_warps=warps))
+    types["s_ptr"] = "*fp32"
+    int8 = {**types, "w_ptr": "*i8"}  # experts_int8: codes with a scale per row
+    for scaled in (False, True):
+        for gated, (bn, bk, warps) in zip((True, False), fm.MOE_GEMV_CONFIGS):
+            lines.append(compile_kernel(
+                fm._moe_gemv_kernel, int8 if scaled else types,
+                dict(TOP_K=8, K_POW2=8, GATED=gated, SCALED=scaled, BLOCK_N=bn, BLOCK_K=bk,
+                     VEC=16 if scaled else 8, USE_PDL=True), num_warps=warps))
     configs = {c for _, gate_up, down in fm.MOE_CONFIGS for c in (gate_up, down)}
     for bm, bn, bk, warps, stages in sorted(configs):
-        for gated in (True, False):
+        for gated, scaled in ((True, False), (False, False), (True, True)):
             lines.append(compile_kernel(
-                fm._moe_gemm_kernel, types,
-                dict(A_ROW_DIV=8 if gated else 1, GATED=gated, WEIGHTED=not gated, IEEE=False,
-                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages))
+                fm._moe_gemm_kernel, int8 if scaled else types,
+                dict(A_ROW_DIV=8 if gated else 1, GATED=gated, WEIGHTED=not gated,
+                     SCALED=scaled, IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                num_warps=warps, num_stages=stages))
     return lines
 
 

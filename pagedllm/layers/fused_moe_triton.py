@@ -76,12 +76,14 @@ def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, n, max_
 
 
 @triton.jit
-def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
-                     topw_ptr, N, K, n_pairs, stride_am, stride_we, stride_wn, stride_om,
-                     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr,
-                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    # axis 0: column tiles (neighbouring programs share the A rows and the expert)
+def _moe_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, block_expert_ptr,
+                     num_padded_ptr, topw_ptr, N, K, n_pairs, stride_am, stride_we, stride_wn,
+                     stride_se, stride_om, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
+                     WEIGHTED: tl.constexpr, SCALED: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # axis 0: column tiles (neighbouring programs share the A rows and the expert). SCALED:
+    # W holds int8 / fp8 codes with a scale per row (s [E, rows] fp32): each tile is cast to
+    # a's dtype (exact) and the fp32 sums take the rows' scales before the epilogue
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -103,6 +105,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_pa
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if SCALED:  # exact in a's dtype (through fp32: the interpreter's direct cast is not)
+            w = w.to(tl.float32).to(a.dtype)
         if IEEE:
             acc += tl.dot(a, w, input_precision="ieee")
         else:
@@ -110,12 +114,19 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_pa
         if GATED:  # the up rows sit N rows below the gate rows
             w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
                            other=0.0)
+            if SCALED:
+                w_up = w_up.to(tl.float32).to(a.dtype)
             if IEEE:
                 acc_up += tl.dot(a, w_up, input_precision="ieee")
             else:
                 acc_up += tl.dot(a, w_up)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SCALED:
+        s_rows = s_ptr + expert * stride_se + offs_n
+        acc *= tl.load(s_rows, mask=n_ok, other=0.0)[None, :]
+        if GATED:
+            acc_up *= tl.load(s_rows + N, mask=n_ok, other=0.0)[None, :]
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if WEIGHTED:
@@ -125,17 +136,19 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_pa
 
 
 @triton.jit
-def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stride_am, stride_we,
-                     stride_wn, stride_om, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
-                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     VEC: tl.constexpr, USE_PDL: tl.constexpr):
+def _moe_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stride_am,
+                     stride_we, stride_wn, stride_se, stride_om, TOP_K: tl.constexpr,
+                     K_POW2: tl.constexpr, GATED: tl.constexpr, SCALED: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     # program (column tile, token): rows [n0, n0 + BLOCK_N) of each of the token's TOP_K
     # experts at once, R = K_POW2 * BLOCK_N gathered weight rows (row r: slot r // BLOCK_N),
     # walked along K in [R, BLOCK_K / VEC, VEC] tiles of 16-byte vectors, fp32 sums per
     # vector. GATED (gate/up): a is x [T, K], every row multiplies the token's x, out[pair, n]
     # = silu(gate) * up with the up rows N rows below. Else (down): a is the activations
     # [T * TOP_K, K], row r multiplies its pair's, out[t, n] = sum over slots of the routing
-    # weight times the row's sum (the top-k sum fused, fp32). USE_PDL (layers/pdl.py): launched
+    # weight times the row's sum (the top-k sum fused, fp32). SCALED: int8 / fp8 codes, a
+    # row's sum times its scale (s [E, rows] fp32). USE_PDL (layers/pdl.py): launched
     # while the kernel before runs; every load waits for it (the rows follow the routing).
     R: tl.constexpr = K_POW2 * BLOCK_N
     pdl.launch_dependents(USE_PDL)
@@ -168,8 +181,14 @@ def _moe_gemv_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stride_am, 
                         eviction_policy="evict_first")
             acc_up += tl.sum(u.to(tl.float32) * a, 2)
     out = tl.sum(acc, 1)
+    up = tl.sum(acc_up, 1)
+    if SCALED:
+        s_rows = s_ptr + expert * stride_se + n
+        out *= tl.load(s_rows, mask=row_ok, other=0.0)
+        if GATED:
+            up *= tl.load(s_rows + N, mask=row_ok, other=0.0)
     if GATED:
-        out = out / (1.0 + tl.exp(-out)) * tl.sum(acc_up, 1)
+        out = out / (1.0 + tl.exp(-out)) * up
         tl.store(out_ptr + pair * stride_om + n, out.to(out_ptr.dtype.element_ty),
                  mask=row_ok)
     else:
@@ -351,17 +370,19 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int):
 
 def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, routing, n_cols: int,
                   config: tuple, a_row_div: int, gated: bool,
-                  topw: torch.Tensor | None) -> None:
-    """One launch of ``_moe_gemm_kernel`` over every row block and ``n_cols`` columns."""
+                  topw: torch.Tensor | None, scale: torch.Tensor | None = None) -> None:
+    """One launch of ``_moe_gemm_kernel`` over every row block and ``n_cols`` columns
+    (``scale``: W's per-row scales [E, rows] when it holds int8 / fp8 codes)."""
     sorted_ids, block_expert, num_padded = routing
     block_m, block_n, block_k, warps, stages = config
     grid = (triton.cdiv(n_cols, block_n), block_expert.numel())
+    s = scale if scale is not None else a
     _moe_gemm_kernel[grid](
-        a, w, out, sorted_ids, block_expert, num_padded, topw if topw is not None else a,
-        n_cols, w.shape[2], out.shape[0], a.stride(0), w.stride(0), w.stride(1),
+        a, w, s, out, sorted_ids, block_expert, num_padded, topw if topw is not None else a,
+        n_cols, w.shape[2], out.shape[0], a.stride(0), w.stride(0), w.stride(1), s.stride(0),
         out.stride(0), A_ROW_DIV=a_row_div, GATED=gated, WEIGHTED=topw is not None,
-        IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+        SCALED=scale is not None, IEEE=a.dtype == torch.float32, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
 
 # tokens up to which the experts run as the per-token GEMVs (``_moe_gemv_kernel``: no
@@ -383,43 +404,61 @@ def moe_path(tokens: int, top_k: int, num_experts: int,
 
 
 def _gemv_launch(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor,
-                 topw: torch.Tensor | None, n_cols: int, config: tuple) -> None:
+                 topw: torch.Tensor | None, n_cols: int, config: tuple,
+                 scale: torch.Tensor | None = None) -> None:
     tokens, top_k = ids.shape
     block_n, block_k, warps = config
     block_k = min(block_k, triton.next_power_of_2(w.shape[2]))
     vec = min(16 // w.element_size(), block_k)
+    s = scale if scale is not None else a
     _moe_gemv_kernel[(triton.cdiv(n_cols, block_n), tokens)](
-        a, w, out, ids, topw if topw is not None else a, n_cols, w.shape[2], a.stride(0),
-        w.stride(0), w.stride(1), out.stride(0), TOP_K=top_k,
-        K_POW2=triton.next_power_of_2(top_k), GATED=topw is None, BLOCK_N=block_n,
-        BLOCK_K=block_k, VEC=vec, num_warps=warps, **pdl.options(a))
+        a, w, s, out, ids, topw if topw is not None else a, n_cols, w.shape[2], a.stride(0),
+        w.stride(0), w.stride(1), s.stride(0), out.stride(0), TOP_K=top_k,
+        K_POW2=triton.next_power_of_2(top_k), GATED=topw is None, SCALED=scale is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, num_warps=warps, **pdl.options(a))
 
 
 def fused_moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                    topw: torch.Tensor, ids: torch.Tensor,
-                   configs: tuple[tuple, tuple] | None = None) -> torch.Tensor:
+                   configs: tuple[tuple, tuple] | None = None,
+                   scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``fused_moe`` for a few tokens in two launches: each token's experts' gate/up rows
     (SiLU * up fused), then their down rows with the routing weights and the top-k sum
     fused; reads each (token, expert) pair's weights once, no sorting."""
     tokens, top_k = ids.shape
     inter, hidden = down.shape[2], down.shape[1]
     gate_up_cfg, down_cfg = configs or MOE_GEMV_CONFIGS
+    gate_up_scale, down_scale = scales or (None, None)
     ids = ids.contiguous()
     act = torch.empty(tokens * top_k, inter, dtype=x.dtype, device=x.device)
-    _gemv_launch(x, gate_up, act, ids, None, inter, gate_up_cfg)
+    _gemv_launch(x, gate_up, act, ids, None, inter, gate_up_cfg, gate_up_scale)
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
-    _gemv_launch(act, down, out, ids, topw, hidden, down_cfg)
+    _gemv_launch(act, down, out, ids, topw, hidden, down_cfg, down_scale)
+    return out
+
+
+def _check_scales(gate_up: torch.Tensor, down: torch.Tensor, scales) -> tuple | None:
+    """The per-row scales as contiguous fp32 [E, rows], checked against the codes."""
+    if scales is None:
+        return None
+    out = tuple(s.float().contiguous() for s in scales)
+    if out[0].shape != gate_up.shape[:2] or out[1].shape != down.shape[:2]:
+        raise ValueError(f"fused_moe scales {[tuple(s.shape) for s in out]} do not match the "
+                         f"experts' rows {tuple(gate_up.shape[:2])} / {tuple(down.shape[:2])}")
     return out
 
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
               weights: torch.Tensor, ids: torch.Tensor,
               configs: tuple[tuple, tuple] | None = None,
-              gemv: bool | None = None) -> torch.Tensor:
+              gemv: bool | None = None,
+              scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t])), e = ids[t, k].
 
     x [T, H]; gate_up [E, 2I, H] (gate rows first); down [E, H, I]; weights [T, k] (any
-    float dtype); ids [T, k] (any int dtype). Returns [T, H] in x's dtype. Up to
+    float dtype); ids [T, k] (any int dtype). Returns [T, H] in x's dtype. ``scales``:
+    (gate_up [E, 2I], down [E, H]) per-row scales when the experts hold int8 / fp8 codes
+    (``experts_int8``): the kernels read the codes and scale each row's sums. Up to
     ``MOE_GEMV_MAX_TOKENS`` tokens the per-token GEMVs run (``gemv`` forces either path);
     ``configs`` overrides the path's table (tuning)."""
     tokens, top_k = ids.shape
@@ -432,16 +471,19 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     if tokens == 0:
         return torch.zeros_like(x)
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    scales = _check_scales(gate_up, down, scales)
     topw = weights.reshape(-1).float().contiguous()
     use_gemv, table = moe_path(tokens, top_k, num_experts, gemv)
     if use_gemv:
-        return fused_moe_gemv(x, gate_up, down, topw, ids, configs or table)
+        return fused_moe_gemv(x, gate_up, down, topw, ids, configs or table, scales)
     gate_up_cfg, down_cfg = configs or table
+    gate_up_scale, down_scale = scales or (None, None)
     act = torch.empty(tokens * top_k, inter, dtype=x.dtype, device=x.device)
     routing = align_block_size(ids, num_experts, gate_up_cfg[0])
-    _grouped_gemm(x, gate_up, act, routing, inter, gate_up_cfg, top_k, True, None)
+    _grouped_gemm(x, gate_up, act, routing, inter, gate_up_cfg, top_k, True, None,
+                  gate_up_scale)
     if down_cfg[0] != gate_up_cfg[0]:
         routing = align_block_size(ids, num_experts, down_cfg[0])
     y = torch.empty(tokens * top_k, hidden, dtype=x.dtype, device=x.device)
-    _grouped_gemm(act, down, y, routing, hidden, down_cfg, 1, False, topw)
+    _grouped_gemm(act, down, y, routing, hidden, down_cfg, 1, False, topw, down_scale)
     return y.view(tokens, top_k, hidden).sum(dim=1)

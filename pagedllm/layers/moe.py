@@ -23,7 +23,8 @@
 On CUDA (Triton importable, ``PAGEDLLM_DISABLE_FUSED_OPS`` unset, SiLU experts) the experts
 run as the fused grouped GEMMs of ``fused_moe_triton`` (tokens sorted by expert, gate/up with
 SiLU*mul fused, down with the routing weights fused, the top-k sum; no host sync, so CUDA
-graphs capture it). Elsewhere the forward is a torch loop over the experts that received
+graphs capture it); the quant method's ``kernel_weights`` hands them the stacked weights, or
+``experts_int8``'s codes with their per-row scales (read as they are, never dequantized). Elsewhere the forward is a torch loop over the experts that received
 tokens (``moe_reference``: the CPU path and the oracle); while a CUDA graph is being captured
 without the fused kernels it switches to ``moe_static`` (same result, static shapes, no host
 sync).
@@ -170,6 +171,17 @@ def _fused_kernel(x: torch.Tensor, act: ActAndMul):
     return fused_moe
 
 
+_CODES = (torch.int8, torch.float8_e4m3fn)
+
+
+def _kernel_reads(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                  scales) -> bool:
+    """Whether the fused kernels take these expert weights: x's dtype, or int8 / fp8 codes
+    with per-row scales."""
+    want = _CODES if scales is not None else (x.dtype,)
+    return all(w.dtype in want and w.device == x.device for w in (gate_up, down))
+
+
 class FusedMoE(nn.Module):
     """The routed experts of one layer, stacked; this rank's slice of every expert's
     intermediate dimension (all of it at tensor-parallel size 1). How the stacked weights
@@ -235,12 +247,13 @@ class FusedMoE(nn.Module):
                 reduce: bool = True) -> torch.Tensor:
         """x [T, H]; weights, ids [T, k] -> [T, H]. ``reduce=False`` leaves this rank's
         partial sum (the caller all-reduces it with other partials)."""
-        gate_up, down = self.quant_method.expert_weights(self)  # int8 ones dequantize
         kernel = _fused_kernel(x, self.act_fn)
-        if kernel is not None and all(isinstance(w, torch.Tensor) and w.dtype == x.dtype
-                                      for w in (gate_up, down)):
-            out = kernel(x, gate_up, down, weights, ids)
+        packed = self.quant_method.kernel_weights(self) if kernel is not None else None
+        if packed is not None and _kernel_reads(x, *packed):
+            gate_up, down, scales = packed
+            out = kernel(x, gate_up, down, weights, ids, scales=scales)
         else:
+            gate_up, down = self.quant_method.expert_weights(self)  # int8 ones dequantize
             run = moe_static if _capturing() else moe_reference
             out = run(x, gate_up, down, weights, ids, self.act_fn)
         return all_reduce(out) if reduce and get_tp_size() > 1 else out

@@ -106,6 +106,15 @@ class MoEMethod(ABC):
     def expert_weights(self, layer: nn.Module):
         """(gate_up, down): indexable by expert id or id tensor, with ``.shape``."""
 
+    def kernel_weights(self, layer: nn.Module):
+        """(gate_up, down, scales) as the fused Triton kernels read them: stacked tensors in
+        the model's dtype and None, or int8 / fp8 codes and their per-row scales (gate_up
+        [E, 2I], down [E, H]); None where the kernels cannot read this storage."""
+        gate_up, down = self.expert_weights(layer)
+        if isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
+            return gate_up, down, None
+        return None
+
     def process_after_loading(self, layer: nn.Module) -> None:
         return None
 

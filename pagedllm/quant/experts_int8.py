@@ -76,6 +76,11 @@ class ExpertsInt8MoEMethod(MoEMethod):
         return (Int8Experts(layer.gate_up_proj, layer.gate_up_proj_scale, layer.compute_dtype),
                 Int8Experts(layer.down_proj, layer.down_proj_scale, layer.compute_dtype))
 
+    def kernel_weights(self, layer: nn.Module):
+        """The int8 codes and their row scales: the fused kernels dequantize as they read."""
+        return (layer.gate_up_proj, layer.down_proj,
+                (layer.gate_up_proj_scale, layer.down_proj_scale))
+
 
 EXPERTS_INT8 = ExpertsInt8MoEMethod()
 

@@ -69,6 +69,46 @@ def test_fused_moe_both_paths(tokens, experts, top_k, configs, gemv):
     assert _rel_err(out.cpu(), _reference(x, gate_up, down, weights, ids)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("gemv", [True, False])
+@pytest.mark.parametrize("tokens,dtype", [(1, torch.float32), (5, torch.float32),
+                                          (3, torch.bfloat16)])
+def test_fused_moe_int8_codes(tokens, dtype, gemv):
+    """``experts_int8``'s storage straight into the kernels: int8 codes with a scale per row,
+    each row's sums scaled (gate and up rows each their own), against the expert loop on the
+    dequantized weights, on both paths."""
+    from pagedllm.quant.experts_int8 import dequantize_rows, quantize_rows
+    x, gate_up, down, weights, ids = _problem(tokens, 6, 40, 24, 2, dtype, tokens + 11)
+    (q1, s1), (q2, s2) = quantize_rows(gate_up.float()), quantize_rows(down.float())
+    out = fm.fused_moe(x, q1, q2, weights, ids, gemv=gemv, scales=(s1, s2))
+    ref = _reference(x, dequantize_rows(q1, s1, torch.float64),
+                     dequantize_rows(q2, s2, torch.float64), weights, ids)
+    assert out.dtype == dtype and _rel_err(out.cpu(), ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="scales"):
+        fm.fused_moe(x, q1, q2, weights, ids, scales=(s2, s1))
+
+
+def test_experts_int8_layer_takes_the_kernels(monkeypatch):
+    """A ``FusedMoE`` with ``--quantization experts_int8`` hands its codes and scales to the
+    fused kernels (the interpreter standing in for CUDA) and matches its torch path."""
+    from pagedllm.layers import moe as moe_layer
+    from pagedllm.quant.experts_int8 import ExpertsInt8Config
+    torch.manual_seed(0)
+    layer = moe_layer.FusedMoE(6, 40, 24, quant_config=ExpertsInt8Config(), prefix="m.experts")
+    layer.gate_up_proj.weight_loader(layer.gate_up_proj, torch.randn(6, 48, 40) / 7, "gu")
+    layer.down_proj.weight_loader(layer.down_proj, torch.randn(6, 40, 24) / 5, "d")
+    x = torch.randn(4, 40)
+    weights, ids = select_experts(torch.randn(4, 6), 2, renormalize=True)
+    reference = layer(x, weights, ids)
+    calls = []
+    real = fm.fused_moe
+    monkeypatch.setattr(moe_layer, "_fused_kernel",
+                        lambda x, act: lambda *a, **k: calls.append(k) or real(*a, **k))
+    layer.to(DEVICE)
+    out = layer(x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE)).cpu()
+    assert calls and calls[0]["scales"] is not None
+    assert _rel_err(out, reference) < 1e-5
+
+
 def test_fused_moe_grouped_topk_routing():
     """DeepSeek-style grouped top-k routing (4 groups, best 2) feeds the same kernels."""
     _check(9, 16, 64, 32, 4, torch.float32, 5, groups=4)
