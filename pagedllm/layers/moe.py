@@ -24,7 +24,8 @@ On CUDA (Triton importable, ``PAGEDLLM_DISABLE_FUSED_OPS`` unset, SiLU experts) 
 run as the fused grouped GEMMs of ``fused_moe_triton`` (tokens sorted by expert, gate/up with
 SiLU*mul fused, down with the routing weights fused, the top-k sum; no host sync, so CUDA
 graphs capture it); the quant method's ``kernel_weights`` hands them the stacked weights, or
-``experts_int8``'s codes with their per-row scales (read as they are, never dequantized). Elsewhere the forward is a torch loop over the experts that received
+int8 / e4m3 codes with their per-row scales (``experts_int8``, ``fp8`` experts: read as they
+are, never dequantized). Elsewhere the forward is a torch loop over the experts that received
 tokens (``moe_reference``: the CPU path and the oracle); while a CUDA graph is being captured
 without the fused kernels it switches to ``moe_static`` (same result, static shapes, no host
 sync).

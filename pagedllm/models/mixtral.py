@@ -28,10 +28,11 @@ from pagedllm.models.utils import tie_or_skip
 class MoEDecoderLayer(nn.Module):
     """Llama's pre-norm block with the feed-forward ``mlp`` built by ``make_mlp``."""
 
-    def __init__(self, config, layer_idx: int, max_position: int, make_mlp,
-                 **attn_kwargs) -> None:
+    def __init__(self, config, layer_idx: int, max_position: int, make_mlp, *,
+                 quant_config=None, prefix: str = "", **attn_kwargs) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, max_position, **attn_kwargs)
+        self.self_attn = LlamaAttention(config, layer_idx, max_position, **attn_kwargs,
+                                        quant_config=quant_config, prefix=f"{prefix}.self_attn")
         self.mlp = make_mlp(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -43,7 +44,8 @@ class MoEModel(LlamaModel):
     """Llama's pipeline-staged stack of ``MoEDecoderLayer``s."""
 
     def make_layer(self, config, layer_idx: int, max_position: int, **kwargs) -> nn.Module:
-        return MoEDecoderLayer(config, layer_idx, max_position, **kwargs)
+        return MoEDecoderLayer(config, layer_idx, max_position, quant_config=self.quant_config,
+                               prefix=f"{self.prefix}.layers.{layer_idx}", **kwargs)
 
 
 def _hub_to_model_name(name: str) -> str:
@@ -54,8 +56,10 @@ def _hub_to_model_name(name: str) -> str:
 
 class MoECausalLM(LlamaForCausalLM):
     """Llama's causal LM (tensor and pipeline parallel) whose layers' feed-forward comes from
-    ``make_mlp``; loads per-expert and stacked expert checkpoints. Of the quantization
-    methods only ``experts_int8`` applies (``supports_quantization`` is not declared here)."""
+    ``make_mlp``; loads per-expert and stacked expert checkpoints. Quantization: the
+    architectures below declare ``supports_quantization``; their experts take a method's
+    ``moe_method_for`` (``experts_int8``, or ``fp8`` on an unquantized checkpoint; the other
+    methods refuse MoE experts at start-up)."""
     supports_expert_quantization = True  # --quantization experts_int8
 
     def make_model(self, config, max_position: int) -> nn.Module:
@@ -76,6 +80,8 @@ class MoECausalLM(LlamaForCausalLM):
 
 
 class MixtralForCausalLM(MoECausalLM):
+    supports_quantization = True
+
     def make_mlp(self, config, layer_idx: int) -> nn.Module:
         return MoEBlock(config.hidden_size, config.num_local_experts,
                         config.num_experts_per_tok, config.intermediate_size,

@@ -29,19 +29,23 @@ def is_sparse_layer(config, layer_idx: int) -> bool:
 
 
 class Qwen2MoeForCausalLM(MoECausalLM):
+    supports_quantization = True
     qkv_bias = True
 
     def _qkv_bias(self, config) -> bool:
         return bool(getattr(config, "qkv_bias", True))
 
-    def make_shared_expert(self, config) -> nn.Module | None:
+    def make_shared_expert(self, config, layer_idx: int) -> nn.Module | None:
         size = getattr(config, "shared_expert_intermediate_size", 0) or 0
-        return LlamaMLP(config.hidden_size, size, config.hidden_act) if size else None
+        return LlamaMLP(config.hidden_size, size, config.hidden_act,
+                        quant_config=self.quant_config,
+                        prefix=f"model.layers.{layer_idx}.mlp.shared_expert") if size else None
 
     def make_mlp(self, config, layer_idx: int) -> nn.Module:
         if not is_sparse_layer(config, layer_idx):
-            return LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
-        shared = self.make_shared_expert(config)
+            return LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                            quant_config=self.quant_config, prefix=f"model.layers.{layer_idx}.mlp")
+        shared = self.make_shared_expert(config, layer_idx)
         return MoEBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
                         config.moe_intermediate_size, config.hidden_act,
                         renormalize=bool(getattr(config, "norm_topk_prob", False)),
@@ -50,10 +54,11 @@ class Qwen2MoeForCausalLM(MoECausalLM):
 
 
 class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):
+    supports_quantization = True
     qk_norm = True
 
     def _qkv_bias(self, config) -> bool:
         return bool(getattr(config, "attention_bias", False))
 
-    def make_shared_expert(self, config) -> nn.Module | None:
+    def make_shared_expert(self, config, layer_idx: int) -> nn.Module | None:
         return None

@@ -179,7 +179,8 @@ class QuantConfig(ABC):
         """The method of the ``FusedMoE`` layer named ``prefix``. Formats whose expert
         weights are not built say so (their model classes are refused before this)."""
         raise ValueError(f"--quantization {self.name} does not cover mixture-of-experts "
-                         f"expert weights ({prefix}); supported for MoE models: experts_int8")
+                         f"expert weights ({prefix}); supported for MoE models: experts_int8, "
+                         "fp8 (an unquantized checkpoint, quantized at load)")
 
     def describe(self) -> str:
         return self.name

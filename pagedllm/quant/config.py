@@ -33,7 +33,8 @@ SUPPORTED = ("gptq", "gptq_marlin", "marlin", "awq", "awq_marlin", "fp8", "compr
              "experts_int8", "gguf", "bitsandbytes", "fbgemm_fp8", "modelopt")
 FORMAT_OF = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
 SUPPORTED_DESC = ("None, gptq (2/4/8 bit), awq (4 bit, GEMM), fp8 (per-tensor; quantizes "
-                  "unquantized checkpoints at load), compressed-tensors (pack-quantized "
+                  "unquantized checkpoints at load, MoE experts of Mixtral / Qwen2-MoE / "
+                  "Qwen3-MoE per row), compressed-tensors (pack-quantized "
                   "W4A16/W8A16, float-quantized fp8, int-quantized int8 W8A8), experts_int8 "
                   "(MoE models: expert weights int8 per output channel, quantized at load), "
                   "gguf (--model a .gguf file; layers of one block type keep their blocks), "

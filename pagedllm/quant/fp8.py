@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedllm.quant.base import LinearMethod, QuantConfig, make_param
+from pagedllm.quant.base import LinearMethod, MoEMethod, QuantConfig, make_param
 from pagedllm.quant.gptq import epilogue, matmul_dequantized
 from pagedllm.quant.kernels import fp8_scaled_mm_supported, log_once
 from pagedllm.quant.unquantized import new_weight, tag_dense
@@ -167,9 +167,21 @@ class Fp8Config(QuantConfig):
             return Fp8LinearMethod(self.activation_scheme)
         return Fp8OnLoadLinearMethod()
 
+    def moe_method_for(self, prefix: str) -> MoEMethod:
+        """MoE experts of an unquantized checkpoint: e4m3 codes with a scale per row,
+        quantized at load (W8A16, read by the fused MoE kernels as they are). An fp8
+        checkpoint's expert scales are not read yet: refused, naming the layer."""
+        if self.checkpoint_fp8:
+            raise ValueError(f"fp8 checkpoints of mixture-of-experts models are not supported "
+                             f"yet ({prefix}: per-expert weight scales); --quantization fp8 on "
+                             "the unquantized checkpoint quantizes the experts at load")
+        from pagedllm.quant.experts_int8 import FP8_EXPERTS
+        return FP8_EXPERTS
+
     def describe(self) -> str:
         source = "fp8 checkpoint" if self.checkpoint_fp8 else "weights quantized at load"
-        return f"fp8 per-tensor ({source}), {self.activation_scheme} activation scales"
+        return (f"fp8 per-tensor ({source}), {self.activation_scheme} activation scales; MoE "
+                "experts (if any): fp8 per row, activations unquantized")
 
 
 class Fp8LinearMethod(LinearMethod):

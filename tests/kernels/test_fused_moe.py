@@ -69,16 +69,19 @@ def test_fused_moe_both_paths(tokens, experts, top_k, configs, gemv):
     assert _rel_err(out.cpu(), _reference(x, gate_up, down, weights, ids)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("codes", ["int8", "fp8"])
 @pytest.mark.parametrize("gemv", [True, False])
 @pytest.mark.parametrize("tokens,dtype", [(1, torch.float32), (5, torch.float32),
                                           (3, torch.bfloat16)])
-def test_fused_moe_int8_codes(tokens, dtype, gemv):
-    """``experts_int8``'s storage straight into the kernels: int8 codes with a scale per row,
-    each row's sums scaled (gate and up rows each their own), against the expert loop on the
-    dequantized weights, on both paths."""
+def test_fused_moe_int8_codes(tokens, dtype, gemv, codes):
+    """``experts_int8``'s (and fp8 experts') storage straight into the kernels: int8 / e4m3
+    codes with a scale per row, each row's sums scaled (gate and up rows each their own),
+    against the expert loop on the dequantized weights, on both paths."""
     from pagedllm.quant.experts_int8 import dequantize_rows, quantize_rows
     x, gate_up, down, weights, ids = _problem(tokens, 6, 40, 24, 2, dtype, tokens + 11)
-    (q1, s1), (q2, s2) = quantize_rows(gate_up.float()), quantize_rows(down.float())
+    q1, s1 = quantize_rows(gate_up.float().cpu(), codes)
+    q2, s2 = quantize_rows(down.float().cpu(), codes)
+    q1, s1, q2, s2 = (t.to(DEVICE) for t in (q1, s1, q2, s2))
     out = fm.fused_moe(x, q1, q2, weights, ids, gemv=gemv, scales=(s1, s2))
     ref = _reference(x, dequantize_rows(q1, s1, torch.float64),
                      dequantize_rows(q2, s2, torch.float64), weights, ids)

@@ -165,13 +165,6 @@ def test_dense_model_fails_at_startup_naming_the_flag():
                    quantization="experts_int8").create_engine_config()
 
 
-def test_other_methods_still_refuse_moe_models():
-    """fp8 quantizes dense layers only, so a MoE model with it is refused (not half done)."""
-    from pagedllm.entrypoints.llm import LLM
-    with pytest.raises(ValueError, match="MixtralForCausalLM does not support --quantization fp8"):
-        LLM(model=str(_tiny("mixtral")), dtype="float32", quantization="fp8")
-
-
 def test_quantize_rows_unit():
     from pagedllm.quant.experts_int8 import dequantize_rows, quantize_rows
     w = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0))
