@@ -296,6 +296,15 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== gguf"; quant_engine 100 --formats bf16 gguf --batches 1 --no-offline
       echo "== gguf q4k vector"; quant_engine 80 --formats gguf --batches 1 --no-offline \
         --gguf-q4k-vector ;;
+    mixtralfp8)
+      # issue 23: Mixtral-8x7B (all 32 layers; 93 GB in bf16) with --quantization fp8 (~47
+      # GB: experts e4m3 per row through the fused MoE kernels, dense layers W8A8), batch-1
+      # decode against its fp8 roofline (12.9 GB a token), the experts' GPU tests first (~4 min)
+      echo "== fp8 / int8 expert kernels"; timeout 60 python -m pytest -q -p no:cacheprovider \
+        -rf --tb=short tests/kernels/test_fused_moe.py -k "int8" 2>&1 | tail -2
+      timeout 200 python benchmarks/moe_bench.py --only decode --model \
+        benchmarks/configs/mixtral-8x7b --quantization fp8 --out "$OUT_DIR" 2>&1 \
+        | grep -E '"moe decode|Error' ;;
     s9a)
       # the layout's GEMM (9-511 rows) had triton_wna16's table, never tuned for it: sweep
       # it at 16 / 64 rows (tiles, split-K programs per SM, least inputs a split per row),

@@ -211,9 +211,11 @@ def tiny_moe_config() -> str:
     return path
 
 
-def decode_bytes_per_token(model_dir: str) -> int:
+def decode_bytes_per_token(model_dir: str, quantization: str | None = None) -> int:
     """Parameter bytes one batch-1 decode step reads: everything but the embedding table,
-    with only top-k of each layer's experts (HF's module names; bf16)."""
+    with only top-k of each layer's experts (HF's module names; bf16). ``quantization``
+    "fp8": the decoder layers' matrices (experts, attention) at one byte, the routers, norms
+    and LM head in bf16 (scales left out: under 0.1%)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from benchmarks.throughput import weight_bytes_per_step
@@ -223,8 +225,16 @@ def decode_bytes_per_token(model_dir: str) -> int:
     experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                   if ".experts." in n)
     num_experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts  # (Mixtral)
-    unread = experts * (1 - cfg.num_experts_per_tok / num_experts)
-    return int(weight_bytes_per_step(model) - unread)
+    share = cfg.num_experts_per_tok / num_experts
+    unread = experts * (1 - share)
+    total = weight_bytes_per_step(model) - unread
+    if quantization == "fp8":  # 2 bytes -> 1 for the layers' read matrices
+        total -= sum(p.numel() * (share if ".experts." in n else 1)
+                     for n, p in model.named_parameters()
+                     if ".layers." in n and p.dim() >= 2 and not n.endswith("mlp.gate.weight"))
+    elif quantization is not None:
+        raise ValueError(f"moe_bench: --quantization {quantization}: the roofline knows fp8")
+    return int(total)
 
 
 def generate(llm, prompts: list[list[int]], output_lens: list[int]) -> tuple[float, int]:
@@ -259,10 +269,11 @@ def bench_decode(args, dev, copy_gbs: float) -> None:
     from benchmarks.throughput import make_prompts
     model = tiny_moe_config() if SMOKE else args.model
     out_len = 8 if SMOKE else 256
-    step_bytes = decode_bytes_per_token(model)
+    step_bytes = decode_bytes_per_token(model, args.quantization)
     roofline = copy_gbs * 1e9 / step_bytes
     import pagedllm.layers.fused_moe_triton as fm
-    llm = make_llm(model, 1024, dev, max_num_seqs=8)
+    flags = {"quantization": args.quantization} if args.quantization else {}
+    llm = make_llm(model, 1024, dev, max_num_seqs=8, **flags)
     prompt = make_prompts(1, 16 if SMOKE else 128, 500, 0)
     generate(llm, prompt, [4])  # warm-up
     best = min(generate(llm, prompt, [out_len])[0] for _ in range(2))
@@ -270,7 +281,7 @@ def bench_decode(args, dev, copy_gbs: float) -> None:
          tok_s=round(out_len / best, 1), roofline_tok_s=round(roofline, 1),
          roofline_share=round(out_len / best / roofline, 3),
          gb_read_per_token=round(step_bytes / 1e9, 3), copy_gbs=round(copy_gbs, 1),
-         gemv_configs=fm.MOE_GEMV_CONFIGS)
+         gemv_configs=fm.MOE_GEMV_CONFIGS, quantization=args.quantization)
     del llm
     release_memory()
 
@@ -331,6 +342,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=None)
     parser.add_argument("--model", default=MODEL, help="the MoE config of the decode benchmark "
                         "(e.g. benchmarks/configs/mixtral-8x7b-2l: Mixtral-8x7B cut to 2 layers)")
+    parser.add_argument("--quantization", choices=["fp8"], default=None,
+                        help="the decode benchmark's --quantization (fp8: MoE experts and "
+                        "dense layers in fp8, e.g. benchmarks/configs/mixtral-8x7b, which does "
+                        "not fit one H100 in bf16)")
     parser.add_argument("--tune", action="store_true", help="sweep the layer's tile configs")
     parser.add_argument("--apply-tuned", action="store_true",
                         help="the decode runs of this process use the per-token GEMV configs "
