@@ -294,7 +294,7 @@ def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
             TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k), RENORM=renormalize,
             E_POW2=triton.next_power_of_2(experts), SIGMOID=sigmoid,
             HAS_BIAS=correction_bias is not None, GROUPS=triton.next_power_of_2(groups)
-            if groups > 1 else 1, TOPK_GROUP=min(topk_group or groups, groups),
+            if groups > 1 else 1, TOPK_GROUP=topk_group or groups,
             BY_TOP2=correction_bias is not None and groups > 1,
             num_warps=1 if experts <= 128 else 2, **pdl.options(logits))
     return weights, ids

@@ -95,13 +95,13 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, scoring: str = "s
         raise ValueError(f"MoE scoring function {scoring!r} is not supported "
                          "(supported: softmax, sigmoid)")
     groups = num_expert_group if num_expert_group and num_expert_group > 1 else 1
-    check_routing(router_logits.shape[-1], top_k, groups, topk_group,
-                  correction_bias is not None)
     if router_logits.is_cuda and router_logits.dim() == 2 and fused_ops.ops() is not None:
-        from pagedllm.layers.fused_moe_triton import route_topk
+        from pagedllm.layers.fused_moe_triton import route_topk  # checks the settings too
         return route_topk(router_logits, top_k, renormalize, routed_scaling_factor,
                           sigmoid=scoring == "sigmoid", correction_bias=correction_bias,
                           num_expert_group=groups, topk_group=topk_group)
+    check_routing(router_logits.shape[-1], top_k, groups, topk_group,
+                  correction_bias is not None)
     logits = router_logits.float()
     scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
     choice = scores if correction_bias is None else scores + correction_bias.float()

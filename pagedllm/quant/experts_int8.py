@@ -24,11 +24,10 @@ import torch
 from torch import nn
 
 from pagedllm.quant.base import LinearMethod, MoEMethod, QuantConfig, make_param
+from pagedllm.quant.fp8 import FP8, FP8_MAX, quantize_fp8
 from pagedllm.quant.unquantized import UNQUANTIZED, stored_rows
 
 INT8_MAX = 127
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 
 
 def quantize_rows(weight: torch.Tensor, codes: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,10 +38,10 @@ def quantize_rows(weight: torch.Tensor, codes: str = "int8") -> tuple[torch.Tens
     w = weight.float()
     peak = INT8_MAX if codes == "int8" else FP8_MAX
     scale = (w.abs().amax(dim=-1) / peak).clamp_min(torch.finfo(torch.float32).tiny)
-    scaled = w / scale.unsqueeze(-1)
-    if codes == "int8":
-        return torch.round(scaled).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
-    return scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+    if codes == "fp8":
+        return quantize_fp8(w, scale.unsqueeze(-1)), scale
+    q = torch.round(w / scale.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -37,23 +37,36 @@ def _byte(base, offset):
 
 
 @triton.jit
+def _half_of(word, high: tl.constexpr):
+    """The fp16 in the low (or high) 16 bits of an int32, as fp32."""
+    if high:
+        word = word >> 16
+    return (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _half(base, offset):
     lo = tl.load(base + offset).to(tl.int32)
     hi = tl.load(base + offset + 1).to(tl.int32)
-    return (lo | (hi << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return _half_of(lo | (hi << 8), False)
+
+
+@triton.jit
+def _k4_unpack(low_s, low_m, packed, first):
+    """Q4_K / Q5_K: the 6-bit scales and mins (fp32) of sub-blocks from byte j = sb % 4 of
+    the 12-byte field's three parts (``low_s``: bytes 0-3, scales 0-3 + top bits of 4-7;
+    ``low_m``: bytes 4-7, mins 0-3 + top bits of 4-7; ``packed``: bytes 8-11, low nibble
+    scale and high nibble min of 4-7); ``first``: sb < 4."""
+    scale = tl.where(first, low_s & 63, (packed & 15) | ((low_s >> 6) << 4))
+    mins = tl.where(first, low_m & 63, (packed >> 4) | ((low_m >> 6) << 4))
+    return scale.to(tl.float32), mins.to(tl.float32)
 
 
 @triton.jit
 def _k4_scale_min(base, sb):
-    """Q4_K / Q5_K: the 6-bit scales and mins of sub-blocks ``sb`` (0-7)."""
-    first = sb < 4
+    """Q4_K / Q5_K: the 6-bit scales and mins of sub-blocks ``sb`` (0-7), read byte by byte."""
     j = sb % 4
-    low_s = _byte(base, 4 + j)      # bytes 0-3 of the field: scales 0-3 (+ top bits of 4-7)
-    low_m = _byte(base, 8 + j)      # bytes 4-7: mins 0-3 (+ top bits of 4-7)
-    packed = _byte(base, 12 + j)    # bytes 8-11: low nibble scale, high nibble min of 4-7
-    scale = tl.where(first, low_s & 63, (packed & 15) | ((low_s >> 6) << 4))
-    mins = tl.where(first, low_m & 63, (packed >> 4) | ((low_m >> 6) << 4))
-    return scale.to(tl.float32), mins.to(tl.float32)
+    return _k4_unpack(_byte(base, 4 + j), _byte(base, 8 + j), _byte(base, 12 + j), sb < 4)
 
 
 @triton.jit
@@ -119,23 +132,10 @@ def _gguf_gemv_kernel(x_ptr, w_ptr, part_ptr, R, blocks, blocks_per_split, strid
 
 @triton.jit
 def _q4k_scale_min(w1, w2, w3, sb):
-    """Q4_K: the 6-bit scales and mins (fp32) of sub-blocks ``sb`` from the three words of
-    the 12-byte field (field byte j is byte j % 4 of word j // 4; ``_k4_scale_min``'s
-    arithmetic, elementwise: no loads, no reductions)."""
+    """Q4_K: ``_k4_scale_min`` from the 12-byte field already loaded as three words (field
+    byte j is byte j % 4 of word j // 4): elementwise, no loads, no reductions."""
     shift = (sb % 4) * 8
-    b1, b2, b3 = (w1 >> shift) & 255, (w2 >> shift) & 255, (w3 >> shift) & 255
-    first = sb < 4
-    scale = tl.where(first, b1 & 63, (b3 & 15) | ((b1 >> 6) << 4))
-    mins = tl.where(first, b2 & 63, (b3 >> 4) | ((b2 >> 6) << 4))
-    return scale.to(tl.float32), mins.to(tl.float32)
-
-
-@triton.jit
-def _half_of(word, high: tl.constexpr):
-    """The fp16 in the low (or high) 16 bits of an int32, as fp32."""
-    if high:
-        word = word >> 16
-    return (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return _k4_unpack((w1 >> shift) & 255, (w2 >> shift) & 255, (w3 >> shift) & 255, sb < 4)
 
 
 @triton.jit
