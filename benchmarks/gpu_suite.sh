@@ -274,6 +274,22 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         | cut -c1-200
       echo "== quant engine"; PAGEDLLM_W4_MMA=1 quant_engine 80 --formats gptq --batches 16 64 \
         --no-offline ;;
+    s10a)
+      # tenth session, first call (~9 min, carry .whl-serve): the MoE decode profile with PDL
+      # off, whole, into $OUT (the fusion targets of issue 23), the layout's GPU tests at the
+      # ninth part's defaults, GPTQ vs bf16 at batch 16 / 64 with the 33-64 row config, the
+      # routing kernel's GPU tests
+      echo "== moe decode profile, PDL off"; PAGEDLLM_PDL=0 timeout 170 python \
+        benchmarks/profile_decode.py --graphs --model benchmarks/configs/qwen3-30b-a3b \
+        --tokens 32 --rows 40 > "$OUT_DIR/moe_profile.txt" 2>&1; grep -v Warning \
+        "$OUT_DIR/moe_profile.txt" | tail -25 | cut -c1-150
+      echo "== w4mma gpu tests"; timeout 90 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=short tests/kernels/test_w4mma.py -k "llama or gemm or engine" 2>&1 \
+        | grep -v Warning | tail -3
+      echo "== moe route tests"; timeout 40 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=short tests/kernels/test_fused_moe.py -k "route or topk or rejected or nan" 2>&1 \
+        | tail -2
+      echo "== quant engine"; quant_engine 150 --formats bf16 gptq --batches 16 64 --no-offline ;;
     next9)
       # what the ninth session left, first call (~9 min, carry .whl-serve): s9a (the layout
       # GEMM's 16 / 64-row sweep, its GPU tests at the new defaults, GPTQ decode at batch 16 /
