@@ -290,6 +290,15 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --tb=short tests/kernels/test_fused_moe.py -k "route or topk or rejected or nan" 2>&1 \
         | tail -2
       echo "== quant engine"; quant_engine 150 --formats bf16 gptq --batches 16 64 --no-offline ;;
+    s10b)
+      # second call (~7 min, carry .whl-serve): the fp8 / int8 expert kernels' GPU tests and
+      # Mixtral-8x7B fp8 batch-1 decode (mixtralfp8), GGUF Q4_K_M batch 1 with the default and
+      # the vectorized Q4_K GEMV
+      bash "$0" mixtralfp8
+      use_serve_wheels
+      echo "== gguf"; quant_engine 100 --formats bf16 gguf --batches 1 --no-offline
+      echo "== gguf q4k vector"; quant_engine 80 --formats gguf --batches 1 --no-offline \
+        --gguf-q4k-vector ;;
     next9)
       # what the ninth session left, first call (~9 min, carry .whl-serve): s9a (the layout
       # GEMM's 16 / 64-row sweep, its GPU tests at the new defaults, GPTQ decode at batch 16 /
