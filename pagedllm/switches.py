@@ -23,6 +23,9 @@ variable                        default    effect
                                            repacked at load for ``quant/triton_w4mma``
                                            (mma.sync fragments up to 8 rows, its GEMM
                                            above)
+``PAGEDLLM_MOE_ROUTED``         ``1``      ``0``: MoE decode steps route in their own launch
+                                           (``route_topk``) instead of inside the
+                                           experts' gate/up kernel (``layers/moe.py``)
 ``PAGEDLLM_ASYNC_OUTPUT_PROC``  unset      ``1``: async output processing on CPU too (on by
                                            default on CUDA; ``EngineConfig.async_output_proc``)
 =============================== ========== ===========================================
@@ -48,6 +51,7 @@ class Switches:
     decode_fold: bool = True
     async_output_proc: bool = False  # forced on where it is off by default (CPU)
     w4_mma: bool = True
+    moe_routed: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Switches:
@@ -59,7 +63,8 @@ class Switches:
                    pdl=_on_unless_zero(env, "PAGEDLLM_PDL"),
                    decode_fold=_on_unless_zero(env, "PAGEDLLM_DECODE_FOLD"),
                    async_output_proc=env.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1",
-                   w4_mma=_one_or_zero(env, "PAGEDLLM_W4_MMA", "1") == "1")
+                   w4_mma=_one_or_zero(env, "PAGEDLLM_W4_MMA", "1") == "1",
+                   moe_routed=_one_or_zero(env, "PAGEDLLM_MOE_ROUTED", "1") == "1")
 
 
 def _one_or_zero(env: Mapping[str, str], name: str, default: str) -> str:

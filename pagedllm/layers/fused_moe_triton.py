@@ -33,6 +33,8 @@ oracle (tests/kernels/test_fused_moe.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import triton
 import triton.language as tl
@@ -137,9 +139,13 @@ def _moe_gemm_kernel(a_ptr, w_ptr, s_ptr, out_ptr, sorted_ptr, block_expert_ptr,
 
 @triton.jit
 def _moe_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stride_am,
-                     stride_we, stride_wn, stride_se, stride_om, TOP_K: tl.constexpr,
+                     stride_we, stride_wn, stride_se, stride_om, logits_ptr, bias_ptr, E,
+                     stride_l, group_size, scale, TOP_K: tl.constexpr,
                      K_POW2: tl.constexpr, GATED: tl.constexpr, SCALED: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                     ROUTED: tl.constexpr, RENORM: tl.constexpr, E_POW2: tl.constexpr,
+                     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr,
+                     TOPK_GROUP: tl.constexpr, BY_TOP2: tl.constexpr,
                      USE_PDL: tl.constexpr):
     # program (column tile, token): rows [n0, n0 + BLOCK_N) of each of the token's TOP_K
     # experts at once, R = K_POW2 * BLOCK_N gathered weight rows (row r: slot r // BLOCK_N),
@@ -148,8 +154,12 @@ def _moe_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stri
     # = silu(gate) * up with the up rows N rows below. Else (down): a is the activations
     # [T * TOP_K, K], row r multiplies its pair's, out[t, n] = sum over slots of the routing
     # weight times the row's sum (the top-k sum fused, fp32). SCALED: int8 / fp8 codes, a
-    # row's sum times its scale (s [E, rows] fp32). USE_PDL (layers/pdl.py): launched
-    # while the kernel before runs; every load waits for it (the rows follow the routing).
+    # row's sum times its scale (s [E, rows] fp32). ROUTED (gate/up only): every program
+    # routes the token itself from its router logits [T, E] (``_topk_route``, the routing
+    # constexprs as ``_route_kernel``'s) and the first column tile stores the weights (times
+    # ``scale``) and ids for the down launch, which saves ``route_topk``'s launch. USE_PDL
+    # (layers/pdl.py): launched while the kernel before runs; every load waits for it (the
+    # rows follow the routing).
     R: tl.constexpr = K_POW2 * BLOCK_N
     pdl.launch_dependents(USE_PDL)
     pdl.wait(USE_PDL)
@@ -159,7 +169,20 @@ def _moe_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stri
     n = tl.program_id(0) * BLOCK_N + r % BLOCK_N
     row_ok = (n < N) & (slot < TOP_K)
     pair = t * TOP_K + slot
-    expert = tl.load(ids_ptr + pair, mask=slot < TOP_K, other=0).to(tl.int64)
+    if ROUTED:
+        offs_e = tl.arange(0, E_POW2)
+        logits = tl.load(logits_ptr + t * stride_l + offs_e, mask=offs_e < E,
+                         other=float("-inf")).to(tl.float32)
+        top_w, top_ids = _topk_route(logits, bias_ptr, E, group_size, TOP_K, K_POW2, RENORM,
+                                     E_POW2, SIGMOID, HAS_BIAS, GROUPS, TOPK_GROUP, BY_TOP2)
+        slots = tl.arange(0, K_POW2)
+        if tl.program_id(0) == 0:
+            tl.store(topw_ptr + t * TOP_K + slots, top_w * scale, mask=slots < TOP_K)
+            tl.store(ids_ptr + t * TOP_K + slots, top_ids.to(tl.int64), mask=slots < TOP_K)
+        expert = tl.sum(tl.where(slot[:, None] == slots[None, :], top_ids[None, :], 0),
+                        1).to(tl.int64)
+    else:
+        expert = tl.load(ids_ptr + pair, mask=slot < TOP_K, other=0).to(tl.int64)
     w_rows = (w_ptr + expert * stride_we + n.to(tl.int64) * stride_wn)[:, None, None]
     cols = (tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None]
     if GATED:
@@ -230,22 +253,17 @@ def _group_keep(choice, group, E_POW2: tl.constexpr, GROUPS: tl.constexpr,
 
 
 @triton.jit
-def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, group_size, scale,
-                  TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORM: tl.constexpr,
-                  E_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, BY_TOP2: tl.constexpr,
-                  USE_PDL: tl.constexpr):
-    # one token: scores (softmax or sigmoid over its E logits, fp32); the choice values
-    # (scores + the correction bias); with GROUPS > 1 only the TOPK_GROUP best groups'
-    # experts compete; the TOP_K largest choices in descending order (ties: the lowest
-    # expert id), weighted by their unbiased scores, optionally renormalised, times ``scale``
-    pdl.launch_dependents(USE_PDL)
-    pdl.wait(USE_PDL)  # the logits come from the router projection
-    t = tl.program_id(0).to(tl.int64)
+def _topk_route(x, bias_ptr, E, group_size, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+                RENORM: tl.constexpr, E_POW2: tl.constexpr, SIGMOID: tl.constexpr,
+                HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                BY_TOP2: tl.constexpr):
+    """(weights [K_POW2] fp32, ids [K_POW2] int32) of one token from its logits x [E_POW2]
+    (fp32, -inf past E): scores (softmax or sigmoid); the choice values (scores + the
+    correction bias); with GROUPS > 1 only the TOPK_GROUP best groups' experts compete; the
+    TOP_K largest choices in descending order (ties: the lowest expert id), weighted by their
+    unbiased scores, optionally renormalised (slots past TOP_K: weight 0, expert 0)."""
     offs = tl.arange(0, E_POW2)
     valid = offs < E
-    x = tl.load(logits_ptr + t * stride_l + offs, mask=valid, other=float("-inf"))
-    x = x.to(tl.float32)
     if SIGMOID:
         p = 1.0 / (1.0 + tl.exp(-x))
     else:
@@ -269,8 +287,57 @@ def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, group_size,
         choice = tl.where(offs == idx, float("-inf"), choice)  # never an id past the experts
     if RENORM:
         weights = weights / tl.sum(weights, axis=0)
+    return weights, ids
+
+
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, group_size, scale,
+                  TOP_K: tl.constexpr, K_POW2: tl.constexpr, RENORM: tl.constexpr,
+                  E_POW2: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr, BY_TOP2: tl.constexpr,
+                  USE_PDL: tl.constexpr):
+    # one token's routing (``_topk_route``), times ``scale``
+    pdl.launch_dependents(USE_PDL)
+    pdl.wait(USE_PDL)  # the logits come from the router projection
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E_POW2)
+    x = tl.load(logits_ptr + t * stride_l + offs, mask=offs < E, other=float("-inf"))
+    weights, ids = _topk_route(x.to(tl.float32), bias_ptr, E, group_size, TOP_K, K_POW2,
+                               RENORM, E_POW2, SIGMOID, HAS_BIAS, GROUPS, TOPK_GROUP, BY_TOP2)
+    slots = tl.arange(0, K_POW2)
     tl.store(w_ptr + t * TOP_K + slots, weights * scale, mask=slots < TOP_K)
     tl.store(ids_ptr + t * TOP_K + slots, ids.to(tl.int64), mask=slots < TOP_K)
+
+
+@dataclass(frozen=True)
+class Router:
+    """How each token's experts are chosen (``layers/moe.select_experts``' settings, apart
+    from ``top_k``): softmax or sigmoid scores, DeepSeek's correction bias and grouped
+    top-k, renormalisation of the chosen weights, a scale on them."""
+    renormalize: bool = False
+    scale: float = 1.0
+    sigmoid: bool = False
+    correction_bias: torch.Tensor | None = None
+    num_expert_group: int = 1
+    topk_group: int | None = None
+
+    @property
+    def groups(self) -> int:
+        return max(1, self.num_expert_group or 1)
+
+    def check(self, experts: int, top_k: int) -> None:
+        from pagedllm.layers.moe import check_routing
+        check_routing(experts, top_k, self.groups, self.topk_group,
+                      self.correction_bias is not None)
+
+    def constexprs(self, experts: int) -> dict:
+        """``_topk_route``'s compile-time settings for ``experts`` experts."""
+        groups = self.groups
+        return dict(RENORM=self.renormalize, E_POW2=triton.next_power_of_2(experts),
+                    SIGMOID=self.sigmoid, HAS_BIAS=self.correction_bias is not None,
+                    GROUPS=triton.next_power_of_2(groups) if groups > 1 else 1,
+                    TOPK_GROUP=self.topk_group or groups,
+                    BY_TOP2=self.correction_bias is not None and groups > 1)
 
 
 def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
@@ -280,23 +347,20 @@ def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     """``select_experts`` in one launch (softmax or sigmoid scores, DeepSeek's correction
     bias and grouped top-k, renormalisation, scaling): (weights [T, k] fp32, ids [T, k]
     int64)."""
+    router = Router(renormalize, scale, sigmoid, correction_bias, num_expert_group,
+                    topk_group)
     tokens, experts = router_logits.shape
-    groups = max(1, num_expert_group or 1)
-    from pagedllm.layers.moe import check_routing
-    check_routing(experts, top_k, groups, topk_group, correction_bias is not None)
+    router.check(experts, top_k)
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
     if tokens:
         logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
         bias = correction_bias.contiguous() if correction_bias is not None else logits
         _route_kernel[(tokens,)](
-            logits, bias, weights, ids, experts, logits.stride(0), experts // groups, scale,
-            TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k), RENORM=renormalize,
-            E_POW2=triton.next_power_of_2(experts), SIGMOID=sigmoid,
-            HAS_BIAS=correction_bias is not None, GROUPS=triton.next_power_of_2(groups)
-            if groups > 1 else 1, TOPK_GROUP=topk_group or groups,
-            BY_TOP2=correction_bias is not None and groups > 1,
-            num_warps=1 if experts <= 128 else 2, **pdl.options(logits))
+            logits, bias, weights, ids, experts, logits.stride(0), experts // router.groups,
+            scale, TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k),
+            **router.constexprs(experts), num_warps=1 if experts <= 128 else 2,
+            **pdl.options(logits))
     return weights, ids
 
 
@@ -405,17 +469,29 @@ def moe_path(tokens: int, top_k: int, num_experts: int,
 
 def _gemv_launch(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor,
                  topw: torch.Tensor | None, n_cols: int, config: tuple,
-                 scale: torch.Tensor | None = None) -> None:
+                 scale: torch.Tensor | None = None, router: Router | None = None,
+                 logits: torch.Tensor | None = None) -> None:
+    """One ``_moe_gemv_kernel`` launch: gate/up when ``topw`` is None (with ``router`` and
+    ``logits``: routed inside, ``ids`` and ``topw`` written), else down."""
     tokens, top_k = ids.shape
     block_n, block_k, warps = config
     block_k = min(block_k, triton.next_power_of_2(w.shape[2]))
     vec = min(16 // w.element_size(), block_k)
     s = scale if scale is not None else a
+    routed = router is not None and logits is not None
+    gated = topw is None or routed
+    if router is None or logits is None:
+        router, logits = Router(), a[:, :1]
+    experts = logits.shape[1]
+    bias = router.correction_bias if router.correction_bias is not None else a
     _moe_gemv_kernel[(triton.cdiv(n_cols, block_n), tokens)](
         a, w, s, out, ids, topw if topw is not None else a, n_cols, w.shape[2], a.stride(0),
-        w.stride(0), w.stride(1), s.stride(0), out.stride(0), TOP_K=top_k,
-        K_POW2=triton.next_power_of_2(top_k), GATED=topw is None, SCALED=scale is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, num_warps=warps, **pdl.options(a))
+        w.stride(0), w.stride(1), s.stride(0), out.stride(0), logits, bias, experts,
+        logits.stride(0), experts // router.groups, router.scale, TOP_K=top_k,
+        K_POW2=triton.next_power_of_2(top_k), GATED=gated, SCALED=scale is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, ROUTED=routed, **router.constexprs(experts),
+        num_warps=warps,
+        **pdl.options(a))
 
 
 def fused_moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
@@ -448,6 +524,56 @@ def _check_scales(gate_up: torch.Tensor, down: torch.Tensor, scales) -> tuple | 
     return out
 
 
+def _check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                  routing: tuple[int, int], name: str) -> None:
+    """ValueError unless x [T, H], gate_up [E, 2I, H], down [E, H, I] and the routing
+    tensor's [T, *] (``name``: ids [T, k] or router logits [T, E]) agree."""
+    num_experts, two_i, hidden = gate_up.shape
+    if x.shape != (routing[0], hidden) or down.shape != (num_experts, hidden, two_i // 2):
+        raise ValueError(f"fused_moe shapes disagree: x {tuple(x.shape)}, {name} "
+                         f"{routing}, gate_up {tuple(gate_up.shape)}, down "
+                         f"{tuple(down.shape)}")
+
+
+def fused_moe_routed(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                     logits: torch.Tensor, top_k: int, router: Router,
+                     configs: tuple[tuple, tuple] | None = None, gemv: bool | None = None,
+                     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``route_topk`` then ``fused_moe`` from the router logits [T, E]: (out [T, H],
+    weights [T, k] fp32, ids [T, k] int64). Where the per-token GEMVs serve the batch
+    (decode), the gate/up launch routes each token itself and hands the routing to the
+    down launch: two launches a layer instead of three."""
+    num_experts, two_i, hidden = gate_up.shape
+    tokens = x.shape[0]
+    if logits.shape != (tokens, num_experts):
+        raise ValueError(f"router logits {tuple(logits.shape)} must be [{tokens}, "
+                         f"{num_experts}] (tokens, experts)")
+    router.check(num_experts, top_k)
+    use_gemv, table = moe_path(tokens, top_k, num_experts, gemv)
+    if not use_gemv or tokens == 0:
+        weights, ids = route_topk(logits, top_k, router.renormalize, router.scale,
+                                  sigmoid=router.sigmoid,
+                                  correction_bias=router.correction_bias,
+                                  num_expert_group=router.groups, topk_group=router.topk_group)
+        return fused_moe(x, gate_up, down, weights, ids, configs, gemv, scales), weights, ids
+    _check_shapes(x, gate_up, down, (tokens, num_experts), "router logits")
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    if router.correction_bias is not None:
+        router = replace(router, correction_bias=router.correction_bias.contiguous())
+    gate_up_cfg, down_cfg = configs or table
+    gate_up_scale, down_scale = _check_scales(gate_up, down, scales) or (None, None)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=x.device)
+    topw = torch.empty(tokens * top_k, dtype=torch.float32, device=x.device)
+    act = torch.empty(tokens * top_k, two_i // 2, dtype=x.dtype, device=x.device)
+    _gemv_launch(x, gate_up, act, ids, topw, two_i // 2, gate_up_cfg, gate_up_scale, router,
+                 logits)
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    _gemv_launch(act, down, out, ids, topw, hidden, down_cfg, down_scale)
+    return out, topw.view(tokens, top_k), ids
+
+
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
               weights: torch.Tensor, ids: torch.Tensor,
               configs: tuple[tuple, tuple] | None = None,
@@ -464,10 +590,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     tokens, top_k = ids.shape
     num_experts, two_i, hidden = gate_up.shape
     inter = two_i // 2
-    if x.shape != (tokens, hidden) or down.shape != (num_experts, hidden, inter):
-        raise ValueError(f"fused_moe shapes disagree: x {tuple(x.shape)}, ids "
-                         f"{tuple(ids.shape)}, gate_up {tuple(gate_up.shape)}, down "
-                         f"{tuple(down.shape)}")
+    _check_shapes(x, gate_up, down, (tokens, top_k), "ids")
     if tokens == 0:
         return torch.zeros_like(x)
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()

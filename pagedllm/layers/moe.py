@@ -46,6 +46,7 @@ from pagedllm.layers.linear import Linear
 from pagedllm.layers.parallel import held_by_other_stage
 from pagedllm.models.utils import StackedMapping, load_weights
 from pagedllm.quant.base import get_moe_method
+from pagedllm.switches import switches
 
 
 def _group_mask(choice: torch.Tensor, num_groups: int, topk_group: int,
@@ -172,6 +173,29 @@ def _fused_kernel(x: torch.Tensor, act: ActAndMul):
     return fused_moe
 
 
+def _routed_kernel(x: torch.Tensor, act: ActAndMul):
+    """``fused_moe_triton.fused_moe_routed`` (the routing inside the experts' first launch)
+    when the fused kernels serve this call, else None."""
+    if _fused_kernel(x, act) is None or not switches().moe_routed:
+        return None
+    from pagedllm.layers.fused_moe_triton import fused_moe_routed
+    return fused_moe_routed
+
+
+def kernel_router(scoring: str = "softmax", renormalize: bool = False,
+                  num_expert_group: int | None = None, topk_group: int | None = None,
+                  correction_bias: torch.Tensor | None = None,
+                  routed_scaling_factor: float = 1.0):
+    """``select_experts``' settings as the kernels' ``Router`` (checked as it checks them)."""
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"MoE scoring function {scoring!r} is not supported "
+                         "(supported: softmax, sigmoid)")
+    from pagedllm.layers.fused_moe_triton import Router
+    groups = num_expert_group if num_expert_group and num_expert_group > 1 else 1
+    return Router(renormalize, routed_scaling_factor, scoring == "sigmoid", correction_bias,
+                  groups, topk_group)
+
+
 _CODES = (torch.int8, torch.float8_e4m3fn)
 
 
@@ -259,6 +283,20 @@ class FusedMoE(nn.Module):
             out = run(x, gate_up, down, weights, ids, self.act_fn)
         return all_reduce(out) if reduce and get_tp_size() > 1 else out
 
+    def route(self, x: torch.Tensor, logits: torch.Tensor, top_k: int, reduce: bool = True,
+              **router_kwargs) -> torch.Tensor:
+        """``forward`` with the experts ``select_experts(logits, top_k, **router_kwargs)``
+        picks. Through the fused kernels the routing runs inside the experts' first launch on
+        decode steps (``fused_moe_routed``)."""
+        kernel = _routed_kernel(x, self.act_fn) if logits.dim() == 2 else None
+        packed = self.quant_method.kernel_weights(self) if kernel is not None else None
+        if packed is None or not _kernel_reads(x, *packed):
+            return self(x, *select_experts(logits, top_k, **router_kwargs), reduce=reduce)
+        gate_up, down, scales = packed
+        out, _, _ = kernel(x, gate_up, down, logits, top_k,
+                           kernel_router(**router_kwargs), scales=scales)
+        return all_reduce(out) if reduce and get_tp_size() > 1 else out
+
 
 class MoEBlock(nn.Module):
     """Router + routed experts (+ an optional always-on shared expert, scaled per token by
@@ -278,9 +316,8 @@ class MoEBlock(nn.Module):
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(self.gate(x), self.top_k, renormalize=self.renormalize,
-                                      **self.router_kwargs)
-        out = self.experts(x, weights, ids)
+        out = self.experts.route(x, self.gate(x), self.top_k, renormalize=self.renormalize,
+                                 **self.router_kwargs)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

@@ -48,7 +48,7 @@ from pagedllm.attention.cache_spec import KVCacheSpec
 from pagedllm.attention.mla import kernels_serve, mla_decode, mla_prefill, write_latent
 from pagedllm.distributed import get_tp_size
 from pagedllm.layers.linear import Linear
-from pagedllm.layers.moe import FusedMoE, load_moe_weights, select_experts
+from pagedllm.layers.moe import FusedMoE, load_moe_weights
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.parallel import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters, yarn_mscale
@@ -182,9 +182,8 @@ class DeepseekMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.gate.weight.float())
         bias = getattr(self.gate, "e_score_correction_bias", None)
-        weights, ids = select_experts(logits, self.top_k, correction_bias=bias,
-                                      **self.router_kwargs)
-        out = self.experts(x, weights, ids)
+        out = self.experts.route(x, logits, self.top_k, correction_bias=bias,
+                                 **self.router_kwargs)
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
 

@@ -15,6 +15,7 @@ from tests.kernels.test_triton_attention import DEVICE, ON_GPU, TOL, _rel_err
 fm = pytest.importorskip("pagedllm.layers.fused_moe_triton")
 
 from pagedllm.layers.activation import ActAndMul  # noqa: E402
+from pagedllm.layers import moe  # noqa: E402
 from pagedllm.layers.moe import moe_reference, select_experts  # noqa: E402
 
 
@@ -208,6 +209,68 @@ def test_routing_settings_rejected_alike(top_k, groups, topk_group, bias, match)
         fm.route_topk(logits.to(DEVICE), top_k, False, sigmoid=True,
                       correction_bias=corr.to(DEVICE) if bias else None,
                       num_expert_group=groups, topk_group=topk_group)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,groups,topk_group,scoring,bias,renorm,scale,codes", [
+    (1, 16, 4, 1, None, "softmax", False, True, 1.0, None),   # Qwen3-MoE / Mixtral-like
+    (1, 24, 3, 1, None, "softmax", False, False, 1.0, "int8"),  # top-k not a power of two
+    (1, 32, 4, 4, 2, "sigmoid", True, True, 2.5, None),       # DeepSeek-V3-like
+    (1, 40, 6, 8, 3, "softmax", False, False, 16.0, "fp8"),   # DeepSeek-V2-like, 8 groups
+    (3, 16, 4, 1, None, "softmax", False, True, 1.0, None)])  # sorted path: route_topk first
+def test_fused_moe_routed_matches_route_then_experts(tokens, experts, top_k, groups,
+                                                     topk_group, scoring, bias, renorm, scale,
+                                                     codes):
+    """The gate/up GEMV routing each token itself from the router logits (one launch fewer)
+    against ``select_experts`` then the expert loop: the same experts and weights (handed to
+    the down launch), the same output."""
+    gen = torch.Generator().manual_seed(tokens * 100 + experts)
+    hidden, inter = 40, 24
+    x = torch.randn(tokens, hidden, generator=gen)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5
+    down = torch.randn(experts, hidden, inter, generator=gen) / inter ** 0.5
+    logits = torch.randn(tokens, experts, generator=gen)
+    corr = torch.rand(experts, generator=gen) * 0.5 if bias else None
+    kwargs = dict(scoring=scoring, renormalize=renorm, routed_scaling_factor=scale,
+                  num_expert_group=groups, topk_group=topk_group, correction_bias=corr)
+    ref_w, ref_ids = select_experts(logits, top_k, **kwargs)
+    scales = None
+    if codes is not None:  # per-row int8 / e4m3 codes, the reference on their dequantized rows
+        dtype = torch.int8 if codes == "int8" else torch.float8_e4m3fn
+        limit = 127.0 if codes == "int8" else 448.0
+        qs = []
+        for w in (gate_up, down):
+            s = w.abs().amax(-1) / limit
+            q = (w / s[..., None]).round() if codes == "int8" else w / s[..., None]
+            qs.append((q.to(dtype), s))
+        (gate_up, s_gu), (down, s_d) = qs
+        scales = (s_gu.to(DEVICE), s_d.to(DEVICE))
+        ref_gate_up, ref_down = gate_up.float() * s_gu[..., None], down.float() * s_d[..., None]
+    else:
+        ref_gate_up, ref_down = gate_up, down
+    dev_kwargs = {**kwargs, "correction_bias": corr.to(DEVICE) if bias else None}
+    router = moe.kernel_router(**dev_kwargs)
+    out, weights, ids = fm.fused_moe_routed(x.to(DEVICE), gate_up.to(DEVICE), down.to(DEVICE),
+                                            logits.to(DEVICE), top_k, router, scales=scales)
+    assert torch.equal(ids.cpu(), ref_ids)
+    torch.testing.assert_close(weights.cpu(), ref_w, rtol=1e-5, atol=1e-6)
+    ref = _reference(x, ref_gate_up, ref_down, ref_w, ref_ids)
+    assert _rel_err(out.cpu(), ref) < TOL[torch.float32]
+
+
+def test_moe_block_routed_kernel_path_equals_torch_path(monkeypatch):
+    """``MoEBlock`` with the routed kernels standing in for CUDA (the interpreter on CPU) at
+    one token gives the torch path's output, and the router runs inside the kernel (no
+    ``route_topk`` launch)."""
+    torch.manual_seed(0)
+    block = moe.MoEBlock(32, 8, 2, 16, renormalize=True)
+    for p in block.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randn(1, 32)
+    ref = block(x)
+    monkeypatch.setattr(moe, "_routed_kernel", lambda x, act: fm.fused_moe_routed)
+    monkeypatch.setattr(fm, "route_topk", None)  # the one-token path must not call it
+    out = block(x)
+    assert _rel_err(out, ref) < TOL[torch.float32]
 
 
 def test_route_topk_nan_logits_stay_in_range():
