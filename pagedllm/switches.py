@@ -23,9 +23,10 @@ variable                        default    effect
                                            repacked at load for ``quant/triton_w4mma``
                                            (mma.sync fragments up to 8 rows, its GEMM
                                            above)
-``PAGEDLLM_MOE_ROUTED``         ``1``      ``0``: MoE decode steps route in their own launch
-                                           (``route_topk``) instead of inside the
-                                           experts' gate/up kernel (``layers/moe.py``)
+``PAGEDLLM_MOE_ROUTED``         ``1``      ``0``: MoE decode steps run the post-attention
+                                           norm, the router and its top-k in launches of
+                                           their own, not in the router's and the
+                                           experts' kernels (``layers/moe.py``)
 ``PAGEDLLM_ASYNC_OUTPUT_PROC``  unset      ``1``: async output processing on CPU too (on by
                                            default on CUDA; ``EngineConfig.async_output_proc``)
 =============================== ========== ===========================================

@@ -309,6 +309,63 @@ def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, group_size,
     tl.store(ids_ptr + t * TOP_K + slots, ids.to(tl.int64), mask=slots < TOP_K)
 
 
+@triton.jit
+def _norm_router_kernel(x_ptr, res_ptr, norm_w_ptr, w_ptr, sum_ptr, xn_ptr, logits_ptr, E, H,
+                        eps, offset, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+                        USE_PDL: tl.constexpr):
+    # one token: the post-attention residual add and RMSNorm (``_rms_norm_kernel``'s rounding:
+    # the sum in x's dtype, fp32 statistics, the result in x's dtype), done by every program
+    # on its own copy of the row, then BLOCK_E router logits (fp32 sums rounded to x's dtype,
+    # as the router GEMV rounds them); the first program stores the new residual and the
+    # normalised row for the experts. The router and norm weights are loaded before waiting
+    rows = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    cols = tl.arange(0, BLOCK_H)
+    col_ok = cols < H
+    pdl.launch_dependents(USE_PDL)
+    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * H + cols[None, :],
+                mask=(rows < E)[:, None] & col_ok[None, :], other=0.0)
+    norm_w = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
+    pdl.wait(USE_PDL)  # x comes from the attention's output projection
+    x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+    x = (x.to(tl.float32) + tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+         ).to(x.dtype)
+    h = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(h * h, 0) / H + eps)
+    xn = (h * inv * norm_w).to(x.dtype)
+    logits = tl.sum(w.to(tl.float32) * xn.to(tl.float32)[None, :], 1)
+    tl.store(logits_ptr + rows, logits.to(x.dtype).to(logits_ptr.dtype.element_ty),
+             mask=rows < E)
+    if tl.program_id(0) == 0:
+        tl.store(sum_ptr + cols, x, mask=col_ok)
+        tl.store(xn_ptr + cols, xn, mask=col_ok)
+
+
+def norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                eps: float, router_weight: torch.Tensor, offset: float = 0.0,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token's residual add, RMSNorm and router projection in one launch: (normalised
+    x + residual [1, H], x + residual [1, H], router logits [1, E] in x's dtype), as
+    ``RMSNorm(x, residual)`` then ``router_weight``'s projection compute them. Saves the
+    norm's launch on MoE decode steps."""
+    tokens, hidden = x.shape
+    experts = router_weight.shape[0]
+    if tokens != 1 or residual.shape != x.shape or router_weight.shape != (experts, hidden) \
+            or norm_weight.shape != (hidden,):
+        raise ValueError(f"norm_router takes one token: x {tuple(x.shape)}, residual "
+                         f"{tuple(residual.shape)}, norm weight {tuple(norm_weight.shape)}, "
+                         f"router weight {tuple(router_weight.shape)}")
+    x, residual = x.contiguous(), residual.contiguous()
+    router_weight = router_weight.contiguous()
+    total, normed = torch.empty_like(x), torch.empty_like(x)
+    logits = torch.empty(1, experts, dtype=x.dtype, device=x.device)
+    block_e = 1
+    _norm_router_kernel[(triton.cdiv(experts, block_e),)](
+        x, residual, norm_weight, router_weight, total, normed, logits, experts, hidden, eps,
+        offset, BLOCK_E=block_e, BLOCK_H=triton.next_power_of_2(hidden),
+        num_warps=8 if hidden >= 2048 else 4, **pdl.options(x))
+    return normed, total, logits
+
+
 @dataclass(frozen=True)
 class Router:
     """How each token's experts are chosen (``layers/moe.select_experts``' settings, apart

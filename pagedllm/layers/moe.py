@@ -43,6 +43,7 @@ from pagedllm.distributed import all_reduce, get_pp_size, get_tp_size, shard_ran
 from pagedllm.layers import fused as fused_ops
 from pagedllm.layers.activation import ActAndMul
 from pagedllm.layers.linear import Linear
+from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.parallel import held_by_other_stage
 from pagedllm.models.utils import StackedMapping, load_weights
 from pagedllm.quant.base import get_moe_method
@@ -182,6 +183,15 @@ def _routed_kernel(x: torch.Tensor, act: ActAndMul):
     return fused_moe_routed
 
 
+def _fused_norm_router(x: torch.Tensor, act: ActAndMul):
+    """``fused_moe_triton.norm_router`` where the routed kernels serve this call, else
+    None."""
+    if _routed_kernel(x, act) is None:
+        return None
+    from pagedllm.layers.fused_moe_triton import norm_router
+    return norm_router
+
+
 def kernel_router(scoring: str = "softmax", renormalize: bool = False,
                   num_expert_group: int | None = None, topk_group: int | None = None,
                   correction_bias: torch.Tensor | None = None,
@@ -316,7 +326,27 @@ class MoEBlock(nn.Module):
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts.route(x, self.gate(x), self.top_k, renormalize=self.renormalize,
+        return self._experts(x, self.gate(x))
+
+    def norm_forward(self, hidden: torch.Tensor, residual: torch.Tensor,
+                     norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(norm(hidden + residual)), hidden + residual): the decoder layer's
+        post-attention norm and this block. On one-token CUDA steps the norm and the router
+        projection are one launch (``fused_moe_triton.norm_router``)."""
+        fused = _fused_norm_router(hidden, self.experts.act_fn)
+        weight = self.gate.weight
+        if (fused is None or type(norm) is not RMSNorm or hidden.dim() != 2
+                or hidden.shape[0] != 1 or self.gate.bias is not None
+                or not isinstance(weight, torch.Tensor) or weight.dtype != hidden.dtype
+                or weight.shape != (self.gate.output_size, hidden.shape[1])):
+            x, residual = norm(hidden, residual)
+            return self(x), residual
+        x, residual, logits = fused(hidden, residual, norm.weight, norm.eps, weight,
+                                    norm.offset)
+        return self._experts(x, logits), residual
+
+    def _experts(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        out = self.experts.route(x, logits, self.top_k, renormalize=self.renormalize,
                                  **self.router_kwargs)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

@@ -37,7 +37,14 @@ class MoEDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    forward = LlamaDecoderLayer.forward  # the same pre-norm block around its own parts
+    def forward(self, positions, hidden, residual, ctx):
+        """Llama's pre-norm block; a ``MoEBlock`` takes the post-attention norm itself (on
+        decode steps it runs with the router in one launch)."""
+        if not isinstance(self.mlp, MoEBlock):
+            return LlamaDecoderLayer.forward(self, positions, hidden, residual, ctx)
+        hidden, residual = self.input_layernorm.add_norm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, ctx)
+        return self.mlp.norm_forward(hidden, residual, self.post_attention_layernorm)
 
 
 class MoEModel(LlamaModel):

@@ -273,6 +273,49 @@ def test_moe_block_routed_kernel_path_equals_torch_path(monkeypatch):
     assert _rel_err(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,experts,offset", [(64, 8, 0.0), (48, 6, 1.0)])
+def test_norm_router_matches_rms_norm_then_router(hidden, experts, offset, dtype):
+    """The residual add, RMSNorm and router projection in one launch against
+    ``rms_norm_ref`` and the projection rounded to x's dtype (fp32: within rounding; bf16:
+    within one bf16 step: the interpreter's fp32 -> bf16 cast truncates)."""
+    from pagedllm.layers.triton_ops import rms_norm_ref
+    gen = torch.Generator().manual_seed(hidden + experts)
+    x, res = (torch.randn(1, hidden, generator=gen).to(dtype) for _ in range(2))
+    norm_w = torch.rand(hidden, generator=gen) + 0.5
+    router_w = (torch.randn(experts, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+    ref_x, ref_sum = rms_norm_ref(x, norm_w, 1e-6, offset, res)
+    ref_logits = torch.nn.functional.linear(ref_x.float(), router_w.float()).to(dtype)
+    normed, total, logits = fm.norm_router(x.to(DEVICE), res.to(DEVICE), norm_w.to(DEVICE),
+                                           1e-6, router_w.to(DEVICE), offset)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(total.cpu(), ref_sum, **tol)
+    torch.testing.assert_close(normed.cpu(), ref_x, **tol)
+    torch.testing.assert_close(logits.cpu().float(), ref_logits.float(), rtol=1e-2, atol=1e-2)
+    assert logits.dtype == dtype
+
+
+def test_moe_block_norm_forward_fused_equals_unfused(monkeypatch):
+    """``MoEBlock.norm_forward`` through ``norm_router`` and the routed kernels (interpreter
+    on CPU) against the norm, the router and the torch expert loop, one token."""
+    from pagedllm.layers.norm import RMSNorm
+    torch.manual_seed(1)
+    block = moe.MoEBlock(32, 8, 2, 16, renormalize=True)
+    norm = RMSNorm(32, 1e-6)
+    for p in [*block.parameters(), *norm.parameters()]:
+        p.data.normal_(0, 0.3)
+    hidden, residual = torch.randn(1, 32), torch.randn(1, 32)
+    ref_out, ref_res = block.norm_forward(hidden, residual, norm)
+    calls = []
+    monkeypatch.setattr(moe, "_routed_kernel", lambda x, act: fm.fused_moe_routed)
+    monkeypatch.setattr(moe, "_fused_norm_router",
+                        lambda x, act: lambda *a: calls.append(1) or fm.norm_router(*a))
+    out, res = block.norm_forward(hidden, residual, norm)
+    assert calls == [1]
+    torch.testing.assert_close(res, ref_res)
+    assert _rel_err(out, ref_out) < TOL[torch.float32]
+
+
 def test_route_topk_nan_logits_stay_in_range():
     """NaN logits (a broken checkpoint) must not produce an expert id past the experts: the
     MoE kernels would index out of bounds."""
