@@ -310,6 +310,19 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error'
       echo "== moe decode PAGEDLLM_MOE_ROUTED=0"; PAGEDLLM_MOE_ROUTED=0 timeout 120 python \
         benchmarks/moe_bench.py --only decode --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error' ;;
+    s10d)
+      # issue 22's fp8 goals, where the time goes (~5 min): the offline 1000 x 256/256 step
+      # profile in bf16 and fp8, and the fp8 batch-1 decode kernels with PDL off, whole in $OUT
+      for q in bf16 fp8; do
+        extra=""; [ "$q" = fp8 ] && extra="quantization=fp8"
+        echo "== offline profile $q"; timeout 150 python benchmarks/profile_throughput.py \
+          --num-prompts 1000 $extra > "$OUT_DIR/offline_profile_$q.txt" 2>&1
+        grep -v Warning "$OUT_DIR/offline_profile_$q.txt" | tail -14 | cut -c1-160
+      done
+      echo "== fp8 decode profile, PDL off"; PAGEDLLM_PDL=0 timeout 150 python \
+        benchmarks/profile_decode.py --graphs --quantization fp8 --tokens 64 --rows 30 \
+        > "$OUT_DIR/fp8_decode_profile.txt" 2>&1; grep -v Warning \
+        "$OUT_DIR/fp8_decode_profile.txt" | head -24 | cut -c1-150 ;;
     next9)
       # what the ninth session left, first call (~9 min, carry .whl-serve): s9a (the layout
       # GEMM's 16 / 64-row sweep, its GPU tests at the new defaults, GPTQ decode at batch 16 /

@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--quant", choices=["gptq", "awq"],
                         help="the model with a W4A16 g128 quantization_config (random packed "
                         "words, as benchmarks/quant_bench.py makes them)")
+    parser.add_argument("--quantization", choices=["fp8"], default=None,
+                        help="quantize the bf16 weights at load (--quantization fp8)")
     parser.add_argument("--stacks", action="store_true",
                         help="record Python stacks; list host<->device copies by call site "
                         "(slows the host: the idle table is then not representative)")
@@ -109,12 +111,13 @@ def main() -> None:
         model = model_dir(args.quant, args.model)
     llm = LLM(model=model, load_format="dummy", skip_tokenizer_init=True,
               dtype="bfloat16", max_model_len=1024, max_num_seqs=8,
-              enforce_eager=not args.graphs, num_scheduler_steps=args.steps)
+              enforce_eager=not args.graphs, num_scheduler_steps=args.steps,
+              quantization=args.quantization)
     if args.quant:
         from benchmarks.quant_bench import randomize_packed
         randomize_packed(llm)
     mode = (f"{'graphs' if args.graphs else 'eager'}, {args.steps} step(s), "
-            f"{args.quant or 'bf16'}")
+            f"{args.quant or args.quantization or 'bf16'}")
     print(f"start-up ({mode}, dummy weights): {time.perf_counter() - start:.1f} s")
     llm.generate(prompt, params, use_tqdm=False)
     torch.cuda.synchronize()
