@@ -303,9 +303,9 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       # MoE decode steps with the post-attention norm inside the router's launch and the
       # top-k routing inside the experts' gate/up GEMV (two launches fewer a layer): GPU tests and the MoE engine tests, then Qwen3-30B-A3B batch-1 decode
       # routed (default) against PAGEDLLM_MOE_ROUTED=0 on the same machine (~6 min)
-      echo "== moe gpu tests"; timeout 150 python -m pytest -q -p no:cacheprovider -rf \
-        --tb=short tests/kernels/test_fused_moe.py -k "routed or norm or shapes or graph or cuda" \
-        2>&1 | grep -v Warning | tail -3
+      echo "== moe gpu tests"; timeout 100 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=short tests/kernels/test_fused_moe.py -k "routed or norm or cuda" 2>&1 \
+        | grep -v Warning | tail -3
       echo "== moe decode routed"; timeout 120 python benchmarks/moe_bench.py --only decode \
         --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error'
       echo "== moe decode PAGEDLLM_MOE_ROUTED=0"; PAGEDLLM_MOE_ROUTED=0 timeout 120 python \
