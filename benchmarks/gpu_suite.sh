@@ -301,28 +301,16 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --gguf-q4k-vector ;;
     s10c)
       # MoE decode steps with the post-attention norm inside the router's launch and the
-      # top-k routing inside the experts' gate/up GEMV (two launches fewer a layer): GPU tests and the MoE engine tests, then Qwen3-30B-A3B batch-1 decode
-      # routed (default) against PAGEDLLM_MOE_ROUTED=0 on the same machine (~6 min)
+      # top-k routing inside the experts' gate/up GEMV (two launches fewer a layer):
+      # Qwen3-30B-A3B batch-1 decode fused (default) against PAGEDLLM_MOE_ROUTED=0 on the same
+      # machine, then the GPU tests (~5 min)
+      echo "== moe decode routed"; timeout 110 python benchmarks/moe_bench.py --only decode \
+        --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error'
+      echo "== moe decode PAGEDLLM_MOE_ROUTED=0"; PAGEDLLM_MOE_ROUTED=0 timeout 110 python \
+        benchmarks/moe_bench.py --only decode --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error'
       echo "== moe gpu tests"; timeout 100 python -m pytest -q -p no:cacheprovider -rf \
         --tb=short tests/kernels/test_fused_moe.py -k "routed or norm or cuda" 2>&1 \
-        | grep -v Warning | tail -3
-      echo "== moe decode routed"; timeout 120 python benchmarks/moe_bench.py --only decode \
-        --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error'
-      echo "== moe decode PAGEDLLM_MOE_ROUTED=0"; PAGEDLLM_MOE_ROUTED=0 timeout 120 python \
-        benchmarks/moe_bench.py --only decode --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error' ;;
-    s10d)
-      # issue 22's fp8 goals, where the time goes (~5 min): the offline 1000 x 256/256 step
-      # profile in bf16 and fp8, and the fp8 batch-1 decode kernels with PDL off, whole in $OUT
-      for q in bf16 fp8; do
-        extra=""; [ "$q" = fp8 ] && extra="quantization=fp8"
-        echo "== offline profile $q"; timeout 150 python benchmarks/profile_throughput.py \
-          --num-prompts 1000 $extra > "$OUT_DIR/offline_profile_$q.txt" 2>&1
-        grep -v Warning "$OUT_DIR/offline_profile_$q.txt" | tail -14 | cut -c1-160
-      done
-      echo "== fp8 decode profile, PDL off"; PAGEDLLM_PDL=0 timeout 150 python \
-        benchmarks/profile_decode.py --graphs --quantization fp8 --tokens 64 --rows 30 \
-        > "$OUT_DIR/fp8_decode_profile.txt" 2>&1; grep -v Warning \
-        "$OUT_DIR/fp8_decode_profile.txt" | head -24 | cut -c1-150 ;;
+        | grep -v Warning | tail -3 ;;
     next9)
       # what the ninth session left, first call (~9 min, carry .whl-serve): s9a (the layout
       # GEMM's 16 / 64-row sweep, its GPU tests at the new defaults, GPTQ decode at batch 16 /
