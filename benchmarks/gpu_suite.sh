@@ -308,9 +308,11 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
         --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error'
       echo "== moe decode PAGEDLLM_MOE_ROUTED=0"; PAGEDLLM_MOE_ROUTED=0 timeout 110 python \
         benchmarks/moe_bench.py --only decode --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error'
-      echo "== moe gpu tests"; timeout 100 python -m pytest -q -p no:cacheprovider -rf \
-        --tb=short tests/kernels/test_fused_moe.py -k "routed or norm or cuda" 2>&1 \
-        | grep -v Warning | tail -3 ;;
+      echo "== moe / rope gpu tests"; timeout 100 python -m pytest -q -p no:cacheprovider -rf \
+        --tb=short tests/kernels/test_fused_moe.py tests/kernels/test_triton_attention.py -k \
+        "routed or norm or cuda or with_rope or rope_switch" 2>&1 | grep -v Warning | tail -3
+      echo "== moe decode PAGEDLLM_DECODE_ROPE=1"; PAGEDLLM_DECODE_ROPE=1 timeout 110 python \
+        benchmarks/moe_bench.py --only decode --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error' ;;
     next9)
       # what the ninth session left, first call (~9 min, carry .whl-serve): s9a (the layout
       # GEMM's 16 / 64-row sweep, its GPU tests at the new defaults, GPTQ decode at batch 16 /

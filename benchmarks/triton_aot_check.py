@@ -89,13 +89,23 @@ def moe_variants() -> list[str]:
                  HAS_BIAS=sigmoid, GROUPS=groups, TOPK_GROUP=topk_group, BY_TOP2=sigmoid,
                  USE_PDL=True), num_warps=warps))
     types["s_ptr"] = "*fp32"
+    types["logits_ptr"], types["bias_ptr"], types["scale"] = "*bf16", "*fp32", "fp32"
     int8 = {**types, "w_ptr": "*i8"}  # experts_int8: codes with a scale per row
+    plain = fm.Router().constexprs(1)
     for scaled in (False, True):
         for gated, (bn, bk, warps) in zip((True, False), fm.MOE_GEMV_CONFIGS):
-            lines.append(compile_kernel(
-                fm._moe_gemv_kernel, int8 if scaled else types,
-                dict(TOP_K=8, K_POW2=8, GATED=gated, SCALED=scaled, BLOCK_N=bn, BLOCK_K=bk,
-                     VEC=16 if scaled else 8, USE_PDL=True), num_warps=warps))
+            for routed in (False, True) if gated else (False,):  # routing in the gate/up
+                route = fm.Router(renormalize=True).constexprs(128) if routed else plain
+                lines.append(compile_kernel(
+                    fm._moe_gemv_kernel, int8 if scaled else types,
+                    dict(TOP_K=8, K_POW2=8, GATED=gated, SCALED=scaled, BLOCK_N=bn,
+                         BLOCK_K=bk, VEC=16 if scaled else 8, ROUTED=routed, **route,
+                         USE_PDL=True), num_warps=warps))
+    lines.append(compile_kernel(
+        fm._norm_router_kernel, {"x_ptr": "*bf16", "res_ptr": "*bf16", "norm_w_ptr": "*bf16",
+                                 "w_ptr": "*bf16", "sum_ptr": "*bf16", "xn_ptr": "*bf16",
+                                 "logits_ptr": "*bf16", "eps": "fp32", "offset": "fp32"},
+        dict(BLOCK_E=1, BLOCK_H=2048, USE_PDL=True), num_warps=8))
     configs = {c for _, gate_up, down in fm.MOE_CONFIGS for c in (gate_up, down)}
     for bm, bn, bk, warps, stages in sorted(configs):
         for gated, scaled in ((True, False), (False, False), (True, True)):
@@ -246,6 +256,28 @@ def mla_variants(sweep: bool = False) -> list[str]:
     return lines
 
 
+def attention_variants() -> list[str]:
+    """The paged decode kernel at the Qwen3-30B-A3B shape (8 query heads a KV head, head_dim
+    128, q/k norms), folded splits, without and with the rotary + KV write inside (ROPE)."""
+    from pagedllm.attention import triton_attention as ta
+    types = {"out_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
+             "q_ptr": "*bf16", "kv_ptr": "*bf16", "block_table_ptr": "*i32",
+             "seq_lens_ptr": "*i32", "count_ptr": "*i32", "k_new_ptr": "*bf16",
+             "v_new_ptr": "*bf16", "slot_ptr": "*i64", "pos_ptr": "*i64", "cos_ptr": "*fp32",
+             "sin_ptr": "*fp32", "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16",
+             "qk_scale": "fp32", "cap_scale": "fp32", "v_scale": "fp32", "eps": "fp32",
+             "inv_k_scale": "fp32", "inv_v_scale": "fp32"}
+    lines = []
+    for rope in (False, True):
+        lines.append(compile_kernel(
+            ta._paged_decode_kernel, types,
+            dict(GROUP=8, BLOCK_H=16, BLOCK_N=64, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128,
+                 NUM_SPLITS=4, USE_WINDOW=False, USE_SOFT_CAP=False, DOT_PRECISION="tf32",
+                 FOLD=True, GROUP_P2=8, SPLITS_P2=4, ROPE=rope, HALF=64, QK_NORM=rope,
+                 FP8_MAX=0, USE_PDL=True), num_warps=4, num_stages=3))
+    return lines
+
+
 def w4mma_variants() -> list[str]:
     """The tensor-core W4A16 kernel at each token-tile count, bf16 and fp16, folded and not,
     and its dequantize kernel."""
@@ -276,7 +308,8 @@ def w4mma_variants() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["moe", "wna16", "fp8", "mla", "nf4", "gguf", "w4mma"],
+    parser.add_argument("--only", choices=["moe", "wna16", "fp8", "mla", "nf4", "gguf", "w4mma",
+                                           "attention"],
                         nargs="+",
                         default=["moe", "wna16", "fp8", "mla"])
     parser.add_argument("--sweep", action="store_true",
@@ -284,7 +317,7 @@ def main() -> None:
     args = parser.parse_args()
     parts = {"moe": moe_variants, "wna16": wna16_variants, "fp8": fp8_gemv_variants,
              "mla": lambda: mla_variants(args.sweep), "nf4": nf4_variants, "gguf": gguf_variants,
-             "w4mma": w4mma_variants}
+             "w4mma": w4mma_variants, "attention": attention_variants}
     for part in args.only:
         for line in parts[part]():
             print(line, flush=True)

@@ -27,6 +27,11 @@ variable                        default    effect
                                            norm, the router and its top-k in launches of
                                            their own, not in the router's and the
                                            experts' kernels (``layers/moe.py``)
+``PAGEDLLM_DECODE_ROPE``        ``0``      ``1``: decode-only steps normalise and rotate q
+                                           / k and write the new K / V inside the paged
+                                           decode kernel (``attention/triton_backend``),
+                                           not in a launch of their own; off until it is
+                                           measured on a GPU
 ``PAGEDLLM_ASYNC_OUTPUT_PROC``  unset      ``1``: async output processing on CPU too (on by
                                            default on CUDA; ``EngineConfig.async_output_proc``)
 =============================== ========== ===========================================
@@ -53,6 +58,7 @@ class Switches:
     async_output_proc: bool = False  # forced on where it is off by default (CPU)
     w4_mma: bool = True
     moe_routed: bool = True
+    decode_rope: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Switches:
@@ -65,7 +71,8 @@ class Switches:
                    decode_fold=_on_unless_zero(env, "PAGEDLLM_DECODE_FOLD"),
                    async_output_proc=env.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1",
                    w4_mma=_one_or_zero(env, "PAGEDLLM_W4_MMA", "1") == "1",
-                   moe_routed=_one_or_zero(env, "PAGEDLLM_MOE_ROUTED", "1") == "1")
+                   moe_routed=_one_or_zero(env, "PAGEDLLM_MOE_ROUTED", "1") == "1",
+                   decode_rope=_one_or_zero(env, "PAGEDLLM_DECODE_ROPE", "0") == "1")
 
 
 def _one_or_zero(env: Mapping[str, str], name: str, default: str) -> str:

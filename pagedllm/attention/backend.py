@@ -79,6 +79,13 @@ class AttentionBackend:
     name = "abstract"
     needs_packed_prefill = False  # runner must fill AttentionMetadata.prefill_* tensors
 
+    def rope_attend(self, q, k, v, kv_cache, meta, positions, rotary, q_norm=None,
+                    k_norm=None, **attend_kwargs):
+        """Attention of a step whose q / k are not yet rotated, with the rotation and the KV
+        write done inside, where a backend has such a kernel; None otherwise (the layer then
+        calls ``rope_write_kv_cache`` and ``attend``)."""
+        return None
+
     def write_kv_cache(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        slot_mapping: torch.Tensor, k_scale: float = 1.0,
                        v_scale: float = 1.0) -> None:

@@ -33,12 +33,16 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        kw = dict(scale=self.scale, sliding_window=self.sliding_window, soft_cap=self.soft_cap,
+                  k_scale=k_scale, v_scale=v_scale)
         if rotary is not None:
+            fused = backend.rope_attend(q, k, v, kv_cache, meta, positions, rotary, q_norm,
+                                        k_norm, **kw)
+            if fused is not None:  # decode steps: rotary and the KV write inside attention
+                return fused.view(num_tokens, self.num_heads * self.head_dim)
             q = backend.rope_write_kv_cache(kv_cache, q, k, v, meta.slot_mapping, positions,
                                             rotary, q_norm, k_norm, k_scale, v_scale)
         else:
             backend.write_kv_cache(kv_cache, k, v, meta.slot_mapping, k_scale, v_scale)
-        out = backend.attend(q, kv_cache, meta, scale=self.scale,
-                             sliding_window=self.sliding_window, soft_cap=self.soft_cap,
-                             k_scale=k_scale, v_scale=v_scale)
+        out = backend.attend(q, kv_cache, meta, **kw)
         return out.view(num_tokens, self.num_heads * self.head_dim)

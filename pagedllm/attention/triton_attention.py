@@ -19,6 +19,7 @@ loop bounds come from ``seq_lens`` / ``query_start_loc`` read inside the kernels
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -143,6 +144,34 @@ def _rope_part(ptr, offs, mask, pos, cos_ptr, sin_ptr, stride_cos, d, d_mask, no
     sin = tl.load(sin_ptr + pos * stride_cos + d, mask=d_mask, other=0.0)[None, :]
     return ((a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype),
             r.to(x1.dtype), r_offs, r_mask)
+
+
+@triton.jit
+def _rope_rows(row_ptrs, row_mask, offs_d, pos, cos_ptr, sin_ptr, stride_cos, norm_w_ptr, eps,
+               head_dim, HALF: tl.constexpr, QK_NORM: tl.constexpr):
+    """Heads at ``row_ptrs`` [R, 1] as whole [R, BLOCK_D] tiles: (per-head RMSNorm), neox
+    rotation of the first 2 * HALF dims, in the input dtype, rounded where ``_rope_part``
+    rounds. Each dim's partner (d + HALF or d - HALF) is loaded as a second tile, so the
+    result keeps the head's layout (the paged decode kernel multiplies it as it is)."""
+    d = offs_d[None, :]
+    first = d < HALF
+    in_rot = d < 2 * HALF
+    partner = tl.where(first, d + HALF, d - HALF)
+    mask = row_mask & (d < head_dim)
+    raw = tl.load(row_ptrs + d, mask=mask, other=0.0)
+    x = raw.to(tl.float32)
+    p = tl.load(row_ptrs + partner, mask=mask & in_rot, other=0.0).to(tl.float32)
+    if QK_NORM:
+        inv = (1.0 / tl.sqrt(tl.sum(x * x, 1) / head_dim + eps))[:, None]
+        w = tl.load(norm_w_ptr + d, mask=d < head_dim, other=0.0).to(tl.float32)
+        w_p = tl.load(norm_w_ptr + partner, mask=in_rot, other=0.0).to(tl.float32)
+        x = (x * inv * w).to(raw.dtype).to(tl.float32)
+        p = (p * inv * w_p).to(raw.dtype).to(tl.float32)
+    c_idx = tl.where(first, d, d - HALF)
+    cos = tl.load(cos_ptr + pos * stride_cos + c_idx, mask=in_rot, other=1.0)
+    sin = tl.load(sin_ptr + pos * stride_cos + c_idx, mask=in_rot, other=0.0)
+    rotated = tl.where(first, x * cos - p * sin, x * cos + p * sin)
+    return tl.where(in_rot, rotated, x).to(raw.dtype)
 
 
 @triton.jit
@@ -366,15 +395,20 @@ def _paged_decode_kernel(
     block_table_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
     count_ptr,  # [num_seqs * num_kv_heads] int32 zeros: splits done (FOLD)
+    k_new_ptr, v_new_ptr,  # ROPE: this step's k, v [num_seqs, num_kv_heads, head_dim]
+    slot_ptr, pos_ptr,  # ROPE: [num_seqs] the new token's cache slot and position
+    cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr,  # ROPE: neox tables, QK_NORM weights
     stride_qs, stride_qh, stride_os, stride_oh,
     stride_kv, stride_slot, stride_kvh, stride_bt,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
     num_seqs, num_heads, num_kv_heads,
-    qk_scale, cap_scale, sliding_window, v_scale,
+    qk_scale, cap_scale, sliding_window, v_scale, eps, inv_k_scale, inv_v_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FOLD: tl.constexpr, GROUP_P2: tl.constexpr,
-    SPLITS_P2: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLITS_P2: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr,
+    FP8_MAX: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl.launch_dependents(USE_PDL)
     seq = tl.program_id(0)
@@ -388,14 +422,28 @@ def _paged_decode_kernel(
     row_valid = rows < GROUP
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=row_valid[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+    q_rows = q_ptr + seq * stride_qs + heads[:, None] * stride_qh
+    if ROPE:  # q as it comes from the projection: normalised and rotated here
+        pos = tl.load(pos_ptr + seq).to(tl.int64)
+        q = _rope_rows(q_rows, row_valid[:, None], offs_d, pos, cos_ptr, sin_ptr, stride_cos,
+                       q_norm_ptr, eps, HEAD_DIM, HALF, QK_NORM)
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None] & d_mask[None, :],
+                    other=0.0)  # [BLOCK_H, BLOCK_D]
 
     # Visible keys: [lo, seq_len); this split takes an equal share of the tiles covering them.
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(seq_len - sliding_window, 0)
     t_start, t_end = _split_tiles(lo // BLOCK_N, tl.cdiv(seq_len, BLOCK_N), split, NUM_SPLITS, 1)
+    if ROPE:  # the split that reads the new token's tile writes its K / V first
+        last = (seq_len - 1) // BLOCK_N
+        if (seq_len > 0) & (t_start <= last) & (last < t_end):
+            _write_new_kv(kv_ptr, k_new_ptr, v_new_ptr, slot_ptr, seq, kv_head, pos, offs_d,
+                          cos_ptr, sin_ptr, stride_cos, k_norm_ptr, eps, stride_kt, stride_kh,
+                          stride_vt, stride_vh, stride_kv, stride_slot, stride_kvh,
+                          inv_k_scale, inv_v_scale, HEAD_DIM, HALF, QK_NORM, FP8_MAX)
+        tl.debug_barrier()  # the stores above are visible to this program's loads below
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -428,6 +476,32 @@ def _paged_decode_kernel(
                                 stride_os, stride_oh, num_seqs, num_heads, v_scale, GROUP,
                                 NUM_SPLITS, GROUP_P2, SPLITS_P2, HEAD_DIM, BLOCK_D)
                 tl.atomic_xchg(counter, 0)  # ready for the next launch
+
+
+@triton.jit
+def _write_new_kv(kv_ptr, k_new_ptr, v_new_ptr, slot_ptr, seq, kv_head, pos, offs_d, cos_ptr,
+                  sin_ptr, stride_cos, k_norm_ptr, eps, stride_kt, stride_kh, stride_vt,
+                  stride_vh, stride_kv, stride_slot, stride_kvh, inv_k_scale, inv_v_scale,
+                  HEAD_DIM: tl.constexpr, HALF: tl.constexpr, QK_NORM: tl.constexpr,
+                  FP8_MAX: tl.constexpr):
+    """One KV head of the step's token into the cache at its slot (slot < 0: skipped): k
+    normalised and rotated (``_rope_rows``), v as is; an fp8 cache stores k / k_scale and
+    v / v_scale as ``_rope_write_kv_kernel`` does."""
+    slot = tl.load(slot_ptr + seq).to(tl.int64)
+    ok = tl.full([1, 1], 1, tl.int1) & (slot >= 0)
+    k = _rope_rows(k_new_ptr + seq * stride_kt + kv_head * stride_kh + tl.zeros([1, 1], tl.int64),
+                   ok, offs_d, pos, cos_ptr, sin_ptr, stride_cos, k_norm_ptr, eps, HEAD_DIM,
+                   HALF, QK_NORM)
+    mask = ok & (offs_d < HEAD_DIM)[None, :]
+    v = tl.load(v_new_ptr + seq * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=mask,
+                other=0.0)
+    out_ty = kv_ptr.dtype.element_ty
+    if FP8_MAX > 0:
+        k = tl.clamp(k.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX)
+    dst = kv_ptr + slot * stride_slot + kv_head * stride_kvh + offs_d[None, :]
+    tl.store(dst, k.to(out_ty), mask=mask)
+    tl.store(dst + stride_kv, v.to(out_ty), mask=mask)
 
 
 @triton.jit
@@ -500,8 +574,13 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            out: torch.Tensor | None = None, num_splits: int | None = None,
                            k_scale: float = 1.0, v_scale: float = 1.0,
-                           fold_reduce: bool | None = None) -> torch.Tensor:
+                           fold_reduce: bool | None = None,
+                           rope: DecodeRope | None = None) -> torch.Tensor:
     """Attention of one new query token per sequence over its paged keys.
+
+    ``rope``: q as the projection left it; the kernel applies the q norm and the rotation
+    itself and writes this step's K / V (``rope.k``, ``rope.v``) into the cache before it
+    reads them (``rope_write_kv_cache``'s work, one launch fewer a layer).
 
     q [num_seqs, num_heads, head_dim]; kv_cache [2, num_slots, num_kv_heads, head_dim];
     block_table [num_seqs, max_blocks_per_seq] int32; seq_lens [num_seqs] int32 (0 = padding
@@ -523,29 +602,25 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
     block_d = triton.next_power_of_2(head_dim)
     block_n = _decode_block_n(head_dim, block_size)
     block_h = max(16, triton.next_power_of_2(group))
-    if num_splits is None:
-        num_splits = decode_num_splits(num_seqs, num_kv_heads, block_table.shape[1], block_size,
-                                       head_dim, q.device, group)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    num_splits, fold_reduce = _decode_splits(num_splits, fold_reduce, num_seqs, num_kv_heads,
+                                             block_table.shape[1], block_size, head_dim,
+                                             q.device, group)
     qk_scale, cap_scale = _score_scales(scale, soft_cap)
     part_acc, part_ml = _split_partials(out, num_splits)
     group_p2, splits_p2 = triton.next_power_of_2(group), triton.next_power_of_2(num_splits)
-    if fold_reduce is None:
-        fold_reduce = FOLD_ENV and group_p2 * splits_p2 * block_d <= FOLD_MAX_ELEMENTS
-    fold_reduce = fold_reduce and num_splits > 1
     counts = _split_counters(num_seqs * num_kv_heads, q.device) if fold_reduce else seq_lens
+    r = _rope_args(rope, q, kv_cache)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        out, part_acc, part_ml, q, kv_cache, block_table, seq_lens, counts,
+        out, part_acc, part_ml, q, kv_cache, block_table, seq_lens, counts, *r["ptrs"],
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
-        num_seqs, num_heads, num_kv_heads, qk_scale * k_scale, cap_scale,
-        sliding_window or 0, v_scale,
+        *r["strides"], num_seqs, num_heads, num_kv_heads, qk_scale * k_scale, cap_scale,
+        sliding_window or 0, v_scale, r["eps"], 1.0 / k_scale, 1.0 / v_scale,
         GROUP=group, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None, USE_SOFT_CAP=bool(soft_cap),
         DOT_PRECISION=_dot_precision(q.dtype), FOLD=fold_reduce, GROUP_P2=group_p2,
-        SPLITS_P2=splits_p2, num_warps=4, num_stages=3, **pdl.options(q))
+        SPLITS_P2=splits_p2, **r["constexprs"], num_warps=4, num_stages=3, **pdl.options(q))
     if num_splits > 1 and not fold_reduce:
         _paged_decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_acc, part_ml, out.stride(0), out.stride(1), num_seqs, num_heads, v_scale,
@@ -553,6 +628,65 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table:
             num_warps=4,
             **pdl.options(q))
     return out
+
+
+def _decode_splits(num_splits: int | None, fold_reduce: bool | None, num_seqs: int,
+                   num_kv_heads: int, max_blocks: int, block_size: int, head_dim: int,
+                   device: torch.device, group: int) -> tuple[int, bool]:
+    """(split count, whether the last split folds the partials) of a decode launch: the
+    given ones, or ``decode_num_splits``' count and folding where the partials fit."""
+    if num_splits is None:
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_blocks, block_size,
+                                       head_dim, device, group)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if fold_reduce is None:
+        fold_reduce = FOLD_ENV and (triton.next_power_of_2(group)
+                                    * triton.next_power_of_2(num_splits)
+                                    * triton.next_power_of_2(head_dim) <= FOLD_MAX_ELEMENTS)
+    return num_splits, fold_reduce and num_splits > 1
+
+
+class DecodeRope(NamedTuple):
+    """This step's k / v [num_seqs, num_kv_heads, head_dim] and how they and q are rotated
+    (``rope_write_kv_cache``'s arguments), for ``paged_attention_decode`` to do that work."""
+    k: torch.Tensor
+    v: torch.Tensor
+    slot_mapping: torch.Tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rotary_dim: int
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    eps: float = 1e-6
+
+
+def _rope_args(rope: DecodeRope | None, q: torch.Tensor, kv_cache: torch.Tensor) -> dict:
+    """The decode kernel's ROPE arguments (placeholders when ``rope`` is None), checked."""
+    if rope is None:
+        return {"ptrs": (q,) * 8, "strides": (0,) * 5, "eps": 1e-6,
+                "constexprs": dict(ROPE=False, HALF=1, QK_NORM=False, FP8_MAX=0)}
+    num_seqs, _, head_dim = q.shape
+    kv_shape = (num_seqs, kv_cache.shape[2], head_dim)
+    if rope.k.shape != kv_shape or rope.v.shape != kv_shape:
+        raise ValueError(f"rope k {tuple(rope.k.shape)} / v {tuple(rope.v.shape)} must be "
+                         f"{kv_shape}")
+    if rope.slot_mapping.shape[0] < num_seqs or rope.positions.shape[0] < num_seqs:
+        raise ValueError("rope slot_mapping / positions need a row per sequence")
+    if rope.rotary_dim % 2 or not 0 < rope.rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim {rope.rotary_dim} must be even and in (0, {head_dim}]")
+    if (rope.q_norm is None) != (rope.k_norm is None):
+        raise ValueError("q_norm and k_norm go together")
+    k, v = _last_dim_contiguous(rope.k), _last_dim_contiguous(rope.v)
+    norms = (rope.q_norm, rope.k_norm) if rope.q_norm is not None else (q, q)
+    return {"ptrs": (k, v, rope.slot_mapping, rope.positions, rope.cos, rope.sin, *norms),
+            "strides": (k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                        rope.cos.stride(0)),
+            "eps": rope.eps,
+            "constexprs": dict(ROPE=True, HALF=rope.rotary_dim // 2,
+                               QK_NORM=rope.q_norm is not None,
+                               FP8_MAX=_fp8_max(kv_cache.dtype))}
 
 
 def _decode_shapes(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

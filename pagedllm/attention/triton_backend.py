@@ -10,6 +10,7 @@ import torch
 
 from pagedllm.attention import triton_attention as kernels
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.switches import switches
 
 
 class TritonBackend(AttentionBackend):
@@ -34,6 +35,30 @@ class TritonBackend(AttentionBackend):
             k_norm.weight if k_norm is not None else None,
             q_norm.eps if q_norm is not None else 1e-6, k_scale, v_scale)
         return q
+
+    def rope_attend(self, q, k, v, kv_cache, meta: AttentionMetadata, positions, rotary,
+                    q_norm=None, k_norm=None, *, scale: float, sliding_window: int | None,
+                    soft_cap: float | None, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor | None:
+        """Decode-only steps with ``PAGEDLLM_DECODE_ROPE=1``: the q/k norms, the rotation and
+        the KV write inside the paged decode kernel (``DecodeRope``: one launch fewer a
+        layer); None where that does not apply (the caller takes the two-kernel path)."""
+        norms_fuse = q_norm is None or (not q_norm.offset and not k_norm.offset
+                                        and q_norm.eps == k_norm.eps)
+        if not (switches().decode_rope and rotary.is_neox_style and norms_fuse
+                and meta.num_decodes == q.shape[0] and not meta.prefills
+                and q.stride(-1) == 1):
+            return None
+        rope = kernels.DecodeRope(
+            k, v, meta.slot_mapping, positions, rotary.cos, rotary.sin, rotary.rotary_dim,
+            q_norm.weight if q_norm is not None else None,
+            k_norm.weight if k_norm is not None else None,
+            q_norm.eps if q_norm is not None else 1e-6)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return kernels.paged_attention_decode(
+            q, kv_cache, meta.decode_block_table, meta.decode_seq_lens, scale=scale,
+            block_size=meta.block_size, sliding_window=sliding_window, soft_cap=soft_cap,
+            out=out, k_scale=k_scale, v_scale=v_scale, rope=rope)
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, *,
                scale: float, sliding_window: int | None, soft_cap: float | None,

@@ -340,6 +340,109 @@ def test_rope_write_kv_cache(dtype, heads, kv_heads, head_dim, rotary_dim, qk_no
         assert torch.equal(q[..., rotary_dim:], q_ref[..., rotary_dim:])
 
 
+def _neox_tables(rotary_dim: int, max_pos: int):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    freqs = torch.cat((freqs, freqs), dim=-1)
+    return freqs.cos().to(DEVICE), freqs.sin().to(DEVICE)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_dim,qk_norm,dtype,splits,fold,window", [
+    (16, 2, 128, 128, True, torch.bfloat16, 4, None, None),  # Qwen3-MoE-like, folded splits
+    (8, 2, 64, 64, False, torch.float32, 3, False, None),  # splits reduced by a second launch
+    (6, 2, 64, 32, False, torch.float32, 1, None, 20),  # partial rotary, sliding window
+    (4, 4, 32, 16, True, torch.bfloat16, 2, None, None),  # partial rotary with q/k norms
+])
+def test_paged_decode_with_rope_equals_rope_write_then_decode(heads, kv_heads, head_dim,
+                                                              rotary_dim, qk_norm, dtype,
+                                                              splits, fold, window):
+    """Decode given the projection's raw q / k / v (``rope=DecodeRope``): the kernel
+    normalises and rotates q, and the split reading the new token's tile writes its K / V
+    first. Oracle: ``rope_write_kv_cache_ref`` then ``paged_attention_decode_ref``; the cache
+    afterwards equals the reference's (new tokens written, padding rows' slots untouched)."""
+    gen = torch.Generator().manual_seed(heads * head_dim + rotary_dim + splits)
+    block_size = 16
+    seq_lens = [70, 0, 5, 129]  # the new token is each sequence's last (a padding row)
+    kv, table = _paged_setup(seq_lens, block_size, kv_heads, head_dim, dtype, gen)
+    num_seqs = len(seq_lens)
+    qkv = torch.randn(num_seqs, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    qkv = qkv.to(dtype).to(DEVICE)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(num_seqs, heads, head_dim)
+    k, v = k.view(num_seqs, kv_heads, head_dim), v.view(num_seqs, kv_heads, head_dim)
+    cos, sin = _neox_tables(rotary_dim, 256)
+    pos = torch.tensor([max(n - 1, 0) for n in seq_lens], device=DEVICE)
+    slots = torch.tensor([int(table[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+                          if n else -1 for i, n in enumerate(seq_lens)], device=DEVICE)
+    norms = (None, None)
+    if qk_norm:
+        norms = tuple((torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE)
+                      for _ in range(2))
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kw = dict(scale=head_dim ** -0.5, block_size=block_size, sliding_window=window)
+    kv_ref, q_ref = kv.clone(), q.clone()
+    ta.rope_write_kv_cache_ref(kv_ref, q_ref, k.clone(), v.clone(), slots, pos, cos, sin,
+                               rotary_dim, *norms, 1e-6)
+    ref = ta.paged_attention_decode_ref(q_ref.double(), kv_ref.double(), table, lens, **kw)
+    q_before = q.clone()
+    rope = ta.DecodeRope(k, v, slots, pos, cos, sin, rotary_dim, *norms, eps=1e-6)
+    out = ta.paged_attention_decode(q, kv, table, lens, num_splits=splits, fold_reduce=fold,
+                                    rope=rope, **kw)
+    assert _rel_err(out, ref) < TOL[dtype]
+    assert (out[1] == 0).all()
+    assert _rel_err(kv, kv_ref) < TOL[dtype]
+    assert torch.equal(q, q_before)  # q itself is not rotated in place
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_layer_decode_rope_switch_gives_the_same_step(qk_norm, monkeypatch):
+    """``Attention.forward`` on a decode-only step through ``TritonBackend``: with
+    ``PAGEDLLM_DECODE_ROPE=1`` (rotary and the KV write inside the decode kernel) the same
+    output and cache as the rope-write launch + decode; a mixed step keeps the old path."""
+    import dataclasses
+
+    from pagedllm import switches as sw
+    from pagedllm.attention.backend import AttentionMetadata, ForwardContext
+    from pagedllm.attention.layer import Attention
+    from pagedllm.attention import triton_backend as tb
+    from pagedllm.layers.norm import RMSNorm
+    from pagedllm.layers.rotary import RotaryEmbedding
+    gen = torch.Generator().manual_seed(5 + qk_norm)
+    heads, kv_heads, head_dim, block_size = 8, 2, 32, 16
+    seq_lens = [20, 0, 33]
+    kv, table = _paged_setup(seq_lens, block_size, kv_heads, head_dim, torch.float32, gen)
+    num = len(seq_lens)
+    qkv = torch.randn(num, (heads + 2 * kv_heads) * head_dim, generator=gen).to(DEVICE)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    slots = torch.tensor([int(table[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+                          if n else -1 for i, n in enumerate(seq_lens)], device=DEVICE)
+    pos = torch.tensor([max(n - 1, 0) for n in seq_lens], device=DEVICE)
+    meta = AttentionMetadata(block_size, slots, num,
+                             torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), table, [])
+    rotary = RotaryEmbedding(head_dim, head_dim, 128,
+                             {"rope_theta": 10000.0, "rope_type": "default"}).to(DEVICE)
+    norms = (None, None)
+    if qk_norm:
+        norms = tuple(RMSNorm(head_dim, 1e-6).to(DEVICE) for _ in range(2))
+        for n in norms:
+            n.weight.data.uniform_(0.5, 1.5)
+    layer = Attention(0, heads, kv_heads, head_dim, head_dim ** -0.5)
+    outs, caches, ropes = [], [], []
+    decode = ta.paged_attention_decode
+    monkeypatch.setattr(ta, "paged_attention_decode",
+                        lambda *a, **kw: ropes.append(kw.get("rope")) or decode(*a, **kw))
+    for on in (False, True):
+        monkeypatch.setattr(tb, "switches", lambda on=on: dataclasses.replace(
+            sw.Switches(), decode_rope=on))
+        cache = kv.clone()
+        ctx = ForwardContext(meta, [cache], backend=tb.TritonBackend())
+        outs.append(layer(q.clone(), k.clone(), v.clone(), ctx, pos, rotary, *norms))
+        caches.append(cache)
+    assert [r is not None for r in ropes] == [False, True]
+    assert _rel_err(outs[1], outs[0]) < 1e-5
+    assert _rel_err(caches[1], caches[0]) < 1e-6
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter casts fp32 to fp8 wrongly (see above)")
 def test_rope_write_kv_cache_fp8():
     gen = torch.Generator().manual_seed(11)
