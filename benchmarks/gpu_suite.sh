@@ -300,19 +300,25 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== gguf q4k vector"; quant_engine 80 --formats gguf --batches 1 --no-offline \
         --gguf-q4k-vector ;;
     s10c)
-      # MoE decode steps with the post-attention norm inside the router's launch and the
-      # top-k routing inside the experts' gate/up GEMV (two launches fewer a layer):
-      # Qwen3-30B-A3B batch-1 decode fused (default) against PAGEDLLM_MOE_ROUTED=0 on the same
-      # machine, then the GPU tests (~5 min)
-      echo "== moe decode routed"; timeout 110 python benchmarks/moe_bench.py --only decode \
+      # the tenth part's fusions, off by default until measured here (~7 min, carry
+      # .whl-serve): MoE decode steps with the post-attention norm inside the router's launch
+      # and the top-k routing inside the experts' gate/up GEMV (PAGEDLLM_MOE_ROUTED=1, two
+      # launches fewer a layer) and decode attention with the rotary + KV write inside
+      # (PAGEDLLM_DECODE_ROPE=1, one fewer): Qwen3-30B-A3B batch-1 decode without, with the
+      # MoE fusions, then with both; their GPU tests (kernels and the CUDA engines' greedy
+      # tokens) with both switches on. Flip the defaults in pagedllm/switches.py if they win
+      echo "== moe decode (defaults)"; timeout 110 python benchmarks/moe_bench.py --only decode \
         --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error'
-      echo "== moe decode PAGEDLLM_MOE_ROUTED=0"; PAGEDLLM_MOE_ROUTED=0 timeout 110 python \
+      echo "== moe decode PAGEDLLM_MOE_ROUTED=1"; PAGEDLLM_MOE_ROUTED=1 timeout 110 python \
         benchmarks/moe_bench.py --only decode --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error'
-      echo "== moe / rope gpu tests"; timeout 100 python -m pytest -q -p no:cacheprovider -rf \
-        --tb=short tests/kernels/test_fused_moe.py tests/kernels/test_triton_attention.py -k \
-        "routed or norm or cuda or with_rope or rope_switch" 2>&1 | grep -v Warning | tail -3
-      echo "== moe decode PAGEDLLM_DECODE_ROPE=1"; PAGEDLLM_DECODE_ROPE=1 timeout 110 python \
-        benchmarks/moe_bench.py --only decode --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error' ;;
+      echo "== fusion gpu tests"; PAGEDLLM_MOE_ROUTED=1 PAGEDLLM_DECODE_ROPE=1 timeout 150 \
+        python -m pytest -q -p no:cacheprovider -rf --tb=short tests/kernels/test_fused_moe.py \
+        tests/kernels/test_triton_attention.py tests/e2e/test_gpu_bf16.py -k \
+        "routed or norm or cuda or rope or teacher_forced or pdl_same" 2>&1 | grep -v Warning \
+        | tail -3
+      echo "== moe decode PAGEDLLM_MOE_ROUTED=1 PAGEDLLM_DECODE_ROPE=1"; PAGEDLLM_MOE_ROUTED=1 \
+        PAGEDLLM_DECODE_ROPE=1 timeout 110 python benchmarks/moe_bench.py --only decode \
+        --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error' ;;
     next9)
       # what the ninth session left, first call (~9 min, carry .whl-serve): s9a (the layout
       # GEMM's 16 / 64-row sweep, its GPU tests at the new defaults, GPTQ decode at batch 16 /

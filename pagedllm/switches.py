@@ -23,10 +23,11 @@ variable                        default    effect
                                            repacked at load for ``quant/triton_w4mma``
                                            (mma.sync fragments up to 8 rows, its GEMM
                                            above)
-``PAGEDLLM_MOE_ROUTED``         ``1``      ``0``: MoE decode steps run the post-attention
-                                           norm, the router and its top-k in launches of
-                                           their own, not in the router's and the
-                                           experts' kernels (``layers/moe.py``)
+``PAGEDLLM_MOE_ROUTED``         ``0``      ``1``: MoE decode steps run the post-attention
+                                           norm inside the router's launch and the top-k
+                                           routing inside the experts' gate/up kernel
+                                           (``layers/moe.py``); off until it is measured
+                                           on a GPU
 ``PAGEDLLM_DECODE_ROPE``        ``0``      ``1``: decode-only steps normalise and rotate q
                                            / k and write the new K / V inside the paged
                                            decode kernel (``attention/triton_backend``),
@@ -57,7 +58,7 @@ class Switches:
     decode_fold: bool = True
     async_output_proc: bool = False  # forced on where it is off by default (CPU)
     w4_mma: bool = True
-    moe_routed: bool = True
+    moe_routed: bool = False
     decode_rope: bool = False
 
     @classmethod
@@ -71,7 +72,7 @@ class Switches:
                    decode_fold=_on_unless_zero(env, "PAGEDLLM_DECODE_FOLD"),
                    async_output_proc=env.get("PAGEDLLM_ASYNC_OUTPUT_PROC") == "1",
                    w4_mma=_one_or_zero(env, "PAGEDLLM_W4_MMA", "1") == "1",
-                   moe_routed=_one_or_zero(env, "PAGEDLLM_MOE_ROUTED", "1") == "1",
+                   moe_routed=_one_or_zero(env, "PAGEDLLM_MOE_ROUTED", "0") == "1",
                    decode_rope=_one_or_zero(env, "PAGEDLLM_DECODE_ROPE", "0") == "1")
 
 

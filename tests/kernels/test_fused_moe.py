@@ -392,13 +392,25 @@ def test_moe_models_cuda_engine_greedy_equals_cpu(arch):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the CUDA variant is test_moe_models_cuda_engine_...")
-def test_cpu_engine_through_the_fused_kernels_equals_reference(monkeypatch):
+@pytest.mark.parametrize("routed", [False, True])
+def test_cpu_engine_through_the_fused_kernels_equals_reference(routed, monkeypatch):
     """A tiny Qwen3-MoE through the whole CPU engine with its experts sent through the fused
-    kernels (the interpreter standing in for CUDA) gives the torch loop's greedy tokens."""
-    from pagedllm.layers import moe
+    kernels (the interpreter standing in for CUDA) gives the torch loop's greedy tokens;
+    ``routed``: with ``PAGEDLLM_MOE_ROUTED=1`` (the norm in the router's launch, the routing
+    in the experts' on one-token steps)."""
+    import dataclasses
+
+    from pagedllm import switches as sw
     from tests.models.test_moe_models import _generate, _prompts, build_tiny_moe
     path = str(build_tiny_moe("qwen3_moe"))
-    prompts = _prompts()[:2]
+    prompts = _prompts()[:1 if routed else 2]  # one sequence: one-token decode steps
     reference = _generate(path, prompts, device="cpu")
     monkeypatch.setattr(moe, "_fused_kernel", lambda x, act: fm.fused_moe)
+    monkeypatch.setattr(moe, "switches",
+                        lambda: dataclasses.replace(sw.Switches(), moe_routed=routed))
+    calls = []
+    if routed:
+        norm_router = fm.norm_router
+        monkeypatch.setattr(fm, "norm_router", lambda *a: calls.append(1) or norm_router(*a))
     assert _generate(path, prompts, device="cpu") == reference
+    assert bool(calls) == routed  # the fused decode path ran

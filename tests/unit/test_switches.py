@@ -18,15 +18,15 @@ NAMES = ("PAGEDLLM_DISABLE_FUSED_OPS", "PAGEDLLM_GEMV", "PAGEDLLM_PDL", "PAGEDLL
 def test_defaults_are_the_tuned_behaviour():
     assert Switches.from_env({}) == Switches(fused_ops=True, gemv="tuned", pdl=True,
                                              decode_fold=True, async_output_proc=False,
-                                             w4_mma=True, moe_routed=True, decode_rope=False)
+                                             w4_mma=True, moe_routed=False, decode_rope=False)
 
 
 def test_each_switch_parses_as_documented():
     got = Switches.from_env({"PAGEDLLM_DISABLE_FUSED_OPS": "1", "PAGEDLLM_GEMV": "off",
                              "PAGEDLLM_PDL": "0", "PAGEDLLM_DECODE_FOLD": "0",
                              "PAGEDLLM_ASYNC_OUTPUT_PROC": "1", "PAGEDLLM_W4_MMA": "0",
-                             "PAGEDLLM_MOE_ROUTED": "0", "PAGEDLLM_DECODE_ROPE": "1"})
-    assert got == Switches(False, "off", False, False, True, False, False, True)
+                             "PAGEDLLM_MOE_ROUTED": "1", "PAGEDLLM_DECODE_ROPE": "1"})
+    assert got == Switches(False, "off", False, False, True, False, True, True)
     with pytest.raises(ValueError, match="PAGEDLLM_W4_MMA"):
         Switches.from_env({"PAGEDLLM_W4_MMA": "yes"})
     with pytest.raises(ValueError, match="PAGEDLLM_MOE_ROUTED"):
