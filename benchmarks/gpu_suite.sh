@@ -319,6 +319,12 @@ q.check_kernels(torch.device('cuda'), torch.bfloat16)" 2>&1 | grep -E "check|Err
       echo "== moe decode PAGEDLLM_MOE_ROUTED=1 PAGEDLLM_DECODE_ROPE=1"; PAGEDLLM_MOE_ROUTED=1 \
         PAGEDLLM_DECODE_ROPE=1 timeout 110 python benchmarks/moe_bench.py --only decode \
         --out "$OUT_DIR" 2>&1 | grep -E '"moe decode|Error' ;;
+    s10e)
+      # the decode rope fusion on the dense shapes (~5 min): bf16 and GPTQ batch-1 decode of
+      # the Llama-3-8B shape without and with PAGEDLLM_DECODE_ROPE=1, same machine
+      echo "== decode"; quant_engine 140 --formats bf16 gptq --batches 1 --no-offline
+      echo "== decode PAGEDLLM_DECODE_ROPE=1"; PAGEDLLM_DECODE_ROPE=1 quant_engine 140 \
+        --formats bf16 gptq --batches 1 --no-offline ;;
     next9)
       # what the ninth session left, first call (~9 min, carry .whl-serve): s9a (the layout
       # GEMM's 16 / 64-row sweep, its GPU tests at the new defaults, GPTQ decode at batch 16 /
