@@ -35,7 +35,8 @@ fi
 # writes the checkpoints of tests/quant/test_bitsandbytes.py (its CPU backend runs here)
 .venv/bin/python -c "import bitsandbytes" 2>/dev/null || .venv/bin/pip install -q "bitsandbytes>=0.45"
 # Triton for the kernel tests under the interpreter on CPU (tests/kernels: attention, fused ops,
-# fused MoE, W4A16, fp8 quantization; ~1 minute): opt-in, the wheel is large. 3.6.0 is the GPU
+# fused MoE, W4A16, fp8 quantization; ~4 minutes on two cores): opt-in here, the wheel is
+# large; .ci/run opts in. 3.6.0 is the GPU
 # image's version (Triton 3.9's interpreter fails tests/kernels/test_triton_attention.py).
 if [ "${PAGEDLLM_KERNEL_TESTS:-0}" = "1" ] && ! .venv/bin/python -c "import triton" 2>/dev/null; then
   .venv/bin/pip install -q "triton==3.6.0"
