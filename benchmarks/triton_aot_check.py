@@ -268,13 +268,20 @@ def attention_variants() -> list[str]:
              "qk_scale": "fp32", "cap_scale": "fp32", "v_scale": "fp32", "eps": "fp32",
              "inv_k_scale": "fp32", "inv_v_scale": "fp32"}
     lines = []
-    for rope in (False, True):
+    # (group, splits, rope, q/k norms, fp8 cache): Qwen3-30B-A3B, Llama-3-8B (4 heads a KV
+    # head, 16 splits reduced by a second launch), Llama with an fp8 cache
+    for group, splits, rope, qk_norm, fp8 in [(8, 4, False, False, False),
+                                              (8, 4, True, True, False),
+                                              (4, 16, True, False, False),
+                                              (4, 16, True, False, True)]:
+        kv_types = {**types, "kv_ptr": "*fp8e4nv"} if fp8 else types
         lines.append(compile_kernel(
-            ta._paged_decode_kernel, types,
-            dict(GROUP=8, BLOCK_H=16, BLOCK_N=64, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_D=128,
-                 NUM_SPLITS=4, USE_WINDOW=False, USE_SOFT_CAP=False, DOT_PRECISION="tf32",
-                 FOLD=True, GROUP_P2=8, SPLITS_P2=4, ROPE=rope, HALF=64, QK_NORM=rope,
-                 FP8_MAX=0, USE_PDL=True), num_warps=4, num_stages=3))
+            ta._paged_decode_kernel, kv_types,
+            dict(GROUP=group, BLOCK_H=16, BLOCK_N=64, BLOCK_SIZE=16, HEAD_DIM=128,
+                 BLOCK_D=128, NUM_SPLITS=splits, USE_WINDOW=False, USE_SOFT_CAP=False,
+                 DOT_PRECISION="tf32", FOLD=group == 8, GROUP_P2=group, SPLITS_P2=splits,
+                 ROPE=rope, HALF=64, QK_NORM=qk_norm, FP8_MAX=448 if fp8 else 0,
+                 USE_PDL=True), num_warps=4, num_stages=3))
     return lines
 
 
