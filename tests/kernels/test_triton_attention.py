@@ -443,6 +443,38 @@ def test_attention_layer_decode_rope_switch_gives_the_same_step(qk_norm, monkeyp
     assert _rel_err(caches[1], caches[0]) < 1e-6
 
 
+@pytest.mark.skipif(ON_GPU, reason="CPU: the engine through TritonBackend under the "
+                    "interpreter (on a GPU the engines' own tests run it)")
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_engine_through_triton_backend_decode_rope_same_tokens(arch, monkeypatch):
+    """A tiny model through the whole CPU engine with ``TritonBackend`` standing in for CUDA
+    (interpreter): ``PAGEDLLM_DECODE_ROPE=1`` gives the greedy tokens of the rope-write launch
+    + decode, and of the PyTorch reference backend. Two prompts of different lengths, so
+    decode steps hold two sequences."""
+    import dataclasses
+
+    from pagedllm import switches as sw
+    from pagedllm.attention import triton_backend as tb
+    from pagedllm.worker import model_runner
+    from tests.models.test_moe_models import _generate
+    from tests.utils.tiny_models import build_tiny_model
+    path = str(build_tiny_model(arch))
+    prompts = [[3, 14, 15, 92, 65, 35], [8, 97, 93, 23, 84, 62, 64, 33, 83, 27, 95]]
+    reference = _generate(path, prompts, device="cpu")
+    monkeypatch.setattr(model_runner, "get_attn_backend", lambda device: tb.TritonBackend())
+    fused = []
+    decode = ta.paged_attention_decode
+    monkeypatch.setattr(ta, "paged_attention_decode",
+                        lambda *a, **kw: fused.append(kw.get("rope") is not None)
+                        or decode(*a, **kw))
+    for on in (False, True):
+        monkeypatch.setattr(tb, "switches", lambda on=on: dataclasses.replace(
+            sw.Switches(), decode_rope=on))
+        fused.clear()
+        assert _generate(path, prompts, device="cpu") == reference, on
+        assert fused and all(fused) == on
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter casts fp32 to fp8 wrongly (see above)")
 def test_rope_write_kv_cache_fp8():
     gen = torch.Generator().manual_seed(11)
