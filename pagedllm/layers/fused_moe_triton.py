@@ -174,7 +174,8 @@ def _moe_gemv_kernel(a_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, topw_ptr, N, K, stri
         logits = tl.load(logits_ptr + t * stride_l + offs_e, mask=offs_e < E,
                          other=float("-inf")).to(tl.float32)
         top_w, top_ids = _topk_route(logits, bias_ptr, E, group_size, TOP_K, K_POW2, RENORM,
-                                     E_POW2, SIGMOID, HAS_BIAS, GROUPS, TOPK_GROUP, BY_TOP2)
+                                     E_POW2, SIGMOID, HAS_BIAS, GROUPS, TOPK_GROUP, BY_TOP2,
+                                     PACKED=True)
         slots = tl.arange(0, K_POW2)
         if tl.program_id(0) == 0:
             tl.store(topw_ptr + t * TOP_K + slots, top_w * scale, mask=slots < TOP_K)
@@ -256,12 +257,16 @@ def _group_keep(choice, group, E_POW2: tl.constexpr, GROUPS: tl.constexpr,
 def _topk_route(x, bias_ptr, E, group_size, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
                 RENORM: tl.constexpr, E_POW2: tl.constexpr, SIGMOID: tl.constexpr,
                 HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                BY_TOP2: tl.constexpr):
+                BY_TOP2: tl.constexpr, PACKED: tl.constexpr = False):
     """(weights [K_POW2] fp32, ids [K_POW2] int32) of one token from its logits x [E_POW2]
     (fp32, -inf past E): scores (softmax or sigmoid); the choice values (scores + the
     correction bias); with GROUPS > 1 only the TOPK_GROUP best groups' experts compete; the
     TOP_K largest choices in descending order (ties: the lowest expert id), weighted by their
-    unbiased scores, optionally renormalised (slots past TOP_K: weight 0, expert 0)."""
+    unbiased scores, optionally renormalised (slots past TOP_K: weight 0, expert 0).
+    PACKED: each round is one max over int64 keys (the choice's order-preserving bits, then
+    the expert id reversed, so ties go to the lower id) instead of a max, a min and a sum,
+    and the weights are gathered once after the rounds: fewer block-wide reductions where
+    many warps hold the experts (the experts' gate/up launch)."""
     offs = tl.arange(0, E_POW2)
     valid = offs < E
     if SIGMOID:
@@ -280,11 +285,23 @@ def _topk_route(x, bias_ptr, E, group_size, TOP_K: tl.constexpr, K_POW2: tl.cons
     slots = tl.arange(0, K_POW2)
     weights = tl.zeros((K_POW2,), dtype=tl.float32)
     ids = tl.zeros((K_POW2,), dtype=tl.int32)
-    for j in tl.static_range(TOP_K):
-        _, idx = _argmax_first(choice, offs, E_POW2)
-        weights = tl.where(slots == j, tl.sum(tl.where(offs == idx, p, 0.0), axis=0), weights)
-        ids = tl.where(slots == j, tl.where(idx < E, idx, 0), ids)  # NaN logits: expert 0,
-        choice = tl.where(offs == idx, float("-inf"), choice)  # never an id past the experts
+    if PACKED:
+        bits = choice.to(tl.int32, bitcast=True)
+        order = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # signed order of floats
+        key = (order << 32) | (E_POW2 - 1 - offs).to(tl.int64)
+        for j in tl.static_range(TOP_K):
+            idx = (E_POW2 - 1 - (tl.max(key, axis=0) & 0xFFFFFFFF)).to(tl.int32)
+            ids = tl.where(slots == j, tl.where(idx < E, idx, 0), ids)
+            key = tl.where(offs == idx, -9223372036854775807 - 1, key)
+        weights = tl.sum(tl.where(offs[None, :] == ids[:, None], p[None, :], 0.0), axis=1)
+        weights = tl.where(slots < TOP_K, weights, 0.0)
+    else:
+        for j in tl.static_range(TOP_K):
+            _, idx = _argmax_first(choice, offs, E_POW2)
+            weights = tl.where(slots == j, tl.sum(tl.where(offs == idx, p, 0.0), axis=0),
+                               weights)
+            ids = tl.where(slots == j, tl.where(idx < E, idx, 0), ids)  # NaN logits: expert
+            choice = tl.where(offs == idx, float("-inf"), choice)  # 0, never past the experts
     if RENORM:
         weights = weights / tl.sum(weights, axis=0)
     return weights, ids

@@ -257,6 +257,20 @@ def test_fused_moe_routed_matches_route_then_experts(tokens, experts, top_k, gro
     assert _rel_err(out.cpu(), ref) < TOL[torch.float32]
 
 
+def test_fused_moe_routed_nan_logits_stay_in_range():
+    """A NaN router logit (a broken checkpoint) must not give the down launch an expert id
+    past the experts (the packed top-k keys order NaN above every number)."""
+    gen = torch.Generator().manual_seed(3)
+    x, gate_up, down = (torch.randn(*shape, generator=gen) for shape in
+                        ((1, 16), (12, 16, 16), (12, 16, 8)))
+    logits = torch.randn(1, 12, generator=gen)
+    logits[0, 5] = float("nan")
+    _, _, ids = fm.fused_moe_routed(x.to(DEVICE), gate_up.to(DEVICE), down.to(DEVICE),
+                                    logits.to(DEVICE), 4, moe.kernel_router(renormalize=True))
+    assert ids.min().item() >= 0 and ids.max().item() < 12
+    assert len(set(ids[0].tolist())) == 4
+
+
 def test_moe_block_routed_kernel_path_equals_torch_path(monkeypatch):
     """``MoEBlock`` with the routed kernels standing in for CUDA (the interpreter on CPU) at
     one token gives the torch path's output, and the router runs inside the kernel (no
