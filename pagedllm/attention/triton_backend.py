@@ -13,6 +13,21 @@ from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.switches import switches
 
 
+def _rope_fuses(q, rotary, q_norm, k_norm) -> bool:
+    """Whether the fused rotary kernels take this layer: neox rotary, a contiguous q, and q/k
+    norms (if any) that are plain RMSNorms with one eps."""
+    norms_fuse = q_norm is None or (not q_norm.offset and not k_norm.offset
+                                    and q_norm.eps == k_norm.eps)
+    return rotary.is_neox_style and norms_fuse and q.stride(-1) == 1
+
+
+def _norm_args(q_norm, k_norm) -> tuple:
+    """(q norm weight, k norm weight, eps) for the fused kernels; Nones without norms."""
+    if q_norm is None:
+        return None, None, 1e-6
+    return q_norm.weight, k_norm.weight, q_norm.eps
+
+
 class TritonBackend(AttentionBackend):
     name = "triton"
     needs_packed_prefill = True
@@ -24,16 +39,12 @@ class TritonBackend(AttentionBackend):
                             q_norm=None, k_norm=None, k_scale=1.0, v_scale=1.0):
         """One kernel for q/k norms, neox rotary and the cache write (three to five kernels
         otherwise); other rotary styles and norm variants take the general path."""
-        norms_fuse = q_norm is None or (not q_norm.offset and not k_norm.offset
-                                        and q_norm.eps == k_norm.eps)
-        if not (rotary.is_neox_style and norms_fuse and q.stride(-1) == 1):
+        if not _rope_fuses(q, rotary, q_norm, k_norm):
             return super().rope_write_kv_cache(kv_cache, q, k, v, slot_mapping, positions,
                                                rotary, q_norm, k_norm, k_scale, v_scale)
         kernels.rope_write_kv_cache(
             kv_cache, q, k, v, slot_mapping, positions, rotary.cos, rotary.sin,
-            rotary.rotary_dim, q_norm.weight if q_norm is not None else None,
-            k_norm.weight if k_norm is not None else None,
-            q_norm.eps if q_norm is not None else 1e-6, k_scale, v_scale)
+            rotary.rotary_dim, *_norm_args(q_norm, k_norm), k_scale, v_scale)
         return q
 
     def rope_attend(self, q, k, v, kv_cache, meta: AttentionMetadata, positions, rotary,
@@ -43,17 +54,11 @@ class TritonBackend(AttentionBackend):
         """Decode-only steps with ``PAGEDLLM_DECODE_ROPE=1``: the q/k norms, the rotation and
         the KV write inside the paged decode kernel (``DecodeRope``: one launch fewer a
         layer); None where that does not apply (the caller takes the two-kernel path)."""
-        norms_fuse = q_norm is None or (not q_norm.offset and not k_norm.offset
-                                        and q_norm.eps == k_norm.eps)
-        if not (switches().decode_rope and rotary.is_neox_style and norms_fuse
-                and meta.num_decodes == q.shape[0] and not meta.prefills
-                and q.stride(-1) == 1):
+        if not (switches().decode_rope and _rope_fuses(q, rotary, q_norm, k_norm)
+                and meta.num_decodes == q.shape[0] and not meta.prefills):
             return None
-        rope = kernels.DecodeRope(
-            k, v, meta.slot_mapping, positions, rotary.cos, rotary.sin, rotary.rotary_dim,
-            q_norm.weight if q_norm is not None else None,
-            k_norm.weight if k_norm is not None else None,
-            q_norm.eps if q_norm is not None else 1e-6)
+        rope = kernels.DecodeRope(k, v, meta.slot_mapping, positions, rotary.cos, rotary.sin,
+                                  rotary.rotary_dim, *_norm_args(q_norm, k_norm))
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return kernels.paged_attention_decode(
             q, kv_cache, meta.decode_block_table, meta.decode_seq_lens, scale=scale,

@@ -423,16 +423,23 @@ def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     int64)."""
     router = Router(renormalize, scale, sigmoid, correction_bias, num_expert_group,
                     topk_group)
+    router.check(router_logits.shape[1], top_k)
+    return _route(router_logits, top_k, router)
+
+
+def _route(router_logits: torch.Tensor, top_k: int,
+           router: Router) -> tuple[torch.Tensor, torch.Tensor]:
+    """``route_topk``'s launch for a checked ``router``."""
     tokens, experts = router_logits.shape
-    router.check(experts, top_k)
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
     if tokens:
         logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
-        bias = correction_bias.contiguous() if correction_bias is not None else logits
+        bias = router.correction_bias
+        bias = bias.contiguous() if bias is not None else logits
         _route_kernel[(tokens,)](
             logits, bias, weights, ids, experts, logits.stride(0), experts // router.groups,
-            scale, TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k),
+            router.scale, TOP_K=top_k, K_POW2=triton.next_power_of_2(top_k),
             **router.constexprs(experts), num_warps=1 if experts <= 128 else 2,
             **pdl.options(logits))
     return weights, ids
@@ -543,45 +550,47 @@ def moe_path(tokens: int, top_k: int, num_experts: int,
 
 def _gemv_launch(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ids: torch.Tensor,
                  topw: torch.Tensor | None, n_cols: int, config: tuple,
-                 scale: torch.Tensor | None = None, router: Router | None = None,
-                 logits: torch.Tensor | None = None) -> None:
-    """One ``_moe_gemv_kernel`` launch: gate/up when ``topw`` is None (with ``router`` and
-    ``logits``: routed inside, ``ids`` and ``topw`` written), else down."""
+                 scale: torch.Tensor | None = None,
+                 routing: tuple[Router, torch.Tensor] | None = None) -> None:
+    """One ``_moe_gemv_kernel`` launch: gate/up when ``topw`` is None or ``routing`` (router,
+    logits [T, E]) is given (then routed inside: ``ids`` and ``topw`` are written), else
+    down."""
     tokens, top_k = ids.shape
     block_n, block_k, warps = config
     block_k = min(block_k, triton.next_power_of_2(w.shape[2]))
     vec = min(16 // w.element_size(), block_k)
     s = scale if scale is not None else a
-    routed = router is not None and logits is not None
-    gated = topw is None or routed
-    if router is None or logits is None:
-        router, logits = Router(), a[:, :1]
+    router, logits = routing if routing is not None else (Router(), a[:, :1])
     experts = logits.shape[1]
     bias = router.correction_bias if router.correction_bias is not None else a
     _moe_gemv_kernel[(triton.cdiv(n_cols, block_n), tokens)](
         a, w, s, out, ids, topw if topw is not None else a, n_cols, w.shape[2], a.stride(0),
         w.stride(0), w.stride(1), s.stride(0), out.stride(0), logits, bias, experts,
         logits.stride(0), experts // router.groups, router.scale, TOP_K=top_k,
-        K_POW2=triton.next_power_of_2(top_k), GATED=gated, SCALED=scale is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec, ROUTED=routed, **router.constexprs(experts),
-        num_warps=warps,
+        K_POW2=triton.next_power_of_2(top_k), GATED=topw is None or routing is not None,
+        SCALED=scale is not None, BLOCK_N=block_n, BLOCK_K=block_k, VEC=vec,
+        ROUTED=routing is not None, **router.constexprs(experts), num_warps=warps,
         **pdl.options(a))
 
 
 def fused_moe_gemv(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                    topw: torch.Tensor, ids: torch.Tensor,
                    configs: tuple[tuple, tuple] | None = None,
-                   scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   routing: tuple[Router, torch.Tensor] | None = None) -> torch.Tensor:
     """``fused_moe`` for a few tokens in two launches: each token's experts' gate/up rows
     (SiLU * up fused), then their down rows with the routing weights and the top-k sum
-    fused; reads each (token, expert) pair's weights once, no sorting."""
+    fused; reads each (token, expert) pair's weights once, no sorting. ``routing``
+    (router, logits [T, E]): the gate/up launch routes each token and writes ``topw`` and
+    ``ids`` for the down launch."""
     tokens, top_k = ids.shape
     inter, hidden = down.shape[2], down.shape[1]
     gate_up_cfg, down_cfg = configs or MOE_GEMV_CONFIGS
     gate_up_scale, down_scale = scales or (None, None)
     ids = ids.contiguous()
     act = torch.empty(tokens * top_k, inter, dtype=x.dtype, device=x.device)
-    _gemv_launch(x, gate_up, act, ids, None, inter, gate_up_cfg, gate_up_scale)
+    _gemv_launch(x, gate_up, act, ids, topw if routing is not None else None, inter,
+                 gate_up_cfg, gate_up_scale, routing)
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
     _gemv_launch(act, down, out, ids, topw, hidden, down_cfg, down_scale)
     return out
@@ -618,33 +627,24 @@ def fused_moe_routed(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     weights [T, k] fp32, ids [T, k] int64). Where the per-token GEMVs serve the batch
     (decode), the gate/up launch routes each token itself and hands the routing to the
     down launch: two launches a layer instead of three."""
-    num_experts, two_i, hidden = gate_up.shape
-    tokens = x.shape[0]
+    num_experts, tokens = gate_up.shape[0], x.shape[0]
     if logits.shape != (tokens, num_experts):
         raise ValueError(f"router logits {tuple(logits.shape)} must be [{tokens}, "
                          f"{num_experts}] (tokens, experts)")
     router.check(num_experts, top_k)
     use_gemv, table = moe_path(tokens, top_k, num_experts, gemv)
     if not use_gemv or tokens == 0:
-        weights, ids = route_topk(logits, top_k, router.renormalize, router.scale,
-                                  sigmoid=router.sigmoid,
-                                  correction_bias=router.correction_bias,
-                                  num_expert_group=router.groups, topk_group=router.topk_group)
+        weights, ids = _route(logits, top_k, router)
         return fused_moe(x, gate_up, down, weights, ids, configs, gemv, scales), weights, ids
     _check_shapes(x, gate_up, down, (tokens, num_experts), "router logits")
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     if router.correction_bias is not None:
         router = replace(router, correction_bias=router.correction_bias.contiguous())
-    gate_up_cfg, down_cfg = configs or table
-    gate_up_scale, down_scale = _check_scales(gate_up, down, scales) or (None, None)
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=x.device)
     topw = torch.empty(tokens * top_k, dtype=torch.float32, device=x.device)
-    act = torch.empty(tokens * top_k, two_i // 2, dtype=x.dtype, device=x.device)
-    _gemv_launch(x, gate_up, act, ids, topw, two_i // 2, gate_up_cfg, gate_up_scale, router,
-                 logits)
-    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
-    _gemv_launch(act, down, out, ids, topw, hidden, down_cfg, down_scale)
+    out = fused_moe_gemv(x, gate_up, down, topw, ids, configs or table,
+                         _check_scales(gate_up, down, scales), (router, logits))
     return out, topw.view(tokens, top_k), ids
 
 

@@ -64,6 +64,12 @@ def _group_mask(choice: torch.Tensor, num_groups: int, topk_group: int,
     return keep.unsqueeze(-1).expand_as(grouped).reshape(choice.shape)
 
 
+def _check_scoring(scoring: str) -> None:
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"MoE scoring function {scoring!r} is not supported "
+                         "(supported: softmax, sigmoid)")
+
+
 def check_routing(experts: int, top_k: int, groups: int, topk_group: int | None,
                   by_top2: bool) -> None:
     """ValueError naming the setting when a router cannot choose ``top_k`` distinct experts
@@ -93,9 +99,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, *, scoring: str = "s
     Scores are computed in fp32 as Hugging Face does; the correction bias only changes which
     experts are chosen, the weights are the unbiased scores of those experts. On CUDA all of
     it is one Triton launch (``fused_moe_triton.route_topk``)."""
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"MoE scoring function {scoring!r} is not supported "
-                         "(supported: softmax, sigmoid)")
+    _check_scoring(scoring)
     groups = num_expert_group if num_expert_group and num_expert_group > 1 else 1
     if router_logits.is_cuda and router_logits.dim() == 2 and fused_ops.ops() is not None:
         from pagedllm.layers.fused_moe_triton import route_topk  # checks the settings too
@@ -196,14 +200,12 @@ def kernel_router(scoring: str = "softmax", renormalize: bool = False,
                   num_expert_group: int | None = None, topk_group: int | None = None,
                   correction_bias: torch.Tensor | None = None,
                   routed_scaling_factor: float = 1.0):
-    """``select_experts``' settings as the kernels' ``Router`` (checked as it checks them)."""
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"MoE scoring function {scoring!r} is not supported "
-                         "(supported: softmax, sigmoid)")
+    """``select_experts``' settings as the kernels' ``Router`` (``Router.check`` checks the
+    groups and top-k against the experts)."""
+    _check_scoring(scoring)
     from pagedllm.layers.fused_moe_triton import Router
-    groups = num_expert_group if num_expert_group and num_expert_group > 1 else 1
     return Router(renormalize, routed_scaling_factor, scoring == "sigmoid", correction_bias,
-                  groups, topk_group)
+                  num_expert_group or 1, topk_group)
 
 
 _CODES = (torch.int8, torch.float8_e4m3fn)
