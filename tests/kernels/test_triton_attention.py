@@ -292,10 +292,7 @@ def _rope_case(gen, dtype, heads, kv_heads, head_dim, rotary_dim, num_tokens, qk
     q = q.view(num_tokens, heads, head_dim)
     k, v = k.view(num_tokens, kv_heads, head_dim), v.view(num_tokens, kv_heads, head_dim)
     max_pos = 64
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
-    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
-    freqs = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = freqs.cos().to(DEVICE), freqs.sin().to(DEVICE)
+    cos, sin = _neox_tables(rotary_dim, max_pos)
     positions = torch.randint(0, max_pos, (num_tokens,), generator=gen).to(DEVICE)
     num_slots = 4 * num_tokens
     slots = torch.randperm(num_slots, generator=gen)[:num_tokens]
@@ -340,6 +337,12 @@ def test_rope_write_kv_cache(dtype, heads, kv_heads, head_dim, rotary_dim, qk_no
         assert torch.equal(q[..., rotary_dim:], q_ref[..., rotary_dim:])
 
 
+def _new_token_slots(table: torch.Tensor, seq_lens: list[int], block_size: int):
+    """Each sequence's last position's cache slot through its block table (-1: padding)."""
+    return torch.tensor([int(table[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+                         if n else -1 for i, n in enumerate(seq_lens)], device=DEVICE)
+
+
 def _neox_tables(rotary_dim: int, max_pos: int):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
     freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
@@ -372,8 +375,7 @@ def test_paged_decode_with_rope_equals_rope_write_then_decode(heads, kv_heads, h
     k, v = k.view(num_seqs, kv_heads, head_dim), v.view(num_seqs, kv_heads, head_dim)
     cos, sin = _neox_tables(rotary_dim, 256)
     pos = torch.tensor([max(n - 1, 0) for n in seq_lens], device=DEVICE)
-    slots = torch.tensor([int(table[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size
-                          if n else -1 for i, n in enumerate(seq_lens)], device=DEVICE)
+    slots = _new_token_slots(table, seq_lens, block_size)
     norms = (None, None)
     if qk_norm:
         norms = tuple((torch.rand(head_dim, generator=gen) + 0.5).to(dtype).to(DEVICE)
@@ -414,8 +416,7 @@ def test_attention_layer_decode_rope_switch_gives_the_same_step(qk_norm, monkeyp
     num = len(seq_lens)
     qkv = torch.randn(num, (heads + 2 * kv_heads) * head_dim, generator=gen).to(DEVICE)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    slots = torch.tensor([int(table[i, (n - 1) // block_size]) * block_size + (n - 1) % block_size
-                          if n else -1 for i, n in enumerate(seq_lens)], device=DEVICE)
+    slots = _new_token_slots(table, seq_lens, block_size)
     pos = torch.tensor([max(n - 1, 0) for n in seq_lens], device=DEVICE)
     meta = AttentionMetadata(block_size, slots, num,
                              torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), table, [])
